@@ -1,0 +1,137 @@
+"""The seed's `Andromeda` class: a thin face over `Config`, `Transformer` and the wrapper.
+
+    model = Andromeda()                       # the ~2.48 B-parameter default
+    loss = model(torch.randint(0, 50432, (1, 8192)))
+    logits = model.Andromeda(tokens)          # the Transformer: (B, T, num_tokens)
+    new = model.decoder.generate(prompt, 64)  # the AutoRegressiveWrapper
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .config import SEED_FIELDS, Config
+from .model import Transformer
+from .wrapper import AutoRegressiveWrapper, LMOutput
+
+
+def build_transformer(
+    config: Config, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> Transformer:
+    """Build on the meta device, then allocate once on the target and initialise in place.
+
+    This skips nn.Linear's default init (a wasted pass over billions of weights), honours an
+    enclosing `with torch.device("meta")` (nothing is allocated then), and with `dtype` builds
+    directly in that dtype, with no transient fp32 copy.
+    """
+    target = torch.device(device) if device is not None else torch.get_default_device()
+    with torch.device("meta"):
+        net = Transformer(config)
+    if dtype is not None:
+        net = net.to(dtype)
+    if target.type == "meta":
+        return net
+    net = net.to_empty(device=target)
+    net.reset_parameters()
+    return net
+
+
+class Andromeda(nn.Module):
+    def __init__(
+        self,
+        num_tokens: int = 50432,
+        max_seq_len: int = 8192,
+        dim: int = 2560,
+        depth: int = 32,
+        dim_head: int = 128,
+        heads: int = 24,
+        use_abs_pos_emb: bool = False,
+        alibi_pos_bias: bool = True,
+        alibi_num_heads: int = 12,
+        rotary_xpos: bool = True,
+        attn_flash: bool = True,
+        attn_kv_heads: int = 2,
+        qk_norm: bool = True,
+        attn_qk_norm: bool = True,
+        attn_qk_norm_dim_scale: bool = True,
+    ) -> None:
+        super().__init__()
+        config = Config(
+            num_tokens=num_tokens, max_seq_len=max_seq_len, dim=dim, depth=depth,
+            dim_head=dim_head, heads=heads, use_abs_pos_emb=use_abs_pos_emb,
+            alibi_pos_bias=alibi_pos_bias, alibi_num_heads=alibi_num_heads,
+            rotary_xpos=rotary_xpos, attn_flash=attn_flash, attn_kv_heads=attn_kv_heads,
+            qk_norm=qk_norm, attn_qk_norm=attn_qk_norm,
+            attn_qk_norm_dim_scale=attn_qk_norm_dim_scale,
+        )
+        self._build(config, build_transformer(config))
+
+    def _build(self, config: Config, net: Transformer) -> None:
+        self.config = config
+        self.Andromeda = net  # the seed's name for the Transformer
+        self.decoder = AutoRegressiveWrapper(net)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Config | str,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **overrides: Any,
+    ) -> Andromeda:
+        """Build from a Config, or a preset name, optionally on a device and in a dtype."""
+        if isinstance(config, str):
+            config = Config.from_preset(config, **overrides)
+        elif overrides:
+            config = config.replace(**overrides)
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        model._build(config, build_transformer(config, device=device, dtype=dtype))
+        return model
+
+    def forward(self, text_tokens: Tensor, **kwargs: Any) -> Tensor | LMOutput:
+        """The decoder's output: the mean next-token cross-entropy of `text_tokens` (B, T)
+        (targets are the input shifted by one), or `LMOutput(loss, logits)` with
+        `return_logits=True`."""
+        return self.decoder(text_tokens, **kwargs)
+
+    def generate(self, prompts, seq_len: int, **kwargs: Any) -> Tensor:
+        return self.decoder.generate(prompts, seq_len, **kwargs)
+
+    def num_parameters(self) -> int:
+        return self.Andromeda.num_parameters()
+
+    def load_x_transformers(self, state_dict: Mapping[str, Tensor]) -> None:
+        """Load an x-transformers 2.31 `TransformerWrapper(Decoder(...))` state dict built with
+        the same hyperparameters. Validated whole before anything is copied."""
+        from .interop import from_x_transformers
+
+        converted = from_x_transformers(state_dict, self.config)
+        self.Andromeda.load_state_dict(converted, strict=True)
+
+    def save_pretrained(self, directory: str | Path, tokenizer=None) -> Path:
+        from .checkpoint import save_pretrained
+
+        return save_pretrained(self, directory, tokenizer=tokenizer)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, *, device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Andromeda:
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(directory, device=device, dtype=dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_parameters():,} parameters"
+
+
+# Each seed argument reads back as an attribute of the same name: model.num_tokens, ...
+for _name in SEED_FIELDS:
+    setattr(Andromeda, _name, property(lambda self, _n=_name: getattr(self.config, _n)))

@@ -1,0 +1,205 @@
+"""Causal self-attention with grouped-query heads, QK-norm, rotary xPos and ALiBi, and its KV cache.
+
+Shape letters: B batch, T new (query) positions, S key positions (cached + new), H query heads,
+K key/value heads, G = H // K query heads per key/value head, D head size, C model width.
+
+Head order. Heads are numbered as in x-transformers: ALiBi sits on heads 0..A-1 and head h reads
+key/value head h % K. Internally the query projection stores heads grouped by the key/value head
+they read (see `query_head_order`), which is the layout PyTorch's grouped-query SDPA
+kernels expect; the ALiBi slopes are permuted to match, so the two numberings describe one model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import Config
+from .positions import alibi_bias, apply_rotary
+
+# Query rows per block on the explicit-bias paths: bounds the (B, H, rows, S) scores to a few
+# hundred MB at 8192 keys.
+QUERY_CHUNK = 512
+
+
+@lru_cache(maxsize=None)
+def query_head_order(heads: int, kv_heads: int) -> tuple[int, ...]:
+    """order[slot] = the x-transformers head number stored in internal slot `slot`.
+
+    Slot kv * G + r holds head r * K + kv, so slots [kv*G, (kv+1)*G) all read kv head `kv`.
+    """
+    groups = heads // kv_heads
+    return tuple(r * kv_heads + kv for kv in range(kv_heads) for r in range(groups))
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, written in place at each decoding step.
+
+    Holds only the K key/value heads (grouped-query attention), post QK-norm and post rotation,
+    so a step never recomputes the prefix. `key_mask` (B, S_max) marks real tokens: rows of a
+    ragged batch are left-padded and their padding is never attended to.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        batch: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        key_mask: Tensor | None = None,
+    ) -> None:
+        if max_len > config.max_seq_len:
+            raise ValueError(
+                f"KV cache length {max_len} exceeds max_seq_len={config.max_seq_len}"
+            )
+        shape = (config.depth, batch, config.attn_kv_heads, max_len, config.dim_head)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.key_mask = key_mask
+        self.max_len = max_len
+        self.length = 0  # positions filled so far
+        # xPos' center cancels in q.k; fixing it per cache keeps cached keys valid for all steps.
+        self.xpos_center = max_len // 2
+
+    def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the new (B, K, T, D) keys/values at the current length; return all so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > capacity {self.max_len}")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+@dataclass
+class AttentionInputs:
+    """Everything attention needs about positions, computed once per forward for all layers."""
+
+    q_pos: Tensor  # (T,) absolute positions of the new tokens
+    k_pos: Tensor  # (S,) absolute positions of all keys
+    rotary: tuple[Tensor, Tensor, Tensor] | None  # cos, sin, xPos scale: each (T, R/2)
+    slopes: Tensor | None  # (H,) ALiBi slopes in internal head order, None without ALiBi
+    key_mask: Tensor | None  # (B, S) True for real tokens, None when every key is real
+    cache: KVCache | None
+    center: int  # xPos center of the rotary tables
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Config, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.heads, self.kv_heads, self.dim_head = config.heads, config.attn_kv_heads, config.dim_head
+        self.flash = config.attn_flash
+        # One fused projection for queries, keys and values: (C) -> ((H + 2K) * D).
+        self.to_qkv = nn.Linear(config.dim, (self.heads + 2 * self.kv_heads) * self.dim_head, bias=False)
+        self.to_out = nn.Linear(self.heads * self.dim_head, config.dim, bias=False)
+        self.qk_norm = config.use_qk_norm
+        if self.qk_norm and config.attn_qk_norm_dim_scale:
+            # Learned per-head, per-channel scales (Henry et al. 2020; x-transformers' init).
+            self.q_scale = nn.Parameter(torch.empty(self.heads, 1, self.dim_head))
+            self.k_scale = nn.Parameter(torch.empty(self.kv_heads, 1, self.dim_head))
+            self.logit_scale = self.dim_head**-0.5
+        else:
+            self.q_scale = self.k_scale = None
+            self.logit_scale = config.qk_norm_fixed_scale if self.qk_norm else self.dim_head**-0.5
+
+    def reset_parameters(self) -> None:
+        if self.q_scale is not None:
+            nn.init.constant_(self.q_scale, self.dim_head**0.25)
+            nn.init.constant_(self.k_scale, self.dim_head**0.25)
+
+    def forward(self, x: Tensor, inputs: AttentionInputs) -> Tensor:
+        B, T, _ = x.shape
+        H, K, D = self.heads, self.kv_heads, self.dim_head
+        qkv = self.to_qkv(x).view(B, T, H + 2 * K, D).transpose(1, 2)  # (B, H + 2K, T, D)
+        q, k, v = qkv.split((H, K, K), dim=1)  # (B, H, T, D), (B, K, T, D), (B, K, T, D)
+        if self.qk_norm:
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+            if self.q_scale is not None:
+                q, k = q * self.q_scale, k * self.k_scale
+        if inputs.rotary is not None:
+            cos, sin, scale = inputs.rotary
+            q = apply_rotary(q, cos, sin, scale)
+            k = apply_rotary(k, cos, sin, 1.0 / scale)  # keys decay the other way (xPos)
+        if inputs.cache is not None:
+            k, v = inputs.cache.write(self.layer, k, v)  # (B, K, S, D)
+        out = attend(q, k, v, inputs, scale=self.logit_scale, flash=self.flash)  # (B, H, T, D)
+        return self.to_out(out.transpose(1, 2).reshape(B, T, H * D))
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, *, scale: float, flash: bool) -> Tensor:
+    """softmax(q.k * scale + ALiBi + causal mask) v, never materialising (B, H, T, S) at once."""
+    T, S = q.shape[2], k.shape[2]
+    plain_causal = T == S and inputs.key_mask is None
+    if flash and plain_causal:
+        if inputs.slopes is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        return _alibi_as_channels(q, k, v, inputs, scale)
+    outputs = []
+    for start in range(0, T, QUERY_CHUNK):
+        rows = slice(start, start + QUERY_CHUNK)
+        bias = _bias(inputs, rows, q.dtype)  # (B or 1, H or 1, rows, S)
+        if flash:
+            out = F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=bias, scale=scale, enable_gqa=True)
+        else:
+            out = _reference_attention(q[:, :, rows], k, v, bias, scale)
+        outputs.append(out)
+    return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+
+
+def _bias(inputs: AttentionInputs, rows: slice, dtype: torch.dtype) -> Tensor:
+    """ALiBi plus the causal and padding masks as one additive bias: (B or 1, H or 1, rows, S)."""
+    q_pos, k_pos = inputs.q_pos[rows], inputs.k_pos
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, rows, S)
+    if inputs.key_mask is not None:
+        # A padding query sees only padding; letting it see itself keeps its softmax finite.
+        allowed = allowed & inputs.key_mask[:, None, None, :] | (k_pos[None, :] == q_pos[:, None])
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=q_pos.device)
+    if inputs.slopes is not None:
+        bias = bias + alibi_bias(inputs.slopes, q_pos, k_pos).to(dtype)[None]  # (1, H, rows, S)
+    return bias.masked_fill(~allowed, float("-inf"))
+
+
+def _reference_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tensor:
+    """The explicit computation, written for reading; grouped so keys are never repeated."""
+    B, H, T, D = q.shape
+    K = k.shape[1]
+    q = q.view(B, K, H // K, T, D)  # (B, K, G, T, D)
+    scores = torch.einsum("bkgtd,bksd->bkgts", q, k).float() * scale  # (B, K, G, T, S)
+    scores = scores + bias.float().view(bias.shape[0], K if bias.shape[1] > 1 else 1, -1, T, bias.shape[-1])
+    weights = scores.softmax(dim=-1).to(v.dtype)
+    out = torch.einsum("bkgts,bksd->bkgtd", weights, v)  # (B, K, G, T, D)
+    return out.reshape(B, H, T, D)
+
+
+def _alibi_as_channels(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, scale: float) -> Tensor:
+    """Causal attention with ALiBi through the fused causal kernel, with no bias tensor at all.
+
+    Softmax ignores a constant per query row, so -slope*(i - j) may be replaced by slope*(j - c)
+    for any c. That is a dot product: append slope to each query and (j - c) to each key. The
+    integer j - c is split into a multiple of 256 and a remainder below 256 so both are exact in
+    bf16 too; c is the middle position to keep the products small. Heads without ALiBi have slope
+    0. The extra channels are zero-padded to a multiple of 8 (and padded onto v, then dropped), so
+    q, k and v keep one head size, which the fused kernels need.
+    """
+    B, H, T, D = q.shape
+    K = k.shape[1]
+    rel = (inputs.k_pos - T // 2).to(torch.float32)  # (S,)
+    high = torch.round(rel / 256) * 256
+    extra = 8 - D % 8 if D % 8 else 8
+    k_extra = torch.zeros(T, extra, dtype=torch.float32, device=q.device)
+    k_extra[:, 0], k_extra[:, 1] = high, rel - high
+    q_extra = torch.zeros(H, extra, dtype=torch.float32, device=q.device)
+    q_extra[:, 0] = q_extra[:, 1] = inputs.slopes.float()
+    q = torch.cat((q * scale, q_extra.to(q.dtype)[None, :, None, :].expand(B, H, T, extra)), dim=-1)
+    k = torch.cat((k, k_extra.to(k.dtype)[None, None].expand(B, K, T, extra)), dim=-1)
+    v = F.pad(v, (0, extra))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0, enable_gqa=True)
+    return out[..., :D]

@@ -1,0 +1,79 @@
+"""Relative positions: ALiBi biases and rotary xPos.
+
+Shape letters: B batch, H query heads, T query positions, S key positions, R rotary channels.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+
+@lru_cache(maxsize=None)
+def alibi_slopes(num_alibi_heads: int, heads: int) -> tuple[float, ...]:
+    """Per-head ALiBi slopes (Press et al. 2021, https://arxiv.org/abs/2108.12409), zero for the
+    heads after the first `num_alibi_heads`.
+
+    For n a power of two the slopes are the geometric sequence 2^(-8/n), 2^(-16/n), ...; otherwise
+    the slopes of the closest lower power of two are followed by every other slope of the next
+    power of two (the paper's interleaved schedule).
+    """
+
+    def power_of_two_slopes(n: int) -> list[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    n = num_alibi_heads
+    if n == 0:
+        return (0.0,) * heads
+    if math.log2(n).is_integer():
+        slopes = power_of_two_slopes(n)
+    else:
+        lower = 2 ** math.floor(math.log2(n))
+        slopes = power_of_two_slopes(lower) + power_of_two_slopes(2 * lower)[0::2][: n - lower]
+    return tuple(slopes) + (0.0,) * (heads - n)
+
+
+def alibi_bias(slopes: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+    """-slope * |i - j| for query positions i and key positions j: (H, T, S)."""
+    distance = (q_pos[:, None] - k_pos[None, :]).abs().to(slopes.dtype)  # (T, S)
+    return -slopes[:, None, None] * distance
+
+
+def xpos_tables(
+    positions: Tensor, rotary_dim: int, base: float, scale_base: float | None, center: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """cos, sin and xPos scale for rotating channel pairs at `positions`: each (T, R/2), fp32.
+
+    Rotary embeddings (Su et al. 2021) turn q.k into a function of i - j; xPos (Sun et al. 2022,
+    https://arxiv.org/abs/2212.10554) additionally scales queries by zeta^((i - center) / base)
+    and keys by zeta^-((j - center) / base), so their product decays with distance. Any center
+    cancels in q.k; it only keeps the powers small. `scale_base=None` turns xPos off (scale 1).
+    """
+    pairs = torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.float32)
+    inv_freq = base ** (-pairs / rotary_dim)  # (R/2,)
+    angles = positions.to(torch.float32)[:, None] * inv_freq  # (T, R/2)
+    if scale_base is None:
+        scale = torch.ones_like(angles)
+    else:
+        zeta = (pairs + 0.4 * rotary_dim) / (1.4 * rotary_dim)  # (R/2,)
+        power = (positions.to(torch.float32) - center) / scale_base  # (T,)
+        scale = zeta ** power[:, None]  # (T, R/2)
+    return angles.cos(), angles.sin(), scale
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, scale: Tensor) -> Tensor:
+    """Rotate the first R channels of x (..., T, D) in adjacent pairs (GPT-J layout), scaled.
+
+    Computed in fp32 and cast back, so bf16 activations keep an exact rotation.
+    """
+    rotary_dim = 2 * cos.shape[-1]
+    rot, rest = x[..., :rotary_dim].float(), x[..., rotary_dim:]
+    pairs = rot.unflatten(-1, (-1, 2))  # (..., T, R/2, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos * scale, sin * scale
+    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
+    return torch.cat((rotated.flatten(-2).to(x.dtype), rest), dim=-1)
