@@ -1,0 +1,35 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   - venv, install, fetch the corpus, train the demo model, evaluate, sample
+#   make test   - venv, install (with test extras), run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The pinned CPU wheel first: a bare `torch` would pull a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: venv install install-test test demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+test: install-test
+	$(PY) -m pytest
+
+demo: install
+	$(PY) -m andromeda train --preset demo --out runs/demo --time-budget $${DEMO_SECONDS:-540}
+	$(PY) -m andromeda eval --checkpoint runs/demo --heldout --seq-len 256 512 1024
+	$(PY) -m andromeda generate --checkpoint runs/demo --prompt "ROMEO:" --max-new-tokens 300 --temperature 0.8 --top-k 40 --seed 0
+
+clean:
+	rm -rf $(VENV) runs
