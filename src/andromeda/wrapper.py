@@ -83,13 +83,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         valid = targets != IGNORE_INDEX
         count = valid.sum().clamp(min=1)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 at least, fp64 stays
+        total = torch.zeros((), dtype=acc, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
+        grad_weight = torch.zeros_like(weight, dtype=acc) if want_weight else None
         w = weight.to(hidden.dtype) if torch.is_autocast_enabled(hidden.device.type) else weight
         for start in range(0, hidden.shape[0], chunk):
             h, t, ok = hidden[start : start + chunk], targets[start : start + chunk], valid[start : start + chunk]
-            logits = (h @ w.T).float()  # (n, V)
+            logits = (h @ w.T).to(acc)  # (n, V)
             lse = torch.logsumexp(logits, dim=-1)  # (n,)
             safe_t = t.clamp(min=0)
             picked = logits.gather(1, safe_t[:, None]).squeeze(1)
@@ -101,7 +102,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if want_hidden:
                     grad_hidden[start : start + chunk] = grad @ w.to(h.dtype)
                 if want_weight:
-                    grad_weight += (grad.T @ h).float()
+                    grad_weight += (grad.T @ h).to(acc)
         divisor = count if reduction == "mean" else torch.ones_like(count)
         ctx.save_for_backward(grad_hidden, grad_weight, divisor)
         ctx.weight_dtype = weight.dtype

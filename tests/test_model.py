@@ -1,0 +1,220 @@
+"""The model's semantics: parity with x-transformers, equal code paths, causality, bad input."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from andromeda import Andromeda, Config
+from andromeda import attention as attention_module
+from andromeda.positions import alibi_slopes
+from andromeda.wrapper import linear_cross_entropy
+
+x_transformers = pytest.importorskip("x_transformers")
+
+TINY = Config.from_preset("tiny", max_seq_len=160)
+
+FEATURE_MIXES = {
+    "seed": {},
+    "reference-attention": dict(attn_flash=False),
+    "no-alibi": dict(alibi_pos_bias=False),
+    "no-xpos": dict(rotary_xpos=False),
+    "no-qk-norm": dict(qk_norm=False, attn_qk_norm=False),
+    "qk-norm-fixed-scale": dict(attn_qk_norm_dim_scale=False),
+    "only-attn_qk_norm": dict(qk_norm=False),
+    "multi-head-kv": dict(attn_kv_heads=4),
+    "one-kv-head-3-alibi": dict(heads=6, attn_kv_heads=1, alibi_num_heads=3),
+    "5-of-8-alibi": dict(heads=8, attn_kv_heads=2, alibi_num_heads=5),
+    "all-alibi": dict(alibi_num_heads=4),
+    "abs-pos-only": dict(use_abs_pos_emb=True, rotary_xpos=False, alibi_pos_bias=False),
+    "abs-pos-with-rotary": dict(use_abs_pos_emb=True),
+}
+
+
+def x_transformers_model(config: Config):
+    """The same hyperparameters in x-transformers' spelling."""
+    layers = dict(dim=config.dim, depth=config.depth, heads=config.heads,
+                  attn_dim_head=config.dim_head, alibi_pos_bias=config.alibi_pos_bias,
+                  rotary_xpos=config.rotary_xpos, attn_flash=config.attn_flash,
+                  attn_kv_heads=config.attn_kv_heads, attn_qk_norm=config.use_qk_norm,
+                  attn_qk_norm_dim_scale=config.attn_qk_norm_dim_scale)
+    if config.alibi_pos_bias:
+        layers["alibi_num_heads"] = config.alibi_num_heads
+    model = x_transformers.TransformerWrapper(
+        num_tokens=config.num_tokens, max_seq_len=config.max_seq_len,
+        use_abs_pos_emb=config.use_abs_pos_emb, attn_layers=x_transformers.Decoder(**layers))
+    with torch.no_grad():  # move every weight off its init so no term hides behind ones/zeros
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model.eval()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("mix", sorted(FEATURE_MIXES))
+def test_logits_match_x_transformers(mix):
+    config = TINY.replace(**FEATURE_MIXES[mix])
+    reference = x_transformers_model(config)
+    model = Andromeda.from_config(config).eval()
+    model.load_x_transformers(reference.state_dict())
+    tokens = torch.randint(0, config.num_tokens, (2, 150))
+    with torch.no_grad():
+        expected, actual = reference(tokens), model.Andromeda(tokens)
+    torch.testing.assert_close(actual, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_loss_matches_x_transformers_autoregressive_wrapper():
+    reference = x_transformers_model(TINY)
+    model = Andromeda.from_config(TINY).eval()
+    model.load_x_transformers(reference.state_dict())
+    wrapper = x_transformers.AutoregressiveWrapper(reference)
+    tokens = torch.randint(0, TINY.num_tokens, (3, 65))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), wrapper(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_alibi_slopes_match_x_transformers():
+    for n in (1, 2, 3, 4, 5, 6, 8, 12, 16):
+        expected = x_transformers.x_transformers.AlibiPositionalBias._get_slopes(n)
+        assert alibi_slopes(n, 24)[:n] == pytest.approx(expected, rel=1e-12)
+        assert alibi_slopes(n, 24)[n:] == (0.0,) * (24 - n)
+
+
+def test_load_rejects_mismatched_state_dict_without_touching_the_model():
+    model = Andromeda.from_config(TINY)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    wrong = x_transformers_model(TINY.replace(dim=32)).state_dict()
+    with pytest.raises(ValueError, match="shape"):
+        model.load_x_transformers(wrong)
+    deeper = x_transformers_model(TINY.replace(depth=3)).state_dict()
+    with pytest.raises(ValueError, match="no place for"):
+        model.load_x_transformers(deeper)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_missing_absolute_positions_load_as_zeros(caplog):
+    """x-transformers drops absolute positions when rotary is on; zeros reproduce it."""
+    config = TINY.replace(use_abs_pos_emb=True)
+    model = Andromeda.from_config(config)
+    with caplog.at_level(logging.WARNING):
+        model.load_x_transformers(x_transformers_model(config).state_dict())
+    assert "no absolute position embedding" in caplog.text
+    assert not model.Andromeda.pos_emb.weight.any()
+
+
+@pytest.mark.parametrize("mix", ["seed", "no-alibi", "abs-pos-only", "one-kv-head-3-alibi"])
+def test_flash_and_reference_attention_agree(mix, monkeypatch):
+    config = TINY.replace(**FEATURE_MIXES[mix])
+    flash = Andromeda.from_config(config.replace(attn_flash=True))
+    reference = Andromeda.from_config(config.replace(attn_flash=False))
+    reference.load_state_dict(flash.state_dict())
+    monkeypatch.setattr(attention_module, "QUERY_CHUNK", 48)  # exercise the chunked path
+    tokens = torch.randint(0, config.num_tokens, (2, 150))
+    torch.testing.assert_close(flash.Andromeda(tokens), reference.Andromeda(tokens), atol=2e-5, rtol=1e-5)
+    # The gradients agree too: both paths train the same model.
+    flash(tokens).backward()
+    reference(tokens).backward()
+    for (name, a), b in zip(flash.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("flash", [True, False])
+def test_causality_future_tokens_do_not_change_the_past(flash):
+    model = Andromeda.from_config(TINY.replace(attn_flash=flash)).eval()
+    tokens = torch.randint(0, TINY.num_tokens, (1, 64))
+    changed = tokens.clone()
+    changed[0, 40:] = torch.randint(0, TINY.num_tokens, (24,))
+    with torch.no_grad():
+        a, b = model.Andromeda(tokens), model.Andromeda(changed)
+    torch.testing.assert_close(a[:, :40], b[:, :40], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(a[:, 40:], b[:, 40:])
+
+
+def test_rows_of_a_batch_are_independent():
+    model = Andromeda.from_config(TINY).eval()
+    tokens = torch.randint(0, TINY.num_tokens, (4, 50))
+    with torch.no_grad():
+        batched = model.Andromeda(tokens)
+        single = torch.cat([model.Andromeda(row[None]) for row in tokens])
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_is_shifted_cross_entropy_of_the_logits():
+    model = Andromeda.from_config(TINY)
+    tokens = torch.randint(0, TINY.num_tokens, (2, 33))
+    out = model(tokens, return_logits=True)
+    expected = F.cross_entropy(out.logits.flatten(0, 1), tokens[:, 1:].flatten())
+    torch.testing.assert_close(out.loss, expected)
+    torch.testing.assert_close(model(tokens), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_fused_loss_gradients_equal_the_plain_loss():
+    hidden = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    targets[5] = -100  # ignored
+    for reduction in ("mean", "sum"):
+        fused = linear_cross_entropy(hidden, weight, targets, reduction=reduction, chunk=8)
+        plain = F.cross_entropy(hidden @ weight.T, targets, reduction=reduction)
+        torch.testing.assert_close(fused, plain)
+        g_fused = torch.autograd.grad(fused * 3, (hidden, weight))
+        g_plain = torch.autograd.grad(plain * 3, (hidden, weight))
+        for a, b in zip(g_fused, g_plain):
+            torch.testing.assert_close(a, b)
+
+
+def test_memorises_a_sequence():
+    torch.manual_seed(1)
+    model = Andromeda.from_config(TINY)
+    tokens = torch.randint(0, TINY.num_tokens, (1, 48))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = model(tokens)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05
+    with torch.no_grad():
+        predicted = model.Andromeda(tokens[:, :-1]).argmax(-1)
+    assert torch.equal(predicted, tokens[:, 1:])
+
+
+@pytest.mark.parametrize("tokens, error, words", [
+    (torch.randn(1, 16), TypeError, "token ids must be integers"),
+    (torch.zeros(1, 16, dtype=torch.bool), TypeError, "token ids must be integers"),
+    (torch.full((1, 16), 258), ValueError, r"token id 258 is out of range \[0, 258\)"),
+    (torch.full((1, 16), -1), ValueError, "token id -1 is out of range"),
+    (torch.zeros(16, dtype=torch.long), ValueError, r"shape \(batch, seq\)"),
+    (torch.zeros(1, 2, 16, dtype=torch.long), ValueError, r"shape \(batch, seq\)"),
+    (torch.zeros(1, 0, dtype=torch.long), ValueError, "non-empty"),
+    (torch.zeros(1, 161, dtype=torch.long), ValueError, "sequence length 161 exceeds the limit 160"),
+    ([1, 2, 3], TypeError, "torch.Tensor"),
+])
+def test_bad_tokens_are_rejected_with_a_clear_error(tokens, error, words):
+    model = Andromeda.from_config(TINY)
+    with pytest.raises(error, match=words):
+        model.Andromeda(tokens)
+
+
+def test_loss_input_limits():
+    model = Andromeda.from_config(TINY)
+    model(torch.zeros(1, 161, dtype=torch.long))  # 160 inputs predicting 160 targets: allowed
+    with pytest.raises(ValueError, match="exceeds the limit 161"):
+        model(torch.zeros(1, 162, dtype=torch.long))
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        model(torch.zeros(1, 1, dtype=torch.long))
+    with pytest.raises(TypeError, match="integers"):
+        model(torch.randn(1, 16))
+
+
+def test_seed_example_with_integer_ids_at_small_scale():
+    """The seed's example, shrunk: integer ids of the full max_seq_len give a finite loss."""
+    model = Andromeda(num_tokens=1000, max_seq_len=256, dim=64, depth=2, dim_head=16, heads=6,
+                      alibi_num_heads=3)
+    loss = model(torch.randint(0, 1000, (1, 256)))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert model.Andromeda(torch.randint(0, 1000, (1, 256))).shape == (1, 256, 1000)
