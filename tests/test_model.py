@@ -218,3 +218,9 @@ def test_seed_example_with_integer_ids_at_small_scale():
     loss = model(torch.randint(0, 1000, (1, 256)))
     assert loss.ndim == 0 and torch.isfinite(loss)
     assert model.Andromeda(torch.randint(0, 1000, (1, 256))).shape == (1, 256, 1000)
+
+
+def test_load_rejects_a_different_rotary_setting():
+    model = Andromeda.from_config(TINY)
+    with pytest.raises(ValueError, match="rotary"):
+        model.load_x_transformers(x_transformers_model(TINY.replace(rotary_xpos=False)).state_dict())

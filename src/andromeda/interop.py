@@ -32,6 +32,13 @@ def from_x_transformers(
     `norm_unit_offset` must match the Decoder's `norm_add_unit_offset` (True by default there).
     """
     offset = 1.0 if norm_unit_offset else 0.0
+    inv_freq = state_dict.get(_DERIVED[0])
+    if (inv_freq is not None) != config.rotary_xpos or (
+        inv_freq is not None and inv_freq.numel() != config.rotary_dim // 2
+    ):
+        found = "none" if inv_freq is None else f"{2 * inv_freq.numel()} channels"
+        raise ValueError(f"x-transformers rotary embedding ({found}) does not match "
+                         f"rotary_xpos={config.rotary_xpos} with {config.rotary_dim} rotary channels")
     sd = {k: v for k, v in state_dict.items() if k not in _DERIVED}
     taken: set[str] = set()
 
