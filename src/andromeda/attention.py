@@ -179,6 +179,11 @@ def _reference_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: f
     return out.reshape(B, H, T, D)
 
 
+def alibi_channels(dim_head: int) -> int:
+    """Channels appended to each head by `_alibi_as_channels`: 2 used, padded to a multiple of 8."""
+    return 8 - dim_head % 8 if dim_head % 8 else 8
+
+
 def _alibi_as_channels(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, scale: float) -> Tensor:
     """Causal attention with ALiBi through the fused causal kernel, with no bias tensor at all.
 
@@ -193,7 +198,7 @@ def _alibi_as_channels(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs,
     K = k.shape[1]
     rel = (inputs.k_pos - T // 2).to(torch.float32)  # (S,)
     high = torch.round(rel / 256) * 256
-    extra = 8 - D % 8 if D % 8 else 8
+    extra = alibi_channels(D)
     k_extra = torch.zeros(T, extra, dtype=torch.float32, device=q.device)
     k_extra[:, 0], k_extra[:, 1] = high, rel - high
     q_extra = torch.zeros(H, extra, dtype=torch.float32, device=q.device)
