@@ -184,18 +184,18 @@ def block_activation_bytes(config: Config, batch: int, seq_len: int, width: int)
     Shape letters: C width, H query heads, K key/value heads, D head size, F feed-forward width.
     """
     C, H, K, D, F = config.dim, config.heads, config.attn_kv_heads, config.dim_head, config.ff_dim
-    alibi_channels = config.attn_flash and config.num_alibi_heads > 0  # attention._alibi_as_channels
+    alibi_as_channels = config.attn_flash and config.num_alibi_heads > 0  # attention._alibi_as_channels
     transformed = config.rotary_xpos or config.use_qk_norm  # then q, k are new (B, H, T, D) tensors
     elements = 2 * C  # attn_norm's input; to_qkv's input (the normed x)
     stats = 2 * 2  # fp32: mean and rstd of the two LayerNorms
-    if config.use_qk_norm or not alibi_channels:
+    if config.use_qk_norm or not alibi_as_channels:
         elements += (H + 2 * K) * D  # the fused qkv output, kept by QK-norm or by attention's v view
     if config.use_qk_norm:
         elements += 2 * (H + K)  # F.normalize keeps each head's norm and its clamped copy
         if config.attn_qk_norm_dim_scale:
             elements += (H + K) * D  # the normalized q, k, kept by the multiply with the scales
     probabilities = 0
-    if alibi_channels:
+    if alibi_as_channels:
         # The ALiBi channels, padded to a multiple of 8, are appended to q, k and v; the kernel
         # keeps those copies, its padded output and a logsumexp per head. Slicing the padding off
         # the output leaves heads that no view can merge, so to_out's input is one more copy.
