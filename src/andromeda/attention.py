@@ -12,7 +12,7 @@ kernels expect; the ALiBi slopes are permuted to match, so the two numberings de
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -84,11 +84,12 @@ class AttentionInputs:
 
     q_pos: Tensor  # (T,) absolute positions of the new tokens
     k_pos: Tensor  # (S,) absolute positions of all keys
-    rotary: tuple[Tensor, Tensor, Tensor] | None  # cos, sin, xPos scale: each (T, R/2)
+    rotary: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]] | None  # query, key (cos, sin)
     slopes: Tensor | None  # (H,) ALiBi slopes in internal head order, None without ALiBi
     key_mask: Tensor | None  # (B, S) True for real tokens, None when every key is real
     cache: KVCache | None
-    center: int  # xPos center of the rotary tables
+    # Additive biases by (first query row, dtype): built by the first layer, reused by the rest.
+    biases: dict[tuple[int, torch.dtype], Tensor] = field(default_factory=dict)
 
 
 class Attention(nn.Module):
@@ -125,9 +126,8 @@ class Attention(nn.Module):
             if self.q_scale is not None:
                 q, k = q * self.q_scale, k * self.k_scale
         if inputs.rotary is not None:
-            cos, sin, scale = inputs.rotary
-            q = apply_rotary(q, cos, sin, scale)
-            k = apply_rotary(k, cos, sin, 1.0 / scale)  # keys decay the other way (xPos)
+            (q_cos, q_sin), (k_cos, k_sin) = inputs.rotary
+            q, k = apply_rotary(q, q_cos, q_sin), apply_rotary(k, k_cos, k_sin)
         if inputs.cache is not None:
             k, v = inputs.cache.write(self.layer, k, v)  # (B, K, S, D)
         out = attend(q, k, v, inputs, scale=self.logit_scale, flash=self.flash)  # (B, H, T, D)
@@ -137,6 +137,8 @@ class Attention(nn.Module):
 def attend(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, *, scale: float, flash: bool) -> Tensor:
     """softmax(q.k * scale + ALiBi + causal mask) v, never materialising (B, H, T, S) at once."""
     T, S = q.shape[2], k.shape[2]
+    if T == 1 and flash:
+        return _attend_one_query(q, k, v, inputs, scale)
     plain_causal = T == S and inputs.key_mask is None
     if flash and plain_causal:
         if inputs.slopes is None:
@@ -154,8 +156,35 @@ def attend(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, *, scale: f
     return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
 
 
+def _attend_one_query(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, scale: float) -> Tensor:
+    """A decoding step: the G query heads that read one key/value head become G query rows of
+    that head, so the fused kernel runs K heads of G rows instead of H heads of one row (a shape
+    CPU kernels handle ~20x slower), and keys are never repeated.
+    """
+    B, H, _, D = q.shape
+    K, S = k.shape[1], k.shape[2]
+    bias = _bias(inputs, slice(0, 1), q.dtype)  # (B or 1, H or 1, 1, S)
+    bias = bias.view(bias.shape[0], K, H // K, S) if bias.shape[1] > 1 else bias.view(-1, 1, 1, S)
+    out = F.scaled_dot_product_attention(q.view(B, K, H // K, D), k, v, attn_mask=bias, scale=scale)
+    return out.view(B, H, 1, D)  # (B, K, G, D) -> (B, H, 1, D)
+
+
 def _bias(inputs: AttentionInputs, rows: slice, dtype: torch.dtype) -> Tensor:
-    """ALiBi plus the causal and padding masks as one additive bias: (B or 1, H or 1, rows, S)."""
+    """ALiBi plus the causal and padding masks as one additive bias: (B or 1, H or 1, rows, S).
+
+    Every layer of a forward pass sees the same positions and padding, so each block of rows is
+    built once and shared. (Only while it is the sole block: long prefills don't keep them all.)
+    """
+    key = (rows.start or 0, dtype)
+    if key not in inputs.biases:
+        bias = _build_bias(inputs, rows, dtype)
+        if len(inputs.q_pos) > QUERY_CHUNK:
+            return bias
+        inputs.biases[key] = bias
+    return inputs.biases[key]
+
+
+def _build_bias(inputs: AttentionInputs, rows: slice, dtype: torch.dtype) -> Tensor:
     q_pos, k_pos = inputs.q_pos[rows], inputs.k_pos
     allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, rows, S)
     if inputs.key_mask is not None:

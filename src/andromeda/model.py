@@ -60,7 +60,10 @@ class Transformer(nn.Module):
         self.to_logits = nn.Linear(config.dim, config.num_tokens, bias=False)
         slopes = alibi_slopes(config.num_alibi_heads, config.heads)
         order = query_head_order(config.heads, config.attn_kv_heads)
+        # Plain attributes, not buffers: a meta-device build must not leave them uninitialised,
+        # and casting the model to bf16 must not round them.
         self._slopes = [slopes[h] for h in order] if config.num_alibi_heads else None
+        self._slopes_on: dict[torch.device, Tensor] = {}
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -131,17 +134,21 @@ class Transformer(nn.Module):
         start = cache.length if cache is not None else 0
         k_pos = torch.arange(start + T, device=device)  # (S,)
         q_pos = k_pos[start:]  # (T,)
-        # Uncached, the center is T // 2 as in x-transformers; a cache fixes it for all steps.
+        # xPos center: T // 2 uncached, as in x-transformers; a cache fixes it for all steps.
         center = cache.xpos_center if cache is not None else T // 2
         rotary = None
         if self.config.rotary_xpos:
             rotary = xpos_tables(q_pos, self.config.rotary_dim, self.config.rotary_base,
                                  self.config.xpos_scale_base, center)
-        slopes = None if self._slopes is None else torch.tensor(self._slopes, device=device)
+        slopes = None
+        if self._slopes is not None:
+            if device not in self._slopes_on:
+                self._slopes_on[device] = torch.tensor(self._slopes, device=device)
+            slopes = self._slopes_on[device]
         key_mask = None
         if cache is not None and cache.key_mask is not None:
             key_mask = cache.key_mask[:, : start + T]
-        return AttentionInputs(q_pos, k_pos, rotary, slopes, key_mask, cache, center)
+        return AttentionInputs(q_pos, k_pos, rotary, slopes, key_mask, cache)
 
     def _abs_positions(self, inputs: AttentionInputs, cache: KVCache | None) -> Tensor:
         """Learned absolute positions (B or 1, T, C), counted from each row's first real token."""

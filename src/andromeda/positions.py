@@ -45,28 +45,29 @@ def alibi_bias(slopes: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
 
 def xpos_tables(
     positions: Tensor, rotary_dim: int, base: float, scale_base: float | None, center: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """cos, sin and xPos scale for rotating channel pairs at `positions`: each (T, R/2), fp32.
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """Rotation tables for queries and keys at `positions`: ((cos, sin), (cos, sin)), each (T, R/2)
+    fp32, with the xPos scale folded in.
 
     Rotary embeddings (Su et al. 2021) turn q.k into a function of i - j; xPos (Sun et al. 2022,
     https://arxiv.org/abs/2212.10554) additionally scales queries by zeta^((i - center) / base)
     and keys by zeta^-((j - center) / base), so their product decays with distance. Any center
-    cancels in q.k; it only keeps the powers small. `scale_base=None` turns xPos off (scale 1).
+    cancels in q.k; it only keeps the powers small. `scale_base=None` turns xPos off.
     """
     pairs = torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.float32)
     inv_freq = base ** (-pairs / rotary_dim)  # (R/2,)
     angles = positions.to(torch.float32)[:, None] * inv_freq  # (T, R/2)
+    cos, sin = angles.cos(), angles.sin()
     if scale_base is None:
-        scale = torch.ones_like(angles)
-    else:
-        zeta = (pairs + 0.4 * rotary_dim) / (1.4 * rotary_dim)  # (R/2,)
-        power = (positions.to(torch.float32) - center) / scale_base  # (T,)
-        scale = zeta ** power[:, None]  # (T, R/2)
-    return angles.cos(), angles.sin(), scale
+        return (cos, sin), (cos, sin)
+    zeta = (pairs + 0.4 * rotary_dim) / (1.4 * rotary_dim)  # (R/2,)
+    power = (positions.to(torch.float32) - center) / scale_base  # (T,)
+    scale = zeta ** power[:, None]  # (T, R/2)
+    return (cos * scale, sin * scale), (cos / scale, sin / scale)
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, scale: Tensor) -> Tensor:
-    """Rotate the first R channels of x (..., T, D) in adjacent pairs (GPT-J layout), scaled.
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first R channels of x (..., T, D) in adjacent pairs (GPT-J layout).
 
     Computed in fp32 and cast back, so bf16 activations keep an exact rotation.
     """
@@ -74,6 +75,5 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, scale: Tensor) -> Tensor:
     rot, rest = x[..., :rotary_dim].float(), x[..., rotary_dim:]
     pairs = rot.unflatten(-1, (-1, 2))  # (..., T, R/2, 2)
     even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos * scale, sin * scale
     rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
     return torch.cat((rotated.flatten(-2).to(x.dtype), rest), dim=-1)

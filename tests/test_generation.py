@@ -1,0 +1,392 @@
+"""Generation: the KV-cached loop against full recomputation, ragged batches against single rows,
+sampling filters, seeding, eos handling, streaming text, and argument checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from andromeda import Andromeda
+from andromeda.generation import (
+    IncrementalDecoder,
+    SamplingParams,
+    filter_logits,
+    generate,
+    sample,
+    stream,
+    stream_text,
+)
+from andromeda.tokenizers import ByteTokenizer
+
+# Single features switched on or off against the tiny preset (the seed's feature mix).
+FEATURES = {
+    "seed": {},
+    "alibi_only": dict(rotary_xpos=False),
+    "xpos_only": dict(alibi_pos_bias=False),
+    "alibi_all_heads": dict(alibi_num_heads=4, rotary_xpos=False),
+    "abs_pos_emb_only": dict(use_abs_pos_emb=True, alibi_pos_bias=False, rotary_xpos=False),
+    "abs_pos_emb_with_seed": dict(use_abs_pos_emb=True),
+    "no_positions": dict(alibi_pos_bias=False, rotary_xpos=False),
+    "no_qk_norm": dict(qk_norm=False, attn_qk_norm=False),
+    "qk_norm_fixed_scale": dict(attn_qk_norm_dim_scale=False),
+    "reference_attention": dict(attn_flash=False),
+    "kv_heads_eq_heads": dict(attn_kv_heads=4),
+    "multi_query": dict(attn_kv_heads=1),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: extra threads only add synchronisation, and on a loaded machine
+    their spinning slows the tests several times over."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_net(seed: int = 0, **overrides):
+    """A tiny Transformer with weights scaled up from the 0.02-std init, whose nearly flat logits
+    would make greedy comparisons weak: here greedy choices depend on the context."""
+    torch.manual_seed(seed)
+    net = Andromeda.from_config("tiny", **overrides).Andromeda
+    with torch.no_grad():
+        for parameter in net.parameters():
+            if parameter.ndim == 2:
+                parameter.mul_(3.0)
+    return net
+
+
+@pytest.fixture(scope="module")
+def net():
+    return random_net()
+
+
+TEXT = "Grüße → naïve café ✓ 日本語, über alles!"
+
+
+@pytest.fixture(scope="module")
+def memorised():
+    """A tiny model trained to reproduce one byte sequence, <eos> TEXT <eos>, exactly."""
+    torch.manual_seed(0)
+    model = Andromeda.from_config("tiny")
+    tokenizer = ByteTokenizer()
+    ids = torch.tensor([tokenizer.eos_id, *tokenizer.encode(TEXT), tokenizer.eos_id])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(120):
+        loss = model(ids[None])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05, f"the model failed to memorise the sequence (loss {loss.item():.3f})"
+    return model, tokenizer, ids
+
+
+# ----------------------------------------------------------------------------- cache parity
+
+
+@pytest.mark.parametrize("overrides", FEATURES.values(), ids=FEATURES.keys())
+def test_cached_greedy_equals_recomputed(overrides):
+    net = random_net(**overrides)
+    prompts = torch.randint(0, net.config.num_tokens, (2, 12), generator=torch.Generator().manual_seed(1))
+    cached = generate(net, prompts, 24, temperature=0)
+    recomputed = generate(net, prompts, 24, temperature=0, cache_kv=False)
+    assert torch.equal(cached, recomputed)
+    assert len(cached.unique()) >= 4, "degenerate output would make the comparison meaningless"
+
+
+@pytest.mark.parametrize("cache_kv", [True, False])
+def test_prompt_is_prefilled_once_then_one_token_per_step(net, cache_kv):
+    calls = []  # (tokens shape, cache capacity) of every forward pass
+    hook = net.register_forward_pre_hook(
+        lambda module, args: calls.append((tuple(args[0].shape), args[1] and args[1].k.shape)))
+    try:
+        generate(net, torch.zeros(2, 5, dtype=torch.long), 4, temperature=0, cache_kv=cache_kv)
+    finally:
+        hook.remove()
+    if cache_kv:
+        # one cache of N + L - 1 positions holding only the K = 2 key/value heads, D = 16
+        capacity = (2, 2, 2, 5 + 4 - 1, 16)
+        assert calls == [((2, 5), capacity)] + [((2, 1), capacity)] * 3
+    else:
+        assert calls == [((2, 5), None), ((2, 6), None), ((2, 7), None), ((2, 8), None)]
+
+
+@pytest.mark.parametrize("name", ["seed", "abs_pos_emb_with_seed", "reference_attention", "no_positions"])
+@pytest.mark.parametrize("cache_kv", [True, False])
+def test_ragged_batch_equals_rows_generated_alone(name, cache_kv):
+    net = random_net(**FEATURES[name])
+    g = torch.Generator().manual_seed(2)
+    rows = [torch.randint(0, 258, (n,), generator=g) for n in (3, 11, 7)]
+    batch = generate(net, rows, 16, temperature=0, cache_kv=cache_kv)
+    assert batch.shape == (3, 16)
+    for i, row in enumerate(rows):
+        assert torch.equal(batch[i], generate(net, row, 16, temperature=0)[0]), f"row {i}"
+
+
+def test_equal_length_list_equals_tensor(net):
+    prompts = torch.randint(0, 258, (2, 6), generator=torch.Generator().manual_seed(3))
+    as_list = generate(net, [prompts[0], prompts[1].tolist()], 8, temperature=0)
+    assert torch.equal(as_list, generate(net, prompts, 8, temperature=0))
+
+
+@pytest.mark.parametrize("cache_kv", [True, False])
+def test_memorised_sequence_is_regenerated_from_a_prefix(memorised, cache_kv):
+    model, _, ids = memorised
+    new = model.decoder.generate(ids[:5], len(ids) - 5, temperature=0, cache_kv=cache_kv)
+    assert torch.equal(new[0], ids[5:])
+
+
+def test_wrapper_and_model_delegate_to_generate(memorised):
+    model, _, ids = memorised
+    direct = generate(model.Andromeda, ids[:5], 10, temperature=0)
+    assert torch.equal(model.generate(ids[:5], 10, temperature=0), direct)
+    assert torch.equal(model.decoder.generate(ids[:5], 10, temperature=0), direct)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def test_top_k_1_equals_greedy(net):
+    prompts = torch.randint(0, 258, (3, 5), generator=torch.Generator().manual_seed(4))
+    greedy = generate(net, prompts, 12, temperature=0)
+    assert torch.equal(generate(net, prompts, 12, temperature=1.0, top_k=1), greedy)
+    assert torch.equal(generate(net, prompts, 12, temperature=1.0, min_p=1.0), greedy)
+
+
+def test_sampling_is_reproducible_under_manual_seed(net):
+    prompts = torch.zeros(2, 3, dtype=torch.long)
+    torch.manual_seed(7)
+    first = generate(net, prompts, 20, temperature=1.0, top_p=0.95)
+    torch.manual_seed(7)
+    second = generate(net, prompts, 20, temperature=1.0, top_p=0.95)
+    torch.manual_seed(8)
+    other = generate(net, prompts, 20, temperature=1.0, top_p=0.95)
+    assert torch.equal(first, second)
+    assert not torch.equal(first, other)
+
+
+def test_explicit_generator_is_reproducible_and_leaves_global_rng_alone(net):
+    prompts = torch.zeros(2, 3, dtype=torch.long)
+    state = torch.get_rng_state()
+    first = generate(net, prompts, 20, generator=torch.Generator().manual_seed(5))
+    second = generate(net, prompts, 20, generator=torch.Generator().manual_seed(5))
+    other = generate(net, prompts, 20, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(first, second)
+    assert not torch.equal(first, other)
+
+
+PROBS = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
+
+
+def kept(logits):
+    return torch.isfinite(logits)[0].tolist()
+
+
+def test_top_k_keeps_the_k_most_likely():
+    assert kept(filter_logits(PROBS.log(), SamplingParams(top_k=2))) == [True, True, False, False]
+
+
+@pytest.mark.parametrize("top_p, expected", [(0.4, [True, False, False, False]),
+                                             (0.41, [True, True, False, False]),
+                                             (0.85, [True, True, True, False]),
+                                             (1.0, [True, True, True, True])])
+def test_top_p_keeps_the_smallest_set_reaching_p(top_p, expected):
+    assert kept(filter_logits(PROBS.log(), SamplingParams(top_p=top_p))) == expected
+
+
+def test_min_p_is_relative_to_the_most_likely_token():
+    # threshold 0.45 * 0.4 = 0.18: keeps 0.4, 0.3 and 0.2
+    assert kept(filter_logits(PROBS.log(), SamplingParams(min_p=0.45))) == [True, True, True, False]
+    assert kept(filter_logits(PROBS.log(), SamplingParams(min_p=0.55))) == [True, True, False, False]
+
+
+def test_filters_compose_in_documented_order():
+    # top-k first renormalises to (4/7, 3/7); top-p 0.5 then keeps only the first.
+    # (top-p first would keep two: the mass before the second token is 0.4 < 0.5.)
+    both = filter_logits(PROBS.log(), SamplingParams(top_k=2, top_p=0.5))
+    assert kept(both) == [True, False, False, False]
+    # temperature comes before top-p: flattened to near-uniform, 0.5 needs two tokens.
+    hot = filter_logits(PROBS.log(), SamplingParams(temperature=100.0, top_p=0.5))
+    assert kept(hot) == [True, True, False, False]
+    # temperature scales the surviving logits
+    assert torch.allclose(filter_logits(PROBS.log(), SamplingParams(temperature=2.0)), PROBS.log() / 2)
+
+
+def test_samples_come_only_from_the_filtered_set():
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(0)).expand(4000, 50)
+    top3 = set(logits[0].topk(3).indices.tolist())
+    drawn = sample(logits, SamplingParams(top_k=3), torch.Generator().manual_seed(1))
+    assert set(drawn.tolist()) == top3
+
+
+def test_sampling_frequencies_follow_the_distribution():
+    logits = PROBS.log().expand(20000, 4)
+    drawn = sample(logits, SamplingParams(), torch.Generator().manual_seed(0))
+    freq = torch.bincount(drawn, minlength=4).float() / len(drawn)
+    assert torch.allclose(freq, PROBS[0], atol=0.015)
+
+
+# ----------------------------------------------------------------------------- eos and streaming
+
+
+def truncate_after_stop(tokens, stop_ids, pad):
+    """The specification: each row keeps its tokens up to and including its first stop id."""
+    out = tokens.clone()
+    for row in out:
+        hits = [i for i, t in enumerate(row.tolist()) if t in stop_ids]
+        if hits:
+            row[hits[0] + 1 :] = pad
+    return out
+
+
+def test_rows_stop_at_eos_and_are_padded_and_generation_ends_early(net):
+    prompts = torch.randint(0, 258, (3, 6), generator=torch.Generator().manual_seed(9))
+    free = generate(net, prompts, 20, temperature=0)
+    stop_ids = [int(free[0, 2]), int(free[1, 5]), int(free[2, 3])]
+    expected = truncate_after_stop(free, stop_ids, pad=stop_ids[0])
+    last_stop = max(min(i for i, t in enumerate(row.tolist()) if t in stop_ids) for row in free)
+    assert last_stop < 19
+
+    steps = []
+    out = generate(net, prompts, 20, temperature=0, eos_token=stop_ids, callback=steps.append)
+    assert torch.equal(out, expected)
+    assert len(steps) == last_stop + 1  # the loop ended once every row had stopped
+    assert len(list(stream(net, prompts, 20, temperature=0, eos_token=stop_ids))) == last_stop + 1
+
+    padded = generate(net, prompts, 20, temperature=0, eos_token=stop_ids, pad_value=7)
+    assert torch.equal(padded, truncate_after_stop(free, stop_ids, pad=7))
+
+
+def test_single_eos_stops_only_the_rows_that_emit_it(net):
+    prompts = torch.randint(0, 258, (3, 6), generator=torch.Generator().manual_seed(9))
+    free = generate(net, prompts, 20, temperature=0)
+    eos = int(free[1, 4])
+    out = generate(net, prompts, 20, temperature=0, eos_token=eos)
+    assert torch.equal(out, truncate_after_stop(free, [eos], pad=eos))
+
+
+def test_stream_yields_the_generated_columns(net):
+    prompts = [torch.tensor([1, 2, 3]), torch.tensor([4, 5])]
+    steps = list(stream(net, prompts, 10, temperature=0))
+    assert all(step.shape == (2,) and not step.is_inference() for step in steps)
+    assert torch.equal(torch.stack(steps, dim=1), generate(net, prompts, 10, temperature=0))
+
+
+def test_stream_text_yields_whole_characters_and_stops_at_eos(memorised):
+    model, tokenizer, _ = memorised
+    prompt = TEXT[:3]  # "Grü"
+    pieces = list(stream_text(model.Andromeda, tokenizer, prompt, 200, temperature=0))
+    assert "".join(pieces) == TEXT[3:]  # ends at the trained eos, long before 200 tokens
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert "日" in pieces and "✓" in pieces  # three-byte characters arrive as one piece
+
+
+def test_stream_text_from_an_empty_prompt_starts_a_document(memorised):
+    model, tokenizer, _ = memorised
+    assert "".join(stream_text(model.Andromeda, tokenizer, "", 200, temperature=0)) == TEXT
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        next(stream_text(model.Andromeda, tokenizer, "", 10, start_of_document=False))
+
+
+def test_stream_text_without_document_start_feeds_the_prompt_alone(memorised):
+    model, tokenizer, _ = memorised
+    prompt = torch.tensor(tokenizer.encode(TEXT[:3]))
+    new = generate(model.Andromeda, prompt, 12, temperature=0, eos_token=tokenizer.eos_id)[0].tolist()
+    new = new[: new.index(tokenizer.eos_id)] if tokenizer.eos_id in new else new
+    pieces = stream_text(model.Andromeda, tokenizer, TEXT[:3], 12, start_of_document=False,
+                         temperature=0)
+    assert "".join(pieces) == tokenizer.decode(new)
+
+
+def test_incremental_decoder_holds_back_incomplete_utf8():
+    decoder = IncrementalDecoder(ByteTokenizer())
+    pieces = [decoder.push(b) for b in "aé✓".encode()]
+    assert pieces == ["a", "", "é", "", "", "✓"]
+    decoder.push(0xE6)  # the first byte of a character that never completes
+    assert decoder.flush() == "\ufffd"
+
+
+# ----------------------------------------------------------------------------- modes and limits
+
+
+def test_restores_training_mode_and_returns_an_ordinary_tensor(net):
+    net.train()
+    try:
+        out = generate(net, torch.tensor([1, 2]), 3)
+        assert net.training
+        assert not out.is_inference() and not out.requires_grad
+        out[0, 0] = 5  # editable outside inference mode
+        iterator = stream(net, torch.tensor([1, 2]), 3)
+        next(iterator)
+        assert not net.training  # eval while the stream is open
+        list(iterator)
+        assert net.training
+    finally:
+        net.eval()
+
+
+@pytest.mark.parametrize("batch, dtype, decode_uses_onednn", [
+    (1, torch.bfloat16, False), (2, torch.bfloat16, True), (1, torch.float32, True)])
+def test_onednn_is_off_only_for_single_row_bf16_decode_steps(batch, dtype, decode_uses_onednn):
+    net = random_net().to(dtype)
+    seen = []  # (query positions, oneDNN enabled) per forward pass
+    hook = net.register_forward_pre_hook(
+        lambda module, args: seen.append((args[0].shape[1], torch.backends.mkldnn.enabled)))
+    try:
+        generate(net, torch.zeros(batch, 4, dtype=torch.long), 3, temperature=0)
+    finally:
+        hook.remove()
+    assert seen == [(4, True), (1, decode_uses_onednn), (1, decode_uses_onednn)]
+    assert torch.backends.mkldnn.enabled
+
+
+def test_context_limit_is_prompt_plus_new_tokens():
+    net = random_net(max_seq_len=32)
+    prompt = torch.zeros(1, 20, dtype=torch.long)
+    assert generate(net, prompt, 12, temperature=0).shape == (1, 12)
+    with pytest.raises(ValueError, match=r"prompt length 20 \+ seq_len 13 = 33 exceeds max_seq_len=32"):
+        generate(net, prompt, 13)
+
+
+@pytest.mark.parametrize("prompts, error, message", [
+    (torch.zeros(1, 4), TypeError, "must be integers"),
+    (torch.tensor([[1, 258]]), ValueError, r"token id 258 is out of range \[0, 258\)"),
+    (torch.tensor([[-1, 2]]), ValueError, "token id -1 is out of range"),
+    (torch.zeros(1, 0, dtype=torch.long), ValueError, "must be non-empty"),
+    (torch.zeros(0, dtype=torch.long), ValueError, "must be non-empty"),
+    (torch.zeros(1, 2, 3, dtype=torch.long), ValueError, r"got a tensor of shape \(1, 2, 3\)"),
+    ([], ValueError, "empty list"),
+    ([torch.tensor([1, 2]), torch.zeros(2, 2, dtype=torch.long)], ValueError, r"prompts\[1\] must be 1-D"),
+    ([torch.tensor([1]), torch.tensor([], dtype=torch.long)], ValueError, "must be non-empty"),
+    ("hello", TypeError, "encode text with a tokenizer first"),
+])
+def test_bad_prompts_raise(net, prompts, error, message):
+    with pytest.raises(error, match=message):
+        generate(net, prompts, 4)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(seq_len=0), ValueError, "seq_len .* must be an integer >= 1, got 0"),
+    (dict(seq_len=2.5), ValueError, "seq_len .* got 2.5"),
+    (dict(temperature=-0.1), ValueError, "temperature must be a finite number >= 0"),
+    (dict(temperature=math.nan), ValueError, "temperature must be a finite number >= 0"),
+    (dict(top_k=0), ValueError, "top_k must be an integer >= 1"),
+    (dict(top_p=0.0), ValueError, r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), ValueError, r"top_p must be in \(0, 1\]"),
+    (dict(min_p=-0.1), ValueError, r"min_p must be in \[0, 1\]"),
+    (dict(min_p=1.1), ValueError, r"min_p must be in \[0, 1\]"),
+    (dict(eos_token=258), ValueError, r"eos_token 258 is out of range \[0, 258\)"),
+    (dict(eos_token=[]), TypeError, "eos_token must be a token id or a non-empty list"),
+    (dict(eos_token=1, pad_value=-1), ValueError, r"pad_value -1 is out of range"),
+    (dict(generator=0), TypeError, "generator must be a torch.Generator"),
+])
+def test_bad_arguments_raise(net, kwargs, error, message):
+    kwargs = {"seq_len": 4, **kwargs}
+    with pytest.raises(error, match=message):
+        generate(net, torch.tensor([1, 2]), **kwargs)
+    with pytest.raises(error, match=message):  # checked when stream() is called, not at next()
+        stream(net, torch.tensor([1, 2]), **kwargs)
