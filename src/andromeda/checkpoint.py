@@ -1,0 +1,354 @@
+"""Checkpoints: a folder of safetensors weights, the model config, the tokenizer and trainer state.
+
+A checkpoint folder holds
+
+    config.json          the model `Config`: enough to rebuild the model on its own
+    model.safetensors    the Transformer's state dict (`model.Andromeda.state_dict()`)
+    tokenizer files      whatever `save_tokenizer` writes (absent if no tokenizer was given)
+    train_config.json    the training hyperparameters (training checkpoints only)
+    trainer_state.pt     optimizer, step, RNG states, ... (training checkpoints only)
+
+A training run keeps its checkpoints in `RUN/checkpoints/step_000100/` and names the newest in
+`RUN/latest`. Every checkpoint is written into `RUN/checkpoints/.tmp-*`, fsynced, and only then
+renamed to its final name, so a crash or `kill -9` at any moment leaves each earlier checkpoint
+whole: a `step_*` folder exists only once it is complete.
+
+Loading validates everything (files present, header intact, every name and shape matching the
+config) before a model is built, so a bad checkpoint raises an error naming the file and the
+problem and never yields a half-loaded model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .andromeda import Andromeda
+from .config import Config
+from .model import Transformer
+from .tokenizers import HF_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, Tokenizer, load_tokenizer, save_tokenizer
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TRAIN_CONFIG_FILE = "train_config.json"
+TRAINER_STATE_FILE = "trainer_state.pt"
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_FILE = "latest"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint exists but cannot be used: truncated, corrupt, or not matching its config."""
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk: a rename is only durable after both."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_folder(
+    folder: Path,
+    net: Transformer,
+    tokenizer: Tokenizer | None,
+    train_config: Mapping[str, Any] | None,
+    trainer_state: Mapping[str, Any] | None,
+) -> None:
+    """Write every checkpoint file into the (new, empty) `folder` and fsync them all."""
+    net.config.to_json(folder / CONFIG_FILE)
+    weights = {name: t.detach().contiguous().cpu() for name, t in net.state_dict().items()}
+    save_file(weights, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, folder)
+    if train_config is not None:
+        (folder / TRAIN_CONFIG_FILE).write_text(json.dumps(dict(train_config), indent=2) + "\n")
+    if trainer_state is not None:
+        torch.save(dict(trainer_state), folder / TRAINER_STATE_FILE)
+    for file in folder.rglob("*"):
+        if file.is_file():
+            _fsync(file)
+    _fsync(folder)
+
+
+def _transformer(model: Andromeda | Transformer) -> Transformer:
+    if isinstance(model, Andromeda):
+        return model.Andromeda
+    if isinstance(model, Transformer):
+        return model
+    raise TypeError(f"expected an Andromeda or a Transformer, got {type(model).__name__}")
+
+
+def save_pretrained(
+    model: Andromeda | Transformer, directory: str | Path, tokenizer: Tokenizer | None = None
+) -> Path:
+    """Save weights, config and (optionally) tokenizer into `directory`; returns it.
+
+    The folder is written beside its final name and renamed into place, so readers never see a
+    partial one. An existing `directory` is replaced as a whole.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{directory.name}-", dir=directory.parent))
+    try:
+        _write_folder(staging, _transformer(model), tokenizer, None, None)
+        _replace_dir(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("saved model to %s", directory)
+    return directory
+
+
+def _replace_dir(source: Path, target: Path) -> None:
+    """Rename the complete folder `source` to `target`, moving an existing `target` aside first."""
+    if target.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}old-", dir=target.parent))
+        os.rename(target, trash / target.name)
+        os.rename(source, target)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(source, target)
+    _fsync(target.parent)
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: Andromeda | Transformer,
+    *,
+    tokenizer: Tokenizer | None = None,
+    train_config: Mapping[str, Any] | None = None,
+    trainer_state: Mapping[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write `RUN/checkpoints/step_{step:06d}` atomically, point `RUN/latest` at it, and delete
+    all but the newest `keep` checkpoints. Returns the checkpoint folder."""
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1 (the checkpoint just written), got {keep}")
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    staging = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=root))
+    try:
+        _write_folder(staging, _transformer(model), tokenizer, train_config, trainer_state)
+        _replace_dir(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _write_latest(Path(run_dir), final)
+    for old in step_checkpoints(run_dir)[:-keep]:
+        # Renamed out of the step_* namespace first: a crash mid-delete leaves a .tmp-* folder,
+        # never a step folder with files missing.
+        trash = root / f"{_TMP_PREFIX}delete-{old.name}"
+        os.rename(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    logger.info("saved checkpoint %s", final)
+    return final
+
+
+def _write_latest(run_dir: Path, checkpoint: Path) -> None:
+    """Point `RUN/latest` at `checkpoint`: written to a temporary file, then renamed over it."""
+    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}latest-", dir=run_dir)
+    with os.fdopen(fd, "w") as out:
+        out.write(f"{CHECKPOINTS_DIR}/{checkpoint.name}\n")
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, run_dir / LATEST_FILE)
+    _fsync(run_dir)
+
+
+def remove_incomplete(run_dir: str | Path) -> list[Path]:
+    """Delete the `.tmp-*` leftovers of writes that a crash interrupted; returns what was removed.
+
+    Only call this while no other process writes to the run.
+    """
+    run_dir = Path(run_dir)
+    leftovers = sorted((run_dir / CHECKPOINTS_DIR).glob(f"{_TMP_PREFIX}*")) if run_dir.is_dir() else []
+    leftovers += sorted(run_dir.glob(f"{_TMP_PREFIX}latest-*")) if run_dir.is_dir() else []
+    for path in leftovers:
+        logger.warning("removing %s, left by an interrupted checkpoint write", path)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return leftovers
+
+
+# --------------------------------------------------------------------------- finding
+
+
+def step_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The folder `RUN/latest` names, else the highest `step_*` folder, else None."""
+    run_dir = Path(run_dir)
+    pointer = run_dir / LATEST_FILE
+    if pointer.is_file():
+        target = run_dir / pointer.read_text().strip()
+        if target.is_dir() and _STEP_DIR.match(target.name):
+            return target
+        logger.warning("%s names %s, which is missing; using the newest step folder", pointer, target)
+    checkpoints = step_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder as is; a run folder (a training `--out`) as its latest checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"checkpoint {path} is a file; expected a checkpoint folder (holding {CONFIG_FILE} and "
+            f"{WEIGHTS_FILE}) or a training run folder (holding {CHECKPOINTS_DIR}/)"
+        )
+    if (path / CONFIG_FILE).is_file() or (path / WEIGHTS_FILE).is_file():
+        return path
+    if (path / CHECKPOINTS_DIR).is_dir() or (path / LATEST_FILE).is_file():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise FileNotFoundError(f"run folder {path} has no complete checkpoint in {path / CHECKPOINTS_DIR}")
+        return latest
+    raise FileNotFoundError(
+        f"{path} is neither a checkpoint folder (no {CONFIG_FILE} or {WEIGHTS_FILE}) nor a training "
+        f"run folder (no {CHECKPOINTS_DIR}/ or {LATEST_FILE})"
+    )
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def load_config(path: str | Path) -> Config:
+    """The model Config of a checkpoint (or of a run's latest checkpoint)."""
+    folder = resolve_checkpoint(path)
+    file = folder / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint {folder} has no {CONFIG_FILE} (the model config)")
+    try:
+        return Config.from_json(file)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{file} is not a valid model config: {err}") from None
+
+
+def _validate_weights(file: Path, config: Config) -> None:
+    """Check that `file` is a whole safetensors file holding exactly the config's tensors."""
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint {file.parent} has no {WEIGHTS_FILE} (the weights)")
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            found = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except SafetensorError as err:
+        raise CheckpointError(
+            f"{file} is not a readable safetensors file (truncated or corrupt?): {err}"
+        ) from None
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in Transformer(config).state_dict().items()}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [f"{n}: {found[n]} in the file, {expected[n]} from {CONFIG_FILE}"
+             for n in sorted(set(found) & set(expected)) if found[n] != expected[n]]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    if wrong:
+        problems.append("shape mismatches: " + "; ".join(wrong[:5]) + (" ..." if len(wrong) > 5 else ""))
+    if problems:
+        raise CheckpointError(f"{file} does not match {file.parent / CONFIG_FILE}: " + "; ".join(problems))
+
+
+def load_pretrained(
+    path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> Andromeda:
+    """Rebuild the model saved at `path` (a checkpoint folder, or a run folder's latest).
+
+    The weights are validated against the config first; the model is then built on the meta
+    device and the loaded tensors are assigned in place, so no memory is spent on a throwaway
+    initialisation. `dtype` casts floating-point weights; by default they keep the saved dtype.
+    """
+    folder = resolve_checkpoint(path)
+    config = load_config(folder)
+    file = folder / WEIGHTS_FILE
+    _validate_weights(file, config)
+    target = torch.device(device) if device is not None else torch.get_default_device()
+    state: dict[str, torch.Tensor] = {}
+    with safe_open(str(file), framework="pt", device=str(target)) as handle:
+        for name in handle.keys():
+            tensor = handle.get_tensor(name)
+            state[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    model = Andromeda.from_config(config, device="meta")
+    model.Andromeda.load_state_dict(state, strict=True, assign=True)
+    model.eval()
+    logger.info("loaded %s (%s parameters)", folder, f"{model.num_parameters():,}")
+    return model
+
+
+def load_checkpoint_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer stored with a checkpoint (or a run's latest)."""
+    folder = resolve_checkpoint(path)
+    if not ((folder / HF_TOKENIZER_FILE).is_file() or (folder / TOKENIZER_CONFIG_FILE).is_file()):
+        raise FileNotFoundError(
+            f"checkpoint {folder} has no tokenizer ({HF_TOKENIZER_FILE} or {TOKENIZER_CONFIG_FILE}); "
+            f"save it with save_pretrained(model, dir, tokenizer=...)"
+        )
+    return load_tokenizer(folder)
+
+
+def load_train_config(path: str | Path) -> dict[str, Any] | None:
+    """The training hyperparameters saved with a checkpoint, as a dict; None if it has none."""
+    file = resolve_checkpoint(path) / TRAIN_CONFIG_FILE
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{file} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def load_trainer_state(path: str | Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:
+    """The trainer state saved with a checkpoint (optimizer, step, RNG states, ...)."""
+    folder = resolve_checkpoint(path)
+    file = folder / TRAINER_STATE_FILE
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {folder} has no {TRAINER_STATE_FILE}: it holds a model only and cannot "
+            f"resume training"
+        )
+    try:
+        # weights_only: a checkpoint is data; unpickling arbitrary objects would run code.
+        state = torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
+        raise CheckpointError(f"{file} cannot be read (truncated or corrupt?): {err}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file} must hold a dict, got {type(state).__name__}")
+    return state
+

@@ -1,0 +1,278 @@
+"""Training: the config, the optimizer's groups, the schedule, learning, bit-for-bit resume after
+Ctrl-C or kill -9, and stopping on a non-finite loss."""
+
+import json
+import math
+import os
+import shutil
+import signal
+
+import pytest
+import torch
+
+from andromeda import Andromeda, AutoRegressiveWrapper
+from andromeda import training
+from andromeda.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint_tokenizer,
+    load_pretrained,
+    load_trainer_state,
+    step_checkpoints,
+)
+from andromeda.training import (
+    NonFiniteLossError,
+    TrainConfig,
+    apply_activation_checkpointing,
+    decay_progress,
+    lr_at,
+    param_groups,
+    train,
+)
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 200
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from more threads, and on a busy machine OpenMP threads waiting
+    for each other make every step many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def _config(tmp_path, corpus, **changes) -> TrainConfig:
+    base = dict(out=str(tmp_path / "run"), preset="tiny", model_overrides={"max_seq_len": 64},
+                data=(str(corpus),), eval_data=(str(corpus),), batch_size=4, seq_len=32, max_steps=6,
+                warmup_steps=2, lr=3e-3, save_every=2, eval_every=3, eval_batches=1, log_every=1,
+                device="cpu", progress=False, cache_dir=str(tmp_path / "cache"), keep=10)
+    return TrainConfig(**{**base, **changes})
+
+
+def _weights(run_dir):
+    return load_pretrained(run_dir).Andromeda.state_dict()
+
+
+def _train_losses(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [(e["step"], e["loss"], e["lr"]) for e in map(json.loads, lines) if e["type"] == "train"]
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_train_config_round_trips_through_json(tmp_path, corpus):
+    config = _config(tmp_path, corpus, time_budget=30.5, bf16=True, model_overrides={"depth": 3})
+    again = TrainConfig.from_json(config.to_json())
+    assert again == config
+    assert again.data == (str(corpus),)  # lists from JSON become tuples again
+
+
+@pytest.mark.parametrize("changes, error, message", [
+    (dict(batch_size=6, grad_accum=4), ValueError, "batch size 6 is not divisible by grad accumulation 4"),
+    (dict(preset="huge"), ValueError, "unknown preset 'huge'"),
+    (dict(max_steps=None), ValueError, "give max_steps .* or time_budget"),
+    (dict(min_lr=1.0), ValueError, r"min_lr \(1.0\) must not exceed lr"),
+    (dict(seq_len=0), ValueError, "seq_len must be >= 1"),
+    (dict(batch_size=4.0), TypeError, "batch_size must be int"),
+    (dict(bf16=1), TypeError, "bf16 must be bool"),
+    (dict(model_overrides={"width": 3}), ValueError, r"unknown model config fields \['width'\]"),
+])
+def test_train_config_rejects_bad_values(tmp_path, corpus, changes, error, message):
+    with pytest.raises(error, match=message):
+        _config(tmp_path, corpus, **changes)
+
+
+def test_unknown_train_config_fields_are_rejected():
+    with pytest.raises(ValueError, match=r"unknown TrainConfig fields \['epochs'\]"):
+        TrainConfig.from_dict({"out": "x", "max_steps": 1, "epochs": 3})
+
+
+# --------------------------------------------------------------------------- optimizer, schedule
+
+
+def test_weight_decay_only_on_linear_weights_and_qk_scales_get_their_multiplier():
+    net = Andromeda.from_config("tiny").Andromeda
+    names = {id(p): n for n, p in net.named_parameters()}
+    decay, scales, other = param_groups(net, 0.1, qk_scale_lr_mult=10.0)
+    assert (decay["weight_decay"], scales["weight_decay"], other["weight_decay"]) == (0.1, 0.0, 0.0)
+    assert (decay["lr_mult"], scales["lr_mult"], other["lr_mult"]) == (1.0, 10.0, 1.0)
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decayed == {n for n in names.values() if n.endswith(
+        ("to_qkv.weight", "to_out.weight", "proj_in.weight", "proj_out.weight", "to_logits.weight"))}
+    assert {names[id(p)] for p in scales["params"]} == {
+        f"blocks.{i}.attn.{s}" for i in range(2) for s in ("q_scale", "k_scale")}
+    kept = {names[id(p)] for p in other["params"]}
+    assert kept == set(names.values()) - decayed - {names[id(p)] for p in scales["params"]}
+    assert {"token_emb.weight", "final_norm.weight", "blocks.0.attn_norm.weight", "blocks.0.ff.proj_in.bias"} <= kept
+
+
+def test_the_optimizer_applies_the_scheduled_rate_times_each_groups_multiplier(tmp_path, corpus):
+    config = _config(tmp_path, corpus, qk_scale_lr_mult=5.0)
+    model = Andromeda.from_config("tiny", max_seq_len=64)
+    params = list(model.parameters())
+    optimizer = training.build_optimizer(model.Andromeda, config)
+    batch = torch.randint(0, 258, (4, 33))
+    training.train_step(model, params, batch, optimizer, 2e-3, config, step=0)
+    assert [g["lr"] for g in optimizer.param_groups] == [2e-3, 1e-2, 2e-3]
+
+
+def test_lr_schedule_warmup_then_cosine_to_min_lr(tmp_path, corpus):
+    config = _config(tmp_path, corpus, lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=111)
+    lrs = [lr_at(s, config, decay_progress(s, config, 0.0, None)) for s in range(111)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[4] == pytest.approx(5e-4) and lrs[9] == pytest.approx(1e-3)
+    assert lrs[10] == pytest.approx(1e-3)  # decay starts at the peak
+    assert lrs[60] == pytest.approx(5.5e-4)  # halfway: the mean of lr and min_lr
+    assert lrs[110] == pytest.approx(1e-4)  # the last update runs at min_lr
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_time_budget_schedule_decays_over_the_budget(tmp_path, corpus):
+    config = _config(tmp_path, corpus, max_steps=None, time_budget=100.0, warmup_steps=5)
+    assert decay_progress(50, config, elapsed_s=30.0, warmup_end_s=None) == 0.0
+    assert decay_progress(50, config, elapsed_s=10.0, warmup_end_s=10.0) == 0.0
+    assert decay_progress(50, config, elapsed_s=55.0, warmup_end_s=10.0) == pytest.approx(0.5)
+    assert decay_progress(50, config, elapsed_s=120.0, warmup_end_s=10.0) == 1.0
+    assert lr_at(50, config, 1.0) == pytest.approx(config.min_lr)
+
+
+def test_activation_checkpointing_gives_identical_loss_and_gradients():
+    torch.manual_seed(0)
+    plain = Andromeda.from_config("tiny", max_seq_len=64)
+    checkpointed = Andromeda.from_config("tiny", max_seq_len=64)
+    checkpointed.load_state_dict(plain.state_dict())
+    apply_activation_checkpointing(checkpointed.Andromeda)
+    tokens = torch.randint(0, 258, (2, 33))
+    loss_a, loss_b = plain(tokens), checkpointed(tokens)
+    loss_a.backward()
+    loss_b.backward()
+    assert torch.equal(loss_a, loss_b)
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+    assert checkpointed.state_dict().keys() == plain.state_dict().keys()
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def test_a_tiny_model_learns_a_repetitive_text(tmp_path, corpus):
+    result = train(_config(tmp_path, corpus, max_steps=40, batch_size=8, eval_every=40, save_every=40,
+                           log_every=10, eval_batches=2))
+    entries = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    initial = next(e for e in entries if e["type"] == "eval" and e["step"] == 0)
+    assert initial["loss"] > 0.9 * math.log(258)  # an untrained model is near uniform
+    assert result.eval["loss"] < 0.4 * initial["loss"]
+    assert result.train_loss < 0.4 * math.log(258)
+    assert result.eval["bits_per_byte"] == pytest.approx(result.eval["loss"] / math.log(2), rel=1e-3)
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 0
+    assert result.step == 40 and result.stopped_by == "max_steps"
+
+
+def test_resume_after_ctrl_c_ends_bit_for_bit_where_the_straight_run_ends(tmp_path, corpus, monkeypatch):
+    straight = train(_config(tmp_path, corpus, out=str(tmp_path / "straight")))
+
+    real_step = training.train_step
+    calls = []
+
+    def interrupt_after_third(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends; handled between steps
+        return out
+
+    monkeypatch.setattr(training, "train_step", interrupt_after_third)
+    with pytest.raises(KeyboardInterrupt, match="interrupted at step 3"):
+        train(_config(tmp_path, corpus, out=str(tmp_path / "split")))
+    monkeypatch.setattr(training, "train_step", real_step)
+    assert latest_checkpoint(tmp_path / "split").name == "step_000003"
+    resumed = train(_config(tmp_path, corpus, out=str(tmp_path / "split"), resume=True))
+
+    assert resumed.step == straight.step == 6
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _train_losses(tmp_path / "split") == _train_losses(tmp_path / "straight")
+    opt_a = load_trainer_state(tmp_path / "straight")["optimizer"]["state"]
+    opt_b = load_trainer_state(tmp_path / "split")["optimizer"]["state"]
+    assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)
+    assert resumed.eval == straight.eval
+
+
+def test_resume_after_kill_9_mid_save_ends_bit_for_bit(tmp_path, corpus):
+    """A kill -9 while step 6 was being saved leaves: checkpoints up to step 4, a staging folder,
+    metrics logged past step 4 with a torn last line. Resuming must redo steps 5-6 exactly."""
+    config = _config(tmp_path, corpus, out=str(tmp_path / "straight"))
+    train(config)
+    killed = tmp_path / "killed"
+    shutil.copytree(tmp_path / "straight", killed)
+    shutil.rmtree(killed / "checkpoints" / "step_000006")
+    os.rename(killed / "checkpoints" / "step_000002", killed / "checkpoints" / ".tmp-half-written")
+    (killed / "latest").write_text("checkpoints/step_000004\n")
+    with (killed / "metrics.jsonl").open("a") as metrics:
+        metrics.write('{"type": "train", "step": 7, "lo')
+    train(config.replace(out=str(killed), resume=True))
+    a, b = _weights(tmp_path / "straight"), _weights(killed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _train_losses(killed) == _train_losses(tmp_path / "straight")
+    assert not list((killed / "checkpoints").glob(".tmp-*"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus, monkeypatch):
+    real_forward = AutoRegressiveWrapper.forward
+    calls = []
+
+    def nan_at_fifth_step(self, tokens, **kwargs):
+        calls.append(1)
+        loss = real_forward(self, tokens, **kwargs)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    monkeypatch.setattr(AutoRegressiveWrapper, "forward", nan_at_fifth_step)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss \(nan\) at step 5: training "
+                                                 r"stopped; the last good checkpoint is .*step_000004"):
+        train(_config(tmp_path, corpus))
+    run = tmp_path / "run"
+    assert [p.name for p in step_checkpoints(run)] == ["step_000002", "step_000004"]
+    assert latest_checkpoint(run).name == "step_000004"
+    assert all(torch.isfinite(t).all() for t in _weights(run).values())
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path, corpus):
+    one = train(_config(tmp_path, corpus, out=str(tmp_path / "one"), max_steps=2, batch_size=8, eval_batches=0))
+    two = train(_config(tmp_path, corpus, out=str(tmp_path / "two"), max_steps=2, batch_size=8, grad_accum=2,
+                        eval_batches=0))
+    assert one.eval is None and two.eval is None
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert _train_losses(tmp_path / "one")[0][1] == pytest.approx(_train_losses(tmp_path / "two")[0][1], rel=1e-6)
+
+
+def test_bad_runs_fail_with_clear_errors(tmp_path, corpus):
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train(_config(tmp_path, corpus, resume=True))
+    with pytest.raises(ValueError, match="seq_len 128 exceeds the model's max_seq_len 64"):
+        train(_config(tmp_path, corpus, seq_len=128))
+    with pytest.raises(FileNotFoundError, match="matches nothing"):
+        train(_config(tmp_path, corpus, data=(str(tmp_path / "missing.txt"),)))
+    train(_config(tmp_path, corpus, max_steps=2, eval_batches=0))
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train(_config(tmp_path, corpus, max_steps=2))
+    with pytest.raises(ValueError, match=r"different settings \(seq_len: 32 in the run, 16 now\)"):
+        train(_config(tmp_path, corpus, max_steps=2, seq_len=16, resume=True))
+    with pytest.raises(ValueError, match="model_overrides"):
+        train(_config(tmp_path, corpus, max_steps=2, resume=True, model_overrides={"max_seq_len": 64, "depth": 1}))
+
+
+def test_bpe_tokenizer_sets_num_tokens_and_is_saved(tmp_path, corpus):
+    train(_config(tmp_path, corpus, tokenizer="bpe", bpe_vocab_size=300, max_steps=1, eval_batches=0))
+    model = load_pretrained(tmp_path / "run")
+    tokenizer = load_checkpoint_tokenizer(tmp_path / "run")
+    assert tokenizer.name == "bpe" and tokenizer.vocab_size <= 300
+    assert model.config.num_tokens == 320  # the vocabulary rounded up to a multiple of 64
