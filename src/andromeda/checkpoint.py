@@ -6,12 +6,21 @@ A checkpoint folder holds
     model.safetensors    the Transformer's state dict (`model.Andromeda.state_dict()`)
     tokenizer files      whatever `save_tokenizer` writes (absent if no tokenizer was given)
     train_config.json    the training hyperparameters (training checkpoints only)
-    trainer_state.pt     optimizer, step, RNG states, ... (training checkpoints only)
+    trainer_state.pt     step, RNG states, ... (training checkpoints only)
+    optimizer/           the AdamW state, in torch.distributed.checkpoint's sharded format
+                         (training checkpoints only; see `distributed.save_optimizer`)
 
 A training run keeps its checkpoints in `RUN/checkpoints/step_000100/` and names the newest in
 `RUN/latest`. Every checkpoint is written into `RUN/checkpoints/.tmp-*`, fsynced, and only then
 renamed to its final name, so a crash or `kill -9` at any moment leaves each earlier checkpoint
 whole: a `step_*` folder exists only once it is complete.
+
+Runs over several processes write the same folder: the model is consolidated at save time (rank 0
+gathers the full state dict and writes `model.safetensors`), so loading for evaluation, generation
+or `from_pretrained` is the same single-file read whatever trained it, while the optimizer state —
+two thirds of the bytes — is written by every process in parallel, each its own shards, and is
+resharded on load for any number of processes. The processes write into one staging folder
+(`stage_checkpoint`) and rank 0 renames it once all are done (`commit_checkpoint`).
 
 Loading validates everything (files present, header intact, every name and shape matching the
 config) before a model is built, so a bad checkpoint raises an error naming the file and the
@@ -45,6 +54,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TRAIN_CONFIG_FILE = "train_config.json"
 TRAINER_STATE_FILE = "trainer_state.pt"
+OPTIMIZER_DIR = "optimizer"
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -67,23 +77,28 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_folder(
+def write_checkpoint_files(
     folder: Path,
-    net: Transformer,
-    tokenizer: Tokenizer | None,
-    train_config: Mapping[str, Any] | None,
-    trainer_state: Mapping[str, Any] | None,
+    config: Config,
+    weights: Mapping[str, torch.Tensor],
+    tokenizer: Tokenizer | None = None,
+    train_config: Mapping[str, Any] | None = None,
+    trainer_state: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write every checkpoint file into the (new, empty) `folder` and fsync them all."""
-    net.config.to_json(folder / CONFIG_FILE)
-    weights = {name: t.detach().contiguous().cpu() for name, t in net.state_dict().items()}
-    save_file(weights, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    """Write the model config, the `weights` (a Transformer state dict) and the optional files
+    into the (new, empty) `folder`; `commit_checkpoint` fsyncs them."""
+    config.to_json(folder / CONFIG_FILE)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in weights.items()}
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     if tokenizer is not None:
         save_tokenizer(tokenizer, folder)
     if train_config is not None:
         (folder / TRAIN_CONFIG_FILE).write_text(json.dumps(dict(train_config), indent=2) + "\n")
     if trainer_state is not None:
         torch.save(dict(trainer_state), folder / TRAINER_STATE_FILE)
+
+
+def _fsync_tree(folder: Path) -> None:
     for file in folder.rglob("*"):
         if file.is_file():
             _fsync(file)
@@ -110,7 +125,9 @@ def save_pretrained(
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{directory.name}-", dir=directory.parent))
     try:
-        _write_folder(staging, _transformer(model), tokenizer, None, None)
+        net = _transformer(model)
+        write_checkpoint_files(staging, net.config, net.state_dict(), tokenizer)
+        _fsync_tree(staging)
         _replace_dir(staging, directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -142,17 +159,49 @@ def save_checkpoint(
 ) -> Path:
     """Write `RUN/checkpoints/step_{step:06d}` atomically, point `RUN/latest` at it, and delete
     all but the newest `keep` checkpoints. Returns the checkpoint folder."""
-    if keep < 1:
-        raise ValueError(f"keep must be at least 1 (the checkpoint just written), got {keep}")
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:06d}"
-    staging = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=root))
+    _check_keep(keep)
+    net = _transformer(model)
+    staging = stage_checkpoint(run_dir, step)
     try:
-        _write_folder(staging, _transformer(model), tokenizer, train_config, trainer_state)
-        _replace_dir(staging, final)
+        write_checkpoint_files(staging, net.config, net.state_dict(), tokenizer, train_config, trainer_state)
+        return commit_checkpoint(run_dir, step, keep)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_keep(keep: int) -> None:
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1 (the checkpoint just written), got {keep}")
+
+
+def checkpoint_folder(run_dir: str | Path, step: int) -> Path:
+    """The folder of the checkpoint of `step` in the run `run_dir`."""
+    return Path(run_dir) / CHECKPOINTS_DIR / f"step_{step:06d}"
+
+
+def staging_folder(run_dir: str | Path, step: int) -> Path:
+    """Where the checkpoint of `step` is written before it is renamed into place: one name that
+    every process of a distributed run derives alike."""
+    return Path(run_dir) / CHECKPOINTS_DIR / f"{_TMP_PREFIX}step_{step:06d}"
+
+
+def stage_checkpoint(run_dir: str | Path, step: int) -> Path:
+    """Create the empty staging folder of `step` (replacing a leftover of an interrupted write)."""
+    staging = staging_folder(run_dir, step)
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def commit_checkpoint(run_dir: str | Path, step: int, keep: int) -> Path:
+    """Fsync the complete staging folder of `step`, rename it to `step_{step:06d}`, point
+    `RUN/latest` at it and delete all but the newest `keep` checkpoints; returns the folder."""
+    _check_keep(keep)
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    staging, final = staging_folder(run_dir, step), checkpoint_folder(run_dir, step)
+    _fsync_tree(staging)
+    _replace_dir(staging, final)
     _write_latest(Path(run_dir), final)
     for old in step_checkpoints(run_dir)[:-keep]:
         # Renamed out of the step_* namespace first: a crash mid-delete leaves a .tmp-* folder,

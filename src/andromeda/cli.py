@@ -5,13 +5,15 @@ A thin layer: each subcommand turns its arguments into a call of the library (`t
 generated from `TrainConfig`'s fields, so the two cannot drift apart.
 
     andromeda train --preset demo --out runs/demo --time-budget 480
+    torchrun --standalone --nproc_per_node 2 -m andromeda train --parallel ddp --preset demo --out runs/ddp ...
     andromeda eval --checkpoint runs/demo --seq-len 256 1024 --json
     andromeda generate --checkpoint runs/demo --prompt "ROMEO:" --max-new-tokens 200
     andromeda plan --preset 7b --gpus 8 --seq-len 8192 --batch 1
 
 `--checkpoint` takes a checkpoint folder or a run folder (meaning its latest checkpoint). Logs go
-to stderr; stdout carries only the command's output (text, a table or JSON). Exit codes: 0 done,
-1 an error (the message names the problem), 2 bad arguments, 130 interrupted.
+to stderr; stdout carries only the command's output (text, a table or JSON). Under torchrun, rank 0
+speaks for the run; the other processes only report warnings and errors, prefixed by their rank.
+Exit codes: 0 done, 1 an error (the message names the problem), 2 bad arguments, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from .checkpoint import latest_checkpoint, load_checkpoint_tokenizer, load_pretrained, load_train_config, resolve_checkpoint
 from .config import PRESETS, Config
 from .data import TokenStore, cache_root, resolve_data, shakespeare_corpus
+from .distributed import launched_rank
 from .evaluation import evaluate
 from .training import TrainConfig, resolve_device, train
 
@@ -65,8 +68,12 @@ TRAIN_HELP: dict[str, str] = {
     "eval_every": "held-out evaluation every N steps",
     "eval_batches": "held-out batches per evaluation (0: none)",
     "log_every": "log a metrics line every N steps",
-    "bf16": "bfloat16 autocast (weights and optimizer stay fp32)",
+    "bf16": "bfloat16 compute: autocast, or with --parallel fsdp bf16 gathered weights (the shards, the "
+            "gradient reduction and the optimizer stay fp32)",
     "activation_checkpointing": "recompute each block's activations in backward to save memory",
+    "parallel": "how the processes torchrun starts share the work: ddp (replicas) or fsdp (sharded "
+                "weights, gradients and optimizer state); ignored by a single process",
+    "dist_timeout": "seconds a process waits for the others in a collective before failing",
     "device": "auto, cpu, cuda or cuda:N",
     "resume": "continue the run in --out from its latest checkpoint (settings not given are the run's)",
     "cache_dir": "corpus and token cache folder (default $ANDROMEDA_CACHE or ~/.cache/andromeda)",
@@ -181,6 +188,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def train_command(args: argparse.Namespace) -> int:
     result = train(train_config_from_args(args))
+    if launched_rank() != 0:
+        return 0
     print(f"trained {result.step} steps in {result.elapsed_s:.0f}s ({result.stopped_by}); "
           f"checkpoint {result.checkpoint}")
     if result.train_loss is not None:
@@ -274,9 +283,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # bad arguments (2) or --help (0): argparse has printed why
         return int(exit_.code or 0)
+    rank = launched_rank()
     if not logging.getLogger().handlers:
-        logging.basicConfig(format="%(message)s", stream=sys.stderr)
-    logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
+        logging.basicConfig(format=f"[rank {rank}] %(message)s" if rank else "%(message)s", stream=sys.stderr)
+    logger.setLevel(logging.WARNING if args.quiet or rank else logging.INFO)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt as interrupt:

@@ -1,13 +1,17 @@
 """Training: `train(TrainConfig)` runs AdamW with warmup + cosine decay, evaluates on held-out
 text, logs metrics, and writes resumable checkpoints.
 
-The pieces are small functions so that distributed training can slot in around them: build the
-model (`build_model`), wrap it (`apply_activation_checkpointing`, later a `parallelize` step),
-build the optimizer (`build_optimizer`), take steps (`train_step`), and save/restore
+The pieces are small functions: build the model (`build_model`), spread it over the processes
+(`distributed.build_parallel_model`: DDP or FSDP2, with optional activation checkpointing), build
+the optimizer (`build_optimizer`), take steps (`train_step`), and save/restore
 (`save_training_checkpoint`, `restore_training`). The data of step `s` is
 `sample_batch(tokens, s, batch_size, seq_len, seed, rank, world_size)`: a function of the seed and
 the step alone, so a resumed run sees exactly the batches the uninterrupted run would have, and the
 loss curve does not depend on the number of processes.
+
+Under torchrun every process runs `train`; they agree on the clock and on interrupts once per step
+(`all_reduce_max`), so they stop, evaluate and save at the same steps. Rank 0 alone logs metrics and
+draws the progress bar. A checkpoint written by N processes resumes on any number of processes.
 
 Determinism: on CPU, a run interrupted at any step (Ctrl-C, `kill -9`) and resumed with
 `resume=True` ends bit-for-bit where the uninterrupted run ends — the checkpoint holds the
@@ -19,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -37,13 +40,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .andromeda import Andromeda
 from .attention import Attention
 from .checkpoint import (
+    OPTIMIZER_DIR,
+    checkpoint_folder,
+    commit_checkpoint,
     latest_checkpoint,
     load_config,
     load_checkpoint_tokenizer,
@@ -51,11 +56,32 @@ from .checkpoint import (
     load_train_config,
     load_trainer_state,
     remove_incomplete,
-    save_checkpoint,
+    stage_checkpoint,
+    staging_folder,
     step_checkpoints,
+    write_checkpoint_files,
 )
 from .config import PRESETS, Config
 from .data import TokenStore, iter_texts, resolve_data, sample_batch, shakespeare_corpus, cache_root
+from .distributed import (
+    PARALLEL_MODES,
+    DistEnv,
+    all_reduce_max,
+    all_reduce_mean,
+    barrier,
+    broadcast_object,
+    build_parallel_model,
+    check_parallel_setup,
+    clip_grad_norm,
+    distributed,
+    full_model_state_dict,
+    gathered,
+    gradient_sync,
+    is_sharded,
+    load_optimizer,
+    main_process_first,
+    save_optimizer,
+)
 from .evaluation import evaluate
 from .model import Transformer
 from .tokenizers import Tokenizer, build_tokenizer
@@ -106,8 +132,10 @@ class TrainConfig:
     eval_every: int = 250
     eval_batches: int = 8  # held-out batches per periodic evaluation; 0 disables it
     log_every: int = 10
-    bf16: bool = False  # bfloat16 autocast for the forward pass; weights and AdamW stay fp32
+    bf16: bool = False  # bf16 compute: autocast, or under FSDP bf16 gathered weights; weights and AdamW stay fp32
     activation_checkpointing: bool = False
+    parallel: str = "none"  # "ddp" or "fsdp" across the processes torchrun starts; one process ignores it
+    dist_timeout: float = 600.0  # seconds a collective may wait for the other processes before failing
     device: str = "auto"  # "auto" = cuda if available, else cpu
     resume: bool = False
     progress: bool = True  # tqdm progress bar
@@ -145,6 +173,10 @@ class TrainConfig:
                              "the learning-rate schedule needs a length")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"TrainConfig.max_steps must be >= 1, got {self.max_steps}")
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"TrainConfig.parallel must be one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"TrainConfig.dist_timeout must be positive seconds, got {self.dist_timeout}")
         if self.time_budget is not None and not self.time_budget > 0:
             raise ValueError(f"TrainConfig.time_budget must be positive seconds, got {self.time_budget}")
         if self.preset not in PRESETS:
@@ -181,7 +213,8 @@ class TrainConfig:
         return cls.from_dict(data)
 
 
-# Changing any of these mid-run would make the resumed run a different run.
+# Changing any of these mid-run would make the resumed run a different run. The rest (device,
+# parallel, the number of processes, ...) may change: the loss curve does not depend on them.
 RUN_DEFINING = ("preset", "model_overrides", "data", "eval_data", "tokenizer", "bpe_vocab_size", "seed",
                 "batch_size", "seq_len", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "qk_scale_lr_mult",
                 "beta1", "beta2", "grad_clip", "max_steps")
@@ -269,21 +302,6 @@ def build_model(config: Config, device: torch.device) -> Andromeda:
     return Andromeda.from_config(config, device=device)
 
 
-def apply_activation_checkpointing(net: Transformer) -> None:
-    """Recompute each block's activations in the backward pass instead of storing them
-    (Chen et al. 2016, https://arxiv.org/abs/1604.06174): memory per block drops to its input.
-
-    Applied from outside the model, as torchtitan does: each block's `forward` is wrapped, so the
-    parameters and the state dict are untouched. Non-reentrant checkpointing, PyTorch's
-    recommended mode, which also handles the keyword-free dataclass argument.
-    """
-    for block in net.blocks:
-        if getattr(block, "_checkpointed", False):
-            continue
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-        block._checkpointed = True
-
-
 def param_groups(net: nn.Module, weight_decay: float, qk_scale_lr_mult: float = 1.0) -> list[dict[str, Any]]:
     """Three AdamW groups: linear weights (decayed), QK-norm scales, everything else.
 
@@ -314,8 +332,11 @@ def param_groups(net: nn.Module, weight_decay: float, qk_scale_lr_mult: float = 
 
 
 def build_optimizer(net: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(net, config.weight_decay, config.qk_scale_lr_mult), lr=config.lr,
-                             betas=(config.beta1, config.beta2))
+    # Empty groups (no QK-norm scales without QK-norm) are left out: a checkpoint's optimizer
+    # state names its groups by their parameters, so an empty group would load without its
+    # hyperparameters (torch.distributed.checkpoint.state_dict.set_optimizer_state_dict).
+    groups = [group for group in param_groups(net, config.weight_decay, config.qk_scale_lr_mult) if group["params"]]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
 
 
 def decay_progress(step: int, config: TrainConfig, elapsed_s: float, warmup_end_s: float | None) -> float:
@@ -364,24 +385,37 @@ def train_step(
     lr: float,
     config: TrainConfig,
     step: int,
+    env: DistEnv = DistEnv(),
+    autocast: bool | None = None,
 ) -> tuple[float, float]:
-    """One optimizer update on `batch` (B, T + 1), split into `grad_accum` micro-batches.
+    """One optimizer update on this process's `batch` (B / W, T + 1), split into `grad_accum`
+    micro-batches; `model` is what `parallelize` returned, called for the loss.
 
-    Returns (mean loss, gradient norm before clipping). Raises NonFiniteLossError before the
-    update when either is NaN/inf, so the weights never take a non-finite step.
+    Every micro-batch of every process holds the same number of target tokens, so the mean of
+    their mean losses — each process averages its own, `all_reduce_mean` averages the processes,
+    as DDP/FSDP average their gradients — is the mean over the global batch. `autocast` (default
+    `config.bf16`) is off under FSDP, whose mixed-precision policy computes in bf16 instead.
+
+    Returns (mean loss, gradient norm before clipping), the same on every process. Raises
+    NonFiniteLossError before the update when either is NaN/inf, so the weights never take a
+    non-finite step.
     """
+    autocast = config.bf16 if autocast is None else autocast
     optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), dtype=torch.float32, device=batch.device)
-    for micro in batch.chunk(config.grad_accum):  # (B / A, T + 1) each
-        with autocast_context(batch.device, config.bf16):
-            loss = model(micro)
-        (loss / config.grad_accum).backward()
+    micro_batches = batch.chunk(config.grad_accum)  # (B / W / A, T + 1) each
+    for index, micro in enumerate(micro_batches):
+        # DDP all-reduces the gradients once, after the last micro-step.
+        with gradient_sync(model, enabled=index == len(micro_batches) - 1):
+            with autocast_context(batch.device, autocast):
+                loss = model(micro)
+            (loss / config.grad_accum).backward()
         total += loss.detach().float()
-    mean_loss = float(total) / config.grad_accum
+    mean_loss = float(all_reduce_mean(total, env)) / config.grad_accum
     if not math.isfinite(mean_loss):
         raise NonFiniteLossError(f"non-finite training loss ({mean_loss}) at step {step + 1}")
     max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grad_norm = clip_grad_norm(params, max_norm)
     if not math.isfinite(grad_norm):
         raise NonFiniteLossError(f"non-finite gradient norm ({grad_norm}) at step {step + 1} "
                                  f"(loss {mean_loss:.4f})")
@@ -436,19 +470,30 @@ class Progress:
 
 
 def save_training_checkpoint(run_dir: Path, net: Transformer, optimizer: torch.optim.Optimizer,
-                             progress: Progress, config: TrainConfig, tokenizer: Tokenizer) -> Path:
-    """Save everything a resumed run needs; refuses a model with non-finite weights."""
-    bad = [name for name, p in net.named_parameters() if not torch.isfinite(p).all()]
+                             progress: Progress, config: TrainConfig, tokenizer: Tokenizer,
+                             env: DistEnv = DistEnv()) -> Path:
+    """Save everything a resumed run needs; refuses a model with non-finite weights.
+
+    Every process calls it. Rank 0 gathers the whole model and writes it as one model.safetensors
+    (so evaluation, generation and `from_pretrained` load any run alike); every process writes its
+    own shards of the optimizer state (`distributed.save_optimizer`); once all are written, rank 0
+    renames the staging folder into place.
+    """
+    weights = full_model_state_dict(net, env)  # rank 0: the whole model on the CPU; others: {}
+    bad = broadcast_object([name for name, t in weights.items() if not torch.isfinite(t).all()], env)
     if bad:
         raise NonFiniteLossError(f"parameters {bad[:3]} hold NaN/inf at step {progress.step}; not saving")
-    state = {
-        "optimizer": optimizer.state_dict(),
-        "progress": dataclasses.asdict(progress),
-        "rng": rng_state(),
-        "train_config": config.to_dict(),
-    }
-    return save_checkpoint(run_dir, progress.step, net, tokenizer=tokenizer,
-                           train_config=config.to_dict(), trainer_state=state, keep=config.keep)
+    if env.is_main:
+        stage_checkpoint(run_dir, progress.step)
+    barrier(env)
+    staging = staging_folder(run_dir, progress.step)
+    save_optimizer(staging / OPTIMIZER_DIR, net, optimizer)
+    if env.is_main:
+        state = {"progress": dataclasses.asdict(progress), "rng": rng_state(), "train_config": config.to_dict()}
+        write_checkpoint_files(staging, net.config, weights, tokenizer, config.to_dict(), state)
+        commit_checkpoint(run_dir, progress.step, config.keep)
+    barrier(env)  # no process runs ahead (or exits) before the checkpoint is in place
+    return checkpoint_folder(run_dir, progress.step)
 
 
 def check_resumable(saved: TrainConfig, config: TrainConfig, checkpoint: Path) -> None:
@@ -461,9 +506,9 @@ def check_resumable(saved: TrainConfig, config: TrainConfig, checkpoint: Path) -
                          + "); drop them to continue the run as it was, or start a new --out")
 
 
-def restore_training(checkpoint: Path, config: TrainConfig, device: torch.device
-                     ) -> tuple[Andromeda, Tokenizer, dict[str, Any]]:
-    """Model, tokenizer and trainer state of `checkpoint`, after checking it belongs to `config`."""
+def restore_training(checkpoint: Path, config: TrainConfig) -> tuple[Config, Tokenizer, dict[str, Any]]:
+    """Model config, tokenizer and trainer state of `checkpoint`, after checking it belongs to
+    `config`. The weights and the optimizer state are loaded once the model is parallelized."""
     saved = load_train_config(checkpoint)
     if saved is None:
         raise ValueError(f"{checkpoint} holds no train_config.json: it is not a training checkpoint")
@@ -474,8 +519,10 @@ def restore_training(checkpoint: Path, config: TrainConfig, device: torch.device
         diff = {k: (v, expected.to_dict()[k]) for k, v in found.to_dict().items() if expected.to_dict()[k] != v}
         raise ValueError(f"cannot resume {checkpoint}: its model config differs from this run's "
                          f"(field: (saved, now)) {diff}")
-    model = load_pretrained(checkpoint, device=device, dtype=torch.float32)
-    return model, tokenizer, load_trainer_state(checkpoint, map_location=device)
+    if not (checkpoint / OPTIMIZER_DIR).is_dir():
+        raise FileNotFoundError(f"checkpoint {checkpoint} has no {OPTIMIZER_DIR}/ (the optimizer state): it "
+                                f"holds a model only and cannot resume training")
+    return found, tokenizer, load_trainer_state(checkpoint)
 
 
 # --------------------------------------------------------------------------- logging
@@ -569,103 +616,145 @@ def train(config: TrainConfig) -> TrainResult:
     earlier runs of a resumed run), whichever is first; then evaluates, saves a final checkpoint and
     plots `loss.png`. A first Ctrl-C saves a checkpoint and re-raises KeyboardInterrupt. A
     non-finite loss raises NonFiniteLossError, keeping the last good checkpoint.
+
+    Under torchrun every process calls it (`config.parallel` says how they share the work) and all
+    of them return the same result, except `eval`, which under DDP only rank 0 computes.
     """
-    device = resolve_device(config.device)
+    with distributed(resolve_device(config.device), config.dist_timeout) as env:
+        return _train(config, env)
+
+
+def _train(config: TrainConfig, env: DistEnv) -> TrainResult:
+    check_parallel_setup(config.parallel, config.batch_size, config.grad_accum, env)
     run_dir = Path(config.out)
     metrics = MetricsLog(run_dir / METRICS_FILE)
+    checkpoint, state = None, None
     if config.resume:
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is None:
             raise FileNotFoundError(f"nothing to resume: {run_dir} has no checkpoint in "
                                     f"{run_dir / 'checkpoints'}; start without --resume")
-        remove_incomplete(run_dir)
-        model, tokenizer, state = restore_training(checkpoint, config, device)
-        train_files, eval_files = data_files(config)
+        config_of_model, tokenizer, state = restore_training(checkpoint, config)
     else:
         existing = step_checkpoints(run_dir)
         if existing:
             raise FileExistsError(f"{run_dir} already holds a run ({existing[-1].name}); pass --resume to "
                                   f"continue it, or choose another --out")
+    barrier(env)  # every process has read the run folder before rank 0 cleans it
+    if env.is_main:
         remove_incomplete(run_dir)
+    with main_process_first(env):  # rank 0 fetches the corpus; the others find it cached
         train_files, eval_files = data_files(config)
+    if state is None:
+        # Rank 0 alone builds the tokenizer (a BPE is trained once) and hands it to the others.
         tokenizer = build_tokenizer(config.tokenizer, train_texts=lambda: iter_texts(train_files),
-                                    vocab_size=config.bpe_vocab_size)
+                                    vocab_size=config.bpe_vocab_size) if env.is_main else None
+        tokenizer = broadcast_object(tokenizer, env)
+        config_of_model = model_config(config, tokenizer)
+    with main_process_first(env):  # rank 0 tokenises into the cache; the others read it
+        train_store, eval_store = _load_stores(config, tokenizer, train_files, eval_files)
+
+    def make_model() -> Andromeda:
+        if checkpoint is not None:
+            return load_pretrained(checkpoint, device=env.device, dtype=torch.float32)
         torch.manual_seed(config.seed)
-        model, state = build_model(model_config(config, tokenizer), device), None
-    train_store, eval_store = _load_stores(config, tokenizer, train_files, eval_files)
+        return build_model(config_of_model, env.device)
+
+    # Under FSDP, bf16 is the dtype the gathered weights compute in; otherwise it is autocast.
+    sharded = config.parallel == "fsdp" and env.distributed
+    model, train_module = build_parallel_model(
+        make_model, config_of_model, config.parallel, env,
+        param_dtype=torch.bfloat16 if config.bf16 and sharded else None,
+        activation_checkpointing=config.activation_checkpointing)
     net = model.Andromeda
-    if config.activation_checkpointing:
-        apply_activation_checkpointing(net)
     net.train()
     optimizer = build_optimizer(net, config)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer(checkpoint / OPTIMIZER_DIR, net, optimizer)
         set_rng_state(state["rng"])
         progress = Progress(**state["progress"])
-        metrics.truncate_after(progress.step)
+        if env.is_main:
+            metrics.truncate_after(progress.step)
         logger.info("resuming %s at step %d", run_dir, progress.step)
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        metrics.path.write_text("")
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            metrics.path.write_text("")
         progress = Progress()
     c = net.config
     logger.info("model: %s parameters (dim %d, depth %d, %d heads of %d, %d kv heads, %d ALiBi heads, vocab %d)",
                 f"{model.num_parameters():,}", c.dim, c.depth, c.heads, c.dim_head, c.attn_kv_heads,
                 c.num_alibi_heads, c.num_tokens)
+    if env.distributed:
+        logger.info("%s over %d processes: %d sequences per process per step, in %d micro-steps",
+                    config.parallel, env.world_size, config.batch_size // env.world_size, config.grad_accum)
     if config.max_steps is not None and config.warmup_steps >= config.max_steps:
         logger.warning("warmup_steps (%d) >= max_steps (%d): the learning rate never decays",
                        config.warmup_steps, config.max_steps)
-    run = _Run(config, run_dir, model, tokenizer, optimizer, progress, metrics, train_store, eval_store)
-    context = logging_redirect_tqdm() if config.progress else contextlib.nullcontext()
+    run = _Run(config, env, run_dir, model, train_module, tokenizer, optimizer, progress, metrics, train_store,
+               eval_store, autocast=config.bf16 and not sharded)
+    context = logging_redirect_tqdm() if run.show_progress else contextlib.nullcontext()
     with context:
         return run.loop(fresh=state is None)
 
 
 class _Run:
-    """The training loop's bookkeeping: timing, logging, evaluation and saving around train_step."""
+    """The training loop's bookkeeping: timing, logging, evaluation and saving around train_step.
 
-    def __init__(self, config: TrainConfig, run_dir: Path, model: Andromeda, tokenizer: Tokenizer,
-                 optimizer: torch.optim.Optimizer, progress: Progress, metrics: MetricsLog,
-                 train_store: TokenStore, eval_store: TokenStore | None) -> None:
-        self.config, self.run_dir, self.model, self.tokenizer = config, run_dir, model, tokenizer
-        self.net = model.Andromeda
+    All processes run the same loop and must make the same decisions at the same steps, so the
+    clock and the interrupt flag are agreed on once per step (`sync`): the maximum over processes.
+    """
+
+    def __init__(self, config: TrainConfig, env: DistEnv, run_dir: Path, model: Andromeda, train_module: nn.Module,
+                 tokenizer: Tokenizer, optimizer: torch.optim.Optimizer, progress: Progress, metrics: MetricsLog,
+                 train_store: TokenStore, eval_store: TokenStore | None, autocast: bool) -> None:
+        self.config, self.env, self.run_dir, self.model, self.tokenizer = config, env, run_dir, model, tokenizer
+        self.net, self.train_module, self.autocast = model.Andromeda, train_module, autocast
         self.params = [p for p in self.net.parameters() if p.requires_grad]
-        self.device = next(self.net.parameters()).device
         self.optimizer, self.progress, self.metrics = optimizer, progress, metrics
         self.train_store, self.eval_store = train_store, eval_store
+        self.show_progress = config.progress and env.is_main
         self.last_eval: dict[str, float | int] | None = None
         self.last_train_loss: float | None = None
         self.grad_norm = float("nan")
         self.saved_step: int | None = None
+        self.now = progress.elapsed_s  # seconds of training loop, as agreed at the last sync
+        self.stop_requested = False
+
+    def sync(self, interrupted: bool) -> None:
+        """Agree on the elapsed time and on whether any process was interrupted."""
+        self.now, flag = all_reduce_max([time.monotonic() - self.start, float(interrupted)], self.env)
+        self.stop_requested = flag > 0
 
     def evaluate(self) -> dict[str, float | int] | None:
         if self.eval_store is None or self.config.eval_batches == 0:
             return None
-        result = evaluate(self.net, self.eval_store.tokens, self.config.seq_len, self.config.batch_size,
-                          self.eval_store.num_bytes, max_windows=self.config.eval_batches * self.config.batch_size,
-                          autocast_dtype=torch.bfloat16 if self.config.bf16 else None)
-        self.metrics.append({"type": "eval", "step": self.progress.step, **result})
-        logger.info("step %d: held-out loss %.4f, %.4f bits/byte", self.progress.step, result["loss"],
-                    result["bits_per_byte"])
+        if not (self.env.is_main or is_sharded(self.net)):
+            return None  # a replica: rank 0's evaluation is the same; FSDP needs every process
+        with gathered(self.net):
+            result = evaluate(self.net, self.eval_store.tokens, self.config.seq_len, self.config.batch_size,
+                              self.eval_store.num_bytes,
+                              max_windows=self.config.eval_batches * self.config.batch_size,
+                              autocast_dtype=torch.bfloat16 if self.config.bf16 else None)
+        if self.env.is_main:
+            self.metrics.append({"type": "eval", "step": self.progress.step, **result})
+            logger.info("step %d: held-out loss %.4f, %.4f bits/byte", self.progress.step, result["loss"],
+                        result["bits_per_byte"])
         self.last_eval = result
         return result
 
     def save(self) -> Path:
-        self.progress.elapsed_s = self.elapsed_s
+        self.progress.elapsed_s = self.now
         path = save_training_checkpoint(self.run_dir, self.net, self.optimizer, self.progress, self.config,
-                                        self.tokenizer)
+                                        self.tokenizer, self.env)
         self.saved_step = self.progress.step
         return path
-
-    @property
-    def elapsed_s(self) -> float:
-        return time.monotonic() - self.start
 
     def done(self) -> bool:
         config, progress = self.config, self.progress
         if config.max_steps is not None and progress.step >= config.max_steps:
             return True
-        return config.time_budget is not None and self.elapsed_s >= config.time_budget
+        return config.time_budget is not None and self.now >= config.time_budget
 
     def loop(self, fresh: bool) -> TrainResult:
         config, progress = self.config, self.progress
@@ -674,12 +763,14 @@ class _Run:
         if fresh:
             self.evaluate()
         self.log_start, self.log_steps = time.monotonic(), 0
-        bar = tqdm(total=config.max_steps, initial=progress.step, unit="step", disable=not config.progress,
+        bar = tqdm(total=config.max_steps, initial=progress.step, unit="step", disable=not self.show_progress,
                    dynamic_ncols=True)
         try:
             with _graceful_interrupt() as interrupted:
+                self.sync(interrupted[0])
                 while not self.done():
                     lr = self.step()
+                    self.sync(interrupted[0])
                     bar.update(1)
                     if progress.step % config.log_every == 0:
                         self.log(lr, bar)
@@ -688,7 +779,7 @@ class _Run:
                         self.evaluate()
                     if progress.step % config.save_every == 0 and not finished:
                         self.save()
-                    if interrupted[0]:
+                    if self.stop_requested:
                         if self.saved_step != progress.step:
                             self.save()
                         raise KeyboardInterrupt(f"interrupted at step {progress.step}; saved a checkpoint "
@@ -698,24 +789,24 @@ class _Run:
         stopped_by = "max_steps" if config.max_steps is not None and progress.step >= config.max_steps else "time_budget"
         final_eval = self.evaluate()
         checkpoint = self.save()
-        plot_losses(self.metrics.read(), self.run_dir / LOSS_PLOT_FILE)
-        logger.info("finished at step %d after %.0fs (%s); checkpoint %s", progress.step, self.elapsed_s,
+        if self.env.is_main:
+            plot_losses(self.metrics.read(), self.run_dir / LOSS_PLOT_FILE)
+        logger.info("finished at step %d after %.0fs (%s); checkpoint %s", progress.step, self.now,
                     stopped_by, checkpoint)
         return TrainResult(step=progress.step, train_loss=self.last_train_loss, eval=final_eval,
-                           checkpoint=checkpoint, elapsed_s=self.elapsed_s, stopped_by=stopped_by,
+                           checkpoint=checkpoint, elapsed_s=self.now, stopped_by=stopped_by,
                            run_dir=self.run_dir)
 
     def step(self) -> float:
         """One update; returns its learning rate."""
-        progress, config = self.progress, self.config
-        batch = get_batch(self.train_store.tokens, progress.step, config, self.device)
+        progress, config, env = self.progress, self.config, self.env
+        batch = get_batch(self.train_store.tokens, progress.step, config, env.device, env.rank, env.world_size)
         if progress.step == config.warmup_steps and progress.warmup_end_s is None:
-            progress.warmup_end_s = self.elapsed_s
-        lr = lr_at(progress.step, config, decay_progress(progress.step, config, self.elapsed_s,
-                                                         progress.warmup_end_s))
+            progress.warmup_end_s = self.now
+        lr = lr_at(progress.step, config, decay_progress(progress.step, config, self.now, progress.warmup_end_s))
         try:
-            loss, self.grad_norm = train_step(self.model, self.params, batch, self.optimizer, lr, config,
-                                              progress.step)
+            loss, self.grad_norm = train_step(self.train_module, self.params, batch, self.optimizer, lr, config,
+                                              progress.step, env, self.autocast)
         except NonFiniteLossError as err:
             last = latest_checkpoint(self.run_dir)
             kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
@@ -733,10 +824,11 @@ class _Run:
         self.last_train_loss = progress.loss_sum / progress.loss_count
         step_s = (now - self.log_start) / max(self.log_steps, 1)
         rate = config.batch_size * config.seq_len / max(step_s, 1e-9)
-        self.metrics.append({"type": "train", "step": progress.step, "loss": self.last_train_loss, "lr": lr,
-                             "grad_norm": self.grad_norm, "tokens_per_s": rate, "elapsed_s": self.elapsed_s})
+        if self.env.is_main:
+            self.metrics.append({"type": "train", "step": progress.step, "loss": self.last_train_loss, "lr": lr,
+                                 "grad_norm": self.grad_norm, "tokens_per_s": rate, "elapsed_s": self.now})
         if config.max_steps is None:  # a time budget: the bar's total (and so its ETA) is an estimate
-            bar.total = progress.step + max(0, int((config.time_budget - self.elapsed_s) / step_s))
+            bar.total = progress.step + max(0, int((config.time_budget - self.now) / step_s))
         bar.set_postfix(loss=f"{self.last_train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}", refresh=False)
         bar.refresh()
         progress.loss_sum, progress.loss_count = 0.0, 0
