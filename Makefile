@@ -27,9 +27,12 @@ test: install-test
 	$(PY) -m pytest
 
 demo: install
-	$(PY) -m andromeda train --preset demo --out runs/demo --time-budget $${DEMO_SECONDS:-540}
-	$(PY) -m andromeda eval --checkpoint runs/demo --heldout --seq-len 256 512 1024
-	$(PY) -m andromeda generate --checkpoint runs/demo --prompt "ROMEO:" --max-new-tokens 300 --temperature 0.8 --top-k 40 --seed 0
+	rm -rf runs/demo
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m andromeda train --preset demo --out runs/demo --time-budget $${DEMO_SECONDS:-480} \
+		--batch-size 16 --seq-len 128 --lr 3e-3 --warmup-steps 50 --qk-scale-lr-mult 30 --bf16 --eval-every 250
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m andromeda eval --checkpoint runs/demo --seq-len 256 1024 --batch-size 16 --bf16
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m andromeda generate --checkpoint runs/demo --prompt "ROMEO:" --max-new-tokens 300 \
+		--temperature 0.8 --top-k 40 --seed 0
 
 clean:
 	rm -rf $(VENV) runs
