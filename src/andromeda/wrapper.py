@@ -74,6 +74,11 @@ def linear_cross_entropy(
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if not torch.is_grad_enabled():
+        # No backward can follow (evaluation under torch.no_grad()), but Function.forward sees
+        # needs_input_grad True for any parameter regardless of grad mode: detach, so it skips
+        # the two gradient products and the (V, C) fp32 gradient buffer.
+        hidden, weight = hidden.detach(), weight.detach()
     return _LinearCrossEntropy.apply(hidden, weight, targets, reduction, chunk)
 
 
@@ -84,25 +89,33 @@ class _LinearCrossEntropy(torch.autograd.Function):
         valid = targets != IGNORE_INDEX
         count = valid.sum().clamp(min=1)
         acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 at least, fp64 stays
+        # Under autocast, cast the operands once, not per chunk and per product: autocast would
+        # recast the (n, V) gradient for each of its two products.
+        device = hidden.device.type
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         total = torch.zeros((), dtype=acc, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=acc) if want_weight else None
-        w = weight.to(hidden.dtype) if torch.is_autocast_enabled(hidden.device.type) else weight
-        for start in range(0, hidden.shape[0], chunk):
-            h, t, ok = hidden[start : start + chunk], targets[start : start + chunk], valid[start : start + chunk]
-            logits = (h @ w.T).to(acc)  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            safe_t = t.clamp(min=0)
-            picked = logits.gather(1, safe_t[:, None]).squeeze(1)
-            total += ((lse - picked) * ok).sum()
-            if want_hidden or want_weight:
-                grad = (logits - lse[:, None]).exp_()  # softmax, in place over the logits
-                grad[torch.arange(len(t), device=t.device), safe_t] -= 1
-                grad = (grad * ok[:, None]).to(h.dtype)  # (n, V) d loss_sum / d logits
-                if want_hidden:
-                    grad_hidden[start : start + chunk] = grad @ w.to(h.dtype)
-                if want_weight:
-                    grad_weight += (grad.T @ h).to(acc)
+        with torch.autocast(device, enabled=False):
+            hidden_c, w = hidden.to(compute), weight.to(compute)
+            for start in range(0, hidden.shape[0], chunk):
+                h, t, ok = hidden_c[start : start + chunk], targets[start : start + chunk], valid[start : start + chunk]
+                logits = (h @ w.T).to(acc)  # (n, V)
+                lse = torch.logsumexp(logits, dim=-1)  # (n,)
+                safe_t = t.clamp(min=0)
+                picked = logits.gather(1, safe_t[:, None]).squeeze(1)
+                total += ((lse - picked) * ok).sum()
+                if want_hidden or want_weight:
+                    grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place over the logits
+                    grad[torch.arange(len(t), device=t.device), safe_t] -= 1
+                    grad = grad.mul_(ok[:, None]).to(compute)  # (n, V) d loss_sum / d logits
+                    if want_hidden:
+                        grad_hidden[start : start + chunk] = grad @ w
+                    if want_weight:
+                        if compute == acc:
+                            grad_weight.addmm_(grad.T, h)
+                        else:
+                            grad_weight += grad.T @ h
         divisor = count if reduction == "mean" else torch.ones_like(count)
         ctx.save_for_backward(grad_hidden, grad_weight, divisor)
         ctx.weight_dtype = weight.dtype
