@@ -32,16 +32,6 @@ from andromeda.checkpoint import (
 from andromeda.tokenizers import ByteTokenizer, train_bpe
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from more threads, and on a busy machine OpenMP threads waiting
-    for each other make every step many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _tiny(seed: int = 0) -> Andromeda:
     torch.manual_seed(seed)
     return Andromeda.from_config("tiny", max_seq_len=64)

@@ -15,16 +15,6 @@ from andromeda.tokenizers import ByteTokenizer, train_bpe
 TEXT = "Out, out, brief candle! Life's but a walking shadow, a poor player. — ¿Qué? " * 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from more threads, and on a busy machine OpenMP threads waiting
-    for each other make every step many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def model():
     torch.manual_seed(0)

@@ -37,16 +37,6 @@ FEATURES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: extra threads only add synchronisation, and on a loaded machine
-    their spinning slows the tests several times over."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_net(seed: int = 0, **overrides):
     """A tiny Transformer with weights scaled up from the 0.02-std init, whose nearly flat logits
     would make greedy comparisons weak: here greedy choices depend on the context."""

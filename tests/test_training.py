@@ -33,16 +33,6 @@ from andromeda.training import (
 TEXT = "the quick brown fox jumps over the lazy dog. " * 200
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from more threads, and on a busy machine OpenMP threads waiting
-    for each other make every step many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def corpus(tmp_path):
     path = tmp_path / "corpus.txt"
