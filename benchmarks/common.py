@@ -310,7 +310,8 @@ def environment() -> str:
     except ModuleNotFoundError:
         peer = "not installed"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_name()
-    return (f"{device}; {torch.get_num_threads()} threads; torch {torch.__version__}; "
+    threads = torch.get_num_threads()
+    return (f"{device}; {threads} thread{'s' if threads != 1 else ''}; torch {torch.__version__}; "
             f"x-transformers {peer}; Python {platform.python_version()}")
 
 

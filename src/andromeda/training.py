@@ -785,6 +785,9 @@ class _Run:
                         raise KeyboardInterrupt(f"interrupted at step {progress.step}; saved a checkpoint "
                                                 f"in {self.run_dir} (continue with --resume)")
         finally:
+            if config.max_steps is None:  # the estimated total becomes the steps actually taken
+                bar.total = bar.n
+                bar.refresh()
             bar.close()
         stopped_by = "max_steps" if config.max_steps is not None and progress.step >= config.max_steps else "time_budget"
         final_eval = self.evaluate()
@@ -828,7 +831,7 @@ class _Run:
             self.metrics.append({"type": "train", "step": progress.step, "loss": self.last_train_loss, "lr": lr,
                                  "grad_norm": self.grad_norm, "tokens_per_s": rate, "elapsed_s": self.now})
         if config.max_steps is None:  # a time budget: the bar's total (and so its ETA) is an estimate
-            bar.total = progress.step + max(0, int((config.time_budget - self.now) / step_s))
+            bar.total = progress.step + max(1, int((config.time_budget - self.now) / step_s))
         bar.set_postfix(loss=f"{self.last_train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}", refresh=False)
         bar.refresh()
         progress.loss_sum, progress.loss_count = 0.0, 0
