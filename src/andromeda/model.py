@@ -142,9 +142,12 @@ class Transformer(nn.Module):
                                  self.config.xpos_scale_base, center)
         slopes = None
         if self._slopes is not None:
-            if device not in self._slopes_on:
-                self._slopes_on[device] = torch.tensor(self._slopes, device=device)
-            slopes = self._slopes_on[device]
+            if torch.compiler.is_compiling():  # a dict filled in forward would force a recompile
+                slopes = torch.tensor(self._slopes, device=device)
+            else:
+                if device not in self._slopes_on:
+                    self._slopes_on[device] = torch.tensor(self._slopes, device=device)
+                slopes = self._slopes_on[device]
         key_mask = None
         if cache is not None and cache.key_mask is not None:
             key_mask = cache.key_mask[:, : start + T]
