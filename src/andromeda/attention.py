@@ -208,8 +208,12 @@ def _reference_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: f
     return out.reshape(B, H, T, D)
 
 
-def alibi_channels(dim_head: int) -> int:
-    """Channels appended to each head by `_alibi_as_channels`: 2 used, padded to a multiple of 8."""
+def alibi_channels(dim_head: int, device_type: str) -> int:
+    """Channels appended to each head by `_alibi_as_channels`: the 2 it uses, zero-padded on
+    CUDA to a multiple of 8, the head sizes its fused kernels take. CPU kernels take any size,
+    and each extra channel costs ~2% of the attention time there."""
+    if device_type == "cpu":
+        return 2
     return 8 - dim_head % 8 if dim_head % 8 else 8
 
 
@@ -220,14 +224,14 @@ def _alibi_as_channels(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs,
     for any c. That is a dot product: append slope to each query and (j - c) to each key. The
     integer j - c is split into a multiple of 256 and a remainder below 256 so both are exact in
     bf16 too; c is the middle position to keep the products small. Heads without ALiBi have slope
-    0. The extra channels are zero-padded to a multiple of 8 (and padded onto v, then dropped), so
-    q, k and v keep one head size, which the fused kernels need.
+    0. The extra channels are also padded onto v (then dropped), so q, k and v keep one head
+    size, which the fused kernels need; on CUDA they are padded to a multiple of 8.
     """
     B, H, T, D = q.shape
     K = k.shape[1]
     rel = (inputs.k_pos - T // 2).to(torch.float32)  # (S,)
     high = torch.round(rel / 256) * 256
-    extra = alibi_channels(D)
+    extra = alibi_channels(D, q.device.type)
     k_extra = torch.zeros(T, extra, dtype=torch.float32, device=q.device)
     k_extra[:, 0], k_extra[:, 1] = high, rel - high
     q_extra = torch.zeros(H, extra, dtype=torch.float32, device=q.device)

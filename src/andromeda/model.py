@@ -12,24 +12,29 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import Attention, AttentionInputs, KVCache, query_head_order
 from .config import Config
+from .fused import Workspace, feed_forward
 from .positions import alibi_slopes, xpos_tables
 
 
 class FeedForward(nn.Module):
-    """Linear -> GELU -> Linear, four times wider inside (Vaswani et al. 2017)."""
+    """Linear -> GELU -> Linear, four times wider inside (Vaswani et al. 2017).
+
+    Computed by `fused.feed_forward`: in training it keeps one (B, T, 4C) tensor for backward
+    instead of two, with its scratch space in a `Workspace` all blocks of one forward share.
+    """
 
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.proj_in = nn.Linear(config.dim, config.ff_dim)
         self.proj_out = nn.Linear(config.ff_dim, config.dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj_out(F.gelu(self.proj_in(x)))
+    def forward(self, x: Tensor, workspace: Workspace) -> Tensor:
+        return feed_forward(x, self.proj_in.weight, self.proj_in.bias, self.proj_out.weight,
+                            self.proj_out.bias, workspace)
 
 
 class Block(nn.Module):
@@ -42,9 +47,9 @@ class Block(nn.Module):
         self.ff_norm = nn.LayerNorm(config.dim, eps=config.norm_eps, bias=False)
         self.ff = FeedForward(config)
 
-    def forward(self, x: Tensor, inputs: AttentionInputs) -> Tensor:
+    def forward(self, x: Tensor, inputs: AttentionInputs, workspace: Workspace) -> Tensor:
         x = x + self.attn(self.attn_norm(x), inputs)
-        return x + self.ff(self.ff_norm(x))
+        return x + self.ff(self.ff_norm(x), workspace)
 
 
 class Transformer(nn.Module):
@@ -122,8 +127,9 @@ class Transformer(nn.Module):
         inputs = self._attention_inputs(tokens, cache)
         if self.pos_emb is not None:
             x = x + self._abs_positions(inputs, cache) * self.config.dim**-0.5
+        workspace = Workspace()  # the blocks' shared scratch, freed with this forward's graph
         for block in self.blocks:
-            x = block(x, inputs)
+            x = block(x, inputs, workspace)
         if cache is not None:
             cache.length += tokens.shape[1]
         x = self.final_norm(x)

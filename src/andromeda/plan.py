@@ -176,9 +176,11 @@ def plan(
     )
 
 
-def block_activation_bytes(config: Config, batch: int, seq_len: int, width: int) -> int:
+def block_activation_bytes(
+    config: Config, batch: int, seq_len: int, width: int, device_type: str = "cuda"
+) -> int:
     """Bytes one Block saves for backward on `batch` sequences of `seq_len` tokens, activations
-    `width` bytes per element. Each term names the tensor and the op that keeps it alive
+    `width` bytes per element, on a `device_type` device. Each term names the tensor and the op that keeps it alive
     (model.Block, attention.Attention); a view shares its base's storage and is not counted again.
 
     Shape letters: C width, H query heads, K key/value heads, D head size, F feed-forward width.
@@ -196,10 +198,10 @@ def block_activation_bytes(config: Config, batch: int, seq_len: int, width: int)
             elements += (H + K) * D  # the normalized q, k, kept by the multiply with the scales
     probabilities = 0
     if alibi_as_channels:
-        # The ALiBi channels, padded to a multiple of 8, are appended to q, k and v; the kernel
+        # The ALiBi channels (padded on CUDA) are appended to q, k and v; the kernel
         # keeps those copies, its padded output and a logsumexp per head. Slicing the padding off
         # the output leaves heads that no view can merge, so to_out's input is one more copy.
-        padded = D + alibi_channels(D)
+        padded = D + alibi_channels(D, device_type)
         elements += (H + 2 * K) * padded + H * padded + H * D
         stats += H
     elif config.attn_flash:
@@ -213,7 +215,7 @@ def block_activation_bytes(config: Config, batch: int, seq_len: int, width: int)
         # and to_out's input, copied out of the (B, H, T, D) product.
         elements += (H + K) * D * transformed + H * D
         probabilities = H * seq_len * (4 + width)
-    elements += 2 * C + 2 * F  # ff_norm's and proj_in's inputs; GELU's input; proj_out's input
+    elements += 2 * C + F  # ff_norm's and proj_in's inputs; GELU's input (fused.feed_forward)
     per_token = elements * width + stats * STAT_BYTES + probabilities
     # Each rotary call scales cos and sin by xPos, for queries and for keys: 4 tables (T, R/2), fp32.
     rotary = 4 * seq_len * (config.rotary_dim // 2) * 4 if config.rotary_xpos else 0

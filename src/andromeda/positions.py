@@ -69,11 +69,14 @@ def xpos_tables(
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate the first R channels of x (..., T, D) in adjacent pairs (GPT-J layout).
 
+    Each pair (even, odd) is the complex number even + i*odd multiplied by cos + i*sin: one
+    complex product forward and one backward, in place of a dozen real ops and their copies.
     Computed in fp32 and cast back, so bf16 activations keep an exact rotation.
     """
     rotary_dim = 2 * cos.shape[-1]
-    rot, rest = x[..., :rotary_dim].float(), x[..., rotary_dim:]
-    pairs = rot.unflatten(-1, (-1, 2))  # (..., T, R/2, 2)
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
-    return torch.cat((rotated.flatten(-2).to(x.dtype), rest), dim=-1)
+    rot = x[..., :rotary_dim].float()
+    if rot.storage_offset() % 2 or any(stride % 2 for stride in rot.stride()[:-1]):
+        rot = rot.contiguous()  # a complex view needs even strides; odd head sizes give odd ones
+    pairs = torch.view_as_complex(rot.unflatten(-1, (-1, 2)))  # (..., T, R/2)
+    rotated = torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2)  # (..., T, R)
+    return torch.cat((rotated.to(x.dtype), x[..., rotary_dim:]), dim=-1)

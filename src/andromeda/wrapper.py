@@ -87,7 +87,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, reduction: str, chunk: int) -> Tensor:
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         valid = targets != IGNORE_INDEX
-        count = valid.sum().clamp(min=1)
+        divisor = valid.sum().clamp(min=1) if reduction == "mean" else valid.new_ones((), dtype=torch.long)
         acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 at least, fp64 stays
         # Under autocast, cast the operands once, not per chunk and per product: autocast would
         # recast the (n, V) gradient for each of its two products.
@@ -95,36 +95,61 @@ class _LinearCrossEntropy(torch.autograd.Function):
         compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         total = torch.zeros((), dtype=acc, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=acc) if want_weight else None
+        grad_weight = torch.empty_like(weight, dtype=acc) if want_weight else None
+        # One (chunk, V) buffer holds each chunk's logits, then its softmax, then its gradient:
+        # every step is in place, so no (n, V) tensor is allocated (and page-faulted) per chunk.
+        buffer = hidden.new_empty((min(chunk, hidden.shape[0]), weight.shape[0]), dtype=acc)
         with torch.autocast(device, enabled=False):
             hidden_c, w = hidden.to(compute), weight.to(compute)
             for start in range(0, hidden.shape[0], chunk):
-                h, t, ok = hidden_c[start : start + chunk], targets[start : start + chunk], valid[start : start + chunk]
-                logits = (h @ w.T).to(acc)  # (n, V)
-                lse = torch.logsumexp(logits, dim=-1)  # (n,)
+                rows = slice(start, start + chunk)
+                h, t, ok = hidden_c[rows], targets[rows], valid[rows]
+                logits = buffer[: len(t)]  # (n, V)
+                _matmul_into(logits, h, w.T)
                 safe_t = t.clamp(min=0)
-                picked = logits.gather(1, safe_t[:, None]).squeeze(1)
-                total += ((lse - picked) * ok).sum()
+                picked = logits.gather(1, safe_t[:, None])  # (n, 1)
+                peak = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+                exp = logits.sub_(peak).exp_()  # exp(logits - peak), in place
+                sums = exp.sum(dim=-1, keepdim=True)  # (n, 1)
+                total += ((peak + sums.log() - picked).squeeze(1) * ok).sum()
                 if want_hidden or want_weight:
-                    grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place over the logits
-                    grad[torch.arange(len(t), device=t.device), safe_t] -= 1
-                    grad = grad.mul_(ok[:, None]).to(compute)  # (n, V) d loss_sum / d logits
+                    # d (total / divisor) / d logits = (softmax - onehot) * ok / divisor
+                    row_weight = ok[:, None].to(acc) / divisor  # (n, 1)
+                    grad = exp.mul_(row_weight / sums)
+                    grad.scatter_add_(1, safe_t[:, None], -row_weight)
+                    grad = grad.to(compute)
                     if want_hidden:
-                        grad_hidden[start : start + chunk] = grad @ w
+                        _matmul_into(grad_hidden[rows], grad, w)  # (n, C)
                     if want_weight:
-                        if compute == acc:
-                            grad_weight.addmm_(grad.T, h)
-                        else:
-                            grad_weight += grad.T @ h
-        divisor = count if reduction == "mean" else torch.ones_like(count)
-        ctx.save_for_backward(grad_hidden, grad_weight, divisor)
+                        _matmul_into(grad_weight, grad.T, h, accumulate=start > 0)  # (V, C)
+        # Plain attributes, not save_for_backward: backward scales them in place and hands them
+        # over, so autograd can adopt them as .grad without another (V, C) copy.
+        ctx.grads = (grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total / divisor
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        grad_hidden, grad_weight, divisor = ctx.saved_tensors
-        scale = grad_out / divisor
-        gh = (grad_hidden * scale).to(grad_hidden.dtype) if grad_hidden is not None else None
-        gw = (grad_weight * scale).to(ctx.weight_dtype) if grad_weight is not None else None
+        if ctx.grads is None:
+            raise RuntimeError(
+                "linear_cross_entropy's backward ran twice on one graph; it hands its gradient "
+                "buffers over on the first run, so retain_graph=True re-use is not supported"
+            )
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
+        gh = grad_hidden.mul_(grad_out) if grad_hidden is not None else None
+        gw = grad_weight.mul_(grad_out).to(ctx.weight_dtype) if grad_weight is not None else None
         return gh, gw, None, None, None
+
+
+def _matmul_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool = False) -> None:
+    """out = a @ b (or out += a @ b), with no temporary when the dtypes already agree."""
+    if a.dtype != out.dtype:
+        if accumulate:
+            out.add_(a @ b)
+        else:
+            out.copy_(a @ b)
+    elif accumulate:
+        out.addmm_(a, b)
+    else:
+        torch.mm(a, b, out=out)
