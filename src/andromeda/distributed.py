@@ -258,8 +258,12 @@ def parallelize(
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         return DistributedDataParallel(model.decoder, device_ids=device_ids)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # Blocks get the residual stream in param_dtype from the embedding already; casting their
+    # inputs would also round the fp32 xPos tables and ALiBi slopes in AttentionInputs.
+    block_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32,
+                                        cast_forward_inputs=False)
     for block in net.blocks:
-        fully_shard(block, mp_policy=policy)
+        fully_shard(block, mp_policy=block_policy)
     # The root stays gathered after its forward: the loss reads to_logits.weight afterwards.
     fully_shard(net, mp_policy=policy, reshard_after_forward=False)
     return model
