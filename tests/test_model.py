@@ -192,6 +192,17 @@ def test_fused_loss_gradients_equal_the_plain_loss():
             torch.testing.assert_close(a, b)
 
 
+def test_fused_loss_backward_runs_once_and_says_so_when_asked_twice():
+    hidden = torch.randn(6, 8, requires_grad=True)
+    weight = torch.randn(11, 8, requires_grad=True)
+    loss = linear_cross_entropy(hidden, weight, torch.randint(0, 11, (6,)))
+    loss.backward(retain_graph=True)
+    first = hidden.grad.clone()
+    with pytest.raises(RuntimeError, match="backward ran twice on one graph"):
+        loss.backward()
+    assert torch.equal(hidden.grad, first)  # the failed second pass added nothing
+
+
 def test_memorises_a_sequence():
     torch.manual_seed(1)
     model = Andromeda.from_config(TINY)

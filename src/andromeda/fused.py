@@ -12,6 +12,8 @@ forward pass shares, so a training step doesn't allocate (and, on CPU, page-faul
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -30,10 +32,7 @@ class Workspace:
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         """A contiguous tensor of `shape`, uninitialised."""
-        key = (name, torch.device(device), dtype)
-        size = 1
-        for n in shape:
-            size *= n
+        key, size = (name, torch.device(device), dtype), math.prod(shape)
         buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < size:
             self._buffers.pop(key, None)  # free the old one before the larger one is made

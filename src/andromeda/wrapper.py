@@ -71,6 +71,7 @@ def linear_cross_entropy(
     logits exist (the loss is the end of the graph, so d loss / d logits = softmax - onehot is
     known in the forward pass), so training keeps one chunk of logits alive and does no extra
     matrix products — the fused linear-cross-entropy idea of Liger-Kernel and Apple's CCE.
+    Its backward hands those gradients over, so it runs once per graph (no retain_graph reuse).
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
