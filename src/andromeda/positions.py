@@ -78,5 +78,6 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     if rot.storage_offset() % 2 or any(stride % 2 for stride in rot.stride()[:-1]):
         rot = rot.contiguous()  # a complex view needs even strides; odd head sizes give odd ones
     pairs = torch.view_as_complex(rot.unflatten(-1, (-1, 2)))  # (..., T, R/2)
-    rotated = torch.view_as_real(pairs * torch.complex(cos.float(), sin.float())).flatten(-2)  # (..., T, R)
+    table = torch.complex(cos.float(), sin.float())  # (T, R/2)
+    rotated = torch.view_as_real(pairs * table).flatten(-2)  # (..., T, R)
     return torch.cat((rotated.to(x.dtype), x[..., rotary_dim:]), dim=-1)
