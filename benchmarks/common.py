@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from andromeda import Andromeda, Config
+from andromeda.interop import build_x_transformers
 
 log = logging.getLogger(__name__)
 
@@ -266,18 +267,7 @@ def x_transformers_model(config: Config) -> nn.Module:
     """x-transformers' `TransformerWrapper(Decoder(...))` with `config`'s hyperparameters, in its
     own default initialisation: the model the seed's original `Andromeda` class built."""
     peer_version()
-    import x_transformers
-
-    layers = dict(dim=config.dim, depth=config.depth, heads=config.heads,
-                  attn_dim_head=config.dim_head, alibi_pos_bias=config.alibi_pos_bias,
-                  rotary_xpos=config.rotary_xpos, attn_flash=config.attn_flash,
-                  attn_kv_heads=config.attn_kv_heads, attn_qk_norm=config.use_qk_norm,
-                  attn_qk_norm_dim_scale=config.attn_qk_norm_dim_scale)
-    if config.alibi_pos_bias:
-        layers["alibi_num_heads"] = config.alibi_num_heads
-    return x_transformers.TransformerWrapper(
-        num_tokens=config.num_tokens, max_seq_len=config.max_seq_len,
-        use_abs_pos_emb=config.use_abs_pos_emb, attn_layers=x_transformers.Decoder(**layers))
+    return build_x_transformers(config)
 
 
 def x_transformers_loss_model(net: nn.Module) -> nn.Module:

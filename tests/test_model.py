@@ -1,6 +1,7 @@
 """The model's semantics: parity with x-transformers, equal code paths, causality, bad input."""
 
 import logging
+import sys
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 
 from andromeda import Andromeda, Config
 from andromeda import attention as attention_module
-from andromeda.interop import from_x_transformers
+from andromeda.interop import build_x_transformers, from_x_transformers
 from andromeda.positions import alibi_slopes
 from andromeda.wrapper import linear_cross_entropy
 
@@ -36,17 +37,8 @@ FEATURE_MIXES = {
 
 
 def x_transformers_model(config: Config):
-    """The same hyperparameters in x-transformers' spelling."""
-    layers = dict(dim=config.dim, depth=config.depth, heads=config.heads,
-                  attn_dim_head=config.dim_head, alibi_pos_bias=config.alibi_pos_bias,
-                  rotary_xpos=config.rotary_xpos, attn_flash=config.attn_flash,
-                  attn_kv_heads=config.attn_kv_heads, attn_qk_norm=config.use_qk_norm,
-                  attn_qk_norm_dim_scale=config.attn_qk_norm_dim_scale)
-    if config.alibi_pos_bias:
-        layers["alibi_num_heads"] = config.alibi_num_heads
-    model = x_transformers.TransformerWrapper(
-        num_tokens=config.num_tokens, max_seq_len=config.max_seq_len,
-        use_abs_pos_emb=config.use_abs_pos_emb, attn_layers=x_transformers.Decoder(**layers))
+    """The same hyperparameters in x-transformers' spelling, weights moved off their init."""
+    model = build_x_transformers(config)
     with torch.no_grad():  # move every weight off its init so no term hides behind ones/zeros
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.2)
@@ -260,3 +252,9 @@ def test_load_rejects_a_different_rotary_setting():
     model = Andromeda.from_config(TINY)
     with pytest.raises(ValueError, match="rotary"):
         model.load_x_transformers(x_transformers_model(TINY.replace(rotary_xpos=False)).state_dict())
+
+
+def test_building_the_x_transformers_peer_without_it_installed_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "x_transformers", None)  # import now raises ImportError
+    with pytest.raises(ImportError, match=r"needs x-transformers: pip install -e '\.\[test\]'"):
+        build_x_transformers(TINY)

@@ -13,7 +13,7 @@ import logging
 from typing import Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .attention import query_head_order
 from .config import Config
@@ -88,3 +88,24 @@ def from_x_transformers(
         raise ValueError(f"x-transformers state dict has entries this config has no place for: "
                          f"{left[:5]}{' ...' if len(left) > 5 else ''}")
     return {k: v.detach().clone() for k, v in out.items()}
+
+
+def build_x_transformers(config: Config) -> nn.Module:
+    """x-transformers' `TransformerWrapper(Decoder(...))` with `config`'s hyperparameters in its
+    spelling and its own initialisation: the model `from_x_transformers` converts from. Needs
+    x-transformers (the test extra), which Andromeda itself never imports.
+    """
+    try:
+        import x_transformers
+    except ImportError as err:
+        raise ImportError("build_x_transformers needs x-transformers: pip install -e '.[test]'") from err
+    layers = dict(dim=config.dim, depth=config.depth, heads=config.heads,
+                  attn_dim_head=config.dim_head, alibi_pos_bias=config.alibi_pos_bias,
+                  rotary_xpos=config.rotary_xpos, attn_flash=config.attn_flash,
+                  attn_kv_heads=config.attn_kv_heads, attn_qk_norm=config.use_qk_norm,
+                  attn_qk_norm_dim_scale=config.attn_qk_norm_dim_scale)
+    if config.alibi_pos_bias:
+        layers["alibi_num_heads"] = config.alibi_num_heads
+    return x_transformers.TransformerWrapper(
+        num_tokens=config.num_tokens, max_seq_len=config.max_seq_len,
+        use_abs_pos_emb=config.use_abs_pos_emb, attn_layers=x_transformers.Decoder(**layers))
