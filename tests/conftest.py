@@ -1,5 +1,9 @@
+"""Fixtures shared by the test modules (plain helpers live in helpers.py)."""
+
 import pytest
 import torch
+
+from helpers import CORPUS_TEXT
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -10,3 +14,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A small, repetitive training text a tiny model learns within a few dozen steps."""
+    path = tmp_path / "corpus.txt"
+    path.write_text(CORPUS_TEXT)
+    return path

@@ -5,26 +5,15 @@ import json
 import pytest
 import torch
 
-from andromeda import AutoRegressiveWrapper, cli
-from andromeda.checkpoint import load_checkpoint_tokenizer, load_pretrained
+from andromeda import Transformer, cli
+from andromeda.checkpoint import load_checkpoint_tokenizer, load_transformer
 from andromeda.data import TokenStore
 from andromeda.evaluation import evaluate
-
-TEXT = "To be, or not to be, that is the question. " * 150
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(TEXT)
-    return path
+from helpers import train_cli_args
 
 
 def _train_args(tmp_path, corpus, *extra):
-    return ["train", "--preset", "tiny", "--override", "max_seq_len=64", "--data", str(corpus),
-            "--eval-data", str(corpus), "--out", str(tmp_path / "run"), "--max-steps", "30", "--batch-size", "8",
-            "--seq-len", "32", "--warmup-steps", "3", "--lr", "3e-3", "--eval-every", "15", "--eval-batches", "1",
-            "--save-every", "15", "--device", "cpu", "--no-progress", "--cache-dir", str(tmp_path / "cache"), *extra]
+    return train_cli_args(tmp_path / "run", corpus, tmp_path / "cache", *extra)
 
 
 def test_train_eval_generate_end_to_end(tmp_path, corpus, capsys):
@@ -43,7 +32,7 @@ def test_train_eval_generate_end_to_end(tmp_path, corpus, capsys):
     report = json.loads(capsys.readouterr().out)
     assert set(report["results"]) == {"32", "64"}
     assert report["seq_len"] == 32 and report["loss"] == report["results"]["32"]["loss"]
-    model, tokenizer = load_pretrained(run), load_checkpoint_tokenizer(run)
+    model, tokenizer = load_transformer(run), load_checkpoint_tokenizer(run)
     store = TokenStore([corpus], tokenizer, cache_dir=tmp_path / "cache")
     direct = evaluate(model, store.tokens, 64, 4, store.num_bytes)
     assert report["results"]["64"]["bits_per_byte"] == pytest.approx(direct["bits_per_byte"], rel=1e-9)
@@ -78,7 +67,7 @@ def test_bpe_run_needs_only_the_checkpoint_afterwards(tmp_path, corpus, capsys):
                        "--eval-batches", "0")
     assert cli.main(args) == 0
     assert (tmp_path / "run" / "checkpoints" / "step_000002" / "tokenizer.json").is_file()
-    assert load_pretrained(tmp_path / "run").config.num_tokens == 320
+    assert load_transformer(tmp_path / "run").config.num_tokens == 320
     capsys.readouterr()
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(corpus), "--json",
                      "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]) == 0
@@ -86,9 +75,9 @@ def test_bpe_run_needs_only_the_checkpoint_afterwards(tmp_path, corpus, capsys):
 
 
 def test_non_finite_loss_exits_non_zero_with_the_message(tmp_path, corpus, capsys, monkeypatch):
-    real_forward = AutoRegressiveWrapper.forward
-    monkeypatch.setattr(AutoRegressiveWrapper, "forward",
-                        lambda self, tokens, **kw: real_forward(self, tokens, **kw) * torch.tensor(float("inf")))
+    real_forward = Transformer.forward
+    monkeypatch.setattr(Transformer, "forward",
+                        lambda self, *args, **kw: real_forward(self, *args, **kw) * torch.tensor(float("inf")))
     assert cli.main(_train_args(tmp_path, corpus, "--max-steps", "3")) == 1
     err = capsys.readouterr().err
     assert "andromeda train: error: non-finite training loss (inf) at step 1" in err

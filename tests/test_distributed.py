@@ -25,20 +25,17 @@ from andromeda import Andromeda, Config, cli
 from andromeda.checkpoint import (
     OPTIMIZER_DIR,
     latest_checkpoint,
-    load_pretrained,
     load_train_config,
-    load_trainer_state,
+    load_transformer,
     step_checkpoints,
 )
-from andromeda.distributed import (
-    DistEnv,
-    apply_activation_checkpointing,
-    check_parallel_setup,
-    distributed,
-    load_optimizer,
-    save_optimizer,
-)
-from andromeda.training import TrainConfig, build_optimizer
+from andromeda.parallel.dcp import load_optimizer, save_optimizer
+from andromeda.parallel.environment import DistEnv, distributed
+from andromeda.parallel.parallelize import apply_activation_checkpointing, check_parallel_setup
+from andromeda.train import TrainConfig
+from andromeda.train.optim import build_optimizer
+from andromeda.train.state import read_trainer_state
+from helpers import free_port as _free_port
 
 WORLD_SIZE = 2
 DEADLINE_S = 120
@@ -46,20 +43,14 @@ CONFIG = Config.from_preset("tiny", max_seq_len=64)
 BATCH, SEQ, ACCUM = 8, 32, 2
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _global_batch() -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
     return torch.randint(0, CONFIG.num_tokens, (BATCH, SEQ + 1), generator=generator)
 
 
-def _make_model() -> Andromeda:
+def _make_net():
     torch.manual_seed(0)
-    return Andromeda.from_config(CONFIG)
+    return Andromeda.from_config(CONFIG).Andromeda
 
 
 def _parallel_worker(rank: int, port: int, out: str) -> None:
@@ -69,7 +60,8 @@ def _parallel_worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     from torch.distributed.tensor import DTensor
 
-    from andromeda.distributed import all_reduce_mean, build_parallel_model, clip_grad_norm, distributed, gradient_sync
+    from andromeda.parallel.environment import all_reduce_mean, distributed
+    from andromeda.parallel.parallelize import build_parallel_model, clip_grad_norm, gradient_sync
 
     results = {}
     with distributed(torch.device("cpu"), timeout_s=60) as env:
@@ -78,14 +70,12 @@ def _parallel_worker(rank: int, port: int, out: str) -> None:
         setups = {"ddp": dict(mode="ddp"), "fsdp": dict(mode="fsdp", activation_checkpointing=True),
                   "fsdp_bf16": dict(mode="fsdp", param_dtype=torch.bfloat16)}
         for name, setup in setups.items():
-            model, train_module = build_parallel_model(_make_model, CONFIG, env=env, **setup)
-            net = model.Andromeda
-            total, root_weight_plain = torch.zeros(()), []
+            net, train_module = build_parallel_model(_make_net, CONFIG, env=env, **setup)
+            total = torch.zeros(())
             micro_batches = block.chunk(ACCUM)  # (B / W / A, T + 1) each
             for index, micro in enumerate(micro_batches):
                 with gradient_sync(train_module, enabled=index == len(micro_batches) - 1):
-                    loss = train_module(micro)
-                    root_weight_plain.append(not isinstance(net.to_logits.weight, DTensor))
+                    loss = train_module(micro[:, :-1], targets=micro[:, 1:])
                     (loss / ACCUM).backward()
                 total += loss.detach().float()
             params = list(net.parameters())
@@ -93,7 +83,6 @@ def _parallel_worker(rank: int, port: int, out: str) -> None:
             grads = {n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad.clone()
                      for n, p in net.named_parameters()}
             results[name] = dict(loss=float(all_reduce_mean(total / ACCUM, env)), grads=grads, norm=norm,
-                                 root_weight_plain=root_weight_plain,
                                  grad_dtypes={p.grad.dtype for p in params},
                                  sharded_after_backward=isinstance(net.to_logits.weight, DTensor))
     if rank == 0:
@@ -180,10 +169,11 @@ def parallel_results(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference():
     """One process, the whole global batch at once: the mean over all its target tokens."""
-    model = _make_model()
-    loss = model(_global_batch())
+    net = _make_net()
+    batch = _global_batch()
+    loss = net(batch[:, :-1], targets=batch[:, 1:])
     loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.Andromeda.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
     return float(loss.detach()), grads
 
 
@@ -198,12 +188,10 @@ def test_parallel_loss_and_gradients_equal_single_process(parallel_results, refe
     assert result["norm"] == pytest.approx(float(expected_norm), rel=1e-5)
 
 
-def test_fsdp_root_weights_are_gathered_for_the_loss_and_sharded_after_backward(parallel_results):
-    # The loss multiplies by to_logits.weight after the root forward: it must be the plain,
-    # whole tensor then (reshard_after_forward=False), and a shard again once backward is done.
-    result = parallel_results["fsdp"]
-    assert result["root_weight_plain"] == [True] * ACCUM
-    assert result["sharded_after_backward"]
+def test_fsdp_weights_are_shards_again_after_backward(parallel_results):
+    # The loss is computed inside the Transformer's forward, so FSDP needs no special handling of
+    # the output projection: after backward every weight is a shard again.
+    assert parallel_results["fsdp"]["sharded_after_backward"]
 
 
 def test_fsdp_bf16_parameters_reduce_gradients_in_fp32(parallel_results, reference):
@@ -277,7 +265,7 @@ def _assert_same_curve(run: Path, reference: Path, kind: str = "train", after: i
 
 
 def _assert_same_weights(run: Path, reference: Path) -> None:
-    got, expected = load_pretrained(run).state_dict(), load_pretrained(reference).state_dict()
+    got, expected = load_transformer(run).state_dict(), load_transformer(reference).state_dict()
     assert got.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
@@ -368,9 +356,9 @@ def test_killing_one_rank_fails_the_job_and_keeps_the_last_checkpoint_loadable(w
     step = int(checkpoint.name.removeprefix("step_"))
     assert step >= 2 and step % 2 == 0
     for folder in step_checkpoints(run):  # a write the kill cut short is never a step_* folder
-        assert {"model.safetensors", "trainer_state.pt", "optimizer"} <= {p.name for p in folder.iterdir()}
-    model = load_pretrained(run)
-    optimizer = build_optimizer(model.Andromeda, TrainConfig.from_dict(load_train_config(checkpoint)))
-    load_optimizer(checkpoint / OPTIMIZER_DIR, model.Andromeda, optimizer)
+        assert {"model.safetensors", "trainer_state.safetensors", "optimizer"} <= {p.name for p in folder.iterdir()}
+    net = load_transformer(run)
+    optimizer = build_optimizer(net, TrainConfig.from_dict(load_train_config(checkpoint)))
+    load_optimizer(checkpoint / OPTIMIZER_DIR, net, optimizer)
     assert {int(s["step"]) for s in optimizer.state.values()} == {step}
-    assert load_trainer_state(checkpoint)["progress"]["step"] == step
+    assert read_trainer_state(checkpoint).progress.step == step

@@ -18,7 +18,7 @@ TEXT = "Out, out, brief candle! Life's but a walking shadow, a poor player. — 
 @pytest.fixture
 def model():
     torch.manual_seed(0)
-    return Andromeda.from_config("tiny", max_seq_len=64)
+    return Andromeda.from_config("tiny", max_seq_len=64).Andromeda
 
 
 def _store(tmp_path, tokenizer) -> TokenStore:
@@ -34,7 +34,7 @@ def _direct_nats(model: Andromeda, tokens: np.ndarray, seq_len: int) -> float:
     with torch.no_grad():
         for start in range(0, len(ids) - 1, seq_len):
             chunk = ids[start : start + seq_len + 1]
-            logits = model.Andromeda(chunk[None, :-1])[0]
+            logits = model(chunk[None, :-1])[0]
             total += float(F.cross_entropy(logits.double(), chunk[1:], reduction="sum"))
     return total
 
@@ -55,7 +55,7 @@ def test_bits_per_byte_equals_the_direct_computation(tmp_path, model, seq_len, b
 def test_bits_per_byte_counts_bytes_not_tokens_with_bpe(tmp_path, model):
     bpe = train_bpe([TEXT], vocab_size=258 + 30)
     store = _store(tmp_path, bpe)
-    net = Andromeda.from_config("tiny", max_seq_len=64, num_tokens=320)
+    net = Andromeda.from_config("tiny", max_seq_len=64, num_tokens=320).Andromeda
     result = evaluate(net, store.tokens, 32, 4, store.num_bytes)
     assert len(store.tokens) < len(TEXT.encode("utf-8"))  # merges make fewer tokens than bytes
     nats = _direct_nats(net, store.tokens, 32)
@@ -80,7 +80,7 @@ def test_evaluation_leaves_the_training_mode_alone(tmp_path, model):
     store = _store(tmp_path, ByteTokenizer())
     model.train()
     evaluate(model, store.tokens, 16, 4, store.num_bytes)
-    assert model.Andromeda.training
+    assert model.training
 
 
 def test_seq_len_beyond_max_seq_len_is_rejected(tmp_path, model):

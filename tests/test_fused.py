@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from andromeda import Andromeda
-from andromeda import model as model_module
-from andromeda.fused import Workspace, feed_forward
+from andromeda.model import transformer as transformer_module
+from andromeda.model.fused import Workspace
+from andromeda.model.fused import lean_feed_forward as feed_forward
 
 
 def plain_feed_forward(x, w1, b1, w2, b2):
@@ -83,7 +84,7 @@ def test_layers_of_one_forward_share_a_workspace_that_dies_with_the_graph(monkey
             super().__init__()
             made.append(weakref.ref(self))
 
-    monkeypatch.setattr(model_module, "Workspace", Recorded)
+    monkeypatch.setattr(transformer_module, "Workspace", Recorded)
     model = Andromeda.from_config("tiny")
     loss = model(torch.randint(0, 258, (2, 17)))
     assert len(made) == 1 and len(made[0]()._buffers) == 1  # both blocks' (N, F) scratch: one buffer

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from andromeda import Andromeda
-from andromeda.generation import (
+from andromeda.inference.generate import (
     IncrementalDecoder,
     SamplingParams,
     filter_logits,
@@ -19,35 +19,7 @@ from andromeda.generation import (
     stream_text,
 )
 from andromeda.tokenizers import ByteTokenizer
-
-# Single features switched on or off against the tiny preset (the seed's feature mix).
-FEATURES = {
-    "seed": {},
-    "alibi_only": dict(rotary_xpos=False),
-    "xpos_only": dict(alibi_pos_bias=False),
-    "alibi_all_heads": dict(alibi_num_heads=4, rotary_xpos=False),
-    "abs_pos_emb_only": dict(use_abs_pos_emb=True, alibi_pos_bias=False, rotary_xpos=False),
-    "abs_pos_emb_with_seed": dict(use_abs_pos_emb=True),
-    "no_positions": dict(alibi_pos_bias=False, rotary_xpos=False),
-    "no_qk_norm": dict(qk_norm=False, attn_qk_norm=False),
-    "qk_norm_fixed_scale": dict(attn_qk_norm_dim_scale=False),
-    "reference_attention": dict(attn_flash=False),
-    "kv_heads_eq_heads": dict(attn_kv_heads=4),
-    "multi_query": dict(attn_kv_heads=1),
-}
-
-
-def random_net(seed: int = 0, **overrides):
-    """A tiny Transformer with weights scaled up from the 0.02-std init, whose nearly flat logits
-    would make greedy comparisons weak: here greedy choices depend on the context."""
-    torch.manual_seed(seed)
-    net = Andromeda.from_config("tiny", **overrides).Andromeda
-    with torch.no_grad():
-        for parameter in net.parameters():
-            if parameter.ndim == 2:
-                parameter.mul_(3.0)
-    return net
-
+from helpers import FEATURES, random_net
 
 @pytest.fixture(scope="module")
 def net():
@@ -91,7 +63,8 @@ def test_cached_greedy_equals_recomputed(overrides):
 def test_prompt_is_prefilled_once_then_one_token_per_step(net, cache_kv):
     calls = []  # (tokens shape, cache capacity) of every forward pass
     hook = net.register_forward_pre_hook(
-        lambda module, args: calls.append((tuple(args[0].shape), args[1] and args[1].k.shape)))
+        lambda module, args, kwargs: calls.append(
+            (tuple(args[0].shape), kwargs.get("cache") and kwargs["cache"].k.shape)), with_kwargs=True)
     try:
         generate(net, torch.zeros(2, 5, dtype=torch.long), 4, temperature=0, cache_kv=cache_kv)
     finally:
@@ -317,21 +290,6 @@ def test_restores_training_mode_and_returns_an_ordinary_tensor(net):
         assert net.training
     finally:
         net.eval()
-
-
-@pytest.mark.parametrize("batch, dtype, decode_uses_onednn", [
-    (1, torch.bfloat16, False), (2, torch.bfloat16, True), (1, torch.float32, True)])
-def test_onednn_is_off_only_for_single_row_bf16_decode_steps(batch, dtype, decode_uses_onednn):
-    net = random_net().to(dtype)
-    seen = []  # (query positions, oneDNN enabled) per forward pass
-    hook = net.register_forward_pre_hook(
-        lambda module, args: seen.append((args[0].shape[1], torch.backends.mkldnn.enabled)))
-    try:
-        generate(net, torch.zeros(batch, 4, dtype=torch.long), 3, temperature=0)
-    finally:
-        hook.remove()
-    assert seen == [(4, True), (1, decode_uses_onednn), (1, decode_uses_onednn)]
-    assert torch.backends.mkldnn.enabled
 
 
 def test_context_limit_is_prompt_plus_new_tokens():

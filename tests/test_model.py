@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from andromeda import Andromeda, Config
-from andromeda import attention as attention_module
+from andromeda.model import attention as attention_module
 from andromeda.interop import build_x_transformers, from_x_transformers
-from andromeda.positions import alibi_slopes
-from andromeda.wrapper import linear_cross_entropy
+from andromeda.model.positions import alibi_slopes
+from andromeda.model import linear_cross_entropy
 
 x_transformers = pytest.importorskip("x_transformers")
 

@@ -14,30 +14,11 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from . import checkpoint
 from .config import SEED_FIELDS, Config
-from .model import Transformer
+from .interop.x_transformers import from_x_transformers
+from .model import Transformer, build_transformer
 from .wrapper import AutoRegressiveWrapper, LMOutput
-
-
-def build_transformer(
-    config: Config, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-) -> Transformer:
-    """Build on the meta device, then allocate once on the target and initialise in place.
-
-    This skips nn.Linear's default init (a wasted pass over billions of weights), honours an
-    enclosing `with torch.device("meta")` (nothing is allocated then), and with `dtype` builds
-    directly in that dtype, with no transient fp32 copy.
-    """
-    target = torch.device(device) if device is not None else torch.get_default_device()
-    with torch.device("meta"):
-        net = Transformer(config)
-    if dtype is not None:
-        net = net.to(dtype)
-    if target.type == "meta":
-        return net
-    net = net.to_empty(device=target)
-    net.reset_parameters()
-    return net
 
 
 class Andromeda(nn.Module):
@@ -76,6 +57,14 @@ class Andromeda(nn.Module):
         self.decoder = AutoRegressiveWrapper(net)
 
     @classmethod
+    def from_transformer(cls, net: Transformer) -> Andromeda:
+        """The face over an existing Transformer (shared, not copied)."""
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        model._build(net.config, net)
+        return model
+
+    @classmethod
     def from_config(
         cls,
         config: Config | str,
@@ -89,10 +78,7 @@ class Andromeda(nn.Module):
             config = Config.from_preset(config, **overrides)
         elif overrides:
             config = config.replace(**overrides)
-        model = cls.__new__(cls)
-        nn.Module.__init__(model)
-        model._build(config, build_transformer(config, device=device, dtype=dtype))
-        return model
+        return cls.from_transformer(build_transformer(config, device=device, dtype=dtype))
 
     def forward(self, text_tokens: Tensor, **kwargs: Any) -> Tensor | LMOutput:
         """The decoder's output: the mean next-token cross-entropy of `text_tokens` (B, T)
@@ -109,24 +95,20 @@ class Andromeda(nn.Module):
     def load_x_transformers(self, state_dict: Mapping[str, Tensor]) -> None:
         """Load an x-transformers 2.31 `TransformerWrapper(Decoder(...))` state dict built with
         the same hyperparameters. Validated whole before anything is copied."""
-        from .interop import from_x_transformers
-
         converted = from_x_transformers(state_dict, self.config)
         self.Andromeda.load_state_dict(converted, strict=True)
 
     def save_pretrained(self, directory: str | Path, tokenizer=None) -> Path:
-        from .checkpoint import save_pretrained
-
-        return save_pretrained(self, directory, tokenizer=tokenizer)
+        """Write a checkpoint folder: config.json, model.safetensors and the tokenizer."""
+        return checkpoint.save_pretrained(self.Andromeda, directory, tokenizer=tokenizer)
 
     @classmethod
     def from_pretrained(
         cls, directory: str | Path, *, device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> Andromeda:
-        from .checkpoint import load_pretrained
-
-        return load_pretrained(directory, device=device, dtype=dtype)
+        """Load a checkpoint folder (or a training run's latest checkpoint)."""
+        return cls.from_transformer(checkpoint.load_transformer(directory, device=device, dtype=dtype))
 
     def extra_repr(self) -> str:
         return f"{self.num_parameters():,} parameters"

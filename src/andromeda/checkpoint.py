@@ -3,12 +3,12 @@
 A checkpoint folder holds
 
     config.json          the model `Config`: enough to rebuild the model on its own
-    model.safetensors    the Transformer's state dict (`model.Andromeda.state_dict()`)
+    model.safetensors    the Transformer's state dict
     tokenizer files      whatever `save_tokenizer` writes (absent if no tokenizer was given)
     train_config.json    the training hyperparameters (training checkpoints only)
-    trainer_state.pt     step, RNG states, ... (training checkpoints only)
+    trainer_state.safetensors   step, clock, RNG states (training checkpoints only; train/state.py)
     optimizer/           the AdamW state, in torch.distributed.checkpoint's sharded format
-                         (training checkpoints only; see `distributed.save_optimizer`)
+                         (training checkpoints only; see `parallel.dcp`)
 
 A training run keeps its checkpoints in `RUN/checkpoints/step_000100/` and names the newest in
 `RUN/latest`. Every checkpoint is written into `RUN/checkpoints/.tmp-*`, fsynced, and only then
@@ -34,7 +34,9 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .andromeda import Andromeda
 from .config import Config
 from .model import Transformer
 from .tokenizers import HF_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, Tokenizer, load_tokenizer, save_tokenizer
@@ -53,12 +54,14 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TRAIN_CONFIG_FILE = "train_config.json"
-TRAINER_STATE_FILE = "trainer_state.pt"
+TRAINER_STATE_FILE = "trainer_state.safetensors"
 OPTIMIZER_DIR = "optimizer"
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp-"
+# For tests that kill a save at a known moment (see `_pause_point`); never set in normal use.
+TEST_PAUSE_ENV = "ANDROMEDA_TEST_PAUSE_AT"
 
 
 class CheckpointError(ValueError):
@@ -83,10 +86,9 @@ def write_checkpoint_files(
     weights: Mapping[str, torch.Tensor],
     tokenizer: Tokenizer | None = None,
     train_config: Mapping[str, Any] | None = None,
-    trainer_state: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write the model config, the `weights` (a Transformer state dict) and the optional files
-    into the (new, empty) `folder`; `commit_checkpoint` fsyncs them."""
+    """Write the model config, the `weights` (a Transformer state dict), the tokenizer and the
+    training hyperparameters into the (new, empty) `folder`; `commit_checkpoint` fsyncs them."""
     config.to_json(folder / CONFIG_FILE)
     tensors = {name: t.detach().contiguous().cpu() for name, t in weights.items()}
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -94,8 +96,15 @@ def write_checkpoint_files(
         save_tokenizer(tokenizer, folder)
     if train_config is not None:
         (folder / TRAIN_CONFIG_FILE).write_text(json.dumps(dict(train_config), indent=2) + "\n")
-    if trainer_state is not None:
-        torch.save(dict(trainer_state), folder / TRAINER_STATE_FILE)
+
+
+def _pause_point(name: str) -> None:
+    """With ANDROMEDA_TEST_PAUSE_AT=name, say so on stderr and wait here to be killed: lets a test
+    kill a save at exactly this point instead of after a guessed delay."""
+    if os.environ.get(TEST_PAUSE_ENV) == name:
+        print(f"andromeda: paused at {name}", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(1)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -105,17 +114,7 @@ def _fsync_tree(folder: Path) -> None:
     _fsync(folder)
 
 
-def _transformer(model: Andromeda | Transformer) -> Transformer:
-    if isinstance(model, Andromeda):
-        return model.Andromeda
-    if isinstance(model, Transformer):
-        return model
-    raise TypeError(f"expected an Andromeda or a Transformer, got {type(model).__name__}")
-
-
-def save_pretrained(
-    model: Andromeda | Transformer, directory: str | Path, tokenizer: Tokenizer | None = None
-) -> Path:
+def save_pretrained(net: Transformer, directory: str | Path, tokenizer: Tokenizer | None = None) -> Path:
     """Save weights, config and (optionally) tokenizer into `directory`; returns it.
 
     The folder is written beside its final name and renamed into place, so readers never see a
@@ -125,7 +124,6 @@ def save_pretrained(
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{directory.name}-", dir=directory.parent))
     try:
-        net = _transformer(model)
         write_checkpoint_files(staging, net.config, net.state_dict(), tokenizer)
         _fsync_tree(staging)
         _replace_dir(staging, directory)
@@ -145,28 +143,6 @@ def _replace_dir(source: Path, target: Path) -> None:
     else:
         os.rename(source, target)
     _fsync(target.parent)
-
-
-def save_checkpoint(
-    run_dir: str | Path,
-    step: int,
-    model: Andromeda | Transformer,
-    *,
-    tokenizer: Tokenizer | None = None,
-    train_config: Mapping[str, Any] | None = None,
-    trainer_state: Mapping[str, Any] | None = None,
-    keep: int = 2,
-) -> Path:
-    """Write `RUN/checkpoints/step_{step:06d}` atomically, point `RUN/latest` at it, and delete
-    all but the newest `keep` checkpoints. Returns the checkpoint folder."""
-    _check_keep(keep)
-    net = _transformer(model)
-    staging = stage_checkpoint(run_dir, step)
-    try:
-        write_checkpoint_files(staging, net.config, net.state_dict(), tokenizer, train_config, trainer_state)
-        return commit_checkpoint(run_dir, step, keep)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _check_keep(keep: int) -> None:
@@ -201,6 +177,7 @@ def commit_checkpoint(run_dir: str | Path, step: int, keep: int) -> Path:
     root = Path(run_dir) / CHECKPOINTS_DIR
     staging, final = staging_folder(run_dir, step), checkpoint_folder(run_dir, step)
     _fsync_tree(staging)
+    _pause_point(f"before-rename:{final.name}")
     _replace_dir(staging, final)
     _write_latest(Path(run_dir), final)
     for old in step_checkpoints(run_dir)[:-keep]:
@@ -332,9 +309,9 @@ def _validate_weights(file: Path, config: Config) -> None:
         raise CheckpointError(f"{file} does not match {file.parent / CONFIG_FILE}: " + "; ".join(problems))
 
 
-def load_pretrained(
+def load_transformer(
     path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-) -> Andromeda:
+) -> Transformer:
     """Rebuild the model saved at `path` (a checkpoint folder, or a run folder's latest).
 
     The weights are validated against the config first; the model is then built on the meta
@@ -351,11 +328,12 @@ def load_pretrained(
         for name in handle.keys():
             tensor = handle.get_tensor(name)
             state[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-    model = Andromeda.from_config(config, device="meta")
-    model.Andromeda.load_state_dict(state, strict=True, assign=True)
-    model.eval()
-    logger.info("loaded %s (%s parameters)", folder, f"{model.num_parameters():,}")
-    return model
+    with torch.device("meta"):
+        net = Transformer(config)
+    net.load_state_dict(state, strict=True, assign=True)
+    net.eval()
+    logger.info("loaded %s (%s parameters)", folder, f"{net.num_parameters():,}")
+    return net
 
 
 def load_checkpoint_tokenizer(path: str | Path) -> Tokenizer:
@@ -381,23 +359,3 @@ def load_train_config(path: str | Path) -> dict[str, Any] | None:
     if not isinstance(data, dict):
         raise CheckpointError(f"{file} must hold a JSON object, got {type(data).__name__}")
     return data
-
-
-def load_trainer_state(path: str | Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:
-    """The trainer state saved with a checkpoint (optimizer, step, RNG states, ...)."""
-    folder = resolve_checkpoint(path)
-    file = folder / TRAINER_STATE_FILE
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {folder} has no {TRAINER_STATE_FILE}: it holds a model only and cannot "
-            f"resume training"
-        )
-    try:
-        # weights_only: a checkpoint is data; unpickling arbitrary objects would run code.
-        state = torch.load(file, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
-        raise CheckpointError(f"{file} cannot be read (truncated or corrupt?): {err}") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{file} must hold a dict, got {type(state).__name__}")
-    return state
-

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -40,16 +44,10 @@ class Config:
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
+        check_types(self)
         for f in fields(self):
             value = getattr(self, f.name)
-            expected = {"int": int, "bool": bool, "float": (int, float)}[str(f.type)]
-            # bool is a subclass of int: a size given as True is a mistake, not a 1.
-            if (expected is int and isinstance(value, bool)) or not isinstance(value, expected):
-                raise TypeError(
-                    f"Config.{f.name} must be of type {f.type}, got {value!r} "
-                    f"({type(value).__name__})"
-                )
-            if expected is not bool and f.name != "alibi_num_heads" and value <= 0:
+            if not isinstance(value, bool) and f.name != "alibi_num_heads" and value <= 0:
                 raise ValueError(f"Config.{f.name} must be positive, got {value}")
         if self.heads % self.attn_kv_heads:
             raise ValueError(
@@ -94,12 +92,8 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Config:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown Config fields {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
+    def from_dict(cls, data: Mapping[str, Any]) -> Config:
+        return from_known_fields(cls, data)
 
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2)
@@ -156,3 +150,69 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # The seed's constructor arguments, in the seed's order: the face `Andromeda(...)` exposes.
 SEED_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Config))[:15]
+
+
+# --------------------------------------------------------------------------- validation
+# Shared by every configuration dataclass (this Config, training's TrainConfig).
+
+
+def check_types(obj: Any) -> None:
+    """Raise a TypeError naming the field for any value of a dataclass that is not of its
+    annotated type, and a ValueError for a non-finite float (NaN passes every range check).
+
+    Lists become tuples where the annotation is a tuple (JSON and argparse give lists)."""
+    name = type(obj).__name__
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, list):
+            object.__setattr__(obj, f.name, value := tuple(value))
+        if not _matches(value, hints[f.name]):
+            raise TypeError(f"{name}.{f.name} must be of type {_describe(hints[f.name])}, got {value!r} "
+                            f"({type(value).__name__})")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name}.{f.name} must be a finite number, got {value}")
+
+
+def from_known_fields(cls: type, data: Mapping[str, Any]) -> Any:
+    """`cls(**data)`, after naming any key that is not one of its fields."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"a {cls.__name__} must be a JSON object, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}; known fields: {sorted(known)}")
+    return cls(**data)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """isinstance for the annotations the config dataclasses use: int, float, bool, str, unions
+    with None, tuple[str, ...] and Mapping[str, Any]. bool is not an int here: a size given as
+    True is a mistake, not a 1."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is tuple:
+        return isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+    if origin is not None:  # Mapping[str, Any]
+        return isinstance(value, Mapping) and all(isinstance(k, str) for k in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
+    if origin is tuple:
+        return "a list of str"
+    if origin is not None:
+        return "a mapping of str to values"
+    return hint.__name__

@@ -17,10 +17,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .andromeda import Andromeda
 from .data import EvalWindow, eval_windows
 from .model import Transformer
-from .wrapper import linear_cross_entropy
 
 
 def _selected_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None) -> Iterator[EvalWindow]:
@@ -51,7 +49,7 @@ def _batches(windows: Iterator[EvalWindow], batch_size: int) -> Iterator[torch.T
 
 @torch.no_grad()
 def evaluate(
-    model: Andromeda | Transformer,
+    net: Transformer,
     tokens: np.ndarray,
     seq_len: int,
     batch_size: int,
@@ -60,14 +58,13 @@ def evaluate(
     max_windows: int | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, float | int]:
-    """Loss (nats/token), perplexity and bits per byte of `model` on the 1-D array `tokens`.
+    """Loss (nats/token), perplexity and bits per byte of `net` on the 1-D array `tokens`.
 
     `num_bytes` is the UTF-8 size of the text `tokens` encode (`TokenStore.num_bytes`). With
     `max_windows`, only that many windows (evenly spread) are scored and the byte count is
     scaled by the fraction of tokens scored: an estimate for periodic evaluation during training.
     Returns {"loss", "perplexity", "bits_per_byte", "tokens" (predictions scored), "bytes"}.
     """
-    net = model.Andromeda if isinstance(model, Andromeda) else model
     if seq_len > net.config.max_seq_len:
         raise ValueError(
             f"evaluation seq_len {seq_len} exceeds the model's max_seq_len {net.config.max_seq_len}; "
@@ -75,10 +72,11 @@ def evaluate(
         )
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows must be at least 1 (or None to score every window), got {max_windows}")
     if num_bytes <= 0:
         raise ValueError(f"num_bytes must be positive (the size of the evaluated text), got {num_bytes}")
     device = next(net.parameters()).device
-    weight = net.to_logits.weight
     autocast = (
         torch.autocast(device.type, dtype=autocast_dtype)
         if autocast_dtype is not None else contextlib.nullcontext()
@@ -91,8 +89,7 @@ def evaluate(
             batch = batch.to(device)  # (B, T + 1)
             inputs, targets = batch[:, :-1], batch[:, 1:]
             with autocast:
-                hidden = net(inputs, return_hidden=True)  # (B, T, C)
-                nats = linear_cross_entropy(hidden.flatten(0, 1), weight, targets.flatten(), reduction="sum")
+                nats = net(inputs, targets=targets, reduction="sum")
             total_nats += float(nats)
             count += targets.numel()
     finally:

@@ -37,10 +37,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .andromeda import build_transformer
-from .attention import alibi_channels
+from .model import build_transformer
+from .model.attention import alibi_channels
 from .config import Config
-from .wrapper import LOSS_CHUNK
+from .model.loss import LOSS_CHUNK
 
 # Bytes per element of the compute (FSDP param_dtype) and activation dtype.
 DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -51,6 +51,7 @@ STAT_BYTES = 4  # LayerNorm mean/rstd and the attention logsumexp are fp32 on CU
 USABLE_FRACTION = 0.9  # of the card, leaving room for what the estimate leaves out
 H100_GIB = 80.0
 H100_BF16_TFLOPS = 989.0  # H100 SXM dense bf16 peak
+ASSUMED_MFU = 0.4  # the model FLOP utilisation throughput estimates assume (well-tuned large runs)
 GIB = 2**30
 
 
@@ -101,7 +102,7 @@ class Plan:
         shards = self.sharded_params_bytes + self.sharded_grads_bytes + self.optimizer_bytes
         return shards + self.gathered_bytes
 
-    def tokens_per_second(self, peak_tflops: float = H100_BF16_TFLOPS, mfu: float = 0.4) -> float:
+    def tokens_per_second(self, peak_tflops: float = H100_BF16_TFLOPS, mfu: float = ASSUMED_MFU) -> float:
         """Training tokens per second per GPU if it sustains `mfu` of `peak_tflops`."""
         return peak_tflops * 1e12 * mfu / self.train_flops_per_token
 
@@ -237,7 +238,7 @@ def loss_bytes(config: Config, tokens: int, width: int) -> int:
     return persistent + chunk
 
 
-def format_plan(plan: Plan, peak_tflops: float = H100_BF16_TFLOPS, mfu: float = 0.4) -> str:
+def format_plan(plan: Plan, peak_tflops: float = H100_BF16_TFLOPS, mfu: float = ASSUMED_MFU) -> str:
     """A readable table of `plan`: parameters, FLOPs per token, per-GPU memory with and without
     activation checkpointing, a throughput estimate at `mfu` of `peak_tflops`, the recommendation."""
     c, p = plan.config, plan

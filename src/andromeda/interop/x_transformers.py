@@ -15,8 +15,8 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from .attention import query_head_order
-from .config import Config
+from ..model.attention import query_head_order
+from ..config import Config
 
 log = logging.getLogger(__name__)
 

@@ -3,25 +3,25 @@
 Shape letters: B batch, N prompt positions (after left padding), L new tokens, V vocabulary.
 
 The loop is gpt-fast's: `prefill` runs the whole prompt through the model once, writing every
-layer's keys and values into an `attention.KVCache`; `decode_one` then feeds one token per step,
-reading the cache and appending to it. Only the last position is projected to logits (the prompt's
-other N - 1 rows of (N, V) logits are never formed). `cache_kv=False` instead recomputes the whole
-prefix every step; it is the reference the cached path must match token for token.
+layer's keys and values into a `KVCache` (one slot per row); `decode_one` then feeds one token
+per step, reading the cache and appending to it. Only the last position is projected to logits
+(the prompt's other N - 1 rows of (N, V) logits are never formed). `cache_kv=False` instead
+recomputes the whole prefix every step; it is the reference the cached path must match token for
+token.
 
-Ragged prompts are left-padded to a common length N and the padding is masked out of attention
-(`KVCache(key_mask=...)`), so every row continues exactly as if it were generated alone.
+Ragged prompts are left-padded to a common length N; the padding is masked out of attention and
+each row's positions count from its own first real token, so every row continues exactly as if
+it were generated alone.
 
 Context policy: a prompt of N tokens plus L new ones must fit in `max_seq_len` (N + L <=
 max_seq_len), else a ValueError names both numbers. There is no sliding window.
 
-Sampling (`sample`) applies, in this order: temperature, top-k, top-p, min-p; each filter sees the
-distribution the previous ones left. `temperature=0` is greedy decoding and ignores the filters.
+Sampling (`sampling.sample`) applies temperature, top-k, top-p, min-p in that order.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from numbers import Integral
@@ -29,84 +29,13 @@ from numbers import Integral
 import torch
 from torch import Tensor
 
-from .attention import KVCache
-from .model import Transformer, check_tokens
+from ..model import KVCache, Transformer, check_tokens
+from .sampling import SamplingParams, filter_logits, sample
 
 Prompts = Tensor | Sequence[Tensor] | Sequence[Sequence[int]]
 
-# Decode single-row bf16 steps on CPU with ATen's matrix-vector kernel rather than oneDNN (see
-# `_matvec_kernels`); False keeps PyTorch's own choice (benchmarks/bench_decode.py compares both).
-CPU_BF16_DECODE_ATEN_MATVEC = True
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How the next token is drawn from the logits; validated on construction.
-
-    temperature: divides the logits; 0 means greedy (argmax), and then the filters do nothing.
-    top_k: keep the k most likely tokens (Fan et al. 2018, https://arxiv.org/abs/1805.04833).
-    top_p: nucleus sampling, keep the smallest set of most likely tokens whose probability reaches
-        top_p (Holtzman et al. 2019, https://arxiv.org/abs/1904.09751).
-    min_p: keep tokens at least min_p times as likely as the most likely one (Nguyen et al. 2024,
-        https://arxiv.org/abs/2407.01082).
-    """
-
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-
-    def __post_init__(self) -> None:
-        t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
-        k = self.top_k
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ValueError(f"top_k must be an integer >= 1 or None, got {k!r}")
-        p = self.top_p
-        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1):
-            raise ValueError(f"top_p must be in (0, 1] or None, got {p!r}")
-        m = self.min_p
-        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m <= 1):
-            raise ValueError(f"min_p must be in [0, 1] or None, got {m!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-def filter_logits(logits: Tensor, params: SamplingParams) -> Tensor:
-    """Temperature, then top-k, top-p and min-p: (B, V) fp32 logits with the dropped ones at -inf.
-
-    Ties at the top-k boundary are all kept. The most likely token always survives every filter.
-    """
-    logits = logits.float() / params.temperature
-    vocab = logits.shape[-1]
-    if params.top_k is not None and params.top_k < vocab:
-        kth = logits.topk(params.top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if params.top_p is not None and params.top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V) each
-        probs = sorted_logits.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly likelier tokens
-        sorted_logits = sorted_logits.masked_fill(mass_before >= params.top_p, -math.inf)
-        logits = logits.scatter(-1, order, sorted_logits)
-    if params.min_p:
-        probs = logits.softmax(dim=-1)
-        threshold = params.min_p * probs.max(dim=-1, keepdim=True).values  # (B, 1)
-        logits = logits.masked_fill(probs < threshold, -math.inf)
-    return logits
-
-
-def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> Tensor:
-    """Draw one token id per row from (B, V) logits: (B,) long.
-
-    Draws come from `generator`, or from the global RNG (`torch.manual_seed`) when it is None.
-    """
-    if params.greedy:
-        return logits.argmax(dim=-1)
-    probs = filter_logits(logits, params).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+__all__ = ["IncrementalDecoder", "Prompts", "SamplingParams", "decode_one", "filter_logits", "generate",
+           "prefill", "recompute", "sample", "stream", "stream_text"]
 
 
 @dataclass(frozen=True)
@@ -248,30 +177,28 @@ class IncrementalDecoder:
         return piece
 
 
-def prefill(net: Transformer, tokens: Tensor, cache: KVCache) -> Tensor:
+def prefill(net: Transformer, tokens: Tensor, positions: Tensor, key_mask: Tensor | None,
+            cache: KVCache) -> Tensor:
     """Run the (B, N) prompt through the model in one pass, filling the cache: next logits (B, V)."""
-    hidden = net(tokens, cache, return_hidden=True, validate=False)  # (B, N, C)
-    return net.to_logits(hidden[:, -1])
+    return net(tokens, positions, key_mask=key_mask, cache=cache, logits_to_keep=1, validate=False)[:, -1]
 
 
-def decode_one(net: Transformer, tokens: Tensor, cache: KVCache) -> Tensor:
+def decode_one(net: Transformer, tokens: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
     """Feed one new (B, 1) token per row, appending to the cache: next logits (B, V)."""
-    hidden = net(tokens, cache, return_hidden=True, validate=False)  # (B, 1, C)
-    return net.to_logits(hidden[:, -1])
+    return net(tokens, positions, cache=cache, logits_to_keep=1, validate=False)[:, -1]
 
 
-def recompute(net: Transformer, tokens: Tensor, key_mask: Tensor | None) -> Tensor:
-    """Next logits (B, V) from the whole (B, S) sequence, with no state kept between calls.
+def recompute(net: Transformer, tokens: Tensor, positions: Tensor, key_mask: Tensor | None) -> Tensor:
+    """Next logits (B, V) from the whole (B, S) sequence, with no state kept between calls."""
+    return net(tokens, positions, key_mask=key_mask, logits_to_keep=1, validate=False)[:, -1]
 
-    The Transformer takes a padding mask only through a cache, so a ragged batch gets a fresh
-    one, used for this single pass.
-    """
-    cache = None
-    if key_mask is not None:
-        cache = KVCache(net.config, tokens.shape[0], tokens.shape[1], dtype=_dtype(net),
-                        device=tokens.device, key_mask=key_mask[:, : tokens.shape[1]])
-    hidden = net(tokens, cache, return_hidden=True, validate=False)  # (B, S, C)
-    return net.to_logits(hidden[:, -1])
+
+def prompt_positions(key_mask: Tensor | None, batch: int, length: int, device: torch.device) -> Tensor:
+    """(B, N) positions of left-padded prompts: each row counts from its first real token (the
+    padding before it sits at 0 and is masked out)."""
+    if key_mask is None:
+        return torch.arange(length, device=device).expand(batch, length)
+    return (key_mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
 @torch.inference_mode()
@@ -283,21 +210,24 @@ def _decode(net: Transformer, plan: _Plan) -> Iterator[Tensor]:
     """
     B, N = plan.tokens.shape
     L = plan.seq_len
-    seq = torch.empty(B, N + L, dtype=torch.long, device=plan.tokens.device)  # prompt, then new
+    device = plan.tokens.device
+    seq = torch.empty(B, N + L, dtype=torch.long, device=device)  # prompt, then new tokens
     seq[:, :N] = plan.tokens
+    positions = torch.empty(B, N + L, dtype=torch.long, device=device)
+    positions[:, :N] = prompt_positions(plan.key_mask, B, N, device)
+    positions[:, N:] = positions[:, N - 1 : N] + torch.arange(1, L + 1, device=device)
     key_mask = None
     if plan.key_mask is not None:
-        key_mask = torch.ones(B, N + L, dtype=torch.bool, device=seq.device)
+        key_mask = torch.ones(B, N + L, dtype=torch.bool, device=device)
         key_mask[:, :N] = plan.key_mask
-    done = torch.zeros(B, dtype=torch.bool, device=seq.device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
     cache = None
     if plan.cache_kv:
         # The last sampled token is never fed back, so N + L - 1 positions suffice.
-        cache = KVCache(net.config, B, N + L - 1, dtype=_dtype(net), device=seq.device,
-                        key_mask=None if key_mask is None else key_mask[:, : N + L - 1])
-        logits = prefill(net, plan.tokens, cache)
+        cache = KVCache(net.config, B, N + L - 1, dtype=_dtype(net), device=device)
+        logits = prefill(net, plan.tokens, positions[:, :N], plan.key_mask, cache)
     else:
-        logits = recompute(net, seq[:, :N], key_mask)
+        logits = recompute(net, seq[:, :N], positions[:, :N], plan.key_mask)
     for step in range(L):
         tokens = sample(logits, plan.params, plan.generator)  # (B,)
         if plan.stop_ids is not None:
@@ -307,39 +237,18 @@ def _decode(net: Transformer, plan: _Plan) -> Iterator[Tensor]:
         yield tokens
         if step == L - 1 or (plan.stop_ids is not None and bool(done.all())):
             return
+        end = N + step + 1
         if cache is not None:
-            with _matvec_kernels(net, B):
-                logits = decode_one(net, seq[:, N + step : N + step + 1], cache)
+            logits = decode_one(net, seq[:, end - 1 : end], positions[:, end - 1 : end], cache)
         else:
-            logits = recompute(net, seq[:, : N + step + 1], key_mask)
+            logits = recompute(net, seq[:, :end], positions[:, :end],
+                               None if key_mask is None else key_mask[:, :end])
 
 
 def _stream(net: Transformer, plan: _Plan) -> Iterator[Tensor]:
     with _eval_mode(net):
         for tokens in _decode(net, plan):
             yield tokens.clone()  # an ordinary tensor, not an inference-mode one
-
-
-@contextlib.contextmanager
-def _matvec_kernels(net: Transformer, batch: int) -> Iterator[None]:
-    """Pick the faster kernels for a decoding step's (1, C) @ (C, N) products.
-
-    With bf16 weights on CPU, oneDNN (PyTorch's default there) runs a single-row product about
-    1.6x slower than ATen's own kernel, which streams the weight once; from two rows up oneDNN
-    wins, as it does for the prefill (measured on an AMD EPYC with AVX-512 BF16, torch 2.13; see
-    benchmarks/bench_decode.py --big). The switch is global, so it is held only for one step.
-    """
-    weight = net.token_emb.weight
-    if (not CPU_BF16_DECODE_ATEN_MATVEC or batch != 1 or weight.device.type != "cpu"
-            or weight.dtype != torch.bfloat16):
-        yield
-        return
-    previous = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = previous
 
 
 @contextlib.contextmanager

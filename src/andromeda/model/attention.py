@@ -1,4 +1,4 @@
-"""Causal self-attention with grouped-query heads, QK-norm, rotary xPos and ALiBi, and its KV cache.
+"""Causal self-attention with grouped-query heads, QK-norm, rotary xPos and ALiBi.
 
 Shape letters: B batch, T new (query) positions, S key positions (cached + new), H query heads,
 K key/value heads, G = H // K query heads per key/value head, D head size, C model width.
@@ -7,11 +7,15 @@ Head order. Heads are numbered as in x-transformers: ALiBi sits on heads 0..A-1 
 key/value head h % K. Internally the query projection stores heads grouped by the key/value head
 they read (see `query_head_order`), which is the layout PyTorch's grouped-query SDPA
 kernels expect; the ALiBi slopes are permuted to match, so the two numberings describe one model.
+
+Masking. A query at position i reads the keys at positions j <= i of its own row that hold real
+tokens (not padding, not a cache slot's unused or stale entries). Positions increase along each
+row, so without a cache this is the usual causal mask by index, which the fused kernels apply
+themselves; everything else gets an explicit additive bias.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -19,12 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import Config
+from ..config import Config
+from .cache import CacheStep
 from .positions import alibi_bias, apply_rotary
 
 # Query rows per block on the explicit-bias paths: bounds the (B, H, rows, S) scores to a few
 # hundred MB at 8192 keys.
 QUERY_CHUNK = 512
+# The ALiBi key channel j - c is split as a multiple of this plus a remainder below it, so both
+# parts are integers bf16 represents exactly (8 significant bits).
+ALIBI_SPLIT = 256
 
 
 @lru_cache(maxsize=None)
@@ -37,59 +45,26 @@ def query_head_order(heads: int, kv_heads: int) -> tuple[int, ...]:
     return tuple(r * kv_heads + kv for kv in range(kv_heads) for r in range(groups))
 
 
-class KVCache:
-    """Preallocated keys and values of every layer, written in place at each decoding step.
-
-    Holds only the K key/value heads (grouped-query attention), post QK-norm and post rotation,
-    so a step never recomputes the prefix. `key_mask` (B, S_max) marks real tokens: rows of a
-    ragged batch are left-padded and their padding is never attended to.
-    """
-
-    def __init__(
-        self,
-        config: Config,
-        batch: int,
-        max_len: int,
-        *,
-        dtype: torch.dtype,
-        device: torch.device | str,
-        key_mask: Tensor | None = None,
-    ) -> None:
-        if max_len > config.max_seq_len:
-            raise ValueError(
-                f"KV cache length {max_len} exceeds max_seq_len={config.max_seq_len}"
-            )
-        shape = (config.depth, batch, config.attn_kv_heads, max_len, config.dim_head)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.key_mask = key_mask
-        self.max_len = max_len
-        self.length = 0  # positions filled so far
-        # xPos' center cancels in q.k; fixing it per cache keeps cached keys valid for all steps.
-        self.xpos_center = max_len // 2
-
-    def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store the new (B, K, T, D) keys/values at the current length; return all so far."""
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} positions > capacity {self.max_len}")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-
 @dataclass
 class AttentionInputs:
-    """Everything attention needs about positions, computed once per forward for all layers."""
+    """Everything attention needs about positions and masking, computed once per forward for all
+    layers. Without a cache the keys are the new tokens themselves (S = T); with one, `cache` says
+    where the new keys go, and the keys read are the slot's first S entries."""
 
-    q_pos: Tensor  # (T,) absolute positions of the new tokens
-    k_pos: Tensor  # (S,) absolute positions of all keys
+    q_pos: Tensor  # (B or 1, T) absolute positions of the new tokens
+    k_pos: Tensor  # (B or 1, S) absolute positions of the keys read
     rotary: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]] | None  # query, key (cos, sin)
     slopes: Tensor | None  # (H,) ALiBi slopes in internal head order, None without ALiBi
-    key_mask: Tensor | None  # (B, S) True for real tokens, None when every key is real
-    cache: KVCache | None
+    k_valid: Tensor | None  # (B, S) True for keys holding real tokens; None when all do
+    cache: CacheStep | None
     # Additive biases by (first query row, dtype): built by the first layer, reused by the rest.
     biases: dict[tuple[int, torch.dtype], Tensor] = field(default_factory=dict)
+
+    @property
+    def plain_causal(self) -> bool:
+        """Query t reads exactly keys 0..t of its row, all real: what fused causal kernels do."""
+        fresh = self.cache is None or (self.cache.start == 0 and self.cache.read == self.cache.new)
+        return fresh and self.k_valid is None
 
 
 class Attention(nn.Module):
@@ -135,12 +110,11 @@ class Attention(nn.Module):
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, *, scale: float, flash: bool) -> Tensor:
-    """softmax(q.k * scale + ALiBi + causal mask) v, never materialising (B, H, T, S) at once."""
-    T, S = q.shape[2], k.shape[2]
+    """softmax(q.k * scale + ALiBi + mask) v, never materialising (B, H, T, S) at once."""
+    T = q.shape[2]
     if T == 1 and flash:
         return _attend_one_query(q, k, v, inputs, scale)
-    plain_causal = T == S and inputs.key_mask is None
-    if flash and plain_causal:
+    if flash and inputs.plain_causal:
         if inputs.slopes is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
         return _alibi_as_channels(q, k, v, inputs, scale)
@@ -170,7 +144,7 @@ def _attend_one_query(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, 
 
 
 def _bias(inputs: AttentionInputs, rows: slice, dtype: torch.dtype) -> Tensor:
-    """ALiBi plus the causal and padding masks as one additive bias: (B or 1, H or 1, rows, S).
+    """ALiBi plus the mask as one additive bias: (B or 1, H or 1, rows, S).
 
     Every layer of a forward pass sees the same positions and padding, so each block of rows is
     built once and shared. (Only while it is the sole block: long prefills don't keep them all.)
@@ -178,22 +152,24 @@ def _bias(inputs: AttentionInputs, rows: slice, dtype: torch.dtype) -> Tensor:
     key = (rows.start or 0, dtype)
     if key not in inputs.biases:
         bias = _build_bias(inputs, rows, dtype)
-        if len(inputs.q_pos) > QUERY_CHUNK:
+        if inputs.q_pos.shape[-1] > QUERY_CHUNK:
             return bias
         inputs.biases[key] = bias
     return inputs.biases[key]
 
 
 def _build_bias(inputs: AttentionInputs, rows: slice, dtype: torch.dtype) -> Tensor:
-    q_pos, k_pos = inputs.q_pos[rows], inputs.k_pos
-    allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, rows, S)
-    if inputs.key_mask is not None:
-        # A padding query sees only padding; letting it see itself keeps its softmax finite.
-        allowed = allowed & inputs.key_mask[:, None, None, :] | (k_pos[None, :] == q_pos[:, None])
+    q_pos, k_pos = inputs.q_pos[:, rows], inputs.k_pos  # (B or 1, rows), (B or 1, S)
+    allowed = (k_pos[:, None, :] <= q_pos[:, :, None])[:, None]  # (B or 1, 1, rows, S)
+    if inputs.k_valid is not None:
+        allowed = allowed & inputs.k_valid[:, None, None, :]
     bias = torch.zeros(allowed.shape, dtype=dtype, device=q_pos.device)
     if inputs.slopes is not None:
-        bias = bias + alibi_bias(inputs.slopes, q_pos, k_pos).to(dtype)[None]  # (1, H, rows, S)
-    return bias.masked_fill(~allowed, float("-inf"))
+        bias = bias + alibi_bias(inputs.slopes, q_pos, k_pos).to(dtype)  # (B or 1, H, rows, S)
+    # The dtype's lowest finite value, not -inf: a query that may read nothing (a padding
+    # position) then averages its row instead of turning into NaN, which would reach real tokens
+    # through the padding's keys. Next to any allowed key it weighs exactly 0.
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def _reference_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tensor:
@@ -222,22 +198,22 @@ def _alibi_as_channels(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs,
 
     Softmax ignores a constant per query row, so -slope*(i - j) may be replaced by slope*(j - c)
     for any c. That is a dot product: append slope to each query and (j - c) to each key. The
-    integer j - c is split into a multiple of 256 and a remainder below 256 so both are exact in
-    bf16 too; c is the middle position to keep the products small. Heads without ALiBi have slope
-    0. The extra channels are also padded onto v (then dropped), so q, k and v keep one head
-    size, which the fused kernels need; on CUDA they are padded to a multiple of 8.
+    integer j - c is split into a multiple of ALIBI_SPLIT and a remainder below it so both are
+    exact in bf16 too; c is the middle position to keep the products small. Heads without ALiBi
+    have slope 0. The extra channels are also padded onto v (then dropped), so q, k and v keep
+    one head size, which the fused kernels need; on CUDA they are padded to a multiple of 8.
     """
     B, H, T, D = q.shape
     K = k.shape[1]
-    rel = (inputs.k_pos - T // 2).to(torch.float32)  # (S,)
-    high = torch.round(rel / 256) * 256
+    rel = (inputs.k_pos - T // 2).to(torch.float32)  # (B or 1, S)
+    high = torch.round(rel / ALIBI_SPLIT) * ALIBI_SPLIT
     extra = alibi_channels(D, q.device.type)
-    k_extra = torch.zeros(T, extra, dtype=torch.float32, device=q.device)
-    k_extra[:, 0], k_extra[:, 1] = high, rel - high
+    k_extra = torch.zeros(*rel.shape, extra, dtype=torch.float32, device=q.device)  # (B or 1, S, extra)
+    k_extra[..., 0], k_extra[..., 1] = high, rel - high
     q_extra = torch.zeros(H, extra, dtype=torch.float32, device=q.device)
     q_extra[:, 0] = q_extra[:, 1] = inputs.slopes.float()
     q = torch.cat((q * scale, q_extra.to(q.dtype)[None, :, None, :].expand(B, H, T, extra)), dim=-1)
-    k = torch.cat((k, k_extra.to(k.dtype)[None, None].expand(B, K, T, extra)), dim=-1)
+    k = torch.cat((k, k_extra.to(k.dtype)[:, None].expand(B, K, T, extra)), dim=-1)
     v = F.pad(v, (0, extra))
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0, enable_gqa=True)
     return out[..., :D]

@@ -16,7 +16,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 class Workspace:
@@ -40,12 +40,28 @@ class Workspace:
         return buffer[:size].view(shape)
 
 
-def feed_forward(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, workspace: Workspace) -> Tensor:
-    """linear(gelu(linear(x, w1, b1)), w2, b2) for x (..., C), equal to the nn.Linear version.
+def is_plain_linear(module: nn.Module) -> bool:
+    """True for an unmodified nn.Linear, whose product the fused paths may compute from its
+    weight directly. Anything else (a quantized or LoRA replacement, a counting subclass) is
+    called as a module, so replacing Linear modules is always honoured."""
+    return type(module) is nn.Linear
 
-    Uses the lean autograd function when a backward can follow; under no_grad, or while
-    torch.compile traces (which plans memory itself), the plain ops.
+
+def feed_forward(x: Tensor, proj_in: nn.Module, proj_out: nn.Module, workspace: Workspace) -> Tensor:
+    """proj_out(gelu(proj_in(x))) for x (..., C).
+
+    Uses the lean autograd function when both projections are plain nn.Linear and a backward
+    can follow; under no_grad, while torch.compile traces (which plans memory itself), or with
+    replaced projections, the module calls.
     """
+    if is_plain_linear(proj_in) and is_plain_linear(proj_out):
+        return lean_feed_forward(x, proj_in.weight, proj_in.bias, proj_out.weight, proj_out.bias, workspace)
+    return proj_out(F.gelu(proj_in(x)))
+
+
+def lean_feed_forward(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, workspace: Workspace) -> Tensor:
+    """linear(gelu(linear(x, w1, b1)), w2, b2), with the lean backward when one can follow (and
+    the plain ops under no_grad or while torch.compile traces, which plans memory itself)."""
     tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, b1, w2, b2))
     if not tracked or torch.compiler.is_compiling():
         return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)

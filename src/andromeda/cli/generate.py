@@ -1,0 +1,43 @@
+"""`andromeda generate`: stream a continuation of a prompt."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from ..checkpoint import load_checkpoint_tokenizer, load_transformer
+from ..inference.generate import stream_text
+from ..parallel.environment import resolve_device
+
+HELP = "stream a continuation of a prompt"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder")
+    parser.add_argument("--prompt", default="", help="text to continue (default: a new document)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--min-p", type=float)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+
+
+def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    net = load_transformer(args.checkpoint, device=device)
+    tokenizer = load_checkpoint_tokenizer(args.checkpoint)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    pieces = stream_text(net, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, generator=generator)
+    first = next(pieces, "")  # arguments are checked before anything is printed
+    sys.stdout.write(args.prompt + first)
+    sys.stdout.flush()
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0

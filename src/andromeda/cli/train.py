@@ -1,0 +1,89 @@
+"""`andromeda train`: one option per TrainConfig field, typed from its annotation, with the
+field's help text."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import typing
+from collections.abc import Sequence
+from dataclasses import MISSING, fields
+from typing import Any
+
+from ..checkpoint import latest_checkpoint, load_train_config
+from ..parallel.environment import launched_rank
+from ..train import TrainConfig, train
+
+HELP = "train a model"
+DESCRIPTION = "Train (or resume) a model."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options not given stay absent from the namespace (argparse.SUPPRESS), so --resume can tell
+    them from defaults."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        if not f.metadata.get("cli", True):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        kinds = {a for a in typing.get_args(hint) if a is not type(None)} or {hint}
+        shown = f.default not in (None, False, MISSING)
+        common = dict(default=argparse.SUPPRESS, dest=f.name,
+                      help=f.metadata["help"] + (f" (default {f.default})" if shown else ""))
+        if hint is bool:
+            parser.add_argument(flag, action="store_true", **common)
+        elif any(typing.get_origin(k) is tuple for k in kinds):
+            parser.add_argument(flag, nargs="+", metavar="PATH", **common)
+        else:
+            parser.add_argument(flag, type=next(iter(kinds)), required=f.default is MISSING,
+                                metavar=f.name.upper(), **common)
+    parser.add_argument("--override", nargs="+", default=argparse.SUPPRESS, metavar="KEY=VALUE",
+                        help="model Config fields over the preset, e.g. --override depth=4 max_seq_len=512")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
+                        help="no progress bar")
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """KEY=VALUE pairs; VALUE is read as JSON (4, 1e-5, true) or else kept as a string."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--override expects KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of `andromeda train`: the given options over the defaults, or with
+    --resume over the run's saved settings."""
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    if hasattr(args, "override"):
+        given["model_overrides"] = parse_overrides(args.override)
+    if not given.get("resume"):
+        return TrainConfig(**given)
+    checkpoint = latest_checkpoint(args.out)
+    if checkpoint is None:
+        raise FileNotFoundError(f"nothing to resume: {args.out} has no checkpoint; start without --resume")
+    saved = load_train_config(checkpoint)
+    if saved is None:
+        raise ValueError(f"{checkpoint} holds no train_config.json: it is not a training checkpoint")
+    return TrainConfig.from_dict({**saved, **given})
+
+
+def run(args: argparse.Namespace) -> int:
+    result = train(train_config_from_args(args))
+    if launched_rank() != 0:
+        return 0
+    print(f"trained {result.step} steps in {result.elapsed_s:.0f}s ({result.stopped_by}); "
+          f"checkpoint {result.checkpoint}")
+    if result.train_loss is not None:
+        print(f"train loss {result.train_loss:.4f}")
+    if result.eval is not None:
+        print(f"held-out loss {result.eval['loss']:.4f}, bits per byte {result.eval['bits_per_byte']:.4f} "
+              f"(estimate on {result.eval['tokens']:,} tokens)")
+    return 0

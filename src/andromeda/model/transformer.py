@@ -1,0 +1,271 @@
+"""The decoder-only Transformer: token embedding, pre-norm blocks, final norm, logits or loss.
+
+Shape letters: B batch, T positions, C model width, V vocabulary.
+
+Reads top-down: FeedForward, Block, then Transformer, then its construction (`build_transformer`)
+and the token checks. Attention and positions live in attention.py and positions.py, the KV
+cache in cache.py, the loss in loss.py. Sampling and the cache's lifecycle belong to
+`andromeda.inference`; nothing here knows about training, checkpoints or processes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import Tensor, nn
+
+from ..config import Config
+from .attention import Attention, AttentionInputs, query_head_order
+from .cache import CacheStep, KVCache
+from .fused import Workspace, feed_forward
+from .loss import projected_cross_entropy
+from .positions import alibi_slopes, xpos_tables
+
+INIT_STD = 0.02  # GPT-2's initialisation of weights and embeddings (Radford et al. 2019)
+
+
+class FeedForward(nn.Module):
+    """Linear -> GELU -> Linear, four times wider inside (Vaswani et al. 2017).
+
+    Computed by `fused.feed_forward`: in training it keeps one (B, T, 4C) tensor for backward
+    instead of two, with its scratch space in a `Workspace` all blocks of one forward share.
+    """
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.proj_in = nn.Linear(config.dim, config.ff_dim)
+        self.proj_out = nn.Linear(config.ff_dim, config.dim)
+
+    def forward(self, x: Tensor, workspace: Workspace) -> Tensor:
+        return feed_forward(x, self.proj_in, self.proj_out, workspace)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + ff(norm(x))."""
+
+    def __init__(self, config: Config, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(config.dim, eps=config.norm_eps, bias=False)
+        self.attn = Attention(config, layer)
+        self.ff_norm = nn.LayerNorm(config.dim, eps=config.norm_eps, bias=False)
+        self.ff = FeedForward(config)
+
+    def forward(self, x: Tensor, inputs: AttentionInputs, workspace: Workspace) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), inputs)
+        return x + self.ff(self.ff_norm(x), workspace)
+
+
+class Transformer(nn.Module):
+    """Token ids (B, T) -> logits (B, T, V), or the loss against given targets."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.token_emb = nn.Embedding(config.num_tokens, config.dim)
+        self.pos_emb = nn.Embedding(config.max_seq_len, config.dim) if config.use_abs_pos_emb else None
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.depth))
+        self.final_norm = nn.LayerNorm(config.dim, eps=config.norm_eps, bias=False)
+        self.to_logits = nn.Linear(config.dim, config.num_tokens, bias=False)
+        slopes = alibi_slopes(config.num_alibi_heads, config.heads)
+        order = query_head_order(config.heads, config.attn_kv_heads)
+        # Plain attributes, not buffers: a meta-device build must not leave them uninitialised,
+        # and casting the model to bf16 must not round them.
+        self._slopes = [slopes[h] for h in order] if config.num_alibi_heads else None
+        self._slopes_on: dict[torch.device, Tensor] = {}
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 style init: N(0, INIT_STD), residual output projections scaled by
+        1/sqrt(2 * depth).
+
+        Each weight draws from its own generator seeded off the global one, so the init is
+        reproducible under torch.manual_seed and can fill weights on all CPU threads at once
+        (one thread's normal_ is slow for billions of weights).
+        """
+        residual_std = INIT_STD / math.sqrt(2 * self.config.depth)
+        normal: list[tuple[Tensor, float]] = []
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                std = residual_std if name.endswith(("to_out", "proj_out")) else INIT_STD
+                normal.append((module.weight, std))
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                normal.append((module.weight, INIT_STD))
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, Attention):
+                module.reset_parameters()
+        base_seed = int(torch.randint(0, 2**62, (), dtype=torch.long))
+
+        def fill(index: int) -> None:
+            weight, std = normal[index]
+            generator = torch.Generator(device=weight.device).manual_seed(base_seed + index)
+            with torch.no_grad():  # grad mode is per thread
+                weight.normal_(0.0, std, generator=generator)
+
+        if normal and normal[0][0].device.type == "cpu":
+            with ThreadPoolExecutor(max_workers=torch.get_num_threads()) as pool:
+                list(pool.map(fill, range(len(normal))))
+        else:
+            for index in range(len(normal)):
+                fill(index)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        positions: Tensor | None = None,
+        *,
+        key_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        slots: Sequence[int] | None = None,
+        targets: Tensor | None = None,
+        reduction: str = "mean",
+        logits_to_keep: int | None = None,
+        return_hidden: bool = False,
+        validate: bool = True,
+    ) -> Tensor:
+        """Logits (B, T, V) for token ids (B, T); or the loss against `targets`.
+
+        positions: (B, T) absolute positions, increasing along each row; ALiBi and xPos read
+            distances from them, learned absolute positions look them up. Default: 0..T-1, or
+            with a cache each slot's next positions.
+        key_mask: (B, T) True for real tokens; padding is never attended to (its own outputs
+            are meaningless).
+        cache: a `KVCache`; the new keys and values are appended to the rows' slots and the
+            queries read everything those slots hold. slots: (B,) the slot of each row
+            (default: row b is slot b).
+        targets: (B, T) next-token ids (-100 ignored) -> the cross-entropy instead of logits,
+            its `reduction` "mean" or "sum", computed without holding all (B, T, V) logits.
+        logits_to_keep: project only the last n positions: logits (B, n, V).
+        return_hidden: the final-normed hidden states (B, T, C) instead of logits.
+        validate: check token ids and shapes (False skips them, for ids the library produced).
+        """
+        if validate:
+            check_tokens(tokens, self.config)
+            _check_inputs(tokens, positions, key_mask, targets, self.config)
+        step = cache.append(slots, positions, key_mask, tokens.shape[1]) if cache is not None else None
+        inputs = self._attention_inputs(tokens, positions, key_mask, step)
+        x = self.token_emb(tokens)  # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(inputs.q_pos) * self.config.dim**-0.5
+        workspace = Workspace()  # the blocks' shared scratch, freed with this forward's graph
+        for block in self.blocks:
+            x = block(x, inputs, workspace)
+        x = self.final_norm(x)
+        if targets is not None:
+            return projected_cross_entropy(x.flatten(0, 1), self.to_logits, targets.flatten(), reduction)
+        if return_hidden:
+            return x
+        if logits_to_keep is not None:
+            x = x[:, -logits_to_keep:]
+        return self.to_logits(x)
+
+    def _attention_inputs(self, tokens: Tensor, positions: Tensor | None, key_mask: Tensor | None,
+                          step: CacheStep | None) -> AttentionInputs:
+        device, T = tokens.device, tokens.shape[1]
+        if step is not None:
+            q_pos, k_pos, center = step.q_pos, step.k_pos, step.center
+            fresh = step.start == 0 and step.read == step.new
+            k_valid = None if fresh and key_mask is None else step.k_valid
+        else:
+            q_pos = torch.arange(T, device=device)[None] if positions is None else positions  # (B or 1, T)
+            k_pos, k_valid = q_pos, key_mask
+            # The center x-transformers uses (T // 2), from each row's first position.
+            center = T // 2 if positions is None else positions[:, :1] + T // 2
+        rotary = None
+        if self.config.rotary_xpos:  # the keys written are the new tokens: one pair of tables
+            rotary = xpos_tables(q_pos, self.config.rotary_dim, self.config.rotary_base,
+                                 self.config.xpos_scale_base, center)
+        return AttentionInputs(q_pos, k_pos, rotary, self._slopes_tensor(device), k_valid, step)
+
+    def _slopes_tensor(self, device: torch.device) -> Tensor | None:
+        if self._slopes is None:
+            return None
+        if torch.compiler.is_compiling():  # a dict filled in forward would force a recompile
+            return torch.tensor(self._slopes, device=device)
+        if device not in self._slopes_on:
+            self._slopes_on[device] = torch.tensor(self._slopes, device=device)
+        return self._slopes_on[device]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_transformer(
+    config: Config, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> Transformer:
+    """Build on the meta device, then allocate once on the target and initialise in place.
+
+    This skips nn.Linear's default init (a wasted pass over billions of weights), honours an
+    enclosing `with torch.device("meta")` (nothing is allocated then), and with `dtype` builds
+    directly in that dtype, with no transient fp32 copy.
+    """
+    target = torch.device(device) if device is not None else torch.get_default_device()
+    with torch.device("meta"):
+        net = Transformer(config)
+    if dtype is not None:
+        net = net.to(dtype)
+    if target.type == "meta":
+        return net
+    net = net.to_empty(device=target)
+    net.reset_parameters()
+    return net
+
+
+def check_tokens(tokens: Tensor, config: Config, max_len: int | None = None) -> None:
+    """Raise a ValueError/TypeError naming the problem for anything but valid (B, T) token ids.
+
+    `max_len` defaults to max_seq_len.
+    """
+    max_len = config.max_seq_len if max_len is None else max_len
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"tokens must be a torch.Tensor of integer ids, got {type(tokens).__name__}")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise TypeError(
+            f"token ids must be integers (torch.long), got dtype {tokens.dtype}; "
+            f"e.g. torch.randint(0, {config.num_tokens}, (1, 128))"
+        )
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must have shape (batch, seq), got {tuple(tokens.shape)}")
+    if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise ValueError(f"tokens must be non-empty, got shape {tuple(tokens.shape)}")
+    if tokens.shape[1] > max_len:
+        raise ValueError(f"sequence length {tokens.shape[1]} exceeds the limit {max_len} "
+                         f"(max_seq_len={config.max_seq_len})")
+    if torch.compiler.is_compiling():
+        return  # the id range is data: reading it back would break the compiled graph
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= config.num_tokens:
+        bad = low if low < 0 else high
+        raise ValueError(f"token id {bad} is out of range [0, {config.num_tokens})")
+
+
+def _check_inputs(tokens: Tensor, positions: Tensor | None, key_mask: Tensor | None, targets: Tensor | None,
+                  config: Config) -> None:
+    """Shapes and dtypes of the optional per-token inputs, which must match `tokens` (B, T)."""
+    shape = tuple(tokens.shape)
+    for name, value, integer in (("positions", positions, True), ("key_mask", key_mask, False),
+                                 ("targets", targets, True)):
+        if value is None:
+            continue
+        if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+            found = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"{name} must be a tensor of the tokens' shape {shape}, got {found}")
+        if integer and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
+            raise TypeError(f"{name} must hold integers (torch.long), got dtype {value.dtype}")
+        if not integer and value.dtype != torch.bool:
+            raise TypeError(f"{name} must be a bool tensor (True for real tokens), got dtype {value.dtype}")
+    if positions is not None and not torch.compiler.is_compiling():
+        if int(positions.min()) < 0:
+            raise ValueError(f"positions must be >= 0, got {int(positions.min())}")
+        if config.use_abs_pos_emb and int(positions.max()) >= config.max_seq_len:
+            raise ValueError(f"position {int(positions.max())} is beyond the learned absolute positions "
+                             f"(max_seq_len={config.max_seq_len})")
+    if targets is not None and not torch.compiler.is_compiling():
+        bad = targets[(targets != -100) & ((targets < 0) | (targets >= config.num_tokens))]
+        if bad.numel():
+            raise ValueError(f"target id {int(bad[0])} is out of range [0, {config.num_tokens}) (or -100 to ignore)")

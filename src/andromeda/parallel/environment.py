@@ -1,0 +1,155 @@
+"""The process group torchrun describes, and the collectives processes use to agree.
+
+Outside torchrun, or with one process, nothing is initialised and every collective is the
+identity, so single-process code runs the same calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+DEFAULT_TIMEOUT_S = 600.0  # how long a collective waits for the other processes by default
+
+logger = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands: its rank among `world_size` processes, and its device."""
+
+    rank: int = 0
+    local_rank: int = 0  # the rank within this node: the index of its GPU
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone logs, draws the progress bar, writes metrics and commits checkpoints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+# --------------------------------------------------------------------------- the process group
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} must be an integer (torchrun sets it)") from None
+
+
+def launched_rank() -> int:
+    """This process's rank as torchrun set it (RANK); 0 without torchrun."""
+    return _env_int("RANK") or 0
+
+
+@contextlib.contextmanager
+def distributed(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[DistEnv]:
+    """Join the process group torchrun describes (if any) and leave it on exit.
+
+    Outside torchrun, or with one process, nothing is initialised and the env is rank 0 of 1.
+    The backend is NCCL for CUDA devices (plus gloo for CPU tensors) and gloo otherwise. Each
+    process takes the GPU of its LOCAL_RANK. `timeout_s` bounds every collective: a process
+    whose peer died raises instead of waiting forever.
+    """
+    world_size = _env_int("WORLD_SIZE") or 1
+    if world_size == 1:
+        yield DistEnv(device=device)
+        return
+    rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK")
+    if rank is None or local_rank is None:
+        raise ValueError("WORLD_SIZE is set but RANK or LOCAL_RANK is not; launch with torchrun")
+    if device.type == "cuda":
+        if device.index is not None and device.index != local_rank:
+            raise ValueError(f"device {device} conflicts with LOCAL_RANK={local_rank}: under torchrun each "
+                             f"process uses the GPU of its local rank; pass --device cuda (or auto)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    created = not dist.is_initialized()
+    if created:
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+    elif dist.get_world_size() != world_size or dist.get_rank() != rank:
+        raise RuntimeError(f"a process group of {dist.get_world_size()} processes is already initialised, "
+                           f"but the environment says rank {rank} of {world_size}")
+    env = DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+    logger.info("process %d of %d on %s (backend %s)", rank, world_size, device, dist.get_backend())
+    try:
+        yield env
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def all_reduce_mean(value: Tensor, env: DistEnv) -> Tensor:
+    """The mean of `value` over all processes (a copy; `value` is untouched)."""
+    value = value.detach().clone()
+    if env.distributed:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= env.world_size
+    return value
+
+
+def all_reduce_max(values: list[float], env: DistEnv) -> list[float]:
+    """Element-wise maxima over all processes: how the ranks agree on a clock or a stop flag."""
+    if not env.distributed:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=env.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+def broadcast_object(value: Any, env: DistEnv) -> Any:
+    """Rank 0's `value` (any picklable object), on every process."""
+    if not env.distributed:
+        return value
+    box = [value if env.is_main else None]
+    dist.broadcast_object_list(box, src=0, device=env.device if env.device.type == "cuda" else None)
+    return box[0]
+
+
+@contextlib.contextmanager
+def main_process_first(env: DistEnv) -> Iterator[None]:
+    """Rank 0 runs the block first (downloads, tokenising into a cache); the others then run it
+    and find the results cached, instead of all writing the same files at once."""
+    if not env.is_main:
+        barrier(env)
+    try:
+        yield
+    finally:
+        if env.is_main:
+            barrier(env)

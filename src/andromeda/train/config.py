@@ -1,0 +1,172 @@
+"""`TrainConfig`: every hyperparameter of a training run, validated on construction, saved with
+each checkpoint (`train_config.json`), round-tripped through JSON. Each field's help text is its
+metadata: the command line's `andromeda train --help` and the docs read it from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ..config import PRESETS, Config, check_types, from_known_fields
+from ..parallel.environment import DEFAULT_TIMEOUT_S
+from ..parallel.parallelize import PARALLEL_MODES
+from ..tokenizers import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+VOCAB_MULTIPLE = 64  # embedding rows are padded to a multiple of this (faster matmuls)
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
+    """A dataclass field carrying its command-line help."""
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out: str = option(help="run folder: checkpoints/, latest, metrics.jsonl, loss.png")
+    preset: str = option("demo", f"model preset: {', '.join(PRESETS)}")
+    model_overrides: Mapping[str, Any] = option({}, "model Config fields over the preset", cli=False)
+    data: tuple[str, ...] | None = option(
+        None, "training files, folders or globs (default: Shakespeare's train split)")
+    eval_data: tuple[str, ...] | None = option(
+        None, "held-out files for periodic evaluation (default: Shakespeare's held-out plays when --data "
+              "is not given)")
+    tokenizer: str = option("byte", "byte, bpe (trained on --data, saved with the run) or a tokenizer.json path")
+    bpe_vocab_size: int = option(4096, "vocabulary size of a trained BPE")
+    seed: int = option(0, "seed of the initialisation and of the data order")
+    batch_size: int = option(16, "sequences per optimizer step, over all accumulation micro-steps and processes")
+    seq_len: int = option(256, "tokens per training sequence (at most the model's max_seq_len)")
+    grad_accum: int = option(1, "gradient-accumulation micro-steps per optimizer step (must divide --batch-size)")
+    lr: float = option(2e-3, "peak learning rate")
+    min_lr: float = option(1e-4, "learning rate at the end of the cosine decay")
+    warmup_steps: int = option(100, "linear warmup steps")
+    weight_decay: float = option(0.1, "AdamW decoupled weight decay (linear weights only)")
+    qk_scale_lr_mult: float = option(1.0, "learning-rate multiplier of the QK-norm scales (the attention temperature)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    grad_clip: float = option(1.0, "max global gradient norm (0: no clipping)")
+    max_steps: int | None = option(None, "optimizer steps: the stop, and the learning-rate schedule's length")
+    time_budget: float | None = option(
+        None, "seconds of training loop over all resumes: a stop; without --max-steps also the schedule's "
+              "length, counted in seconds, so the run ends at --min-lr however fast the machine is")
+    save_every: int = option(500, "checkpoint every N steps (and at the end)")
+    keep: int = option(2, "checkpoints to keep")
+    eval_every: int = option(250, "held-out evaluation every N steps")
+    eval_batches: int = option(8, "held-out batches per evaluation (0: none)")
+    log_every: int = option(10, "log a metrics line every N steps")
+    bf16: bool = option(False, "bfloat16 compute: autocast, or with --parallel fsdp bf16 gathered weights (the "
+                               "shards, the gradient reduction and the optimizer stay fp32)")
+    activation_checkpointing: bool = option(False, "recompute each block's activations in backward to save memory")
+    parallel: str = option("none", "how the processes torchrun starts share the work: ddp (replicas) or fsdp "
+                                   "(sharded weights, gradients and optimizer state); ignored by one process")
+    dist_timeout: float = option(DEFAULT_TIMEOUT_S, "seconds a process waits for the others in a collective before "
+                                                    "failing")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    resume: bool = option(False, "continue the run in --out from its latest checkpoint (settings not given are "
+                                 "the run's)")
+    progress: bool = option(True, "progress bar", cli=False)
+    cache_dir: str | None = option(None, "corpus and token cache folder (default $ANDROMEDA_CACHE or "
+                                         "~/.cache/andromeda)")
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        for name in ("batch_size", "seq_len", "grad_accum", "bpe_vocab_size", "save_every", "keep",
+                     "eval_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("seed", "warmup_steps", "eval_batches", "weight_decay", "grad_clip", "min_lr", "qk_scale_lr_mult"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"TrainConfig.min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"batch size {self.batch_size} is not divisible by grad accumulation "
+                f"{self.grad_accum}: each micro-step takes batch_size / grad_accum sequences"
+            )
+        if self.max_steps is None and self.time_budget is None:
+            raise ValueError("give max_steps (--max-steps) or time_budget (--time-budget), or both: "
+                             "the learning-rate schedule needs a length")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"TrainConfig.max_steps must be >= 1, got {self.max_steps}")
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"TrainConfig.parallel must be one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"TrainConfig.dist_timeout must be positive seconds, got {self.dist_timeout}")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise ValueError(f"TrainConfig.time_budget must be positive seconds, got {self.time_budget}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        known = {f.name for f in fields(Config)}
+        unknown = sorted(set(self.model_overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown model config fields {unknown} in model_overrides; known: {sorted(known)}")
+        if self.data is not None and not self.data:
+            raise ValueError("TrainConfig.data must name at least one file, folder or glob (or be None)")
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        return from_known_fields(cls, data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        return cls.from_dict(json.loads(text))
+
+
+# Changing any of these mid-run would make the resumed run a different run. The rest (device,
+# parallel, the number of processes, ...) may change: the loss curve does not depend on them.
+RUN_DEFINING = ("preset", "model_overrides", "data", "eval_data", "tokenizer", "bpe_vocab_size", "seed",
+                "batch_size", "seq_len", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "qk_scale_lr_mult",
+                "beta1", "beta2", "grad_clip", "max_steps")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    return value
+
+
+def padded_vocab(vocab_size: int) -> int:
+    return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def model_config(config: TrainConfig, tokenizer: Tokenizer) -> Config:
+    """The preset with the overrides, sized for the tokenizer and checked against seq_len."""
+    model = Config.from_preset(config.preset, **config.model_overrides)
+    if "num_tokens" in config.model_overrides:
+        if model.num_tokens < tokenizer.vocab_size:
+            raise ValueError(f"num_tokens={model.num_tokens} is smaller than the tokenizer's vocab_size "
+                             f"{tokenizer.vocab_size}")
+    elif model.num_tokens != tokenizer.vocab_size:
+        num_tokens = padded_vocab(tokenizer.vocab_size)
+        logger.info("tokenizer %s has %d tokens; setting num_tokens %d -> %d (a multiple of %d)",
+                    tokenizer.name, tokenizer.vocab_size, model.num_tokens, num_tokens, VOCAB_MULTIPLE)
+        model = model.replace(num_tokens=num_tokens)
+    if config.seq_len > model.max_seq_len:
+        raise ValueError(f"seq_len {config.seq_len} exceeds the model's max_seq_len {model.max_seq_len} "
+                         f"(preset {config.preset!r}); use --seq-len <= {model.max_seq_len}")
+    return model

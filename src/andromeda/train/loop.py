@@ -1,0 +1,350 @@
+"""The training run: set-up (resume or start, data, tokenizer, model spread over the processes,
+optimizer) and the loop (step, log, evaluate, save, stop).
+
+The data of step `s` is `sample_batch(tokens, s, batch_size, seq_len, seed, rank, world_size)`: a
+function of the seed and the step alone, so a resumed run sees exactly the batches the
+uninterrupted run would have, and the loss curve does not depend on the number of processes.
+
+Under torchrun every process runs `train`; they agree on the clock and on interrupts once per step
+(`all_reduce_max`), so they stop, evaluate and save at the same steps. Rank 0 alone logs metrics and
+draws the progress bar. A checkpoint written by N processes resumes on any number of processes.
+
+Determinism: on CPU, a run interrupted at any step (Ctrl-C, `kill -9`) and resumed with
+`resume=True` ends bit-for-bit where the uninterrupted run ends — the checkpoint holds the
+weights, the AdamW moments, the step, the RNG states and the logging accumulators, and nothing
+else carries state between steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from ..checkpoint import OPTIMIZER_DIR, latest_checkpoint, load_transformer, remove_incomplete, step_checkpoints
+from ..config import Config
+from ..data import TokenStore, cache_root, iter_texts, resolve_data, shakespeare_corpus
+from ..evaluation import evaluate
+from ..model import Transformer, build_transformer
+from ..parallel.dcp import load_optimizer
+from ..parallel.environment import (
+    DistEnv,
+    all_reduce_max,
+    barrier,
+    broadcast_object,
+    distributed,
+    main_process_first,
+    resolve_device,
+)
+from ..parallel.parallelize import build_parallel_model, check_parallel_setup
+from ..tokenizers import Tokenizer, build_tokenizer
+from .config import TrainConfig, model_config
+from .metrics import LOSS_PLOT_FILE, METRICS_FILE, MetricsLog, plot_losses
+from .optim import build_optimizer, decay_progress, lr_at
+from .state import Progress, TrainerState, restore_training, save_training_checkpoint, set_rng_state
+from .step import NonFiniteLossError, get_batch, train_step
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    step: int
+    train_loss: float | None  # mean over the last logged interval
+    eval: dict[str, float | int] | None  # the final held-out evaluation
+    checkpoint: Path
+    elapsed_s: float
+    stopped_by: str  # "max_steps" or "time_budget"
+    run_dir: Path
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run (or, with `config.resume`, continue) the training run `config` describes.
+
+    Stops at `max_steps` or when `time_budget` seconds of training loop have passed (counting
+    earlier runs of a resumed run), whichever is first; then evaluates, saves a final checkpoint and
+    plots `loss.png`. A first Ctrl-C saves a checkpoint and re-raises KeyboardInterrupt. A
+    non-finite loss raises NonFiniteLossError, keeping the last good checkpoint.
+
+    Under torchrun every process calls it (`config.parallel` says how they share the work) and all
+    of them return the same result.
+    """
+    with distributed(resolve_device(config.device), config.dist_timeout) as env:
+        trainer = Trainer(config, env)
+        context = logging_redirect_tqdm() if trainer.show_progress else contextlib.nullcontext()
+        with context:
+            return trainer.run()
+
+
+def data_files(config: TrainConfig) -> tuple[list[Path], list[Path]]:
+    """The training files and the held-out files (possibly none) of a run."""
+    if config.data is None:
+        corpus = shakespeare_corpus(config.cache_dir)
+        train_files = resolve_data([corpus / "train"])
+        eval_files = resolve_data([corpus / "heldout"]) if config.eval_data is None else []
+    else:
+        train_files = resolve_data(config.data)
+        eval_files = []
+    if config.eval_data is not None:
+        eval_files = resolve_data(config.eval_data)
+    return train_files, eval_files
+
+
+def load_stores(config: TrainConfig, tokenizer: Tokenizer, train_files: list[Path], eval_files: list[Path]
+                ) -> tuple[TokenStore, TokenStore | None]:
+    token_cache = Path(config.cache_dir) / "tokens" if config.cache_dir else cache_root() / "tokens"
+    train_store = TokenStore(train_files, tokenizer, cache_dir=token_cache)
+    if len(train_store) < config.seq_len + 1:
+        raise ValueError(f"the training data has {len(train_store)} tokens, fewer than seq_len + 1 = "
+                         f"{config.seq_len + 1}; use a shorter --seq-len or more data")
+    eval_store = TokenStore(eval_files, tokenizer, cache_dir=token_cache) if eval_files else None
+    logger.info("training data: %r", train_store)
+    if eval_store is not None:
+        logger.info("held-out data: %r", eval_store)
+    elif config.eval_batches:
+        logger.info("no held-out data (give eval_data / --eval-data): periodic evaluation is off")
+    return train_store, eval_store
+
+
+class Trainer:
+    """One training run on this process: everything it needs, built in `__init__`, and the loop.
+
+    All processes run the same loop and must make the same decisions at the same steps, so the
+    clock and the interrupt flag are agreed on once per step (`sync`): the maximum over processes.
+    """
+
+    def __init__(self, config: TrainConfig, env: DistEnv) -> None:
+        check_parallel_setup(config.parallel, config.batch_size, config.grad_accum, env)
+        self.config, self.env = config, env
+        self.run_dir = Path(config.out)
+        self.metrics = MetricsLog(self.run_dir / METRICS_FILE)
+        checkpoint, model_cfg, tokenizer, state = self._resume_or_start()
+        barrier(env)  # every process has read the run folder before rank 0 cleans it
+        if env.is_main:
+            remove_incomplete(self.run_dir)
+        with main_process_first(env):  # rank 0 fetches the corpus; the others find it cached
+            train_files, eval_files = data_files(config)
+        if tokenizer is None:
+            # Rank 0 alone builds the tokenizer (a BPE is trained once) and hands it to the others.
+            tokenizer = build_tokenizer(config.tokenizer, train_texts=lambda: iter_texts(train_files),
+                                        vocab_size=config.bpe_vocab_size) if env.is_main else None
+            tokenizer = broadcast_object(tokenizer, env)
+            model_cfg = model_config(config, tokenizer)
+        with main_process_first(env):  # rank 0 tokenises into the cache; the others read it
+            self.train_store, self.eval_store = load_stores(config, tokenizer, train_files, eval_files)
+        self.tokenizer = tokenizer
+        # Under FSDP, bf16 is the dtype the gathered weights compute in; otherwise it is autocast.
+        sharded = config.parallel == "fsdp" and env.distributed
+        self.autocast = config.bf16 and not sharded
+        self.net, self.train_module = build_parallel_model(
+            lambda: self._make_net(checkpoint, model_cfg), model_cfg, config.parallel, env,
+            param_dtype=torch.bfloat16 if config.bf16 and sharded else None,
+            activation_checkpointing=config.activation_checkpointing)
+        self.net.train()
+        self.params = [p for p in self.net.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.net, config)
+        self.fresh = state is None
+        if state is not None:
+            load_optimizer(checkpoint / OPTIMIZER_DIR, self.net, self.optimizer)
+            set_rng_state(state.rng, env.device)
+            self.progress = state.progress
+            if env.is_main:
+                self.metrics.truncate_after(self.progress.step)
+            logger.info("resuming %s at step %d", self.run_dir, self.progress.step)
+        else:
+            if env.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self.metrics.path.write_text("")
+            self.progress = Progress()
+        self._log_setup(model_cfg)
+        self.show_progress = config.progress and env.is_main
+        self.last_eval: dict[str, float | int] | None = None
+        self.last_train_loss: float | None = None
+        self.grad_norm = float("nan")
+        self.saved_step: int | None = None
+        self.now = self.progress.elapsed_s  # seconds of training loop, as agreed at the last sync
+        self.start = time.monotonic() - self.progress.elapsed_s
+        self.stop_requested = False
+        self.log_start, self.log_steps = time.monotonic(), 0
+
+    def _resume_or_start(self) -> tuple[Path | None, Config | None, Tokenizer | None, TrainerState | None]:
+        """With --resume, the checkpoint to continue and what it holds; else check the run
+        folder is free and return nothing."""
+        if self.config.resume:
+            checkpoint = latest_checkpoint(self.run_dir)
+            if checkpoint is None:
+                raise FileNotFoundError(f"nothing to resume: {self.run_dir} has no checkpoint in "
+                                        f"{self.run_dir / 'checkpoints'}; start without --resume")
+            return (checkpoint, *restore_training(checkpoint, self.config))
+        existing = step_checkpoints(self.run_dir)
+        if existing:
+            raise FileExistsError(f"{self.run_dir} already holds a run ({existing[-1].name}); pass --resume to "
+                                  f"continue it, or choose another --out")
+        return None, None, None, None
+
+    def _make_net(self, checkpoint: Path | None, config: Config) -> Transformer:
+        """The single-process model: the checkpoint's weights, or a seeded initialisation, in
+        fp32 (master weights; bf16 compute comes from autocast or FSDP's policy)."""
+        if checkpoint is not None:
+            return load_transformer(checkpoint, device=self.env.device, dtype=torch.float32)
+        torch.manual_seed(self.config.seed)
+        return build_transformer(config, device=self.env.device)
+
+    def _log_setup(self, c: Config) -> None:
+        config, env = self.config, self.env
+        logger.info("model: %s parameters (dim %d, depth %d, %d heads of %d, %d kv heads, %d ALiBi heads, vocab %d)",
+                    f"{self.net.num_parameters():,}", c.dim, c.depth, c.heads, c.dim_head, c.attn_kv_heads,
+                    c.num_alibi_heads, c.num_tokens)
+        if env.distributed:
+            logger.info("%s over %d processes: %d sequences per process per step, in %d micro-steps",
+                        config.parallel, env.world_size, config.batch_size // env.world_size, config.grad_accum)
+        if config.max_steps is not None and config.warmup_steps >= config.max_steps:
+            logger.warning("warmup_steps (%d) >= max_steps (%d): the learning rate never decays",
+                           config.warmup_steps, config.max_steps)
+
+    # ----------------------------------------------------------------------- the loop
+
+    def run(self) -> TrainResult:
+        config, progress = self.config, self.progress
+        if self.fresh:
+            self.evaluate()
+        # The time budget covers everything from here, earlier runs of a resumed run included.
+        self.start = time.monotonic() - progress.elapsed_s
+        self.log_start, self.log_steps = time.monotonic(), 0
+        bar = tqdm(total=config.max_steps, initial=progress.step, unit="step", disable=not self.show_progress,
+                   dynamic_ncols=True)
+        try:
+            with _graceful_interrupt() as interrupted:
+                self.sync(interrupted[0])
+                while not self.done():
+                    lr = self.step()
+                    self.sync(interrupted[0])
+                    bar.update(1)
+                    if progress.step % config.log_every == 0:
+                        self.log(lr, bar)
+                    finished = self.done()
+                    if progress.step % config.eval_every == 0 and not finished:
+                        self.evaluate()
+                    if progress.step % config.save_every == 0 and not finished:
+                        self.save()
+                    if self.stop_requested:
+                        if self.saved_step != progress.step:
+                            self.save()
+                        raise KeyboardInterrupt(f"interrupted at step {progress.step}; saved a checkpoint "
+                                                f"in {self.run_dir} (continue with --resume)")
+        finally:
+            if config.max_steps is None:  # the estimated total becomes the steps actually taken
+                bar.total = bar.n
+                bar.refresh()
+            bar.close()
+        stopped_by = "max_steps" if config.max_steps is not None and progress.step >= config.max_steps else "time_budget"
+        final_eval = self.evaluate()
+        checkpoint = self.save()
+        if self.env.is_main:
+            plot_losses(self.metrics.read(), self.run_dir / LOSS_PLOT_FILE)
+        logger.info("finished at step %d after %.0fs (%s); checkpoint %s", progress.step, self.now,
+                    stopped_by, checkpoint)
+        return TrainResult(step=progress.step, train_loss=self.last_train_loss, eval=final_eval,
+                           checkpoint=checkpoint, elapsed_s=self.now, stopped_by=stopped_by,
+                           run_dir=self.run_dir)
+
+    def sync(self, interrupted: bool) -> None:
+        """Agree on the elapsed time and on whether any process was interrupted."""
+        self.now, flag = all_reduce_max([time.monotonic() - self.start, float(interrupted)], self.env)
+        self.stop_requested = flag > 0
+
+    def done(self) -> bool:
+        config, progress = self.config, self.progress
+        if config.max_steps is not None and progress.step >= config.max_steps:
+            return True
+        return config.time_budget is not None and self.now >= config.time_budget
+
+    def step(self) -> float:
+        """One update; returns its learning rate."""
+        progress, config, env = self.progress, self.config, self.env
+        batch = get_batch(self.train_store.tokens, progress.step, config, env.device, env.rank, env.world_size)
+        if progress.step == config.warmup_steps and progress.warmup_end_s is None:
+            progress.warmup_end_s = self.now
+        lr = lr_at(progress.step, config, decay_progress(progress.step, config, self.now, progress.warmup_end_s))
+        try:
+            loss, self.grad_norm = train_step(self.train_module, self.params, batch, self.optimizer, lr, config,
+                                              progress.step, env, self.autocast)
+        except NonFiniteLossError as err:
+            last = latest_checkpoint(self.run_dir)
+            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
+            raise NonFiniteLossError(f"{err}: training stopped; {kept}. Try a lower --lr, a smaller "
+                                     f"--grad-clip, or training without --bf16") from None
+        progress.step += 1
+        progress.loss_sum += loss
+        progress.loss_count += 1
+        self.log_steps += 1
+        return lr
+
+    def log(self, lr: float, bar: tqdm) -> None:
+        progress, config = self.progress, self.config
+        now = time.monotonic()
+        self.last_train_loss = progress.loss_sum / progress.loss_count
+        step_s = (now - self.log_start) / max(self.log_steps, 1)
+        rate = config.batch_size * config.seq_len / max(step_s, 1e-9)
+        if self.env.is_main:
+            self.metrics.append({"type": "train", "step": progress.step, "loss": self.last_train_loss, "lr": lr,
+                                 "grad_norm": self.grad_norm, "tokens_per_s": rate, "elapsed_s": self.now})
+        if config.max_steps is None:  # a time budget: the bar's total (and so its ETA) is an estimate
+            bar.total = progress.step + max(1, int((config.time_budget - self.now) / step_s))
+        bar.set_postfix(loss=f"{self.last_train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}", refresh=False)
+        bar.refresh()
+        progress.loss_sum, progress.loss_count = 0.0, 0
+        self.log_start, self.log_steps = now, 0
+
+    def evaluate(self) -> dict[str, float | int] | None:
+        if self.eval_store is None or self.config.eval_batches == 0:
+            return None
+        if not (self.env.is_main or self.config.parallel == "fsdp"):
+            return None  # a replica: rank 0's evaluation is the same; FSDP needs every process
+        result = evaluate(self.net, self.eval_store.tokens, self.config.seq_len, self.config.batch_size,
+                          self.eval_store.num_bytes, max_windows=self.config.eval_batches * self.config.batch_size,
+                          autocast_dtype=torch.bfloat16 if self.config.bf16 else None)
+        if self.env.is_main:
+            self.metrics.append({"type": "eval", "step": self.progress.step, **result})
+            logger.info("step %d: held-out loss %.4f, %.4f bits/byte", self.progress.step, result["loss"],
+                        result["bits_per_byte"])
+        self.last_eval = result
+        return result
+
+    def save(self) -> Path:
+        self.progress.elapsed_s = self.now
+        path = save_training_checkpoint(self.run_dir, self.net, self.optimizer, self.progress, self.config,
+                                        self.tokenizer, self.env)
+        self.saved_step = self.progress.step
+        return path
+
+
+@contextlib.contextmanager
+def _graceful_interrupt() -> Iterator[list[bool]]:
+    """Turn the first Ctrl-C into a flag checked between steps, so the run can save a consistent
+    checkpoint; a second Ctrl-C interrupts at once. Only possible in the main thread."""
+    flag = [False]
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag[0]:
+            raise KeyboardInterrupt
+        flag[0] = True
+        logger.warning("interrupt: saving a checkpoint after this step (Ctrl-C again to abort)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)

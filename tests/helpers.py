@@ -1,0 +1,83 @@
+"""Helpers shared by the test modules (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from andromeda import Andromeda
+from andromeda.train import TrainConfig
+
+CORPUS_TEXT = "the quick brown fox jumps over the lazy dog. " * 200
+
+# Single features switched on or off against the tiny preset (the seed's feature mix).
+FEATURES = {
+    "seed": {},
+    "alibi_only": dict(rotary_xpos=False),
+    "xpos_only": dict(alibi_pos_bias=False),
+    "alibi_all_heads": dict(alibi_num_heads=4, rotary_xpos=False),
+    "abs_pos_emb_only": dict(use_abs_pos_emb=True, alibi_pos_bias=False, rotary_xpos=False),
+    "abs_pos_emb_with_seed": dict(use_abs_pos_emb=True),
+    "no_positions": dict(alibi_pos_bias=False, rotary_xpos=False),
+    "no_qk_norm": dict(qk_norm=False, attn_qk_norm=False),
+    "qk_norm_fixed_scale": dict(attn_qk_norm_dim_scale=False),
+    "reference_attention": dict(attn_flash=False),
+    "kv_heads_eq_heads": dict(attn_kv_heads=4),
+    "multi_query": dict(attn_kv_heads=1),
+}
+
+
+def random_net(seed: int = 0, **overrides):
+    """A tiny Transformer with weights scaled up from the 0.02-std init, whose nearly flat logits
+    would make greedy comparisons weak: here greedy choices depend on the context."""
+    torch.manual_seed(seed)
+    net = Andromeda.from_config("tiny", **overrides).Andromeda
+    with torch.no_grad():
+        for parameter in net.parameters():
+            if parameter.ndim == 2:
+                parameter.mul_(3.0)
+    return net
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tiny_train_config(tmp_path: Path, corpus: Path, **changes) -> TrainConfig:
+    """A tiny run over `corpus`: 6 steps of 4 x 32 tokens, checkpoints every 2 steps."""
+    base = dict(out=str(tmp_path / "run"), preset="tiny", model_overrides={"max_seq_len": 64},
+                data=(str(corpus),), eval_data=(str(corpus),), batch_size=4, seq_len=32, max_steps=6,
+                warmup_steps=2, lr=3e-3, save_every=2, eval_every=3, eval_batches=1, log_every=1,
+                device="cpu", progress=False, cache_dir=str(tmp_path / "cache"), keep=10)
+    return TrainConfig(**{**base, **changes})
+
+
+def train_cli_args(out: Path, corpus: Path, cache: Path, *extra: str) -> list[str]:
+    """`andromeda train` arguments for a tiny run over `corpus` (30 steps of 8 x 32 tokens)."""
+    return ["train", "--preset", "tiny", "--override", "max_seq_len=64", "--data", str(corpus),
+            "--eval-data", str(corpus), "--out", str(out), "--max-steps", "30", "--batch-size", "8",
+            "--seq-len", "32", "--warmup-steps", "3", "--lr", "3e-3", "--eval-every", "15", "--eval-batches", "1",
+            "--save-every", "15", "--device", "cpu", "--no-progress", "--cache-dir", str(cache), *extra]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for an `andromeda` subprocess: one OpenMP thread, plus `extra`."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
+def andromeda_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "andromeda", *args]
+
+
+def run_andromeda(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    """Run `python -m andromeda ARGS` to completion (bounded by `timeout`)."""
+    return subprocess.run(andromeda_command(*args), env=child_env(**env), capture_output=True, text=True,
+                          timeout=timeout)
