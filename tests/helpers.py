@@ -81,3 +81,13 @@ def run_andromeda(*args: str, timeout: float = 120, **env: str) -> subprocess.Co
     """Run `python -m andromeda ARGS` to completion (bounded by `timeout`)."""
     return subprocess.run(andromeda_command(*args), env=child_env(**env), capture_output=True, text=True,
                           timeout=timeout)
+
+
+def assert_loss_plot(path: Path) -> None:
+    """`path` is the trainer's loss plot: a 700 x 450 PNG with curves drawn on it, not a blank."""
+    from matplotlib.image import imread
+
+    image = imread(path)  # (H, W, RGBA) floats in [0, 1]
+    assert image.shape[:2] == (450, 700)
+    colours = {tuple(pixel) for pixel in image[::5, ::5, :3].reshape(-1, 3).round(2).tolist()}
+    assert len(colours) > 20, "the plot has almost no colours: nothing was drawn"

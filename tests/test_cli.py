@@ -9,7 +9,7 @@ from andromeda import Transformer, cli
 from andromeda.checkpoint import load_checkpoint_tokenizer, load_transformer
 from andromeda.data import TokenStore
 from andromeda.evaluation import evaluate
-from helpers import train_cli_args
+from helpers import assert_loss_plot, train_cli_args
 
 
 def _train_args(tmp_path, corpus, *extra):
@@ -22,7 +22,7 @@ def test_train_eval_generate_end_to_end(tmp_path, corpus, capsys):
     assert "trained 30 steps" in out and "held-out loss" in out
     run = tmp_path / "run"
     assert (run / "checkpoints" / "step_000030" / "model.safetensors").is_file()
-    assert (run / "loss.png").is_file()
+    assert_loss_plot(run / "loss.png")
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "loss", "lr", "tokens_per_s"} <= set(metrics[1]) and metrics[1]["type"] == "train"
 

@@ -35,6 +35,7 @@ from andromeda.parallel.parallelize import apply_activation_checkpointing, check
 from andromeda.train import TrainConfig
 from andromeda.train.optim import build_optimizer
 from andromeda.train.state import read_trainer_state
+from helpers import CORPUS_TEXT, child_env
 from helpers import free_port as _free_port
 
 WORLD_SIZE = 2
@@ -206,14 +207,13 @@ def test_fsdp_bf16_parameters_reduce_gradients_in_fp32(parallel_results, referen
 
 # --------------------------------------------------------------------------- torchrun, end to end
 
-TEXT = "the quick brown fox jumps over the lazy dog. " * 200
 STEPS = 4
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    (root / "corpus.txt").write_text(TEXT)
+    (root / "corpus.txt").write_text(CORPUS_TEXT)
     return root
 
 
@@ -232,12 +232,8 @@ def _torchrun_command(args: list[str], nproc: int = WORLD_SIZE) -> list[str]:
             "-m", "andromeda", *args]
 
 
-def _child_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
 def _torchrun(args: list[str]) -> str:
-    done = subprocess.run(_torchrun_command(args), env=_child_env(), capture_output=True, text=True,
+    done = subprocess.run(_torchrun_command(args), env=child_env(), capture_output=True, text=True,
                           timeout=DEADLINE_S)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
@@ -330,7 +326,7 @@ def _children(pid: int) -> list[int]:
 def test_killing_one_rank_fails_the_job_and_keeps_the_last_checkpoint_loadable(workspace):
     run = workspace / "killed"
     args = _train_args(workspace, run, "--parallel", "fsdp", "--max-steps", "100000", "--eval-batches", "0")
-    launcher = subprocess.Popen(_torchrun_command(args), env=_child_env(), stdout=subprocess.PIPE,
+    launcher = subprocess.Popen(_torchrun_command(args), env=child_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + DEADLINE_S

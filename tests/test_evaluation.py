@@ -64,7 +64,6 @@ def test_bits_per_byte_counts_bytes_not_tokens_with_bpe(tmp_path, model):
 
 def test_max_windows_scores_an_even_sample_and_scales_the_bytes(tmp_path, model):
     store = _store(tmp_path, ByteTokenizer())
-    full = evaluate(model, store.tokens, 16, 4, store.num_bytes)
     part = evaluate(model, store.tokens, 16, 4, store.num_bytes, max_windows=3)
     targets = len(store.tokens) - 1
     windows = -(-targets // 16)
@@ -73,7 +72,14 @@ def test_max_windows_scores_an_even_sample_and_scales_the_bytes(tmp_path, model)
     assert part["bytes"] == round(store.num_bytes * scored / targets)
     # nats / ln 2 / (bytes * scored / targets), with nats = loss * scored
     assert part["bits_per_byte"] == pytest.approx(part["loss"] * targets / math.log(2) / store.num_bytes, rel=1e-9)
-    assert part["loss"] != full["loss"]
+    # The loss is that of exactly those windows: the first, the middle one and the last.
+    ids = torch.from_numpy(np.asarray(store.tokens, dtype=np.int64))
+    nats = 0.0
+    with torch.no_grad():
+        for index in (0, round((windows - 1) / 2), windows - 1):
+            chunk = ids[index * 16 : index * 16 + 17]
+            nats += float(F.cross_entropy(model(chunk[None, :-1])[0].double(), chunk[1:], reduction="sum"))
+    assert part["loss"] == pytest.approx(nats / scored, rel=1e-5)
 
 
 def test_evaluation_leaves_the_training_mode_alone(tmp_path, model):
@@ -89,3 +95,6 @@ def test_seq_len_beyond_max_seq_len_is_rejected(tmp_path, model):
         evaluate(model, store.tokens, 65, 4, store.num_bytes)
     with pytest.raises(ValueError, match="num_bytes must be positive"):
         evaluate(model, store.tokens, 16, 4, 0)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"max_windows must be at least 1 .*got {bad}"):
+            evaluate(model, store.tokens, 16, 4, store.num_bytes, max_windows=bad)

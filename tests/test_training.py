@@ -23,6 +23,7 @@ from andromeda.train import NonFiniteLossError, TrainConfig, train
 from andromeda.train import loop as train_loop
 from andromeda.train.optim import build_optimizer, decay_progress, lr_at, param_groups
 from andromeda.train.step import train_step
+from helpers import assert_loss_plot
 from helpers import tiny_train_config as _config
 
 
@@ -141,7 +142,7 @@ def test_a_tiny_model_learns_a_repetitive_text(tmp_path, corpus):
     assert result.eval["loss"] < 0.4 * initial["loss"]
     assert result.train_loss < 0.4 * math.log(258)
     assert result.eval["bits_per_byte"] == pytest.approx(result.eval["loss"] / math.log(2), rel=1e-3)
-    assert (tmp_path / "run" / "loss.png").stat().st_size > 0
+    assert_loss_plot(tmp_path / "run" / "loss.png")
     assert result.step == 40 and result.stopped_by == "max_steps"
 
 

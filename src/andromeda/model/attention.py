@@ -33,6 +33,8 @@ QUERY_CHUNK = 512
 # The ALiBi key channel j - c is split as a multiple of this plus a remainder below it, so both
 # parts are integers bf16 represents exactly (8 significant bits).
 ALIBI_SPLIT = 256
+# CUDA's fused attention kernels take head sizes that are multiples of this.
+CUDA_HEAD_MULTIPLE = 8
 
 
 @lru_cache(maxsize=None)
@@ -133,7 +135,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, *, scale: f
 def _attend_one_query(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, scale: float) -> Tensor:
     """A decoding step: the G query heads that read one key/value head become G query rows of
     that head, so the fused kernel runs K heads of G rows instead of H heads of one row (a shape
-    CPU kernels handle ~20x slower), and keys are never repeated.
+    CPU kernels handle far more slowly; benchmarks/bench_decode.py), and keys are never repeated.
     """
     B, H, _, D = q.shape
     K, S = k.shape[1], k.shape[2]
@@ -186,11 +188,11 @@ def _reference_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: f
 
 def alibi_channels(dim_head: int, device_type: str) -> int:
     """Channels appended to each head by `_alibi_as_channels`: the 2 it uses, zero-padded on
-    CUDA to a multiple of 8, the head sizes its fused kernels take. CPU kernels take any size,
-    and each extra channel costs ~2% of the attention time there."""
+    CUDA to a multiple of CUDA_HEAD_MULTIPLE, the head sizes its fused kernels take. CPU kernels
+    take any size, and there every extra channel is extra attention work."""
     if device_type == "cpu":
         return 2
-    return 8 - dim_head % 8 if dim_head % 8 else 8
+    return -dim_head % CUDA_HEAD_MULTIPLE or CUDA_HEAD_MULTIPLE
 
 
 def _alibi_as_channels(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, scale: float) -> Tensor:

@@ -1,0 +1,129 @@
+"""The package's dependency direction: the model core imports no infrastructure, each layer imports
+only the layers below it, and module-level imports form no cycle. Checked on the source (every
+import statement, function-level ones included), so it fails the moment a wrong import is added."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import andromeda
+
+SOURCE = Path(andromeda.__file__).parent
+
+# Layers, lowest first. A module may import its own layer and any layer below it.
+LAYERS = [
+    ("core", ["andromeda.config", "andromeda.model"]),
+    ("inference", ["andromeda.inference"]),
+    ("infrastructure", ["andromeda.tokenizers", "andromeda.data", "andromeda.checkpoint", "andromeda.parallel",
+                        "andromeda.evaluation", "andromeda.plan", "andromeda.interop.x_transformers"]),
+    ("applications", ["andromeda.train", "andromeda.serve", "andromeda.interop.hf", "andromeda.interop.lm_eval"]),
+    ("face", ["andromeda.andromeda", "andromeda.wrapper", "andromeda.interop", "andromeda"]),
+    ("cli", ["andromeda.cli", "andromeda.__main__"]),
+]
+# inference and infrastructure are siblings: neither needs the other.
+SIBLINGS = {("inference", "infrastructure"), ("infrastructure", "inference")}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SOURCE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer_of(module: str) -> int:
+    """The layer of the most specific prefix that names `module`."""
+    best, best_len = None, -1
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best_len:
+                best, best_len = index, len(prefix)
+    assert best is not None, f"{module} belongs to no layer; add it to LAYERS"
+    return best
+
+
+def imports(path: Path, *, top_level_only: bool = False, text: str | None = None) -> set[str]:
+    """The andromeda modules `path` imports (its source, or `text` in its place), relative
+    imports resolved."""
+    module = module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    tree = ast.parse(path.read_text() if text is None else text)
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module or ""
+            for alias in node.names:  # `from . import checkpoint` imports a module, not a name
+                name = f"{target}.{alias.name}"
+                found.add(name if _is_module(name) else target)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name == "andromeda" or name.startswith("andromeda.")}
+
+
+def _is_module(name: str) -> bool:
+    path = SOURCE.parent / name.replace(".", "/")
+    return path.with_suffix(".py").is_file() or path.is_dir()
+
+
+def check_module(path: Path, text: str | None = None) -> None:
+    module = module_name(path)
+    own = layer_of(module)
+    for target in imports(path, text=text):
+        theirs = layer_of(target)
+        names = (LAYERS[own][0], LAYERS[theirs][0])
+        assert theirs <= own and names not in SIBLINGS, (
+            f"{module} ({names[0]}) imports {target} ({names[1]}): dependencies must point down the layers")
+
+
+SOURCES = sorted(SOURCE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: module_name(p))
+def test_each_module_imports_only_its_layer_and_below(path):
+    check_module(path)
+
+
+def test_the_model_core_imports_no_infrastructure():
+    core = [p for p in SOURCES if layer_of(module_name(p)) == 0]
+    assert {module_name(p) for p in core} >= {"andromeda.config", "andromeda.model.transformer",
+                                              "andromeda.model.cache", "andromeda.model.attention"}
+    for path in core:
+        assert all(layer_of(target) == 0 for target in imports(path)), module_name(path)
+
+
+def test_module_level_imports_have_no_cycle():
+    graph = {module_name(p): imports(p, top_level_only=True) for p in SOURCES}
+    state: dict[str, str] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                raise AssertionError("import cycle: " + " -> ".join(trail + [node, nxt]))
+            if nxt not in state:
+                visit(nxt, trail + [node])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+
+
+@pytest.mark.parametrize("module, line, message", [
+    ("model/transformer.py", "from ..train import loop", r"andromeda.model.transformer \(core\) imports andromeda.train.loop"),
+    ("model/cache.py", "import andromeda.checkpoint", r"andromeda.model.cache \(core\) imports andromeda.checkpoint"),
+    ("inference/generate.py", "    from ..data import TokenStore", r"\(inference\) imports andromeda.data"),
+    ("checkpoint.py", "from .andromeda import Andromeda", r"\(infrastructure\) imports andromeda.andromeda \(face\)"),
+])
+def test_the_check_catches_a_wrong_import(module, line, message):
+    """The rule is live: an import against the direction is reported, even inside a function."""
+    path = SOURCE / module
+    text = path.read_text() + ("\n\ndef _late():\n" + line + "\n" if line.startswith(" ") else "\n" + line + "\n")
+    with pytest.raises(AssertionError, match=message):
+        check_module(path, text)
