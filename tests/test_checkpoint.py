@@ -14,7 +14,6 @@ from andromeda import Andromeda
 from andromeda.checkpoint import (
     CONFIG_FILE,
     LATEST_FILE,
-    TEST_PAUSE_ENV,
     TRAINER_STATE_FILE,
     WEIGHTS_FILE,
     CheckpointError,
@@ -27,6 +26,7 @@ from andromeda.checkpoint import (
     save_pretrained,
     step_checkpoints,
 )
+from andromeda.pause import TEST_PAUSE_ENV
 from andromeda.tokenizers import ByteTokenizer, train_bpe
 from andromeda.train import train
 from andromeda.train.state import read_trainer_state
@@ -150,8 +150,12 @@ def test_truncated_weights_raise_naming_the_file(tmp_path):
     weights = tmp_path / "ckpt" / WEIGHTS_FILE
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=rf"{WEIGHTS_FILE} is not a readable safetensors file \(truncated"):
+    with pytest.raises(CheckpointError, match=rf"{WEIGHTS_FILE} has {len(data) // 2} bytes, its manifest says "
+                                              rf"{len(data)}: truncated"):
         load_transformer(tmp_path / "ckpt")
+    # Without the manifest check, safetensors' own reader names the file.
+    with pytest.raises(CheckpointError, match=rf"{WEIGHTS_FILE} is not a readable safetensors file \(truncated"):
+        load_transformer(tmp_path / "ckpt", verify=False)
 
 
 def test_missing_files_raise_file_not_found(tmp_path):
@@ -181,8 +185,10 @@ def test_config_not_matching_the_weights_raises_before_building(tmp_path):
     save_pretrained(_tiny(), tmp_path / "ckpt")
     config = load_config(tmp_path / "ckpt")
     config.replace(dim=128, depth=3).to_json(tmp_path / "ckpt" / CONFIG_FILE)
-    with pytest.raises(CheckpointError) as info:
+    with pytest.raises(CheckpointError, match=f"{CONFIG_FILE} does not match its SHA-256"):
         load_transformer(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError) as info:  # past the manifest, the shapes are checked too
+        load_transformer(tmp_path / "ckpt", verify=False)
     message = str(info.value)
     assert f"{WEIGHTS_FILE} does not match" in message
     assert "missing tensors ['blocks.2." in message
@@ -201,4 +207,4 @@ def test_corrupt_config_and_trainer_state_raise_checkpoint_errors(tmp_path, corp
     assert "weights_only" not in str(info.value)
     (copy / CONFIG_FILE).write_text(json.dumps({"dim": "wide"}))
     with pytest.raises(CheckpointError, match="config.json is not a valid model config"):
-        load_transformer(copy)
+        load_transformer(copy, verify=False)

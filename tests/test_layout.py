@@ -15,11 +15,12 @@ SOURCE = Path(andromeda.__file__).parent
 
 # Layers, lowest first. A module may import its own layer and any layer below it.
 LAYERS = [
-    ("core", ["andromeda.config", "andromeda.model"]),
+    ("core", ["andromeda.config", "andromeda.model", "andromeda.pause"]),
     ("inference", ["andromeda.inference"]),
     ("infrastructure", ["andromeda.tokenizers", "andromeda.data", "andromeda.checkpoint", "andromeda.parallel",
-                        "andromeda.evaluation", "andromeda.plan", "andromeda.interop.x_transformers"]),
-    ("applications", ["andromeda.train", "andromeda.serve", "andromeda.interop.hf", "andromeda.interop.lm_eval"]),
+                        "andromeda.evaluation", "andromeda.plan", "andromeda.interop.x_transformers",
+                        "andromeda.interop.hf"]),
+    ("applications", ["andromeda.train", "andromeda.serve", "andromeda.interop.lm_eval", "andromeda.lm_eval"]),
     ("face", ["andromeda.andromeda", "andromeda.wrapper", "andromeda.interop", "andromeda"]),
     ("cli", ["andromeda.cli", "andromeda.__main__"]),
 ]

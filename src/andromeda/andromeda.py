@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from . import checkpoint
 from .config import SEED_FIELDS, Config
+from .interop.hf import export_hf
 from .interop.x_transformers import from_x_transformers
 from .model import Transformer, build_transformer
 from .wrapper import AutoRegressiveWrapper, LMOutput
@@ -95,8 +96,16 @@ class Andromeda(nn.Module):
     def load_x_transformers(self, state_dict: Mapping[str, Tensor]) -> None:
         """Load an x-transformers 2.31 `TransformerWrapper(Decoder(...))` state dict built with
         the same hyperparameters. Validated whole before anything is copied."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"load_x_transformers expects an x-transformers state dict (a mapping of names to "
+                            f"tensors, e.g. model.state_dict()), got {type(state_dict).__name__}")
         converted = from_x_transformers(state_dict, self.config)
         self.Andromeda.load_state_dict(converted, strict=True)
+
+    def save_pretrained_hf(self, directory: str | Path, tokenizer=None, *, dtype: torch.dtype | None = None) -> Path:
+        """Export a Hugging Face `transformers` folder (self-contained modeling code, safetensors,
+        tokenizer): `AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True)`."""
+        return export_hf(self.Andromeda, tokenizer, directory, dtype=dtype)
 
     def save_pretrained(self, directory: str | Path, tokenizer=None) -> Path:
         """Write a checkpoint folder: config.json, model.safetensors and the tokenizer."""
@@ -105,10 +114,13 @@ class Andromeda(nn.Module):
     @classmethod
     def from_pretrained(
         cls, directory: str | Path, *, device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None, verify: bool = True,
     ) -> Andromeda:
-        """Load a checkpoint folder (or a training run's latest checkpoint)."""
-        return cls.from_transformer(checkpoint.load_transformer(directory, device=device, dtype=dtype))
+        """Load a checkpoint folder (a training run's latest checkpoint, or a Hugging Face folder
+        written by `save_pretrained_hf`); `verify` checks a checkpoint's files against its
+        manifest first."""
+        return cls.from_transformer(checkpoint.load_transformer(directory, device=device, dtype=dtype,
+                                                                verify=verify))
 
     def extra_repr(self) -> str:
         return f"{self.num_parameters():,} parameters"

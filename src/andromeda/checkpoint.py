@@ -29,15 +29,17 @@ problem and never yields a half-loaded model.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-import sys
 import tempfile
-import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import Config
+from .pause import pause_point
 from .model import Transformer
 from .tokenizers import HF_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, Tokenizer, load_tokenizer, save_tokenizer
 
@@ -56,12 +59,12 @@ WEIGHTS_FILE = "model.safetensors"
 TRAIN_CONFIG_FILE = "train_config.json"
 TRAINER_STATE_FILE = "trainer_state.safetensors"
 OPTIMIZER_DIR = "optimizer"
+MANIFEST_FILE = "manifest.json"  # every other file's size and SHA-256
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp-"
-# For tests that kill a save at a known moment (see `_pause_point`); never set in normal use.
-TEST_PAUSE_ENV = "ANDROMEDA_TEST_PAUSE_AT"
+HASH_BLOCK = 8 * 2**20  # bytes read per hashing step
 
 
 class CheckpointError(ValueError):
@@ -80,6 +83,28 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn a full disk (or quota) while writing `path` into an error that says so and names it."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(path) from None
+        raise
+    except SafetensorError as err:  # safetensors' writer reports I/O errors as its own
+        if "os error 28" in str(err) or "No space left" in str(err):
+            raise disk_full(path) from None
+        raise
+
+
+def disk_full(path: Path, detail: str = "") -> OSError:
+    """An ENOSPC error whose message names the file being written."""
+    error = OSError(f"no space left on device while writing {path}{detail}")
+    error.errno = errno.ENOSPC
+    return error
+
+
 def write_checkpoint_files(
     folder: Path,
     config: Config,
@@ -89,22 +114,89 @@ def write_checkpoint_files(
 ) -> None:
     """Write the model config, the `weights` (a Transformer state dict), the tokenizer and the
     training hyperparameters into the (new, empty) `folder`; `commit_checkpoint` fsyncs them."""
-    config.to_json(folder / CONFIG_FILE)
+    with writing(folder / CONFIG_FILE):
+        config.to_json(folder / CONFIG_FILE)
     tensors = {name: t.detach().contiguous().cpu() for name, t in weights.items()}
-    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    with writing(folder / WEIGHTS_FILE):
+        save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     if tokenizer is not None:
-        save_tokenizer(tokenizer, folder)
+        with writing(folder / "tokenizer files"):
+            save_tokenizer(tokenizer, folder)
     if train_config is not None:
-        (folder / TRAIN_CONFIG_FILE).write_text(json.dumps(dict(train_config), indent=2) + "\n")
+        with writing(folder / TRAIN_CONFIG_FILE):
+            (folder / TRAIN_CONFIG_FILE).write_text(json.dumps(dict(train_config), indent=2) + "\n")
 
 
-def _pause_point(name: str) -> None:
-    """With ANDROMEDA_TEST_PAUSE_AT=name, say so on stderr and wait here to be killed: lets a test
-    kill a save at exactly this point instead of after a guessed delay."""
-    if os.environ.get(TEST_PAUSE_ENV) == name:
-        print(f"andromeda: paused at {name}", file=sys.stderr, flush=True)
-        while True:
-            time.sleep(1)
+def finish_checkpoint_folder(folder: Path) -> None:
+    """Make a fully written folder ready to be renamed into place: the manifest of every file's
+    size and SHA-256, permissions by the umask (safetensors and mkdtemp create private files),
+    and everything fsynced."""
+    write_manifest(folder)
+    _apply_umask(folder)
+    _fsync_tree(folder)
+
+
+def write_manifest(folder: Path) -> None:
+    files = {path.relative_to(folder).as_posix(): path for path in sorted(folder.rglob("*"))
+             if path.is_file() and path.name != MANIFEST_FILE}
+    digests = _sha256_files(list(files.values()))
+    entries = {name: {"size": path.stat().st_size, "sha256": digests[path]} for name, path in files.items()}
+    with writing(folder / MANIFEST_FILE):
+        (folder / MANIFEST_FILE).write_text(json.dumps({"format": 1, "files": entries}, indent=1) + "\n")
+
+
+def verify_checkpoint(folder: Path, names: Sequence[str] | None = None) -> None:
+    """Check files of `folder` (`names`, or every file) against its manifest; raise a
+    CheckpointError naming the first file whose size or SHA-256 differs, or that is missing.
+    A folder written before manifests existed is accepted with a warning."""
+    manifest_file = folder / MANIFEST_FILE
+    if not manifest_file.is_file():
+        logger.warning("%s has no %s (written by an older version): its files are not verified", folder,
+                       MANIFEST_FILE)
+        return
+    try:
+        entries = json.loads(manifest_file.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{manifest_file} is not a valid manifest: {err}") from None
+    wanted = [n for n in (entries if names is None else names) if names is None or n in entries]
+    if names is not None:
+        unlisted = [n for n in names if n not in entries and (folder / n).exists()]
+        if unlisted:
+            raise CheckpointError(f"{folder / unlisted[0]} is not in {manifest_file}: the checkpoint was "
+                                  f"changed after it was written")
+    paths = [folder / name for name in wanted]
+    for name, path in zip(wanted, paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {folder} has no {name}, which its {MANIFEST_FILE} lists")
+        if path.stat().st_size != entries[name]["size"]:
+            raise CheckpointError(f"{path} has {path.stat().st_size} bytes, its manifest says "
+                                  f"{entries[name]['size']}: truncated or modified after it was written")
+    digests = _sha256_files(paths)
+    for name, path in zip(wanted, paths):
+        if digests[path] != entries[name]["sha256"]:
+            raise CheckpointError(f"{path} does not match its SHA-256 in {manifest_file}: corrupted or "
+                                  f"modified after it was written (pass verify=False / --no-verify to load "
+                                  f"it anyway)")
+
+
+def _sha256_files(paths: Sequence[Path]) -> dict[Path, str]:
+    """SHA-256 of each file, several at once (hashlib releases the GIL on large blocks)."""
+    def digest(path: Path) -> str:
+        sha = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while block := handle.read(HASH_BLOCK):
+                sha.update(block)
+        return sha.hexdigest()
+
+    with ThreadPoolExecutor(max_workers=min(len(paths), os.cpu_count() or 1) or 1) as pool:
+        return dict(zip(paths, pool.map(digest, paths)))
+
+
+def _apply_umask(folder: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -125,7 +217,7 @@ def save_pretrained(net: Transformer, directory: str | Path, tokenizer: Tokenize
     staging = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{directory.name}-", dir=directory.parent))
     try:
         write_checkpoint_files(staging, net.config, net.state_dict(), tokenizer)
-        _fsync_tree(staging)
+        finish_checkpoint_folder(staging)
         _replace_dir(staging, directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -176,8 +268,8 @@ def commit_checkpoint(run_dir: str | Path, step: int, keep: int) -> Path:
     _check_keep(keep)
     root = Path(run_dir) / CHECKPOINTS_DIR
     staging, final = staging_folder(run_dir, step), checkpoint_folder(run_dir, step)
-    _fsync_tree(staging)
-    _pause_point(f"before-rename:{final.name}")
+    finish_checkpoint_folder(staging)
+    pause_point(f"before-rename:{final.name}")
     _replace_dir(staging, final)
     _write_latest(Path(run_dir), final)
     for old in step_checkpoints(run_dir)[:-keep]:
@@ -235,10 +327,14 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     run_dir = Path(run_dir)
     pointer = run_dir / LATEST_FILE
     if pointer.is_file():
-        target = run_dir / pointer.read_text().strip()
-        if target.is_dir() and _STEP_DIR.match(target.name):
+        named = pointer.read_text().strip()
+        target = run_dir / named
+        # Only this run's own step folders: a crafted `latest` ("../other/...", an absolute
+        # path) must not make a resume continue another run's settings here.
+        if re.fullmatch(rf"{CHECKPOINTS_DIR}/step_\d+", named) and target.is_dir():
             return target
-        logger.warning("%s names %s, which is missing; using the newest step folder", pointer, target)
+        logger.warning("%s names %r, which is not one of this run's checkpoints; using the newest step folder",
+                       pointer, named)
     checkpoints = step_checkpoints(run_dir)
     return checkpoints[-1] if checkpoints else None
 
@@ -310,15 +406,25 @@ def _validate_weights(file: Path, config: Config) -> None:
 
 
 def load_transformer(
-    path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
+    verify: bool = True,
 ) -> Transformer:
-    """Rebuild the model saved at `path` (a checkpoint folder, or a run folder's latest).
+    """Rebuild the model saved at `path` (a checkpoint folder, a run folder's latest, or a
+    Hugging Face folder written by `interop.hf.export_hf`).
 
-    The weights are validated against the config first; the model is then built on the meta
-    device and the loaded tensors are assigned in place, so no memory is spent on a throwaway
-    initialisation. `dtype` casts floating-point weights; by default they keep the saved dtype.
+    With `verify`, the config and weights are first checked against the checkpoint's manifest
+    (sizes and SHA-256: a corrupted or altered file is named, not loaded); the weights are then
+    validated against the config, the model is built on the meta device and the loaded tensors
+    are assigned in place, so no memory is spent on a throwaway initialisation. `dtype` casts
+    floating-point weights; by default they keep the saved dtype.
     """
+    from .interop.hf import is_hf_folder, load_hf  # a Hugging Face export loads too
+
+    if is_hf_folder(path):
+        return load_hf(path, device=device, dtype=dtype)
     folder = resolve_checkpoint(path)
+    if verify:
+        verify_checkpoint(folder, [CONFIG_FILE, WEIGHTS_FILE])
     config = load_config(folder)
     file = folder / WEIGHTS_FILE
     _validate_weights(file, config)
@@ -336,9 +442,19 @@ def load_transformer(
     return net
 
 
-def load_checkpoint_tokenizer(path: str | Path) -> Tokenizer:
-    """The tokenizer stored with a checkpoint (or a run's latest)."""
+def load_checkpoint_tokenizer(path: str | Path, *, verify: bool = True) -> Tokenizer:
+    """The tokenizer stored with a checkpoint (or a run's latest), checked against the
+    manifest with `verify`."""
+    from .interop.hf import is_hf_folder, load_hf_tokenizer
+
+    if is_hf_folder(path):
+        tokenizer = load_hf_tokenizer(path)
+        if tokenizer is None:
+            raise FileNotFoundError(f"Hugging Face folder {path} has no tokenizer.json")
+        return tokenizer
     folder = resolve_checkpoint(path)
+    if verify:
+        verify_checkpoint(folder, [HF_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE])
     if not ((folder / HF_TOKENIZER_FILE).is_file() or (folder / TOKENIZER_CONFIG_FILE).is_file()):
         raise FileNotFoundError(
             f"checkpoint {folder} has no tokenizer ({HF_TOKENIZER_FILE} or {TOKENIZER_CONFIG_FILE}); "

@@ -21,10 +21,11 @@ import argparse
 import functools
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
-from ..parallel.environment import launched_rank
+from ..pause import pause_point
 
 logger = logging.getLogger("andromeda")
 
@@ -34,7 +35,11 @@ COMMANDS = {
     "train": "train",
     "eval": "eval",
     "generate": "generate",
+    "serve": "serve",
     "plan": "plan",
+    "export-hf": "export_hf",
+    "import-hf": "import_hf",
+    "lm-eval": "lm_eval",
 }
 
 
@@ -53,12 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        # Loading the commands imports PyTorch: seconds in which a Ctrl-C deserves a plain exit.
+        pause_point("startup")
+        parser = build_parser()
+    except KeyboardInterrupt:
+        print("andromeda: interrupted", file=sys.stderr)
+        return 130
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # bad arguments (2) or --help (0): argparse has printed why
         return int(exit_.code or 0)
-    rank = launched_rank()
+    rank = int(os.environ.get("RANK", "0") or 0)  # torchrun's; see parallel.environment
     if not logging.getLogger().handlers:
         logging.basicConfig(format=f"[rank {rank}] %(message)s" if rank else "%(message)s", stream=sys.stderr)
     logger.setLevel(logging.WARNING if args.quiet or rank else logging.INFO)
@@ -67,8 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as interrupt:
         print(f"andromeda {args.command}: {str(interrupt) or 'interrupted'}", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError, RuntimeError) as error:
+    except (ValueError, TypeError, OSError, RuntimeError, ImportError) as error:
         # Expected failures (bad input, missing files, a diverged run) carry messages that name
         # the problem; a traceback would bury them.
         print(f"andromeda {args.command}: error: {error}", file=sys.stderr)
         return 1
+

@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-windows", type=int, help="score only N evenly spread windows (an estimate)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip checking the checkpoint's files against its manifest (SHA-256)")
     parser.add_argument("--cache-dir", help="corpus and token cache folder")
     parser.add_argument("--json", action="store_true", help="print one JSON object (see `run`)")
 
@@ -38,8 +40,8 @@ def run(args: argparse.Namespace) -> int:
     where the top-level numbers are those of the first --seq-len."""
     checkpoint = resolve_checkpoint(args.checkpoint)
     device = resolve_device(args.device)
-    net = load_transformer(checkpoint, device=device)
-    tokenizer = load_checkpoint_tokenizer(checkpoint)
+    net = load_transformer(checkpoint, device=device, verify=args.verify)
+    tokenizer = load_checkpoint_tokenizer(checkpoint, verify=args.verify)
     if args.data is None:
         files = resolve_data([shakespeare_corpus(args.cache_dir) / "heldout"])
     else:

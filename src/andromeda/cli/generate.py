@@ -24,12 +24,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-p", type=float)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip checking the checkpoint's files against its manifest (SHA-256)")
 
 
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    net = load_transformer(args.checkpoint, device=device)
-    tokenizer = load_checkpoint_tokenizer(args.checkpoint)
+    net = load_transformer(args.checkpoint, device=device, verify=args.verify)
+    tokenizer = load_checkpoint_tokenizer(args.checkpoint, verify=args.verify)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     pieces = stream_text(net, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, generator=generator)

@@ -71,7 +71,9 @@ class TrainConfig:
                                                     "failing")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     resume: bool = option(False, "continue the run in --out from its latest checkpoint (settings not given are "
-                                 "the run's)")
+                                 "the run's; a larger --max-steps or --time-budget extends it)")
+    allow_data_change: bool = option(False, "with --resume, continue even if the data files differ from those "
+                                            "the run started with")
     progress: bool = option(True, "progress bar", cli=False)
     cache_dir: str | None = option(None, "corpus and token cache folder (default $ANDROMEDA_CACHE or "
                                          "~/.cache/andromeda)")
@@ -137,9 +139,11 @@ class TrainConfig:
 
 # Changing any of these mid-run would make the resumed run a different run. The rest (device,
 # parallel, the number of processes, ...) may change: the loss curve does not depend on them.
+# The stop (max_steps, time_budget) may change too: a resumed run can be extended; its learning-rate
+# schedule keeps the length the run started with (train/state.py, Progress.schedule_steps).
 RUN_DEFINING = ("preset", "model_overrides", "data", "eval_data", "tokenizer", "bpe_vocab_size", "seed",
                 "batch_size", "seq_len", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "qk_scale_lr_mult",
-                "beta1", "beta2", "grad_clip", "max_steps")
+                "beta1", "beta2", "grad_clip")
 
 
 def _jsonable(value: Any) -> Any:

@@ -32,7 +32,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..checkpoint import OPTIMIZER_DIR, latest_checkpoint, load_transformer, remove_incomplete, step_checkpoints
 from ..config import Config
-from ..data import TokenStore, cache_root, iter_texts, resolve_data, shakespeare_corpus
+from ..data import iter_texts
 from ..evaluation import evaluate
 from ..model import Transformer, build_transformer
 from ..parallel.dcp import load_optimizer
@@ -48,6 +48,8 @@ from ..parallel.environment import (
 from ..parallel.parallelize import build_parallel_model, check_parallel_setup
 from ..tokenizers import Tokenizer, build_tokenizer
 from .config import TrainConfig, model_config
+from .data import absolute_specs, check_same_data, data_files, data_identity, load_stores
+from .lock import run_lock
 from .metrics import LOSS_PLOT_FILE, METRICS_FILE, MetricsLog, plot_losses
 from .optim import build_optimizer, decay_progress, lr_at
 from .state import Progress, TrainerState, restore_training, save_training_checkpoint, set_rng_state
@@ -78,41 +80,15 @@ def train(config: TrainConfig) -> TrainResult:
     Under torchrun every process calls it (`config.parallel` says how they share the work) and all
     of them return the same result.
     """
+    if not config.resume:  # the run's files, wherever it is resumed from
+        config = config.replace(data=absolute_specs(config.data), eval_data=absolute_specs(config.eval_data))
     with distributed(resolve_device(config.device), config.dist_timeout) as env:
-        trainer = Trainer(config, env)
-        context = logging_redirect_tqdm() if trainer.show_progress else contextlib.nullcontext()
-        with context:
-            return trainer.run()
-
-
-def data_files(config: TrainConfig) -> tuple[list[Path], list[Path]]:
-    """The training files and the held-out files (possibly none) of a run."""
-    if config.data is None:
-        corpus = shakespeare_corpus(config.cache_dir)
-        train_files = resolve_data([corpus / "train"])
-        eval_files = resolve_data([corpus / "heldout"]) if config.eval_data is None else []
-    else:
-        train_files = resolve_data(config.data)
-        eval_files = []
-    if config.eval_data is not None:
-        eval_files = resolve_data(config.eval_data)
-    return train_files, eval_files
-
-
-def load_stores(config: TrainConfig, tokenizer: Tokenizer, train_files: list[Path], eval_files: list[Path]
-                ) -> tuple[TokenStore, TokenStore | None]:
-    token_cache = Path(config.cache_dir) / "tokens" if config.cache_dir else cache_root() / "tokens"
-    train_store = TokenStore(train_files, tokenizer, cache_dir=token_cache)
-    if len(train_store) < config.seq_len + 1:
-        raise ValueError(f"the training data has {len(train_store)} tokens, fewer than seq_len + 1 = "
-                         f"{config.seq_len + 1}; use a shorter --seq-len or more data")
-    eval_store = TokenStore(eval_files, tokenizer, cache_dir=token_cache) if eval_files else None
-    logger.info("training data: %r", train_store)
-    if eval_store is not None:
-        logger.info("held-out data: %r", eval_store)
-    elif config.eval_batches:
-        logger.info("no held-out data (give eval_data / --eval-data): periodic evaluation is off")
-    return train_store, eval_store
+        # Rank 0 holds the run folder for the whole run; a second run on it stops here.
+        with run_lock(Path(config.out)) if env.is_main else contextlib.nullcontext():
+            trainer = Trainer(config, env)
+            context = logging_redirect_tqdm() if trainer.show_progress else contextlib.nullcontext()
+            with context:
+                return trainer.run()
 
 
 class Trainer:
@@ -133,6 +109,9 @@ class Trainer:
             remove_incomplete(self.run_dir)
         with main_process_first(env):  # rank 0 fetches the corpus; the others find it cached
             train_files, eval_files = data_files(config)
+        self.data_identity = data_identity(train_files, eval_files) if env.is_main else None
+        if checkpoint is not None and env.is_main:
+            check_same_data(checkpoint, self.data_identity, config.allow_data_change)
         if tokenizer is None:
             # Rank 0 alone builds the tokenizer (a BPE is trained once) and hands it to the others.
             tokenizer = build_tokenizer(config.tokenizer, train_texts=lambda: iter_texts(train_files),
@@ -164,7 +143,10 @@ class Trainer:
             if env.is_main:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 self.metrics.path.write_text("")
-            self.progress = Progress()
+            self.progress = Progress(schedule_steps=config.max_steps, schedule_s=config.time_budget)
+        # The learning-rate schedule keeps the length the run started with: steps past it (a run
+        # extended with a larger --max-steps or --time-budget) train at min_lr.
+        self.schedule = config.replace(max_steps=self.progress.schedule_steps, time_budget=self.progress.schedule_s)
         self._log_setup(model_cfg)
         self.show_progress = config.progress and env.is_main
         self.last_eval: dict[str, float | int] | None = None
@@ -195,7 +177,8 @@ class Trainer:
         """The single-process model: the checkpoint's weights, or a seeded initialisation, in
         fp32 (master weights; bf16 compute comes from autocast or FSDP's policy)."""
         if checkpoint is not None:
-            return load_transformer(checkpoint, device=self.env.device, dtype=torch.float32)
+            # Verified whole against its manifest by restore_training.
+            return load_transformer(checkpoint, device=self.env.device, dtype=torch.float32, verify=False)
         torch.manual_seed(self.config.seed)
         return build_transformer(config, device=self.env.device)
 
@@ -215,6 +198,8 @@ class Trainer:
 
     def run(self) -> TrainResult:
         config, progress = self.config, self.progress
+        if not self.fresh and self.done():
+            return self._already_finished()
         if self.fresh:
             self.evaluate()
         # The time budget covers everything from here, earlier runs of a resumed run included.
@@ -257,6 +242,18 @@ class Trainer:
                            checkpoint=checkpoint, elapsed_s=self.now, stopped_by=stopped_by,
                            run_dir=self.run_dir)
 
+    def _already_finished(self) -> TrainResult:
+        """A resumed run that had already reached its stop: nothing to train, evaluate or save."""
+        checkpoint = latest_checkpoint(self.run_dir)
+        logger.info("%s already finished at step %d; give a larger --max-steps or --time-budget to train "
+                    "longer", self.run_dir, self.progress.step)
+        evals = [e for e in self.metrics.read() if e.get("type") == "eval"]
+        last_eval = {k: v for k, v in evals[-1].items() if k not in ("type", "step")} if evals else None
+        stopped_by = ("max_steps" if self.config.max_steps is not None and self.progress.step >= self.config.max_steps
+                      else "time_budget")
+        return TrainResult(step=self.progress.step, train_loss=None, eval=last_eval, checkpoint=checkpoint,
+                           elapsed_s=self.progress.elapsed_s, stopped_by=stopped_by, run_dir=self.run_dir)
+
     def sync(self, interrupted: bool) -> None:
         """Agree on the elapsed time and on whether any process was interrupted."""
         self.now, flag = all_reduce_max([time.monotonic() - self.start, float(interrupted)], self.env)
@@ -274,7 +271,8 @@ class Trainer:
         batch = get_batch(self.train_store.tokens, progress.step, config, env.device, env.rank, env.world_size)
         if progress.step == config.warmup_steps and progress.warmup_end_s is None:
             progress.warmup_end_s = self.now
-        lr = lr_at(progress.step, config, decay_progress(progress.step, config, self.now, progress.warmup_end_s))
+        decay = decay_progress(progress.step, self.schedule, self.now, progress.warmup_end_s)
+        lr = lr_at(progress.step, self.schedule, decay)
         try:
             loss, self.grad_norm = train_step(self.train_module, self.params, batch, self.optimizer, lr, config,
                                               progress.step, env, self.autocast)
@@ -323,7 +321,7 @@ class Trainer:
     def save(self) -> Path:
         self.progress.elapsed_s = self.now
         path = save_training_checkpoint(self.run_dir, self.net, self.optimizer, self.progress, self.config,
-                                        self.tokenizer, self.env)
+                                        self.tokenizer, self.env, self.data_identity)
         self.saved_step = self.progress.step
         return path
 

@@ -8,8 +8,10 @@ its metadata, so reading it never unpickles anything.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import random
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +28,16 @@ from ..checkpoint import (
     CheckpointError,
     checkpoint_folder,
     commit_checkpoint,
+    latest_checkpoint,
     load_checkpoint_tokenizer,
     load_config,
     load_train_config,
     resolve_checkpoint,
     stage_checkpoint,
     staging_folder,
+    verify_checkpoint,
     write_checkpoint_files,
+    writing,
 )
 from ..config import Config
 from ..model import Transformer
@@ -41,6 +46,7 @@ from ..parallel.environment import DistEnv, barrier, broadcast_object
 from ..parallel.parallelize import full_model_state_dict
 from ..tokenizers import Tokenizer
 from .config import RUN_DEFINING, TrainConfig, model_config
+from .data import DATA_FILE, write_data_identity
 from .step import NonFiniteLossError
 
 
@@ -53,6 +59,8 @@ class Progress:
     warmup_end_s: float | None = None  # elapsed_s when warmup ended
     loss_sum: float = 0.0  # training losses since the last log line
     loss_count: int = 0
+    schedule_steps: int | None = None  # the learning-rate schedule's length, fixed when the run starts
+    schedule_s: float | None = None
 
 
 @dataclass
@@ -123,14 +131,17 @@ def read_trainer_state(path: str | Path) -> TrainerState:
 
 def save_training_checkpoint(run_dir: Path, net: Transformer, optimizer: torch.optim.Optimizer,
                              progress: Progress, config: TrainConfig, tokenizer: Tokenizer,
-                             env: DistEnv = DistEnv()) -> Path:
+                             env: DistEnv = DistEnv(), data: Mapping[str, Any] | None = None) -> Path:
     """Save everything a resumed run needs; refuses a model with non-finite weights. The one
     checkpoint writer of training runs.
 
     Every process calls it. Rank 0 gathers the whole model and writes it as one model.safetensors
     (so evaluation, generation and `from_pretrained` load any run alike); every process writes its
     own shards of the optimizer state (`parallel.dcp.save_optimizer`); once all are written, rank 0
-    renames the staging folder into place.
+    renames the staging folder into place. `data` is the run's data identity (train/data.py).
+
+    A full disk stops the save with "no space left on device while writing FILE"; the partial
+    checkpoint is removed and every earlier one is untouched.
     """
     weights = full_model_state_dict(net, env)  # rank 0: the whole model on the CPU; others: {}
     bad = broadcast_object([name for name, t in weights.items() if not torch.isfinite(t).all()], env)
@@ -140,11 +151,26 @@ def save_training_checkpoint(run_dir: Path, net: Transformer, optimizer: torch.o
         stage_checkpoint(run_dir, progress.step)
     barrier(env)
     staging = staging_folder(run_dir, progress.step)
-    save_optimizer(staging / OPTIMIZER_DIR, net, optimizer)
-    if env.is_main:
-        write_checkpoint_files(staging, net.config, weights, tokenizer, config.to_dict())
-        write_trainer_state(staging / TRAINER_STATE_FILE, progress, rng_state(env.device))
-        commit_checkpoint(run_dir, progress.step, config.keep)
+    try:
+        with writing(staging / OPTIMIZER_DIR):
+            save_optimizer(staging / OPTIMIZER_DIR, net, optimizer)
+        if env.is_main:
+            write_checkpoint_files(staging, net.config, weights, tokenizer, config.to_dict())
+            with writing(staging / TRAINER_STATE_FILE):
+                write_trainer_state(staging / TRAINER_STATE_FILE, progress, rng_state(env.device))
+            if data is not None:
+                with writing(staging / DATA_FILE):
+                    write_data_identity(staging, data)
+            commit_checkpoint(run_dir, progress.step, config.keep)
+    except OSError as err:
+        if env.is_main:
+            shutil.rmtree(staging, ignore_errors=True)  # give the space back; earlier checkpoints stay
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            last = latest_checkpoint(run_dir)
+            kept = f"earlier checkpoints are intact (latest: {last})" if last else "no earlier checkpoint exists"
+            raise OSError(f"{err}; the checkpoint of step {progress.step} was not saved and the run stopped; "
+                          f"{kept}. Free some space and continue with --resume") from None
+        raise
     barrier(env)  # no process runs ahead (or exits) before the checkpoint is in place
     return checkpoint_folder(run_dir, progress.step)
 
@@ -162,6 +188,7 @@ def check_resumable(saved: TrainConfig, config: TrainConfig, checkpoint: Path) -
 def restore_training(checkpoint: Path, config: TrainConfig) -> tuple[Config, Tokenizer, TrainerState]:
     """Model config, tokenizer and trainer state of `checkpoint`, after checking it belongs to
     `config`. The weights and the optimizer state are loaded once the model is parallelized."""
+    verify_checkpoint(checkpoint)  # every file, optimizer shards included, against the manifest
     saved = load_train_config(checkpoint)
     if saved is None:
         raise ValueError(f"{checkpoint} holds no train_config.json: it is not a training checkpoint")

@@ -1,0 +1,31 @@
+"""`andromeda export-hf`: write a checkpoint as a Hugging Face `transformers` folder."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+HELP = "write a checkpoint as a Hugging Face transformers folder (trust_remote_code)"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder")
+    parser.add_argument("--out", required=True, help="the folder to write (replaced if it is an earlier export)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: as saved)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import load_checkpoint_tokenizer, load_transformer
+    from ..interop.hf import export_hf
+
+    net = load_transformer(args.checkpoint)
+    try:
+        tokenizer = load_checkpoint_tokenizer(args.checkpoint)
+    except FileNotFoundError:
+        tokenizer = None  # a model saved without one exports without one
+    out = export_hf(net, tokenizer, args.out, dtype=DTYPES.get(args.dtype))
+    print(f"wrote {out}: load it with AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)"
+          + (" and AutoTokenizer.from_pretrained(...)" if tokenizer is not None else ""))
+    return 0

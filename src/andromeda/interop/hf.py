@@ -1,0 +1,583 @@
+"""Hugging Face `transformers` interop: export a model to a folder transformers loads on its own,
+and import such a folder back, bit for bit.
+
+    export_hf(model, tokenizer, "hf/")       # config.json, model.safetensors, tokenizer.json, ...
+    model = AutoModelForCausalLM.from_pretrained("hf/", trust_remote_code=True)   # no andromeda
+    config, state_dict, tokenizer = import_hf("hf/")   # our Config and Transformer state dict
+
+An exported folder holds
+
+    config.json                   AndromedaConfig: standard names (vocab_size, hidden_size,
+                                  num_key_value_heads, head_dim, max_position_embeddings, ...),
+                                  ALiBi / xPos / QK-norm under their own, auto_map
+    configuration_andromeda.py    the config class   } copied from hf_model/: they import only
+    modeling_andromeda.py         the model classes  } torch and transformers
+    model.safetensors             the weights under transformers-style names (table below)
+    generation_config.json        bos / eos / pad ids
+    tokenizer.json                a `tokenizers` file: the checkpoint's own, or for the byte
+                                  tokenizer a byte-level BPE with no merges whose ids are ours
+    tokenizer_config.json         AutoTokenizer's settings, plus `andromeda_tokenizer`, which
+                                  tells `import_hf` which of our tokenizers to rebuild
+
+Weight names (ours -> exported; i is the block):
+
+    token_emb.weight             model.embed_tokens.weight
+    pos_emb.weight               model.embed_positions.weight          (use_abs_pos_emb only)
+    blocks.i.attn_norm.weight    model.layers.i.input_layernorm.weight
+    blocks.i.attn.to_qkv.weight  model.layers.i.self_attn.{q,k,v}_proj.weight (rows split H, K, K)
+    blocks.i.attn.q_scale        model.layers.i.self_attn.q_scale      (H, 1, D) -> (H, D)
+    blocks.i.attn.k_scale        model.layers.i.self_attn.k_scale      (K, 1, D) -> (K, D)
+    blocks.i.attn.to_out.weight  model.layers.i.self_attn.o_proj.weight
+    blocks.i.ff_norm.weight      model.layers.i.post_attention_layernorm.weight
+    blocks.i.ff.proj_in.*        model.layers.i.mlp.up_proj.*
+    blocks.i.ff.proj_out.*       model.layers.i.mlp.down_proj.*
+    final_norm.weight            model.norm.weight
+    to_logits.weight             lm_head.weight
+
+Our query rows are already grouped by key/value head (see `attention.query_head_order`), which is
+the order transformers' `repeat_kv` expects, so no weight is permuted.
+
+The exported model takes its positions from `position_ids` (by default counted from each row's
+first real token, so left-padded batches are exact), fixes xPos' center at
+max_position_embeddings // 2 for every call (cached keys stay valid for a cache's whole life), and
+caches keys after rotation for the key/value heads only; modeling_andromeda.py explains each.
+AutoTokenizer.from_pretrained(folder) works as is; since config.json names custom code, an
+interactive session is asked once whether to run it (answer n, or pass trust_remote_code=True).
+
+Exporting and importing need only the core dependencies; using the folder needs transformers
+(`pip install 'andromeda[hf]'`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ..config import Config
+from ..model import Transformer, build_transformer
+from ..tokenizers import ByteTokenizer, HFTokenizer, Tokenizer
+
+logger = logging.getLogger(__name__)
+
+HF_EXTRA = "pip install 'andromeda[hf]'"
+MODEL_TYPE = "andromeda"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CODE_FILES = ("configuration_andromeda.py", "modeling_andromeda.py")
+# The byte tokenizer's special tokens (ids 256 and 257), as ByteTokenizer names them.
+BYTE_SPECIALS = ("<|endoftext|>", "<|pad|>")
+CODE_DIR = Path(__file__).parent / "hf_model"
+AUTO_MAP = {
+    "AutoConfig": "configuration_andromeda.AndromedaConfig",
+    "AutoModel": "modeling_andromeda.AndromedaModel",
+    "AutoModelForCausalLM": "modeling_andromeda.AndromedaForCausalLM",
+}
+
+# Renames of whole tensors, outside and inside the blocks (to_qkv and the QK scales are reshaped).
+_TOP_NAMES = {
+    "token_emb.weight": "model.embed_tokens.weight",
+    "pos_emb.weight": "model.embed_positions.weight",
+    "final_norm.weight": "model.norm.weight",
+    "to_logits.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn.to_out.weight": "self_attn.o_proj.weight",
+    "ff_norm.weight": "post_attention_layernorm.weight",
+    "ff.proj_in.weight": "mlp.up_proj.weight",
+    "ff.proj_in.bias": "mlp.up_proj.bias",
+    "ff.proj_out.weight": "mlp.down_proj.weight",
+    "ff.proj_out.bias": "mlp.down_proj.bias",
+    "attn.q_scale": "self_attn.q_scale",
+    "attn.k_scale": "self_attn.k_scale",
+}
+_QKV = "attn.to_qkv.weight"
+_PROJ = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
+
+# Config fields that change nothing the exported model computes: kept in config.json under
+# `andromeda_extra` only so that an import rebuilds the identical Config.
+_EXTRA_FIELDS = ("attn_flash", "qk_norm", "attn_qk_norm")
+
+
+def require_transformers():
+    """The `transformers` module, or an ImportError saying how to install it."""
+    try:
+        import transformers
+    except ImportError as err:
+        raise ImportError(
+            f"loading a Hugging Face folder needs the transformers package: {HF_EXTRA}"
+        ) from err
+    return transformers
+
+
+# --------------------------------------------------------------------------- config
+
+
+def hf_config(
+    config: Config, tokenizer: Tokenizer | None = None, dtype: torch.dtype | None = None
+) -> dict[str, Any]:
+    """The config.json of an export: our Config in AndromedaConfig's names."""
+    eos = tokenizer.eos_id if tokenizer is not None else None
+    return {
+        "architectures": ["AndromedaForCausalLM"],
+        "auto_map": dict(AUTO_MAP),
+        "model_type": MODEL_TYPE,
+        "vocab_size": config.num_tokens,
+        "hidden_size": config.dim,
+        "intermediate_size": config.ff_dim,
+        "num_hidden_layers": config.depth,
+        "num_attention_heads": config.heads,
+        "num_key_value_heads": config.attn_kv_heads,
+        "head_dim": config.dim_head,
+        "max_position_embeddings": config.max_seq_len,
+        "hidden_act": "gelu",
+        "layer_norm_eps": float(config.norm_eps),
+        "use_abs_pos_emb": config.use_abs_pos_emb,
+        "alibi": config.alibi_pos_bias,
+        "alibi_num_heads": config.alibi_num_heads,
+        "rotary_xpos": config.rotary_xpos,
+        "rotary_dim": config.rotary_dim,
+        "rotary_base": float(config.rotary_base),
+        "xpos_scale_base": float(config.xpos_scale_base),
+        "qk_norm": config.use_qk_norm,
+        "qk_norm_dim_scale": config.attn_qk_norm_dim_scale,
+        "qk_norm_fixed_scale": float(config.qk_norm_fixed_scale),
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "tie_word_embeddings": False,
+        # Our documents start after an eos, so it also serves as the start-of-text token.
+        "bos_token_id": eos,
+        "eos_token_id": eos,
+        "pad_token_id": tokenizer.pad_id if tokenizer is not None else None,
+        "dtype": str(dtype or torch.float32).removeprefix("torch."),
+        "andromeda_extra": {name: getattr(config, name) for name in _EXTRA_FIELDS},
+    }
+
+
+# HF name -> Config field, for the fields read back one to one.
+_HF_FIELDS = {
+    "vocab_size": "num_tokens",
+    "max_position_embeddings": "max_seq_len",
+    "hidden_size": "dim",
+    "num_hidden_layers": "depth",
+    "head_dim": "dim_head",
+    "num_attention_heads": "heads",
+    "use_abs_pos_emb": "use_abs_pos_emb",
+    "alibi": "alibi_pos_bias",
+    "alibi_num_heads": "alibi_num_heads",
+    "rotary_xpos": "rotary_xpos",
+    "num_key_value_heads": "attn_kv_heads",
+    "qk_norm_dim_scale": "attn_qk_norm_dim_scale",
+    "rotary_base": "rotary_base",
+    "xpos_scale_base": "xpos_scale_base",
+    "qk_norm_fixed_scale": "qk_norm_fixed_scale",
+    "layer_norm_eps": "norm_eps",
+}
+
+
+def config_from_hf(data: Mapping[str, Any], source: str | Path = CONFIG_FILE) -> Config:
+    """Our Config from an exported config.json's contents; ValueError naming `source` otherwise."""
+    model_type = data.get("model_type")
+    if model_type != MODEL_TYPE:
+        if model_type is None and "num_tokens" in data:
+            raise ValueError(
+                f"{source} is an Andromeda checkpoint's config, not a Hugging Face export: load the "
+                f"folder with Andromeda.from_pretrained"
+            )
+        raise ValueError(
+            f"{source}: model_type {model_type!r} (architectures {data.get('architectures')}) is not "
+            f"an Andromeda model; expected model_type {MODEL_TYPE!r}, as written by export_hf"
+        )
+    required = [*_HF_FIELDS, "intermediate_size", "qk_norm"]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise ValueError(f"{source} lacks the Andromeda fields {missing}")
+    fields = {ours: data[hf] for hf, ours in _HF_FIELDS.items()}
+    hidden, inner = data["hidden_size"], data["intermediate_size"]
+    if not (isinstance(hidden, int) and isinstance(inner, int) and hidden > 0 and inner % hidden == 0):
+        raise ValueError(
+            f"{source}: intermediate_size ({inner}) must be a multiple of hidden_size ({hidden})"
+        )
+    fields["ff_mult"] = inner // hidden
+    if data.get("hidden_act", "gelu") != "gelu":
+        raise ValueError(f"{source}: hidden_act {data['hidden_act']!r} is not Andromeda's 'gelu'")
+    head_dim = data["head_dim"]
+    if data.get("rotary_xpos") and data.get("rotary_dim", head_dim // 2) != head_dim // 2:
+        raise ValueError(
+            f"{source}: rotary_dim {data['rotary_dim']} is not supported; Andromeda rotates "
+            f"head_dim // 2 = {head_dim // 2} channels"
+        )
+    if data.get("tie_word_embeddings"):
+        raise ValueError(f"{source}: tie_word_embeddings is true; Andromeda's output projection is separate")
+    extra = data.get("andromeda_extra") or {}
+    qk_norm = bool(data["qk_norm"])
+    # The two QK-norm spellings come back as they were, when they agree with the model.
+    if bool(extra.get("qk_norm", False) or extra.get("attn_qk_norm", False)) == qk_norm and qk_norm:
+        fields["qk_norm"], fields["attn_qk_norm"] = bool(extra.get("qk_norm")), bool(extra.get("attn_qk_norm"))
+    else:
+        fields["qk_norm"] = fields["attn_qk_norm"] = qk_norm
+    if "attn_flash" in extra:
+        fields["attn_flash"] = extra["attn_flash"]
+    try:
+        return Config(**fields)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: {err}") from None
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def to_hf_state_dict(state: Mapping[str, Tensor], config: Config) -> dict[str, Tensor]:
+    """Our Transformer state dict under the exported names (every tensor its own storage)."""
+    H, K, D = config.heads, config.attn_kv_heads, config.dim_head
+    out: dict[str, Tensor] = {}
+    for name, tensor in state.items():
+        if name in _TOP_NAMES:
+            out[_TOP_NAMES[name]] = tensor
+            continue
+        match = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+        if match is None or match.group(2) not in (*_BLOCK_NAMES, _QKV):
+            raise KeyError(f"no Hugging Face name for the tensor {name!r}")
+        prefix, rest = f"model.layers.{match.group(1)}.", match.group(2)
+        if rest == _QKV:
+            for proj, part in zip(_PROJ, tensor.split((H * D, K * D, K * D))):
+                out[prefix + proj] = part.clone()  # safetensors refuses tensors sharing storage
+        elif rest in ("attn.q_scale", "attn.k_scale"):
+            out[prefix + _BLOCK_NAMES[rest]] = tensor.reshape(tensor.shape[0], D)
+        else:
+            out[prefix + _BLOCK_NAMES[rest]] = tensor
+    return out
+
+
+def from_hf_state_dict(tensors: Mapping[str, Tensor], config: Config) -> dict[str, Tensor]:
+    """Exported tensors back under our Transformer's names (the inverse of `to_hf_state_dict`)."""
+    top = {hf: ours for ours, hf in _TOP_NAMES.items()}
+    block = {hf: ours for ours, hf in _BLOCK_NAMES.items()}
+    D = config.dim_head
+    state: dict[str, Tensor] = {}
+    projections: dict[str, dict[str, Tensor]] = {}
+    for name, tensor in tensors.items():
+        if name in top:
+            state[top[name]] = tensor
+            continue
+        match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+        if match is None or match.group(2) not in (*block, *_PROJ):
+            raise KeyError(f"{name!r} is not an Andromeda weight")
+        prefix, rest = f"blocks.{match.group(1)}.", match.group(2)
+        if rest in _PROJ:
+            projections.setdefault(prefix, {})[rest] = tensor
+        elif rest in ("self_attn.q_scale", "self_attn.k_scale"):
+            state[prefix + block[rest]] = tensor.reshape(tensor.shape[0], 1, D)
+        else:
+            state[prefix + block[rest]] = tensor
+    for prefix, parts in projections.items():
+        missing = [p for p in _PROJ if p not in parts]
+        if missing:
+            raise KeyError(f"layer {prefix[:-1]} lacks {missing}")
+        state[prefix + _QKV] = torch.cat([parts[p] for p in _PROJ])
+    return state
+
+
+def _expected_shapes(config: Config) -> dict[str, tuple[int, ...]]:
+    """The exported tensors' names and shapes for `config`, from a weightless (meta) model."""
+    net = build_transformer(config, device="meta")
+    return {name: tuple(t.shape) for name, t in to_hf_state_dict(net.state_dict(), config).items()}
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """model.safetensors, or the shards its index names; FileNotFoundError naming what is absent."""
+    single, index = folder / WEIGHTS_FILE, folder / WEIGHTS_INDEX_FILE
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{index} is not a safetensors index (no weight_map): {err}") from None
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise FileNotFoundError(f"{index} names weight files that are missing: {absent}")
+        return files
+    others = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    hint = f" (found {others}: only safetensors weights are read)" if others else ""
+    raise FileNotFoundError(f"{folder} has no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE}{hint}")
+
+
+def _read_weights(files: list[Path], config: Config) -> dict[str, Tensor]:
+    """Every tensor of `files`, after checking their names and shapes against `config`."""
+    expected = _expected_shapes(config)
+    found: dict[str, tuple[int, ...]] = {}
+    where: dict[str, Path] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    found[name] = tuple(handle.get_slice(name).get_shape())
+                    where[name] = file
+        except SafetensorError as err:
+            raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [f"{n}: {found[n]} in {where[n].name}, {expected[n]} from {CONFIG_FILE}"
+             for n in sorted(set(found) & set(expected)) if found[n] != expected[n]]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {_some(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors {_some(unexpected)}")
+    if wrong:
+        problems.append("shape mismatches: " + "; ".join(wrong[:5]) + (" ..." if len(wrong) > 5 else ""))
+    if problems:
+        names = ", ".join(str(f) for f in files)
+        raise ValueError(f"{names} does not match {files[0].parent / CONFIG_FILE}: " + "; ".join(problems))
+    tensors: dict[str, Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                tensors[name] = handle.get_tensor(name)
+    return tensors
+
+
+def _some(names: list[str]) -> str:
+    return f"{names[:5]}{' ...' if len(names) > 5 else ''}"
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2's printable stand-in for each byte (`ByteLevel`'s alphabet), indexed by byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    symbols, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            symbols[byte] = chr(byte)
+        else:
+            symbols[byte] = chr(256 + extra)
+            extra += 1
+    return [symbols[byte] for byte in range(256)]
+
+
+def byte_tokenizer_json() -> str:
+    """Our byte tokenizer as a `tokenizers` file: a byte-level BPE with no merges, so every byte
+    is its own token with id = its value; <|endoftext|> = 256 and <|pad|> = 257 are special.
+    Decoding joins the bytes and decodes them lossily (U+FFFD), as `ByteTokenizer.decode` does."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as TokenizersTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    byte = ByteTokenizer()
+    vocab = {symbol: index for index, symbol in enumerate(_byte_symbols())}
+    tokenizer = TokenizersTokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in BYTE_SPECIALS])
+    assert [tokenizer.token_to_id(token) for token in BYTE_SPECIALS] == [byte.eos_id, byte.pad_id]
+    return tokenizer.to_str()
+
+
+def _write_tokenizer(tokenizer: Tokenizer, folder: Path, max_len: int) -> None:
+    """tokenizer.json and an AutoTokenizer tokenizer_config.json for `tokenizer` in `folder`."""
+    from tokenizers import Tokenizer as TokenizersTokenizer
+
+    if isinstance(tokenizer, ByteTokenizer):
+        (folder / TOKENIZER_FILE).write_text(byte_tokenizer_json())
+        identity: dict[str, Any] = {"type": "byte"}
+    elif isinstance(tokenizer, HFTokenizer):
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save(tmp)
+            shutil.copyfile(Path(tmp) / TOKENIZER_FILE, folder / TOKENIZER_FILE)
+        identity = {"type": "huggingface", "name": tokenizer.name}
+    else:
+        raise TypeError(
+            f"cannot export a tokenizer of type {type(tokenizer).__name__}: export_hf writes "
+            f"ByteTokenizer and HFTokenizer (tokenizer.json) tokenizers"
+        )
+    loaded = TokenizersTokenizer.from_file(str(folder / TOKENIZER_FILE))
+    settings = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": loaded.id_to_token(tokenizer.eos_id),
+        "eos_token": loaded.id_to_token(tokenizer.eos_id),
+        "pad_token": loaded.id_to_token(tokenizer.pad_id),
+        "unk_token": None,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_len,
+        "padding_side": "left",  # batched generation continues each row at its end
+        "andromeda_tokenizer": identity,
+    }
+    if isinstance(tokenizer, ByteTokenizer):
+        # The byte tokenizer reads "<|endoftext|>" in text as its 13 bytes, never as the token.
+        settings["split_special_tokens"] = True
+    (folder / TOKENIZER_CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def load_hf_tokenizer(hf_dir: str | Path) -> Tokenizer | None:
+    """Our tokenizer from an exported folder; None if it has no tokenizer.json."""
+    folder = Path(hf_dir)
+    settings_file = folder / TOKENIZER_CONFIG_FILE
+    settings = {}
+    if settings_file.is_file():
+        try:
+            settings = json.loads(settings_file.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{settings_file} is not valid JSON: {err}") from None
+    identity = settings.get("andromeda_tokenizer") or {}
+    if identity.get("type") == "byte":
+        return ByteTokenizer()
+    if not (folder / TOKENIZER_FILE).is_file():
+        return None
+    return HFTokenizer.from_file(folder / TOKENIZER_FILE, name=identity.get("name") or folder.name)
+
+
+# --------------------------------------------------------------------------- export / import
+
+
+def _transformer(model: Any) -> Transformer:
+    """The Transformer itself, or the one behind the seed's `Andromeda` face (`.Andromeda`)."""
+    net = getattr(model, "Andromeda", model)
+    if not isinstance(net, Transformer):
+        raise TypeError(f"expected an Andromeda or a Transformer, got {type(model).__name__}")
+    return net
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    """Whether `path` is a folder holding an exported (model_type "andromeda") config.json."""
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        return False
+    try:
+        return json.loads(file.read_text()).get("model_type") == MODEL_TYPE
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def export_hf(
+    model: Transformer,
+    tokenizer: Tokenizer | None,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write `model` (and `tokenizer`) as a folder transformers loads with trust_remote_code=True;
+    returns the folder.
+
+    The weights keep their dtype unless `dtype` is given. The folder is written beside `out_dir`
+    and renamed into place; an existing `out_dir` is replaced only if it is empty or an earlier
+    export, never an unrelated folder.
+    """
+    net = _transformer(model)
+    config = net.config
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not is_hf_folder(out_dir))):
+        raise FileExistsError(
+            f"{out_dir} exists and is not an earlier Hugging Face export; choose a new or empty folder"
+        )
+    if tokenizer is not None and tokenizer.vocab_size > config.num_tokens:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {config.num_tokens}"
+        )
+    state = {name: t.detach().to("cpu", dtype if dtype is not None and t.is_floating_point() else t.dtype)
+             for name, t in net.state_dict().items()}
+    weights_dtype = dtype or next(t.dtype for t in state.values() if t.is_floating_point())
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    try:
+        tensors = {name: t.contiguous() for name, t in to_hf_state_dict(state, config).items()}
+        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        settings = hf_config(config, tokenizer, weights_dtype)
+        (staging / CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+        generation = {key: settings[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        (staging / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")
+        for name in CODE_FILES:
+            shutil.copyfile(CODE_DIR / name, staging / name)
+        if tokenizer is not None:
+            _write_tokenizer(tokenizer, staging, config.max_seq_len)
+        staging.chmod(0o755)  # mkdtemp makes it private
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.rename(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("exported %s to %s", type(model).__name__, out_dir)
+    return out_dir
+
+
+def import_hf(hf_dir: str | Path) -> tuple[Config, dict[str, Tensor], Tokenizer | None]:
+    """Read an exported folder: (our Config, the Transformer state dict under our names, our
+    tokenizer or None). Everything is validated first; any problem raises an error naming the
+    file and what is wrong (another architecture, missing fields, missing or mis-shaped tensors).
+    """
+    folder = Path(hf_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Hugging Face folder {folder} does not exist")
+    config_file = folder / CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} has no {CONFIG_FILE}")
+    try:
+        data = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{config_file} must hold a JSON object, got {type(data).__name__}")
+    config = config_from_hf(data, config_file)
+    tensors = _read_weights(_weight_files(folder), config)
+    state = from_hf_state_dict(tensors, config)
+    tokenizer = load_hf_tokenizer(folder)
+    if tokenizer is not None and tokenizer.vocab_size > config.num_tokens:
+        raise ValueError(
+            f"{folder / TOKENIZER_FILE} has {tokenizer.vocab_size} tokens but {config_file} a "
+            f"vocab_size of {config.num_tokens}"
+        )
+    return config, state, tokenizer
+
+
+def load_hf(
+    hf_dir: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> Transformer:
+    """The Transformer of an exported folder (see `import_hf`), in eval mode. Floating-point
+    weights keep their saved dtype unless `dtype` is given."""
+    config, state, _ = import_hf(hf_dir)
+    target = torch.device(device) if device is not None else torch.get_default_device()
+    state = {name: t.to(target, dtype if dtype is not None and t.is_floating_point() else t.dtype)
+             for name, t in state.items()}
+    net = build_transformer(config, device="meta")
+    net.load_state_dict(state, strict=True, assign=True)
+    return net.eval()
+
+
+def load_transformers(hf_dir: str | Path, **kwargs: Any):
+    """(model, tokenizer) of an exported folder through transformers' Auto classes, as any user
+    of the folder would load them; `kwargs` go to `from_pretrained` (e.g. dtype, device_map)."""
+    transformers = require_transformers()
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=True, **kwargs)
+    tokenizer = None
+    if (Path(hf_dir) / TOKENIZER_FILE).is_file():
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+    return model.eval(), tokenizer
+
+
+__all__ = [
+    "HF_EXTRA", "byte_tokenizer_json", "config_from_hf", "export_hf", "from_hf_state_dict", "hf_config",
+    "import_hf", "is_hf_folder", "load_hf", "load_hf_tokenizer", "load_transformers",
+    "require_transformers", "to_hf_state_dict",
+]

@@ -1,0 +1,121 @@
+"""A run's data: which files it trains and evaluates on, their token stores, and the identity of
+those files, recorded in every checkpoint so a resumed run can tell it is reading the same data.
+
+Identity is each file's absolute path, size and a content fingerprint: the SHA-256 of its size
+and of FINGERPRINT_BLOCKS evenly spaced blocks (first and last included). It costs a few reads
+per file whatever its size, and catches a file replaced, truncated, appended to or rewritten; an
+edit that keeps the size and falls between the sampled blocks goes unnoticed. The modification
+time is not part of it: copying a corpus to another disk keeps it the same data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ..data import TokenStore, cache_root, resolve_data, shakespeare_corpus
+from ..tokenizers import Tokenizer
+from .config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+DATA_FILE = "data.json"  # in each training checkpoint
+FINGERPRINT_BLOCKS = 16
+FINGERPRINT_BLOCK_BYTES = 64 * 1024
+
+
+def absolute_specs(specs: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """Data specs with relative paths made absolute (globs kept), so a run resumed from another
+    working directory reads the same files."""
+    if specs is None:
+        return None
+    return tuple(os.path.abspath(os.path.expanduser(spec)) for spec in specs)
+
+
+def data_files(config: TrainConfig) -> tuple[list[Path], list[Path]]:
+    """The training files and the held-out files (possibly none) of a run."""
+    if config.data is None:
+        corpus = shakespeare_corpus(config.cache_dir)
+        train_files = resolve_data([corpus / "train"])
+        eval_files = resolve_data([corpus / "heldout"]) if config.eval_data is None else []
+    else:
+        train_files = resolve_data(config.data)
+        eval_files = []
+    if config.eval_data is not None:
+        eval_files = resolve_data(config.eval_data)
+    return train_files, eval_files
+
+
+def load_stores(config: TrainConfig, tokenizer: Tokenizer, train_files: list[Path], eval_files: list[Path]
+                ) -> tuple[TokenStore, TokenStore | None]:
+    token_cache = Path(config.cache_dir) / "tokens" if config.cache_dir else cache_root() / "tokens"
+    train_store = TokenStore(train_files, tokenizer, cache_dir=token_cache)
+    if len(train_store) < config.seq_len + 1:
+        raise ValueError(f"the training data has {len(train_store)} tokens, fewer than seq_len + 1 = "
+                         f"{config.seq_len + 1}; use a shorter --seq-len or more data")
+    eval_store = TokenStore(eval_files, tokenizer, cache_dir=token_cache) if eval_files else None
+    logger.info("training data: %r", train_store)
+    if eval_store is not None:
+        logger.info("held-out data: %r", eval_store)
+    elif config.eval_batches:
+        logger.info("no held-out data (give eval_data / --eval-data): periodic evaluation is off")
+    return train_store, eval_store
+
+
+def fingerprint(path: Path) -> str:
+    size = path.stat().st_size
+    sha = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as handle:
+        last = max(size - FINGERPRINT_BLOCK_BYTES, 0)
+        for index in range(FINGERPRINT_BLOCKS):
+            handle.seek(last * index // (FINGERPRINT_BLOCKS - 1))
+            sha.update(handle.read(FINGERPRINT_BLOCK_BYTES))
+    return sha.hexdigest()
+
+
+def data_identity(train_files: list[Path], eval_files: list[Path]) -> dict[str, list[dict[str, Any]]]:
+    def describe(files: list[Path]) -> list[dict[str, Any]]:
+        return [{"path": str(path.resolve()), "size": path.stat().st_size, "fingerprint": fingerprint(path)}
+                for path in files]
+
+    return {"train": describe(train_files), "eval": describe(eval_files)}
+
+
+def write_data_identity(folder: Path, identity: dict[str, Any]) -> None:
+    (folder / DATA_FILE).write_text(json.dumps(identity, indent=1) + "\n")
+
+
+def check_same_data(checkpoint: Path, current: dict[str, Any], allow_change: bool) -> None:
+    """Raise a ValueError naming the first file that differs from the data the run's checkpoint
+    recorded, unless `allow_change` (then log it)."""
+    file = checkpoint / DATA_FILE
+    if not file.is_file():
+        logger.warning("%s records no data identity (an older checkpoint): the data is not checked", checkpoint)
+        return
+    saved = json.loads(file.read_text())
+    problems = []
+    for split in ("train", "eval"):
+        before = {entry["path"]: entry for entry in saved.get(split, [])}
+        now = {entry["path"]: entry for entry in current[split]}
+        for path in before.keys() - now.keys():
+            problems.append(f"{split} file {path} is no longer part of the data")
+        for path in now.keys() - before.keys():
+            problems.append(f"{split} file {path} was not part of the data the run started with")
+        for path in sorted(before.keys() & now.keys()):
+            if before[path]["size"] != now[path]["size"]:
+                problems.append(f"{split} file {path} has {now[path]['size']} bytes; the run started with "
+                                f"{before[path]['size']}")
+            elif before[path]["fingerprint"] != now[path]["fingerprint"]:
+                problems.append(f"{split} file {path} has different contents from when the run started")
+    if not problems:
+        return
+    message = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+    if allow_change:
+        logger.warning("resuming on changed data (--allow-data-change): %s", message)
+        return
+    raise ValueError(f"the data changed since {checkpoint} was written: {message}. Resuming would train on "
+                     f"other data than the run saw; pass --allow-data-change to accept it")
