@@ -185,7 +185,7 @@ def test_config_not_matching_the_weights_raises_before_building(tmp_path):
     save_pretrained(_tiny(), tmp_path / "ckpt")
     config = load_config(tmp_path / "ckpt")
     config.replace(dim=128, depth=3).to_json(tmp_path / "ckpt" / CONFIG_FILE)
-    with pytest.raises(CheckpointError, match=f"{CONFIG_FILE} does not match its SHA-256"):
+    with pytest.raises(CheckpointError, match=rf"{CONFIG_FILE} (does not match its SHA-256|has \d+ bytes, its manifest says)"):
         load_transformer(tmp_path / "ckpt")
     with pytest.raises(CheckpointError) as info:  # past the manifest, the shapes are checked too
         load_transformer(tmp_path / "ckpt", verify=False)

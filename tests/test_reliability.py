@@ -256,17 +256,17 @@ def test_ctrl_c_during_start_up_and_a_double_ctrl_c_exit_cleanly(tmp_path, corpu
     out = tmp_path / "run"
     proc = subprocess.Popen(andromeda_command(*train_args(out, corpus, tmp_path / "cache", "--max-steps", "1000")),
                             stderr=subprocess.PIPE, text=True,
-                            env=child_env(**{TEST_PAUSE_ENV: "before-rename:step_000002"}))
+                            env=child_env(**{TEST_PAUSE_ENV: "after-step:1,before-rename:step_000001"}))
     for line in proc.stderr:
-        if "paused at" in line:
+        if "paused at after-step:1" in line:
+            proc.send_signal(signal.SIGINT)  # the first asks for a checkpoint after this step...
+        if "paused at before-rename:step_000001" in line:
+            proc.send_signal(signal.SIGINT)  # ...the second, during that save, interrupts at once
             break
-    proc.send_signal(signal.SIGINT)  # the first asks for a checkpoint after this step...
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)  # ...the second interrupts at once
     _, err = proc.communicate(timeout=DEADLINE_S)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
-    assert "andromeda train: interrupted" in err
+    assert err.splitlines()[-1] == "andromeda train: interrupted"
 
 
 @pytest.mark.parametrize("field", ["norm_eps", "rotary_base", "xpos_scale_base"])

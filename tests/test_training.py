@@ -107,7 +107,7 @@ def test_the_optimizer_applies_the_scheduled_rate_times_each_groups_multiplier(t
     params = list(net.parameters())
     optimizer = build_optimizer(net, config)
     batch = torch.randint(0, 258, (4, 33))
-    train_step(net, params, batch, optimizer, 2e-3, config, step=0)
+    train_step(net, params, (batch[:, :-1], batch[:, 1:]), optimizer, 2e-3, config, step=0)
     assert [g["lr"] for g in optimizer.param_groups] == [2e-3, 1e-2, 2e-3]
 
 

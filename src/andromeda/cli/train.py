@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import types
 import typing
 from collections.abc import Sequence
 from dataclasses import MISSING, fields
@@ -12,7 +14,7 @@ from typing import Any
 
 from ..checkpoint import latest_checkpoint, load_train_config
 from ..parallel.environment import launched_rank
-from ..train import TrainConfig, train
+from ..train import PREEMPTED_EXIT_CODE, Preempted, TrainConfig, train
 
 HELP = "train a model"
 DESCRIPTION = "Train (or resume) a model."
@@ -27,14 +29,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
-        kinds = {a for a in typing.get_args(hint) if a is not type(None)} or {hint}
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        kinds = {a for a in typing.get_args(hint) if a is not type(None)} if union else {hint}
         shown = f.default not in (None, False, MISSING)
         common = dict(default=argparse.SUPPRESS, dest=f.name,
                       help=f.metadata["help"] + (f" (default {f.default})" if shown else ""))
         if hint is bool:
             parser.add_argument(flag, action="store_true", **common)
         elif any(typing.get_origin(k) is tuple for k in kinds):
-            parser.add_argument(flag, nargs="+", metavar="PATH", **common)
+            parser.add_argument(flag, nargs="+", metavar=f.metadata.get("metavar", "PATH"), **common)
         else:
             parser.add_argument(flag, type=next(iter(kinds)), required=f.default is MISSING,
                                 metavar=f.name.upper(), **common)
@@ -76,7 +79,11 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = train(train_config_from_args(args))
+    try:
+        result = train(train_config_from_args(args))
+    except Preempted as stopped:
+        print(f"andromeda train: {stopped}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     if launched_rank() != 0:
         return 0
     print(f"trained {result.step} steps in {result.elapsed_s:.0f}s ({result.stopped_by}); "

@@ -115,13 +115,17 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
-def all_reduce_mean(value: Tensor, env: DistEnv) -> Tensor:
-    """The mean of `value` over all processes (a copy; `value` is untouched)."""
+def all_reduce_sum(value: Tensor, env: DistEnv) -> Tensor:
+    """The sum of `value` over all processes (a copy; `value` is untouched)."""
     value = value.detach().clone()
     if env.distributed:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= env.world_size
     return value
+
+
+def all_reduce_mean(value: Tensor, env: DistEnv) -> Tensor:
+    """The mean of `value` over all processes (a copy; `value` is untouched)."""
+    return all_reduce_sum(value, env) / env.world_size
 
 
 def all_reduce_max(values: list[float], env: DistEnv) -> list[float]:

@@ -20,6 +20,9 @@ from ..tokenizers import Tokenizer
 logger = logging.getLogger(__name__)
 
 VOCAB_MULTIPLE = 64  # embedding rows are padded to a multiple of this (faster matmuls)
+DEFAULT_PRESET = "demo"
+OBJECTIVES = ("lm", "completion")
+TRACKERS = ("none", "tensorboard", "wandb")
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
@@ -32,8 +35,13 @@ def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) ->
 @dataclass(frozen=True)
 class TrainConfig:
     out: str = option(help="run folder: checkpoints/, latest, metrics.jsonl, loss.png")
-    preset: str = option("demo", f"model preset: {', '.join(PRESETS)}")
+    preset: str | None = option(None, f"model preset: {', '.join(PRESETS)} (default demo; with --init-from, the "
+                                      f"checkpoint's model)")
     model_overrides: Mapping[str, Any] = option({}, "model Config fields over the preset", cli=False)
+    init_from: str | None = option(None, "start from a trained checkpoint's weights, model config and tokenizer, "
+                                         "with a fresh optimizer and schedule (fine-tuning, continued pretraining)")
+    objective: str = option("lm", "lm: next-token loss on all text; completion: .jsonl records with prompt and "
+                                  "completion fields, loss on the completion tokens only")
     data: tuple[str, ...] | None = option(
         None, "training files, folders or globs (default: Shakespeare's train split)")
     eval_data: tuple[str, ...] | None = option(
@@ -74,12 +82,17 @@ class TrainConfig:
                                  "the run's; a larger --max-steps or --time-budget extends it)")
     allow_data_change: bool = option(False, "with --resume, continue even if the data files differ from those "
                                             "the run started with")
+    report_to: tuple[str, ...] = option(("none",), "experiment trackers: none, tensorboard, wandb (several "
+                                                   "allowed; wandb runs offline unless WANDB_MODE says otherwise)",
+                                        metavar="TRACKER")
     progress: bool = option(True, "progress bar", cli=False)
     cache_dir: str | None = option(None, "corpus and token cache folder (default $ANDROMEDA_CACHE or "
                                          "~/.cache/andromeda)")
 
     def __post_init__(self) -> None:
         check_types(self)
+        if self.preset is None and self.init_from is None:
+            object.__setattr__(self, "preset", DEFAULT_PRESET)
         for name in ("batch_size", "seq_len", "grad_accum", "bpe_vocab_size", "save_every", "keep",
                      "eval_every", "log_every"):
             if getattr(self, name) < 1:
@@ -110,8 +123,17 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.dist_timeout must be positive seconds, got {self.dist_timeout}")
         if self.time_budget is not None and not self.time_budget > 0:
             raise ValueError(f"TrainConfig.time_budget must be positive seconds, got {self.time_budget}")
-        if self.preset not in PRESETS:
+        if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"TrainConfig.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        unknown_trackers = sorted(set(self.report_to) - set(TRACKERS))
+        if unknown_trackers or not self.report_to:
+            raise ValueError(f"TrainConfig.report_to must name trackers among {', '.join(TRACKERS)}, got "
+                             f"{list(self.report_to)}")
+        if self.init_from is not None and self.resume:
+            raise ValueError("--init-from starts a new run from a checkpoint's weights; --resume continues a run "
+                             "in --out: give one of them")
         known = {f.name for f in fields(Config)}
         unknown = sorted(set(self.model_overrides) - known)
         if unknown:
@@ -141,7 +163,8 @@ class TrainConfig:
 # parallel, the number of processes, ...) may change: the loss curve does not depend on them.
 # The stop (max_steps, time_budget) may change too: a resumed run can be extended; its learning-rate
 # schedule keeps the length the run started with (train/state.py, Progress.schedule_steps).
-RUN_DEFINING = ("preset", "model_overrides", "data", "eval_data", "tokenizer", "bpe_vocab_size", "seed",
+RUN_DEFINING = ("preset", "model_overrides", "init_from", "objective", "data", "eval_data", "tokenizer",
+                "bpe_vocab_size", "seed",
                 "batch_size", "seq_len", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "qk_scale_lr_mult",
                 "beta1", "beta2", "grad_clip")
 
@@ -158,9 +181,13 @@ def padded_vocab(vocab_size: int) -> int:
     return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
-def model_config(config: TrainConfig, tokenizer: Tokenizer) -> Config:
-    """The preset with the overrides, sized for the tokenizer and checked against seq_len."""
-    model = Config.from_preset(config.preset, **config.model_overrides)
+def model_config(config: TrainConfig, tokenizer: Tokenizer, base: Config | None = None) -> Config:
+    """The preset with the overrides, sized for the tokenizer and checked against seq_len. With a
+    `base` (the checkpoint of --init-from), its config with the overrides, which may change
+    nothing that has a weight's shape."""
+    if base is not None:
+        return _init_from_config(config, base)
+    model = Config.from_preset(config.preset or DEFAULT_PRESET, **config.model_overrides)
     if "num_tokens" in config.model_overrides:
         if model.num_tokens < tokenizer.vocab_size:
             raise ValueError(f"num_tokens={model.num_tokens} is smaller than the tokenizer's vocab_size "
@@ -174,3 +201,28 @@ def model_config(config: TrainConfig, tokenizer: Tokenizer) -> Config:
         raise ValueError(f"seq_len {config.seq_len} exceeds the model's max_seq_len {model.max_seq_len} "
                          f"(preset {config.preset!r}); use --seq-len <= {model.max_seq_len}")
     return model
+
+
+def _init_from_config(config: TrainConfig, base: Config) -> Config:
+    changes = dict(PRESETS[config.preset]) if config.preset is not None else {}
+    changes.update(config.model_overrides)
+    wanted = base.replace(**changes)
+    shaped = {name for name, value in changes.items() if getattr(base, name) != value and _changes_shapes(base, name, value)}
+    if shaped:
+        fields_ = ", ".join(f"{name}={changes[name]!r} (the checkpoint has {getattr(base, name)!r})" for name in sorted(shaped))
+        raise ValueError(f"--init-from {config.init_from}: {fields_} would change the shape of the checkpoint's "
+                         f"weights; drop the --preset or --override, or train from scratch")
+    if config.seq_len > wanted.max_seq_len and wanted.use_abs_pos_emb:
+        raise ValueError(f"seq_len {config.seq_len} exceeds the checkpoint's learned positions "
+                         f"(max_seq_len={wanted.max_seq_len})")
+    return wanted
+
+
+def _changes_shapes(base: Config, name: str, value: Any) -> bool:
+    """Whether setting `name` to `value` changes any weight's name or shape."""
+    from ..model import build_transformer
+
+    def shapes(config: Config) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(t.shape) for k, t in build_transformer(config, device="meta").state_dict().items()}
+
+    return shapes(base) != shapes(base.replace(**{name: value}))

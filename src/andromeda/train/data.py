@@ -17,9 +17,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from ..data import TokenStore, cache_root, resolve_data, shakespeare_corpus
+from ..evaluation import evaluate
+from ..model import Transformer
+from ..parallel.environment import DistEnv
 from ..tokenizers import Tokenizer
 from .config import TrainConfig
+from .sft import completion_batch, completion_loss, load_completion_examples, truncated_count
+from .step import lm_batch
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +56,59 @@ def data_files(config: TrainConfig) -> tuple[list[Path], list[Path]]:
     if config.eval_data is not None:
         eval_files = resolve_data(config.eval_data)
     return train_files, eval_files
+
+
+class TextData:
+    """The `lm` objective: token stores of the training and held-out text; every token a target."""
+
+    def __init__(self, config: TrainConfig, tokenizer: Tokenizer, train_files: list[Path], eval_files: list[Path]
+                 ) -> None:
+        self.config = config
+        self.train, self.held_out = load_stores(config, tokenizer, train_files, eval_files)
+
+    def batch(self, step: int, env: DistEnv) -> tuple[Tensor, Tensor]:
+        return lm_batch(self.train.tokens, step, self.config, env.device, env.rank, env.world_size)
+
+    def evaluate(self, net: Transformer) -> dict[str, float | int] | None:
+        if self.held_out is None:
+            return None
+        config = self.config
+        return evaluate(net, self.held_out.tokens, config.seq_len, config.batch_size, self.held_out.num_bytes,
+                        max_windows=config.eval_batches * config.batch_size,
+                        autocast_dtype=torch.bfloat16 if config.bf16 else None)
+
+
+class CompletionData:
+    """The `completion` objective: prompt/completion records; only completion tokens are targets
+    (train/sft.py)."""
+
+    def __init__(self, config: TrainConfig, tokenizer: Tokenizer, train_files: list[Path], eval_files: list[Path]
+                 ) -> None:
+        self.config, self.pad_id = config, tokenizer.pad_id
+        self.train = load_completion_examples(train_files, tokenizer)
+        self.held_out = load_completion_examples(eval_files, tokenizer) if eval_files else None
+        cut = truncated_count(self.train, config.seq_len)
+        logger.info("training data: %d prompt/completion examples%s", len(self.train),
+                    f" ({cut} longer than seq_len + 1 = {config.seq_len + 1} tokens, cut there)" if cut else "")
+
+    def batch(self, step: int, env: DistEnv) -> tuple[Tensor, Tensor]:
+        inputs, targets = completion_batch(self.train, step, self.config.batch_size, self.config.seq_len,
+                                           self.config.seed, self.pad_id, env.rank, env.world_size)
+        return inputs.to(env.device), targets.to(env.device)
+
+    def evaluate(self, net: Transformer) -> dict[str, float | int] | None:
+        if self.held_out is None:
+            return None
+        config = self.config
+        return completion_loss(net, self.held_out, config.seq_len, config.batch_size, self.pad_id,
+                               max_examples=config.eval_batches * config.batch_size,
+                               autocast_dtype=torch.bfloat16 if config.bf16 else None)
+
+
+def run_data(config: TrainConfig, tokenizer: Tokenizer, train_files: list[Path], eval_files: list[Path]
+             ) -> TextData | CompletionData:
+    kind = CompletionData if config.objective == "completion" else TextData
+    return kind(config, tokenizer, train_files, eval_files)
 
 
 def load_stores(config: TrainConfig, tokenizer: Tokenizer, train_files: list[Path], eval_files: list[Path]

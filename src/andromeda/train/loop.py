@@ -18,6 +18,7 @@ else carries state between steps.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import signal
 import threading
@@ -27,15 +28,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..checkpoint import OPTIMIZER_DIR, latest_checkpoint, load_transformer, remove_incomplete, step_checkpoints
+from ..checkpoint import (
+    OPTIMIZER_DIR,
+    latest_checkpoint,
+    load_checkpoint_tokenizer,
+    load_config,
+    load_transformer,
+    remove_incomplete,
+    step_checkpoints,
+)
 from ..config import Config
 from ..data import iter_texts
-from ..evaluation import evaluate
 from ..model import Transformer, build_transformer
 from ..parallel.dcp import load_optimizer
+from ..pause import pause_point
 from ..parallel.environment import (
     DistEnv,
     all_reduce_max,
@@ -48,12 +58,12 @@ from ..parallel.environment import (
 from ..parallel.parallelize import build_parallel_model, check_parallel_setup
 from ..tokenizers import Tokenizer, build_tokenizer
 from .config import TrainConfig, model_config
-from .data import absolute_specs, check_same_data, data_files, data_identity, load_stores
+from .data import CompletionData, TextData, absolute_specs, check_same_data, data_files, data_identity, run_data
 from .lock import run_lock
-from .metrics import LOSS_PLOT_FILE, METRICS_FILE, MetricsLog, plot_losses
+from .metrics import LOSS_PLOT_FILE, METRICS_FILE, MetricsLog, Trackers, plot_losses
 from .optim import build_optimizer, decay_progress, lr_at
 from .state import Progress, TrainerState, restore_training, save_training_checkpoint, set_rng_state
-from .step import NonFiniteLossError, get_batch, train_step
+from .step import NonFiniteLossError, train_step
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +105,7 @@ class Trainer:
     """One training run on this process: everything it needs, built in `__init__`, and the loop.
 
     All processes run the same loop and must make the same decisions at the same steps, so the
-    clock and the interrupt flag are agreed on once per step (`sync`): the maximum over processes.
+    clock and the stop requests are agreed on once per step (`sync`): the maximum over processes.
     """
 
     def __init__(self, config: TrainConfig, env: DistEnv) -> None:
@@ -103,51 +113,25 @@ class Trainer:
         self.config, self.env = config, env
         self.run_dir = Path(config.out)
         self.metrics = MetricsLog(self.run_dir / METRICS_FILE)
-        checkpoint, model_cfg, tokenizer, state = self._resume_or_start()
+        resume_from, model_cfg, tokenizer, state = self._resume_or_start()
         barrier(env)  # every process has read the run folder before rank 0 cleans it
         if env.is_main:
             remove_incomplete(self.run_dir)
-        with main_process_first(env):  # rank 0 fetches the corpus; the others find it cached
-            train_files, eval_files = data_files(config)
-        self.data_identity = data_identity(train_files, eval_files) if env.is_main else None
-        if checkpoint is not None and env.is_main:
-            check_same_data(checkpoint, self.data_identity, config.allow_data_change)
-        if tokenizer is None:
-            # Rank 0 alone builds the tokenizer (a BPE is trained once) and hands it to the others.
-            tokenizer = build_tokenizer(config.tokenizer, train_texts=lambda: iter_texts(train_files),
-                                        vocab_size=config.bpe_vocab_size) if env.is_main else None
-            tokenizer = broadcast_object(tokenizer, env)
-            model_cfg = model_config(config, tokenizer)
-        with main_process_first(env):  # rank 0 tokenises into the cache; the others read it
-            self.train_store, self.eval_store = load_stores(config, tokenizer, train_files, eval_files)
-        self.tokenizer = tokenizer
-        # Under FSDP, bf16 is the dtype the gathered weights compute in; otherwise it is autocast.
-        sharded = config.parallel == "fsdp" and env.distributed
-        self.autocast = config.bf16 and not sharded
-        self.net, self.train_module = build_parallel_model(
-            lambda: self._make_net(checkpoint, model_cfg), model_cfg, config.parallel, env,
-            param_dtype=torch.bfloat16 if config.bf16 and sharded else None,
-            activation_checkpointing=config.activation_checkpointing)
-        self.net.train()
+        self.tokenizer, self.data, self.data_identity = self._prepare_data(resume_from, tokenizer)
+        if model_cfg is None:
+            base = load_config(config.init_from) if config.init_from else None
+            model_cfg = model_config(config, self.tokenizer, base)
+        self.net, self.train_module, self.autocast = self._build_model(resume_from, model_cfg)
         self.params = [p for p in self.net.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.net, config)
         self.fresh = state is None
-        if state is not None:
-            load_optimizer(checkpoint / OPTIMIZER_DIR, self.net, self.optimizer)
-            set_rng_state(state.rng, env.device)
-            self.progress = state.progress
-            if env.is_main:
-                self.metrics.truncate_after(self.progress.step)
-            logger.info("resuming %s at step %d", self.run_dir, self.progress.step)
-        else:
-            if env.is_main:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                self.metrics.path.write_text("")
-            self.progress = Progress(schedule_steps=config.max_steps, schedule_s=config.time_budget)
+        self.progress = self._restore(resume_from, state)
         # The learning-rate schedule keeps the length the run started with: steps past it (a run
         # extended with a larger --max-steps or --time-budget) train at min_lr.
         self.schedule = config.replace(max_steps=self.progress.schedule_steps, time_budget=self.progress.schedule_s)
         self._log_setup(model_cfg)
+        self.trackers = Trackers(config.report_to, self.run_dir, config.to_dict(), run_id=self._run_id()) \
+            if env.is_main else None
         self.show_progress = config.progress and env.is_main
         self.last_eval: dict[str, float | int] | None = None
         self.last_train_loss: float | None = None
@@ -155,7 +139,7 @@ class Trainer:
         self.saved_step: int | None = None
         self.now = self.progress.elapsed_s  # seconds of training loop, as agreed at the last sync
         self.start = time.monotonic() - self.progress.elapsed_s
-        self.stop_requested = False
+        self.stop: str | None = None  # the agreed reason to stop early: "interrupt" or "preempt"
         self.log_start, self.log_steps = time.monotonic(), 0
 
     def _resume_or_start(self) -> tuple[Path | None, Config | None, Tokenizer | None, TrainerState | None]:
@@ -173,14 +157,73 @@ class Trainer:
                                   f"continue it, or choose another --out")
         return None, None, None, None
 
-    def _make_net(self, checkpoint: Path | None, config: Config) -> Transformer:
-        """The single-process model: the checkpoint's weights, or a seeded initialisation, in
-        fp32 (master weights; bf16 compute comes from autocast or FSDP's policy)."""
-        if checkpoint is not None:
+    def _prepare_data(self, resume_from: Path | None, tokenizer: Tokenizer | None
+                      ) -> tuple[Tokenizer, TextData | CompletionData, dict | None]:
+        """The tokenizer (the run's, --init-from's, or built now), the tokenised data, and the
+        identity of the data files (checked against the run's on resume)."""
+        config, env = self.config, self.env
+        with main_process_first(env):  # rank 0 fetches the corpus; the others find it cached
+            train_files, eval_files = data_files(config)
+        identity = data_identity(train_files, eval_files) if env.is_main else None
+        if resume_from is not None and env.is_main:
+            check_same_data(resume_from, identity, config.allow_data_change)
+        if tokenizer is None and config.init_from is not None:
+            tokenizer = load_checkpoint_tokenizer(config.init_from)
+        if tokenizer is None:
+            # Rank 0 alone builds the tokenizer (a BPE is trained once) and hands it to the others.
+            tokenizer = build_tokenizer(config.tokenizer, train_texts=lambda: iter_texts(train_files),
+                                        vocab_size=config.bpe_vocab_size) if env.is_main else None
+            tokenizer = broadcast_object(tokenizer, env)
+        with main_process_first(env):  # rank 0 tokenises into the cache; the others read it
+            data = run_data(config, tokenizer, train_files, eval_files)
+        return tokenizer, data, identity
+
+    def _build_model(self, resume_from: Path | None, model_cfg: Config) -> tuple[Transformer, nn.Module, bool]:
+        """The model spread over the processes, the module to call for the loss, and whether
+        bf16 comes from autocast (under FSDP it is the dtype the gathered weights compute in)."""
+        config, env = self.config, self.env
+        sharded = config.parallel == "fsdp" and env.distributed
+        net, train_module = build_parallel_model(
+            lambda: self._make_net(resume_from, model_cfg), model_cfg, config.parallel, env,
+            param_dtype=torch.bfloat16 if config.bf16 and sharded else None,
+            activation_checkpointing=config.activation_checkpointing)
+        net.train()
+        return net, train_module, config.bf16 and not sharded
+
+    def _make_net(self, resume_from: Path | None, config: Config) -> Transformer:
+        """The single-process model in fp32 (master weights; bf16 compute comes from autocast or
+        FSDP's policy): a checkpoint's weights, --init-from's, or a seeded initialisation."""
+        if resume_from is not None:
             # Verified whole against its manifest by restore_training.
-            return load_transformer(checkpoint, device=self.env.device, dtype=torch.float32, verify=False)
+            return load_transformer(resume_from, device=self.env.device, dtype=torch.float32, verify=False)
+        if self.config.init_from is not None:
+            net = load_transformer(self.config.init_from, device=self.env.device, dtype=torch.float32)
+            if net.config != config:  # overrides that change no shape (attn_flash, ...): rebuild around the weights
+                state = net.state_dict()
+                net = build_transformer(config, device="meta")
+                net.load_state_dict(state, strict=True, assign=True)
+            return net
         torch.manual_seed(self.config.seed)
         return build_transformer(config, device=self.env.device)
+
+    def _restore(self, resume_from: Path | None, state: TrainerState | None) -> Progress:
+        """The optimizer state, RNGs and progress of a resumed run; a fresh run's progress."""
+        config, env = self.config, self.env
+        if state is not None:
+            load_optimizer(resume_from / OPTIMIZER_DIR, self.net, self.optimizer)
+            set_rng_state(state.rng, env.device)
+            if env.is_main:
+                self.metrics.truncate_after(state.progress.step)
+            logger.info("resuming %s at step %d", self.run_dir, state.progress.step)
+            return state.progress
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.metrics.path.write_text("")
+        return Progress(schedule_steps=config.max_steps, schedule_s=config.time_budget)
+
+    def _run_id(self) -> str:
+        """A stable id for the run (its trackers resume the same run): from the folder's path."""
+        return hashlib.sha256(str(self.run_dir.resolve()).encode()).hexdigest()[:16]
 
     def _log_setup(self, c: Config) -> None:
         config, env = self.config, self.env
@@ -208,11 +251,12 @@ class Trainer:
         bar = tqdm(total=config.max_steps, initial=progress.step, unit="step", disable=not self.show_progress,
                    dynamic_ncols=True)
         try:
-            with _graceful_interrupt() as interrupted:
-                self.sync(interrupted[0])
+            with stop_signals() as requests:
+                self.sync(requests)
                 while not self.done():
                     lr = self.step()
-                    self.sync(interrupted[0])
+                    pause_point(f"after-step:{progress.step}", until=lambda: requests.interrupt or requests.preempt)
+                    self.sync(requests)
                     bar.update(1)
                     if progress.step % config.log_every == 0:
                         self.log(lr, bar)
@@ -221,11 +265,12 @@ class Trainer:
                         self.evaluate()
                     if progress.step % config.save_every == 0 and not finished:
                         self.save()
-                    if self.stop_requested:
-                        if self.saved_step != progress.step:
-                            self.save()
-                        raise KeyboardInterrupt(f"interrupted at step {progress.step}; saved a checkpoint "
-                                                f"in {self.run_dir} (continue with --resume)")
+                    if self.stop is not None:
+                        self._stop_early()
+        except BaseException:
+            if self.trackers is not None:
+                self.trackers.close()
+            raise
         finally:
             if config.max_steps is None:  # the estimated total becomes the steps actually taken
                 bar.total = bar.n
@@ -236,11 +281,22 @@ class Trainer:
         checkpoint = self.save()
         if self.env.is_main:
             plot_losses(self.metrics.read(), self.run_dir / LOSS_PLOT_FILE)
+            self.trackers.finish(self.run_dir / LOSS_PLOT_FILE)
         logger.info("finished at step %d after %.0fs (%s); checkpoint %s", progress.step, self.now,
                     stopped_by, checkpoint)
         return TrainResult(step=progress.step, train_loss=self.last_train_loss, eval=final_eval,
                            checkpoint=checkpoint, elapsed_s=self.now, stopped_by=stopped_by,
                            run_dir=self.run_dir)
+
+    def _stop_early(self) -> None:
+        """Every process agreed to stop after this step: save (unless just saved) and leave."""
+        step = self.progress.step
+        if self.saved_step != step:
+            self.save()
+        where = f"at step {step}; saved a checkpoint in {self.run_dir} (continue with --resume)"
+        if self.stop == "preempt":
+            raise Preempted(f"preempted (SIGTERM/SIGUSR1) {where}")
+        raise KeyboardInterrupt(f"interrupted {where}")
 
     def _already_finished(self) -> TrainResult:
         """A resumed run that had already reached its stop: nothing to train, evaluate or save."""
@@ -254,10 +310,12 @@ class Trainer:
         return TrainResult(step=self.progress.step, train_loss=None, eval=last_eval, checkpoint=checkpoint,
                            elapsed_s=self.progress.elapsed_s, stopped_by=stopped_by, run_dir=self.run_dir)
 
-    def sync(self, interrupted: bool) -> None:
-        """Agree on the elapsed time and on whether any process was interrupted."""
-        self.now, flag = all_reduce_max([time.monotonic() - self.start, float(interrupted)], self.env)
-        self.stop_requested = flag > 0
+    def sync(self, requests: StopRequests) -> None:
+        """Agree on the elapsed time and on whether any process was asked to stop, so every process
+        stops after the same step."""
+        self.now, interrupt, preempt = all_reduce_max(
+            [time.monotonic() - self.start, float(requests.interrupt), float(requests.preempt)], self.env)
+        self.stop = "preempt" if preempt else "interrupt" if interrupt else None
 
     def done(self) -> bool:
         config, progress = self.config, self.progress
@@ -268,7 +326,7 @@ class Trainer:
     def step(self) -> float:
         """One update; returns its learning rate."""
         progress, config, env = self.progress, self.config, self.env
-        batch = get_batch(self.train_store.tokens, progress.step, config, env.device, env.rank, env.world_size)
+        batch = self.data.batch(progress.step, env)
         if progress.step == config.warmup_steps and progress.warmup_end_s is None:
             progress.warmup_end_s = self.now
         decay = decay_progress(progress.step, self.schedule, self.now, progress.warmup_end_s)
@@ -294,8 +352,8 @@ class Trainer:
         step_s = (now - self.log_start) / max(self.log_steps, 1)
         rate = config.batch_size * config.seq_len / max(step_s, 1e-9)
         if self.env.is_main:
-            self.metrics.append({"type": "train", "step": progress.step, "loss": self.last_train_loss, "lr": lr,
-                                 "grad_norm": self.grad_norm, "tokens_per_s": rate, "elapsed_s": self.now})
+            self._record({"type": "train", "step": progress.step, "loss": self.last_train_loss, "lr": lr,
+                          "grad_norm": self.grad_norm, "tokens_per_s": rate, "elapsed_s": self.now})
         if config.max_steps is None:  # a time budget: the bar's total (and so its ETA) is an estimate
             bar.total = progress.step + max(1, int((config.time_budget - self.now) / step_s))
         bar.set_postfix(loss=f"{self.last_train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}", refresh=False)
@@ -303,16 +361,20 @@ class Trainer:
         progress.loss_sum, progress.loss_count = 0.0, 0
         self.log_start, self.log_steps = now, 0
 
+    def _record(self, entry: dict) -> None:
+        self.metrics.append(entry)
+        self.trackers.log(entry)
+
     def evaluate(self) -> dict[str, float | int] | None:
-        if self.eval_store is None or self.config.eval_batches == 0:
+        if self.config.eval_batches == 0:
             return None
         if not (self.env.is_main or self.config.parallel == "fsdp"):
             return None  # a replica: rank 0's evaluation is the same; FSDP needs every process
-        result = evaluate(self.net, self.eval_store.tokens, self.config.seq_len, self.config.batch_size,
-                          self.eval_store.num_bytes, max_windows=self.config.eval_batches * self.config.batch_size,
-                          autocast_dtype=torch.bfloat16 if self.config.bf16 else None)
+        result = self.data.evaluate(self.net)
+        if result is None:
+            return None
         if self.env.is_main:
-            self.metrics.append({"type": "eval", "step": self.progress.step, **result})
+            self._record({"type": "eval", "step": self.progress.step, **result})
             logger.info("step %d: held-out loss %.4f, %.4f bits/byte", self.progress.step, result["loss"],
                         result["bits_per_byte"])
         self.last_eval = result
@@ -326,23 +388,44 @@ class Trainer:
         return path
 
 
+class Preempted(RuntimeError):
+    """The run was asked to stop (SIGTERM, SIGUSR1) and saved a checkpoint; `--resume` continues
+    it. The command line exits with PREEMPTED_EXIT_CODE."""
+
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: a temporary failure, try again (requeue and resume)
+
+
+@dataclass
+class StopRequests:
+    interrupt: bool = False  # Ctrl-C: save after this step and stop; a second one stops at once
+    preempt: bool = False  # SIGTERM or SIGUSR1 (clusters, SLURM --signal): save after this step and stop
+
+
 @contextlib.contextmanager
-def _graceful_interrupt() -> Iterator[list[bool]]:
-    """Turn the first Ctrl-C into a flag checked between steps, so the run can save a consistent
-    checkpoint; a second Ctrl-C interrupts at once. Only possible in the main thread."""
-    flag = [False]
+def stop_signals() -> Iterator[StopRequests]:
+    """Turn Ctrl-C, SIGTERM and SIGUSR1 into requests checked between steps, so the run saves a
+    consistent checkpoint before stopping. Only possible in the main thread."""
+    requests = StopRequests()
     if threading.current_thread() is not threading.main_thread():
-        yield flag
+        yield requests
         return
 
-    def handler(signum, frame):
-        if flag[0]:
+    def interrupt(signum, frame):
+        if requests.interrupt:
             raise KeyboardInterrupt
-        flag[0] = True
+        requests.interrupt = True
         logger.warning("interrupt: saving a checkpoint after this step (Ctrl-C again to abort)")
 
-    previous = signal.signal(signal.SIGINT, handler)
+    def preempt(signum, frame):
+        if not requests.preempt:
+            logger.warning("%s: saving a checkpoint after this step, then stopping", signal.Signals(signum).name)
+        requests.preempt = True
+
+    handlers = {signal.SIGINT: interrupt, signal.SIGTERM: preempt, signal.SIGUSR1: preempt}
+    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
     try:
-        yield flag
+        yield requests
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

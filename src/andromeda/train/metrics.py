@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -60,3 +61,67 @@ def plot_losses(entries: list[dict[str, Any]], path: Path) -> None:
         axes.legend()
     figure.tight_layout()
     figure.savefig(path)
+
+
+# --------------------------------------------------------------------------- experiment trackers
+
+
+class Trackers:
+    """The experiment trackers of a run (`--report-to`), fed what metrics.jsonl gets; rank 0 only.
+
+    tensorboard: event files in RUN/tensorboard (torch.utils.tensorboard; the `track` extra).
+    wandb: a Weights & Biases run in RUN/wandb, offline unless WANDB_MODE says otherwise (sync it
+    later with `wandb sync RUN/wandb/offline-run-*`); resumed runs continue the same wandb run.
+    """
+
+    def __init__(self, names: tuple[str, ...], run_dir: Path, config: Mapping[str, Any], run_id: str) -> None:
+        self.writer = None
+        self.wandb = None
+        if "tensorboard" in names:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ImportError("--report-to tensorboard needs TensorBoard: pip install 'andromeda[track]'") from err
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self.writer.add_text("config", "```\n" + json.dumps(dict(config), indent=2) + "\n```")
+        if "wandb" in names:
+            try:
+                import wandb
+            except ImportError as err:
+                raise ImportError("--report-to wandb needs Weights & Biases: pip install 'andromeda[track]'") from err
+            mode = os.environ.get("WANDB_MODE", "offline")
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "andromeda"), dir=str(run_dir),
+                                    config=dict(config), id=run_id, resume="allow", mode=mode,
+                                    name=run_dir.name, settings=wandb.Settings(silent=True))
+
+    def log(self, entry: Mapping[str, Any]) -> None:
+        """One metrics.jsonl entry: {"type": "train" | "eval", "step": ..., numbers...}."""
+        kind, step = entry["type"], entry["step"]
+        numbers = {f"{kind}/{k}": v for k, v in entry.items()
+                   if k not in ("type", "step") and isinstance(v, (int, float))}
+        if self.writer is not None:
+            for name, value in numbers.items():
+                self.writer.add_scalar(name, value, step)
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=step)
+
+    def finish(self, plot: Path | None) -> None:
+        if self.writer is not None:
+            if plot is not None and plot.is_file():
+                from matplotlib.image import imread
+
+                self.writer.add_image("loss", imread(plot)[..., :3], dataformats="HWC")
+            self.writer.close()
+        if self.wandb is not None:
+            if plot is not None and plot.is_file():
+                import wandb
+
+                self.wandb.log({"loss_plot": wandb.Image(str(plot))})
+            self.wandb.finish()
+
+    def close(self) -> None:
+        """Flush and close without the final plot (an interrupted or failed run)."""
+        if self.writer is not None:
+            self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=1)

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from ..data import sample_batch
-from ..parallel.environment import DistEnv, all_reduce_mean
+from ..model import IGNORE_INDEX
+from ..parallel.environment import DistEnv, all_reduce_sum
 from ..parallel.parallelize import clip_grad_norm, gradient_sync
 from .config import TrainConfig
 
@@ -28,7 +29,7 @@ def autocast_context(device: torch.device, bf16: bool) -> contextlib.AbstractCon
 def train_step(
     model: nn.Module,
     params: list[nn.Parameter],
-    batch: Tensor,
+    batch: tuple[Tensor, Tensor],
     optimizer: torch.optim.Optimizer,
     lr: float,
     config: TrainConfig,
@@ -36,13 +37,14 @@ def train_step(
     env: DistEnv = DistEnv(),
     autocast: bool | None = None,
 ) -> tuple[float, float]:
-    """One optimizer update on this process's `batch` (B / W, T + 1), split into `grad_accum`
-    micro-batches; `model` is what `parallelize` returned, called as
-    `model(inputs, targets=targets)` for the loss.
+    """One optimizer update on this process's share of the batch, (inputs, targets) of (B / W, T)
+    each (targets -100 where there is nothing to predict), split into `grad_accum` micro-batches;
+    `model` is what `parallelize` returned, called as `model(inputs, targets=targets)`.
 
-    Every micro-batch of every process holds the same number of target tokens, so the mean of
-    their mean losses — each process averages its own, `all_reduce_mean` averages the processes,
-    as DDP/FSDP average their gradients — is the mean over the global batch. `autocast` (default
+    The loss is the mean over every target token of the global batch: each micro-batch
+    backpropagates its summed loss times W / N, with N the targets of all processes, since
+    DDP/FSDP average the gradients over the W processes. (With every target counted, N is the
+    same each step and this is the mean of the micro-batches' means.) `autocast` (default
     `config.bf16`) is off under FSDP, whose mixed-precision policy computes in bf16 instead.
 
     Returns (mean loss, gradient norm before clipping), the same on every process. Raises
@@ -50,19 +52,22 @@ def train_step(
     non-finite step.
     """
     autocast = config.bf16 if autocast is None else autocast
+    inputs, targets = batch
     optimizer.zero_grad(set_to_none=True)
-    total = torch.zeros((), dtype=torch.float32, device=batch.device)
-    micro_batches = batch.chunk(config.grad_accum)  # (B / W / A, T + 1) each
-    for index, micro in enumerate(micro_batches):
+    counted = all_reduce_sum((targets != IGNORE_INDEX).sum().to(torch.float32), env).clamp(min=1)  # N
+    scale = env.world_size / counted
+    total = torch.zeros((), dtype=torch.float32, device=inputs.device)
+    micro_batches = list(zip(inputs.chunk(config.grad_accum), targets.chunk(config.grad_accum)))
+    for index, (micro_inputs, micro_targets) in enumerate(micro_batches):
         # DDP all-reduces the gradients once, after the last micro-step.
         with gradient_sync(model, enabled=index == len(micro_batches) - 1):
-            with autocast_context(batch.device, autocast):
+            with autocast_context(inputs.device, autocast):
                 # Ids come from the token store, checked when it was built: no per-step check
                 # (each would read the batch back from the device).
-                loss = model(micro[:, :-1], targets=micro[:, 1:], validate=False)
-            (loss / config.grad_accum).backward()
+                loss = model(micro_inputs, targets=micro_targets, reduction="sum", validate=False)
+            (loss * scale).backward()
         total += loss.detach().float()
-    mean_loss = float(all_reduce_mean(total, env)) / config.grad_accum
+    mean_loss = float(all_reduce_sum(total, env) / counted)
     if not math.isfinite(mean_loss):
         raise NonFiniteLossError(f"non-finite training loss ({mean_loss}) at step {step + 1}")
     max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
@@ -76,8 +81,10 @@ def train_step(
     return mean_loss, grad_norm
 
 
-def get_batch(tokens: np.ndarray, step: int, config: TrainConfig, device: torch.device,
-              rank: int = 0, world_size: int = 1) -> Tensor:
-    """This process's share of step `step`'s global batch: (batch_size / world_size, seq_len + 1)."""
+def lm_batch(tokens: np.ndarray, step: int, config: TrainConfig, device: torch.device,
+             rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor]:
+    """This process's share of step `step`'s global batch of text windows: (inputs, targets),
+    each (batch_size / world_size, seq_len), the targets the inputs shifted by one."""
     batch = sample_batch(tokens, step, config.batch_size, config.seq_len, config.seed, rank, world_size)
-    return batch.to(device, non_blocking=True)
+    batch = batch.to(device, non_blocking=True)
+    return batch[:, :-1], batch[:, 1:]

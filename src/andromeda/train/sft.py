@@ -1,0 +1,136 @@
+"""Prompt/completion data (`objective="completion"`): the loss on the completion tokens only.
+
+Each `.jsonl` record `{"prompt": ..., "completion": ...}` becomes one sequence
+
+    eos  prompt tokens  completion tokens  eos
+
+and only the completion tokens and the closing eos are targets: the prompt is context the model
+reads, never text it is trained to write (the prompt's targets are -100, so they add nothing to
+the loss or its gradient). The leading eos marks a document start, as in pretraining data and
+in `andromeda generate`.
+
+Padded, not packed: a batch row holds one example, right-padded to seq_len + 1 (causal attention
+never lets a real token see the padding after it, so no mask is needed). Packing several examples
+into one row would waste less compute but let an example attend to unrelated ones before it, and
+random windows over a packed stream would cut prompts from their completions; instruction sets
+are small enough that the clean choice costs little. An example longer than seq_len + 1 tokens
+keeps its first seq_len + 1 (logged once, with the count).
+
+Batches are drawn like pretraining batches: example indices from PCG64([seed, step]), so a
+resumed run sees the same batches and the global batch does not depend on the process count.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..model import IGNORE_INDEX, Transformer
+from ..tokenizers import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+PROMPT_FIELD, COMPLETION_FIELD = "prompt", "completion"
+
+
+@dataclass
+class CompletionExamples:
+    sequences: list[np.ndarray]  # eos + prompt + completion + eos, int64
+    prompt_lengths: np.ndarray  # tokens before the first target: the leading eos and the prompt
+    completion_bytes: int  # UTF-8 bytes of all completions (for bits per byte)
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+
+def load_completion_examples(files: list[Path], tokenizer: Tokenizer) -> CompletionExamples:
+    """Tokenise every record of the `.jsonl` files; errors name the file and line."""
+    sequences, prompt_lengths, completion_bytes = [], [], 0
+    eos = tokenizer.eos_id
+    for path in files:
+        if not path.name.endswith(".jsonl"):
+            raise ValueError(f"{path}: the completion objective reads .jsonl files of "
+                             f'{{"{PROMPT_FIELD}": ..., "{COMPLETION_FIELD}": ...}} records')
+        with path.open("rb") as lines:
+            for number, raw in enumerate(lines, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                    raise ValueError(f"{path}:{number}: not a JSON object: {err}") from None
+                if not (isinstance(record, dict) and isinstance(record.get(PROMPT_FIELD), str)
+                        and isinstance(record.get(COMPLETION_FIELD), str)):
+                    raise ValueError(f"{path}:{number}: expected string fields {PROMPT_FIELD!r} and "
+                                     f"{COMPLETION_FIELD!r}, got {raw.decode('utf-8', 'replace').strip()[:80]!r}")
+                prompt = tokenizer.encode(record[PROMPT_FIELD])
+                completion = tokenizer.encode(record[COMPLETION_FIELD])
+                if not completion:
+                    raise ValueError(f"{path}:{number}: the completion is empty: nothing to train on")
+                sequences.append(np.array([eos, *prompt, *completion, eos], dtype=np.int64))
+                prompt_lengths.append(1 + len(prompt))
+                completion_bytes += len(record[COMPLETION_FIELD].encode("utf-8"))
+    if not sequences:
+        raise ValueError(f"no prompt/completion records in {', '.join(map(str, files))}")
+    return CompletionExamples(sequences, np.array(prompt_lengths), completion_bytes)
+
+
+def example_rows(examples: CompletionExamples, indices: np.ndarray, seq_len: int, pad_id: int
+                 ) -> tuple[Tensor, Tensor]:
+    """(inputs, targets), each (len(indices), seq_len): the examples right-padded, targets -100
+    on the prompt and the padding."""
+    inputs = np.full((len(indices), seq_len), pad_id, dtype=np.int64)
+    targets = np.full((len(indices), seq_len), IGNORE_INDEX, dtype=np.int64)
+    for row, index in enumerate(indices):
+        sequence = examples.sequences[index][: seq_len + 1]
+        n = len(sequence) - 1
+        inputs[row, :n] = sequence[:-1]
+        first = examples.prompt_lengths[index] - 1  # the input position that predicts the first target
+        targets[row, first:n] = sequence[first + 1 : n + 1]
+    return torch.from_numpy(inputs), torch.from_numpy(targets)
+
+
+def completion_batch(examples: CompletionExamples, step: int, batch_size: int, seq_len: int, seed: int,
+                     pad_id: int, rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor]:
+    """This rank's share of step `step`'s batch: examples drawn from PCG64([seed, step])."""
+    rng = np.random.Generator(np.random.PCG64([seed, step]))
+    indices = rng.integers(0, len(examples), size=batch_size)
+    per_rank = batch_size // world_size
+    return example_rows(examples, indices[rank * per_rank : (rank + 1) * per_rank], seq_len, pad_id)
+
+
+def truncated_count(examples: CompletionExamples, seq_len: int) -> int:
+    return sum(len(s) > seq_len + 1 for s in examples.sequences)
+
+
+@torch.no_grad()
+def completion_loss(net: Transformer, examples: CompletionExamples, seq_len: int, batch_size: int, pad_id: int,
+                    max_examples: int | None = None, autocast_dtype: torch.dtype | None = None
+                    ) -> dict[str, float | int]:
+    """Mean loss (nats per completion token), perplexity and bits per completion byte over the
+    first `max_examples` examples (all by default)."""
+    device = next(net.parameters()).device
+    count = len(examples) if max_examples is None else min(max_examples, len(examples))
+    total, tokens = 0.0, 0
+    was_training = net.training
+    net.eval()
+    try:
+        for start in range(0, count, batch_size):
+            inputs, targets = example_rows(examples, np.arange(start, min(start + batch_size, count)), seq_len,
+                                           pad_id)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                total += float(net(inputs.to(device), targets=targets.to(device), reduction="sum", validate=False))
+            tokens += int((targets != IGNORE_INDEX).sum())
+    finally:
+        net.train(was_training)
+    loss = total / max(tokens, 1)
+    scored_bytes = examples.completion_bytes * count / len(examples)
+    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": total / math.log(2) / scored_bytes,
+            "tokens": tokens, "bytes": round(scored_bytes)}
