@@ -1,13 +1,14 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   - venv, install, fetch the corpus, train the demo model, evaluate, sample
 #   make test   - venv, install (with test extras), run the test suite
+#   make serve  - serve the demo checkpoint over the OpenAI API (after make demo)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The pinned CPU wheel first: a bare `torch` would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv install install-test test demo bench clean
+.PHONY: venv install install-test test demo serve clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +19,10 @@ $(VENV)/.installed: pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+$(VENV)/.installed-serve: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[serve]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -33,6 +38,10 @@ demo: install
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m andromeda eval --checkpoint runs/demo --seq-len 256 1024 --batch-size 16 --bf16
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m andromeda generate --checkpoint runs/demo --prompt "ROMEO:" --max-new-tokens 300 \
 		--temperature 0.8 --top-k 40 --seed 0
+
+# The demo checkpoint over the OpenAI-compatible HTTP API (after `make demo`); SERVE_ARGS adds flags.
+serve: $(VENV)/.installed-serve
+	$(PY) -m andromeda serve --checkpoint runs/demo $(SERVE_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

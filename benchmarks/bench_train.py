@@ -161,7 +161,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="also Andromeda under torch.compile")
     parser.add_argument("--profile", action="store_true", help="print the top ops of one step each")
     parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="the device's peak TFLOP/s for MFU (default: measured matmul peak)")
+                        help="the device's peak TFLOP/s for MFU (default: the datasheet's dense bf16 peak for "
+                             "known GPUs, else the measured matmul peak)")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--optimizer", choices=("fused", "foreach", "loop"), default="fused",
                         help="the AdamW implementation both models use (default: fused)")
@@ -201,11 +202,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"- {common.FLOPS_FORMULA} = {flops / 1e6:.1f} MFLOP/token")
     for mode, peak in peaks.items():
         print(f"- measured matmul peak {mode}: {peak / 1e9:,.1f} GFLOP/s ({size}x{size}, best of 5)")
+    datasheet = common.datasheet_peak_flops(device)
     if args.peak_tflops is not None:
         print(f"- MFU against the given peak: {args.peak_tflops} TFLOP/s")
+    elif datasheet is not None:
+        print(f"- MFU against {datasheet[1]}'s datasheet dense bf16 peak: {datasheet[0] / 1e12:g} TFLOP/s "
+              f"(measured matmul peaks above, for comparison)")
+    else:
+        print("- MFU against the measured matmul peak of each precision (give --peak-tflops for a datasheet MFU)")
     rows, measured = [], []
     for mode in args.modes:
-        peak = args.peak_tflops * 1e12 if args.peak_tflops is not None else peaks[mode]
+        if args.peak_tflops is not None:
+            peak = args.peak_tflops * 1e12
+        else:
+            peak = datasheet[0] if datasheet is not None else peaks[mode]
         mode_rows, contestants = run_mode(config, mode, args, device, peak)
         rows += mode_rows
         measured.append((mode, contestants))

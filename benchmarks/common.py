@@ -37,6 +37,7 @@ from torch import nn
 
 from andromeda import Andromeda, Config
 from andromeda.interop import build_x_transformers
+from andromeda.plan import flops_per_token
 
 log = logging.getLogger(__name__)
 
@@ -211,10 +212,25 @@ def child_command(script: str, *args: str) -> list[str]:
 # ----------------------------------------------------------------------------- FLOPs
 
 FLOPS_FORMULA = (
-    "model FLOPs/token = 6*N + 6*depth*heads*dim_head*T  "
-    "(N = weights of every matrix product incl. the logits, excl. the embedding lookup; "
-    "the second term is causal attention: 12*depth*heads*dim_head*T/2; forward+backward)"
+    "model FLOPs/token = 6*N + 12*depth*heads*dim_head*T  "
+    "(PaLM convention, as `andromeda plan`: N = weights of every matrix product incl. the logits, "
+    "excl. the embedding lookup; attention over all T keys, the causal mask not discounted; "
+    "forward+backward)"
 )
+# Dense bf16 peaks from the datasheets (no sparsity), TFLOP/s: the denominator of GPU MFU unless
+# --peak-tflops gives another. Matched against torch.cuda.get_device_name().
+DATASHEET_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
+
+
+def datasheet_peak_flops(device: torch.device) -> tuple[float, str] | None:
+    """(FLOP/s, GPU name) of a CUDA device's dense bf16 datasheet peak, if the name is known."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in DATASHEET_BF16_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12, name
+    return None
 
 
 def matmul_parameters(config: Config) -> int:
@@ -225,9 +241,9 @@ def matmul_parameters(config: Config) -> int:
 
 
 def model_flops_per_token(config: Config, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward), the PaLM appendix-B count (Chowdhery et al.
-    2022, https://arxiv.org/abs/2204.02311) with causal attention counted once; see FLOPS_FORMULA."""
-    return 6 * matmul_parameters(config) + 6 * config.depth * config.heads * config.dim_head * seq_len
+    """Training FLOPs per token (forward + backward): `andromeda.plan.flops_per_token`, the PaLM
+    appendix-B count (Chowdhery et al. 2022, https://arxiv.org/abs/2204.02311); FLOPS_FORMULA."""
+    return flops_per_token(config, seq_len, matmul_parameters(config))[0]
 
 
 def matmul_peak_flops(

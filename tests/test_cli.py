@@ -114,3 +114,12 @@ def test_plan_prints_the_capacity_plan(capsys):
     assert cli.main(["plan", "--preset", "1b", "--gpus", "2", "--seq-len", "2048", "--batch", "1"]) == 0
     out = capsys.readouterr().out
     assert "2 GPUs x batch 1 x seq 2048" in out and "recommendation:" in out
+
+
+def test_plan_takes_the_card_and_prices_one_gpu_as_one_process(capsys):
+    assert cli.main(["plan", "--preset", "1b", "--gpus", "1", "--seq-len", "2048", "--gpu-memory", "40",
+                     "--peak-tflops", "312"]) == 0
+    out = capsys.readouterr().out
+    assert "one process, bf16 autocast over fp32 weights, gradients and AdamW" in out
+    assert "usable of 40.0 GiB card" in out and "of 312 TFLOP/s" in out
+    assert "bf16 weight copies (autocast)" in out

@@ -76,11 +76,14 @@ def test_the_allocation_check_sees_a_real_tensor():
 
 
 def test_sharded_terms_scale_with_one_over_gpus_and_the_rest_does_not():
-    one, eight = plan(SEVEN_B, gpus=1, seq_len=4096), plan(SEVEN_B, gpus=8, seq_len=4096)
+    one, two, eight = (plan(SEVEN_B, gpus=g, seq_len=4096) for g in (1, 2, 8))
     for name in ("sharded_params_bytes", "sharded_grads_bytes", "optimizer_bytes"):
         assert getattr(one, name) / getattr(eight, name) == pytest.approx(8, rel=1e-4)
-    for name in ("gathered_bytes", "activation_bytes", "checkpointed_activation_bytes", "loss_bytes"):
+    for name in ("activation_bytes", "checkpointed_activation_bytes", "loss_bytes"):
         assert getattr(one, name) == getattr(eight, name)
+    assert two.gathered_bytes == eight.gathered_bytes  # FSDP's transient units do not shard
+    # One GPU is one process under autocast, no FSDP: every matmul weight's bf16 copy at once.
+    assert one.gathered_bytes == 2 * one.non_embedding_params
     # The fp32 policy: 4 + 4 + 8 bytes per parameter when nothing is sharded.
     assert one.sharded_params_bytes == 4 * one.params
     assert one.sharded_grads_bytes == 4 * one.params

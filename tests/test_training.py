@@ -229,3 +229,23 @@ def test_bpe_tokenizer_sets_num_tokens_and_is_saved(tmp_path, corpus):
     tokenizer = load_checkpoint_tokenizer(tmp_path / "run")
     assert tokenizer.name == "bpe" and tokenizer.vocab_size <= 300
     assert model.config.num_tokens == 320  # the vocabulary rounded up to a multiple of 64
+
+
+def test_only_this_processs_cuda_rng_is_saved_and_restored(monkeypatch, tmp_path):
+    """A run saved with 8 GPUs visible resumes with 1: each process saves and restores its own
+    device's RNG, never every visible GPU's (CUDA mocked: the calls and their devices are checked)."""
+    from andromeda.train.state import read_trainer_state, rng_state, set_rng_state, write_trainer_state, Progress
+
+    calls = []
+    states = {3: torch.arange(16, dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: calls.append(("get", device)) or states[device.index])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append(("set", device, state.tolist())))
+    for every in ("get_rng_state_all", "set_rng_state_all"):
+        monkeypatch.setattr(torch.cuda, every, lambda *a, **k: pytest.fail(f"{every} touches every visible GPU"))
+    state = rng_state(torch.device("cuda", 3))
+    write_trainer_state(tmp_path / "trainer_state.safetensors", Progress(step=5), state)
+    (tmp_path / "config.json").write_text("{}")  # a checkpoint folder as far as resolving goes
+    restored = read_trainer_state(tmp_path)
+    set_rng_state(restored.rng, torch.device("cuda", 0))
+    assert calls == [("get", torch.device("cuda", 3)), ("set", torch.device("cuda", 0), list(range(16)))]
+    assert restored.progress.step == 5

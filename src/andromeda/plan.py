@@ -136,20 +136,21 @@ def plan(
     tables = [net.token_emb] + ([net.pos_emb] if net.pos_emb is not None else [])
     embedding_params = sum(p.numel() for m in tables for p in m.parameters())
 
-    C, L, H, D = config.dim, config.depth, config.heads, config.dim_head
+    C, L = config.dim, config.depth
     matmul_params = params - embedding_params
-    attention_flops = 4 * L * H * D * seq_len  # q·kᵀ and softmax·v, 2 FLOPs per multiply-add
-    train_flops = 6 * matmul_params + 3 * attention_flops
-    forward_flops = 2 * matmul_params + attention_flops
+    train_flops, forward_flops = flops_per_token(config, seq_len, matmul_params)
 
     sharded = _sharded_numel(net, gpus)
     block = sum(p.numel() for p in net.blocks[0].parameters())
     root = params - L * block
-    # Unsharded in param_dtype: the root, which stays gathered from forward into backward, and two
-    # Blocks (one computing, the next prefetched); plus the largest unit's unsharded gradient and
-    # the fp32 copy that reduce-scatter sums (reduce_dtype=fp32).
+    # Unsharded under FSDP (parallel.parallelize): the root in fp32, which stays gathered from
+    # forward into backward, and two Blocks in the compute dtype (one computing, the next
+    # prefetched); plus the largest unit's unsharded gradient and the fp32 copy reduce-scatter sums.
     grad_copy = width + (GRAD_BYTES if width != GRAD_BYTES else 0)
-    gathered = (root + 2 * block) * width + max(root, block) * grad_copy
+    fsdp_gathered = root * MASTER_BYTES + 2 * block * width + max(root * GRAD_BYTES, block * grad_copy)
+    # One process under autocast instead: each weight's bf16 copy, cast once per step, is cached
+    # by autocast and kept for backward, so all of them exist together (fp32: no copies).
+    gathered = (matmul_params * width if width != MASTER_BYTES else 0) if gpus == 1 else fsdp_gathered
 
     tokens = batch * seq_len
     one_block = block_activation_bytes(config, batch, seq_len, width)
@@ -165,7 +166,7 @@ def plan(
     state = sharded * (MASTER_BYTES + GRAD_BYTES + ADAM_BYTES) + gathered
     if activation_checkpointing is None:
         activation_checkpointing = state + full > usable
-    recommendation = _recommend(net, state, full, checkpointed, gathered, usable, gpu_memory_gib)
+    recommendation = _recommend(net, state, full, checkpointed, fsdp_gathered, usable, gpu_memory_gib)
     return Plan(
         config=config, gpus=gpus, seq_len=seq_len, batch=batch, dtype=dtype, params=params,
         embedding_params=embedding_params, train_flops_per_token=train_flops,
@@ -175,6 +176,19 @@ def plan(
         loss_bytes=loss, activation_checkpointing=activation_checkpointing,
         gpu_memory_bytes=memory, recommendation=recommendation,
     )
+
+
+def flops_per_token(config: Config, seq_len: int, matmul_params: int | None = None) -> tuple[int, int]:
+    """(training, forward) FLOPs per token at context `seq_len`, in the PaLM convention (module
+    docstring): 6N + 12·L·H·D·T and 2N + 4·L·H·D·T, attention over all T keys, the causal mask
+    not discounted. N counts the weights of every matrix product (`matmul_params`, computed from
+    the config when not given). MFU figures everywhere in this project use it."""
+    if matmul_params is None:
+        net = build_transformer(config, device="meta")
+        tables = [net.token_emb] + ([net.pos_emb] if net.pos_emb is not None else [])
+        matmul_params = net.num_parameters() - sum(p.numel() for m in tables for p in m.parameters())
+    attention = 4 * config.depth * config.heads * config.dim_head * seq_len  # q·kᵀ and softmax·v
+    return 6 * matmul_params + 3 * attention, 2 * matmul_params + attention
 
 
 def block_activation_bytes(
@@ -248,7 +262,8 @@ def format_plan(plan: Plan, peak_tflops: float = H100_BF16_TFLOPS, mfu: float = 
         ("parameters (fp32 shard, 4N/g)", p.sharded_params_bytes, p.sharded_params_bytes),
         ("gradients (fp32 shard, 4N/g)", p.sharded_grads_bytes, p.sharded_grads_bytes),
         ("AdamW moments (fp32 shard, 8N/g)", p.optimizer_bytes, p.optimizer_bytes),
-        (f"gathered {p.dtype} units (transient)", p.gathered_bytes, p.gathered_bytes),
+        (f"{p.dtype} weight copies (autocast)" if p.gpus == 1 else "gathered units (transient)",
+         p.gathered_bytes, p.gathered_bytes),
         ("activations", p.activation_bytes, p.checkpointed_activation_bytes),
         ("  of which fused-loss buffers", p.loss_bytes, p.loss_bytes),
         ("total", p.total_bytes_with(False), p.total_bytes_with(True)),
@@ -259,8 +274,9 @@ def format_plan(plan: Plan, peak_tflops: float = H100_BF16_TFLOPS, mfu: float = 
         f"parameters {_count(p.params)} total: {_count(p.embedding_params)} embedding, "
         f"{_count(p.non_embedding_params)} non-embedding (blocks, final norm, output projection)",
         f"run        {p.gpus} GPU{'s' if p.gpus > 1 else ''} x batch {p.batch} x seq {p.seq_len} "
-        f"= {tokens * p.gpus:,} tokens per micro-step; FSDP2 full sharding, {p.dtype} compute, "
-        f"fp32 master weights and gradient reduction",
+        f"= {tokens * p.gpus:,} tokens per micro-step; "
+        + (f"one process, {p.dtype} autocast over fp32 weights, gradients and AdamW" if p.gpus == 1 else
+           f"FSDP2 full sharding, {p.dtype} compute, fp32 master weights and gradient reduction"),
         f"FLOPs      training {_flops(p.train_flops_per_token)}/token "
         f"(6N {_flops(6 * p.non_embedding_params)} + attention {_flops(attention)}, PaLM "
         f"convention, causal mask not discounted); inference forward "

@@ -12,8 +12,10 @@ from collections.abc import Sequence
 from dataclasses import MISSING, fields
 from typing import Any
 
+import torch
+
 from ..checkpoint import latest_checkpoint, load_train_config
-from ..parallel.environment import launched_rank
+from ..parallel.environment import launched_rank, resolve_device
 from ..train import PREEMPTED_EXIT_CODE, Preempted, TrainConfig, train
 
 HELP = "train a model"
@@ -36,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help=f.metadata["help"] + (f" (default {f.default})" if shown else ""))
         if hint is bool:
             parser.add_argument(flag, action="store_true", **common)
+        elif kinds == {bool}:  # on, off, or None: decided by the run (e.g. --bf16 on CUDA)
+            parser.add_argument(flag, action="store_true", **common)
+            parser.add_argument("--no-" + flag[2:], action="store_false", default=argparse.SUPPRESS, dest=f.name,
+                                help=argparse.SUPPRESS)
         elif any(typing.get_origin(k) is tuple for k in kinds):
             parser.add_argument(flag, nargs="+", metavar=f.metadata.get("metavar", "PATH"), **common)
         else:
@@ -79,8 +85,13 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    config = train_config_from_args(args)
+    if resolve_device(config.device).type == "cuda":
+        # The process is ours: let fp32 matmuls use TF32 tensor cores (bf16 autocast is the default
+        # on CUDA; this covers what runs in fp32). A library call would not set this global.
+        torch.set_float32_matmul_precision("high")
     try:
-        result = train(train_config_from_args(args))
+        result = train(config)
     except Preempted as stopped:
         print(f"andromeda train: {stopped}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE

@@ -19,6 +19,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 DEFAULT_TIMEOUT_S = 600.0  # how long a collective waits for the other processes by default
+# How long processes wait for each other around work of unknown length (tokenising a corpus,
+# training a BPE, writing a large checkpoint): no practical limit. A process that dies still ends
+# the job, because torchrun stops the others when one fails.
+WAIT_TIMEOUT_S = 7 * 24 * 3600.0
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +34,8 @@ class DistEnv:
     local_rank: int = 0  # the rank within this node: the index of its GPU
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # A gloo group over the same processes, for waits without the collectives' timeout (`wait`).
+    wait_group: Any = field(default=None, compare=False, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -89,7 +95,8 @@ def distributed(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> I
     elif dist.get_world_size() != world_size or dist.get_rank() != rank:
         raise RuntimeError(f"a process group of {dist.get_world_size()} processes is already initialised, "
                            f"but the environment says rank {rank} of {world_size}")
-    env = DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+    wait_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=WAIT_TIMEOUT_S))
+    env = DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device, wait_group=wait_group)
     logger.info("process %d of %d on %s (backend %s)", rank, world_size, device, dist.get_backend())
     try:
         yield env
@@ -138,22 +145,32 @@ def all_reduce_max(values: list[float], env: DistEnv) -> list[float]:
 
 
 def broadcast_object(value: Any, env: DistEnv) -> Any:
-    """Rank 0's `value` (any picklable object), on every process."""
+    """Rank 0's `value` (any picklable object), on every process; waits as long as rank 0 needs to
+    produce it (the wait group)."""
     if not env.distributed:
         return value
     box = [value if env.is_main else None]
-    dist.broadcast_object_list(box, src=0, device=env.device if env.device.type == "cuda" else None)
+    dist.broadcast_object_list(box, src=0, group=env.wait_group)
     return box[0]
 
 
+def wait(env: DistEnv) -> None:
+    """A barrier with no practical time limit (`WAIT_TIMEOUT_S`), for waits around work of unknown
+    length: the job's collectives keep their `--dist-timeout` for the training steps."""
+    if env.distributed:
+        dist.barrier(group=env.wait_group)
+
+
 @contextlib.contextmanager
-def main_process_first(env: DistEnv) -> Iterator[None]:
-    """Rank 0 runs the block first (downloads, tokenising into a cache); the others then run it
-    and find the results cached, instead of all writing the same files at once."""
-    if not env.is_main:
-        barrier(env)
+def node_first(env: DistEnv) -> Iterator[None]:
+    """The first process of each node runs the block first (fetching a corpus, tokenising it into
+    the node's cache, training a tokenizer); the others run it after every node's first process
+    is done, and find the results there. Nothing is done twice on a node, no two processes write
+    the same cache files, and the wait has no practical time limit."""
+    if env.local_rank != 0:
+        wait(env)
     try:
         yield
     finally:
-        if env.is_main:
-            barrier(env)
+        if env.local_rank == 0:
+            wait(env)

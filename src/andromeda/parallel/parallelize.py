@@ -13,15 +13,19 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from safetensors import safe_open
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
+from ..checkpoint import WEIGHTS_FILE, load_transformer
 from ..config import Config
 from ..model import Transformer, build_transformer
 from .environment import DistEnv
@@ -76,64 +80,117 @@ def parallelize(
     *,
     param_dtype: torch.dtype | None = None,
     activation_checkpointing: bool = False,
+    compile: bool = False,
 ) -> nn.Module:
     """Apply `mode` ("none", "ddp" or "fsdp") to `net`; returns the module to call for the loss,
     `train_module(inputs, targets=targets)`.
 
-    With one process every mode is the plain Transformer. "fsdp" shards `net` in place (it may
-    still be on the meta device; see `build_parallel_model`) and returns it: one FSDP2 unit per
-    Block plus the root (embedding, final norm, output projection), each resharded after its
-    forward, as the loss is computed inside the root's forward. `param_dtype` (e.g.
-    torch.bfloat16) is the dtype the gathered weights compute in, while the shards, the optimizer
-    and the gradient reduction stay fp32 (gloo all-gathers bf16 on the CPU as NCCL does on GPUs).
-    "ddp" returns a DistributedDataParallel around `net`.
+    With one process every mode is the plain Transformer. "ddp" returns a DistributedDataParallel
+    around `net`. "fsdp" shards `net` in place (it may still be on the meta device; see
+    `build_parallel_model`) and returns it: one FSDP2 unit per Block, one per LayerNorm, and the
+    root (embedding, final norm, output projection). Shards, gradient reduction and the optimizer
+    stay fp32. With `param_dtype` (torch.bfloat16 for --bf16) the Blocks' weights are gathered in
+    that dtype, while the norms and the root are gathered in fp32: run the forward under
+    autocast, as one process does, and the residual stream, the norms and the loss stay fp32 as
+    they do there. (The QK-norm scales belong to their Block's unit: they compute rounded to
+    bf16, the one difference from single-process autocast.) gloo all-gathers bf16 on the CPU as
+    NCCL does on GPUs.
+
+    `compile` compiles each Block with torch.compile (as torchtitan does: inside activation
+    checkpointing, before FSDP), leaving the loss and the cache logic eager.
     """
     _check_mode(mode, env)
     if activation_checkpointing:
         apply_activation_checkpointing(net)
+    if compile:
+        for block in net.blocks:
+            block.compile()
     if not env.distributed or mode == "none":
         return net
     if mode == "ddp":
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         return DistributedDataParallel(net, device_ids=device_ids)
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    # Blocks get the residual stream in param_dtype from the embedding already; casting their
-    # inputs would also round the fp32 xPos tables and ALiBi slopes in AttentionInputs.
-    block_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32,
-                                        cast_forward_inputs=False)
+    # cast_forward_inputs=False: inputs arrive in the dtype they should have (the residual stream
+    # fp32, autocast casting for the matmuls); casting would also round the fp32 xPos tables and
+    # ALiBi slopes in AttentionInputs.
+    compute = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    full = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in net.blocks:
-        fully_shard(block, mp_policy=block_policy)
-    fully_shard(net, mp_policy=policy)
+        fully_shard(block.attn_norm, mp_policy=full)
+        fully_shard(block.ff_norm, mp_policy=full)
+        fully_shard(block, mp_policy=compute)
+    fully_shard(net, mp_policy=full)
     return net
 
 
 def build_parallel_model(
-    make_net: Callable[[], Transformer],
     config: Config,
     mode: str,
     env: DistEnv,
     *,
+    init: Callable[[torch.device], Transformer] | None = None,
+    checkpoint: Path | None = None,
     param_dtype: torch.dtype | None = None,
     activation_checkpointing: bool = False,
+    compile: bool = False,
 ) -> tuple[Transformer, nn.Module]:
-    """The Transformer and the module to call for the loss (see `parallelize`).
+    """The Transformer with the weights of `checkpoint` (a checkpoint folder), or from `init(device)`
+    (a fresh initialisation), in fp32, and the module to call for the loss (see `parallelize`).
 
-    `make_net()` builds the single-process model: a fresh initialisation or a checkpoint. For
-    "fsdp" over several processes only rank 0 calls it; every process shards an empty model built
-    on the meta device and receives its shard of rank 0's weights, so no other process ever holds
-    the whole model, and the weights are the ones a single process would start from.
+    Under "fsdp" over several processes the model is built on the meta device and sharded first.
+    From a checkpoint, each process then reads only its own shard of every tensor from
+    model.safetensors: no process, CPU or GPU, ever holds the whole model. A fresh initialisation
+    is built by rank 0 in host memory (the same weights a single process starts from, so the loss
+    curve does not depend on the process count) and each process receives its shards; the GPUs
+    never hold the whole model.
     """
+    if (init is None) == (checkpoint is None):
+        raise ValueError("build_parallel_model needs exactly one of init and checkpoint")
     if mode != "fsdp" or not env.distributed:
-        net = make_net()
+        net = init(env.device) if checkpoint is None else _load(checkpoint, config, env.device)
         return net, parallelize(net, mode, env, param_dtype=param_dtype,
-                                activation_checkpointing=activation_checkpointing)
-    full_state = make_net().state_dict() if env.is_main else {}
+                                activation_checkpointing=activation_checkpointing, compile=compile)
+    full_state = init(torch.device("cpu")).state_dict() if checkpoint is None and env.is_main else {}
     net = build_transformer(config, device="meta")
     train_module = parallelize(net, mode, env, param_dtype=param_dtype,
-                               activation_checkpointing=activation_checkpointing)
+                               activation_checkpointing=activation_checkpointing, compile=compile)
     net.to_empty(device=env.device)
-    set_model_state_dict(net, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    if checkpoint is not None:
+        load_shards(net, checkpoint)
+    else:
+        set_model_state_dict(net, full_state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return net, train_module
+
+
+def _load(checkpoint: Path, config: Config, device: torch.device) -> Transformer:
+    """`checkpoint`'s weights in fp32 in a model of `config`, which may differ from the saved one
+    in anything but the weights' names and shapes (attn_flash, say, for --init-from)."""
+    net = load_transformer(checkpoint, device=device, dtype=torch.float32, verify=False)
+    if net.config == config:
+        return net
+    rebuilt = build_transformer(config, device="meta")
+    rebuilt.load_state_dict(net.state_dict(), strict=True, assign=True)
+    return rebuilt.train()
+
+
+@torch.no_grad()
+def load_shards(net: nn.Module, checkpoint: Path) -> None:
+    """Fill a sharded model's parameters from `checkpoint`'s model.safetensors, reading only the
+    rows of each tensor this process holds (safetensors reads slices without the rest)."""
+    expected = set(net.state_dict())
+    with safe_open(str(Path(checkpoint) / WEIGHTS_FILE), framework="pt", device="cpu") as handle:
+        missing = sorted(expected - set(handle.keys()))
+        if missing:
+            raise ValueError(f"{checkpoint / WEIGHTS_FILE} lacks {missing[:5]}")
+        for name, tensor in net.state_dict().items():
+            if isinstance(tensor, DTensor):
+                shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh,
+                                                                      tensor.placements)
+                rows = tuple(slice(start, start + size) for start, size in zip(offset, shape))
+                tensor.to_local().copy_(handle.get_slice(name)[rows])
+            else:
+                tensor.copy_(handle.get_tensor(name))
 
 
 def is_sharded(net: nn.Module) -> bool:

@@ -70,8 +70,10 @@ class TrainConfig:
     eval_every: int = option(250, "held-out evaluation every N steps")
     eval_batches: int = option(8, "held-out batches per evaluation (0: none)")
     log_every: int = option(10, "log a metrics line every N steps")
-    bf16: bool = option(False, "bfloat16 compute: autocast, or with --parallel fsdp bf16 gathered weights (the "
-                               "shards, the gradient reduction and the optimizer stay fp32)")
+    bf16: bool | None = option(None, "bfloat16 autocast over fp32 weights and AdamW (with --parallel fsdp the blocks "
+                                     "also gather their weights in bf16); default: on for CUDA, off on CPU; "
+                                     "--no-bf16 turns it off")
+    compile: bool = option(False, "compile each block with torch.compile (applied from outside the model)")
     activation_checkpointing: bool = option(False, "recompute each block's activations in backward to save memory")
     parallel: str = option("none", "how the processes torchrun starts share the work: ddp (replicas) or fsdp "
                                    "(sharded weights, gradients and optimizer state); ignored by one process")

@@ -33,13 +33,16 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..checkpoint import (
+    CONFIG_FILE,
     OPTIMIZER_DIR,
+    WEIGHTS_FILE,
     latest_checkpoint,
     load_checkpoint_tokenizer,
     load_config,
-    load_transformer,
     remove_incomplete,
+    resolve_checkpoint,
     step_checkpoints,
+    verify_checkpoint,
 )
 from ..config import Config
 from ..data import iter_texts
@@ -52,7 +55,7 @@ from ..parallel.environment import (
     barrier,
     broadcast_object,
     distributed,
-    main_process_first,
+    node_first,
     resolve_device,
 )
 from ..parallel.parallelize import build_parallel_model, check_parallel_setup
@@ -92,7 +95,10 @@ def train(config: TrainConfig) -> TrainResult:
     """
     if not config.resume:  # the run's files, wherever it is resumed from
         config = config.replace(data=absolute_specs(config.data), eval_data=absolute_specs(config.eval_data))
-    with distributed(resolve_device(config.device), config.dist_timeout) as env:
+    device = resolve_device(config.device)
+    if config.bf16 is None:  # bf16 where it pays: tensor cores; on CPU fp32 unless asked
+        config = config.replace(bf16=device.type == "cuda")
+    with distributed(device, config.dist_timeout) as env:
         # Rank 0 holds the run folder for the whole run; a second run on it stops here.
         with run_lock(Path(config.out)) if env.is_main else contextlib.nullcontext():
             trainer = Trainer(config, env)
@@ -121,6 +127,7 @@ class Trainer:
         if model_cfg is None:
             base = load_config(config.init_from) if config.init_from else None
             model_cfg = model_config(config, self.tokenizer, base)
+        self.model_cfg = model_cfg
         self.net, self.train_module, self.autocast = self._build_model(resume_from, model_cfg)
         self.params = [p for p in self.net.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.net, config)
@@ -162,7 +169,7 @@ class Trainer:
         """The tokenizer (the run's, --init-from's, or built now), the tokenised data, and the
         identity of the data files (checked against the run's on resume)."""
         config, env = self.config, self.env
-        with main_process_first(env):  # rank 0 fetches the corpus; the others find it cached
+        with node_first(env):  # one process per node fetches the corpus; the others find it there
             train_files, eval_files = data_files(config)
         identity = data_identity(train_files, eval_files) if env.is_main else None
         if resume_from is not None and env.is_main:
@@ -174,37 +181,32 @@ class Trainer:
             tokenizer = build_tokenizer(config.tokenizer, train_texts=lambda: iter_texts(train_files),
                                         vocab_size=config.bpe_vocab_size) if env.is_main else None
             tokenizer = broadcast_object(tokenizer, env)
-        with main_process_first(env):  # rank 0 tokenises into the cache; the others read it
+        with node_first(env):  # one process per node tokenises into the cache; the others read it
+            pause_point("prepare-data")
             data = run_data(config, tokenizer, train_files, eval_files)
         return tokenizer, data, identity
 
     def _build_model(self, resume_from: Path | None, model_cfg: Config) -> tuple[Transformer, nn.Module, bool]:
-        """The model spread over the processes, the module to call for the loss, and whether
-        bf16 comes from autocast (under FSDP it is the dtype the gathered weights compute in)."""
+        """The model spread over the processes, the module to call for the loss, and whether to
+        run under bf16 autocast (also under FSDP, whose blocks then gather their weights in bf16)."""
         config, env = self.config, self.env
         sharded = config.parallel == "fsdp" and env.distributed
+        source = resume_from  # verified whole against its manifest by restore_training
+        if source is None and config.init_from is not None:
+            source = resolve_checkpoint(config.init_from)
+            verify_checkpoint(source, [CONFIG_FILE, WEIGHTS_FILE])
         net, train_module = build_parallel_model(
-            lambda: self._make_net(resume_from, model_cfg), model_cfg, config.parallel, env,
+            model_cfg, config.parallel, env, checkpoint=source,
+            init=None if source is not None else self._initialise,
             param_dtype=torch.bfloat16 if config.bf16 and sharded else None,
-            activation_checkpointing=config.activation_checkpointing)
+            activation_checkpointing=config.activation_checkpointing, compile=config.compile)
         net.train()
-        return net, train_module, config.bf16 and not sharded
+        return net, train_module, config.bf16
 
-    def _make_net(self, resume_from: Path | None, config: Config) -> Transformer:
-        """The single-process model in fp32 (master weights; bf16 compute comes from autocast or
-        FSDP's policy): a checkpoint's weights, --init-from's, or a seeded initialisation."""
-        if resume_from is not None:
-            # Verified whole against its manifest by restore_training.
-            return load_transformer(resume_from, device=self.env.device, dtype=torch.float32, verify=False)
-        if self.config.init_from is not None:
-            net = load_transformer(self.config.init_from, device=self.env.device, dtype=torch.float32)
-            if net.config != config:  # overrides that change no shape (attn_flash, ...): rebuild around the weights
-                state = net.state_dict()
-                net = build_transformer(config, device="meta")
-                net.load_state_dict(state, strict=True, assign=True)
-            return net
+    def _initialise(self, device: torch.device) -> Transformer:
+        """A fresh model in fp32 (master weights), seeded by the run's seed."""
         torch.manual_seed(self.config.seed)
-        return build_transformer(config, device=self.env.device)
+        return build_transformer(self.model_cfg, device=device)
 
     def _restore(self, resume_from: Path | None, state: TrainerState | None) -> Progress:
         """The optimizer state, RNGs and progress of a resumed run; a fresh run's progress."""

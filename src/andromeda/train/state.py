@@ -42,7 +42,7 @@ from ..checkpoint import (
 from ..config import Config
 from ..model import Transformer
 from ..parallel.dcp import save_optimizer
-from ..parallel.environment import DistEnv, barrier, broadcast_object
+from ..parallel.environment import DistEnv, broadcast_object, wait
 from ..parallel.parallelize import full_model_state_dict
 from ..tokenizers import Tokenizer
 from .config import RUN_DEFINING, TrainConfig, model_config
@@ -149,7 +149,7 @@ def save_training_checkpoint(run_dir: Path, net: Transformer, optimizer: torch.o
         raise NonFiniteLossError(f"parameters {bad[:3]} hold NaN/inf at step {progress.step}; not saving")
     if env.is_main:
         stage_checkpoint(run_dir, progress.step)
-    barrier(env)
+    wait(env)
     staging = staging_folder(run_dir, progress.step)
     try:
         with writing(staging / OPTIMIZER_DIR):
@@ -171,7 +171,9 @@ def save_training_checkpoint(run_dir: Path, net: Transformer, optimizer: torch.o
             raise OSError(f"{err}; the checkpoint of step {progress.step} was not saved and the run stopped; "
                           f"{kept}. Free some space and continue with --resume") from None
         raise
-    barrier(env)  # no process runs ahead (or exits) before the checkpoint is in place
+    # No process runs ahead (or exits) before the checkpoint is in place. Rank 0 may take long
+    # (the whole model written and hashed), so this wait has no practical time limit.
+    wait(env)
     return checkpoint_folder(run_dir, progress.step)
 
 

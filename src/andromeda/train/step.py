@@ -45,7 +45,7 @@ def train_step(
     backpropagates its summed loss times W / N, with N the targets of all processes, since
     DDP/FSDP average the gradients over the W processes. (With every target counted, N is the
     same each step and this is the mean of the micro-batches' means.) `autocast` (default
-    `config.bf16`) is off under FSDP, whose mixed-precision policy computes in bf16 instead.
+    `config.bf16`) wraps the forward passes.
 
     Returns (mean loss, gradient norm before clipping), the same on every process. Raises
     NonFiniteLossError before the update when either is NaN/inf, so the weights never take a

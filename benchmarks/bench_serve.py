@@ -1,0 +1,304 @@
+"""Serving throughput and latency: `andromeda serve` (continuous batching) against a baseline that
+serves one request at a time with `generate`.
+
+Both servers run as their own processes on 127.0.0.1 with the same checkpoint (random weights,
+byte tokenizer); a load generator here opens C concurrent clients, each sending R streamed
+completion requests one after another (a PROMPT-token prompt, 128 new tokens, greedy,
+ignore_eos so every request generates all 128). Reported per C: aggregate generated tokens/s
+over the wall time of the whole load, and the time to first token (TTFT: request sent to the
+first streamed chunk) p50 / p99 over all requests. Loads alternate between the two servers
+(A, B, A, B, ...) and each figure is the median over --repeats runs, so outside load slows both
+alike.
+
+The baseline (`--baseline-server`, started by this script) is the thin wrapper a one-request
+server would be: the same SSE wire format, a lock around `inference.generate.stream`.
+
+    python benchmarks/bench_serve.py                   # demo preset and dim 512 / depth 8, C = 1, 4, 16
+    python benchmarks/bench_serve.py --quick           # demo preset only, fewer requests
+    python benchmarks/bench_serve.py --models demo --clients 1 16 --repeats 3
+
+Goal (issue #11): at 16 clients at least 6x the single-client tokens/s, with p50 TTFT under 2x
+the single-client one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI, Request  # the serve extra; module level, for FastAPI's annotations
+from fastapi.responses import StreamingResponse
+
+import common
+from andromeda import Config
+from andromeda.checkpoint import save_pretrained
+from andromeda.model import build_transformer
+from andromeda.tokenizers import ByteTokenizer
+
+log = logging.getLogger("bench_serve")
+
+MODELS = {
+    "demo": lambda: Config.from_preset("demo"),
+    # The seed's feature mix at dim 512 / depth 8 (bench_decode's model) with the byte vocabulary,
+    # so the server's tokenizer covers it.
+    "512x8": lambda: Config.from_preset("demo", dim=512, depth=8, dim_head=64, heads=8, alibi_num_heads=4,
+                                        attn_kv_heads=2, attn_flash=True),
+}
+WORDS = ("the quick brown fox jumps over a lazy dog while five boxing wizards jump quickly and "
+         "sphinx of black quartz judges my vow").split()
+
+
+# ----------------------------------------------------------------------------- the baseline server
+
+
+def baseline_server(checkpoint: str, port: int, threads: int | None) -> None:
+    """One request at a time: a lock around `stream`, each token sent as it comes."""
+    import threading
+
+    import uvicorn
+
+    from andromeda.checkpoint import load_checkpoint_tokenizer, load_transformer
+    from andromeda.inference.generate import IncrementalDecoder, stream
+
+    if threads:
+        torch.set_num_threads(threads)
+    net = load_transformer(checkpoint)
+    tokenizer = load_checkpoint_tokenizer(checkpoint)
+    lock = threading.Lock()
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> StreamingResponse:
+        body = await request.json()
+        ids = torch.tensor([tokenizer.eos_id] + tokenizer.encode(body["prompt"]))
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def work() -> None:
+            with lock:
+                decoder = IncrementalDecoder(tokenizer)
+                for tokens in stream(net, ids, body["max_tokens"], temperature=0):
+                    loop.call_soon_threadsafe(queue.put_nowait, decoder.push(int(tokens[0])))
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        threading.Thread(target=work, daemon=True).start()
+
+        async def events():
+            while (piece := await queue.get()) is not None:
+                yield f"data: {json.dumps({'choices': [{'index': 0, 'text': piece}]})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def prompt_text(index: int, tokens: int) -> str:
+    """A distinct prompt of `tokens` bytes (the byte tokenizer: one token per ASCII character;
+    the server adds its eos in front)."""
+    words = [WORDS[(index * 7 + i * 3) % len(WORDS)] for i in range(tokens)]
+    return " ".join(words)[: tokens - 1] + "."
+
+
+async def one_request(client, url: str, prompt: str, new_tokens: int) -> tuple[float, float, int]:
+    """(TTFT seconds, total seconds, chunks) of one streamed completion."""
+    body = {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    start = time.perf_counter()
+    first = None
+    chunks = 0
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                chunks += 1
+                if first is None:
+                    first = time.perf_counter() - start
+    return first, time.perf_counter() - start, chunks
+
+
+async def load(url: str, clients: int, requests_per_client: int, prompt_tokens: int, new_tokens: int) -> dict:
+    import httpx
+
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        await one_request(client, url, prompt_text(999, prompt_tokens), 4)  # connections and kernels warm
+
+        async def client_loop(c: int) -> list[float]:
+            ttfts = []
+            for r in range(requests_per_client):
+                ttft, _, _ = await one_request(client, url, prompt_text(c * 31 + r, prompt_tokens), new_tokens)
+                ttfts.append(ttft)
+            return ttfts
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(client_loop(c) for c in range(clients)))
+        wall = time.perf_counter() - start
+    ttfts = sorted(t for r in results for t in r)
+    return {"tok_s": clients * requests_per_client * new_tokens / wall, "wall": wall, "ttft": ttfts}
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+# ----------------------------------------------------------------------------- servers
+
+
+class Process:
+    def __init__(self, command: list[str], port: int, log_file: Path) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_file = log_file
+        with open(log_file, "w") as out:
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log_file.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server not ready in {timeout} s: {self.log_file.read_text()}")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server process has used so far."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> list[list[object]]:
+    config = MODELS[name]()
+    torch.manual_seed(args.seed)
+    net = build_transformer(config)
+    checkpoint = workdir / name
+    save_pretrained(net, checkpoint, tokenizer=ByteTokenizer())
+    params = net.num_parameters()
+    del net
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    env_python = sys.executable
+    ours = Process([env_python, "-m", "andromeda", "serve", "--checkpoint", str(checkpoint), "--port",
+                    str(port_a := free_port()), "--max-batch-size", str(max(args.clients)), *threads], port_a,
+                   workdir / f"{name}-ours.log")
+    base = Process([env_python, os.path.abspath(__file__), "--baseline-server", str(checkpoint), "--port",
+                    str(port_b := free_port()), *threads], port_b, workdir / f"{name}-baseline.log")
+    try:
+        ours.wait_ready()
+        base.wait_ready()
+        servers = {"andromeda serve": ours, "baseline (generate, one at a time)": base}
+        runs: dict[tuple[str, int], list[dict]] = {}
+        for repeat in range(args.repeats):
+            for clients in args.clients:
+                for label, server in servers.items():
+                    cpu = server.cpu_seconds()
+                    result = asyncio.run(load(server.url, clients, args.requests, args.prompt_tokens,
+                                              args.new_tokens))
+                    tokens = clients * args.requests * args.new_tokens
+                    result["cpu_ms"] = (server.cpu_seconds() - cpu) / tokens * 1e3
+                    runs.setdefault((label, clients), []).append(result)
+                    log.info("%s %s C=%d: %.1f tok/s, TTFT p50 %.0f ms", name, label, clients, result["tok_s"],
+                             percentile(result["ttft"], 0.5) * 1e3)
+    finally:
+        ours.stop()
+        base.stop()
+    rows = []
+    for label in servers:
+        single = None
+        for clients in args.clients:
+            results = runs[(label, clients)]
+            tok_s = statistics.median(r["tok_s"] for r in results)
+            p50 = statistics.median(percentile(r["ttft"], 0.5) for r in results)
+            p99 = statistics.median(percentile(r["ttft"], 0.99) for r in results)
+            cpu_ms = statistics.median(r["cpu_ms"] for r in results)
+            if single is None:
+                single = (tok_s, p50)
+            rows.append([f"{name} ({params / 1e6:.1f} M)", label, clients, f"{tok_s:.0f}",
+                         f"{tok_s / single[0]:.1f}x", f"{p50 * 1e3:.0f}", f"{p99 * 1e3:.0f}",
+                         f"{p50 / single[1]:.1f}x", f"{cpu_ms:.2f}"])
+    return rows
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["demo", "512x8"])
+    parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16])
+    parser.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch threads of each server (default: torch's)")
+    parser.add_argument("--quick", action="store_true", help="demo model only, one request per client, 1 repeat")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--verbose", action="store_true", help="progress on stderr")
+    parser.add_argument("--baseline-server", metavar="CHECKPOINT", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.requests, args.repeats = ["demo"], 1, 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.baseline_server:
+        baseline_server(args.baseline_server, args.port, args.threads)
+        return 0
+    common.setup_logging(args.verbose)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    print(f"- machine: {common.environment()}; each server: "
+          f"{args.threads or 'its default number of'} torch thread(s)")
+    print(f"- load: C clients x {args.requests} streamed requests each, {args.prompt_tokens}-token prompts, "
+          f"{args.new_tokens} new tokens, greedy; median of {args.repeats} runs; andromeda serve with "
+          f"--max-batch-size {max(args.clients)}")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as workdir:
+        for name in args.models:
+            rows += bench_model(name, args, Path(workdir))
+    print()
+    print(common.markdown_table(["model", "server", "clients", "tok/s", "vs 1 client", "TTFT p50 ms",
+                                 "TTFT p99 ms", "p50 vs 1 client", "server CPU ms/token"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,47 @@
+"""`andromeda serve`: an OpenAI-compatible HTTP server with continuous batching (see
+`andromeda.serve`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+HELP = "serve a checkpoint over an OpenAI-compatible HTTP API"
+DESCRIPTION = (HELP + ": /v1/completions, /v1/chat/completions (streamed or not), /v1/models, /health, "
+               "/metrics, /tokenize, /detokenize. Needs the serve extra: pip install 'andromeda[serve]'.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder or training run folder")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default 8000)")
+    parser.add_argument("--max-batch-size", type=int, default=16,
+                        help="sequences decoded together: the KV cache's slots (default 16)")
+    parser.add_argument("--max-queue", type=int, default=256,
+                        help="sequences that may wait for a slot; beyond them requests get 503 (default 256)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], help="weights and KV cache (default: as saved)")
+    parser.add_argument("--api-key", default=os.environ.get("ANDROMEDA_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on the API routes (default: $ANDROMEDA_API_KEY)")
+    parser.add_argument("--served-model-name", help="the model name clients send (default: the checkpoint "
+                                                    "folder's name)")
+    parser.add_argument("--chat-template", metavar="FILE",
+                        help="Jinja chat template (default: the checkpoint's, if it has one)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--prefill-chunk", type=int, default=256,
+                        help="prompt positions read per engine step, so a long prompt does not stall the "
+                             "running streams (default 256)")
+    parser.add_argument("--stream-interval", type=float, default=0.02, metavar="SECONDS",
+                        help="under load, send each stream's new tokens at most this often, several per event "
+                             "(first tokens and endings go at once; 0: every token as it comes; default 0.02)")
+    parser.add_argument("--threads", type=int,
+                        help="torch intra-op threads (default: torch's choice less one, at least 1, leaving a "
+                             "core to the HTTP thread)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..serve.server import serve
+
+    return serve(args.checkpoint, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+                 max_queue=args.max_queue, dtype=args.dtype, api_key=args.api_key,
+                 served_model_name=args.served_model_name, chat_template=args.chat_template, device=args.device,
+                 prefill_chunk=args.prefill_chunk, stream_interval=args.stream_interval, threads=args.threads)

@@ -1,0 +1,448 @@
+"""The engine: one thread owns the model, the KV cache and the scheduler.
+
+Threads. The HTTP server's event loop validates requests and `submit`s them; the engine thread
+loads the model, then loops: take new requests and cancellations from the inbox, run one
+`Scheduler.step`, turn the new tokens into text (stop strings are found here, so a stopped
+sequence frees its slot in the same step), and hand the requests their pieces through one
+`call_soon_threadsafe` per event loop. The model and the cache are touched by this thread only.
+
+Delivery. Both threads share the GIL, so every chunk the event loop sends is time the engine
+does not compute. First tokens and endings are handed over at once; other tokens at most every
+`stream_interval` seconds, several per chunk under load (vLLM's --stream-interval does the same
+by token count). At each handover the engine waits until the loop has run what it had ready
+(see `_deliver`): that is also when the loop reads new requests.
+
+Flow control. At most max_batch_size sequences run (one KV-cache slot each) and max_queue more
+wait; a submission beyond that raises `Overloaded` (the API answers 503 with Retry-After).
+`abort` (a client went away) ends a request's sequences at the start of the next step, freeing
+their slots. `shutdown` ends every request in flight with an error and stops the thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..checkpoint import load_transformer
+from ..inference.sampling import SamplingParams
+from ..model import Transformer
+from ..tokenizers import Tokenizer
+from .detokenizer import TextStream
+from .scheduler import Scheduler, Sequence, Status, TokenLogprob
+
+if TYPE_CHECKING:  # prometheus_client is the serve extra's; the engine runs without it
+    from .metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load and how. (Weight-only quantization, issue #13, adds its field here.)"""
+
+    checkpoint: Path
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype | None = None  # None: as saved
+
+
+def load_model(spec: ModelSpec) -> Transformer:
+    """The Transformer the engine serves, in eval mode on `spec.device`."""
+    return load_transformer(spec.checkpoint, device=spec.device, dtype=spec.dtype).eval()
+
+
+# --------------------------------------------------------------------------- requests and outputs
+
+
+class EngineError(RuntimeError):
+    """A request could not be served; `status` is the HTTP status the API answers with."""
+
+    status = 500
+    code = "internal_error"
+
+
+class Overloaded(EngineError):
+    status = 503
+    code = "overloaded"
+
+
+class NotReady(EngineError):
+    status = 503
+    code = "model_loading"
+
+
+class ShuttingDown(EngineError):
+    status = 503
+    code = "shutting_down"
+
+
+@dataclass
+class SequenceRequest:
+    """One sequence to generate (a choice of a request), validated by the API."""
+
+    index: int  # the choice's index in the response
+    prompt: list[int]
+    max_tokens: int
+    params: SamplingParams
+    seed: int | None = None  # None: a fresh random seed (still a generator of its own)
+    stop: tuple[str, ...] = ()
+    stop_ids: frozenset[int] = frozenset()
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+
+
+@dataclass
+class Delta:
+    """What one step added to one choice."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # with token_ids, when asked for
+    offsets: list[int] = field(default_factory=list)  # each token's text offset in the completion
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None  # the stop string or stop id that ended it
+
+
+class RequestStream:
+    """The event-loop side of a request: the deltas of all its choices, as they come."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.request_id = request_id
+        self.loop = loop
+        self._items: list[Delta] = []
+        self._event = asyncio.Event()
+        self._error: EngineError | None = None
+
+    def _put(self, deltas: list[Delta] | None, error: EngineError | None) -> None:  # on the loop
+        if deltas:
+            self._items.extend(deltas)
+        if error is not None:
+            self._error = error
+        self._event.set()
+
+    async def get(self) -> list[Delta]:
+        """Every delta since the last call (waits for one); raises the engine's error, if any,
+        once the deltas before it are taken."""
+        while not self._items and self._error is None:
+            await self._event.wait()
+            self._event.clear()
+        if self._items:
+            items, self._items = self._items, []
+            return items
+        raise self._error
+
+
+class _Request:
+    """The engine thread's view of a request in flight."""
+
+    def __init__(self, request_id: str, stream: RequestStream, seqs: list[tuple[SequenceRequest, Sequence]],
+                 tokenizer: Tokenizer) -> None:
+        self.request_id = request_id
+        self.stream = stream
+        self.choices = {seq: (spec, TextStream(tokenizer, spec.stop)) for spec, seq in seqs}
+        self.unfinished = len(seqs)
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+class Engine:
+    SEND_WAIT_S = 0.05  # the longest the engine waits for an event loop at a handover
+
+    def __init__(self, spec: ModelSpec, tokenizer: Tokenizer, *, max_batch_size: int = 16, max_queue: int = 256,
+                 prefill_tokens: int = 256, stream_interval: float = 0.02, metrics: Metrics | None = None,
+                 loader: Callable[[ModelSpec], Transformer] = load_model) -> None:
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.prefill_tokens = prefill_tokens
+        self.stream_interval = stream_interval
+        self.metrics = metrics
+        self.loader = loader
+        self.scheduler: Scheduler | None = None
+        self.ready = threading.Event()
+        self.load_error: BaseException | None = None
+        self._lock = threading.Condition()
+        self._inbox: list[_Request] = []
+        self._aborts: list[str] = []
+        self._requests: dict[str, _Request] = {}  # engine thread only
+        self._owner: dict[Sequence, _Request] = {}  # engine thread only
+        self._in_flight = 0  # sequences submitted and not finished (guarded by _lock)
+        self._pending: dict[_Request, list[Delta]] = {}  # deltas not yet handed to the event loop
+        self._urgent = False  # a pending delta holds a first token, an end or prompt logprobs
+        self._delivered_at = 0.0
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="andromeda-engine", daemon=True)
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------------ any thread
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, seqs: list[SequenceRequest], loop: asyncio.AbstractEventLoop,
+               request_id: str | None = None, arrival: float | None = None) -> RequestStream:
+        """Queue a request's sequences; its deltas arrive on the returned stream (on `loop`)."""
+        request_id = request_id or f"req-{next(self._ids)}"
+        stream = RequestStream(request_id, loop)
+        arrival = time.perf_counter() if arrival is None else arrival
+        device = self.spec.device
+        pairs = []
+        for spec in seqs:
+            generator = None
+            if not spec.params.greedy:
+                seed = spec.seed if spec.seed is not None else secrets.randbits(63)
+                generator = torch.Generator(device=device).manual_seed(seed)
+            pairs.append((spec, Sequence(spec.prompt, spec.max_tokens, spec.params, generator, spec.stop_ids,
+                                         spec.logprobs, spec.prompt_logprobs, arrival=arrival)))
+        request = _Request(request_id, stream, pairs, self.tokenizer)
+        with self._lock:
+            if self._stopping:
+                raise ShuttingDown("the server is shutting down")
+            if not self.ready.is_set():
+                raise NotReady("the model is still loading; retry shortly")
+            capacity = self.max_batch_size + self.max_queue
+            if self._in_flight + len(seqs) > capacity:
+                raise Overloaded(f"the server is at capacity ({self.max_batch_size} running and "
+                                 f"{self.max_queue} queued sequences); retry later")
+            self._in_flight += len(seqs)
+            self._inbox.append(request)
+            self._lock.notify()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """End a request (its client went away): its slots are freed at the next step."""
+        with self._lock:
+            self._aborts.append(request_id)
+            self._lock.notify()
+
+    def shutdown(self) -> None:
+        """End every request in flight with an error and stop the engine thread (returns at once)."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ the engine thread
+
+    def _run(self) -> None:
+        try:
+            started = time.perf_counter()
+            net = self.loader(self.spec)
+            self.scheduler = Scheduler(net, max_batch_size=self.max_batch_size, prefill_tokens=self.prefill_tokens)
+            self._warm_up()
+            logger.info("model loaded in %.1f s", time.perf_counter() - started)
+        except BaseException as error:  # reported by the server, which then exits
+            logger.error("could not load the model: %s", error)
+            self.load_error = error
+            return
+        self.ready.set()
+        try:
+            self._loop()
+        except BaseException as error:  # a bug: end every request rather than hang them
+            logger.exception("the engine failed")
+            self._fail_all(EngineError(f"the engine failed: {error}"))
+            raise
+        finally:
+            self.ready.clear()
+
+    def _warm_up(self) -> None:
+        """One short request, so the first client does not pay for kernel selection."""
+        eos = self.tokenizer.eos_id
+        seq = Sequence([eos] * 3, 2, SamplingParams(0.0))
+        self.scheduler.add(seq)
+        while self.scheduler.has_work:
+            self.scheduler.step()
+        self.scheduler.stats = type(self.scheduler.stats)()
+
+    def _loop(self) -> None:
+        scheduler = self.scheduler
+        while True:
+            with self._lock:
+                while not (self._inbox or self._aborts or self._stopping or scheduler.has_work):
+                    self._lock.wait()
+                inbox, self._inbox = self._inbox, []
+                aborts, self._aborts = self._aborts, []
+                stopping = self._stopping
+            if stopping:
+                self._requests.update({r.request_id: r for r in inbox})
+                self._fail_all(ShuttingDown("the server is shutting down"))
+                return
+            for request in inbox:
+                self._requests[request.request_id] = request
+                for seq in request.choices:
+                    self._owner[seq] = request
+                    scheduler.add(seq)
+            for request_id in aborts:
+                request = self._requests.get(request_id)
+                if request is not None:
+                    for seq in request.choices:
+                        if seq.status is not Status.FINISHED and self.metrics is not None:
+                            self.metrics.finished("abort")
+                        scheduler.finish(seq, "abort")
+                    self._retire(request)
+                    self._pending.pop(request, None)
+            if scheduler.has_work:
+                try:
+                    self._step(self._pending)
+                except Exception as error:  # e.g. out of memory: fail what was running, keep serving
+                    logger.exception("an engine step failed")
+                    self._fail_running(EngineError(f"generation failed: {error}"))
+            now = time.perf_counter()
+            if self._urgent or now - self._delivered_at >= self.stream_interval or not scheduler.has_work:
+                self._deliver(self._pending)
+                self._pending, self._urgent, self._delivered_at = {}, False, now
+            if self.metrics is not None:
+                self.metrics.running.set(len(scheduler.running))
+                self.metrics.waiting.set(len(scheduler.waiting))
+
+    def _step(self, deliveries: dict[_Request, list[Delta]]) -> None:
+        scheduler = self.scheduler
+        before = (scheduler.stats.prefill_tokens, scheduler.stats.decode_rows)
+        outputs = scheduler.step()
+        now = time.perf_counter()
+        metrics = self.metrics
+        if metrics is not None:
+            prefilled = scheduler.stats.prefill_tokens - before[0]
+            decoded = scheduler.stats.decode_rows - before[1]
+            metrics.iteration_tokens.observe(prefilled + decoded)
+            if decoded:
+                metrics.decode_batch_size.observe(decoded)
+            metrics.generation_tokens.inc(sum(out.token is not None for out in outputs))
+            for seq in scheduler.admitted:
+                metrics.queue_time.observe(seq.admitted - seq.arrival)
+                metrics.prompt_tokens.inc(len(seq.prompt))
+        deltas: dict[Sequence, Delta] = {}
+        for out in outputs:
+            seq = out.seq
+            request = self._owner[seq]
+            spec, text = request.choices[seq]
+            delta = deltas.get(seq)
+            if delta is None:
+                delta = deltas[seq] = Delta(spec.index)
+                deliveries.setdefault(request, []).append(delta)
+            if out.prompt_logprobs is not None:
+                delta.prompt_logprobs = out.prompt_logprobs
+                self._urgent = True
+            finished = out.finished
+            if out.token is not None:
+                if not text.decoded:
+                    self._urgent = True  # until its first text is out: TTFT is not worth saving work on
+                self._observe_token(seq, now)
+                delta.token_ids.append(out.token)
+                if out.logprob is not None:
+                    delta.logprobs.append(out.logprob)
+                delta.offsets.append(text.decoded)
+                if out.token in seq.stop_ids and seq.finish_reason == "stop":
+                    delta.stop_reason = out.token if out.token != self.tokenizer.eos_id else None
+                else:
+                    delta.text += text.push(out.token)
+                    if text.stopped is not None:
+                        scheduler.finish(seq, "stop")
+                        delta.stop_reason = text.stopped
+                        finished = True
+            if finished:
+                self._urgent = True
+                if text.stopped is None:
+                    delta.text += text.flush()
+                delta.finish_reason = seq.finish_reason
+                if metrics is not None:
+                    metrics.e2e_latency.observe(now - seq.arrival)
+                    metrics.finished(seq.finish_reason)
+                request.unfinished -= 1
+                if request.unfinished == 0:
+                    self._retire(request)
+
+    def _observe_token(self, seq: Sequence, now: float) -> None:
+        metrics = self.metrics
+        if metrics is None:
+            return
+        if seq.last_token_time is None:
+            metrics.time_to_first_token.observe(now - seq.arrival)
+        else:
+            metrics.inter_token_latency.observe(now - seq.last_token_time)
+        seq.last_token_time = now
+
+    def _retire(self, request: _Request) -> None:
+        """Forget a request whose sequences have all finished."""
+        if self._requests.pop(request.request_id, None) is None:
+            return
+        for seq in request.choices:
+            self._owner.pop(seq, None)
+        with self._lock:
+            self._in_flight -= len(request.choices)
+
+    def _fail_running(self, error: EngineError) -> None:
+        """End the requests with a sequence holding a slot (a step failed over all of them)."""
+        failed = {self._owner[seq] for seq in self.scheduler.running}
+        for request in failed:
+            self._fail(request, error)
+
+    def _fail_all(self, error: EngineError) -> None:
+        for request in list(self._requests.values()):
+            self._fail(request, error)
+
+    def _fail(self, request: _Request, error: EngineError) -> None:
+        if self.scheduler is not None:
+            for seq in request.choices:
+                self.scheduler.finish(seq, "abort")
+        self._retire(request)
+        self._send(request.stream, self._pending.pop(request, None), error)  # what it got, then the error
+
+    def _deliver(self, deliveries: dict[_Request, list[Delta]]) -> None:
+        """Hand the deltas to their event loops and wait until every loop serving a request has
+        run what it had to do (sent them, read new requests), at most SEND_WAIT_S.
+
+        The wait is how the loops get the GIL: a thread that waits for it while the engine
+        releases and retakes it around every tensor operation can wait indefinitely (the
+        engine takes it back first), so new requests would be read only when the engine idles.
+        """
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, list[Delta]]]] = {
+            request.stream.loop: [] for request in self._requests.values()}
+        for request, deltas in deliveries.items():
+            by_loop.setdefault(request.stream.loop, []).append((request.stream, deltas))
+        handed = []
+        for loop, items in by_loop.items():
+            done = threading.Event()
+            try:
+                loop.call_soon_threadsafe(_put_all, items, done)
+            except RuntimeError:  # the loop has closed: nobody is listening any more
+                continue
+            handed.append(done)
+        for done in handed:
+            done.wait(self.SEND_WAIT_S)
+
+    def _send(self, stream: RequestStream, deltas: list[Delta] | None, error: EngineError | None) -> None:
+        try:
+            stream.loop.call_soon_threadsafe(stream._put, deltas, error)
+        except RuntimeError:
+            pass
+
+
+def _put_all(items: list[tuple[RequestStream, list[Delta]]], done: threading.Event) -> None:
+    for stream, deltas in items:
+        stream._put(deltas, None)
+    # Scheduled after the tasks just woken, so it runs once they have written their chunks.
+    asyncio.get_running_loop().call_soon(done.set)

@@ -1,0 +1,283 @@
+"""Continuous batching over the KV cache's slots: admit, prefill (chunked), decode, evict.
+
+Shape letters: B rows of one forward call, T new positions per row, V vocabulary.
+
+The cache holds `max_batch_size` slots, one running sequence each (llama.cpp's server slots;
+vLLM's scheduler without paging). Each `Scheduler.step`
+
+1. admits waiting sequences, oldest first, into free slots (a freed slot is `reset` as it is
+   reused, so the previous occupant's keys are never read);
+2. runs one batched decode call: one new token for every sequence whose prompt is in the cache;
+3. runs one batched prefill call over the next chunks of the prompts still being read, at most
+   `prefill_tokens` positions in all, so a long prompt is read over several steps while the
+   running streams keep decoding (Sarathi's chunked prefill, https://arxiv.org/abs/2308.16369);
+4. samples a token for every row that needs one, each row with its own parameters and its own
+   `torch.Generator`, so a request draws the same tokens alone or in any batch;
+5. frees the slot of every sequence that has finished (eos, stop id, max_tokens) at once.
+
+Prefill rows in one call share a length T. A prompt longer than T is read T positions at a time;
+a prompt whose rest is shorter is left-padded to T in its last chunk (the padding is masked out of
+attention and keeps the real tokens' positions), so each sequence is padded at most once, by fewer
+than `prefill_tokens` positions: a slot holds max_seq_len + prefill_tokens entries.
+
+Everything here runs on the engine's thread; nothing is thread-safe.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import deque
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..inference.sampling import SamplingParams, sample
+from ..model import KVCache, Transformer
+
+# A token's log-probability with the most likely alternatives: (id, logprob, [(id, logprob)]).
+TokenLogprob = tuple[int, float, list[tuple[int, float]]]
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    PREFILL = "prefill"  # holds a slot, prompt partly in the cache
+    DECODE = "decode"  # prompt in the cache, generating
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One prompt being continued: a choice of a request (a request with n=2 has two)."""
+
+    prompt: list[int]
+    max_tokens: int  # new tokens at most; the caller keeps len(prompt) + max_tokens <= max_seq_len
+    params: SamplingParams
+    generator: torch.Generator | None = None  # None for greedy
+    stop_ids: frozenset[int] = frozenset()  # a sampled id in here ends the sequence (and is kept)
+    logprobs: int | None = None  # with each new token, its logprob and this many alternatives
+    prompt_logprobs: int | None = None  # the same for every prompt token (a full forward)
+    arrival: float = field(default_factory=time.perf_counter)
+    admitted: float | None = None  # when it left the queue
+    last_token_time: float | None = None  # the engine's bookkeeping, for latency metrics
+    # State, written by the scheduler.
+    status: Status = Status.WAITING
+    slot: int | None = None
+    computed: int = 0  # prompt tokens in the cache
+    output: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+
+    @property
+    def remaining_prompt(self) -> int:
+        return len(self.prompt) - self.computed
+
+
+@dataclass
+class StepOutput:
+    """What one step produced for one sequence."""
+
+    seq: Sequence
+    token: int | None = None  # the new token, None if the step only read prompt
+    logprob: TokenLogprob | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # None for the first prompt token
+    finished: bool = False
+
+
+@dataclass
+class SchedulerStats:
+    steps: int = 0
+    decode_calls: int = 0
+    decode_rows: int = 0
+    prefill_calls: int = 0
+    prefill_positions: int = 0  # padded positions computed by prefill calls
+    prefill_tokens: int = 0  # real prompt tokens among them
+
+
+class Scheduler:
+    """Owns the KV cache and decides, each step, which sequences read prompt and which decode."""
+
+    def __init__(self, net: Transformer, *, max_batch_size: int = 16, prefill_tokens: int = 256) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
+        self.net = net
+        self.config = net.config
+        weight = net.token_emb.weight
+        self.device = weight.device
+        self.prefill_tokens = prefill_tokens
+        # Every slot can hold a whole context plus its one padded chunk (see the module docstring).
+        self.cache = KVCache(self.config, max_batch_size, self.config.max_seq_len + prefill_tokens,
+                             dtype=weight.dtype, device=weight.device)
+        self.free: list[int] = list(range(max_batch_size))
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order
+        self.stats = SchedulerStats()
+        self.admitted: list[Sequence] = []  # the sequences the last step took from the queue
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        if len(seq.prompt) + seq.max_tokens > self.config.max_seq_len or not seq.prompt:
+            raise ValueError(f"a sequence needs 1..max_seq_len ({self.config.max_seq_len}) positions, "
+                             f"got a prompt of {len(seq.prompt)} and max_tokens {seq.max_tokens}")
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End `seq` (any state) and free its slot now."""
+        if seq.status is Status.FINISHED:
+            return
+        if seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        else:
+            self.running.remove(seq)
+            self.free.append(seq.slot)
+            seq.slot = None
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+
+    # ------------------------------------------------------------------ one step
+
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        """Admit, decode, prefill, sample, evict; returns what each touched sequence got."""
+        self.stats.steps += 1
+        outputs = self._admit()
+        # In slot order: when the rows' slots are consecutive (a full batch), the cache hands the
+        # layers views of its rows instead of gathered copies.
+        decoding = sorted((s for s in self.running if s.status is Status.DECODE), key=lambda s: s.slot)
+        if decoding:
+            outputs += self._decode(decoding)
+        prefilling = [s for s in self.running if s.status is Status.PREFILL]
+        if prefilling:
+            outputs += self._prefill(prefilling)
+        return outputs
+
+    def _admit(self) -> list[StepOutput]:
+        outputs = []
+        self.admitted = []
+        while self.waiting and (self.free or self.waiting[0].max_tokens == 0):
+            seq = self.waiting.popleft()
+            seq.admitted = time.perf_counter()
+            self.admitted.append(seq)
+            out = StepOutput(seq)
+            if seq.prompt_logprobs is not None:
+                out.prompt_logprobs = self._prompt_logprobs(seq)
+            if seq.max_tokens == 0:  # scoring only: the prompt never enters the cache
+                seq.status, seq.finish_reason, out.finished = Status.FINISHED, "length", True
+                outputs.append(out)
+                continue
+            if out.prompt_logprobs is not None:
+                outputs.append(out)
+            seq.slot = self.free.pop(0)
+            self.cache.reset([seq.slot])
+            seq.status = Status.PREFILL
+            self.running.append(seq)
+        return outputs
+
+    def _prompt_logprobs(self, seq: Sequence) -> list[TokenLogprob | None]:
+        """Each prompt token's logprob given the ones before it, from one forward over the prompt."""
+        tokens = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)  # (1, N)
+        logprobs = self.net(tokens, validate=False)[0, :-1].float().log_softmax(dim=-1)  # (N - 1, V)
+        return [None] + _token_logprobs(logprobs, seq.prompt[1:], seq.prompt_logprobs)
+
+    def _decode(self, seqs: list[Sequence]) -> list[StepOutput]:
+        last = [[s.output[-1]] for s in seqs]
+        positions = [[len(s.prompt) + len(s.output) - 1] for s in seqs]
+        logits = self._forward(last, positions, None, [s.slot for s in seqs])  # (B, V)
+        self.stats.decode_calls += 1
+        self.stats.decode_rows += len(seqs)
+        return self._sample(seqs, logits)
+
+    def _prefill(self, seqs: list[Sequence]) -> list[StepOutput]:
+        T, rows = self._plan_prefill(seqs)
+        tokens, positions, key_mask, done = [], [], [], []
+        for seq in rows:
+            take = min(T, seq.remaining_prompt)
+            start, pad = seq.computed, T - take
+            tokens.append([0] * pad + seq.prompt[start : start + take])
+            # Padding sits at the chunk's first position (masked out; positions never decrease).
+            positions.append([start] * pad + list(range(start, start + take)))
+            key_mask.append([False] * pad + [True] * take)
+            seq.computed += take
+            done.append(seq.computed == len(seq.prompt))
+        padded = any(not row[0] for row in key_mask)
+        logits = self._forward(tokens, positions, key_mask if padded else None, [s.slot for s in rows])
+        self.stats.prefill_calls += 1
+        self.stats.prefill_positions += len(rows) * T
+        self.stats.prefill_tokens += sum(sum(m) for m in key_mask)
+        ready = [i for i, d in enumerate(done) if d]
+        if not ready:
+            return []
+        for i in ready:
+            rows[i].status = Status.DECODE
+        return self._sample([rows[i] for i in ready], logits[ready] if len(ready) < len(rows) else logits)
+
+    def _plan_prefill(self, seqs: list[Sequence]) -> tuple[int, list[Sequence]]:
+        """The chunk length T and the rows (a prefix of `seqs`, oldest first) of this step's
+        prefill call: the choice that reads the most prompt tokens within `prefill_tokens`
+        positions (ties: the fewest positions)."""
+        best = (-1, 0, 0, [])  # (real tokens, -positions, T, rows)
+        for T in sorted({min(s.remaining_prompt, self.prefill_tokens) for s in seqs}):
+            rows = seqs[: max(1, self.prefill_tokens // T)]
+            real = sum(min(s.remaining_prompt, T) for s in rows)
+            best = max(best, (real, -len(rows) * T, T, rows), key=lambda b: b[:2])
+        return best[2], best[3]
+
+    def _forward(self, tokens: Seq[Seq[int]], positions: Seq[Seq[int]], key_mask: Seq[Seq[bool]] | None,
+                 slots: list[int]) -> Tensor:
+        """Next-token logits (B, V) after each row, appending the rows to their slots."""
+        device = self.device
+        tokens_t = torch.tensor(tokens, dtype=torch.long, device=device)  # (B, T)
+        positions_t = torch.tensor(positions, dtype=torch.long, device=device)  # (B, T)
+        mask_t = None if key_mask is None else torch.tensor(key_mask, dtype=torch.bool, device=device)
+        logits = self.net(tokens_t, positions_t, key_mask=mask_t, cache=self.cache, slots=slots,
+                          logits_to_keep=1, validate=False)
+        return logits[:, -1]
+
+    def _sample(self, seqs: list[Sequence], logits: Tensor) -> list[StepOutput]:
+        """Draw each row's next token, record it, and retire the rows that end here."""
+        greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
+        tokens: list[int] = [0] * len(seqs)
+        if greedy:  # one argmax for all greedy rows: the same op `generate` applies to its row
+            picked = logits[greedy].argmax(dim=-1).tolist() if len(greedy) < len(seqs) else \
+                logits.argmax(dim=-1).tolist()
+            for i, token in zip(greedy, picked):
+                tokens[i] = token
+        for i, seq in enumerate(seqs):
+            if not seq.params.greedy:  # each row its own generator: draws independent of the batch
+                tokens[i] = int(sample(logits[i : i + 1], seq.params, seq.generator))
+        wants = [i for i, s in enumerate(seqs) if s.logprobs is not None]
+        logprobs: dict[int, TokenLogprob] = {}
+        if wants:
+            rows = logits[wants].float().log_softmax(dim=-1)  # (W, V): the model's distribution
+            for row, i in enumerate(wants):
+                logprobs[i] = _token_logprobs(rows[row : row + 1], [tokens[i]], seqs[i].logprobs)[0]
+        outputs = []
+        for i, seq in enumerate(seqs):
+            seq.output.append(tokens[i])
+            out = StepOutput(seq, tokens[i], logprobs.get(i))
+            if tokens[i] in seq.stop_ids:
+                self.finish(seq, "stop")
+            elif len(seq.output) >= seq.max_tokens:
+                self.finish(seq, "length")
+            out.finished = seq.status is Status.FINISHED
+            outputs.append(out)
+        return outputs
+
+
+def _token_logprobs(logprobs: Tensor, ids: list[int], top: int) -> list[TokenLogprob]:
+    """(id, logprob, top alternatives) for each row of (R, V) log-probabilities and its id."""
+    chosen = logprobs.gather(1, torch.tensor(ids, device=logprobs.device)[:, None])[:, 0].tolist()
+    if top > 0:
+        values, indices = logprobs.topk(top, dim=-1)
+        alternatives = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+    else:
+        alternatives = [[] for _ in ids]
+    return [(i, lp, alt) for i, lp, alt in zip(ids, chosen, alternatives)]

@@ -1,0 +1,128 @@
+"""Running the server: the app under uvicorn, with the engine's lifecycle and signals.
+
+    andromeda serve --checkpoint runs/demo [--host 127.0.0.1] [--port 8000] [--max-batch-size 16]
+        [--max-queue 256] [--dtype fp32|bf16] [--api-key KEY] [--served-model-name NAME]
+        [--chat-template FILE] [--device auto|cpu|cuda]
+
+Start-up: the checkpoint's config, tokenizer and chat template are read first (a bad path fails
+at once, exit 1); then the port is bound and answers /health with 503 while the engine thread
+loads the weights; once both are up the URL is logged. SIGINT or SIGTERM: the port stops
+accepting, every request in flight is ended (a stream gets an error event and [DONE], a waiting
+plain request a 503), the engine thread stops, and the command returns 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_checkpoint_tokenizer, load_config, resolve_checkpoint
+from ..parallel.environment import resolve_device
+
+logger = logging.getLogger("andromeda.serve")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 16,
+          max_queue: int = 256, dtype: str | None = None, api_key: str | None = None,
+          served_model_name: str | None = None, chat_template: str | Path | None = None, device: str = "auto",
+          prefill_chunk: int = 256, stream_interval: float = 0.02, threads: int | None = None) -> int:
+    """Serve the checkpoint until SIGINT/SIGTERM; returns 0. Raises ValueError/OSError/RuntimeError
+    naming the problem (bad option, missing checkpoint, port in use, weights that do not load)."""
+    try:
+        import uvicorn
+
+        from .app import ServerContext, create_app
+    except ImportError as error:
+        raise RuntimeError(f"andromeda serve needs the serve extra ({error.name or error} is missing): "
+                           f"pip install 'andromeda[serve]'") from None
+    from .chat_template import ChatTemplate, find_chat_template
+    from .engine import Engine, ModelSpec
+    from .metrics import Metrics
+
+    for option, value, low in (("max-batch-size", max_batch_size, 1), ("max-queue", max_queue, 0),
+                               ("prefill-chunk", prefill_chunk, 1), ("port", port, 0), ("threads", threads or 1, 1)):
+        if value < low:
+            raise ValueError(f"--{option} must be >= {low}, got {value}")
+    if not stream_interval >= 0:
+        raise ValueError(f"--stream-interval must be >= 0 seconds, got {stream_interval}")
+    if port > 65535:
+        raise ValueError(f"--port must be <= 65535, got {port}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    # One core is left to the HTTP thread: an OpenMP team that shares its cores with it stalls at
+    # every barrier the thread's work delays.
+    torch.set_num_threads(threads if threads is not None else max(1, torch.get_num_threads() - 1))
+    folder = resolve_checkpoint(checkpoint)
+    config = load_config(folder)
+    tokenizer = load_checkpoint_tokenizer(folder)
+    source = find_chat_template(folder, chat_template)
+    template = ChatTemplate(source) if source is not None else None
+    target = resolve_device(device)
+    name = served_model_name or Path(checkpoint).resolve().name
+    spec = ModelSpec(folder, target, DTYPES.get(dtype))
+
+    metrics = Metrics(name)
+    engine = Engine(spec, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
+                    prefill_tokens=prefill_chunk, stream_interval=stream_interval, metrics=metrics)
+    ctx = ServerContext(engine, tokenizer, config, name, metrics, checkpoint=str(folder), chat_template=template,
+                        api_key=api_key)
+    server = _make_server(uvicorn.Config(create_app(ctx), host=host, port=port, log_level="warning",
+                                         access_log=False, lifespan="on", timeout_graceful_shutdown=10),
+                          on_exit=engine.shutdown)
+    threading.Thread(target=_announce, args=(server, engine, name), name="andromeda-announce", daemon=True).start()
+    logger.info("loading %s on %s", folder, target)
+    previous = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    except SystemExit as exit_:  # uvicorn exits when it cannot bind
+        raise OSError(f"could not listen on {host}:{port} (is the port in use?)") from exit_
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        engine.shutdown()
+        engine.join(10.0)
+    if engine.load_error is not None:
+        raise RuntimeError(f"could not load the model from {folder}: {engine.load_error}")
+    logger.info("andromeda serve: stopped")
+    return 0
+
+
+def _ignore(signum, frame) -> None:
+    """Stands in for the default handlers while uvicorn runs: uvicorn re-raises the signal that
+    stopped it once it has shut down, which must not kill the process (exit code 0)."""
+
+
+def _make_server(config, on_exit):
+    """A uvicorn.Server whose exit signal also ends the requests in flight, so streams end at
+    once rather than when they would have finished. (Built here: uvicorn is an optional extra.)"""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            on_exit()
+            super().handle_exit(sig, frame)
+
+    return Server(config)
+
+
+def _announce(server, engine, name: str) -> None:
+    """Log the URL once the port is bound and the model is loaded; stop the server if the model
+    fails to load."""
+    while not (engine.ready.is_set() and server.started):
+        if engine.load_error is not None:
+            server.should_exit = True
+            return
+        if server.should_exit:
+            return
+        time.sleep(0.02)
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    logger.info("andromeda serve: %s ready at http://%s:%d/v1 (max batch %d, context %d)", name, shown, port,
+                engine.max_batch_size, engine.scheduler.config.max_seq_len)
