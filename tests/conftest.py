@@ -1,9 +1,15 @@
 """Fixtures shared by the test modules (plain helpers live in helpers.py)."""
 
+import os
+
 import pytest
 import torch
 
 from helpers import CORPUS_TEXT
+
+# Devices the tests that take a `device` run on: "cpu" by default; benchmarks/gpu_check.sh runs
+# them with ANDROMEDA_TEST_DEVICES=cpu,cuda.
+DEVICES = os.environ.get("ANDROMEDA_TEST_DEVICES", "cpu").split(",")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -22,3 +28,12 @@ def corpus(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text(CORPUS_TEXT)
     return path
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """The device a test runs its model on (each of ANDROMEDA_TEST_DEVICES)."""
+    device = torch.device(request.param)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA was asked for but is not available")
+    return device

@@ -12,7 +12,7 @@ from helpers import FEATURES, random_net
 
 
 def greedy_alone(net, prompt: torch.Tensor, new: int) -> list[int]:
-    return generate(net, prompt, new, temperature=0)[0].tolist()
+    return generate(net, prompt.to(net.token_emb.weight.device), new, temperature=0)[0].tolist()
 
 
 class Scheduler:
@@ -22,7 +22,8 @@ class Scheduler:
 
     def __init__(self, net, slots: int, capacity: int) -> None:
         self.net = net
-        self.cache = KVCache(net.config, slots, capacity, dtype=torch.float32, device="cpu")
+        self.device = net.token_emb.weight.device
+        self.cache = KVCache(net.config, slots, capacity, dtype=torch.float32, device=self.device)
         self.free = list(range(slots))
         self.running: dict[int, dict] = {}  # slot -> {name, out, left, position}
         self.outputs: dict[str, list[int]] = {}
@@ -31,7 +32,7 @@ class Scheduler:
     def admit(self, name: str, prompt: torch.Tensor, new: int) -> None:
         slot = self.free.pop(0)
         self.cache.reset([slot])
-        logits = self.net(prompt[None], cache=self.cache, slots=[slot], logits_to_keep=1)[:, -1]
+        logits = self.net(prompt[None].to(self.device), cache=self.cache, slots=[slot], logits_to_keep=1)[:, -1]
         self.running[slot] = dict(name=name, out=[int(logits.argmax(-1))], left=new - 1, position=len(prompt))
         self._retire()
 
@@ -39,8 +40,8 @@ class Scheduler:
     def step(self) -> None:
         slots = sorted(self.running)
         if slots:
-            tokens = torch.tensor([[self.running[s]["out"][-1]] for s in slots])  # (B, 1)
-            positions = torch.tensor([[self.running[s]["position"]] for s in slots])  # (B, 1)
+            tokens = torch.tensor([[self.running[s]["out"][-1]] for s in slots], device=self.device)  # (B, 1)
+            positions = torch.tensor([[self.running[s]["position"]] for s in slots], device=self.device)  # (B, 1)
             logits = self.net(tokens, positions, cache=self.cache, slots=slots, logits_to_keep=1)[:, -1]
             for slot, token in zip(slots, logits.argmax(-1).tolist()):
                 request = self.running[slot]
@@ -70,8 +71,8 @@ def run_schedule(net, arrivals: dict[int, list], slots: int, capacity: int) -> d
 
 
 @pytest.mark.parametrize("overrides", FEATURES.values(), ids=FEATURES.keys())
-def test_rows_admitted_at_different_times_decode_as_if_alone(overrides):
-    net = random_net(**overrides)
+def test_rows_admitted_at_different_times_decode_as_if_alone(overrides, device):
+    net = random_net(**overrides).to(device)
     g = torch.Generator().manual_seed(4)
     prompt = lambda n: torch.randint(0, 258, (n,), generator=g)  # noqa: E731
     # Four requests over three slots: b and c join a running a; d reuses a's slot once a ends,

@@ -50,9 +50,9 @@ def memorised():
 
 
 @pytest.mark.parametrize("overrides", FEATURES.values(), ids=FEATURES.keys())
-def test_cached_greedy_equals_recomputed(overrides):
-    net = random_net(**overrides)
-    prompts = torch.randint(0, net.config.num_tokens, (2, 12), generator=torch.Generator().manual_seed(1))
+def test_cached_greedy_equals_recomputed(overrides, device):
+    net = random_net(**overrides).to(device)
+    prompts = torch.randint(0, net.config.num_tokens, (2, 12), generator=torch.Generator().manual_seed(1)).to(device)
     cached = generate(net, prompts, 24, temperature=0)
     recomputed = generate(net, prompts, 24, temperature=0, cache_kv=False)
     assert torch.equal(cached, recomputed)

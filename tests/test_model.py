@@ -52,12 +52,12 @@ def _seed():
 
 
 @pytest.mark.parametrize("mix", sorted(FEATURE_MIXES))
-def test_logits_match_x_transformers(mix):
+def test_logits_match_x_transformers(mix, device):
     config = TINY.replace(**FEATURE_MIXES[mix])
-    reference = x_transformers_model(config)
-    model = Andromeda.from_config(config).eval()
+    reference = x_transformers_model(config).to(device)
+    model = Andromeda.from_config(config, device=device).eval()
     model.load_x_transformers(reference.state_dict())
-    tokens = torch.randint(0, config.num_tokens, (2, 150))
+    tokens = torch.randint(0, config.num_tokens, (2, 150), device=device)
     with torch.no_grad():
         expected, actual = reference(tokens), model.Andromeda(tokens)
     torch.testing.assert_close(actual, expected, atol=2e-5, rtol=1e-5)
@@ -319,3 +319,26 @@ def test_every_weight_product_goes_through_its_module(tmp_path):
     ids = tokens.flatten().numpy()
     result = calls_during(lambda: evaluate(swapped, ids, 16, 2, num_bytes=len(ids)))
     assert result["loss"] == pytest.approx(evaluate(plain, ids, 16, 2, num_bytes=len(ids))["loss"], rel=1e-6)
+
+
+def test_bf16_decode_after_a_long_prefill_is_as_accurate_as_the_bf16_forward():
+    """The decode step adds ALiBi as an explicit bias in the compute dtype; past |16| bf16 moves in
+    steps of 0.125. Pinned: at 4k positions, with ALiBi on every head, the bf16 decode step's
+    next-token logits stray from fp32 no more than 1.5x the bf16 full forward's do."""
+    from andromeda import KVCache
+
+    config = TINY.replace(max_seq_len=4096, alibi_num_heads=TINY.heads)
+    torch.manual_seed(0)
+    net = Andromeda.from_config(config).Andromeda.eval()
+    half = Andromeda.from_config(config, dtype=torch.bfloat16).Andromeda.eval()
+    half.load_state_dict(net.state_dict())
+    tokens = torch.randint(0, config.num_tokens, (1, 4096))
+    with torch.no_grad():
+        exact = net(tokens, logits_to_keep=1)[0, -1]
+        full = half(tokens, logits_to_keep=1)[0, -1].float()
+        cache = KVCache(config, 1, 4096, dtype=torch.bfloat16, device="cpu")
+        half(tokens[:, :-1], cache=cache, logits_to_keep=1)
+        decoded = half(tokens[:, -1:], cache=cache, logits_to_keep=1)[0, -1].float()
+    full_error, decode_error = (full - exact).abs().max(), (decoded - exact).abs().max()
+    assert 0 < full_error < 0.1
+    assert decode_error <= 1.5 * full_error, (float(decode_error), float(full_error))

@@ -249,3 +249,13 @@ def test_only_this_processs_cuda_rng_is_saved_and_restored(monkeypatch, tmp_path
     set_rng_state(restored.rng, torch.device("cuda", 0))
     assert calls == [("get", torch.device("cuda", 3)), ("set", torch.device("cuda", 0), list(range(16)))]
     assert restored.progress.step == 5
+
+
+def test_compiled_blocks_train_like_eager_ones(tmp_path, corpus):
+    """--compile compiles each block from outside the model; the run computes the same losses."""
+    eager = train(_config(tmp_path, corpus, out=str(tmp_path / "eager"), max_steps=2, eval_batches=0))
+    compiled = train(_config(tmp_path, corpus, out=str(tmp_path / "compiled"), max_steps=2, eval_batches=0,
+                             compile=True))
+    assert [l for _, l, _ in _train_losses(tmp_path / "compiled")] == pytest.approx(
+        [l for _, l, _ in _train_losses(tmp_path / "eager")], rel=1e-5)
+    assert compiled.step == eager.step == 2
