@@ -86,7 +86,7 @@ def _parallel_worker(rank: int, port: int, out: str, checkpoint: str) -> None:
                     (loss / ACCUM).backward()
                 total += loss.detach().float()
             params = list(net.parameters())
-            norm = clip_grad_norm(params, max_norm=float("inf"))
+            norm = float(clip_grad_norm(params, max_norm=float("inf")))
             grads = {n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad.clone()
                      for n, p in net.named_parameters()}
             results[name] = dict(loss=float(all_reduce_mean(total / ACCUM, env)), grads=grads, norm=norm,

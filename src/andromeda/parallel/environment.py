@@ -139,8 +139,9 @@ def all_reduce_max(values: list[float], env: DistEnv) -> list[float]:
     """Element-wise maxima over all processes: how the ranks agree on a clock or a stop flag."""
     if not env.distributed:
         return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64, device=env.device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    # On the CPU, over the wait group (gloo): agreeing on a clock never waits for a GPU's queue.
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=env.wait_group)
     return tensor.tolist()
 
 

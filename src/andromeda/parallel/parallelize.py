@@ -211,8 +211,10 @@ def gradient_sync(train_module: nn.Module, enabled: bool) -> Iterator[None]:
         yield
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
-    """The global gradient norm, over the shards of all processes; clip to `max_norm` if finite.
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> Tensor:
+    """The global gradient norm (a 0-d tensor on the parameters' device: reading it is left to the
+    caller, so a step waits for the device once), over the shards of all processes; clips to
+    `max_norm` if finite.
 
     Under FSDP each gradient is a DTensor shard: the norm is reduced over the processes
     (`full_tensor`) before the clip coefficient is formed, so every process scales by the same
@@ -224,7 +226,7 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
         total = total.full_tensor()
     if math.isfinite(max_norm):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return float(total)
+    return total
 
 
 def full_model_state_dict(net: nn.Module, env: DistEnv) -> dict[str, Tensor]:

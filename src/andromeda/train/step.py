@@ -67,11 +67,12 @@ def train_step(
                 loss = model(micro_inputs, targets=micro_targets, reduction="sum", validate=False)
             (loss * scale).backward()
         total += loss.detach().float()
-    mean_loss = float(all_reduce_sum(total, env) / counted)
-    if not math.isfinite(mean_loss):
-        raise NonFiniteLossError(f"non-finite training loss ({mean_loss}) at step {step + 1}")
     max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
     grad_norm = clip_grad_norm(params, max_norm)
+    # The one point a step waits for the device: both numbers read together.
+    mean_loss, grad_norm = torch.stack([all_reduce_sum(total, env) / counted, grad_norm.float()]).tolist()
+    if not math.isfinite(mean_loss):
+        raise NonFiniteLossError(f"non-finite training loss ({mean_loss}) at step {step + 1}")
     if not math.isfinite(grad_norm):
         raise NonFiniteLossError(f"non-finite gradient norm ({grad_norm}) at step {step + 1} "
                                  f"(loss {mean_loss:.4f})")
