@@ -123,3 +123,16 @@ def test_plan_takes_the_card_and_prices_one_gpu_as_one_process(capsys):
     assert "one process, bf16 autocast over fp32 weights, gradients and AdamW" in out
     assert "usable of 40.0 GiB card" in out and "of 312 TFLOP/s" in out
     assert "bf16 weight copies (autocast)" in out
+
+
+def test_tokenize_builds_the_cache_that_train_then_reads(tmp_path, corpus, capsys, caplog):
+    cache = tmp_path / "cache"
+    assert cli.main(["tokenize", "--data", str(corpus), "--cache-dir", str(cache), "--num-proc", "1",
+                     "--no-progress"]) == 0
+    summary = capsys.readouterr().out
+    assert "1 files" in summary and f"{len(corpus.read_bytes()):,} bytes" in summary
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert cli.main(train_cli_args(tmp_path / "run", corpus, cache, "--max-steps", "1", "--eval-batches", "0")) == 0
+    assert not [r for r in caplog.records if r.getMessage().startswith("tokenising")], \
+        "train tokenised again instead of reading the cache"

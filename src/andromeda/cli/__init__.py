@@ -40,6 +40,7 @@ COMMANDS = {
     "export-hf": "export_hf",
     "import-hf": "import_hf",
     "lm-eval": "lm_eval",
+    "tokenize": "tokenize",
 }
 
 

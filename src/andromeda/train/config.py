@@ -47,6 +47,8 @@ class TrainConfig:
     eval_data: tuple[str, ...] | None = option(
         None, "held-out files for periodic evaluation (default: Shakespeare's held-out plays when --data "
               "is not given)")
+    text_field: str = option("text", "the string field holding each document in .jsonl, .parquet and datasets files")
+    num_proc: int | None = option(None, "processes that tokenise the data (default: every CPU)")
     tokenizer: str = option("byte", "byte, bpe (trained on --data, saved with the run) or a tokenizer.json path")
     bpe_vocab_size: int = option(4096, "vocabulary size of a trained BPE")
     seed: int = option(0, "seed of the initialisation and of the data order")
@@ -95,6 +97,8 @@ class TrainConfig:
         check_types(self)
         if self.preset is None and self.init_from is None:
             object.__setattr__(self, "preset", DEFAULT_PRESET)
+        if self.num_proc is not None and self.num_proc < 1:
+            raise ValueError(f"TrainConfig.num_proc must be >= 1 (or None for every CPU), got {self.num_proc}")
         for name in ("batch_size", "seq_len", "grad_accum", "bpe_vocab_size", "save_every", "keep",
                      "eval_every", "log_every"):
             if getattr(self, name) < 1:
@@ -165,8 +169,8 @@ class TrainConfig:
 # parallel, the number of processes, ...) may change: the loss curve does not depend on them.
 # The stop (max_steps, time_budget) may change too: a resumed run can be extended; its learning-rate
 # schedule keeps the length the run started with (train/state.py, Progress.schedule_steps).
-RUN_DEFINING = ("preset", "model_overrides", "init_from", "objective", "data", "eval_data", "tokenizer",
-                "bpe_vocab_size", "seed",
+RUN_DEFINING = ("preset", "model_overrides", "init_from", "objective", "data", "eval_data", "text_field",
+                "tokenizer", "bpe_vocab_size", "seed",
                 "batch_size", "seq_len", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "qk_scale_lr_mult",
                 "beta1", "beta2", "grad_clip")
 

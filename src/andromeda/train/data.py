@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..data import TokenStore, cache_root, resolve_data, shakespeare_corpus
+from ..data import TokenStore, resolve_data, shakespeare_corpus, token_cache_dir
 from ..evaluation import evaluate
 from ..model import Transformer
 from ..parallel.environment import DistEnv
@@ -61,10 +61,10 @@ def data_files(config: TrainConfig) -> tuple[list[Path], list[Path]]:
 class TextData:
     """The `lm` objective: token stores of the training and held-out text; every token a target."""
 
-    def __init__(self, config: TrainConfig, tokenizer: Tokenizer, train_files: list[Path], eval_files: list[Path]
-                 ) -> None:
+    def __init__(self, config: TrainConfig, tokenizer: Tokenizer, train_files: list[Path], eval_files: list[Path],
+                 progress: bool = False) -> None:
         self.config = config
-        self.train, self.held_out = load_stores(config, tokenizer, train_files, eval_files)
+        self.train, self.held_out = load_stores(config, tokenizer, train_files, eval_files, progress)
 
     def batch(self, step: int, env: DistEnv) -> tuple[Tensor, Tensor]:
         return lm_batch(self.train.tokens, step, self.config, env.device, env.rank, env.world_size)
@@ -82,8 +82,8 @@ class CompletionData:
     """The `completion` objective: prompt/completion records; only completion tokens are targets
     (train/sft.py)."""
 
-    def __init__(self, config: TrainConfig, tokenizer: Tokenizer, train_files: list[Path], eval_files: list[Path]
-                 ) -> None:
+    def __init__(self, config: TrainConfig, tokenizer: Tokenizer, train_files: list[Path], eval_files: list[Path],
+                 progress: bool = False) -> None:
         self.config, self.pad_id = config, tokenizer.pad_id
         self.train = load_completion_examples(train_files, tokenizer)
         self.held_out = load_completion_examples(eval_files, tokenizer) if eval_files else None
@@ -105,20 +105,25 @@ class CompletionData:
                                autocast_dtype=torch.bfloat16 if config.bf16 else None)
 
 
-def run_data(config: TrainConfig, tokenizer: Tokenizer, train_files: list[Path], eval_files: list[Path]
-             ) -> TextData | CompletionData:
+def run_data(config: TrainConfig, tokenizer: Tokenizer, train_files: list[Path], eval_files: list[Path],
+             progress: bool = False) -> TextData | CompletionData:
     kind = CompletionData if config.objective == "completion" else TextData
-    return kind(config, tokenizer, train_files, eval_files)
+    return kind(config, tokenizer, train_files, eval_files, progress)
 
 
-def load_stores(config: TrainConfig, tokenizer: Tokenizer, train_files: list[Path], eval_files: list[Path]
-                ) -> tuple[TokenStore, TokenStore | None]:
-    token_cache = Path(config.cache_dir) / "tokens" if config.cache_dir else cache_root() / "tokens"
-    train_store = TokenStore(train_files, tokenizer, cache_dir=token_cache)
+def load_stores(config: TrainConfig, tokenizer: Tokenizer, train_files: list[Path], eval_files: list[Path],
+                progress: bool = False) -> tuple[TokenStore, TokenStore | None]:
+    """The token stores of the training and held-out files: read from the cache, or tokenised into
+    it by `num_proc` processes (each file once; a killed run resumes with the files it finished)."""
+    def store(files: list[Path]) -> TokenStore:
+        return TokenStore(files, tokenizer, token_cache_dir(config.cache_dir), config.text_field,
+                          num_proc=config.num_proc, progress=progress)
+
+    train_store = store(train_files)
     if len(train_store) < config.seq_len + 1:
         raise ValueError(f"the training data has {len(train_store)} tokens, fewer than seq_len + 1 = "
                          f"{config.seq_len + 1}; use a shorter --seq-len or more data")
-    eval_store = TokenStore(eval_files, tokenizer, cache_dir=token_cache) if eval_files else None
+    eval_store = store(eval_files) if eval_files else None
     logger.info("training data: %r", train_store)
     if eval_store is not None:
         logger.info("held-out data: %r", eval_store)
@@ -128,6 +133,13 @@ def load_stores(config: TrainConfig, tokenizer: Tokenizer, train_files: list[Pat
 
 
 def fingerprint(path: Path) -> str:
+    """A file's sampled fingerprint (module docstring); a folder's (a `datasets` folder) combines
+    those of its files, names included."""
+    if path.is_dir():
+        sha = hashlib.sha256()
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            sha.update(f"{file.relative_to(path).as_posix()}:{fingerprint(file)}".encode())
+        return sha.hexdigest()
     size = path.stat().st_size
     sha = hashlib.sha256(str(size).encode())
     with open(path, "rb") as handle:
@@ -138,9 +150,13 @@ def fingerprint(path: Path) -> str:
     return sha.hexdigest()
 
 
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
 def data_identity(train_files: list[Path], eval_files: list[Path]) -> dict[str, list[dict[str, Any]]]:
     def describe(files: list[Path]) -> list[dict[str, Any]]:
-        return [{"path": str(path.resolve()), "size": path.stat().st_size, "fingerprint": fingerprint(path)}
+        return [{"path": str(path.resolve()), "size": _size(path), "fingerprint": fingerprint(path)}
                 for path in files]
 
     return {"train": describe(train_files), "eval": describe(eval_files)}

@@ -70,6 +70,8 @@ from .step import NonFiniteLossError, train_step
 
 logger = logging.getLogger(__name__)
 
+BPE_PIECE_CHARS = 1 << 20  # a BPE is trained on documents in pieces of this size: none held whole
+
 
 @dataclass
 class TrainResult:
@@ -178,12 +180,13 @@ class Trainer:
             tokenizer = load_checkpoint_tokenizer(config.init_from)
         if tokenizer is None:
             # Rank 0 alone builds the tokenizer (a BPE is trained once) and hands it to the others.
-            tokenizer = build_tokenizer(config.tokenizer, train_texts=lambda: iter_texts(train_files),
+            texts = lambda: iter_texts(train_files, config.text_field, max_chars=BPE_PIECE_CHARS)  # noqa: E731
+            tokenizer = build_tokenizer(config.tokenizer, train_texts=texts,
                                         vocab_size=config.bpe_vocab_size) if env.is_main else None
             tokenizer = broadcast_object(tokenizer, env)
         with node_first(env):  # one process per node tokenises into the cache; the others read it
             pause_point("prepare-data")
-            data = run_data(config, tokenizer, train_files, eval_files)
+            data = run_data(config, tokenizer, train_files, eval_files, progress=config.progress and env.local_rank == 0)
         return tokenizer, data, identity
 
     def _build_model(self, resume_from: Path | None, model_cfg: Config) -> tuple[Transformer, nn.Module, bool]:
