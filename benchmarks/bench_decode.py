@@ -27,7 +27,7 @@ import time
 import torch
 
 import common
-from andromeda import Andromeda, Config, generation
+from andromeda import Andromeda, Config
 
 log = logging.getLogger("bench_decode")
 
@@ -127,17 +127,9 @@ def bench_big(args: argparse.Namespace) -> None:
     prompt = torch.randint(0, net.config.num_tokens, (1, args.big_prompt_len),
                            generator=torch.Generator().manual_seed(args.seed))
     model.decoder.generate(prompt, 2, temperature=0)  # warm-up
-    rows = []
-    # The library decodes a single row with ATen's matrix-vector kernel; PyTorch's default,
-    # oneDNN, is the comparison (generation._matvec_kernels explains the choice).
-    for label, aten in (("ATen matvec in decode (library)", True), ("oneDNN throughout", False)):
-        generation.CPU_BF16_DECODE_ATEN_MATVEC = aten
-        try:
-            prefill, rate = decode_rate(model, prompt, args.big_new_tokens)
-        finally:
-            generation.CPU_BF16_DECODE_ATEN_MATVEC = True
-        rows.append([f"2.5 B default, bf16, {label}", args.big_prompt_len, args.big_new_tokens,
-                     f"{prefill:.2f} s", f"{rate:.2f}", f"{bound:.2f}", f"{rate / bound:.0%}"])
+    prefill, rate = decode_rate(model, prompt, args.big_new_tokens)
+    rows = [[f"2.5 B default, bf16", args.big_prompt_len, args.big_new_tokens, f"{prefill:.2f} s", f"{rate:.2f}",
+             f"{bound:.2f}", f"{rate / bound:.0%}"]]
     print(f"- read bandwidth: {bandwidth / 1e9:.1f} GB/s; weights streamed per token: "
           f"{streamed / 1e9:.2f} GB; bound = {bound:.2f} tokens/s")
     print()

@@ -14,27 +14,12 @@ from andromeda.interop import build_x_transformers, from_x_transformers
 from andromeda.model.positions import alibi_slopes
 from andromeda.model import linear_cross_entropy
 
+from helpers import FEATURE_MIXES  # noqa: E402
+
 x_transformers = pytest.importorskip("x_transformers")
 
 TINY = Config.from_preset("tiny", max_seq_len=160)
 
-FEATURE_MIXES = {
-    "seed": {},
-    "reference-attention": dict(attn_flash=False),
-    "no-alibi": dict(alibi_pos_bias=False),
-    "no-xpos": dict(rotary_xpos=False),
-    "no-qk-norm": dict(qk_norm=False, attn_qk_norm=False),
-    "qk-norm-fixed-scale": dict(attn_qk_norm_dim_scale=False),
-    "only-attn_qk_norm": dict(qk_norm=False),
-    "multi-head-kv": dict(attn_kv_heads=4),
-    "one-kv-head-3-alibi": dict(heads=6, attn_kv_heads=1, alibi_num_heads=3),
-    "5-of-8-alibi": dict(heads=8, attn_kv_heads=2, alibi_num_heads=5),
-    "all-alibi": dict(alibi_num_heads=4),
-    "abs-pos-only": dict(use_abs_pos_emb=True, rotary_xpos=False, alibi_pos_bias=False),
-    "abs-pos-with-rotary": dict(use_abs_pos_emb=True),
-    "odd-head-size": dict(dim_head=17),
-    "odd-head-size-no-qk-norm": dict(dim_head=17, qk_norm=False, attn_qk_norm=False),
-}
 
 
 def x_transformers_model(config: Config):

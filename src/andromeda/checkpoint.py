@@ -390,19 +390,31 @@ def _validate_weights(file: Path, config: Config) -> None:
         ) from None
     with torch.device("meta"):
         expected = {name: tuple(t.shape) for name, t in Transformer(config).state_dict().items()}
+    problems = shape_problems(found, expected, {name: "the file" for name in found})
+    if problems:
+        raise CheckpointError(f"{file} does not match {file.parent / CONFIG_FILE}: {problems}")
+
+
+def shape_problems(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]],
+                   where: Mapping[str, str]) -> str:
+    """What differs between the tensors a file holds and those a config expects, as one phrase
+    (missing, unexpected, shape mismatches, five of each at most); "" when nothing does.
+    `where[name]` says which file holds a found tensor."""
+    def some(names: list[str]) -> str:
+        return f"{names[:5]}{' ...' if len(names) > 5 else ''}"
+
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
-    wrong = [f"{n}: {found[n]} in the file, {expected[n]} from {CONFIG_FILE}"
+    wrong = [f"{n}: {found[n]} in {where[n]}, {expected[n]} from {CONFIG_FILE}"
              for n in sorted(set(found) & set(expected)) if found[n] != expected[n]]
     problems = []
     if missing:
-        problems.append(f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        problems.append(f"missing tensors {some(missing)}")
     if unexpected:
-        problems.append(f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        problems.append(f"unexpected tensors {some(unexpected)}")
     if wrong:
         problems.append("shape mismatches: " + "; ".join(wrong[:5]) + (" ..." if len(wrong) > 5 else ""))
-    if problems:
-        raise CheckpointError(f"{file} does not match {file.parent / CONFIG_FILE}: " + "; ".join(problems))
+    return "; ".join(problems)
 
 
 def load_transformer(

@@ -65,6 +65,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ..checkpoint import shape_problems
 from ..config import Config
 from ..model import Transformer, build_transformer
 from ..tokenizers import ByteTokenizer, HFTokenizer, Tokenizer
@@ -333,30 +334,16 @@ def _read_weights(files: list[Path], config: Config) -> dict[str, Tensor]:
                     where[name] = file
         except SafetensorError as err:
             raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {err}") from None
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    wrong = [f"{n}: {found[n]} in {where[n].name}, {expected[n]} from {CONFIG_FILE}"
-             for n in sorted(set(found) & set(expected)) if found[n] != expected[n]]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors {_some(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors {_some(unexpected)}")
-    if wrong:
-        problems.append("shape mismatches: " + "; ".join(wrong[:5]) + (" ..." if len(wrong) > 5 else ""))
+    problems = shape_problems(found, expected, {name: file.name for name, file in where.items()})
     if problems:
         names = ", ".join(str(f) for f in files)
-        raise ValueError(f"{names} does not match {files[0].parent / CONFIG_FILE}: " + "; ".join(problems))
+        raise ValueError(f"{names} does not match {files[0].parent / CONFIG_FILE}: {problems}")
     tensors: dict[str, Tensor] = {}
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
             for name in handle.keys():
                 tensors[name] = handle.get_tensor(name)
     return tensors
-
-
-def _some(names: list[str]) -> str:
-    return f"{names[:5]}{' ...' if len(names) > 5 else ''}"
 
 
 # --------------------------------------------------------------------------- tokenizer
