@@ -102,7 +102,9 @@ def test_bad_input_gives_a_clear_error(tmp_path, monkeypatch, capsys, args, code
 
 
 def test_eval_rejects_seq_len_beyond_the_model(tmp_path, corpus, capsys):
-    assert cli.main(_train_args(tmp_path, corpus, "--max-steps", "1", "--eval-batches", "0")) == 0
+    """Past learned absolute positions; relative ones extrapolate (test_long_context.py)."""
+    assert cli.main(_train_args(tmp_path, corpus, "--max-steps", "1", "--eval-batches", "0", "--override",
+                                "max_seq_len=64", "use_abs_pos_emb=true")) == 0
     capsys.readouterr()
     args = ["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(corpus), "--seq-len", "128",
             "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]

@@ -91,8 +91,10 @@ def test_evaluation_leaves_the_training_mode_alone(tmp_path, model):
 
 def test_seq_len_beyond_max_seq_len_is_rejected(tmp_path, model):
     store = _store(tmp_path, ByteTokenizer())
+    torch.manual_seed(0)
+    absolute = Andromeda.from_config("tiny", max_seq_len=64, use_abs_pos_emb=True).Andromeda  # positions end at 64
     with pytest.raises(ValueError, match="evaluation seq_len 65 exceeds the model's max_seq_len 64"):
-        evaluate(model, store.tokens, 65, 4, store.num_bytes)
+        evaluate(absolute, store.tokens, 65, 4, store.num_bytes)
     with pytest.raises(ValueError, match="num_bytes must be positive"):
         evaluate(model, store.tokens, 16, 4, 0)
     for bad in (0, -1):

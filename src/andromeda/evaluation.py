@@ -5,14 +5,18 @@ model and a BPE model of the same text are compared on it directly (as in Gao et
 "The Pile", section 5). Every token except the first is predicted exactly once, in windows of
 `seq_len` that each start without context (`andromeda.data.eval_windows`), so a longer `seq_len`
 gives each prediction more context on average; evaluating beyond the training length shows how
-well the positions extrapolate (ALiBi: Press et al. 2022).
+well the positions extrapolate (ALiBi: Press et al. 2022). Models with relative positions only
+(ALiBi, xPos) are evaluated at any length, past max_seq_len too; learned absolute positions end
+at max_seq_len. `plot_bits_per_byte` draws bits per byte against the evaluation length.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from numbers import Integral
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,6 +51,18 @@ def _batches(windows: Iterator[EvalWindow], batch_size: int) -> Iterator[torch.T
         yield torch.stack(pending)
 
 
+def check_eval_length(seq_len: int, config) -> None:
+    """Raise a ValueError naming the problem unless windows of `seq_len` tokens fit the model:
+    any positive length, or up to max_seq_len with learned absolute positions."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, Integral) or seq_len < 1:
+        raise ValueError(f"evaluation seq_len must be a positive integer, got {seq_len!r}")
+    if config.use_abs_pos_emb and seq_len > config.max_seq_len:
+        raise ValueError(
+            f"evaluation seq_len {seq_len} exceeds the model's max_seq_len {config.max_seq_len}, where its "
+            f"learned absolute positions end (use_abs_pos_emb); use --seq-len <= {config.max_seq_len}"
+        )
+
+
 @torch.no_grad()
 def evaluate(
     net: Transformer,
@@ -65,11 +81,7 @@ def evaluate(
     scaled by the fraction of tokens scored: an estimate for periodic evaluation during training.
     Returns {"loss", "perplexity", "bits_per_byte", "tokens" (predictions scored), "bytes"}.
     """
-    if seq_len > net.config.max_seq_len:
-        raise ValueError(
-            f"evaluation seq_len {seq_len} exceeds the model's max_seq_len {net.config.max_seq_len}; "
-            f"use --seq-len <= {net.config.max_seq_len}"
-        )
+    check_eval_length(seq_len, net.config)
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if max_windows is not None and max_windows < 1:
@@ -103,3 +115,64 @@ def evaluate(
         "tokens": count,
         "bytes": round(scored_bytes),
     }
+
+
+def check_plot_path(path: str | Path) -> Path:
+    """The path a plot will be written to, checked before any work: its folder must exist and
+    its suffix name a format matplotlib writes."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ValueError(f"plot folder {path.parent} does not exist (for --plot {path}); create it first")
+    if path.suffix.lower() not in PLOT_FORMATS:
+        raise ValueError(f"plot file {path} must end in one of {', '.join(PLOT_FORMATS)}")
+    return path
+
+
+PLOT_FORMATS = (".png", ".svg", ".pdf")
+
+
+def plot_bits_per_byte(curves: Sequence[dict], path: str | Path, *, title: str | None = None) -> None:
+    """Bits per byte against evaluation length (log scale), one line per curve, each curve's
+    training length marked by a dotted vertical line and a ring, written as an image (700 x 450
+    pixels for .png). curves: [{"label": str, "results": {seq_len: bits_per_byte},
+    "train_seq_len": int | None}]. Uses matplotlib's Agg canvas, so no display or global backend
+    is involved."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = check_plot_path(path)
+    figure = Figure(figsize=(7, 4.5), dpi=100)
+    FigureCanvasAgg(figure)
+    draw_bits_per_byte(figure.add_subplot(), curves, title=title)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def draw_bits_per_byte(axes, curves: Sequence[dict], *, title: str | None = None) -> None:
+    """`plot_bits_per_byte`'s drawing, onto matplotlib `axes` (for figures of several panels)."""
+    lengths = sorted({int(n) for curve in curves for n in curve["results"]})
+    shared = {curve.get("train_seq_len") for curve in curves}
+    one_line = len(shared) == 1 and None not in shared
+    if one_line:
+        axes.axvline(next(iter(shared)), color="grey", linestyle=":")
+    for curve in curves:
+        points = sorted((int(n), float(b)) for n, b in curve["results"].items())
+        (line,) = axes.plot(*zip(*points), "o-", markersize=3, label=curve["label"])
+        trained = curve.get("train_seq_len")
+        if trained:
+            if not one_line:
+                axes.axvline(trained, color=line.get_color(), linestyle=":", alpha=0.7)
+            at = dict(points).get(int(trained))
+            if at is not None:
+                axes.plot([trained], [at], "o", markersize=9, markerfacecolor="none", color=line.get_color())
+    axes.set_xscale("log", base=2)
+    if lengths:
+        axes.set_xticks(lengths, [str(n) for n in lengths], fontsize=8)
+        axes.minorticks_off()
+    axes.set_xlabel("evaluation length (tokens); dotted: training length")
+    axes.set_ylabel("bits per byte")
+    if title:
+        axes.set_title(title, fontsize=10)
+    axes.grid(alpha=0.3)
+    if axes.lines:
+        axes.legend(fontsize=8)

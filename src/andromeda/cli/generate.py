@@ -1,4 +1,4 @@
-"""`andromeda generate`: stream a continuation of a prompt."""
+"""`andromeda generate`: stream a continuation of a prompt, past max_seq_len with a sliding window."""
 
 from __future__ import annotations
 
@@ -22,6 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--min-p", type=float)
+    parser.add_argument("--window", type=int, metavar="W",
+                        help="attend to the last W tokens only (sinks included), with a ring-buffer KV cache; "
+                             "default: all tokens up to max_seq_len, then a window of max_seq_len")
+    parser.add_argument("--sink-tokens", type=int, default=0, metavar="S",
+                        help="keep the first S tokens in the window for good (attention sinks)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
@@ -34,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_checkpoint_tokenizer(args.checkpoint, verify=args.verify)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     pieces = stream_text(net, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, generator=generator)
+                         top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, generator=generator,
+                         window=args.window, sink_tokens=args.sink_tokens)
     first = next(pieces, "")  # arguments are checked before anything is printed
     sys.stdout.write(args.prompt + first)
     sys.stdout.flush()

@@ -13,8 +13,17 @@ Ragged prompts are left-padded to a common length N; the padding is masked out o
 each row's positions count from its own first real token, so every row continues exactly as if
 it were generated alone.
 
-Context policy: a prompt of N tokens plus L new ones must fit in `max_seq_len` (N + L <=
-max_seq_len), else a ValueError names both numbers. There is no sliding window.
+Context policy. A prompt of N tokens plus L new ones that fits in `max_seq_len` is generated
+with every token in view. Past it, a model with learned absolute positions stops with a
+ValueError naming both numbers; any other model slides: the KV cache becomes a ring buffer of the
+last `window` tokens (default max_seq_len, the length the model was trained for), of which the
+first `sink_tokens` stay for good (StreamingLLM's attention sinks, Xiao et al. 2023,
+https://arxiv.org/abs/2309.17453). Positions keep counting, so ALiBi and xPos see the true
+distances, and memory stays flat however long the generation. A `window` may also be asked for
+explicitly. Within the window this is exactly normal generation. Past it, each cached key keeps
+the context it was computed with (so the model reads further than the window in deeper
+layers, as in StreamingLLM); `cache_kv=False` instead recomputes the window alone every step,
+which equals the cached stream only for one-layer models.
 
 Sampling (`sampling.sample`) applies temperature, top-k, top-p, min-p in that order.
 """
@@ -22,6 +31,7 @@ Sampling (`sampling.sample`) applies temperature, top-k, top-p, min-p in that or
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from numbers import Integral
@@ -30,12 +40,15 @@ import torch
 from torch import Tensor
 
 from ..model import KVCache, Transformer, check_tokens
+from ..model.cache import check_window
 from .sampling import SamplingParams, filter_logits, sample
+
+logger = logging.getLogger(__name__)
 
 Prompts = Tensor | Sequence[Tensor] | Sequence[Sequence[int]]
 
 __all__ = ["IncrementalDecoder", "Prompts", "SamplingParams", "decode_one", "filter_logits", "generate",
-           "prefill", "recompute", "sample", "stream", "stream_text"]
+           "generation_cache", "prefill", "recompute", "sample", "stream", "stream_text"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +63,8 @@ class _Plan:
     pad_value: int
     cache_kv: bool
     generator: torch.Generator | None
+    window: int | None  # attention window (sinks included) with a ring-buffer cache; None: all tokens
+    sink_tokens: int
 
 
 def generate(
@@ -66,6 +81,8 @@ def generate(
     cache_kv: bool = True,
     generator: torch.Generator | None = None,
     callback: Callable[[Tensor], None] | None = None,
+    window: int | None = None,
+    sink_tokens: int = 0,
 ) -> Tensor:
     """Sample `seq_len` new tokens after each prompt and return only them: (B, seq_len) long.
 
@@ -80,13 +97,19 @@ def generate(
     cache_kv: reuse keys/values through a KV cache (default), or recompute the prefix each step.
     generator: the source of randomness; None uses the global RNG, seeded by torch.manual_seed.
     callback: called with each step's new tokens (B,) as they are produced (in inference mode).
+    window: attend to the last `window` tokens only (sinks included), with a ring-buffer KV
+        cache; default None: all of them while N + seq_len fits in max_seq_len, else a window of
+        max_seq_len (see the module docstring).
+    sink_tokens: of the window, how many first tokens of each sequence stay in view for good
+        (ignored while no window is needed).
 
     Runs under torch.inference_mode with the net in eval mode, restoring its mode afterwards.
-    Raises ValueError if N + seq_len exceeds max_seq_len.
+    Raises ValueError if N + seq_len exceeds max_seq_len for a model with learned absolute
+    positions, or if the window is not at least sink_tokens + 1.
     """
     plan = _plan(net, prompts, seq_len, temperature=temperature, top_k=top_k, top_p=top_p,
                  min_p=min_p, eos_token=eos_token, pad_value=pad_value, cache_kv=cache_kv,
-                 generator=generator)
+                 generator=generator, window=window, sink_tokens=sink_tokens)
     # Allocated outside inference mode so callers get an ordinary tensor they may edit in place.
     out = torch.full((plan.tokens.shape[0], seq_len), plan.pad_value, dtype=torch.long,
                      device=plan.tokens.device)
@@ -152,20 +175,29 @@ def stream_text(
 class IncrementalDecoder:
     """Turns a growing list of token ids into text pieces that never need to be taken back.
 
-    Each push decodes the whole list (tokenizers may merge across token boundaries) and returns
-    the new text, minus trailing U+FFFD: with byte-level vocabularies a multi-byte character
-    arrives over several tokens, and its first bytes decode to U+FFFD until the rest arrive.
+    Each push decodes the ids since a recent cut (tokenizers may merge across token boundaries)
+    and returns the new text, minus trailing U+FFFD: with byte-level vocabularies a multi-byte
+    character arrives over several tokens, and its first bytes decode to U+FFFD until the rest
+    arrive. Whenever everything decoded is complete, the ids before the last CONTEXT are
+    dropped, so a push costs the same after a million tokens as after ten.
     """
+
+    CONTEXT = 8  # ids kept before the undecided tail, for tokenizers whose decoding looks back
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.emitted = 0  # characters already returned
+        self.ids: list[int] = []  # since the cut
+        self.emitted = 0  # characters of decode(ids) already returned
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids).rstrip("\ufffd")
-        return self._take(text)
+        text = self.tokenizer.decode(self.ids)
+        complete = text.rstrip("\ufffd")
+        piece = self._take(complete)
+        if len(complete) == len(text) and len(self.ids) > 2 * self.CONTEXT:
+            self.ids = self.ids[-self.CONTEXT :]
+            self.emitted = len(self.tokenizer.decode(self.ids))
+        return piece
 
     def flush(self) -> str:
         """The held-back rest (U+FFFD for bytes that never completed a character)."""
@@ -179,12 +211,21 @@ class IncrementalDecoder:
 
 def prefill(net: Transformer, tokens: Tensor, positions: Tensor, key_mask: Tensor | None,
             cache: KVCache) -> Tensor:
-    """Run the (B, N) prompt through the model in one pass, filling the cache: next logits (B, V)."""
-    return net(tokens, positions, key_mask=key_mask, cache=cache, logits_to_keep=1, validate=False)[:, -1]
+    """Run the (B, N) prompt through the model, filling the cache: next logits (B, V). One pass,
+    or passes of `cache.max_new_positions` tokens when the prompt is longer (a ring buffer takes
+    only what fits beside its window; one xPos center covers 24k positions)."""
+    chunk = cache.max_new_positions
+    for start in range(0, tokens.shape[1], chunk):
+        part = slice(start, start + chunk)
+        mask = None if key_mask is None else key_mask[:, part]
+        logits = net(tokens[:, part], positions[:, part], key_mask=mask, cache=cache, logits_to_keep=1,
+                     validate=False)[:, -1]
+    return logits
 
 
-def decode_one(net: Transformer, tokens: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
-    """Feed one new (B, 1) token per row, appending to the cache: next logits (B, V)."""
+def decode_one(net: Transformer, tokens: Tensor, positions: Tensor | None, cache: KVCache) -> Tensor:
+    """Feed one new (B, 1) token per row, appending to the cache: next logits (B, V).
+    positions None: each slot's next position."""
     return net(tokens, positions, cache=cache, logits_to_keep=1, validate=False)[:, -1]
 
 
@@ -201,13 +242,51 @@ def prompt_positions(key_mask: Tensor | None, batch: int, length: int, device: t
     return (key_mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
+# Prompt tokens per prefill pass of a sliding-window generation: the ring buffer holds this many
+# entries beside the window, so that the first token of a pass still sees its whole window.
+WINDOW_PREFILL_CHUNK = 512
+
+
+def generation_cache(net: Transformer, batch: int, prompt_len: int, new: int, window: int | None,
+                     sink_tokens: int = 0) -> KVCache:
+    """The KV cache `generate` uses: N + L - 1 positions per row (the last sampled token is
+    never fed back), or with a window, a ring buffer of the window plus room for one prefill pass."""
+    dtype, device = _dtype(net), net.token_emb.weight.device
+    if window is None:
+        return KVCache(net.config, batch, prompt_len + new - 1, dtype=dtype, device=device)
+    chunk = min(prompt_len, WINDOW_PREFILL_CHUNK)
+    return KVCache(net.config, batch, window + chunk - 1, dtype=dtype, device=device, window=window,
+                   sink_tokens=sink_tokens)
+
+
 @torch.inference_mode()
 def _decode(net: Transformer, plan: _Plan) -> Iterator[Tensor]:
     """The decoding loop: yield each step's (B,) tokens; rows past their eos get `pad_value`.
 
-    Decorating a generator with inference_mode applies it only while the generator runs, not in
-    the caller's code between steps.
+    The cached loop holds nothing that grows with the number of new tokens. Decorating a
+    generator with inference_mode applies it only while the generator runs, not in the
+    caller's code between steps.
     """
+    if not plan.cache_kv:
+        yield from _decode_recomputing(net, plan)
+        return
+    B, N = plan.tokens.shape
+    device = plan.tokens.device
+    positions = prompt_positions(plan.key_mask, B, N, device)
+    cache = generation_cache(net, B, N, plan.seq_len, plan.window, plan.sink_tokens)
+    logits = prefill(net, plan.tokens, positions, plan.key_mask, cache)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(plan.seq_len):
+        tokens = _next_tokens(logits, plan, done)
+        yield tokens
+        if step == plan.seq_len - 1 or (plan.stop_ids is not None and bool(done.all())):
+            return
+        logits = decode_one(net, tokens[:, None], None, cache)
+
+
+def _decode_recomputing(net: Transformer, plan: _Plan) -> Iterator[Tensor]:
+    """The reference loop: every step runs the model over the whole sequence so far, or with a
+    window over its sinks and last window - sinks tokens, at their true positions."""
     B, N = plan.tokens.shape
     L = plan.seq_len
     device = plan.tokens.device
@@ -216,33 +295,43 @@ def _decode(net: Transformer, plan: _Plan) -> Iterator[Tensor]:
     positions = torch.empty(B, N + L, dtype=torch.long, device=device)
     positions[:, :N] = prompt_positions(plan.key_mask, B, N, device)
     positions[:, N:] = positions[:, N - 1 : N] + torch.arange(1, L + 1, device=device)
-    key_mask = None
+    key_mask = torch.ones(B, N + L, dtype=torch.bool, device=device)
     if plan.key_mask is not None:
-        key_mask = torch.ones(B, N + L, dtype=torch.bool, device=device)
         key_mask[:, :N] = plan.key_mask
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    cache = None
-    if plan.cache_kv:
-        # The last sampled token is never fed back, so N + L - 1 positions suffice.
-        cache = KVCache(net.config, B, N + L - 1, dtype=_dtype(net), device=device)
-        logits = prefill(net, plan.tokens, positions[:, :N], plan.key_mask, cache)
-    else:
-        logits = recompute(net, seq[:, :N], positions[:, :N], plan.key_mask)
+    end = N
     for step in range(L):
-        tokens = sample(logits, plan.params, plan.generator)  # (B,)
-        if plan.stop_ids is not None:
-            tokens.masked_fill_(done, plan.pad_value)
-            done |= torch.isin(tokens, plan.stop_ids)
-        seq[:, N + step] = tokens
+        logits = recompute(net, *_in_view(seq[:, :end], positions[:, :end], key_mask[:, :end], plan))
+        tokens = _next_tokens(logits, plan, done)
+        seq[:, end] = tokens
         yield tokens
-        if step == L - 1 or (plan.stop_ids is not None and bool(done.all())):
+        if plan.stop_ids is not None and bool(done.all()):
             return
-        end = N + step + 1
-        if cache is not None:
-            logits = decode_one(net, seq[:, end - 1 : end], positions[:, end - 1 : end], cache)
-        else:
-            logits = recompute(net, seq[:, :end], positions[:, :end],
-                               None if key_mask is None else key_mask[:, :end])
+        end += 1
+
+
+def _in_view(tokens: Tensor, positions: Tensor, key_mask: Tensor, plan: _Plan) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The tokens a recomputing step reads, left-padded: all of them, or the sinks and the last
+    window - sinks real tokens of each row."""
+    if plan.window is not None:
+        last = positions[:, -1:]  # (B, 1) the newest position of each row
+        sinks = plan.sink_tokens
+        key_mask = key_mask & ((positions < sinks) | (positions > last - (plan.window - sinks)))
+        # Keep the selected columns in order, left-padded: a stable sort puts False first.
+        keep = int(key_mask.sum(dim=1).max())
+        order = torch.sort(key_mask.int(), dim=1, stable=True).indices[:, -keep:]  # (B, keep)
+        tokens, positions, key_mask = (t.gather(1, order) for t in (tokens, positions, key_mask))
+    return tokens, positions, None if bool(key_mask.all()) else key_mask
+
+
+def _next_tokens(logits: Tensor, plan: _Plan, done: Tensor) -> Tensor:
+    """Sample each row's next token (B,); rows that have stopped get `pad_value`, and `done` is
+    updated in place."""
+    tokens = sample(logits, plan.params, plan.generator)  # (B,)
+    if plan.stop_ids is not None:
+        tokens.masked_fill_(done, plan.pad_value)
+        done |= torch.isin(tokens, plan.stop_ids)
+    return tokens
 
 
 def _stream(net: Transformer, plan: _Plan) -> Iterator[Tensor]:
@@ -274,6 +363,8 @@ def _plan(
     pad_value: int | None = None,
     cache_kv: bool = True,
     generator: torch.Generator | None = None,
+    window: int | None = None,
+    sink_tokens: int = 0,
 ) -> _Plan:
     """Check every argument and left-pad the prompts; raise TypeError/ValueError naming the fault."""
     config = net.config
@@ -282,11 +373,7 @@ def _plan(
     params = SamplingParams(temperature, top_k, top_p, min_p)
     device = net.token_emb.weight.device
     tokens, key_mask = _left_pad(prompts, config, device)
-    if tokens.shape[1] + seq_len > config.max_seq_len:
-        raise ValueError(
-            f"prompt length {tokens.shape[1]} + seq_len {seq_len} = {tokens.shape[1] + seq_len} "
-            f"exceeds max_seq_len={config.max_seq_len}; shorten the prompt or ask for fewer tokens"
-        )
+    window = _window(config, tokens.shape[1], seq_len, window, sink_tokens)
     stop_ids = None
     if eos_token is not None:
         stop = _as_ids(eos_token, config.num_tokens, "eos_token")
@@ -301,7 +388,26 @@ def _plan(
             raise ValueError(f"generator is on {generator.device} but the model is on {device}; "
                              f"create it with torch.Generator(device={str(device)!r})")
     return _Plan(tokens, key_mask, seq_len, params, stop_ids, int(pad_value), bool(cache_kv),
-                 generator)
+                 generator, window, sink_tokens)
+
+
+def _window(config, prompt_len: int, seq_len: int, window: int | None, sink_tokens: int) -> int | None:
+    """The attention window of a request (None: every token in view); see the module docstring."""
+    total = prompt_len + seq_len
+    if config.use_abs_pos_emb and total > config.max_seq_len:
+        raise ValueError(
+            f"prompt length {prompt_len} + seq_len {seq_len} = {total} exceeds max_seq_len={config.max_seq_len}, "
+            f"where this model's learned absolute positions end; shorten the prompt or ask for fewer tokens"
+        )
+    check_window(window, sink_tokens if window is not None else 0)
+    if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
+        raise ValueError(f"sink_tokens must be an integer >= 0, got {sink_tokens!r}")
+    if window is None and total > config.max_seq_len:
+        window = config.max_seq_len
+        check_window(window, sink_tokens)
+        logger.info("generating past max_seq_len=%d: sliding window of %d tokens (%d sinks)", config.max_seq_len,
+                    window, sink_tokens)
+    return window
 
 
 def _left_pad(prompts: Prompts, config, device: torch.device) -> tuple[Tensor, Tensor | None]:

@@ -11,7 +11,12 @@ kernels expect; the ALiBi slopes are permuted to match, so the two numberings de
 Masking. A query at position i reads the keys at positions j <= i of its own row that hold real
 tokens (not padding, not a cache slot's unused or stale entries). Positions increase along each
 row, so without a cache this is the usual causal mask by index, which the fused kernels apply
-themselves; everything else gets an explicit additive bias.
+themselves; everything else gets an explicit additive bias. A sliding-window cache (window W,
+S sink tokens) further limits a query to the keys at positions j < S and i - j < W - S.
+
+Long sequences. Past `positions.xpos_reach` positions from the center, one xPos center per
+sequence would overflow; then queries go in blocks, each with its own center
+(`_attend_in_xpos_blocks`), and the forward pass hands attention unrotated queries and keys.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from torch import Tensor, nn
 
 from ..config import Config
 from .cache import CacheStep
-from .positions import alibi_bias, apply_rotary
+from .positions import alibi_bias, apply_rotary, xpos_fold, xpos_scale
 
 # Query rows per block on the explicit-bias paths: bounds the (B, H, rows, S) scores to a few
 # hundred MB at 8192 keys.
@@ -35,6 +40,14 @@ QUERY_CHUNK = 512
 ALIBI_SPLIT = 256
 # CUDA's fused attention kernels take head sizes that are multiples of this.
 CUDA_HEAD_MULTIPLE = 8
+# Query rows per block on the xPos-block path shrink as keys grow, so a block's (rows, S) mask
+# holds at most QUERY_CHUNK * this many entries per batch row.
+BLOCK_KEYS = 32768
+
+
+def xpos_block_rows(keys: int) -> int:
+    """Query rows per block of `_attend_in_xpos_blocks` when a block reads up to `keys` keys."""
+    return max(1, min(QUERY_CHUNK, QUERY_CHUNK * BLOCK_KEYS // max(keys, 1)))
 
 
 @lru_cache(maxsize=None)
@@ -59,6 +72,10 @@ class AttentionInputs:
     slopes: Tensor | None  # (H,) ALiBi slopes in internal head order, None without ALiBi
     k_valid: Tensor | None  # (B, S) True for keys holding real tokens; None when all do
     cache: CacheStep | None
+    # Without a cache and too long for one xPos center: query blocks with a center each, and
+    # `rotary` holds pure rotations, applied per block (see `_attend_in_xpos_blocks`).
+    xpos: XposBlocks | None = None
+    window: tuple[int, int] | None = None  # (W, S) of a sliding-window cache
     # Additive biases by (first query row, dtype): built by the first layer, reused by the rest.
     biases: dict[tuple[int, torch.dtype], Tensor] = field(default_factory=dict)
 
@@ -66,7 +83,17 @@ class AttentionInputs:
     def plain_causal(self) -> bool:
         """Query t reads exactly keys 0..t of its row, all real: what fused causal kernels do."""
         fresh = self.cache is None or (self.cache.start == 0 and self.cache.read == self.cache.new)
-        return fresh and self.k_valid is None
+        return fresh and self.k_valid is None and self.xpos is None
+
+
+@dataclass(frozen=True)
+class XposBlocks:
+    """Query blocks of a long uncached forward, each to be scaled around its own xPos center."""
+
+    blocks: list[tuple[int, int]]  # [start, end) query rows; positions in each span <= 2 * reach
+    rotary_dim: int
+    scale_base: float
+    max_factor: float
 
 
 class Attention(nn.Module):
@@ -102,7 +129,7 @@ class Attention(nn.Module):
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
             if self.q_scale is not None:
                 q, k = q * self.q_scale, k * self.k_scale
-        if inputs.rotary is not None:
+        if inputs.rotary is not None and inputs.xpos is None:
             (q_cos, q_sin), (k_cos, k_sin) = inputs.rotary
             q, k = apply_rotary(q, q_cos, q_sin), apply_rotary(k, k_cos, k_sin)
         if inputs.cache is not None:
@@ -114,6 +141,8 @@ class Attention(nn.Module):
 def attend(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, *, scale: float, flash: bool) -> Tensor:
     """softmax(q.k * scale + ALiBi + mask) v, never materialising (B, H, T, S) at once."""
     T = q.shape[2]
+    if inputs.xpos is not None:
+        return _attend_in_xpos_blocks(q, k, v, inputs, scale, flash)
     if T == 1 and flash:
         return _attend_one_query(q, k, v, inputs, scale)
     if flash and inputs.plain_causal:
@@ -161,17 +190,88 @@ def _bias(inputs: AttentionInputs, rows: slice, dtype: torch.dtype) -> Tensor:
 
 
 def _build_bias(inputs: AttentionInputs, rows: slice, dtype: torch.dtype) -> Tensor:
-    q_pos, k_pos = inputs.q_pos[:, rows], inputs.k_pos  # (B or 1, rows), (B or 1, S)
-    allowed = (k_pos[:, None, :] <= q_pos[:, :, None])[:, None]  # (B or 1, 1, rows, S)
-    if inputs.k_valid is not None:
-        allowed = allowed & inputs.k_valid[:, None, None, :]
+    return additive_bias(inputs.q_pos[:, rows], inputs.k_pos, inputs.k_valid, inputs.slopes, inputs.window, dtype)
+
+
+def additive_bias(q_pos: Tensor, k_pos: Tensor, k_valid: Tensor | None, slopes: Tensor | None,
+                  window: tuple[int, int] | None, dtype: torch.dtype) -> Tensor:
+    """ALiBi plus the mask for queries at q_pos (B or 1, T) and keys at k_pos (B or 1, S):
+    (B or 1, H or 1, T, S)."""
+    allowed = (k_pos[:, None, :] <= q_pos[:, :, None])[:, None]  # (B or 1, 1, T, S)
+    if window is not None:  # sinks, and the last W - S positions
+        size, sinks = window
+        recent = (q_pos[:, :, None] - k_pos[:, None, :] < size - sinks) | (k_pos[:, None, :] < sinks)
+        allowed = allowed & recent[:, None]
+    if k_valid is not None:
+        allowed = allowed & k_valid[:, None, None, :]
     bias = torch.zeros(allowed.shape, dtype=dtype, device=q_pos.device)
-    if inputs.slopes is not None:
-        bias = bias + alibi_bias(inputs.slopes, q_pos, k_pos).to(dtype)  # (B or 1, H, rows, S)
+    if slopes is not None:
+        bias = bias + alibi_bias(slopes, q_pos, k_pos).to(dtype)  # (B or 1, H, T, S)
     # The dtype's lowest finite value, not -inf: a query that may read nothing (a padding
     # position) then averages its row instead of turning into NaN, which would reach real tokens
     # through the padding's keys. Next to any allowed key it weighs exactly 0.
     return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _attend_in_xpos_blocks(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, scale: float,
+                           flash: bool) -> Tensor:
+    """Causal attention for a sequence too long for one xPos center; q, k are not yet rotated.
+
+    Each block of queries gets the center midway between its first and last position, so its
+    queries' factors stay within `max_factor`; it reads the keys of rows [0, end), rotated and
+    scaled around that same center: those near it keep their exact factors, those far behind
+    shrink towards 0, as their true products zeta^((i - j) / base) do. Equal to the
+    one-center computation wherever that one is finite (tests/test_long_context.py). On the fused
+    path ALiBi rides along as key channels (exact to 2^24 positions) and the mask is one
+    (rows, end) tensor shared by all heads.
+    """
+    blocks = inputs.xpos
+    D = q.shape[-1]
+    cos, sin = inputs.rotary[0]  # (B or 1, 1, T, R/2) pure rotations
+    outputs = []
+    for start, end in blocks.blocks:
+        rows, keys = slice(start, end), slice(0, end)
+        q_pos, k_pos = inputs.q_pos[:, rows], inputs.k_pos[:, keys]  # (B or 1, rows), (B or 1, end)
+        center = (q_pos[:, :1] + q_pos[:, -1:]) // 2  # (B or 1, 1)
+        q_scale = xpos_scale(q_pos, blocks.rotary_dim, blocks.scale_base, center)
+        k_scale = xpos_scale(k_pos, blocks.rotary_dim, blocks.scale_base, center)
+        q_tables = xpos_fold(cos[:, :, rows], sin[:, :, rows], q_scale, blocks.max_factor, query=True)
+        k_tables = xpos_fold(cos[:, :, keys], sin[:, :, keys], k_scale, blocks.max_factor, query=False)
+        q_block = apply_rotary(q[:, :, rows], *q_tables)  # (B, H, rows, D)
+        k_block = apply_rotary(k[:, :, keys], *k_tables)  # (B, K, end, D)
+        k_valid = None if inputs.k_valid is None else inputs.k_valid[:, keys]
+        if not flash:
+            bias = additive_bias(q_pos, k_pos, k_valid, inputs.slopes, inputs.window, q.dtype)
+            outputs.append(_reference_attention(q_block, k_block, v[:, :, keys], bias, scale))
+            continue
+        if k_valid is None and inputs.window is None:
+            mask = _causal_block_mask(inputs, end - start, q.dtype)[..., -end:]  # (1, 1, rows, end)
+        else:
+            mask = additive_bias(q_pos, k_pos, k_valid, None, inputs.window, q.dtype)  # (B or 1, 1, rows, end)
+        v_block, block_scale = v[:, :, keys], scale
+        if inputs.slopes is not None:
+            q_block, k_block, v_block = _append_alibi_channels(q_block, k_block, v_block, inputs.slopes, k_pos,
+                                                               center, scale, parts=3)
+            block_scale = 1.0
+        out = F.scaled_dot_product_attention(q_block, k_block, v_block, attn_mask=mask, scale=block_scale,
+                                             enable_gqa=True)
+        outputs.append(out[..., :D])
+    return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+
+
+def _causal_block_mask(inputs: AttentionInputs, rows: int, dtype: torch.dtype) -> Tensor:
+    """(1, 1, rows, T): 0, except the lowest finite value above the diagonal of the last rows
+    columns. Its last `end` columns are the causal mask of the block of queries [end - rows,
+    end) over keys [0, end): one tensor, built once per forward pass, serves every block of
+    that size in every layer."""
+    key = (-rows, dtype)  # negative: apart from `_bias`'s keys (first row >= 0)
+    if key not in inputs.biases:
+        T = inputs.q_pos.shape[-1]
+        mask = torch.zeros(1, 1, rows, T, dtype=dtype, device=inputs.q_pos.device)
+        above = torch.ones(rows, rows, dtype=torch.bool, device=mask.device).triu(1)
+        mask[0, 0, :, T - rows :].masked_fill_(above, torch.finfo(dtype).min)
+        inputs.biases[key] = mask
+    return inputs.biases[key]
 
 
 def _reference_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tensor:
@@ -186,13 +286,14 @@ def _reference_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: f
     return out.reshape(B, H, T, D)
 
 
-def alibi_channels(dim_head: int, device_type: str) -> int:
-    """Channels appended to each head by `_alibi_as_channels`: the 2 it uses, zero-padded on
-    CUDA to a multiple of CUDA_HEAD_MULTIPLE, the head sizes its fused kernels take. CPU kernels
-    take any size, and there every extra channel is extra attention work."""
+def alibi_channels(dim_head: int, device_type: str, parts: int = 2) -> int:
+    """Channels appended to each head by `_alibi_as_channels`: the `parts` it uses, zero-padded
+    on CUDA to a multiple of CUDA_HEAD_MULTIPLE, the head sizes its fused kernels take. CPU
+    kernels take any size, and there every extra channel is extra attention work."""
     if device_type == "cpu":
-        return 2
-    return -dim_head % CUDA_HEAD_MULTIPLE or CUDA_HEAD_MULTIPLE
+        return parts
+    extra = -dim_head % CUDA_HEAD_MULTIPLE or CUDA_HEAD_MULTIPLE
+    return extra if extra >= parts else extra + CUDA_HEAD_MULTIPLE
 
 
 def _alibi_as_channels(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, scale: float) -> Tensor:
@@ -205,17 +306,35 @@ def _alibi_as_channels(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs,
     have slope 0. The extra channels are also padded onto v (then dropped), so q, k and v keep
     one head size, which the fused kernels need; on CUDA they are padded to a multiple of 8.
     """
-    B, H, T, D = q.shape
-    K = k.shape[1]
-    rel = (inputs.k_pos - T // 2).to(torch.float32)  # (B or 1, S)
-    high = torch.round(rel / ALIBI_SPLIT) * ALIBI_SPLIT
-    extra = alibi_channels(D, q.device.type)
-    k_extra = torch.zeros(*rel.shape, extra, dtype=torch.float32, device=q.device)  # (B or 1, S, extra)
-    k_extra[..., 0], k_extra[..., 1] = high, rel - high
-    q_extra = torch.zeros(H, extra, dtype=torch.float32, device=q.device)
-    q_extra[:, 0] = q_extra[:, 1] = inputs.slopes.float()
-    q = torch.cat((q * scale, q_extra.to(q.dtype)[None, :, None, :].expand(B, H, T, extra)), dim=-1)
-    k = torch.cat((k, k_extra.to(k.dtype)[:, None].expand(B, K, T, extra)), dim=-1)
-    v = F.pad(v, (0, extra))
+    D = q.shape[-1]
+    q, k, v = _append_alibi_channels(q, k, v, inputs.slopes, inputs.k_pos, q.shape[2] // 2, scale, parts=2)
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0, enable_gqa=True)
     return out[..., :D]
+
+
+def _append_alibi_channels(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, k_pos: Tensor, center: Tensor | int,
+                           scale: float, parts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q (B, H, T, D) times `scale` and k (B, K, S, D) at k_pos (B or 1, S), with the ALiBi
+    channels appended: slope on the queries, j - center on the keys, split into `parts` pieces
+    (multiples of ALIBI_SPLIT^(parts-1), ..., ALIBI_SPLIT, and a remainder), each exact in bf16;
+    2 pieces cover |j - center| up to 65,536, 3 up to 2^24. v is zero-padded to match; attend
+    with scale 1 and drop the extra output channels."""
+    B, H, T, D = q.shape
+    K, S = k.shape[1], k.shape[2]
+    rel = (k_pos - center).to(torch.float32)  # (B or 1, S)
+    pieces = []
+    for level in range(parts - 1, 0, -1):
+        unit = ALIBI_SPLIT**level
+        high = torch.round(rel / unit) * unit
+        pieces.append(high)
+        rel = rel - high
+    pieces.append(rel)
+    extra = alibi_channels(D, q.device.type, parts)
+    k_extra = torch.zeros(*rel.shape, extra, dtype=torch.float32, device=q.device)  # (B or 1, S, extra)
+    for index, piece in enumerate(pieces):
+        k_extra[..., index] = piece
+    q_extra = torch.zeros(H, extra, dtype=torch.float32, device=q.device)
+    q_extra[:, :parts] = slopes.float()[:, None]
+    q = torch.cat((q * scale, q_extra.to(q.dtype)[None, :, None, :].expand(B, H, T, extra)), dim=-1)
+    k = torch.cat((k, k_extra.to(k.dtype)[:, None].expand(B, K, S, extra)), dim=-1)
+    return q, k, F.pad(v, (0, extra))

@@ -11,11 +11,24 @@ may read, with the positions and a validity mask that attention turns into its b
 freed with `reset` and reused by the next sequence; stale entries of the previous one are never
 read, because `valid` is cleared.
 
+Sliding window (`window=W`, `sink_tokens=S`; StreamingLLM, Xiao et al. 2023,
+https://arxiv.org/abs/2309.17453). The slot is a ring buffer: the token at position p is written
+in place at column p for p < S (the sinks, never overwritten) and at S + (p - S) mod (P - S)
+otherwise, so a sequence runs on forever in fixed memory, with no copies. A query at position i
+reads the sinks and the keys at positions j > i - (W - S); positions keep counting, so ALiBi and
+xPos see true distances. P >= W: a call of T new tokens needs P >= W + T - 1, so that its first
+query still finds its whole window (`max_new_positions`). Padding is written to one extra
+column that is never read.
+
 Keys are stored after QK-norm and rotation, xPos scale included, and only for the K key/value
-heads (grouped-query attention). xPos scales a key by zeta^-((j - c) / base) for some center c
-that cancels in q.k as long as the query uses the same one; each slot fixes its center when its
-first token is written (its position + capacity / 2, so every position the slot can hold stays
-within half a capacity of it) and queries of that row use it.
+heads (grouped-query attention). xPos scales a key by zeta^-((j - c) / base) for a center c that
+cancels in q.k as long as the query uses the same one; each slot keeps its own center, and every
+position a call writes or queries lies within `positions.xpos_reach` of it (12,086 positions for
+base 512 in fp32 and bf16), so no factor overflows. A slot's first call sets its center to its
+first position plus the reach; when later positions pass the center plus the reach, the center
+moves forward and the slot's stored keys are rescaled once, in place (only shrinking: keys far
+behind go towards 0, as their true products with any query do). Long generations pay that one
+pass over the slot every ~24,000 positions; a single call may span at most 2 * reach + 1 positions.
 """
 
 from __future__ import annotations
@@ -27,33 +40,62 @@ import torch
 from torch import Tensor
 
 from ..config import Config
+from .positions import xpos_reach, xpos_scale
 
 
 class KVCache:
     def __init__(self, config: Config, slots: int, capacity: int, *, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+                 device: torch.device | str, window: int | None = None, sink_tokens: int = 0) -> None:
         if slots < 1 or capacity < 1:
             raise ValueError(f"a KV cache needs at least one slot and one position, got slots={slots}, "
                              f"capacity={capacity}")
-        shape = (config.depth, slots, config.attn_kv_heads, capacity, config.dim_head)  # (L, N, K, P, D)
+        check_window(window, sink_tokens)
+        if window is not None and capacity < window:
+            raise ValueError(f"a sliding-window KV cache needs capacity >= window, got capacity={capacity}, "
+                             f"window={window}")
+        # A ring buffer has one more column, where padding is written and never read.
+        columns = capacity + (window is not None)
+        shape = (config.depth, slots, config.attn_kv_heads, columns, config.dim_head)  # (L, N, K, P, D)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.positions = torch.zeros(slots, capacity, dtype=torch.long, device=device)  # (N, P)
-        self.valid = torch.zeros(slots, capacity, dtype=torch.bool, device=device)  # (N, P)
+        self.positions = torch.zeros(slots, columns, dtype=torch.long, device=device)  # (N, P)
+        self.valid = torch.zeros(slots, columns, dtype=torch.bool, device=device)  # (N, P)
         self.centers = torch.zeros(slots, dtype=torch.float32, device=device)  # (N,) xPos centers
         self.next_position = torch.zeros(slots, dtype=torch.long, device=device)  # (N,)
         self.lengths = [0] * slots  # entries written per slot (host side: no device sync to read)
         self.capacity = capacity
+        self.window, self.sink_tokens = window, sink_tokens
+        self.config = config
+        # Host-side copies: which center each slot has (None: not set yet), its next position.
+        self._centers: list[int | None] = [None] * slots
+        self._next: list[int] = [0] * slots
+        self.reach = xpos_reach(config.xpos_scale_base, dtype) if config.rotary_xpos else None
 
     @property
     def num_slots(self) -> int:
         return len(self.lengths)
+
+    @property
+    def max_new_positions(self) -> int:
+        """The most consecutive positions one call may add to a slot: the capacity, or in a ring
+        buffer what fits beside a full window; and no more than one xPos center covers."""
+        return min(limit for limit, _ in self._limits())
+
+    def _limits(self) -> list[tuple[int, str]]:
+        limits = [(self.capacity, "the capacity")]
+        if self.window is not None:
+            limits.append((self.capacity - self.window + 1, f"beside a full window of {self.window}"))
+        if self.reach is not None:
+            limits.append((2 * self.reach + 1, f"around one xPos center in {self.k.dtype}"))
+        return limits
 
     def reset(self, slots: Sequence[int] | None = None) -> None:
         """Free `slots` (default: all) for new sequences."""
         slots = range(self.num_slots) if slots is None else slots
         for slot in slots:
             self.lengths[slot] = 0
+            self._centers[slot] = None
+            self._next[slot] = 0
         index = torch.as_tensor(list(slots), dtype=torch.long, device=self.valid.device)
         self.valid[index] = False
         self.next_position[index] = 0
@@ -69,32 +111,118 @@ class KVCache:
         if len(set(slots)) != len(slots) or not all(0 <= s < self.num_slots for s in slots):
             raise ValueError(f"slots must be distinct indices in [0, {self.num_slots}), got {slots}")
         starts = [self.lengths[s] for s in slots]
-        for slot, start in zip(slots, starts):
-            if start + new > self.capacity:
-                raise ValueError(f"KV cache slot {slot} holds {start} positions; {new} more exceed its "
-                                 f"capacity {self.capacity}")
+        if self.window is None:
+            for slot, start in zip(slots, starts):
+                if start + new > self.capacity:
+                    raise ValueError(f"KV cache slot {slot} holds {start} positions; {new} more exceed its "
+                                     f"capacity {self.capacity}")
         device = self.valid.device
         index = torch.tensor(slots, dtype=torch.long, device=device)  # (B,)
         offsets = torch.arange(new, device=device)  # (T,)
         if positions is None:
             positions = self.next_position[index][:, None] + offsets  # (B, T)
-        # A slot's center is fixed by its first token (see the module docstring).
-        first = torch.tensor([start == 0 for start in starts], device=device)
-        self.centers[index] = torch.where(first, positions[:, 0].float() + self.capacity // 2,
-                                          self.centers[index])
-        columns = torch.tensor(starts, dtype=torch.long, device=device)[:, None] + offsets  # (B, T)
+            spans = [(self._next[s], self._next[s] + new - 1) for s in slots]
+            lasts = [hi for _, hi in spans]
+        else:
+            spans, lasts = _real_spans(positions, key_mask)
+        self._check_spans(slots, spans)
+        if self.reach is not None:
+            self._place_centers(slots, spans)
+        if self.window is None:
+            columns = torch.tensor(starts, dtype=torch.long, device=device)[:, None] + offsets  # (B, T)
+        else:
+            columns = self._ring_columns(positions, key_mask)
         self.positions[index[:, None], columns] = positions
         self.valid[index[:, None], columns] = True if key_mask is None else key_mask
         self.next_position[index] = positions[:, -1] + 1
-        for slot in slots:
+        for slot, last in zip(slots, lasts):
             self.lengths[slot] += new
-        read = max(starts) + new
+            self._next[slot] = last + 1
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
         rows = slice(slots[0], slots[0] + len(slots)) if contiguous else index
-        same_start = len(set(starts)) == 1
-        return CacheStep(self, rows, index, columns, starts[0] if same_start else None, new, read,
-                         positions, self.positions[rows, :read], self.valid[rows, :read],
-                         self.centers[index][:, None])
+        if self.window is None:
+            read = max(starts) + new
+            start = starts[0] if len(set(starts)) == 1 else None
+            window = None
+        else:  # a ring buffer is read whole; its columns are not in position order
+            read, start, window = self.capacity, None, (self.window, self.sink_tokens)
+        return CacheStep(self, rows, index, columns, start, new, read, positions, self.positions[rows, :read],
+                         self.valid[rows, :read], self.centers[index][:, None], window)
+
+    def _check_spans(self, slots: list[int], spans: list[tuple[int, int] | None]) -> None:
+        """A call's real positions must fit beside a full window (ring buffer) and around one
+        xPos center; the capacity limits entries, checked apart, not the positions' span."""
+        for limit, what in self._limits()[1:]:
+            for slot, span in zip(slots, spans):
+                if span is not None and span[1] - span[0] + 1 > limit:
+                    raise ValueError(f"KV cache slot {slot}: this call's positions {span[0]}..{span[1]} span "
+                                     f"{span[1] - span[0] + 1}, more than the {limit} that fit {what}; "
+                                     f"feed them in chunks of at most {limit} positions")
+
+    def _place_centers(self, slots: list[int], spans: list[tuple[int, int] | None]) -> None:
+        """Give each slot an xPos center within `reach` of all its new positions, moving it
+        forward (and rescaling the slot's stored keys to match) when they have run past it."""
+        reach = self.reach
+        for slot, span in zip(slots, spans):
+            if span is None:  # padding only
+                continue
+            low, high = span
+            center = self._centers[slot]
+            if center is not None and center - reach <= low and high <= center + reach:
+                continue
+            moved = low + reach
+            if center is not None:
+                self._rescale_keys(slot, center, moved)
+            self._centers[slot] = moved
+            self.centers[slot] = moved
+
+    def _rescale_keys(self, slot: int, old: int, new: int) -> None:
+        """Keys stored as zeta^-((j - old) / base) become zeta^-((j - new) / base): times
+        zeta^((new - old) / base) per rotary pair, in place, for every layer."""
+        config = self.config
+        position = torch.tensor([[new]], device=self.k.device)
+        factor = xpos_scale(position, config.rotary_dim, config.xpos_scale_base, old).flatten()  # (R/2,)
+        rotary = self.k[:, slot, :, :, : config.rotary_dim]  # (L, K, P, R)
+        rotary.mul_(factor.repeat_interleave(2))  # pairs are adjacent channels (GPT-J layout)
+
+    def _ring_columns(self, positions: Tensor, key_mask: Tensor | None) -> Tensor:
+        """Where each token goes in a ring buffer: (B, T) columns, padding to the extra column."""
+        sinks, ring = self.sink_tokens, self.capacity - self.sink_tokens
+        columns = torch.where(positions < sinks, positions, sinks + (positions - sinks) % ring)
+        if key_mask is not None:
+            columns = columns.masked_fill(~key_mask, self.capacity)
+        return columns
+
+
+def check_window(window: int | None, sink_tokens: int) -> None:
+    """Raise a ValueError naming the problem unless `window` (None, or a number of tokens that
+    includes the sinks) and `sink_tokens` make a sliding window."""
+    if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
+        raise ValueError(f"sink_tokens must be an integer >= 0, got {sink_tokens!r}")
+    if window is None:
+        if sink_tokens:
+            raise ValueError(f"sink_tokens={sink_tokens} needs a sliding window; give window too")
+        return
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive number of tokens, got {window!r}")
+    if window < sink_tokens + 1:
+        raise ValueError(f"window {window} must be at least sink_tokens + 1 = {sink_tokens + 1}: it holds the "
+                         f"{sink_tokens} sink tokens plus at least one recent token")
+
+
+def _real_spans(positions: Tensor, key_mask: Tensor | None) -> tuple[list[tuple[int, int] | None], list[int]]:
+    """Per row, the first and last position of its real tokens (None for a row of padding only),
+    and its last position: read back in one small copy."""
+    last = positions[:, -1]
+    if key_mask is None:
+        low, high = positions[:, 0], last
+    else:
+        big = torch.iinfo(positions.dtype).max
+        low = positions.masked_fill(~key_mask, big).amin(dim=1)
+        high = positions.masked_fill(~key_mask, -1).amax(dim=1)
+    rows = torch.stack((low, high, last), dim=1).tolist()  # (B, 3)
+    spans = [(lo, hi) if hi >= 0 else None for lo, hi, _ in rows]
+    return spans, [row[2] for row in rows]
 
 
 @dataclass
@@ -105,13 +233,14 @@ class CacheStep:
     rows: slice | Tensor  # the slots of the rows: a slice when they are consecutive (views, no copies)
     index: Tensor  # (B,) the slots of the rows
     columns: Tensor  # (B, T) where each new entry goes
-    start: int | None  # the common first column when every row starts there, else None
+    start: int | None  # the common first column when every row starts there (and in order), else None
     new: int  # T
     read: int  # S: entries read per row, [0, S)
     q_pos: Tensor  # (B, T) positions of the new tokens
     k_pos: Tensor  # (B, S) positions of the keys read
     k_valid: Tensor  # (B, S) which of them hold real tokens
     center: Tensor  # (B, 1) xPos center of each row
+    window: tuple[int, int] | None = None  # (W, S) of a sliding-window cache
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store the new (B, K, T, D) keys and values of `layer`; return all the rows read:

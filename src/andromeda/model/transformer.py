@@ -10,6 +10,7 @@ cache in cache.py, the loss in loss.py. Sampling and the cache's lifecycle belon
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,11 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from ..config import Config
-from .attention import Attention, AttentionInputs, query_head_order
+from .attention import Attention, AttentionInputs, XposBlocks, query_head_order, xpos_block_rows
 from .cache import CacheStep, KVCache
 from .fused import Workspace, feed_forward
 from .loss import projected_cross_entropy
-from .positions import alibi_slopes, xpos_tables
+from .positions import alibi_slopes, xpos_blocks, xpos_max_factor, xpos_reach, xpos_tables
+
+logger = logging.getLogger(__name__)
 
 INIT_STD = 0.02  # GPT-2's initialisation of weights and embeddings (Radford et al. 2019)
 
@@ -75,6 +78,7 @@ class Transformer(nn.Module):
         # and casting the model to bf16 must not round them.
         self._slopes = [slopes[h] for h in order] if config.num_alibi_heads else None
         self._slopes_on: dict[torch.device, Tensor] = {}
+        self._extrapolation_logged = False
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -147,6 +151,11 @@ class Transformer(nn.Module):
         if validate:
             check_tokens(tokens, self.config)
             _check_inputs(tokens, positions, key_mask, targets, self.config)
+        if tokens.shape[1] > self.config.max_seq_len and not self._extrapolation_logged:
+            if not torch.compiler.is_compiling():
+                logger.info("extrapolating past max_seq_len=%d: %d positions", self.config.max_seq_len,
+                            tokens.shape[1])
+                self._extrapolation_logged = True
         step = cache.append(slots, positions, key_mask, tokens.shape[1]) if cache is not None else None
         inputs = self._attention_inputs(tokens, positions, key_mask, step)
         x = self.token_emb(tokens)  # (B, T, C)
@@ -167,20 +176,35 @@ class Transformer(nn.Module):
     def _attention_inputs(self, tokens: Tensor, positions: Tensor | None, key_mask: Tensor | None,
                           step: CacheStep | None) -> AttentionInputs:
         device, T = tokens.device, tokens.shape[1]
+        config = self.config
+        dtype = _activation_dtype(device, self.token_emb.weight.dtype)
+        blocks = None
         if step is not None:
             q_pos, k_pos, center = step.q_pos, step.k_pos, step.center
             fresh = step.start == 0 and step.read == step.new
             k_valid = None if fresh and key_mask is None else step.k_valid
+            reach = step.cache.reach
+            if reach is not None and xpos_reach(config.xpos_scale_base, dtype) < reach:
+                raise ValueError(f"a KV cache in {step.cache.k.dtype} keeps xPos centers further away than "
+                                 f"{dtype} activations can take; create the cache in {dtype}")
         else:
             q_pos = torch.arange(T, device=device)[None] if positions is None else positions  # (B or 1, T)
             k_pos, k_valid = q_pos, key_mask
-            # The center x-transformers uses (T // 2), from each row's first position.
+            # The center x-transformers uses (T // 2), from each row's first position, unless some
+            # position is too far from it for xPos (positions.py): then a center per query block.
             center = T // 2 if positions is None else positions[:, :1] + T // 2
+            if config.rotary_xpos:
+                reach = xpos_reach(config.xpos_scale_base, dtype)
+                if _distance_from_center(positions, T) > reach:
+                    blocks = XposBlocks(xpos_blocks(q_pos, xpos_block_rows(T), reach), config.rotary_dim,
+                                        config.xpos_scale_base, xpos_max_factor(dtype))
         rotary = None
-        if self.config.rotary_xpos:  # the keys written are the new tokens: one pair of tables
-            rotary = xpos_tables(q_pos, self.config.rotary_dim, self.config.rotary_base,
-                                 self.config.xpos_scale_base, center)
-        return AttentionInputs(q_pos, k_pos, rotary, self._slopes_tensor(device), k_valid, step)
+        if config.rotary_xpos:  # the keys written are the new tokens: one pair of tables
+            rotary = xpos_tables(q_pos, config.rotary_dim, config.rotary_base,
+                                 None if blocks is not None else config.xpos_scale_base, center,
+                                 max_factor=xpos_max_factor(dtype))
+        window = step.window if step is not None else None
+        return AttentionInputs(q_pos, k_pos, rotary, self._slopes_tensor(device), k_valid, step, blocks, window)
 
     def _slopes_tensor(self, device: torch.device) -> Tensor | None:
         if self._slopes is None:
@@ -193,6 +217,23 @@ class Transformer(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _activation_dtype(device: torch.device, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype queries and keys are computed in: autocast's, or the weights'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return weight_dtype
+
+
+def _distance_from_center(positions: Tensor | None, T: int) -> int:
+    """How far the positions of an uncached forward sit from the center first + T // 2 (at most;
+    under torch.compile, given positions are trusted to be 0..T-1 apart, as reading them back
+    would break the graph)."""
+    if positions is None or torch.compiler.is_compiling():
+        return T // 2
+    span = int((positions[:, -1] - positions[:, 0]).max())
+    return max(T // 2, span - T // 2)
 
 
 def build_transformer(
@@ -219,7 +260,9 @@ def build_transformer(
 def check_tokens(tokens: Tensor, config: Config, max_len: int | None = None) -> None:
     """Raise a ValueError/TypeError naming the problem for anything but valid (B, T) token ids.
 
-    `max_len` defaults to max_seq_len.
+    `max_len` (default max_seq_len) limits T only for models with learned absolute positions
+    (use_abs_pos_emb): ALiBi and xPos read any distance, so max_seq_len is the length such a
+    model was built and trained for, and the forward pass extrapolates past it.
     """
     max_len = config.max_seq_len if max_len is None else max_len
     if not isinstance(tokens, Tensor):
@@ -233,9 +276,9 @@ def check_tokens(tokens: Tensor, config: Config, max_len: int | None = None) -> 
         raise ValueError(f"tokens must have shape (batch, seq), got {tuple(tokens.shape)}")
     if tokens.shape[0] == 0 or tokens.shape[1] == 0:
         raise ValueError(f"tokens must be non-empty, got shape {tuple(tokens.shape)}")
-    if tokens.shape[1] > max_len:
+    if tokens.shape[1] > max_len and config.use_abs_pos_emb:
         raise ValueError(f"sequence length {tokens.shape[1]} exceeds the limit {max_len} "
-                         f"(max_seq_len={config.max_seq_len})")
+                         f"(max_seq_len={config.max_seq_len}, where the learned absolute positions end)")
     if torch.compiler.is_compiling():
         return  # the id range is data: reading it back would break the compiled graph
     low, high = int(tokens.min()), int(tokens.max())
