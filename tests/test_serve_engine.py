@@ -218,3 +218,22 @@ def test_health_is_503_while_loading_then_200(tiny_checkpoint):
             time.sleep(0.02)
         assert client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200
     assert not engine.alive
+
+
+def test_with_a_window_sequences_continue_past_the_context_as_generate_does():
+    """A server started with --window slides like `generate` past max_seq_len: the same tokens,
+    for requests of different lengths batched together, in a cache that never grows."""
+    net = random_net(max_seq_len=48).eval()
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 30, 12)]
+    news = [90, 70, 100]  # each ends far past the 48-token context
+    seqs = [Sequence(p, n, SamplingParams(0)) for p, n in zip(prompts, news)]
+    scheduler = Scheduler(net, max_batch_size=3, prefill_tokens=16, window=48, sink_tokens=4)
+    shape = scheduler.cache.k.shape
+    run_to_end(scheduler, {0: seqs[:2], 4: seqs[2:]})
+    for seq, prompt, new in zip(seqs, prompts, news):
+        expected = generate(net, torch.tensor(prompt), new, temperature=0, window=48, sink_tokens=4)[0].tolist()
+        assert seq.output == expected
+    assert scheduler.cache.k.shape == shape
+    with pytest.raises(ValueError, match="learned absolute positions cannot slide"):
+        Scheduler(random_net(max_seq_len=48, use_abs_pos_emb=True), window=48)

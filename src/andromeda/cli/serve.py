@@ -33,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream-interval", type=float, default=0.02, metavar="SECONDS",
                         help="under load, send each stream's new tokens at most this often, several per event "
                              "(first tokens and endings go at once; 0: every token as it comes; default 0.02)")
+    parser.add_argument("--window", type=int, metavar="W",
+                        help="let sequences continue past the context, keeping a KV cache of the last W tokens "
+                             "(models with relative positions; default: max_tokens is clamped to the context)")
+    parser.add_argument("--sink-tokens", type=int, default=0, metavar="S",
+                        help="with a sliding window, also keep the first S tokens (attention sinks)")
     parser.add_argument("--threads", type=int,
                         help="torch intra-op threads (default: torch's choice less one, at least 1, leaving a "
                              "core to the HTTP thread)")
@@ -44,4 +49,5 @@ def run(args: argparse.Namespace) -> int:
     return serve(args.checkpoint, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
                  max_queue=args.max_queue, dtype=args.dtype, api_key=args.api_key,
                  served_model_name=args.served_model_name, chat_template=args.chat_template, device=args.device,
-                 prefill_chunk=args.prefill_chunk, stream_interval=args.stream_interval, threads=args.threads)
+                 prefill_chunk=args.prefill_chunk, stream_interval=args.stream_interval, threads=args.threads,
+                 window=args.window, sink_tokens=args.sink_tokens)

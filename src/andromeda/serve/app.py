@@ -8,8 +8,11 @@ or the connection closes, a plain request as soon as the connection closes.
 
 Text prompts are encoded as `andromeda generate` encodes them: the eos id first (training data
 separates documents with eos, so it marks the start of a document), then the text's tokens;
-token-id prompts are used exactly as given. A prompt longer than the model's context is refused;
-max_tokens is clamped to the context left after the prompt (the choice then ends with "length").
+token-id prompts are used exactly as given. A prompt longer than the model's context is refused.
+max_tokens is clamped to the context left after the prompt (the choice then ends with "length"),
+unless the server runs with `--window` (models with relative positions): then sequences continue
+past the context on a sliding-window KV cache and max_tokens is honoured. An absent max_tokens on
+chat means the context left.
 """
 
 from __future__ import annotations
@@ -236,7 +239,10 @@ def _budget(ctx: ServerContext, n_prompt: int, max_tokens: int | None, param: st
         raise APIError(f"the prompt has {n_prompt} tokens, more than fit in the model's context of {context} "
                        f"tokens{room}", param=param, code="context_length_exceeded")
     left = context - n_prompt
-    return left if max_tokens is None else min(max_tokens, left)
+    if max_tokens is None:
+        return left
+    # With --window the cache slides past the context: as many as asked.
+    return max_tokens if ctx.engine.window is not None else min(max_tokens, left)
 
 
 def _sampling(body: protocol._Generation) -> SamplingParams:

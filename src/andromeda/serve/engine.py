@@ -165,8 +165,10 @@ class Engine:
 
     def __init__(self, spec: ModelSpec, tokenizer: Tokenizer, *, max_batch_size: int = 16, max_queue: int = 256,
                  prefill_tokens: int = 256, stream_interval: float = 0.02, metrics: Metrics | None = None,
-                 loader: Callable[[ModelSpec], Transformer] = load_model) -> None:
+                 loader: Callable[[ModelSpec], Transformer] = load_model, window: int | None = None,
+                 sink_tokens: int = 0) -> None:
         self.spec = spec
+        self.window, self.sink_tokens = window, sink_tokens
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -251,7 +253,8 @@ class Engine:
         try:
             started = time.perf_counter()
             net = self.loader(self.spec)
-            self.scheduler = Scheduler(net, max_batch_size=self.max_batch_size, prefill_tokens=self.prefill_tokens)
+            self.scheduler = Scheduler(net, max_batch_size=self.max_batch_size, prefill_tokens=self.prefill_tokens,
+                                       window=self.window, sink_tokens=self.sink_tokens)
             self._warm_up()
             logger.info("model loaded in %.1f s", time.perf_counter() - started)
         except BaseException as error:  # reported by the server, which then exits

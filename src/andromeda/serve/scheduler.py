@@ -20,6 +20,10 @@ a prompt whose rest is shorter is left-padded to T in its last chunk (the paddin
 attention and keeps the real tokens' positions), so each sequence is padded at most once, by fewer
 than `prefill_tokens` positions: a slot holds max_seq_len + prefill_tokens entries.
 
+With a `window` (models with relative positions), sequences continue past the context as
+`generate` does: each slot is a ring buffer of the last `window` tokens, positions keep counting,
+memory stays fixed.
+
 Everything here runs on the engine's thread; nothing is thread-safe.
 """
 
@@ -53,7 +57,7 @@ class Sequence:
     """One prompt being continued: a choice of a request (a request with n=2 has two)."""
 
     prompt: list[int]
-    max_tokens: int  # new tokens at most; the caller keeps len(prompt) + max_tokens <= max_seq_len
+    max_tokens: int  # new tokens at most; with learned absolute positions len(prompt) + max_tokens <= max_seq_len
     params: SamplingParams
     generator: torch.Generator | None = None  # None for greedy
     stop_ids: frozenset[int] = frozenset()  # a sampled id in here ends the sequence (and is kept)
@@ -98,7 +102,8 @@ class SchedulerStats:
 class Scheduler:
     """Owns the KV cache and decides, each step, which sequences read prompt and which decode."""
 
-    def __init__(self, net: Transformer, *, max_batch_size: int = 16, prefill_tokens: int = 256) -> None:
+    def __init__(self, net: Transformer, *, max_batch_size: int = 16, prefill_tokens: int = 256,
+                 window: int | None = None, sink_tokens: int = 0) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if prefill_tokens < 1:
@@ -108,9 +113,16 @@ class Scheduler:
         weight = net.token_emb.weight
         self.device = weight.device
         self.prefill_tokens = prefill_tokens
-        # Every slot can hold a whole context plus its one padded chunk (see the module docstring).
-        self.cache = KVCache(self.config, max_batch_size, self.config.max_seq_len + prefill_tokens,
-                             dtype=weight.dtype, device=weight.device)
+        # With a `window`, sequences slide past max_seq_len: each slot is a ring buffer of the
+        # last `window` tokens, the first `sink_tokens` kept for good. Without one (the default,
+        # and always with learned absolute positions, which end at max_seq_len) a sequence fits.
+        self.slides = window is not None
+        if self.slides and self.config.use_abs_pos_emb:
+            raise ValueError("a model with learned absolute positions cannot slide past max_seq_len: "
+                             "--window and --sink-tokens need relative positions (ALiBi, xPos)")
+        # Every slot holds its context (or window) plus one padded chunk (the module docstring).
+        self.cache = KVCache(self.config, max_batch_size, (window or self.config.max_seq_len) + prefill_tokens,
+                             dtype=weight.dtype, device=weight.device, window=window, sink_tokens=sink_tokens)
         self.free: list[int] = list(range(max_batch_size))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
@@ -124,7 +136,8 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def add(self, seq: Sequence) -> None:
-        if len(seq.prompt) + seq.max_tokens > self.config.max_seq_len or not seq.prompt:
+        span = len(seq.prompt) + (0 if self.slides else seq.max_tokens)
+        if not seq.prompt or span > self.config.max_seq_len:
             raise ValueError(f"a sequence needs 1..max_seq_len ({self.config.max_seq_len}) positions, "
                              f"got a prompt of {len(seq.prompt)} and max_tokens {seq.max_tokens}")
         self.waiting.append(seq)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_checkpoint_tokenizer, load_config, resolve_checkpoint
+from ..model.cache import check_window
 from ..parallel.environment import resolve_device
 
 logger = logging.getLogger("andromeda.serve")
@@ -32,7 +33,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 16,
           max_queue: int = 256, dtype: str | None = None, api_key: str | None = None,
           served_model_name: str | None = None, chat_template: str | Path | None = None, device: str = "auto",
-          prefill_chunk: int = 256, stream_interval: float = 0.02, threads: int | None = None) -> int:
+          prefill_chunk: int = 256, stream_interval: float = 0.02, threads: int | None = None,
+          window: int | None = None, sink_tokens: int = 0) -> int:
     """Serve the checkpoint until SIGINT/SIGTERM; returns 0. Raises ValueError/OSError/RuntimeError
     naming the problem (bad option, missing checkpoint, port in use, weights that do not load)."""
     try:
@@ -69,8 +71,14 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
     spec = ModelSpec(folder, target, DTYPES.get(dtype))
 
     metrics = Metrics(name)
+    if window is not None or sink_tokens:
+        check_window(window, sink_tokens)
+        if config.use_abs_pos_emb:
+            raise ValueError("--window/--sink-tokens: a model with learned absolute positions cannot slide past "
+                             "its max_seq_len")
     engine = Engine(spec, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
-                    prefill_tokens=prefill_chunk, stream_interval=stream_interval, metrics=metrics)
+                    prefill_tokens=prefill_chunk, stream_interval=stream_interval, metrics=metrics,
+                    window=window, sink_tokens=sink_tokens)
     ctx = ServerContext(engine, tokenizer, config, name, metrics, checkpoint=str(folder), chat_template=template,
                         api_key=api_key)
     server = _make_server(uvicorn.Config(create_app(ctx), host=host, port=port, log_level="warning",
