@@ -23,6 +23,7 @@ import torch
 
 from .data import EvalWindow, eval_windows
 from .model import Transformer
+from .parallel.environment import DistEnv, all_reduce_sum
 
 
 def _selected_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None) -> Iterator[EvalWindow]:
@@ -73,6 +74,7 @@ def evaluate(
     *,
     max_windows: int | None = None,
     autocast_dtype: torch.dtype | None = None,
+    env: DistEnv | None = None,
 ) -> dict[str, float | int]:
     """Loss (nats/token), perplexity and bits per byte of `net` on the 1-D array `tokens`.
 
@@ -80,6 +82,11 @@ def evaluate(
     `max_windows`, only that many windows (evenly spread) are scored and the byte count is
     scaled by the fraction of tokens scored: an estimate for periodic evaluation during training.
     Returns {"loss", "perplexity", "bits_per_byte", "tokens" (predictions scored), "bytes"}.
+
+    With `env` over several processes (every one of them calls it), each scores every W-th
+    window, `batch_size` of them per forward, and the sums are added up: the result is one
+    process's. Every process runs the same number of forwards (a sharded model needs all of
+    them in each); one with fewer windows repeats its last batch, uncounted.
     """
     check_eval_length(seq_len, net.config)
     if batch_size <= 0:
@@ -95,17 +102,24 @@ def evaluate(
     )
     was_training = net.training
     net.eval()
-    total_nats, count = 0.0, 0
+    env = env or DistEnv()
+    windows = list(_selected_windows(tokens, seq_len, max_windows))
+    batches = list(_batches(iter(windows[env.rank :: env.world_size]), batch_size))
+    rounds = max(len(list(_batches(iter(windows[r :: env.world_size]), batch_size))) for r in range(env.world_size))
+    filler = batches[-1] if batches else torch.stack([windows[0].tokens])  # repeated, never counted
+    totals = torch.zeros(2, dtype=torch.float64)  # nats, predictions
     try:
-        for batch in _batches(_selected_windows(tokens, seq_len, max_windows), batch_size):
-            batch = batch.to(device)  # (B, T + 1)
+        for index in range(rounds):
+            batch = (batches[index] if index < len(batches) else filler).to(device)  # (B, T + 1)
             inputs, targets = batch[:, :-1], batch[:, 1:]
             with autocast:
                 nats = net(inputs, targets=targets, reduction="sum")
-            total_nats += float(nats)
-            count += targets.numel()
+            if index < len(batches):
+                totals += torch.tensor([float(nats), targets.numel()], dtype=torch.float64)
     finally:
         net.train(was_training)
+    total_nats, count = all_reduce_sum(totals, env).tolist() if env.distributed else totals.tolist()
+    count = int(count)
     scored_bytes = num_bytes * count / (len(tokens) - 1)
     loss = total_nats / count
     return {

@@ -69,13 +69,15 @@ class TextData:
     def batch(self, step: int, env: DistEnv) -> tuple[Tensor, Tensor]:
         return lm_batch(self.train.tokens, step, self.config, env.device, env.rank, env.world_size)
 
-    def evaluate(self, net: Transformer) -> dict[str, float | int] | None:
+    def evaluate(self, net: Transformer, env: DistEnv) -> dict[str, float | int] | None:
+        """Held-out loss over `eval_batches` global batches of windows, split over the processes
+        (each scores its share at its own micro-batch size)."""
         if self.held_out is None:
             return None
         config = self.config
-        return evaluate(net, self.held_out.tokens, config.seq_len, config.batch_size, self.held_out.num_bytes,
-                        max_windows=config.eval_batches * config.batch_size,
-                        autocast_dtype=torch.bfloat16 if config.bf16 else None)
+        return evaluate(net, self.held_out.tokens, config.seq_len, config.batch_size // env.world_size,
+                        self.held_out.num_bytes, max_windows=config.eval_batches * config.batch_size,
+                        autocast_dtype=torch.bfloat16 if config.bf16 else None, env=env)
 
 
 class CompletionData:
@@ -96,13 +98,13 @@ class CompletionData:
                                            self.config.seed, self.pad_id, env.rank, env.world_size)
         return inputs.to(env.device), targets.to(env.device)
 
-    def evaluate(self, net: Transformer) -> dict[str, float | int] | None:
+    def evaluate(self, net: Transformer, env: DistEnv) -> dict[str, float | int] | None:
         if self.held_out is None:
             return None
         config = self.config
-        return completion_loss(net, self.held_out, config.seq_len, config.batch_size, self.pad_id,
+        return completion_loss(net, self.held_out, config.seq_len, config.batch_size // env.world_size, self.pad_id,
                                max_examples=config.eval_batches * config.batch_size,
-                               autocast_dtype=torch.bfloat16 if config.bf16 else None)
+                               autocast_dtype=torch.bfloat16 if config.bf16 else None, env=env)
 
 
 def run_data(config: TrainConfig, tokenizer: Tokenizer, train_files: list[Path], eval_files: list[Path],

@@ -373,9 +373,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float | int] | None:
         if self.config.eval_batches == 0:
             return None
-        if not (self.env.is_main or self.config.parallel == "fsdp"):
-            return None  # a replica: rank 0's evaluation is the same; FSDP needs every process
-        result = self.data.evaluate(self.net)
+        result = self.data.evaluate(self.net, self.env)  # every process scores its share
         if result is None:
             return None
         if self.env.is_main:

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ..model import IGNORE_INDEX, Transformer
+from ..parallel.environment import DistEnv, all_reduce_sum
 from ..tokenizers import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -112,24 +113,31 @@ def truncated_count(examples: CompletionExamples, seq_len: int) -> int:
 
 @torch.no_grad()
 def completion_loss(net: Transformer, examples: CompletionExamples, seq_len: int, batch_size: int, pad_id: int,
-                    max_examples: int | None = None, autocast_dtype: torch.dtype | None = None
-                    ) -> dict[str, float | int]:
+                    max_examples: int | None = None, autocast_dtype: torch.dtype | None = None,
+                    env: DistEnv | None = None) -> dict[str, float | int]:
     """Mean loss (nats per completion token), perplexity and bits per completion byte over the
-    first `max_examples` examples (all by default)."""
+    first `max_examples` examples (all by default). With `env` over several processes, each
+    scores every W-th example and the sums are added (as `evaluation.evaluate` splits windows)."""
+    env = env or DistEnv()
     device = next(net.parameters()).device
     count = len(examples) if max_examples is None else min(max_examples, len(examples))
-    total, tokens = 0.0, 0
+    mine = np.arange(count)[env.rank :: env.world_size]
+    rounds = -(-len(np.arange(count)[0 :: env.world_size]) // batch_size)  # rank 0 has the most
+    totals = torch.zeros(2, dtype=torch.float64)  # nats, completion tokens
     was_training = net.training
     net.eval()
     try:
-        for start in range(0, count, batch_size):
-            inputs, targets = example_rows(examples, np.arange(start, min(start + batch_size, count)), seq_len,
-                                           pad_id)
+        for index in range(rounds):
+            rows = mine[index * batch_size : (index + 1) * batch_size]
+            counted = len(rows) > 0
+            inputs, targets = example_rows(examples, rows if counted else np.arange(1), seq_len, pad_id)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                total += float(net(inputs.to(device), targets=targets.to(device), reduction="sum", validate=False))
-            tokens += int((targets != IGNORE_INDEX).sum())
+                nats = float(net(inputs.to(device), targets=targets.to(device), reduction="sum", validate=False))
+            if counted:  # a process with fewer examples still runs every round (sharded models need all)
+                totals += torch.tensor([nats, int((targets != IGNORE_INDEX).sum())], dtype=torch.float64)
     finally:
         net.train(was_training)
+    total, tokens = (all_reduce_sum(totals, env) if env.distributed else totals).tolist()
     loss = total / max(tokens, 1)
     scored_bytes = examples.completion_bytes * count / len(examples)
     return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": total / math.log(2) / scored_bytes,
