@@ -339,3 +339,40 @@ def test_bad_arguments_raise(net, kwargs, error, message):
         generate(net, torch.tensor([1, 2]), **kwargs)
     with pytest.raises(error, match=message):  # checked when stream() is called, not at next()
         stream(net, torch.tensor([1, 2]), **kwargs)
+
+
+def test_compiled_decode_steps_give_the_eager_tokens_without_recompiling(net, device):
+    """compile=True runs each decode step as one torch.compile'd graph of fixed shapes (CUDA
+    graphs on a GPU): greedy, sampled and sliding-window generations equal eager decoding, and a
+    second request of another length within the same rounded capacity reuses the graph."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    net = copy.deepcopy(net).to(device)
+    prompts = [torch.randint(0, net.config.num_tokens, (n,), generator=torch.Generator().manual_seed(n)).to(device)
+               for n in (5, 9)]
+    for kwargs in ({"temperature": 0}, {"top_k": 20, "seed": 3}, {"temperature": 0, "window": 12, "sink_tokens": 2}):
+        kwargs = dict(kwargs)
+        seed = kwargs.pop("seed", None)
+        runs = []
+        for compile in (False, True):
+            generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+            runs.append(generate(net, prompts, 24, generator=generator, compile=compile, **kwargs))
+        assert torch.equal(runs[0], runs[1]), kwargs
+    graphs = counters["stats"]["unique_graphs"]
+    others = [prompts[1][:4], prompts[0][:7]]  # other lengths, the same rounded capacity and batch
+    eager = generate(net, others, 30, temperature=0)
+    assert torch.equal(generate(net, others, 30, temperature=0, compile=True), eager)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_a_cache_step_carries_its_own_positions(net):
+    from andromeda.model import KVCache
+
+    cache = KVCache(net.config, 1, 8, dtype=torch.float32, device="cpu")
+    step = cache.append(None, None, None, 1, read_all=True)
+    with pytest.raises(ValueError, match="already holds the slots and positions"):
+        net(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), cache=step)
+    with pytest.raises(ValueError, match="needs cache_kv=True"):
+        generate(net, [[1, 2]], 2, compile=True, cache_kv=False)

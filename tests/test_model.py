@@ -328,3 +328,15 @@ def test_bf16_decode_after_a_long_prefill_is_as_accurate_as_the_bf16_forward():
     full_error, decode_error = (full - exact).abs().max(), (decoded - exact).abs().max()
     assert 0 < full_error < 0.1
     assert decode_error <= 1.5 * full_error, (float(decode_error), float(full_error))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qk_norm_equals_f_normalize_and_keeps_the_dtype_under_autocast(dtype, device):
+    x = torch.randn(2, 4, 16, 128, dtype=dtype, device=device)
+    x[0, 0, 0] = 0  # the eps floor: zeros stay zeros
+    assert torch.equal(attention_module.l2_normalize(x), F.normalize(x, dim=-1))
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        # CUDA autocast runs F.normalize's norm in fp32 and returns fp32; this stays bf16.
+        out = attention_module.l2_normalize(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, F.normalize(x.bfloat16(), dim=-1))

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .andromeda import Andromeda
     from .config import PRESETS, Config
+    from .inference.packed import prepack
+    from .inference.quantize import quantize
     from .model import KVCache, Transformer, build_transformer
     from .wrapper import AutoRegressiveWrapper, LMOutput
 
@@ -24,6 +26,8 @@ _EXPORTS = {
     "PRESETS": ".config",
     "Transformer": ".model",
     "build_transformer": ".model",
+    "prepack": ".inference.packed",
+    "quantize": ".inference.quantize",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from . import checkpoint
 from .config import SEED_FIELDS, Config
+from .inference.quantize import DEFAULT_GROUP_SIZE
 from .interop.hf import export_hf
 from .interop.x_transformers import from_x_transformers
 from .model import Transformer, build_transformer
@@ -114,13 +115,16 @@ class Andromeda(nn.Module):
     @classmethod
     def from_pretrained(
         cls, directory: str | Path, *, device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None, verify: bool = True,
+        dtype: torch.dtype | None = None, verify: bool = True, quantize: str | None = None,
+        group_size: int = DEFAULT_GROUP_SIZE,
     ) -> Andromeda:
-        """Load a checkpoint folder (a training run's latest checkpoint, or a Hugging Face folder
-        written by `save_pretrained_hf`); `verify` checks a checkpoint's files against its
-        manifest first."""
+        """Load a checkpoint folder (a training run's latest checkpoint, a quantized checkpoint,
+        or a Hugging Face folder written by `save_pretrained_hf`); `verify` checks a checkpoint's
+        files against its manifest first; `quantize` ("int8" or "int4") quantizes the weights as
+        they load (see `andromeda.quantize`)."""
         return cls.from_transformer(checkpoint.load_transformer(directory, device=device, dtype=dtype,
-                                                                verify=verify))
+                                                                verify=verify, quantize=quantize,
+                                                                group_size=group_size))
 
     def extra_repr(self) -> str:
         return f"{self.num_parameters():,} parameters"

@@ -2,8 +2,10 @@
 
 A checkpoint folder holds
 
-    config.json          the model `Config`: enough to rebuild the model on its own
-    model.safetensors    the Transformer's state dict
+    config.json          the model `Config`: enough to rebuild the model on its own; a quantized
+                         checkpoint adds {"quantization": {"scheme", "group_size"}} beside its fields
+    model.safetensors    the Transformer's state dict (a quantized one's: int8 / packed int4
+                         weights with their scales, see `inference.quantize`)
     tokenizer files      whatever `save_tokenizer` writes (absent if no tokenizer was given)
     train_config.json    the training hyperparameters (training checkpoints only)
     trainer_state.safetensors   step, clock, RNG states (training checkpoints only; train/state.py)
@@ -48,6 +50,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import Config
+from .inference.quantize import (
+    DEFAULT_GROUP_SIZE,
+    check_scheme,
+    load_quantized_transformer,
+    quantization_of,
+    quantize,
+)
 from .pause import pause_point
 from .model import Transformer
 from .tokenizers import HF_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, Tokenizer, load_tokenizer, save_tokenizer
@@ -55,6 +64,7 @@ from .tokenizers import HF_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, Tokenizer, loa
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
+QUANTIZATION_KEY = "quantization"  # config.json of a quantized checkpoint: {"scheme", "group_size"}
 WEIGHTS_FILE = "model.safetensors"
 TRAIN_CONFIG_FILE = "train_config.json"
 TRAINER_STATE_FILE = "trainer_state.safetensors"
@@ -111,11 +121,16 @@ def write_checkpoint_files(
     weights: Mapping[str, torch.Tensor],
     tokenizer: Tokenizer | None = None,
     train_config: Mapping[str, Any] | None = None,
+    quantization: tuple[str, int | None] | None = None,
 ) -> None:
     """Write the model config, the `weights` (a Transformer state dict), the tokenizer and the
-    training hyperparameters into the (new, empty) `folder`; `commit_checkpoint` fsyncs them."""
+    training hyperparameters into the (new, empty) `folder`; `commit_checkpoint` fsyncs them.
+    `quantization`: the (scheme, group_size) the weights are quantized with, recorded in the config."""
     with writing(folder / CONFIG_FILE):
-        config.to_json(folder / CONFIG_FILE)
+        data = config.to_dict()
+        if quantization is not None:
+            data[QUANTIZATION_KEY] = {"scheme": quantization[0], "group_size": quantization[1]}
+        (folder / CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n")
     tensors = {name: t.detach().contiguous().cpu() for name, t in weights.items()}
     with writing(folder / WEIGHTS_FILE):
         save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -210,13 +225,15 @@ def save_pretrained(net: Transformer, directory: str | Path, tokenizer: Tokenize
     """Save weights, config and (optionally) tokenizer into `directory`; returns it.
 
     The folder is written beside its final name and renamed into place, so readers never see a
-    partial one. An existing `directory` is replaced as a whole.
+    partial one. An existing `directory` is replaced as a whole. A quantized model
+    (`inference.quantize`) saves its quantized weights, and its config records the scheme.
     """
+    quantization = quantization_of(net)
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{directory.name}-", dir=directory.parent))
     try:
-        write_checkpoint_files(staging, net.config, net.state_dict(), tokenizer)
+        write_checkpoint_files(staging, net.config, net.state_dict(), tokenizer, quantization=quantization)
         finish_checkpoint_folder(staging)
         _replace_dir(staging, directory)
     finally:
@@ -367,14 +384,46 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def load_config(path: str | Path) -> Config:
     """The model Config of a checkpoint (or of a run's latest checkpoint)."""
-    folder = resolve_checkpoint(path)
+    return _read_config(resolve_checkpoint(path))[0]
+
+
+def load_quantization(path: str | Path) -> tuple[str, int | None] | None:
+    """(scheme, group_size) of a quantized checkpoint; None for a full-precision one."""
+    return _read_config(resolve_checkpoint(path))[1]
+
+
+def _read_config(folder: Path) -> tuple[Config, tuple[str, int | None] | None]:
     file = folder / CONFIG_FILE
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint {folder} has no {CONFIG_FILE} (the model config)")
     try:
-        return Config.from_json(file)
+        data = json.loads(file.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        quantization = data.pop(QUANTIZATION_KEY, None)
+        if quantization is not None:
+            if not isinstance(quantization, dict) or set(quantization) != {"scheme", "group_size"}:
+                raise ValueError(f'"{QUANTIZATION_KEY}" must be {{"scheme": ..., "group_size": ...}}, '
+                                 f"got {quantization!r}")
+            quantization = (quantization["scheme"], quantization["group_size"])
+            check_scheme(*quantization)
+        return Config.from_dict(data), quantization
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{file} is not a valid model config: {err}") from None
+
+
+def refuse_quantized(path: str | Path, purpose: str) -> None:
+    """Raise a ValueError if the checkpoint at `path` is quantized: its weights are rounded for
+    inference and hold no master copy to train (`purpose` names what was asked)."""
+    quantization = load_quantization(path)
+    if quantization is not None:
+        raise ValueError(f"{path} holds {describe_quantization(quantization)} weights, made for inference: they "
+                         f"cannot be used for {purpose}; use the full-precision checkpoint they were quantized from")
+
+
+def describe_quantization(quantization: tuple[str, int | None]) -> str:
+    scheme, group_size = quantization
+    return "int8-quantized" if scheme == "int8" else f"int4-quantized (group size {group_size})"
 
 
 def _validate_weights(file: Path, config: Config) -> None:
@@ -419,7 +468,7 @@ def shape_problems(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, 
 
 def load_transformer(
     path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
-    verify: bool = True,
+    verify: bool = True, quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE,
 ) -> Transformer:
     """Rebuild the model saved at `path` (a checkpoint folder, a run folder's latest, or a
     Hugging Face folder written by `interop.hf.export_hf`).
@@ -429,16 +478,25 @@ def load_transformer(
     validated against the config, the model is built on the meta device and the loaded tensors
     are assigned in place, so no memory is spent on a throwaway initialisation. `dtype` casts
     floating-point weights; by default they keep the saved dtype.
+
+    A quantized checkpoint (`andromeda quantize`) loads as the quantized model, in its saved
+    dtype. `quantize` ("int8" or "int4", with `group_size`) quantizes a full-precision one as it
+    loads (after the `dtype` cast); asked of a checkpoint quantized otherwise, it is an error.
     """
     from .interop.hf import is_hf_folder, load_hf  # a Hugging Face export loads too
 
+    if quantize is not None:
+        check_scheme(quantize, group_size)
     if is_hf_folder(path):
-        return load_hf(path, device=device, dtype=dtype)
+        net = load_hf(path, device=device, dtype=dtype)
+        return _quantized(net, quantize, group_size)
     folder = resolve_checkpoint(path)
     if verify:
         verify_checkpoint(folder, [CONFIG_FILE, WEIGHTS_FILE])
-    config = load_config(folder)
+    config, quantization = _read_config(folder)
     file = folder / WEIGHTS_FILE
+    if quantization is not None:
+        return _load_quantized(folder, config, quantization, device, dtype, quantize, group_size)
     _validate_weights(file, config)
     target = torch.device(device) if device is not None else torch.get_default_device()
     state: dict[str, torch.Tensor] = {}
@@ -451,7 +509,45 @@ def load_transformer(
     net.load_state_dict(state, strict=True, assign=True)
     net.eval()
     logger.info("loaded %s (%s parameters)", folder, f"{net.num_parameters():,}")
+    return _quantized(net, quantize, group_size)
+
+
+def _quantized(net: Transformer, scheme: str | None, group_size: int) -> Transformer:
+    if scheme is None:
+        return net
+    quantize(net, scheme, group_size)
+    logger.info("weights quantized as they loaded: %s", describe_quantization((scheme, group_size)))
     return net
+
+
+def _load_quantized(folder: Path, config: Config, quantization: tuple[str, int], device, dtype,
+                    requested: str | None, group_size: int) -> Transformer:
+    """A quantized checkpoint's model, after checking the request fits it."""
+    if requested is not None and (requested, group_size if requested == "int4" else None) != quantization:
+        raise ValueError(f"{folder} is already {describe_quantization(quantization)}; drop --quantize, or "
+                         f"quantize the full-precision checkpoint it was made from")
+    file = folder / WEIGHTS_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint {folder} has no {WEIGHTS_FILE} (the weights)")
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            saved = handle.get_slice("token_emb.weight").get_dtype() if "token_emb.weight" in handle.keys() else None
+    except SafetensorError as err:
+        raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+    if dtype is not None and saved is not None and _SAFETENSORS_DTYPES.get(saved) != dtype:
+        raise ValueError(f"{folder} is {describe_quantization(quantization)} with {saved} scales and activations; "
+                         f"it loads in that dtype only (asked for {dtype})")
+    try:
+        net = load_quantized_transformer(config, file, *quantization)
+    except ValueError as err:
+        raise CheckpointError(f"{file} does not match {folder / CONFIG_FILE}: {err}") from None
+    if device is not None:
+        net = net.to(device)
+    logger.info("loaded %s (%s)", folder, describe_quantization(quantization))
+    return net
+
+
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
 def load_checkpoint_tokenizer(path: str | Path, *, verify: bool = True) -> Tokenizer:

@@ -7,6 +7,7 @@ turning its arguments into a call of the library and printing the result.
     torchrun --standalone --nproc_per_node 2 -m andromeda train --parallel ddp --preset demo --out runs/ddp ...
     andromeda eval --checkpoint runs/demo --seq-len 256 1024 --json
     andromeda generate --checkpoint runs/demo --prompt "ROMEO:" --max-new-tokens 200
+    andromeda quantize --checkpoint runs/demo --out runs/demo-int8 --scheme int8
     andromeda plan --preset 7b --gpus 8 --seq-len 8192 --batch 1
 
 `--checkpoint` takes a checkpoint folder or a run folder (meaning its latest checkpoint). Logs go
@@ -41,6 +42,7 @@ COMMANDS = {
     "import-hf": "import_hf",
     "lm-eval": "lm_eval",
     "tokenize": "tokenize",
+    "quantize": "quantize",
 }
 
 

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_checkpoint_tokenizer, load_train_config, load_transformer, resolve_checkpoint
+from ..checkpoint import load_checkpoint_tokenizer, load_train_config, resolve_checkpoint
 from ..config import Config
+from ..model import Transformer
 from ..data import TokenStore, cache_root, resolve_data, shakespeare_corpus
 from ..evaluation import check_eval_length, check_plot_path, evaluate, plot_bits_per_byte
 from ..parallel.environment import resolve_device
+from .common import add_inference_arguments, load_for_inference
 
 HELP = "loss, perplexity and bits per byte on held-out text"
 
@@ -37,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip checking the checkpoint's files against its manifest (SHA-256)")
     parser.add_argument("--cache-dir", help="corpus and token cache folder")
     parser.add_argument("--json", action="store_true", help="print one JSON object (see `run`)")
+    add_inference_arguments(parser, dtype=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 def _evaluate_checkpoint(path: str, args: argparse.Namespace, device: torch.device) -> dict:
     """One checkpoint's JSON object (see `run`), with "parameters", "tokenizer" for the table."""
     checkpoint = resolve_checkpoint(path)
-    net = load_transformer(checkpoint, device=device, verify=args.verify)
+    net = load_for_inference(str(checkpoint), args, device, verify=args.verify, decoding=False)
     trained = _trained_seq_len(checkpoint, net.config)
     seq_lens = args.seq_len or [trained]
     for seq_len in seq_lens:
@@ -111,7 +114,9 @@ def _evaluate_checkpoint(path: str, args: argparse.Namespace, device: torch.devi
         "train_seq_len": trained,
     }
     if not args.json:
-        report.update(parameters=net.num_parameters(), tokenizer=tokenizer.name)
+        with torch.device("meta"):  # counted as built: a quantized model holds its weights as buffers
+            parameters = Transformer(net.config).num_parameters()
+        report.update(parameters=parameters, tokenizer=tokenizer.name)
     return report
 
 

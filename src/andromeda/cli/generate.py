@@ -7,9 +7,10 @@ import sys
 
 import torch
 
-from ..checkpoint import load_checkpoint_tokenizer, load_transformer
+from ..checkpoint import load_checkpoint_tokenizer
 from ..inference.generate import stream_text
 from ..parallel.environment import resolve_device
+from .common import add_inference_arguments, load_for_inference
 
 HELP = "stream a continuation of a prompt"
 
@@ -31,16 +32,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip checking the checkpoint's files against its manifest (SHA-256)")
+    parser.add_argument("--compile", action="store_true",
+                        help="run each decode step as one torch.compile'd graph (CUDA graphs on a GPU); "
+                             "the first call compiles for tens of seconds")
+    add_inference_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    net = load_transformer(args.checkpoint, device=device, verify=args.verify)
+    net = load_for_inference(args.checkpoint, args, device, verify=args.verify)
     tokenizer = load_checkpoint_tokenizer(args.checkpoint, verify=args.verify)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     pieces = stream_text(net, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, generator=generator,
-                         window=args.window, sink_tokens=args.sink_tokens)
+                         window=args.window, sink_tokens=args.sink_tokens, compile=args.compile)
     first = next(pieces, "")  # arguments are checked before anything is printed
     sys.stdout.write(args.prompt + first)
     sys.stdout.flush()

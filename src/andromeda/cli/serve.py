@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from .common import add_inference_arguments
+
 HELP = "serve a checkpoint over an OpenAI-compatible HTTP API"
 DESCRIPTION = (HELP + ": /v1/completions, /v1/chat/completions (streamed or not), /v1/models, /health, "
                "/metrics, /tokenize, /detokenize. Needs the serve extra: pip install 'andromeda[serve]'.")
@@ -19,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequences decoded together: the KV cache's slots (default 16)")
     parser.add_argument("--max-queue", type=int, default=256,
                         help="sequences that may wait for a slot; beyond them requests get 503 (default 256)")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], help="weights and KV cache (default: as saved)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"],
+                        help="weights and KV cache (default: as saved; bf16 on CUDA and when quantizing)")
     parser.add_argument("--api-key", default=os.environ.get("ANDROMEDA_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on the API routes (default: $ANDROMEDA_API_KEY)")
     parser.add_argument("--served-model-name", help="the model name clients send (default: the checkpoint "
@@ -43,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "core to the HTTP thread)")
 
 
+    add_inference_arguments(parser, dtype=False)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..serve.server import serve
 
@@ -50,4 +56,5 @@ def run(args: argparse.Namespace) -> int:
                  max_queue=args.max_queue, dtype=args.dtype, api_key=args.api_key,
                  served_model_name=args.served_model_name, chat_template=args.chat_template, device=args.device,
                  prefill_chunk=args.prefill_chunk, stream_interval=args.stream_interval, threads=args.threads,
-                 window=args.window, sink_tokens=args.sink_tokens)
+                 window=args.window, sink_tokens=args.sink_tokens, quantize=args.quantize,
+                 group_size=args.group_size)

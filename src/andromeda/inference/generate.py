@@ -25,12 +25,22 @@ the context it was computed with (so the model reads further than the window in 
 layers, as in StreamingLLM); `cache_kv=False` instead recomputes the window alone every step,
 which equals the cached stream only for one-layer models.
 
+Compiled decoding (`compile=True`). Eager decoding launches every small op of every layer from
+Python, about 1,200 kernel launches per token on a GPU. With `compile`, each decode step runs as
+one graph that torch.compile builds once (mode "reduce-overhead": replayed as a CUDA graph on a
+GPU, as gpt-fast does), fed the step's cache bookkeeping from outside (`KVCache.append(...,
+read_all=True)`): the step reads the whole preallocated cache with the unwritten columns masked,
+so its shapes never change. The capacity is rounded up to a multiple of COMPILED_CAPACITY_MULTIPLE
+so that requests of similar lengths share one graph; the prefill stays eager (its length varies).
+Tokens equal eager decoding's (tests/test_generation.py). The first call compiles (tens of seconds).
+
 Sampling (`sampling.sample`) applies temperature, top-k, top-p, min-p in that order.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -47,7 +57,7 @@ logger = logging.getLogger(__name__)
 
 Prompts = Tensor | Sequence[Tensor] | Sequence[Sequence[int]]
 
-__all__ = ["IncrementalDecoder", "Prompts", "SamplingParams", "decode_one", "filter_logits", "generate",
+__all__ = ["IncrementalDecoder", "Prompts", "SamplingParams", "compiled_decode_one", "decode_one", "filter_logits", "generate",
            "generation_cache", "prefill", "recompute", "sample", "stream", "stream_text"]
 
 
@@ -65,6 +75,7 @@ class _Plan:
     generator: torch.Generator | None
     window: int | None  # attention window (sinks included) with a ring-buffer cache; None: all tokens
     sink_tokens: int
+    compile: bool  # decode steps as one compiled graph of fixed shapes
 
 
 def generate(
@@ -83,6 +94,7 @@ def generate(
     callback: Callable[[Tensor], None] | None = None,
     window: int | None = None,
     sink_tokens: int = 0,
+    compile: bool = False,
 ) -> Tensor:
     """Sample `seq_len` new tokens after each prompt and return only them: (B, seq_len) long.
 
@@ -102,6 +114,8 @@ def generate(
         max_seq_len (see the module docstring).
     sink_tokens: of the window, how many first tokens of each sequence stay in view for good
         (ignored while no window is needed).
+    compile: run each decode step as one torch.compile'd graph of fixed shapes (CUDA graphs on
+        a GPU; see the module docstring). Same tokens; the first call pays the compilation.
 
     Runs under torch.inference_mode with the net in eval mode, restoring its mode afterwards.
     Raises ValueError if N + seq_len exceeds max_seq_len for a model with learned absolute
@@ -109,7 +123,7 @@ def generate(
     """
     plan = _plan(net, prompts, seq_len, temperature=temperature, top_k=top_k, top_p=top_p,
                  min_p=min_p, eos_token=eos_token, pad_value=pad_value, cache_kv=cache_kv,
-                 generator=generator, window=window, sink_tokens=sink_tokens)
+                 generator=generator, window=window, sink_tokens=sink_tokens, compile=compile)
     # Allocated outside inference mode so callers get an ordinary tensor they may edit in place.
     out = torch.full((plan.tokens.shape[0], seq_len), plan.pad_value, dtype=torch.long,
                      device=plan.tokens.device)
@@ -229,6 +243,24 @@ def decode_one(net: Transformer, tokens: Tensor, positions: Tensor | None, cache
     return net(tokens, positions, cache=cache, logits_to_keep=1, validate=False)[:, -1]
 
 
+def compiled_decode_one(net: Transformer, tokens: Tensor, cache: KVCache) -> Tensor:
+    """`decode_one` at each slot's next position, as one compiled graph: the cache's bookkeeping
+    runs here, outside the graph, and every step has the same shapes (`read_all`)."""
+    step = cache.append(None, None, None, tokens.shape[1], read_all=True)
+    torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+    return _compiled_step()(net, tokens, step)
+
+
+def _forward_step(net: Transformer, tokens: Tensor, step) -> Tensor:
+    return net(tokens, cache=step, logits_to_keep=1, validate=False)[:, -1]
+
+
+@functools.cache
+def _compiled_step() -> Callable:
+    """The compiled step, made once: torch.compile keeps its graphs per model and shape."""
+    return torch.compile(_forward_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+
 def recompute(net: Transformer, tokens: Tensor, positions: Tensor, key_mask: Tensor | None) -> Tensor:
     """Next logits (B, V) from the whole (B, S) sequence, with no state kept between calls."""
     return net(tokens, positions, key_mask=key_mask, logits_to_keep=1, validate=False)[:, -1]
@@ -242,21 +274,35 @@ def prompt_positions(key_mask: Tensor | None, batch: int, length: int, device: t
     return (key_mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
+# Compiled decoding rounds a cache's capacity up to a multiple of this, so that generations of
+# similar lengths reuse one graph (each distinct shape compiles anew).
+COMPILED_CAPACITY_MULTIPLE = 256
+
 # Prompt tokens per prefill pass of a sliding-window generation: the ring buffer holds this many
 # entries beside the window, so that the first token of a pass still sees its whole window.
 WINDOW_PREFILL_CHUNK = 512
 
 
 def generation_cache(net: Transformer, batch: int, prompt_len: int, new: int, window: int | None,
-                     sink_tokens: int = 0) -> KVCache:
+                     sink_tokens: int = 0, *, compiled: bool = False) -> KVCache:
     """The KV cache `generate` uses: N + L - 1 positions per row (the last sampled token is
-    never fed back), or with a window, a ring buffer of the window plus room for one prefill pass."""
+    never fed back), or with a window, a ring buffer of the window plus room for one prefill pass.
+    `compiled`: sized for the compiled decode step (capacity rounded up), with its tensors'
+    addresses marked static so a CUDA graph may write them in place."""
     dtype, device = _dtype(net), net.token_emb.weight.device
     if window is None:
-        return KVCache(net.config, batch, prompt_len + new - 1, dtype=dtype, device=device)
-    chunk = min(prompt_len, WINDOW_PREFILL_CHUNK)
-    return KVCache(net.config, batch, window + chunk - 1, dtype=dtype, device=device, window=window,
-                   sink_tokens=sink_tokens)
+        capacity = prompt_len + new - 1
+        if compiled:
+            capacity = -(-capacity // COMPILED_CAPACITY_MULTIPLE) * COMPILED_CAPACITY_MULTIPLE
+        cache = KVCache(net.config, batch, capacity, dtype=dtype, device=device)
+    else:
+        chunk = min(prompt_len, WINDOW_PREFILL_CHUNK)
+        cache = KVCache(net.config, batch, window + chunk - 1, dtype=dtype, device=device, window=window,
+                        sink_tokens=sink_tokens)
+    if compiled:
+        for tensor in (cache.k, cache.v):
+            torch._dynamo.mark_static_address(tensor)
+    return cache
 
 
 @torch.inference_mode()
@@ -273,7 +319,7 @@ def _decode(net: Transformer, plan: _Plan) -> Iterator[Tensor]:
     B, N = plan.tokens.shape
     device = plan.tokens.device
     positions = prompt_positions(plan.key_mask, B, N, device)
-    cache = generation_cache(net, B, N, plan.seq_len, plan.window, plan.sink_tokens)
+    cache = generation_cache(net, B, N, plan.seq_len, plan.window, plan.sink_tokens, compiled=plan.compile)
     logits = prefill(net, plan.tokens, positions, plan.key_mask, cache)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(plan.seq_len):
@@ -281,7 +327,10 @@ def _decode(net: Transformer, plan: _Plan) -> Iterator[Tensor]:
         yield tokens
         if step == plan.seq_len - 1 or (plan.stop_ids is not None and bool(done.all())):
             return
-        logits = decode_one(net, tokens[:, None], None, cache)
+        if plan.compile:
+            logits = compiled_decode_one(net, tokens[:, None], cache)
+        else:
+            logits = decode_one(net, tokens[:, None], None, cache)
 
 
 def _decode_recomputing(net: Transformer, plan: _Plan) -> Iterator[Tensor]:
@@ -365,12 +414,15 @@ def _plan(
     generator: torch.Generator | None = None,
     window: int | None = None,
     sink_tokens: int = 0,
+    compile: bool = False,
 ) -> _Plan:
     """Check every argument and left-pad the prompts; raise TypeError/ValueError naming the fault."""
     config = net.config
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"seq_len (the number of new tokens) must be an integer >= 1, got {seq_len!r}")
     params = SamplingParams(temperature, top_k, top_p, min_p)
+    if compile and not cache_kv:
+        raise ValueError("compile=True compiles the KV-cached decode step; it needs cache_kv=True")
     device = net.token_emb.weight.device
     tokens, key_mask = _left_pad(prompts, config, device)
     window = _window(config, tokens.shape[1], seq_len, window, sink_tokens)
@@ -388,7 +440,7 @@ def _plan(
             raise ValueError(f"generator is on {generator.device} but the model is on {device}; "
                              f"create it with torch.Generator(device={str(device)!r})")
     return _Plan(tokens, key_mask, seq_len, params, stop_ids, int(pad_value), bool(cache_kv),
-                 generator, window, sink_tokens)
+                 generator, window, sink_tokens, bool(compile))
 
 
 def _window(config, prompt_len: int, seq_len: int, window: int | None, sink_tokens: int) -> int | None:

@@ -126,7 +126,7 @@ class Attention(nn.Module):
         qkv = self.to_qkv(x).view(B, T, H + 2 * K, D).transpose(1, 2)  # (B, H + 2K, T, D)
         q, k, v = qkv.split((H, K, K), dim=1)  # (B, H, T, D), (B, K, T, D), (B, K, T, D)
         if self.qk_norm:
-            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+            q, k = l2_normalize(q), l2_normalize(k)
             if self.q_scale is not None:
                 q, k = q * self.q_scale, k * self.k_scale
         if inputs.rotary is not None and inputs.xpos is None:
@@ -136,6 +136,15 @@ class Attention(nn.Module):
             k, v = inputs.cache.write(self.layer, k, v)  # (B, K, S, D)
         out = attend(q, k, v, inputs, scale=self.logit_scale, flash=self.flash)  # (B, H, T, D)
         return self.to_out(out.transpose(1, 2).reshape(B, T, H * D))
+
+
+def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
+    """x / max(||x||, eps) along the last dimension, in x's dtype: F.normalize, bit for bit in fp32
+    and bf16, except that CUDA autocast runs F.normalize's norm in fp32 and so returns fp32 for
+    bf16 input, doubling the traffic of QK-norm, rotary and attention's inputs. Here only the
+    (..., 1) norms are fp32; the division stays in x's dtype."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+    return x / norm.clamp_min(eps).to(x.dtype)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, *, scale: float, flash: bool) -> Tensor:

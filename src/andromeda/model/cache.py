@@ -101,10 +101,15 @@ class KVCache:
         self.next_position[index] = 0
 
     def append(self, slots: Sequence[int] | None, positions: Tensor | None, key_mask: Tensor | None,
-               new: int) -> CacheStep:
+               new: int, *, read_all: bool = False) -> CacheStep:
         """Reserve `new` entries in each of `slots` (one per row; default: slot b for row b) for
         tokens at `positions` (B, T) (default: each slot's next position onward), marking those
-        where `key_mask` (B, T) is False as padding. Returns what this call's layers read and write."""
+        where `key_mask` (B, T) is False as padding. Returns what this call's layers read and write.
+
+        read_all: the queries read all `capacity` columns (the unwritten ones masked as invalid)
+        and the keys are written by index, so every call of `new` tokens has the same shapes, as
+        a compiled decode step with CUDA graphs needs. Otherwise they read the columns written
+        so far, which grow by `new` each call. (A ring buffer is always read whole.)"""
         if slots is None:
             slots = range(positions.shape[0] if positions is not None else self.num_slots)
         slots = list(slots)
@@ -140,10 +145,12 @@ class KVCache:
             self._next[slot] = last + 1
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
         rows = slice(slots[0], slots[0] + len(slots)) if contiguous else index
-        if self.window is None:
+        if self.window is None and not read_all:
             read = max(starts) + new
             start = starts[0] if len(set(starts)) == 1 else None
             window = None
+        elif self.window is None:
+            read, start, window = self.capacity, None, None
         else:  # a ring buffer is read whole; its columns are not in position order
             read, start, window = self.capacity, None, (self.window, self.sink_tokens)
         return CacheStep(self, rows, index, columns, start, new, read, positions, self.positions[rows, :read],

@@ -160,6 +160,12 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """
     rotary_dim = 2 * cos.shape[-1]
     rot = x[..., :rotary_dim].float()
+    if torch.compiler.is_compiling():
+        # Inductor generates no code for complex ops; the same products in real arithmetic fuse.
+        even, odd = rot.unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, T, R/2) each
+        cos, sin = cos.float(), sin.float()
+        rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+        return torch.cat((rotated.to(x.dtype), x[..., rotary_dim:]), dim=-1)
     if rot.storage_offset() % 2 or any(stride % 2 for stride in rot.stride()[:-1]):
         rot = rot.contiguous()  # a complex view needs even strides; odd head sizes give odd ones
     pairs = torch.view_as_complex(rot.unflatten(-1, (-1, 2)))  # (B, H, T, R/2)

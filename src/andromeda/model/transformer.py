@@ -124,7 +124,7 @@ class Transformer(nn.Module):
         positions: Tensor | None = None,
         *,
         key_mask: Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | CacheStep | None = None,
         slots: Sequence[int] | None = None,
         targets: Tensor | None = None,
         reduction: str = "mean",
@@ -141,7 +141,9 @@ class Transformer(nn.Module):
             are meaningless).
         cache: a `KVCache`; the new keys and values are appended to the rows' slots and the
             queries read everything those slots hold. slots: (B,) the slot of each row
-            (default: row b is slot b).
+            (default: row b is slot b). Or the `CacheStep` that `KVCache.append` returned for
+            this call (slots and positions given there): the cache's host-side bookkeeping then
+            stays outside a compiled forward (`inference.generate`'s compiled decode step).
         targets: (B, T) next-token ids (-100 ignored) -> the cross-entropy instead of logits,
             its `reduction` "mean" or "sum", computed without holding all (B, T, V) logits.
         logits_to_keep: project only the last n positions: logits (B, n, V).
@@ -156,7 +158,14 @@ class Transformer(nn.Module):
                 logger.info("extrapolating past max_seq_len=%d: %d positions", self.config.max_seq_len,
                             tokens.shape[1])
                 self._extrapolation_logged = True
-        step = cache.append(slots, positions, key_mask, tokens.shape[1]) if cache is not None else None
+        if isinstance(cache, CacheStep):
+            step = cache
+            if slots is not None or positions is not None or step.new != tokens.shape[1]:
+                raise ValueError(f"a CacheStep already holds the slots and positions of its call, for "
+                                 f"{step.new} tokens; got slots={slots}, positions of shape "
+                                 f"{None if positions is None else tuple(positions.shape)}, {tokens.shape[1]} tokens")
+        else:
+            step = cache.append(slots, positions, key_mask, tokens.shape[1]) if cache is not None else None
         inputs = self._attention_inputs(tokens, positions, key_mask, step)
         x = self.token_emb(tokens)  # (B, T, C)
         if self.pos_emb is not None:

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import WEIGHTS_FILE, load_transformer
+from ..inference.packed import inference_only_modules
 from ..config import Config
 from ..model import Transformer, build_transformer
 from .environment import DistEnv
@@ -100,6 +101,11 @@ def parallelize(
     checkpointing, before FSDP), leaving the loss and the cache logic eager.
     """
     _check_mode(mode, env)
+    frozen = inference_only_modules(net)
+    if frozen:
+        raise ValueError(f"the model holds inference-only layers ({frozen[0]}: {type(net.get_submodule(frozen[0])).__name__}"
+                         f"{' and more' if len(frozen) > 1 else ''}): quantized or prepacked weights cannot be "
+                         f"trained or parallelized; load the full-precision checkpoint")
     if activation_checkpointing:
         apply_activation_checkpointing(net)
     if compile:

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..checkpoint import load_transformer
+from ..inference.packed import prepack_if_supported
+from ..inference.quantize import DEFAULT_GROUP_SIZE
 from ..inference.sampling import SamplingParams
 from ..model import Transformer
 from ..tokenizers import Tokenizer
@@ -51,16 +53,21 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What to load and how. (Weight-only quantization, issue #13, adds its field here.)"""
+    """What to load and how."""
 
     checkpoint: Path
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype | None = None  # None: as saved
+    quantize: str | None = None  # "int8" or "int4": quantize a full-precision checkpoint as it loads
+    group_size: int = DEFAULT_GROUP_SIZE  # int4's inputs per scale and zero
 
 
 def load_model(spec: ModelSpec) -> Transformer:
-    """The Transformer the engine serves, in eval mode on `spec.device`."""
-    return load_transformer(spec.checkpoint, device=spec.device, dtype=spec.dtype).eval()
+    """The Transformer the engine serves, in eval mode on `spec.device` (bf16 weights on a CPU
+    prepacked for oneDNN: the same products, faster per decode step)."""
+    net = load_transformer(spec.checkpoint, device=spec.device, dtype=spec.dtype, quantize=spec.quantize,
+                           group_size=spec.group_size)
+    return prepack_if_supported(net).eval()
 
 
 # --------------------------------------------------------------------------- requests and outputs

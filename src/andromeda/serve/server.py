@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_checkpoint_tokenizer, load_config, resolve_checkpoint
+from ..checkpoint import load_checkpoint_tokenizer, load_config, load_quantization, resolve_checkpoint
+from ..inference.quantize import DEFAULT_GROUP_SIZE, build_quantized_transformer
 from ..model.cache import check_window
 from ..parallel.environment import resolve_device
 
@@ -34,7 +35,8 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
           max_queue: int = 256, dtype: str | None = None, api_key: str | None = None,
           served_model_name: str | None = None, chat_template: str | Path | None = None, device: str = "auto",
           prefill_chunk: int = 256, stream_interval: float = 0.02, threads: int | None = None,
-          window: int | None = None, sink_tokens: int = 0) -> int:
+          window: int | None = None, sink_tokens: int = 0, quantize: str | None = None,
+          group_size: int = DEFAULT_GROUP_SIZE) -> int:
     """Serve the checkpoint until SIGINT/SIGTERM; returns 0. Raises ValueError/OSError/RuntimeError
     naming the problem (bad option, missing checkpoint, port in use, weights that do not load)."""
     try:
@@ -68,7 +70,13 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
     template = ChatTemplate(source) if source is not None else None
     target = resolve_device(device)
     name = served_model_name or Path(checkpoint).resolve().name
-    spec = ModelSpec(folder, target, DTYPES.get(dtype))
+    torch_dtype = DTYPES.get(dtype)
+    if load_quantization(folder) is None:
+        if quantize is not None:  # every layer's width checked now, not in the engine's thread
+            build_quantized_transformer(config, quantize, group_size)
+        if torch_dtype is None and (quantize is not None or target.type == "cuda"):
+            torch_dtype = torch.bfloat16  # decoding reads every weight per token
+    spec = ModelSpec(folder, target, torch_dtype, quantize, group_size)
 
     metrics = Metrics(name)
     if window is not None or sink_tokens:

@@ -39,6 +39,7 @@ from ..checkpoint import (
     latest_checkpoint,
     load_checkpoint_tokenizer,
     load_config,
+    refuse_quantized,
     remove_incomplete,
     resolve_checkpoint,
     step_checkpoints,
@@ -121,6 +122,8 @@ class Trainer:
         self.config, self.env = config, env
         self.run_dir = Path(config.out)
         self.metrics = MetricsLog(self.run_dir / METRICS_FILE)
+        if config.init_from:
+            refuse_quantized(config.init_from, "--init-from (training)")
         resume_from, model_cfg, tokenizer, state = self._resume_or_start()
         barrier(env)  # every process has read the run folder before rank 0 cleans it
         if env.is_main:

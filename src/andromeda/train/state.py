@@ -32,6 +32,7 @@ from ..checkpoint import (
     load_checkpoint_tokenizer,
     load_config,
     load_train_config,
+    refuse_quantized,
     resolve_checkpoint,
     stage_checkpoint,
     staging_folder,
@@ -191,6 +192,7 @@ def restore_training(checkpoint: Path, config: TrainConfig) -> tuple[Config, Tok
     """Model config, tokenizer and trainer state of `checkpoint`, after checking it belongs to
     `config`. The weights and the optimizer state are loaded once the model is parallelized."""
     verify_checkpoint(checkpoint)  # every file, optimizer shards included, against the manifest
+    refuse_quantized(checkpoint, "--resume")
     saved = load_train_config(checkpoint)
     if saved is None:
         raise ValueError(f"{checkpoint} holds no train_config.json: it is not a training checkpoint")

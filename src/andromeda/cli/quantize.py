@@ -1,0 +1,50 @@
+"""`andromeda quantize`: write a weight-only int8 or int4 copy of a checkpoint, for fast decoding."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from .common import DTYPES
+
+HELP = "write a weight-only int8 or int4 quantized copy of a checkpoint"
+DESCRIPTION = (HELP + ": every Linear (attention, feed-forward, output projection) is stored in 8 or 4 bits "
+               "with its scales; generate, eval and serve load the result like any checkpoint.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..inference.quantize import DEFAULT_GROUP_SIZE, SCHEMES
+
+    parser.add_argument("--checkpoint", required=True, help="full-precision checkpoint folder or run folder")
+    parser.add_argument("--out", required=True, help="the folder to write (replaced if it exists)")
+    parser.add_argument("--scheme", required=True, choices=SCHEMES,
+                        help="int8: one scale per output row; int4: a scale and zero per group of inputs")
+    parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
+                        help=f"int4 inputs per scale and zero: 32, 64, 128 or 256 (default {DEFAULT_GROUP_SIZE})")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+                        help="dtype of the scales, embeddings, norms and activations (default bf16)")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip checking the checkpoint's files against its manifest (SHA-256)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import describe_quantization, load_checkpoint_tokenizer, load_transformer, save_pretrained
+    from ..inference.quantize import check_scheme
+
+    check_scheme(args.scheme, args.group_size)
+    start = time.perf_counter()
+    net = load_transformer(args.checkpoint, device="cpu", dtype=DTYPES[args.dtype], verify=args.verify,
+                           quantize=args.scheme, group_size=args.group_size)
+    seconds = time.perf_counter() - start
+    try:
+        tokenizer = load_checkpoint_tokenizer(args.checkpoint, verify=args.verify)
+    except FileNotFoundError:
+        tokenizer = None  # a model saved without one is written without one
+    out = save_pretrained(net, args.out, tokenizer=tokenizer)
+    size = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    group = args.group_size if args.scheme == "int4" else None
+    print(f"wrote {out}: {describe_quantization((args.scheme, group))}, {size / 2**20:,.1f} MiB of weights "
+          f"(loaded and quantized in {seconds:.1f} s)")
+    return 0
