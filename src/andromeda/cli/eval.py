@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip checking the checkpoint's files against its manifest (SHA-256)")
     parser.add_argument("--cache-dir", help="corpus and token cache folder")
     parser.add_argument("--json", action="store_true", help="print one JSON object (see `run`)")
-    add_inference_arguments(parser, dtype=False)
+    add_inference_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
