@@ -127,7 +127,10 @@ def test_quantized_weights_refuse_training_parallelism_and_other_requests(int8, 
         load_transformer(int8, quantize="int4", group_size=32)
     with pytest.raises(ValueError, match="loads in that dtype only"):
         load_transformer(int8, dtype=torch.float32)
-    assert load_transformer(int8, quantize="int8") is not None  # asking for what it is, is fine
+    assert isinstance(load_transformer(int8, quantize="int8").to_logits, Int8Linear)  # asking for what it is
+    assert cli.main(["export-hf", "--checkpoint", str(int8), "--out", str(tmp_path / "hf")]) == 1
+    assert "export the checkpoint it was quantized from" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
 
 
 def test_a_damaged_quantized_checkpoint_is_named(int8, tmp_path):

@@ -67,6 +67,7 @@ from torch import Tensor
 
 from ..checkpoint import shape_problems
 from ..config import Config
+from ..inference.quantize import quantization_of
 from ..model import Transformer, build_transformer
 from ..tokenizers import ByteTokenizer, HFTokenizer, Tokenizer
 
@@ -474,6 +475,10 @@ def export_hf(
     """
     net = _transformer(model)
     config = net.config
+    quantization = quantization_of(net)
+    if quantization is not None:
+        raise ValueError(f"the model is quantized ({quantization[0]}); the Hugging Face model holds full-precision "
+                         f"weights: export the checkpoint it was quantized from")
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not is_hf_folder(out_dir))):
         raise FileExistsError(
