@@ -372,7 +372,7 @@ def test_a_cache_step_carries_its_own_positions(net):
 
     cache = KVCache(net.config, 1, 8, dtype=torch.float32, device="cpu")
     step = cache.append(None, None, None, 1, read_all=True)
-    with pytest.raises(ValueError, match="already holds the slots and positions"):
+    with pytest.raises(ValueError, match="already holds the slots, positions and padding"):
         net(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), cache=step)
     with pytest.raises(ValueError, match="needs cache_kv=True"):
         generate(net, [[1, 2]], 2, compile=True, cache_kv=False)

@@ -160,10 +160,12 @@ class Transformer(nn.Module):
                 self._extrapolation_logged = True
         if isinstance(cache, CacheStep):
             step = cache
-            if slots is not None or positions is not None or step.new != tokens.shape[1]:
-                raise ValueError(f"a CacheStep already holds the slots and positions of its call, for "
-                                 f"{step.new} tokens; got slots={slots}, positions of shape "
-                                 f"{None if positions is None else tuple(positions.shape)}, {tokens.shape[1]} tokens")
+            given = [name for name, value in (("slots", slots), ("positions", positions), ("key_mask", key_mask))
+                     if value is not None]
+            if given or step.new != tokens.shape[1]:
+                raise ValueError(f"a CacheStep already holds the slots, positions and padding of its call, for "
+                                 f"{step.new} tokens; got {', '.join(given) or 'no'} extra inputs and "
+                                 f"{tokens.shape[1]} tokens")
         else:
             step = cache.append(slots, positions, key_mask, tokens.shape[1]) if cache is not None else None
         inputs = self._attention_inputs(tokens, positions, key_mask, step)
