@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -90,6 +91,13 @@ def train_cli_args(out: Path, corpus: Path, cache: Path, *extra: str) -> list[st
 def child_env(**extra: str) -> dict[str, str]:
     """The environment for an `andromeda` subprocess: one OpenMP thread, plus `extra`."""
     return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
+def default_sigint() -> None:
+    """`preexec_fn` for a child that a test interrupts with SIGINT: Ctrl-C's default action,
+    even when the suite itself runs with SIGINT ignored (a background job of a shell without job
+    control), which the child would inherit and, as Unix programs should, keep ignoring."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def andromeda_command(*args: str) -> list[str]:

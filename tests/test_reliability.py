@@ -29,7 +29,7 @@ from andromeda.checkpoint import (
     write_manifest,
 )
 from andromeda.pause import TEST_PAUSE_ENV
-from helpers import andromeda_command, child_env, run_andromeda
+from helpers import andromeda_command, child_env, default_sigint, run_andromeda
 
 DEADLINE_S = 60
 
@@ -247,7 +247,7 @@ def test_generate_rejects_bad_arguments_before_printing(run):
 
 def test_ctrl_c_during_start_up_and_a_double_ctrl_c_exit_cleanly(tmp_path, corpus):
     proc = subprocess.Popen(andromeda_command("plan", "--preset", "tiny"), stderr=subprocess.PIPE, text=True,
-                            env=child_env(**{TEST_PAUSE_ENV: "startup"}))
+                            env=child_env(**{TEST_PAUSE_ENV: "startup"}), preexec_fn=default_sigint)
     assert "paused at startup" in proc.stderr.readline()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=DEADLINE_S)
@@ -256,7 +256,8 @@ def test_ctrl_c_during_start_up_and_a_double_ctrl_c_exit_cleanly(tmp_path, corpu
     out = tmp_path / "run"
     proc = subprocess.Popen(andromeda_command(*train_args(out, corpus, tmp_path / "cache", "--max-steps", "1000")),
                             stderr=subprocess.PIPE, text=True,
-                            env=child_env(**{TEST_PAUSE_ENV: "after-step:1,before-rename:step_000001"}))
+                            env=child_env(**{TEST_PAUSE_ENV: "after-step:1,before-rename:step_000001"}),
+                            preexec_fn=default_sigint)
     for line in proc.stderr:
         if "paused at after-step:1" in line:
             proc.send_signal(signal.SIGINT)  # the first asks for a checkpoint after this step...
