@@ -35,7 +35,7 @@ demo: install
 	rm -rf runs/demo
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m andromeda train --preset demo --out runs/demo --time-budget $${DEMO_SECONDS:-480} \
 		--batch-size 16 --seq-len 128 --lr 3e-3 --warmup-steps 50 --qk-scale-lr-mult 30 --bf16 --eval-every 250
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m andromeda eval --checkpoint runs/demo --seq-len 256 1024 --batch-size 16 --bf16
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m andromeda eval --checkpoint runs/demo --seq-len 256 1024 --batch-size 16 --dtype bf16
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m andromeda generate --checkpoint runs/demo --prompt "ROMEO:" --max-new-tokens 300 \
 		--temperature 0.8 --top-k 40 --seed 0
 

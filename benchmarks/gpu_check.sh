@@ -12,6 +12,9 @@
 #   3. training throughput of the default model, bf16, 8192 tokens: MFU against the datasheet peak
 #      (989 TFLOP/s dense bf16 for H100/H200)
 #   4. cached decoding of the default model in bf16: tokens/s against the HBM bandwidth bound
+#
+# Exit codes: 0 the checks ran (the table says how each went); 77 no CUDA device or no PyTorch, so
+# nothing was checked (one line says which; 77 is automake's and meson's "skipped").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -20,8 +23,22 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 declare -A status
 
-"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())" \
-    | tee "$OUT/device.txt" || { echo "no GPU: nothing to check"; exit 1; }
+# One line, no traceback, when there is nothing to check: the reason goes to device.err.
+if ! "$PY" - >"$OUT/device.txt" 2>"$OUT/device.err" <<'PYTHON'
+import sys
+try:
+    import torch
+except ImportError as error:
+    sys.exit(f"{sys.executable} cannot import PyTorch ({error}); set PYTHON to one that can")
+if not torch.cuda.is_available():
+    sys.exit(f"PyTorch {torch.__version__} sees no CUDA device")
+print(torch.__version__, torch.cuda.get_device_name())
+PYTHON
+then
+    echo "no GPU: nothing to check ($(tail -n 1 "$OUT/device.err"))"
+    exit 77
+fi
+cat "$OUT/device.txt"
 gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 
 echo "== 1. tests on cpu and cuda"

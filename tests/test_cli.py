@@ -1,6 +1,10 @@
 """The command line, end to end and in process: train -> eval --json -> generate, and its errors."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,3 +142,129 @@ def test_tokenize_builds_the_cache_that_train_then_reads(tmp_path, corpus, capsy
         assert cli.main(train_cli_args(tmp_path / "run", corpus, cache, "--max-steps", "1", "--eval-batches", "0")) == 0
     assert not [r for r in caplog.records if r.getMessage().startswith("tokenising")], \
         "train tokenised again instead of reading the cache"
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--gpu-memory", "inf", "a positive, finite number of at most 1.67e+299 (GiB, e.g. 80), got 'inf'"),
+    ("--gpu-memory", "1e300", "got '1e300'"),
+    ("--gpu-memory", "0", "got '0'"),
+    ("--peak-tflops", "0", "a positive, finite number of at most 1.8e+296 (TFLOP/s, e.g. 989), got '0'"),
+    ("--peak-tflops", "nan", "got 'nan'"),
+    ("--peak-tflops", "-1", "got '-1'"),
+    ("--gpus", "0", "a positive integer (e.g. 8), got '0'"),
+    ("--seq-len", "-5", "a positive integer (e.g. 8), got '-5'"),
+    ("--batch", "1.5", "a positive integer (e.g. 8), got '1.5'"),
+])
+def test_plan_names_a_numeric_flag_out_of_range(capsys, flag, value, expected):
+    """Each is a usage error naming the flag: none may crash (inf GiB, 0 TFLOP/s) or print
+    "~nan tokens/s"."""
+    assert cli.main(["plan", "--preset", "tiny", flag, value]) == 2
+    captured = capsys.readouterr()
+    assert f"argument {flag}: expected a positive" in captured.err and expected in captured.err
+    assert captured.out == ""
+
+
+def test_plan_takes_model_overrides_and_needs_a_model(capsys):
+    assert cli.main(["plan", "--preset", "tiny", "--override", "depth=5", "--override", "dim=128"]) == 0
+    assert "dim 128, depth 5" in capsys.readouterr().out
+    assert cli.main(["plan", "--preset", "tiny", "--override", "depht=5"]) == 1
+    assert "'depht' is not a model Config field" in capsys.readouterr().err
+    assert cli.main(["plan"]) == 1
+    assert "give --preset NAME or --config FILE" in capsys.readouterr().err
+
+
+def _train_quickly(tmp_path, corpus, *extra):
+    """One step, no periodic evaluation: a checkpoint for `eval` to read."""
+    assert cli.main(_train_args(tmp_path, corpus, "--max-steps", "1", "--eval-batches", "0", *extra)) == 0
+
+
+def _eval_args(tmp_path, *extra):
+    return ["eval", "--checkpoint", str(tmp_path / "run"), "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
+            "--batch-size", "4", *extra]
+
+
+def test_eval_defaults_to_the_runs_held_out_data_and_names_it(tmp_path, corpus, capsys):
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("a held-out text the run never trained on. " * 20)
+    _train_quickly(tmp_path, corpus, "--eval-data", str(held_out))
+    capsys.readouterr()
+    assert cli.main(_eval_args(tmp_path, "--json")) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["files"] == [str(held_out)] and report["corpus_bytes"] == len(held_out.read_bytes())
+    assert report["data"] == f"the run's held-out data (--eval-data {held_out})"
+    assert cli.main(_eval_args(tmp_path)) == 0
+    table = capsys.readouterr().out
+    assert f"data       the run's held-out data (--eval-data {held_out}): {held_out};" in table
+
+
+def test_eval_of_a_run_without_held_out_data_asks_for_data(tmp_path, corpus, capsys):
+    """Not Shakespeare, which the run never saw, and not the training text."""
+    _train_quickly(tmp_path, corpus)
+    capsys.readouterr()
+    run = tmp_path / "run"
+    saved = json.loads((run / "checkpoints" / "step_000001" / "train_config.json").read_text())
+    saved["eval_data"] = None  # a run given --data only
+    (run / "checkpoints" / "step_000001" / "train_config.json").write_text(json.dumps(saved))
+    assert cli.main(_eval_args(tmp_path, "--no-verify")) == 1
+    err = capsys.readouterr().err
+    assert f"was trained on {corpus} without held-out data (--eval-data)" in err and "give --data FILES" in err
+
+
+def test_eval_marks_max_windows_results_as_estimates(tmp_path, corpus, capsys):
+    _train_quickly(tmp_path, corpus)
+    capsys.readouterr()
+    assert cli.main(_eval_args(tmp_path, "--data", str(corpus), "--max-windows", "2", "--json")) == 0
+    sampled = json.loads(capsys.readouterr().out)
+    scored = sampled["results"]["32"]["tokens"]
+    assert sampled["estimate"] is True and sampled["results"]["32"]["estimate"] is True
+    assert cli.main(_eval_args(tmp_path, "--data", str(corpus), "--json")) == 0
+    whole = json.loads(capsys.readouterr().out)
+    predictions = whole["corpus_tokens"] - 1
+    assert whole["estimate"] is False and whole["results"]["32"]["tokens"] == predictions > scored
+    assert cli.main(_eval_args(tmp_path, "--data", str(corpus), "--max-windows", "2")) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("      32 "))
+    assert row.endswith(f"estimate: --max-windows 2 scored {scored:,} of {predictions:,} tokens")
+
+
+def test_eval_progress_bar_goes_to_stderr_on_request(tmp_path, corpus, capsys):
+    _train_quickly(tmp_path, corpus)
+    capsys.readouterr()
+    assert cli.main(_eval_args(tmp_path, "--data", str(corpus), "--progress", "--json")) == 0
+    shown = capsys.readouterr()
+    assert "eval seq_len 32" in shown.err and "batch" in shown.err
+    json.loads(shown.out)  # stdout stays one JSON object
+    assert cli.main(_eval_args(tmp_path, "--data", str(corpus), "--no-progress", "--json")) == 0
+    assert "eval seq_len" not in capsys.readouterr().err
+
+
+def test_eval_bf16_is_a_deprecated_spelling_of_dtype_bf16(tmp_path, corpus, capsys, caplog):
+    """The Makefile's `eval --bf16` keeps working, as --dtype bf16, with a warning."""
+    _train_quickly(tmp_path, corpus)
+    capsys.readouterr()
+    assert cli.main(_eval_args(tmp_path, "--data", str(corpus), "--dtype", "bf16", "--json")) == 0
+    with_dtype = json.loads(capsys.readouterr().out)
+    caplog.clear()
+    assert cli.main(_eval_args(tmp_path, "--data", str(corpus), "--bf16", "--json")) == 0
+    assert json.loads(capsys.readouterr().out) == with_dtype
+    assert "--bf16 is deprecated: use --dtype bf16" in caplog.text
+    assert cli.main(_eval_args(tmp_path, "--data", str(corpus), "--bf16", "--dtype", "fp32")) == 1
+    assert "--bf16 means --dtype bf16, which contradicts --dtype fp32" in capsys.readouterr().err
+
+
+def test_eval_help_documents_the_json_of_several_checkpoints(capsys):
+    assert cli.main(["eval", "--help"]) == 0
+    help_text = capsys.readouterr().out
+    assert '{"checkpoints": [one such object per checkpoint, in the order given, each with "train_seq_len"]}' \
+        in help_text
+    assert '"estimate"' in help_text
+
+
+def test_gpu_check_without_cuda_says_so_in_one_line(tmp_path):
+    """Exit 77 (skipped), one line naming why, no traceback; on a GPU machine too (CUDA hidden)."""
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.sh"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable, "OUT": str(tmp_path)}
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 77
+    assert "Traceback" not in done.stdout + done.stderr
+    assert done.stderr == ""
+    assert done.stdout.splitlines() == [f"no GPU: nothing to check (PyTorch {torch.__version__} sees no CUDA device)"]

@@ -1,6 +1,7 @@
 """Evaluation: numbers equal to a direct computation, every token scored once, clear limits."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -100,3 +101,15 @@ def test_seq_len_beyond_max_seq_len_is_rejected(tmp_path, model):
     for bad in (0, -1):
         with pytest.raises(ValueError, match=f"max_windows must be at least 1 .*got {bad}"):
             evaluate(model, store.tokens, 16, 4, store.num_bytes, max_windows=bad)
+
+
+def test_progress_bar_counts_the_batches_on_stderr_and_changes_nothing(tmp_path, model, capsys):
+    store = _store(tmp_path, ByteTokenizer())
+    quiet = evaluate(model, store.tokens, 16, 4, store.num_bytes)
+    assert capsys.readouterr().err == ""  # off by default: a library call (training) draws no bar
+    shown = evaluate(model, store.tokens, 16, 4, store.num_bytes, progress=True)
+    err = capsys.readouterr().err
+    assert re.search(r"eval seq_len 16: +0%.* 0/\d+ .*batch/s", err)
+    assert shown == quiet
+    evaluate(model, store.tokens, 16, 4, store.num_bytes, progress=None)  # stderr is no terminal here
+    assert capsys.readouterr().err == ""

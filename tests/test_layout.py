@@ -17,7 +17,7 @@ SOURCE = Path(andromeda.__file__).parent
 LAYERS = [
     ("core", ["andromeda.config", "andromeda.model", "andromeda.pause"]),
     ("inference", ["andromeda.inference"]),
-    ("infrastructure", ["andromeda.tokenizers", "andromeda.data", "andromeda.checkpoint", "andromeda.parallel",
+    ("infrastructure", ["andromeda.folders", "andromeda.tokenizers", "andromeda.data", "andromeda.checkpoint", "andromeda.parallel",
                         "andromeda.evaluation", "andromeda.plan", "andromeda.interop.x_transformers",
                         "andromeda.interop.hf"]),
     ("applications", ["andromeda.train", "andromeda.serve", "andromeda.interop.lm_eval", "andromeda.lm_eval"]),

@@ -200,6 +200,11 @@ def test_format_plan_reports_units_and_the_throughput_estimate():
     (dict(dtype="fp8"), ValueError, "dtype must be one of ['bf16', 'fp16', 'fp32'], got 'fp8'"),
     (dict(gpus=2.0), TypeError, "gpus must be an int, got 2.0 (float)"),
     (dict(activation_checkpointing="yes"), TypeError, "activation_checkpointing must be True"),
+    (dict(gpu_memory_gib=float("inf")), ValueError, "gpu_memory_gib must be a positive, finite number of GiB "
+                                                    "(e.g. 80), got inf"),
+    (dict(gpu_memory_gib=float("nan")), ValueError, "gpu_memory_gib must be a positive, finite number of GiB"),
+    (dict(gpu_memory_gib=1e300), ValueError, "gpu_memory_gib must be a positive, finite number of GiB"),
+    (dict(gpu_memory_gib=0), ValueError, "gpu_memory_gib must be a positive, finite number of GiB"),
 ])
 def test_invalid_inputs_are_named(kwargs, error, message):
     with pytest.raises(error) as info:
@@ -213,3 +218,21 @@ def test_config_is_a_config_or_a_preset_name():
         plan(SEVEN_B.to_dict())
     with pytest.raises(ValueError, match="unknown preset '8b'"):
         plan("8b")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(peak_tflops=0.0), "peak_tflops must be a positive, finite number of TFLOP/s (e.g. 989), got 0.0"),
+    (dict(peak_tflops=float("nan")), "peak_tflops must be a positive, finite number of TFLOP/s"),
+    (dict(peak_tflops=-1.0), "peak_tflops must be a positive, finite number of TFLOP/s"),
+    (dict(peak_tflops=float("inf")), "peak_tflops must be a positive, finite number of TFLOP/s"),
+    (dict(mfu=1.5), "mfu must be a fraction in (0, 1] (e.g. 0.4), got 1.5"),
+    (dict(mfu=0.0), "mfu must be a fraction in (0, 1]"),
+])
+def test_a_throughput_estimate_needs_a_real_peak_and_utilisation(kwargs, message):
+    """No ZeroDivisionError, and no "~nan tokens/s" or negative throughput printed as a result."""
+    p = plan(TINY)
+    with pytest.raises(ValueError) as info:
+        format_plan(p, **kwargs)
+    assert message in str(info.value)
+    with pytest.raises(ValueError):
+        p.tokens_per_second(**kwargs)

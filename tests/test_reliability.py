@@ -291,3 +291,43 @@ def test_eval_rejects_max_windows_below_one(run, tmp_path, corpus):
                                "--device", "cpu", "--cache-dir", str(tmp_path / "cache"))
         assert f"max_windows must be at least 1 (or None to score every window), got {bad}" in one_line_error(
             result, "eval")
+
+
+def _rewrite_optimizer_index(checkpoint: Path, change) -> None:
+    """Apply `change(storage_info)` to every storage entry of the optimizer index, as an attacker
+    holding only DCP's own (allow-listed) classes would, and rewrite the manifest to match."""
+    from andromeda.parallel.dcp import _MetadataUnpickler
+
+    index = checkpoint / OPTIMIZER_DIR / ".metadata"
+    with open(index, "rb") as handle:
+        metadata = _MetadataUnpickler(handle).load()
+    for info in metadata.storage_data.values():
+        change(info)
+    index.write_bytes(pickle.dumps(metadata))
+    write_manifest(checkpoint)
+
+
+@pytest.mark.parametrize("attack,message", [
+    ("outside", "points outside the folder"),
+    ("dev-zero", "points outside the folder"),
+    ("past-the-end", "truncated or crafted"),
+    ("transform", "asks for transforms"),
+])
+def test_a_crafted_optimizer_index_reads_nothing_outside_its_files(run, tmp_path, attack, message):
+    checkpoint = latest_checkpoint(run)
+    outside = tmp_path / "outside.bin"
+    shutil.copyfile(next((checkpoint / OPTIMIZER_DIR).glob("*.distcp")), outside)
+
+    def change(info):
+        if attack == "outside":
+            info.relative_path = os.path.relpath(outside, checkpoint / OPTIMIZER_DIR)
+        elif attack == "dev-zero":
+            info.relative_path, info.length = "/dev/zero", 2**31
+        elif attack == "past-the-end":
+            info.length = 2**31
+        else:
+            info.transform_descriptors = ["zstd"]
+
+    _rewrite_optimizer_index(checkpoint, change)
+    error = one_line_error(run_andromeda("train", "--out", str(run), "--resume", "--max-steps", "6"))
+    assert "optimizer/.metadata: storage entry" in error and message in error

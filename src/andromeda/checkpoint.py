@@ -49,7 +49,19 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import Config
+from .config import Config, check_size
+from .folders import (
+    TMP_PREFIX,
+    CheckpointError,
+    UnsafeFileError,
+    check_folder,
+    check_output,
+    fsync,
+    member,
+    read_json_object,
+    replace_folder,
+    staging_beside,
+)
 from .inference.quantize import (
     DEFAULT_GROUP_SIZE,
     check_scheme,
@@ -73,24 +85,11 @@ MANIFEST_FILE = "manifest.json"  # every other file's size and SHA-256
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-_TMP_PREFIX = ".tmp-"
+_TMP_PREFIX = TMP_PREFIX
 HASH_BLOCK = 8 * 2**20  # bytes read per hashing step
 
 
-class CheckpointError(ValueError):
-    """A checkpoint exists but cannot be used: truncated, corrupt, or not matching its config."""
-
-
 # --------------------------------------------------------------------------- writing
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file, or a folder's entries, to disk: a rename is only durable after both."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -147,7 +146,7 @@ def finish_checkpoint_folder(folder: Path) -> None:
     size and SHA-256, permissions by the umask (safetensors and mkdtemp create private files),
     and everything fsynced."""
     write_manifest(folder)
-    _apply_umask(folder)
+    apply_umask(folder)
     _fsync_tree(folder)
 
 
@@ -165,14 +164,11 @@ def verify_checkpoint(folder: Path, names: Sequence[str] | None = None) -> None:
     CheckpointError naming the first file whose size or SHA-256 differs, or that is missing.
     A folder written before manifests existed is accepted with a warning."""
     manifest_file = folder / MANIFEST_FILE
-    if not manifest_file.is_file():
+    entries = _manifest_entries(folder)
+    if entries is None:
         logger.warning("%s has no %s (written by an older version): its files are not verified", folder,
                        MANIFEST_FILE)
         return
-    try:
-        entries = json.loads(manifest_file.read_text())["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{manifest_file} is not a valid manifest: {err}") from None
     wanted = [n for n in (entries if names is None else names) if names is None or n in entries]
     if names is not None:
         unlisted = [n for n in names if n not in entries and (folder / n).exists()]
@@ -194,6 +190,25 @@ def verify_checkpoint(folder: Path, names: Sequence[str] | None = None) -> None:
                                   f"it anyway)")
 
 
+def _manifest_entries(folder: Path) -> dict[str, dict[str, Any]] | None:
+    """The manifest's {name: {"size", "sha256"}}, every name checked to lie inside `folder`;
+    None if the folder has no manifest. CheckpointError for a malformed one."""
+    manifest_file = member(folder, MANIFEST_FILE)
+    if not manifest_file.is_file():
+        return None
+    try:
+        entries = json.loads(manifest_file.read_text())["files"]
+        if not isinstance(entries, dict) or not all(
+                isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
+                for e in entries.values()):
+            raise TypeError('expected {"files": {NAME: {"size": INT, "sha256": HEX}}}')
+    except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as err:
+        raise CheckpointError(f"{manifest_file} is not a valid manifest: {err}") from None
+    for name in entries:
+        member(folder, name, what=f"{MANIFEST_FILE} entry")
+    return entries
+
+
 def _sha256_files(paths: Sequence[Path]) -> dict[Path, str]:
     """SHA-256 of each file, several at once (hashlib releases the GIL on large blocks)."""
     def digest(path: Path) -> str:
@@ -207,7 +222,7 @@ def _sha256_files(paths: Sequence[Path]) -> dict[Path, str]:
         return dict(zip(paths, pool.map(digest, paths)))
 
 
-def _apply_umask(folder: Path) -> None:
+def apply_umask(folder: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     for path in [folder, *folder.rglob("*")]:
@@ -217,41 +232,52 @@ def _apply_umask(folder: Path) -> None:
 def _fsync_tree(folder: Path) -> None:
     for file in folder.rglob("*"):
         if file.is_file():
-            _fsync(file)
-    _fsync(folder)
+            fsync(file)
+    fsync(folder)
 
 
-def save_pretrained(net: Transformer, directory: str | Path, tokenizer: Tokenizer | None = None) -> Path:
+def save_pretrained(net: Transformer, directory: str | Path, tokenizer: Tokenizer | None = None, *,
+                    flag: str = "directory") -> Path:
     """Save weights, config and (optionally) tokenizer into `directory`; returns it.
 
     The folder is written beside its final name and renamed into place, so readers never see a
-    partial one. An existing `directory` is replaced as a whole. A quantized model
-    (`inference.quantize`) saves its quantized weights, and its config records the scheme.
+    partial one. `directory` must be new or empty, or a checkpoint of the same kind (quantized or
+    not) that holds nothing but its manifest's files, which is then replaced as a whole; anything
+    else (a run folder, an unrelated folder) is refused with a FileExistsError naming `flag`.
+    A quantized model (`inference.quantize`) saves its quantized weights, and its config records
+    the scheme.
     """
-    quantization = quantization_of(net)
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{directory.name}-", dir=directory.parent))
+    directory = check_checkpoint_output(directory, quantized=quantization_of(net) is not None, flag=flag)
+    staging = staging_beside(directory)
     try:
-        write_checkpoint_files(staging, net.config, net.state_dict(), tokenizer, quantization=quantization)
+        write_checkpoint_files(staging, net.config, net.state_dict(), tokenizer, quantization=quantization_of(net))
         finish_checkpoint_folder(staging)
-        _replace_dir(staging, directory)
+        replace_folder(staging, directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("saved model to %s", directory)
     return directory
 
 
-def _replace_dir(source: Path, target: Path) -> None:
-    """Rename the complete folder `source` to `target`, moving an existing `target` aside first."""
-    if target.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}old-", dir=target.parent))
-        os.rename(target, trash / target.name)
-        os.rename(source, target)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(source, target)
-    _fsync(target.parent)
+def check_checkpoint_output(directory: str | Path, *, quantized: bool, flag: str = "directory") -> Path:
+    """`directory`, if `save_pretrained` may write a (`quantized` or full-precision) checkpoint
+    there; FileExistsError naming it and `flag` otherwise (see `folders.check_output`)."""
+    kind = "quantized checkpoint" if quantized else "full-precision checkpoint"
+    return check_output(directory, kind=kind, flag=flag,
+                        accepts=lambda folder: is_checkpoint_folder(folder, quantized=quantized))
+
+
+def is_checkpoint_folder(folder: Path, *, quantized: bool) -> bool:
+    """Whether `folder` is a checkpoint `save_pretrained` wrote (quantized or not, as asked): a
+    valid config and a manifest that lists every file it holds."""
+    try:
+        entries = _manifest_entries(folder)
+        files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()}
+        if entries is None or files - {MANIFEST_FILE} != set(entries):
+            return False
+        return (_read_config(folder)[1] is not None) == quantized
+    except (OSError, ValueError):
+        return False
 
 
 def _check_keep(keep: int) -> None:
@@ -287,7 +313,7 @@ def commit_checkpoint(run_dir: str | Path, step: int, keep: int) -> Path:
     staging, final = staging_folder(run_dir, step), checkpoint_folder(run_dir, step)
     finish_checkpoint_folder(staging)
     pause_point(f"before-rename:{final.name}")
-    _replace_dir(staging, final)
+    replace_folder(staging, final)
     _write_latest(Path(run_dir), final)
     for old in step_checkpoints(run_dir)[:-keep]:
         # Renamed out of the step_* namespace first: a crash mid-delete leaves a .tmp-* folder,
@@ -307,7 +333,7 @@ def _write_latest(run_dir: Path, checkpoint: Path) -> None:
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, run_dir / LATEST_FILE)
-    _fsync(run_dir)
+    fsync(run_dir)
 
 
 def remove_incomplete(run_dir: str | Path) -> list[Path]:
@@ -367,11 +393,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
             f"{WEIGHTS_FILE}) or a training run folder (holding {CHECKPOINTS_DIR}/)"
         )
     if (path / CONFIG_FILE).is_file() or (path / WEIGHTS_FILE).is_file():
+        check_folder(path)
         return path
     if (path / CHECKPOINTS_DIR).is_dir() or (path / LATEST_FILE).is_file():
         latest = latest_checkpoint(path)
         if latest is None:
             raise FileNotFoundError(f"run folder {path} has no complete checkpoint in {path / CHECKPOINTS_DIR}")
+        check_folder(latest)
         return latest
     raise FileNotFoundError(
         f"{path} is neither a checkpoint folder (no {CONFIG_FILE} or {WEIGHTS_FILE}) nor a training "
@@ -397,9 +425,10 @@ def _read_config(folder: Path) -> tuple[Config, tuple[str, int | None] | None]:
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint {folder} has no {CONFIG_FILE} (the model config)")
     try:
-        data = json.loads(file.read_text())
-        if not isinstance(data, dict):
-            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        data = read_json_object(file, "the model config, a JSON object of Config fields")
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+    try:
         quantization = data.pop(QUANTIZATION_KEY, None)
         if quantization is not None:
             if not isinstance(quantization, dict) or set(quantization) != {"scheme", "group_size"}:
@@ -407,7 +436,9 @@ def _read_config(folder: Path) -> tuple[Config, tuple[str, int | None] | None]:
                                  f"got {quantization!r}")
             quantization = (quantization["scheme"], quantization["group_size"])
             check_scheme(*quantization)
-        return Config.from_dict(data), quantization
+        config = Config.from_dict(data)
+        check_size(config)
+        return config, quantization
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{file} is not a valid model config: {err}") from None
 
@@ -577,9 +608,6 @@ def load_train_config(path: str | Path) -> dict[str, Any] | None:
     if not file.is_file():
         return None
     try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{file} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file} must hold a JSON object, got {type(data).__name__}")
-    return data
+        return read_json_object(file, "the training hyperparameters, a JSON object of TrainConfig fields")
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None

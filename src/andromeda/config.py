@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import types
 import typing
 from collections.abc import Mapping
@@ -85,6 +86,17 @@ class Config:
     def ff_dim(self) -> int:
         return self.dim * self.ff_mult
 
+    @property
+    def num_parameters(self) -> int:
+        """The model's parameter count, from the config alone (nothing is built)."""
+        inner = self.heads * self.dim_head
+        attention = self.dim * (inner + 2 * self.attn_kv_heads * self.dim_head) + inner * self.dim
+        scales = (self.heads + self.attn_kv_heads) * self.dim_head if self.use_qk_norm and self.attn_qk_norm_dim_scale else 0
+        feed_forward = 2 * self.dim * self.ff_dim + self.ff_dim + self.dim
+        block = 2 * self.dim + attention + scales + feed_forward
+        tables = 2 * self.num_tokens * self.dim + (self.max_seq_len * self.dim if self.use_abs_pos_emb else 0)
+        return self.depth * block + tables + self.dim
+
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
 
@@ -150,6 +162,42 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # The seed's constructor arguments, in the seed's order: the face `Andromeda(...)` exposes.
 SEED_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Config))[:15]
+
+
+# --------------------------------------------------------------------------- size limits
+# A config read from a file (a checkpoint, a Hugging Face folder) is checked against these before
+# any module is built: a crafted `num_hidden_layers: 10000000` would otherwise hang building
+# layers while memory grows. Real giants raise them through the environment variables.
+MAX_PARAMETERS = 10**12
+MAX_LAYERS = 10_000
+MAX_PARAMETERS_ENV = "ANDROMEDA_MAX_PARAMETERS"
+MAX_LAYERS_ENV = "ANDROMEDA_MAX_LAYERS"
+
+
+def check_size(config: Config, source: str | Path = "the config") -> None:
+    """Raise a ValueError naming `source` if `config` has more layers or parameters than the limits
+    (MAX_LAYERS, MAX_PARAMETERS, or the ANDROMEDA_MAX_LAYERS / ANDROMEDA_MAX_PARAMETERS variables)."""
+    max_layers = _limit(MAX_LAYERS_ENV, MAX_LAYERS)
+    max_parameters = _limit(MAX_PARAMETERS_ENV, MAX_PARAMETERS)
+    if config.depth > max_layers:
+        raise ValueError(f"{source}: {config.depth:,} layers exceed the limit of {max_layers:,}; for a real model "
+                         f"that large, set {MAX_LAYERS_ENV}")
+    if config.num_parameters > max_parameters:
+        raise ValueError(f"{source}: {config.num_parameters:.3g} parameters exceed the limit of {max_parameters:.3g}; "
+                         f"for a real model that large, set {MAX_PARAMETERS_ENV}")
+
+
+def _limit(variable: str, default: int) -> int:
+    text = os.environ.get(variable)
+    if text is None:
+        return default
+    try:
+        value = int(float(text))
+    except (ValueError, OverflowError):
+        raise ValueError(f"{variable} must be a positive number, got {text!r}") from None
+    if value <= 0:
+        raise ValueError(f"{variable} must be a positive number, got {text!r}")
+    return value
 
 
 # --------------------------------------------------------------------------- validation

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .data import EvalWindow, eval_windows
 from .model import Transformer
@@ -75,6 +76,7 @@ def evaluate(
     max_windows: int | None = None,
     autocast_dtype: torch.dtype | None = None,
     env: DistEnv | None = None,
+    progress: bool | None = False,
 ) -> dict[str, float | int]:
     """Loss (nats/token), perplexity and bits per byte of `net` on the 1-D array `tokens`.
 
@@ -108,8 +110,12 @@ def evaluate(
     rounds = max(len(list(_batches(iter(windows[r :: env.world_size]), batch_size))) for r in range(env.world_size))
     filler = batches[-1] if batches else torch.stack([windows[0].tokens])  # repeated, never counted
     totals = torch.zeros(2, dtype=torch.float64)  # nats, predictions
+    # tqdm's disable=None: shown only when stderr is a terminal; only rank 0 draws it.
+    disable = True if env.rank else (None if progress is None else not progress)
+    bar = tqdm(range(rounds), desc=f"eval seq_len {seq_len}", unit="batch", leave=False, dynamic_ncols=True,
+               disable=disable)
     try:
-        for index in range(rounds):
+        for index in bar:
             batch = (batches[index] if index < len(batches) else filler).to(device)  # (B, T + 1)
             inputs, targets = batch[:, :-1], batch[:, 1:]
             with autocast:
@@ -117,6 +123,7 @@ def evaluate(
             if index < len(batches):
                 totals += torch.tensor([float(nats), targets.numel()], dtype=torch.float64)
     finally:
+        bar.close()
         net.train(was_training)
     total_nats, count = all_reduce_sum(totals, env).tolist() if env.distributed else totals.tolist()
     count = int(count)

@@ -104,6 +104,7 @@ class Plan:
 
     def tokens_per_second(self, peak_tflops: float = H100_BF16_TFLOPS, mfu: float = ASSUMED_MFU) -> float:
         """Training tokens per second per GPU if it sustains `mfu` of `peak_tflops`."""
+        check_throughput_inputs(peak_tflops, mfu)
         return peak_tflops * 1e12 * mfu / self.train_flops_per_token
 
 
@@ -255,6 +256,7 @@ def loss_bytes(config: Config, tokens: int, width: int) -> int:
 def format_plan(plan: Plan, peak_tflops: float = H100_BF16_TFLOPS, mfu: float = ASSUMED_MFU) -> str:
     """A readable table of `plan`: parameters, FLOPs per token, per-GPU memory with and without
     activation checkpointing, a throughput estimate at `mfu` of `peak_tflops`, the recommendation."""
+    check_throughput_inputs(peak_tflops, mfu)
     c, p = plan.config, plan
     attention = p.train_flops_per_token - 6 * p.non_embedding_params
     tokens = p.batch * p.seq_len
@@ -316,8 +318,22 @@ def _check_inputs(
     if activation_checkpointing is not None and not isinstance(activation_checkpointing, bool):
         raise TypeError(f"activation_checkpointing must be True, False or None (decide), got "
                         f"{activation_checkpointing!r}")
-    if not gpu_memory_gib > 0:
-        raise ValueError(f"gpu_memory_gib must be positive, got {gpu_memory_gib}")
+    if not (_positive_finite(gpu_memory_gib) and math.isfinite(gpu_memory_gib * GIB)):
+        raise ValueError(f"gpu_memory_gib must be a positive, finite number of GiB (e.g. 80), got {gpu_memory_gib!r}")
+
+
+def check_throughput_inputs(peak_tflops: float, mfu: float) -> None:
+    """Raise a ValueError naming the input unless `peak_tflops` is a positive, finite number and
+    `mfu` a fraction in (0, 1]: NaN, infinity or zero would print a meaningless estimate."""
+    if not (_positive_finite(mfu) and mfu <= 1):
+        raise ValueError(f"mfu must be a fraction in (0, 1] (e.g. 0.4), got {mfu!r}")
+    if not (_positive_finite(peak_tflops) and math.isfinite(peak_tflops * 1e12)):
+        raise ValueError(f"peak_tflops must be a positive, finite number of TFLOP/s (e.g. 989), got {peak_tflops!r}")
+
+
+def _positive_finite(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and value > 0)
 
 
 def _sharded_numel(net: nn.Module, gpus: int) -> int:

@@ -44,6 +44,8 @@ import torch
 from tokenizers import Tokenizer as _HFTokenizerObject
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from .folders import read_json_object
+
 logger = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
@@ -227,9 +229,11 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     """
     directory = Path(directory)
     config_path = directory / TOKENIZER_CONFIG_FILE
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    expected = '{"type": "byte"} or {"type": "huggingface", "name": ...}'
+    config = read_json_object(config_path, expected) if config_path.is_file() else {}
     if (directory / HF_TOKENIZER_FILE).is_file():
-        name = config.get("name") or directory.name
+        name = config.get("name") if isinstance(config.get("name"), str) else None
+        name = name or directory.name
         return HFTokenizer.from_file(directory / HF_TOKENIZER_FILE, name=name)
     if not config_path.is_file():
         raise FileNotFoundError(

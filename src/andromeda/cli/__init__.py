@@ -9,6 +9,7 @@ turning its arguments into a call of the library and printing the result.
     andromeda generate --checkpoint runs/demo --prompt "ROMEO:" --max-new-tokens 200
     andromeda quantize --checkpoint runs/demo --out runs/demo-int8 --scheme int8
     andromeda plan --preset 7b --gpus 8 --seq-len 8192 --batch 1
+    andromeda plan --config run.toml --gpus 8      # the run `andromeda train --config run.toml` starts
 
 `--checkpoint` takes a checkpoint folder or a run folder (meaning its latest checkpoint). Logs go
 to stderr; stdout carries only the command's output (text, a table or JSON). Under torchrun, rank 0
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     parser = argparse.ArgumentParser(prog="andromeda", description="Train, evaluate and run Andromeda, a long-context language model.")
     commands = parser.add_subparsers(dest="command", required=True)
-    add = functools.partial(commands.add_parser, parents=[common])
+    # Descriptions keep their line breaks (examples, JSON shapes); option help is still wrapped.
+    add = functools.partial(commands.add_parser, parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(f"{__name__}.{module_name}")
         sub = add(name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP))
@@ -70,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     try:
         args = parser.parse_args(argv)
+        if hasattr(args, "check_arguments"):  # what argparse cannot check alone (e.g. with a --config file)
+            args.check_arguments(args)
     except SystemExit as exit_:  # bad arguments (2) or --help (0): argparse has printed why
         return int(exit_.code or 0)
     rank = int(os.environ.get("RANK", "0") or 0)  # torchrun's; see parallel.environment

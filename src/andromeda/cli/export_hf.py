@@ -12,7 +12,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder")
-    parser.add_argument("--out", required=True, help="the folder to write (replaced if it is an earlier export)")
+    parser.add_argument("--out", required=True, help="a new or empty folder to write; an earlier export there is replaced, any other "
+                                                      "folder is refused")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: as saved)")
 
 
@@ -25,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = load_checkpoint_tokenizer(args.checkpoint)
     except FileNotFoundError:
         tokenizer = None  # a model saved without one exports without one
-    out = export_hf(net, tokenizer, args.out, dtype=DTYPES.get(args.dtype))
+    out = export_hf(net, tokenizer, args.out, dtype=DTYPES.get(args.dtype), flag="--out")
     print(f"wrote {out}: load it with AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)"
           + (" and AutoTokenizer.from_pretrained(...)" if tokenizer is not None else ""))
     return 0

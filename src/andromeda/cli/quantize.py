@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..inference.quantize import DEFAULT_GROUP_SIZE, SCHEMES
 
     parser.add_argument("--checkpoint", required=True, help="full-precision checkpoint folder or run folder")
-    parser.add_argument("--out", required=True, help="the folder to write (replaced if it exists)")
+    parser.add_argument("--out", required=True, help="a new or empty folder to write; an earlier quantized checkpoint there is replaced, "
+                                                      "any other folder is refused")
     parser.add_argument("--scheme", required=True, choices=SCHEMES,
                         help="int8: one scale per output row; int4: a scale and zero per group of inputs")
     parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
@@ -30,10 +31,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import describe_quantization, load_checkpoint_tokenizer, load_transformer, save_pretrained
+    from ..checkpoint import (
+        check_checkpoint_output,
+        describe_quantization,
+        load_checkpoint_tokenizer,
+        load_transformer,
+        save_pretrained,
+    )
     from ..inference.quantize import check_scheme
 
     check_scheme(args.scheme, args.group_size)
+    check_checkpoint_output(args.out, quantized=True, flag="--out")  # before the slow part
     start = time.perf_counter()
     net = load_transformer(args.checkpoint, device="cpu", dtype=DTYPES[args.dtype], verify=args.verify,
                            quantize=args.scheme, group_size=args.group_size)
@@ -42,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = load_checkpoint_tokenizer(args.checkpoint, verify=args.verify)
     except FileNotFoundError:
         tokenizer = None  # a model saved without one is written without one
-    out = save_pretrained(net, args.out, tokenizer=tokenizer)
+    out = save_pretrained(net, args.out, tokenizer=tokenizer, flag="--out")
     size = sum(t.numel() * t.element_size() for t in net.state_dict().values())
     group = args.group_size if args.scheme == "int4" else None
     print(f"wrote {out}: {describe_quantization((args.scheme, group))}, {size / 2**20:,.1f} MiB of weights "

@@ -1,9 +1,10 @@
 """`andromeda train`: one option per TrainConfig field, typed from its annotation, with the
-field's help text."""
+field's help text; or a file of those fields (--config), the options given overriding it."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import types
@@ -17,9 +18,22 @@ import torch
 from ..checkpoint import latest_checkpoint, load_train_config
 from ..parallel.environment import launched_rank, resolve_device
 from ..train import PREEMPTED_EXIT_CODE, Preempted, TrainConfig, train
+from ..train.config import read_config_file
 
 HELP = "train a model"
-DESCRIPTION = "Train (or resume) a model."
+DESCRIPTION = """Train (or resume) a model.
+
+--config FILE reads the run's settings from a TOML file (YAML with PyYAML installed) of the
+fields below, spelled batch_size or batch-size; model Config fields go in a [model_overrides]
+table. Options given on the command line override the file (--override per model field):
+
+    preset = "tiny"
+    data = ["corpus/*.txt"]
+    seq_len = 512
+    time_budget = 600
+    [model_overrides]
+    depth = 4
+"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,13 +58,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 help=argparse.SUPPRESS)
         elif any(typing.get_origin(k) is tuple for k in kinds):
             parser.add_argument(flag, nargs="+", metavar=f.metadata.get("metavar", "PATH"), **common)
-        else:
-            parser.add_argument(flag, type=next(iter(kinds)), required=f.default is MISSING,
-                                metavar=f.name.upper(), **common)
-    parser.add_argument("--override", nargs="+", default=argparse.SUPPRESS, metavar="KEY=VALUE",
-                        help="model Config fields over the preset, e.g. --override depth=4 max_seq_len=512")
+        else:  # a field without default (--out) may come from --config instead: see check_arguments
+            parser.add_argument(flag, type=next(iter(kinds)), metavar=f.name.upper(), **common)
+    parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
+                        help="a TOML or YAML file of the options above (TrainConfig fields); options given "
+                             "here override it")
+    parser.add_argument("--override", nargs="+", action="extend", default=argparse.SUPPRESS, metavar="KEY=VALUE",
+                        help="model Config fields over the preset (and the --config file's model_overrides), "
+                             "e.g. --override depth=4 max_seq_len=512; repeatable")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
                         help="no progress bar")
+    parser.set_defaults(check_arguments=functools.partial(check_arguments, parser))
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit as argparse does (code 2) when a TrainConfig field without default (--out) is given
+    neither on the command line nor in the --config file."""
+    missing = [f.name for f in fields(TrainConfig) if f.default is MISSING and f.default_factory is MISSING
+               and not hasattr(args, f.name)]
+    if missing and hasattr(args, "config"):
+        try:
+            missing = [name for name in missing if name not in read_config_file(args.config)]
+        except (ValueError, OSError, ImportError):
+            return  # run() reports what is wrong with the file
+    if missing:
+        flags = ", ".join("--" + name.replace("_", "-") for name in missing)
+        parser.error(f"the following arguments are required: {flags} (or {', '.join(missing)} in the --config file)")
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
@@ -68,11 +101,12 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig of `andromeda train`: the given options over the defaults, or with
-    --resume over the run's saved settings."""
-    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    """The TrainConfig of `andromeda train`: the given options over the --config file over the
+    defaults, or with --resume over the run's saved settings."""
+    given = read_config_file(args.config) if hasattr(args, "config") else {}
+    given.update((f.name, getattr(args, f.name)) for f in fields(TrainConfig) if hasattr(args, f.name))
     if hasattr(args, "override"):
-        given["model_overrides"] = parse_overrides(args.override)
+        given["model_overrides"] = {**given.get("model_overrides", {}), **parse_overrides(args.override)}
     if not given.get("resume"):
         return TrainConfig(**given)
     checkpoint = latest_checkpoint(args.out)

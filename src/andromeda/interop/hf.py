@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -65,8 +64,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..checkpoint import shape_problems
-from ..config import Config
+from ..checkpoint import apply_umask, shape_problems, writing
+from ..config import Config, check_size
+from ..folders import check_folder, check_output, member, read_json_object, replace_folder, staging_beside
 from ..inference.quantize import quantization_of
 from ..model import Transformer, build_transformer
 from ..tokenizers import ByteTokenizer, HFTokenizer, Tokenizer
@@ -82,6 +82,9 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CODE_FILES = ("configuration_andromeda.py", "modeling_andromeda.py")
+# Every file an export holds: a folder holding anything else is not replaced by a new export.
+EXPORT_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, GENERATION_CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE,
+                          *CODE_FILES})
 # The byte tokenizer's special tokens (ids 256 and 257), as ByteTokenizer names them.
 BYTE_SPECIALS = ("<|endoftext|>", "<|pad|>")
 CODE_DIR = Path(__file__).parent / "hf_model"
@@ -237,9 +240,11 @@ def config_from_hf(data: Mapping[str, Any], source: str | Path = CONFIG_FILE) ->
     if "attn_flash" in extra:
         fields["attn_flash"] = extra["attn_flash"]
     try:
-        return Config(**fields)
+        config = Config(**fields)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{source}: {err}") from None
+    check_size(config, source)
+    return config
 
 
 # --------------------------------------------------------------------------- weights
@@ -308,11 +313,13 @@ def _weight_files(folder: Path) -> list[Path]:
     if single.is_file():
         return [single]
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{index} is not a safetensors index (no weight_map): {err}") from None
-        files = [folder / name for name in sorted(set(weight_map.values()))]
+        expected = 'a safetensors index, {"weight_map": {TENSOR: FILE}}'
+        weight_map = read_json_object(index, expected).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ValueError(f"{index} is not {expected}")
+        # Each shard must be a file of this folder: a name like "../x" or "/dev/zero" is refused.
+        files = [member(folder, name, what=f"{WEIGHTS_INDEX_FILE} weight file")
+                 for name in sorted(set(weight_map.values()))]
         absent = [f.name for f in files if not f.is_file()]
         if absent:
             raise FileNotFoundError(f"{index} names weight files that are missing: {absent}")
@@ -423,18 +430,17 @@ def load_hf_tokenizer(hf_dir: str | Path) -> Tokenizer | None:
     """Our tokenizer from an exported folder; None if it has no tokenizer.json."""
     folder = Path(hf_dir)
     settings_file = folder / TOKENIZER_CONFIG_FILE
-    settings = {}
-    if settings_file.is_file():
-        try:
-            settings = json.loads(settings_file.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{settings_file} is not valid JSON: {err}") from None
+    settings = read_json_object(settings_file, "AutoTokenizer's settings") if settings_file.is_file() else {}
     identity = settings.get("andromeda_tokenizer") or {}
+    if not isinstance(identity, dict):
+        raise ValueError(f'{settings_file}: "andromeda_tokenizer" must be an object like {{"type": "byte"}}, '
+                         f"got {identity!r}")
     if identity.get("type") == "byte":
         return ByteTokenizer()
     if not (folder / TOKENIZER_FILE).is_file():
         return None
-    return HFTokenizer.from_file(folder / TOKENIZER_FILE, name=identity.get("name") or folder.name)
+    name = identity.get("name") if isinstance(identity.get("name"), str) else None
+    return HFTokenizer.from_file(folder / TOKENIZER_FILE, name=name or folder.name)
 
 
 # --------------------------------------------------------------------------- export / import
@@ -454,9 +460,15 @@ def is_hf_folder(path: str | Path) -> bool:
     if not file.is_file():
         return False
     try:
-        return json.loads(file.read_text()).get("model_type") == MODEL_TYPE
-    except (json.JSONDecodeError, AttributeError):
+        return read_json_object(file).get("model_type") == MODEL_TYPE
+    except (OSError, ValueError):
         return False
+
+
+def is_export_folder(path: str | Path) -> bool:
+    """Whether `path` holds an export and nothing else: the files `export_hf` writes."""
+    path = Path(path)
+    return is_hf_folder(path) and all(entry.name in EXPORT_FILES and entry.is_file() for entry in path.iterdir())
 
 
 def export_hf(
@@ -465,13 +477,15 @@ def export_hf(
     out_dir: str | Path,
     *,
     dtype: torch.dtype | None = None,
+    flag: str = "directory",
 ) -> Path:
     """Write `model` (and `tokenizer`) as a folder transformers loads with trust_remote_code=True;
     returns the folder.
 
     The weights keep their dtype unless `dtype` is given. The folder is written beside `out_dir`
     and renamed into place; an existing `out_dir` is replaced only if it is empty or an earlier
-    export, never an unrelated folder.
+    export holding nothing but an export's files, never a run or an unrelated folder (a
+    FileExistsError naming `flag`).
     """
     net = _transformer(model)
     config = net.config
@@ -479,11 +493,7 @@ def export_hf(
     if quantization is not None:
         raise ValueError(f"the model is quantized ({quantization[0]}); the Hugging Face model holds full-precision "
                          f"weights: export the checkpoint it was quantized from")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not is_hf_folder(out_dir))):
-        raise FileExistsError(
-            f"{out_dir} exists and is not an earlier Hugging Face export; choose a new or empty folder"
-        )
+    out_dir = check_output(out_dir, kind="Hugging Face export", accepts=is_export_folder, flag=flag)
     if tokenizer is not None and tokenizer.vocab_size > config.num_tokens:
         raise ValueError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {config.num_tokens}"
@@ -491,27 +501,30 @@ def export_hf(
     state = {name: t.detach().to("cpu", dtype if dtype is not None and t.is_floating_point() else t.dtype)
              for name, t in net.state_dict().items()}
     weights_dtype = dtype or next(t.dtype for t in state.values() if t.is_floating_point())
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    staging = staging_beside(out_dir)
     try:
-        tensors = {name: t.contiguous() for name, t in to_hf_state_dict(state, config).items()}
-        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
-        settings = hf_config(config, tokenizer, weights_dtype)
-        (staging / CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")
-        generation = {key: settings[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
-        (staging / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")
-        for name in CODE_FILES:
-            shutil.copyfile(CODE_DIR / name, staging / name)
-        if tokenizer is not None:
-            _write_tokenizer(tokenizer, staging, config.max_seq_len)
-        staging.chmod(0o755)  # mkdtemp makes it private
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(staging, out_dir)
+        with writing(out_dir):
+            _write_export(staging, config, state, tokenizer, weights_dtype)
+            apply_umask(staging)  # mkdtemp and safetensors make private files
+        replace_folder(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("exported %s to %s", type(model).__name__, out_dir)
     return out_dir
+
+
+def _write_export(folder: Path, config: Config, state: dict[str, Tensor], tokenizer: Tokenizer | None,
+                  weights_dtype: torch.dtype) -> None:
+    tensors = {name: t.contiguous() for name, t in to_hf_state_dict(state, config).items()}
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    settings = hf_config(config, tokenizer, weights_dtype)
+    (folder / CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    generation = {key: settings[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    (folder / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")
+    for name in CODE_FILES:
+        shutil.copyfile(CODE_DIR / name, folder / name)
+    if tokenizer is not None:
+        _write_tokenizer(tokenizer, folder, config.max_seq_len)
 
 
 def import_hf(hf_dir: str | Path) -> tuple[Config, dict[str, Tensor], Tokenizer | None]:
@@ -522,15 +535,11 @@ def import_hf(hf_dir: str | Path) -> tuple[Config, dict[str, Tensor], Tokenizer 
     folder = Path(hf_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"Hugging Face folder {folder} does not exist")
+    check_folder(folder)
     config_file = folder / CONFIG_FILE
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder} has no {CONFIG_FILE}")
-    try:
-        data = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_file} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{config_file} must hold a JSON object, got {type(data).__name__}")
+    data = read_json_object(config_file, "an exported AndromedaConfig, a JSON object")
     config = config_from_hf(data, config_file)
     tensors = _read_weights(_weight_files(folder), config)
     state = from_hf_state_dict(tensors, config)

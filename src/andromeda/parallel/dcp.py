@@ -28,10 +28,12 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 from ..checkpoint import CheckpointError, disk_full
+from ..folders import UnsafeFileError, member
 
 METADATA_FILE = ".metadata"
 
@@ -74,10 +76,41 @@ class SafeFileSystemReader(FileSystemReader):
                                   f"crafted): {err}") from None
         if not isinstance(metadata, Metadata):
             raise CheckpointError(f"{path} holds a {type(metadata).__name__}, not an optimizer-state index")
+        _check_storage(Path(self.path), path, metadata)
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+def _check_storage(folder: Path, index: Path, metadata: Metadata) -> None:
+    """Refuse an index whose storage entries read anything but byte ranges of this folder's own
+    files: a relative path inside the folder (not "../x", "/dev/zero" or a link out), a regular
+    file that exists, offset and length within its size, and no transforms (we write none)."""
+    storage = getattr(metadata, "storage_data", None)
+    if not isinstance(storage, dict):
+        raise CheckpointError(f"{index} has no storage table; it is not an optimizer-state index")
+    sizes: dict[str, int] = {}
+    for key, info in storage.items():
+        where = f"{index}: storage entry {getattr(key, 'fqn', key)!r}"
+        if not isinstance(info, _StorageInfo):
+            raise CheckpointError(f"{where} is a {type(info).__name__}, not a file range")
+        try:
+            file = member(folder, info.relative_path, what="optimizer storage file")
+        except UnsafeFileError as err:
+            raise CheckpointError(f"{where}: {err}") from None
+        if info.relative_path not in sizes:
+            if not file.is_file():
+                raise CheckpointError(f"{where} names {info.relative_path!r}, which {folder} does not hold")
+            sizes[info.relative_path] = file.stat().st_size
+        offset, length = info.offset, info.length
+        if not (isinstance(offset, int) and isinstance(length, int) and offset >= 0 and length >= 0
+                and offset + length <= sizes[info.relative_path]):
+            raise CheckpointError(f"{where} reads bytes {offset}..{offset}+{length} of {info.relative_path}, "
+                                  f"which has {sizes[info.relative_path]}: truncated or crafted")
+        if info.transform_descriptors:
+            raise CheckpointError(f"{where} asks for transforms {list(info.transform_descriptors)}; optimizer "
+                                  f"state is written without any")
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):

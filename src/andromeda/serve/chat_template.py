@@ -14,6 +14,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import verify_checkpoint
+from ..folders import CheckpointError, member, read_json_object
 from ..tokenizers import EOS_TOKEN, PAD_TOKEN, TOKENIZER_CONFIG_FILE
 
 TEMPLATE_FILE = "chat_template.jinja"
@@ -24,21 +26,26 @@ class ChatTemplateError(ValueError):
 
 
 def find_chat_template(checkpoint: str | Path, path: str | Path | None = None) -> str | None:
-    """The template's source: the file `path`, else the checkpoint's; None if there is none."""
+    """The template's source: the file `path`, else the checkpoint's; None if there is none.
+
+    A checkpoint's template is one of its own files: a regular file inside the folder (a link out
+    of it, a FIFO or a device is refused) and, where the checkpoint has a manifest, listed in it
+    with a matching SHA-256, so a file dropped in or swapped after the checkpoint was written is
+    never served."""
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"chat template file {path} does not exist")
         return path.read_text()
     checkpoint = Path(checkpoint)
-    if (checkpoint / TEMPLATE_FILE).is_file():
-        return (checkpoint / TEMPLATE_FILE).read_text()
-    config_file = checkpoint / TOKENIZER_CONFIG_FILE
+    template_file = member(checkpoint, TEMPLATE_FILE, what="chat template")
+    if template_file.is_file():
+        _verify(checkpoint, TEMPLATE_FILE)
+        return template_file.read_text()
+    config_file = member(checkpoint, TOKENIZER_CONFIG_FILE)
     if config_file.is_file():
-        try:
-            template = json.loads(config_file.read_text()).get("chat_template")
-        except (json.JSONDecodeError, AttributeError) as error:
-            raise ValueError(f"{config_file} is not a JSON object: {error}") from None
+        _verify(checkpoint, TOKENIZER_CONFIG_FILE)
+        template = read_json_object(config_file, "the tokenizer settings, a JSON object").get("chat_template")
         if isinstance(template, list):  # [{"name": ..., "template": ...}]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
@@ -46,6 +53,13 @@ def find_chat_template(checkpoint: str | Path, path: str | Path | None = None) -
             raise ValueError(f"{config_file}: chat_template must be a string, got {type(template).__name__}")
         return template
     return None
+
+
+def _verify(checkpoint: Path, name: str) -> None:
+    try:
+        verify_checkpoint(checkpoint, [name])
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}; to serve another chat template, pass --chat-template FILE") from None
 
 
 class ChatTemplate:

@@ -1,21 +1,34 @@
 """`TrainConfig`: every hyperparameter of a training run, validated on construction, saved with
 each checkpoint (`train_config.json`), round-tripped through JSON. Each field's help text is its
 metadata: the command line's `andromeda train --help` and the docs read it from there.
+
+A run can also be written down as a file of TrainConfig fields (`read_config_file`: TOML, or YAML
+with PyYAML installed) that `andromeda train --config` runs and `andromeda plan --config` prices.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
+import sys
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
+from ..checkpoint import load_config
 from ..config import PRESETS, Config, check_types, from_known_fields
 from ..parallel.environment import DEFAULT_TIMEOUT_S
 from ..parallel.parallelize import PARALLEL_MODES
-from ..tokenizers import Tokenizer
+from ..tokenizers import Tokenizer, build_tokenizer
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, before it joined the standard library
+    import tomli as tomllib
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +196,80 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+CONFIG_FILE_SUFFIXES = (".toml", ".yaml", ".yml")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The TrainConfig fields a TOML file (or a YAML one, with PyYAML installed) sets: a table of
+    fields spelled as in Python (batch_size) or as on the command line (batch-size), the model's
+    Config fields in a `model_overrides` table, a single path allowed where a list is expected.
+    Relative paths in it are relative to the working directory, as on the command line.
+
+    Raises a ValueError naming the file and the key for a key that is no TrainConfig field (or,
+    under model_overrides, no Config field), and naming the file when it does not parse."""
+    path = Path(path)
+    if path.suffix.lower() not in CONFIG_FILE_SUFFIXES:
+        raise ValueError(f"config file {path} must end in {', '.join(CONFIG_FILE_SUFFIXES)} (TOML or YAML)")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    data = _parse_config_file(path)
+    if not isinstance(data, Mapping):
+        raise ValueError(f"config file {path} must hold a table of TrainConfig fields, got a {type(data).__name__}")
+    known = {f.name for f in fields(TrainConfig)}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"unknown key {key!r} in config file {path}{hint}; the keys are TrainConfig fields: "
+                             f"{', '.join(sorted(known))}")
+        if name in values:
+            raise ValueError(f"config file {path} sets {name} twice (as {name} and as {name.replace('_', '-')})")
+        values[name] = value
+    _check_model_overrides(values.get("model_overrides", {}), path)
+    for name in _tuple_fields():  # data = "corpus.txt" means data = ["corpus.txt"]
+        if isinstance(values.get(name), str):
+            values[name] = (values[name],)
+    return values
+
+
+def _parse_config_file(path: Path) -> Any:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".toml":
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"config file {path} is not valid TOML: {err}") from None
+    try:
+        import yaml
+    except ImportError:
+        raise ImportError(f"reading the YAML file {path} needs PyYAML (pip install pyyaml); or write it as "
+                          f"TOML (.toml)") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {path} is not valid YAML: {err}") from None
+
+
+def _check_model_overrides(overrides: Any, path: Path) -> None:
+    if not isinstance(overrides, Mapping):
+        raise ValueError(f"model_overrides in config file {path} must be a table of model Config fields, "
+                         f"got {overrides!r}")
+    known = {f.name for f in fields(Config)}
+    for key in overrides:
+        if key not in known:
+            raise ValueError(f"unknown key 'model_overrides.{key}' in config file {path}; model Config fields "
+                             f"are: {', '.join(sorted(known))}")
+
+
+def _tuple_fields() -> list[str]:
+    """TrainConfig fields that hold a list of strings (data, eval_data, report_to)."""
+    hints = typing.get_type_hints(TrainConfig)
+    return [name for name, hint in hints.items()
+            if any(typing.get_origin(arg) is tuple for arg in (*typing.get_args(hint), hint))]
+
+
 def padded_vocab(vocab_size: int) -> int:
     return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
@@ -193,15 +280,33 @@ def model_config(config: TrainConfig, tokenizer: Tokenizer, base: Config | None 
     nothing that has a weight's shape."""
     if base is not None:
         return _init_from_config(config, base)
+    return sized_model_config(config, tokenizer.vocab_size, tokenizer.name)
+
+
+def planned_model_config(config: TrainConfig) -> Config:
+    """The model Config a run of `config` will build, found without its data: the tokenizer is
+    built only when that is free (byte, a tokenizer.json), and a BPE not yet trained counts
+    `bpe_vocab_size` tokens, the most it will have."""
+    if config.init_from is not None:
+        return _init_from_config(config, load_config(config.init_from))
+    if config.tokenizer == "bpe":
+        return sized_model_config(config, config.bpe_vocab_size, f"bpe (at most {config.bpe_vocab_size} tokens)")
+    tokenizer = build_tokenizer(config.tokenizer)
+    return sized_model_config(config, tokenizer.vocab_size, tokenizer.name)
+
+
+def sized_model_config(config: TrainConfig, vocab_size: int, tokenizer_name: str) -> Config:
+    """The preset with the overrides, num_tokens fitted to a tokenizer of `vocab_size` tokens,
+    checked against seq_len."""
     model = Config.from_preset(config.preset or DEFAULT_PRESET, **config.model_overrides)
     if "num_tokens" in config.model_overrides:
-        if model.num_tokens < tokenizer.vocab_size:
+        if model.num_tokens < vocab_size:
             raise ValueError(f"num_tokens={model.num_tokens} is smaller than the tokenizer's vocab_size "
-                             f"{tokenizer.vocab_size}")
-    elif model.num_tokens != tokenizer.vocab_size:
-        num_tokens = padded_vocab(tokenizer.vocab_size)
+                             f"{vocab_size}")
+    elif model.num_tokens != vocab_size:
+        num_tokens = padded_vocab(vocab_size)
         logger.info("tokenizer %s has %d tokens; setting num_tokens %d -> %d (a multiple of %d)",
-                    tokenizer.name, tokenizer.vocab_size, model.num_tokens, num_tokens, VOCAB_MULTIPLE)
+                    tokenizer_name, vocab_size, model.num_tokens, num_tokens, VOCAB_MULTIPLE)
         model = model.replace(num_tokens=num_tokens)
     if config.seq_len > model.max_seq_len:
         raise ValueError(f"seq_len {config.seq_len} exceeds the model's max_seq_len {model.max_seq_len} "
