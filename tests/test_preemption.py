@@ -10,11 +10,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from andromeda.checkpoint import latest_checkpoint, load_transformer, step_checkpoints
+from andromeda.data.worker import PAUSE_ENV
 from andromeda.pause import TEST_PAUSE_ENV
 from andromeda.train import PREEMPTED_EXIT_CODE
 from helpers import andromeda_command, child_env, run_andromeda
@@ -90,3 +92,39 @@ def test_torchrun_processes_agree_on_the_step_when_one_is_signalled(tmp_path, co
     assert [s for s, _, _ in losses(run)] == [s for s, _, _ in losses(tmp_path / "straight")]
     assert [loss for _, loss, _ in losses(run)] == pytest.approx([loss for _, loss, _ in losses(tmp_path / "straight")],
                                                                  rel=1e-6)
+
+
+def signal_when_tokenizing(command, marker, sig):
+    """Run `command` with the tokenizer's test pause (it stops after its first document, that
+    document's tokens flushed to a temporary file); send `sig` then; return (exit code, stderr)."""
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=child_env(**{PAUSE_ENV: f"1:{marker}"}))
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while not marker.exists():
+            assert proc.poll() is None, f"train ended before it tokenized: {proc.communicate()[1]}"
+            assert time.monotonic() < deadline, "the tokenizer never paused"
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        err = proc.communicate(timeout=DEADLINE_S)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("where", ["prepare-data", "tokenizing"])
+def test_a_signal_while_preparing_the_data_exits_for_a_requeue(tmp_path, corpus, where):
+    """Before the first step there is nothing to save: the run stops at once, with the exit code and
+    message of a preempted run, and the token cache holds nothing half-written."""
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    command = andromeda_command(*args(run, corpus, cache))
+    if where == "prepare-data":
+        code, err = signal_when_paused(command, "prepare-data", signal.SIGTERM)
+    else:
+        code, err = signal_when_tokenizing(command, tmp_path / "paused", signal.SIGTERM)
+    assert code == PREEMPTED_EXIT_CODE, err
+    assert "andromeda train: preempted (SIGTERM/SIGUSR1) while preparing the run, before it took a step" in err, err
+    assert "Traceback" not in err
+    assert not step_checkpoints(run)
+    assert not list(cache.rglob("*.tmp")) and not list(cache.rglob("*.json"))  # nothing half-done cached

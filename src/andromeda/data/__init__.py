@@ -4,9 +4,10 @@ The pipeline is ``resolve_data`` (specs to files) -> ``tokenize_corpus`` / ``Tok
 (documents to cached token arrays, one per input file, tokenised in parallel, concatenated into
 one memory-mapped array) -> ``sample_batch`` for training or ``eval_windows`` for evaluation.
 
-Modules: ``formats`` (each file type as a stream of documents), ``splitting`` (where a long
-text may be cut without changing its ids), ``encoding`` and ``worker`` / ``pool`` (tokenising
-in worker processes), ``atomic`` and ``store`` (the cache), ``sampling``, ``shakespeare``.
+Modules: ``blocks`` (a file's bytes in bounded blocks, decompressed and decoded), ``formats``
+(each file type as a stream of documents), ``splitting`` (where a long text may be cut without
+changing its ids), ``encoding`` and ``worker`` / ``pool`` (tokenising in worker processes),
+``atomic``, ``snapshot`` and ``store`` (the cache), ``sampling``, ``shakespeare``.
 """
 
 from .encoding import token_dtype

@@ -45,7 +45,7 @@ def read_json(path: Path) -> dict | None:
     """The JSON object in ``path``, or None if it is missing or unreadable."""
     try:
         value = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: absurdly nested, not ours
         return None
     return value if isinstance(value, dict) else None
 

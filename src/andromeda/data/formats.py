@@ -9,8 +9,8 @@ a ``datasets`` folder                  what ``Dataset.save_to_disk`` wrote (``st
                                        and Arrow stream shards): the column ``text_field``
 =====================================  ====================================================
 
-Nothing is read whole: text in blocks, JSON lines one at a time, Parquet by row group and Arrow
-by record batch. Parquet and Arrow need ``pyarrow``, ``.zst`` needs ``zstandard`` (the
+Nothing is read whole: text in blocks of bounded size (``blocks.py``; compressed text too, however
+far it expands), JSON lines one at a time, Parquet by row group and Arrow by record batch. Parquet and Arrow need ``pyarrow``, ``.zst`` needs ``zstandard`` (the
 ``andromeda[data]`` extra); a missing one raises ``ImportError`` naming the ``pip install``.
 A Hugging Face Hub style folder of ``.parquet`` or ``.jsonl.zst`` shards is read as its files.
 
@@ -23,17 +23,14 @@ Nothing here imports torch or the rest of Andromeda: tokenizer worker processes 
 
 from __future__ import annotations
 
-import codecs
 import json
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .blocks import BLOCK_BYTES, OnProgress, decoded_blocks, raw_blocks, require
 from .splitting import LINE, PieceCutter, SplitRule, first_cut, split_text
-
-BLOCK_BYTES = 1 << 20  # read size for text and JSON lines
 
 # Suffix -> (kind, compression). Longest suffixes first, so ".jsonl.gz" is not taken for ".gz".
 _SUFFIXES = {
@@ -45,9 +42,6 @@ _SUFFIXES = {
 DATA_SUFFIXES = tuple(_SUFFIXES)
 DATASET_STATE = "state.json"  # marks a folder written by datasets' save_to_disk
 DATASET_DICT = "dataset_dict.json"  # a DatasetDict: one save_to_disk folder per split
-EXTRA_HINT = "pip install 'andromeda[data]'"
-
-OnProgress = Callable[[int], None]  # called with the input bytes consumed so far
 
 
 @dataclass(frozen=True)
@@ -65,111 +59,6 @@ def data_format(path: Path) -> Format | None:
         if name.endswith(suffix):
             return Format(kind, compression)
     return None
-
-
-def require(module: str) -> Any:
-    """Import an optional dependency, or raise an ImportError saying how to install it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as error:
-        raise ImportError(
-            f"reading this data needs the {module.split('.')[0]} package: {EXTRA_HINT}"
-        ) from error
-
-
-# --------------------------------------------------------------------------- bytes
-
-
-def _decompressor(compression: str) -> Any:
-    if compression == "gzip":
-        return zlib.decompressobj(wbits=31)  # 31: gzip header and CRC-32 trailer checked
-    return require("zstandard").ZstdDecompressor().decompressobj()
-
-
-def raw_blocks(
-    path: Path,
-    compression: str | None = None,
-    start: int = 0,
-    end: int | None = None,
-    on_progress: OnProgress | None = None,
-) -> Iterator[bytes]:
-    """The bytes of ``path[start:end]``, or of its decompressed content, in blocks.
-
-    Compressed files may hold several members (gzip) or frames (zstd), as ``cat`` of two
-    compressed files does. A stream that ends inside a member, fails its checksum or is not
-    gzip/zstd at all raises ``ValueError`` naming the file and the decompressed offset reached.
-    """
-    with open(path, "rb") as file:
-        if compression is None:
-            file.seek(start)
-            remaining = (end if end is not None else float("inf")) - start
-            while remaining > 0:
-                block = file.read(int(min(BLOCK_BYTES, remaining)))
-                if not block:
-                    break
-                remaining -= len(block)
-                if on_progress is not None:
-                    on_progress(file.tell() - start)
-                yield block
-            return
-        produced = 0
-        decompressor, fed = _decompressor(compression), False
-        errors: tuple[type[BaseException], ...] = (zlib.error,)
-        if compression == "zstd":
-            errors = (require("zstandard").ZstdError,)
-        try:
-            while block := file.read(BLOCK_BYTES):
-                while block:
-                    out = decompressor.decompress(block)
-                    fed = True
-                    if out:
-                        produced += len(out)
-                        yield out
-                    if decompressor.eof:  # a member ended; more may follow
-                        block = decompressor.unused_data
-                        decompressor, fed = _decompressor(compression), False
-                    else:
-                        block = b""
-                if on_progress is not None:
-                    on_progress(file.tell())
-        except errors as error:
-            raise ValueError(
-                f"{path}: corrupt {compression} stream after {produced} decompressed bytes: {error}"
-            ) from error
-        if fed:
-            raise ValueError(
-                f"{path}: truncated {compression} stream: it ends inside a compressed member, "
-                f"after {produced} decompressed bytes"
-            )
-
-
-def decoded_blocks(blocks: Iterable[bytes], path: Path, offset: int = 0) -> Iterator[tuple[bytes, str]]:
-    """``(block, text)`` pairs: each block with the characters it completes, decoded as UTF-8.
-
-    Invalid UTF-8 raises ``ValueError`` naming the file and the byte offset (counted from the
-    start of the file, ``offset`` being where ``blocks`` start).
-    """
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    position = offset
-    for block in blocks:
-        pending = len(decoder.getstate()[0])
-        try:
-            text = decoder.decode(block)
-        except UnicodeDecodeError as error:
-            raise _utf8_error(path, position - pending + error.start, error) from error
-        position += len(block)
-        yield block, text
-    try:
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError as error:
-        pending = len(decoder.getstate()[0])
-        raise _utf8_error(path, position - pending + error.start, error) from error
-
-
-def _utf8_error(path: Path, offset: int, error: UnicodeDecodeError) -> ValueError:
-    return ValueError(f"{path} is not valid UTF-8 (byte {offset}): {error.reason}")
 
 
 # --------------------------------------------------------------------------- JSON lines
@@ -216,6 +105,11 @@ def _json_text(raw: bytes, text_field: str, where: Callable[[], str]) -> str:
         record = json.loads(line)
     except json.JSONDecodeError as error:
         raise ValueError(f"{where()}: invalid JSON: {error.msg} (column {error.colno})") from error
+    except RecursionError as error:  # json's decoder recurses once per level of nesting
+        raise ValueError(
+            f"{where()}: invalid JSON: nested too deeply to parse; expected a JSON object with "
+            f"a string field {text_field!r}"
+        ) from error
     if not isinstance(record, dict):
         raise ValueError(
             f"{where()}: expected a JSON object with a string field {text_field!r}, "
@@ -380,7 +274,7 @@ def dataset_shards(folder: Path) -> list[Path]:
     try:
         state = json.loads(state_path.read_text())
         names = [entry["filename"] for entry in state["_data_files"]]
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
         raise ValueError(
             f"{state_path}: not a datasets save_to_disk state file ({error!r}); expected "
             f'{{"_data_files": [{{"filename": "data-00000-of-00001.arrow"}}, ...]}}'

@@ -13,7 +13,8 @@ Layout of a cache folder (default ``~/.cache/andromeda/tokens``)::
 A file's key hashes its resolved path, size and modification time (for a ``datasets`` folder,
 those of every file in it), the ``text_field`` (record formats only) and the tokenizer's name,
 size, eos id and :func:`tokenizer_fingerprint`. So adding a file to a corpus tokenises that file
-only; a changed file is tokenised again; a killed run resumes with the parts it finished. Every
+only; a changed file is tokenised again; a file that changes while it is read is an error, and
+none of it is cached (``snapshot.py``); a killed run resumes with the parts it finished. Every
 file is written under a temporary name and renamed into place, sidecar json after data, so a
 json always describes complete data. Building takes the folder's lock: concurrent processes
 (torchrun ranks, two jobs sharing a cache) wait for the builder, then find its entries, and a
@@ -51,8 +52,9 @@ from .encoding import (
     load_encoder,
     token_dtype,
 )
-from .formats import Format, data_format, dataset_shards, line_chunks, parquet_row_groups, text_chunks
+from .formats import data_format, dataset_shards, line_chunks, parquet_row_groups, text_chunks
 from .pool import run_in_workers
+from .snapshot import SourceSnapshot
 from .splitting import BYTES, PARAGRAPH, SplitRule, rule_for
 from .worker import BATCH_CHARS, PIECE_CHARS, run_task, task_identity
 
@@ -151,8 +153,8 @@ class _FileEntry:
     keep the parts it finished. ``files/<key>.json``, written last, lists the parts.
     """
 
-    def __init__(self, cache_dir: Path, source: Path, fmt: Format, identity: dict) -> None:
-        self.source, self.format = source, fmt
+    def __init__(self, cache_dir: Path, snapshot: SourceSnapshot, identity: dict) -> None:
+        self.source, self.format, self.snapshot = snapshot.source, snapshot.format, snapshot
         self.key = _digest(identity)
         self.files_dir = cache_dir / "files"
         self.manifest_path = self.files_dir / f"{self.key}.json"
@@ -213,6 +215,20 @@ class _FileEntry:
         except (OSError, KeyError, TypeError):
             return None
 
+    def check_unchanged(self, tasks: list[dict]) -> None:
+        """Raise ValueError if the source changed while it was read, removing the parts read
+        from it: a file restored to its old size and time would otherwise reuse them."""
+        try:
+            self.snapshot.check_unchanged()
+        except ValueError:
+            for task in tasks:
+                part = Path(task["part"])
+                for suffix in (".bin", ".json"):
+                    part.with_name(part.name + suffix).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                (self.files_dir / self.key).rmdir()  # the parts' folder, if it had several
+            raise
+
     def write_manifest(self, tasks: list[dict], counts: dict[str, dict]) -> dict:
         """Write the entry's manifest from the ``counts`` of each task's part (keyed by part)."""
         totals = {"num_tokens": 0, "num_documents": 0, "num_bytes": 0}
@@ -250,16 +266,6 @@ def _digest(value: object) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _source_identity(source: Path, fmt: Format) -> list:
-    resolved = source.resolve()
-    if fmt.kind == "dataset":
-        files = sorted(p for p in resolved.rglob("*") if p.is_file())
-        return [str(resolved), [[str(p.relative_to(resolved)), p.stat().st_size, p.stat().st_mtime_ns]
-                                for p in files]]
-    stat = resolved.stat()
-    return [str(resolved), stat.st_size, stat.st_mtime_ns]
-
-
 # --------------------------------------------------------------------------- the corpus
 
 
@@ -281,11 +287,12 @@ class _Corpus:
             fmt = data_format(path)
             if fmt is None:
                 raise ValueError(f"unsupported data file {path}")
-            identity = {"version": FORMAT_VERSION, "source": _source_identity(path, fmt),
+            snapshot = SourceSnapshot(path, fmt)
+            identity = {"version": FORMAT_VERSION, "source": snapshot.identity,
                         "tokenizer": tokenizer_id, "dtype": self.dtype.name}
             if fmt.kind != "text":  # .txt files have no fields
                 identity["text_field"] = text_field
-            self.entries.append(_FileEntry(self.cache_dir, path, fmt, identity))
+            self.entries.append(_FileEntry(self.cache_dir, snapshot, identity))
         key = _digest({"version": FORMAT_VERSION, "files": [e.key for e in self.entries]})
         self.token_path = self.cache_dir / f"corpus-{key}.bin"
         self.meta_path = self.cache_dir / f"corpus-{key}.json"
@@ -326,7 +333,7 @@ class _Corpus:
             tokenized_bytes=sum(m["num_bytes"] for m in tokenized.values()),
             seconds=time.perf_counter() - started, processes=processes,
             cache_path=self.token_path)
-        logger.info("%s", stats)
+        logger.debug("%s", stats)  # `andromeda tokenize` prints it; library callers get it returned
         return stats
 
     def _tokenize_missing(self, num_proc: int | None, progress: bool) -> tuple[dict, int]:
@@ -336,6 +343,8 @@ class _Corpus:
         missing = {e.key: e for e in self.entries if e.read(itemsize) is None}
         if not missing:
             return {}, 0
+        for entry in missing.values():
+            entry.snapshot.before_reading()
         with tempfile.TemporaryDirectory(prefix="andromeda-tokenizer-") as tokenizer_dir:
             self.tokenizer.save(tokenizer_dir)
             encoder, shippable = self._encoder(Path(tokenizer_dir))
@@ -367,6 +376,7 @@ class _Corpus:
                 counts[task["part"]] = part_counts
                 waiting[key] -= 1
                 if not waiting[key]:
+                    missing[key].check_unchanged(plans[key])
                     done[key] = missing[key].write_manifest(plans[key], counts)
 
             settings = {"tokenizer": tokenizer_dir, "dtype": self.dtype.name,

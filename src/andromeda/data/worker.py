@@ -26,14 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import create_new, temporary_path, write_json
+from .blocks import decoded_blocks, raw_blocks
 from .encoding import ByteEncoder, Encoder, load_encoder
-from .formats import (
-    decoded_blocks,
-    iter_arrow_stream,
-    iter_jsonl,
-    iter_parquet,
-    raw_blocks,
-)
+from .formats import iter_arrow_stream, iter_jsonl, iter_parquet
 from .splitting import PieceCutter, split_text
 
 PIECE_CHARS = 1 << 18  # texts longer than this are cut (splitting.py) before encoding

@@ -90,8 +90,10 @@ def train(config: TrainConfig) -> TrainResult:
 
     Stops at `max_steps` or when `time_budget` seconds of training loop have passed (counting
     earlier runs of a resumed run), whichever is first; then evaluates, saves a final checkpoint and
-    plots `loss.png`. A first Ctrl-C saves a checkpoint and re-raises KeyboardInterrupt. A
-    non-finite loss raises NonFiniteLossError, keeping the last good checkpoint.
+    plots `loss.png`. A first Ctrl-C saves a checkpoint and re-raises KeyboardInterrupt; SIGTERM or
+    SIGUSR1 save one after the current step and raise Preempted, or before the first step (while the
+    data is tokenised) raise it at once. A non-finite loss raises NonFiniteLossError, keeping the last
+    good checkpoint.
 
     Under torchrun every process calls it (`config.parallel` says how they share the work) and all
     of them return the same result.
@@ -104,7 +106,8 @@ def train(config: TrainConfig) -> TrainResult:
     with distributed(device, config.dist_timeout) as env:
         # Rank 0 holds the run folder for the whole run; a second run on it stops here.
         with run_lock(Path(config.out)) if env.is_main else contextlib.nullcontext():
-            trainer = Trainer(config, env)
+            with preempted_before_training():
+                trainer = Trainer(config, env)
             context = logging_redirect_tqdm() if trainer.show_progress else contextlib.nullcontext()
             with context:
                 return trainer.run()
@@ -252,10 +255,14 @@ class Trainer:
         if not self.fresh and self.done():
             return self._already_finished()
         if self.fresh:
-            self.evaluate()
+            with preempted_before_training():
+                self.evaluate()
         # The time budget covers everything from here, earlier runs of a resumed run included.
         self.start = time.monotonic() - progress.elapsed_s
         self.log_start, self.log_steps = time.monotonic(), 0
+        # The time budget's step estimate uses the rate over this whole session, not the last
+        # logging interval, which an evaluation or a save in it would make jump.
+        self.loop_start_step, self.loop_start_s = progress.step, self.now
         bar = tqdm(total=config.max_steps, initial=progress.step, unit="step", disable=not self.show_progress,
                    dynamic_ncols=True)
         try:
@@ -290,7 +297,8 @@ class Trainer:
         if self.env.is_main:
             plot_losses(self.metrics.read(), self.run_dir / LOSS_PLOT_FILE)
             self.trackers.finish(self.run_dir / LOSS_PLOT_FILE)
-        logger.info("finished at step %d after %.0fs (%s); checkpoint %s", progress.step, self.now,
+        # The command prints the summary; a library caller gets it in the result.
+        logger.debug("finished at step %d after %.0fs (%s); checkpoint %s", progress.step, self.now,
                     stopped_by, checkpoint)
         return TrainResult(step=progress.step, train_loss=self.last_train_loss, eval=final_eval,
                            checkpoint=checkpoint, elapsed_s=self.now, stopped_by=stopped_by,
@@ -363,7 +371,8 @@ class Trainer:
             self._record({"type": "train", "step": progress.step, "loss": self.last_train_loss, "lr": lr,
                           "grad_norm": self.grad_norm, "tokens_per_s": rate, "elapsed_s": self.now})
         if config.max_steps is None:  # a time budget: the bar's total (and so its ETA) is an estimate
-            bar.total = progress.step + max(1, int((config.time_budget - self.now) / step_s))
+            steps_per_s = (progress.step - self.loop_start_step) / max(self.now - self.loop_start_s, 1e-9)
+            bar.total = progress.step + max(1, int((config.time_budget - self.now) * steps_per_s))
         bar.set_postfix(loss=f"{self.last_train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}", refresh=False)
         bar.refresh()
         progress.loss_sum, progress.loss_count = 0.0, 0
@@ -408,6 +417,41 @@ class StopRequests:
     preempt: bool = False  # SIGTERM or SIGUSR1 (clusters, SLURM --signal): save after this step and stop
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what clusters send before killing a job
+SETUP_PREEMPTED = ("preempted (SIGTERM/SIGUSR1) while preparing the run, before it took a step: nothing new to "
+                   "save; run the same command again (the token cache keeps the files already tokenised)")
+
+
+@contextlib.contextmanager
+def preempted_before_training() -> Iterator[None]:
+    """Turn SIGTERM and SIGUSR1 before the first step (tokenising a corpus may take hours) into
+    Preempted at once, so the command exits with PREEMPTED_EXIT_CODE and a scheduler requeues it;
+    with no step taken there is nothing to save. Tokenising is interrupted as safely as by a kill:
+    the cache keeps only complete files and parts. Only possible in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def preempt(signum, frame):
+        if not received:  # a second signal while the first unwinds is the same request
+            received.append(signum)
+            raise Preempted(SETUP_PREEMPTED)
+
+    previous = {signum: signal.signal(signum, preempt) for signum in STOP_SIGNALS}
+    try:
+        yield
+    except Exception as error:
+        # Under torchrun a collective fails when a preempted peer has left; this process was
+        # signalled too, and the failure is that preemption.
+        if received and not isinstance(error, Preempted):
+            raise Preempted(SETUP_PREEMPTED) from error
+        raise
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 @contextlib.contextmanager
 def stop_signals() -> Iterator[StopRequests]:
     """Turn Ctrl-C, SIGTERM and SIGUSR1 into requests checked between steps, so the run saves a
@@ -428,7 +472,7 @@ def stop_signals() -> Iterator[StopRequests]:
             logger.warning("%s: saving a checkpoint after this step, then stopping", signal.Signals(signum).name)
         requests.preempt = True
 
-    handlers = {signal.SIGINT: interrupt, signal.SIGTERM: preempt, signal.SIGUSR1: preempt}
+    handlers = {signal.SIGINT: interrupt, **{signum: preempt for signum in STOP_SIGNALS}}
     previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
     try:
         yield requests

@@ -65,7 +65,7 @@ def load_completion_examples(files: list[Path], tokenizer: Tokenizer) -> Complet
                     continue
                 try:
                     record = json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
                     raise ValueError(f"{path}:{number}: not a JSON object: {err}") from None
                 if not (isinstance(record, dict) and isinstance(record.get(PROMPT_FIELD), str)
                         and isinstance(record.get(COMPLETION_FIELD), str)):
