@@ -23,8 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequences that may wait for a slot; beyond them requests get 503 (default 256)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"],
                         help="weights and KV cache (default: as saved; bf16 on CUDA and when quantizing)")
-    parser.add_argument("--api-key", default=os.environ.get("ANDROMEDA_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' on the API routes (default: $ANDROMEDA_API_KEY)")
+    parser.add_argument("--api-key", type=_api_key, default=os.environ.get("ANDROMEDA_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on the API routes (/v1/*, /tokenize, /detokenize, "
+                             "/tokenizer_info; /health, /metrics and /openapi.json stay open); must not be empty "
+                             "(default: $ANDROMEDA_API_KEY)")
     parser.add_argument("--served-model-name", help="the model name clients send (default: the checkpoint "
                                                     "folder's name)")
     parser.add_argument("--chat-template", metavar="FILE",
@@ -44,7 +46,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int,
                         help="torch intra-op threads (default: torch's choice less one, at least 1, leaving a "
                              "core to the HTTP thread)")
-
+    parser.add_argument("--max-body-bytes", type=int, metavar="N",
+                        help="refuse larger request bodies with 413 (default: 4 MiB, or 256 bytes per token of "
+                             "the model's context if that is more)")
+    parser.add_argument("--max-stream-backlog", type=int, default=1024, metavar="TOKENS",
+                        help="tokens a request may have generated that its client has not read; beyond them its "
+                             "sequences pause (keeping their slots) until the client catches up (default 1024)")
+    parser.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="close a connection whose request line and headers have not all arrived this long "
+                             "after it opened or its previous response ended (default 10)")
+    parser.add_argument("--timeout-keep-alive", type=float, default=5.0, metavar="SECONDS",
+                        help="close an idle keep-alive connection after this long (default 5)")
+    parser.add_argument("--limit-concurrency", type=int, metavar="N",
+                        help="answer 503 once this many connections or requests are open (default: no limit; "
+                             "--max-queue already bounds the requests that wait)")
 
     add_inference_arguments(parser, dtype=False)
 
@@ -57,4 +72,16 @@ def run(args: argparse.Namespace) -> int:
                  served_model_name=args.served_model_name, chat_template=args.chat_template, device=args.device,
                  prefill_chunk=args.prefill_chunk, stream_interval=args.stream_interval, threads=args.threads,
                  window=args.window, sink_tokens=args.sink_tokens, quantize=args.quantize,
-                 group_size=args.group_size)
+                 group_size=args.group_size, max_body_bytes=args.max_body_bytes,
+                 max_stream_backlog=args.max_stream_backlog, header_timeout=args.header_timeout,
+                 timeout_keep_alive=args.timeout_keep_alive, limit_concurrency=args.limit_concurrency)
+
+
+def _api_key(value: str) -> str:
+    """--api-key (or ANDROMEDA_API_KEY, which argparse passes here too): an empty key would turn
+    authentication off without a word, so it is refused."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("the key is empty (from --api-key or ANDROMEDA_API_KEY), which would "
+                                         "leave the API open to anyone; give a key, or unset both to serve "
+                                         "without one")
+    return value

@@ -100,7 +100,8 @@ def generate(
 
     prompts: a (B, N) tensor of ids, one 1-D prompt (then B = 1), or a list of 1-D prompts of
         different lengths (tensors or lists of ints), which are left-padded and masked.
-    temperature, top_k, top_p, min_p: see `SamplingParams`; temperature=0 is greedy.
+    temperature, top_k, top_p, min_p: see `SamplingParams`; a temperature below 1e-5 (0 included)
+        is greedy, as in vLLM.
     eos_token: one id or several; a row that samples one keeps it and then stops: its later
         positions hold `pad_value`, which defaults to the (first) eos id, so decoding with a
         tokenizer that drops specials reads the same text. Generation ends as soon as every row

@@ -1,7 +1,8 @@
 """Sampling: how the next token is drawn from the logits.
 
 Filters apply in the order temperature, top-k, top-p, min-p; each sees the distribution the
-previous ones left. `temperature=0` is greedy decoding and ignores the filters.
+previous ones left. A temperature below `SAMPLING_EPS` (0 included) is greedy decoding and
+ignores the filters.
 """
 
 from __future__ import annotations
@@ -12,12 +13,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+# Temperatures below this are greedy, as in vLLM (its _SAMPLING_EPS, 1e-5): dividing fp32 logits
+# by a smaller one can overflow to inf (1e-300 turns every logit into +-inf, softmax into NaN and
+# multinomial into an error), and the distribution it stands for is the argmax anyway.
+SAMPLING_EPS = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How the next token is drawn from the logits; validated on construction.
 
-    temperature: divides the logits; 0 means greedy (argmax), and then the filters do nothing.
+    temperature: divides the logits; below SAMPLING_EPS (0 included) means greedy (argmax), and
+        then the filters do nothing.
     top_k: keep the k most likely tokens (Fan et al. 2018, https://arxiv.org/abs/1805.04833).
     top_p: nucleus sampling, keep the smallest set of most likely tokens whose probability reaches
         top_p (Holtzman et al. 2019, https://arxiv.org/abs/1904.09751).
@@ -46,14 +53,18 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < SAMPLING_EPS
 
 
 def filter_logits(logits: Tensor, params: SamplingParams) -> Tensor:
     """Temperature, then top-k, top-p and min-p: (B, V) fp32 logits with the dropped ones at -inf.
 
     Ties at the top-k boundary are all kept. The most likely token always survives every filter.
+    Greedy params keep only the most likely tokens (the limit of a vanishing temperature).
     """
+    if params.greedy:
+        logits = logits.float()
+        return logits.masked_fill(logits < logits.amax(dim=-1, keepdim=True), -math.inf)
     logits = logits.float() / params.temperature
     vocab = logits.shape[-1]
     if params.top_k is not None and params.top_k < vocab:

@@ -3,8 +3,9 @@ events), models, health, Prometheus metrics, and vLLM's tokenize/detokenize.
 
 Handlers validate everything before a request reaches the engine, so a bad request is answered
 400 in OpenAI's error shape (never FastAPI's 422, never a 500) and cannot disturb the requests in
-flight. A client that disconnects cancels its request: a stream when the server next writes to it
-or the connection closes, a plain request as soon as the connection closes.
+flight. A body larger than `max_body_bytes` is answered 413 (prompts.py has the other size
+limits). A client that disconnects cancels its request, a stream or a plain one, as soon as the
+connection closes.
 
 Text prompts are encoded as `andromeda generate` encodes them: the eos id first (training data
 separates documents with eos, so it marks the start of a document), then the text's tokens;
@@ -23,7 +24,7 @@ import json
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,10 +36,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import Config
-from ..inference.sampling import SamplingParams
 from ..tokenizers import EOS_TOKEN, PAD_TOKEN, Tokenizer
-from . import protocol
-from .chat_template import ChatTemplate, ChatTemplateError
+from . import prompts, protocol
+from .chat_template import ChatTemplate
 from .detokenizer import TextStream, TokenStrings
 from .engine import Delta, Engine, EngineError, RequestStream, SequenceRequest
 from .metrics import Metrics
@@ -63,9 +63,12 @@ class ServerContext:
     checkpoint: str = ""
     chat_template: ChatTemplate | None = None
     api_key: str | None = None
+    max_body_bytes: int | None = None  # None: prompts.default_max_body_bytes of the context
     created: int = field(default_factory=protocol.now)
 
     def __post_init__(self) -> None:
+        if self.max_body_bytes is None:
+            self.max_body_bytes = prompts.default_max_body_bytes(self.config.max_seq_len)
         specials = {self.tokenizer.eos_id: EOS_TOKEN}
         if self.tokenizer.pad_id != self.tokenizer.eos_id:
             specials[self.tokenizer.pad_id] = PAD_TOKEN
@@ -89,6 +92,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
     app = FastAPI(title="Andromeda", lifespan=lifespan, docs_url=None, redoc_url=None,
                   default_response_class=SafeJSONResponse)
     app.state.ctx = ctx
+    app.add_middleware(BodyLimitMiddleware, limit=ctx.max_body_bytes)
     if ctx.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=ctx.api_key)
     _add_error_handlers(app)
@@ -118,21 +122,22 @@ def create_app(ctx: ServerContext) -> FastAPI:
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
-        _check_model(ctx, body.model)
+        prompts.check_model(ctx, body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError("give exactly one of 'prompt' and 'messages'", param="prompt", code="invalid_value")
         if body.messages is not None:
-            text = _render_chat(ctx, [m.model_dump(exclude_none=True) | {"content": m.text()} for m in body.messages],
-                                body.add_generation_prompt, None)
+            messages = [m.model_dump(exclude_none=True) | {"content": m.text()} for m in body.messages]
+            text = await prompts.render_chat(ctx, messages, body.add_generation_prompt, None)
         else:
             text = body.prompt
-        ids = ([ctx.tokenizer.eos_id] if body.add_special_tokens else []) + _encode(ctx, text, "prompt")
+        ids = await prompts.encode(ctx, text, "prompt", must_fit=False)  # counting needs no fit
+        ids = ([ctx.tokenizer.eos_id] if body.add_special_tokens else []) + ids
         return {"count": len(ids), "max_model_len": ctx.config.max_seq_len, "tokens": ids, "token_strs": None}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
-        _check_model(ctx, body.model)
-        _check_ids(ctx, body.tokens, "tokens")
+        prompts.check_model(ctx, body.model)
+        prompts.check_ids(ctx, body.tokens, "tokens")
         return {"prompt": ctx.tokenizer.decode(body.tokens)}
 
     @app.post("/v1/completions")
@@ -176,6 +181,45 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+class BodyTooLarge(StarletteHTTPException):
+    def __init__(self, limit: int) -> None:
+        message = f"the request body is larger than this server accepts ({limit} bytes; see --max-body-bytes)"
+        super().__init__(413, message)
+        self.body = protocol.error_body(message, code="request_too_large")
+
+
+class BodyLimitMiddleware:
+    """413 in OpenAI's shape for a body over `limit` bytes: before reading it when its
+    Content-Length says so, else as soon as the bytes received pass the limit (a chunked body).
+
+    (FastAPI's max_body_size answers the first case with a plain-text 413 of its own.) Raised
+    from `receive` as an HTTPException, the error passes FastAPI's body parsing to the handler."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            await SafeJSONResponse(BodyTooLarge(self.limit).body, status_code=413)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> dict[str, Any]:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise BodyTooLarge(self.limit)
+            return message
+
+        await self.app(scope, limited, send)
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
@@ -192,10 +236,12 @@ def _add_error_handlers(app: FastAPI) -> None:
             message = f"Invalid URL ({request.method} {request.url.path})"
         elif error.status_code == 405:
             message = f"method {request.method} is not allowed on {request.url.path}"
+        elif isinstance(error, BodyTooLarge):
+            return SafeJSONResponse(error.body, status_code=413)
         else:
             message = str(error.detail)
         return SafeJSONResponse(protocol.error_body(message, code=None), status_code=error.status_code,
-                            headers=getattr(error, "headers", None))
+                                headers=getattr(error, "headers", None))
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, error: Exception) -> JSONResponse:
@@ -204,75 +250,7 @@ def _add_error_handlers(app: FastAPI) -> None:
                                                 type="server_error"), status_code=500)
 
 
-# --------------------------------------------------------------------------- validation helpers
-
-
-def _check_model(ctx: ServerContext, model: str | None) -> None:
-    if model is not None and model != ctx.model_name:
-        raise APIError(f"the model '{model}' does not exist; this server serves '{ctx.model_name}'",
-                       param="model", code="model_not_found")
-
-
-def _encode(ctx: ServerContext, text: str, param: str) -> list[int]:
-    try:
-        return ctx.tokenizer.encode(text)
-    except (UnicodeError, ValueError, TypeError) as error:  # e.g. a lone surrogate (\ud800)
-        raise APIError(f"invalid '{param}': the text cannot be tokenized ({type(error).__name__}: {error})",
-                       param=param, code="invalid_value") from None
-
-
-def _check_ids(ctx: ServerContext, ids: list[int], param: str) -> None:
-    vocab = ctx.config.num_tokens
-    bad = next((i for i in ids if not 0 <= i < vocab), None)
-    if bad is not None:
-        raise APIError(f"invalid '{param}': token id {bad} is outside the vocabulary [0, {vocab})",
-                       param=param, code="invalid_value")
-
-
-def _budget(ctx: ServerContext, n_prompt: int, max_tokens: int | None, param: str) -> int:
-    """New tokens a prompt of `n_prompt` tokens may get: max_tokens clamped to the context left
-    (all of it when None). Raises 400 if the prompt itself does not fit."""
-    context = ctx.config.max_seq_len
-    limit = context if max_tokens == 0 else context - 1  # generating needs one position after it
-    if n_prompt > limit:
-        room = "" if max_tokens == 0 else f", which leaves room for at most {limit} before a new token"
-        raise APIError(f"the prompt has {n_prompt} tokens, more than fit in the model's context of {context} "
-                       f"tokens{room}", param=param, code="context_length_exceeded")
-    left = context - n_prompt
-    if max_tokens is None:
-        return left
-    # With --window the cache slides past the context: as many as asked.
-    return max_tokens if ctx.engine.window is not None else min(max_tokens, left)
-
-
-def _sampling(body: protocol._Generation) -> SamplingParams:
-    temperature = 1.0 if body.temperature is None else body.temperature
-    return SamplingParams(temperature, body.top_k or None, body.top_p, body.min_p or None)
-
-
-def _stop_ids(ctx: ServerContext, body: protocol._Generation) -> frozenset[int]:
-    ids = set(body.stop_token_ids or ())
-    _check_ids(ctx, sorted(ids), "stop_token_ids")
-    if not body.ignore_eos:
-        ids.add(ctx.tokenizer.eos_id)
-    return frozenset(ids)
-
-
-def _seed(seed: int | None, index: int) -> int | None:
-    """Choice i of a seeded request draws from seed + i (vLLM's rule), so n choices differ."""
-    return None if seed is None else (seed + index) % 2**64
-
-
-def _render_chat(ctx: ServerContext, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                 kwargs: dict[str, Any] | None) -> str:
-    if ctx.chat_template is None:
-        raise APIError("this model has no chat template, so /v1/chat/completions cannot render messages; "
-                       "start the server with --chat-template FILE, or put a chat_template in the "
-                       "checkpoint's tokenizer_config.json", param="messages", code="chat_template_missing")
-    try:
-        return ctx.chat_template.render(messages, add_generation_prompt=add_generation_prompt, **(kwargs or {}))
-    except ChatTemplateError as error:
-        raise APIError(str(error), param="messages", code="invalid_value") from None
+# --------------------------------------------------------------------------- the engine
 
 
 def _submit(ctx: ServerContext, seqs: list[SequenceRequest], prefix: str) -> RequestStream:
@@ -389,34 +367,33 @@ def _prompt_text(ctx: ServerContext, prompt: str | list[int]) -> str:
 
 async def _completions(ctx: ServerContext, body: CompletionRequest, raw: Request) -> Response:
     body.check_unsupported()
-    _check_model(ctx, body.model)
-    params = _sampling(body)
-    stop_ids = _stop_ids(ctx, body)
+    prompts.check_model(ctx, body.model)
+    params = prompts.sampling(body)
+    stop_ids = prompts.stop_ids(ctx, body)
     want_prompt_logprobs = body.echo and body.logprobs is not None
-    prompts: list[tuple[list[int], str]] = []
+    inputs: list[tuple[list[int], str]] = []  # each prompt's ids and its text when echoed
     seqs: list[SequenceRequest] = []
     for p, prompt in enumerate(body.prompt):
         if isinstance(prompt, str):
-            ids = [ctx.tokenizer.eos_id] + _encode(ctx, prompt, "prompt")
+            ids = [ctx.tokenizer.eos_id] + await prompts.encode(ctx, prompt, "prompt")
         else:
-            _check_ids(ctx, prompt, "prompt")
+            prompts.check_ids(ctx, prompt, "prompt")
             ids = list(prompt)
-        max_tokens = _budget(ctx, len(ids), body.max_tokens, "prompt")
-        prompts.append((ids, _prompt_text(ctx, prompt) if body.echo else ""))
+        max_tokens = prompts.budget(ctx, len(ids), body.max_tokens, "prompt")
+        inputs.append((ids, _prompt_text(ctx, prompt) if body.echo else ""))
         for i in range(body.n):
-            seqs.append(SequenceRequest(p * body.n + i, ids, max_tokens, params, _seed(body.seed, i),
+            seqs.append(SequenceRequest(p * body.n + i, ids, max_tokens, params, prompts.seed(body.seed, i),
                                         body.stop_strings, stop_ids, body.logprobs,
                                         body.logprobs if want_prompt_logprobs else None))
-    choices = [_Choice(s.index, prompts[s.index // body.n][0], prompts[s.index // body.n][1], body.echo)
-               for s in seqs]
+    choices = [_Choice(s.index, *inputs[s.index // body.n], body.echo) for s in seqs]
     stream = _submit(ctx, seqs, "cmpl")
     meta = (stream.request_id, protocol.now(), ctx.model_name)
-    prompt_tokens = sum(len(ids) for ids, _ in prompts)
+    prompt_tokens = sum(len(ids) for ids, _ in inputs)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _completion_events(ctx, stream, choices, meta, body.logprobs is not None, include_usage,
                                     prompt_tokens)
-        return StreamingResponse(events, media_type="text/event-stream")
+        return EngineStreamingResponse(events, lambda: _abort_unfinished(ctx, stream, choices))
     await _collect(ctx, raw, stream, choices)
     out = []
     for c in choices:
@@ -439,44 +416,61 @@ async def _completion_events(ctx: ServerContext, stream: RequestStream, choices:
                              logprobs: bool, include_usage: bool, prompt_tokens: int) -> AsyncIterator[bytes]:
     by_index = {c.index: c for c in choices}
     started: set[int] = set()
-    done = False
-    try:
-        while not all(c.finished for c in choices):
-            try:
-                deltas = await stream.get()
-            except EngineError as error:
-                yield _sse(protocol.error_body(str(error), type="server_error", code=error.code))
-                break
-            out = []
-            for index, delta in _merge(deltas).items():
-                c = by_index[index]
-                c.add(delta)
-                text, lp = delta.text, None
-                if logprobs:
-                    lp = _completion_logprobs(ctx, delta.logprobs, delta.token_ids, delta.offsets, len(c.prefix))
-                if index not in started:  # echo: the prompt comes first
-                    started.add(index)
-                    text = c.prefix + text
-                    if logprobs and c.echo and c.prompt_logprobs is not None:
-                        head = _completion_logprobs(ctx, c.prompt_logprobs, c.prompt_ids,
-                                                    _prompt_offsets(ctx, c.prompt_ids), 0)
-                        lp = {key: head[key] + lp[key] for key in lp}
-                if text or delta.finish_reason is not None or (logprobs and delta.token_ids):
-                    out.append(protocol.completion_choice(index, text, lp, delta.finish_reason, delta.stop_reason))
-            for choice in out:
-                chunk = protocol.completion(*meta, [choice], None)
-                if not include_usage:
-                    del chunk["usage"]
-                yield _sse(chunk)
-        else:
-            if include_usage:
-                completion_tokens = sum(len(c.token_ids) for c in choices)
-                yield _sse(protocol.completion(*meta, [], protocol.usage(prompt_tokens, completion_tokens)))
-        yield b"data: [DONE]\n\n"
-        done = True
-    finally:
-        if not done or not all(c.finished for c in choices):
-            _abort(ctx, stream)
+    while not all(c.finished for c in choices):
+        try:
+            deltas = await stream.get()
+        except EngineError as error:
+            yield _sse(protocol.error_body(str(error), type="server_error", code=error.code))
+            break
+        out = []
+        for index, delta in _merge(deltas).items():
+            c = by_index[index]
+            c.add(delta)
+            text, lp = delta.text, None
+            if logprobs:
+                lp = _completion_logprobs(ctx, delta.logprobs, delta.token_ids, delta.offsets, len(c.prefix))
+            if index not in started:  # echo: the prompt comes first
+                started.add(index)
+                text = c.prefix + text
+                if logprobs and c.echo and c.prompt_logprobs is not None:
+                    head = _completion_logprobs(ctx, c.prompt_logprobs, c.prompt_ids,
+                                                _prompt_offsets(ctx, c.prompt_ids), 0)
+                    lp = {key: head[key] + lp[key] for key in lp}
+            if text or delta.finish_reason is not None or (logprobs and delta.token_ids):
+                out.append(protocol.completion_choice(index, text, lp, delta.finish_reason, delta.stop_reason))
+        for choice in out:
+            chunk = protocol.completion(*meta, [choice], None)
+            if not include_usage:
+                del chunk["usage"]
+            yield _sse(chunk)
+    else:
+        if include_usage:
+            completion_tokens = sum(len(c.token_ids) for c in choices)
+            yield _sse(protocol.completion(*meta, [], protocol.usage(prompt_tokens, completion_tokens)))
+    yield b"data: [DONE]\n\n"
+
+
+class EngineStreamingResponse(StreamingResponse):
+    """Server-sent events of an engine request. However the response ends (finished, the client
+    gone, the server stopping), `on_close` runs at once and the event generator is closed, so an
+    unfinished request is aborted and its slot freed then, not whenever the generator is
+    garbage-collected."""
+
+    def __init__(self, events: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
+        super().__init__(events, media_type="text/event-stream")
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+            await self.body_iterator.aclose()
+
+
+def _abort_unfinished(ctx: ServerContext, stream: RequestStream, choices: list[_Choice]) -> None:
+    if not all(c.finished for c in choices):
+        _abort(ctx, stream)
 
 
 def _abort(ctx: ServerContext, stream: RequestStream) -> None:
@@ -527,16 +521,17 @@ async def _disconnected(raw: Request) -> None:
 
 async def _chat_completions(ctx: ServerContext, body: ChatCompletionRequest, raw: Request) -> Response:
     body.check_unsupported()
-    _check_model(ctx, body.model)
-    params = _sampling(body)
-    stop_ids = _stop_ids(ctx, body)
-    text = _render_chat(ctx, body.rendered_messages(), body.add_generation_prompt, body.chat_template_kwargs)
-    ids = [ctx.tokenizer.eos_id] + _encode(ctx, text, "messages")
+    prompts.check_model(ctx, body.model)
+    params = prompts.sampling(body)
+    stop_ids = prompts.stop_ids(ctx, body)
+    text = await prompts.render_chat(ctx, body.rendered_messages(), body.add_generation_prompt,
+                                     body.chat_template_kwargs)
+    ids = [ctx.tokenizer.eos_id] + await prompts.encode(ctx, text, "messages")
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    max_tokens = _budget(ctx, len(ids), requested, "messages")
+    max_tokens = prompts.budget(ctx, len(ids), requested, "messages")
     top = body.top_logprobs or 0
     logprobs = top if body.logprobs else None
-    seqs = [SequenceRequest(i, ids, max_tokens, params, _seed(body.seed, i), body.stop_strings, stop_ids, logprobs)
+    seqs = [SequenceRequest(i, ids, max_tokens, params, prompts.seed(body.seed, i), body.stop_strings, stop_ids, logprobs)
             for i in range(body.n)]
     choices = [_Choice(i, ids, "", False) for i in range(body.n)]
     stream = _submit(ctx, seqs, "chatcmpl")
@@ -544,7 +539,7 @@ async def _chat_completions(ctx: ServerContext, body: ChatCompletionRequest, raw
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _chat_events(ctx, stream, choices, meta, logprobs, include_usage, len(ids))
-        return StreamingResponse(events, media_type="text/event-stream")
+        return EngineStreamingResponse(events, lambda: _abort_unfinished(ctx, stream, choices))
     await _collect(ctx, raw, stream, choices)
     out = [protocol.chat_choice(c.index, c.text, _chat_logprobs(ctx, c.logprobs, top) if body.logprobs else None,
                                 c.finish_reason, c.stop_reason) for c in choices]
@@ -556,7 +551,6 @@ async def _chat_completions(ctx: ServerContext, body: ChatCompletionRequest, raw
 async def _chat_events(ctx: ServerContext, stream: RequestStream, choices: list[_Choice], meta: tuple,
                        logprobs: int | None, include_usage: bool, prompt_tokens: int) -> AsyncIterator[bytes]:
     by_index = {c.index: c for c in choices}
-    done = False
 
     def chunk(choice: dict[str, Any]) -> str:
         payload = protocol.completion(*meta, [choice], None, object="chat.completion.chunk")
@@ -564,30 +558,25 @@ async def _chat_events(ctx: ServerContext, stream: RequestStream, choices: list[
             del payload["usage"]
         return _sse(payload)
 
-    try:
-        for c in choices:  # OpenAI opens each choice with the role
-            yield chunk(protocol.chat_chunk_choice(c.index, {"role": "assistant", "content": ""}, None, None))
-        while not all(c.finished for c in choices):
-            try:
-                deltas = await stream.get()
-            except EngineError as error:
-                yield _sse(protocol.error_body(str(error), type="server_error", code=error.code))
-                break
-            for index, delta in _merge(deltas).items():
-                by_index[index].add(delta)
-                lp = _chat_logprobs(ctx, delta.logprobs, logprobs) if logprobs is not None else None
-                if delta.text or (lp and lp["content"]):
-                    yield chunk(protocol.chat_chunk_choice(index, {"content": delta.text}, lp, None))
-                if delta.finish_reason is not None:
-                    yield chunk(protocol.chat_chunk_choice(index, {}, None, delta.finish_reason, delta.stop_reason))
-        else:
-            if include_usage:
-                completion_tokens = sum(len(c.token_ids) for c in choices)
-                payload = protocol.completion(*meta, [], protocol.usage(prompt_tokens, completion_tokens),
-                                              object="chat.completion.chunk")
-                yield _sse(payload)
-        yield b"data: [DONE]\n\n"
-        done = True
-    finally:
-        if not done or not all(c.finished for c in choices):
-            _abort(ctx, stream)
+    for c in choices:  # OpenAI opens each choice with the role
+        yield chunk(protocol.chat_chunk_choice(c.index, {"role": "assistant", "content": ""}, None, None))
+    while not all(c.finished for c in choices):
+        try:
+            deltas = await stream.get()
+        except EngineError as error:
+            yield _sse(protocol.error_body(str(error), type="server_error", code=error.code))
+            break
+        for index, delta in _merge(deltas).items():
+            by_index[index].add(delta)
+            lp = _chat_logprobs(ctx, delta.logprobs, logprobs) if logprobs is not None else None
+            if delta.text or (lp and lp["content"]):
+                yield chunk(protocol.chat_chunk_choice(index, {"content": delta.text}, lp, None))
+            if delta.finish_reason is not None:
+                yield chunk(protocol.chat_chunk_choice(index, {}, None, delta.finish_reason, delta.stop_reason))
+    else:
+        if include_usage:
+            completion_tokens = sum(len(c.token_ids) for c in choices)
+            payload = protocol.completion(*meta, [], protocol.usage(prompt_tokens, completion_tokens),
+                                          object="chat.completion.chunk")
+            yield _sse(payload)
+    yield b"data: [DONE]\n\n"

@@ -16,6 +16,15 @@ Flow control. At most max_batch_size sequences run (one KV-cache slot each) and 
 wait; a submission beyond that raises `Overloaded` (the API answers 503 with Retry-After).
 `abort` (a client went away) ends a request's sequences at the start of the next step, freeing
 their slots. `shutdown` ends every request in flight with an error and stops the thread.
+
+Backpressure. A request may have at most `max_backlog` tokens generated and not yet taken by its
+event-loop side (`RequestStream.get`; a streaming handler stops taking while its client does not
+read). Past that its sequences pause, keeping their slots, until the backlog is down to half;
+closing the connection aborts them. So a client that never reads costs a slot, not memory.
+
+Failures. Every admitted request gets an answer: a row whose sampling raises ends its request
+with an error and the batch goes on; a step that raises (e.g. out of memory) first delivers what
+it had finished, then ends with an error the requests it was working on.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ from ..inference.sampling import SamplingParams
 from ..model import Transformer
 from ..tokenizers import Tokenizer
 from .detokenizer import TextStream
-from .scheduler import Scheduler, Sequence, Status, TokenLogprob
+from .scheduler import Scheduler, Sequence, Status, StepOutput, TokenLogprob
 
 if TYPE_CHECKING:  # prometheus_client is the serve extra's; the engine runs without it
     from .metrics import Metrics
@@ -133,6 +142,9 @@ class RequestStream:
         self._items: list[Delta] = []
         self._event = asyncio.Event()
         self._error: EngineError | None = None
+        self.taken = 0  # tokens handed to the reader so far (read by the engine's backpressure)
+        self.paused = False  # set by the engine: its sequences wait for the reader to catch up
+        self.wake: Callable[[], None] = _nothing  # tells the engine that the reader caught up
 
     def _put(self, deltas: list[Delta] | None, error: EngineError | None) -> None:  # on the loop
         if deltas:
@@ -149,6 +161,9 @@ class RequestStream:
             self._event.clear()
         if self._items:
             items, self._items = self._items, []
+            self.taken += sum(len(delta.token_ids) for delta in items)
+            if self.paused:
+                self.wake()
             return items
         raise self._error
 
@@ -162,6 +177,11 @@ class _Request:
         self.stream = stream
         self.choices = {seq: (spec, TextStream(tokenizer, spec.stop)) for spec, seq in seqs}
         self.unfinished = len(seqs)
+        self.produced = 0  # tokens generated (stream.taken of them were taken)
+
+
+def _nothing() -> None:
+    pass
 
 
 # --------------------------------------------------------------------------- the engine
@@ -173,7 +193,9 @@ class Engine:
     def __init__(self, spec: ModelSpec, tokenizer: Tokenizer, *, max_batch_size: int = 16, max_queue: int = 256,
                  prefill_tokens: int = 256, stream_interval: float = 0.02, metrics: Metrics | None = None,
                  loader: Callable[[ModelSpec], Transformer] = load_model, window: int | None = None,
-                 sink_tokens: int = 0) -> None:
+                 sink_tokens: int = 0, max_backlog: int = 1024) -> None:
+        if max_backlog < 1:
+            raise ValueError(f"max_backlog must be >= 1 token, got {max_backlog}")
         self.spec = spec
         self.window, self.sink_tokens = window, sink_tokens
         self.tokenizer = tokenizer
@@ -181,6 +203,7 @@ class Engine:
         self.max_queue = max_queue
         self.prefill_tokens = prefill_tokens
         self.stream_interval = stream_interval
+        self.max_backlog = max_backlog
         self.metrics = metrics
         self.loader = loader
         self.scheduler: Scheduler | None = None
@@ -192,6 +215,7 @@ class Engine:
         self._requests: dict[str, _Request] = {}  # engine thread only
         self._owner: dict[Sequence, _Request] = {}  # engine thread only
         self._in_flight = 0  # sequences submitted and not finished (guarded by _lock)
+        self._paused: set[_Request] = set()  # requests whose reader fell max_backlog behind (engine thread)
         self._pending: dict[_Request, list[Delta]] = {}  # deltas not yet handed to the event loop
         self._urgent = False  # a pending delta holds a first token, an end or prompt logprobs
         self._delivered_at = 0.0
@@ -213,6 +237,7 @@ class Engine:
         """Queue a request's sequences; its deltas arrive on the returned stream (on `loop`)."""
         request_id = request_id or f"req-{next(self._ids)}"
         stream = RequestStream(request_id, loop)
+        stream.wake = self._wake
         arrival = time.perf_counter() if arrival is None else arrival
         device = self.spec.device
         pairs = []
@@ -242,6 +267,11 @@ class Engine:
         """End a request (its client went away): its slots are freed at the next step."""
         with self._lock:
             self._aborts.append(request_id)
+            self._lock.notify()
+
+    def _wake(self) -> None:
+        """Have the engine look again at what it waits for (a paused stream's reader caught up)."""
+        with self._lock:
             self._lock.notify()
 
     def shutdown(self) -> None:
@@ -291,7 +321,8 @@ class Engine:
         scheduler = self.scheduler
         while True:
             with self._lock:
-                while not (self._inbox or self._aborts or self._stopping or scheduler.has_work):
+                while not (self._inbox or self._aborts or self._stopping or scheduler.can_step
+                           or self._caught_up()):
                     self._lock.wait()
                 inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, []
@@ -302,9 +333,13 @@ class Engine:
                 return
             for request in inbox:
                 self._requests[request.request_id] = request
-                for seq in request.choices:
-                    self._owner[seq] = request
-                    scheduler.add(seq)
+                try:
+                    for seq in request.choices:
+                        self._owner[seq] = request
+                        scheduler.add(seq)
+                except ValueError as error:  # the API checks lengths first: a bug, but this request's alone
+                    logger.exception("a request could not be queued")
+                    self._fail(request, EngineError(f"the request could not be queued: {error}"))
             for request_id in aborts:
                 request = self._requests.get(request_id)
                 if request is not None:
@@ -314,26 +349,39 @@ class Engine:
                         scheduler.finish(seq, "abort")
                     self._retire(request)
                     self._pending.pop(request, None)
-            if scheduler.has_work:
+            if self._paused:
+                self._resume_caught_up()
+            if scheduler.can_step:
                 try:
                     self._step(self._pending)
-                except Exception as error:  # e.g. out of memory: fail what was running, keep serving
+                except Exception as error:  # e.g. out of memory: fail what it was doing, keep serving
                     logger.exception("an engine step failed")
-                    self._fail_running(EngineError(f"generation failed: {error}"))
+                    self._fail_step(EngineError(f"generation failed: {error}"))
             now = time.perf_counter()
-            if self._urgent or now - self._delivered_at >= self.stream_interval or not scheduler.has_work:
+            if self._urgent or now - self._delivered_at >= self.stream_interval or not scheduler.can_step:
                 self._deliver(self._pending)
                 self._pending, self._urgent, self._delivered_at = {}, False, now
             if self.metrics is not None:
                 self.metrics.running.set(len(scheduler.running))
                 self.metrics.waiting.set(len(scheduler.waiting))
+                self.metrics.paused.set(scheduler.paused)
 
     def _step(self, deliveries: dict[_Request, list[Delta]]) -> None:
+        """One scheduler step, its outputs turned into deltas. If the step raises, what it had
+        produced before is still applied (then the error goes on to `_fail_step`)."""
         scheduler = self.scheduler
         before = (scheduler.stats.prefill_tokens, scheduler.stats.decode_rows)
-        outputs = scheduler.step()
-        now = time.perf_counter()
-        metrics = self.metrics
+        try:
+            outputs, failure = scheduler.step(), None
+        except Exception as error:
+            outputs, failure = scheduler.outputs, error
+        self._record_step(outputs, before)
+        self._apply(outputs, deliveries)
+        if failure is not None:
+            raise failure
+
+    def _record_step(self, outputs: list[StepOutput], before: tuple[int, int]) -> None:
+        scheduler, metrics = self.scheduler, self.metrics
         if metrics is not None:
             prefilled = scheduler.stats.prefill_tokens - before[0]
             decoded = scheduler.stats.decode_rows - before[1]
@@ -344,10 +392,21 @@ class Engine:
             for seq in scheduler.admitted:
                 metrics.queue_time.observe(seq.admitted - seq.arrival)
                 metrics.prompt_tokens.inc(len(seq.prompt))
+
+    def _apply(self, outputs: list[StepOutput], deliveries: dict[_Request, list[Delta]]) -> None:
+        """Turn a step's outputs into deltas (text, stop strings, endings) and pause the requests
+        whose reader fell `max_backlog` tokens behind."""
+        scheduler, metrics = self.scheduler, self.metrics
+        now = time.perf_counter()
         deltas: dict[Sequence, Delta] = {}
         for out in outputs:
             seq = out.seq
-            request = self._owner[seq]
+            request = self._owner.get(seq)
+            if request is None:  # its request already failed (another choice's row)
+                continue
+            if out.error is not None:
+                self._fail_row(request, seq, out.error)
+                continue
             spec, text = request.choices[seq]
             delta = deltas.get(seq)
             if delta is None:
@@ -362,6 +421,9 @@ class Engine:
                     self._urgent = True  # until its first text is out: TTFT is not worth saving work on
                 self._observe_token(seq, now)
                 delta.token_ids.append(out.token)
+                request.produced += 1
+                if request.produced - request.stream.taken >= self.max_backlog:
+                    self._pause(request, seq)
                 if out.logprob is not None:
                     delta.logprobs.append(out.logprob)
                 delta.offsets.append(text.decoded)
@@ -395,8 +457,27 @@ class Engine:
             metrics.inter_token_latency.observe(now - seq.last_token_time)
         seq.last_token_time = now
 
+    def _pause(self, request: _Request, seq: Sequence) -> None:
+        self.scheduler.pause(seq)
+        self._paused.add(request)
+        request.stream.paused = True
+
+    def _caught_up(self) -> bool:
+        """A paused request's reader has taken all but half of the backlog (engine thread)."""
+        low = self.max_backlog // 2
+        return any(r.produced - r.stream.taken <= low for r in self._paused)
+
+    def _resume_caught_up(self) -> None:
+        low = self.max_backlog // 2
+        for request in [r for r in self._paused if r.produced - r.stream.taken <= low]:
+            self._paused.discard(request)
+            request.stream.paused = False
+            for seq in request.choices:
+                self.scheduler.resume(seq)
+
     def _retire(self, request: _Request) -> None:
         """Forget a request whose sequences have all finished."""
+        self._paused.discard(request)
         if self._requests.pop(request.request_id, None) is None:
             return
         for seq in request.choices:
@@ -404,11 +485,21 @@ class Engine:
         with self._lock:
             self._in_flight -= len(request.choices)
 
-    def _fail_running(self, error: EngineError) -> None:
-        """End the requests with a sequence holding a slot (a step failed over all of them)."""
-        failed = {self._owner[seq] for seq in self.scheduler.running}
+    def _fail_step(self, error: EngineError) -> None:
+        """End the requests a failed step was working on: those holding a slot (the step failed
+        over all of them), taken from the queue in it, or given an output not yet delivered."""
+        scheduler = self.scheduler
+        touched = [*scheduler.running, *scheduler.admitted, *(out.seq for out in scheduler.outputs)]
+        failed = {self._owner[seq] for seq in touched if seq in self._owner}
         for request in failed:
             self._fail(request, error)
+
+    def _fail_row(self, request: _Request, seq: Sequence, reason: str) -> None:
+        """A row could not be sampled: its request ends with an error, the batch goes on."""
+        logger.error("sampling failed for %s: %s", request.request_id, reason)
+        if self.metrics is not None:
+            self.metrics.finished("error")
+        self._fail(request, EngineError(f"sampling failed: {reason}"))
 
     def _fail_all(self, error: EngineError) -> None:
         for request in list(self._requests.values()):

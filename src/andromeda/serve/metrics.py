@@ -34,6 +34,9 @@ class Metrics:
                              labels, registry=self.registry).labels(model_name)
         self.waiting = Gauge("andromeda_num_requests_waiting", "Sequences waiting for a slot.",
                              labels, registry=self.registry).labels(model_name)
+        self.paused = Gauge("andromeda_num_requests_paused", "Sequences holding a slot but paused: their "
+                            "client is --max-stream-backlog tokens behind.", labels,
+                            registry=self.registry).labels(model_name)
         self.prompt_tokens = Counter("andromeda_prompt_tokens", "Prompt tokens read into the KV cache "
                                      "(or scored).", labels, registry=self.registry).labels(model_name)
         self.generation_tokens = Counter("andromeda_generation_tokens", "Tokens generated.",

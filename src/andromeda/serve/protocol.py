@@ -21,6 +21,8 @@ MAX_STOP = 4  # OpenAI's limit on stop strings
 MAX_N = 128
 MAX_LOGPROBS = 5  # completions: OpenAI's limit on alternatives per token
 MAX_TOP_LOGPROBS = 20  # chat
+# What the server itself gives the chat template: chat_template_kwargs may not set these.
+TEMPLATE_ARGUMENTS = ("messages", "add_generation_prompt")
 
 
 # --------------------------------------------------------------------------- errors
@@ -203,6 +205,15 @@ class ChatCompletionRequest(_Generation):
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+        for key in TEMPLATE_ARGUMENTS:
+            if key in (kwargs or {}):
+                raise ValueError(f"'{key}' cannot be set in chat_template_kwargs: it is the request's own "
+                                 f"'{key}' field")
+        return kwargs
 
     def check_unsupported(self) -> None:
         super().check_unsupported()

@@ -12,8 +12,15 @@ vLLM's scheduler without paging). Each `Scheduler.step`
    `prefill_tokens` positions in all, so a long prompt is read over several steps while the
    running streams keep decoding (Sarathi's chunked prefill, https://arxiv.org/abs/2308.16369);
 4. samples a token for every row that needs one, each row with its own parameters and its own
-   `torch.Generator`, so a request draws the same tokens alone or in any batch;
+   `torch.Generator`, so a request draws the same tokens alone or in any batch (a row whose
+   sampling raises ends with finish reason "error"; the other rows go on);
 5. frees the slot of every sequence that has finished (eos, stop id, max_tokens) at once.
+
+`step` collects its outputs in `self.outputs` as it goes, so when a later part of a step raises
+the engine still answers what an earlier part finished (a scoring-only request done at admission).
+
+A sequence can be `pause`d (its client is not reading its stream): it keeps its slot but is left
+out of decode calls until `resume`; `can_step` says whether a step would do anything.
 
 Prefill rows in one call share a length T. A prompt longer than T is read T positions at a time;
 a prompt whose rest is shorter is left-padded to T in its last chunk (the padding is masked out of
@@ -68,10 +75,11 @@ class Sequence:
     last_token_time: float | None = None  # the engine's bookkeeping, for latency metrics
     # State, written by the scheduler.
     status: Status = Status.WAITING
+    paused: bool = False  # left out of decode calls, keeping its slot
     slot: int | None = None
     computed: int = 0  # prompt tokens in the cache
     output: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
 
     @property
     def remaining_prompt(self) -> int:
@@ -87,6 +95,7 @@ class StepOutput:
     logprob: TokenLogprob | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # None for the first prompt token
     finished: bool = False
+    error: str | None = None  # why the row could not be sampled (it then ends with "error")
 
 
 @dataclass
@@ -126,14 +135,23 @@ class Scheduler:
         self.free: list[int] = list(range(max_batch_size))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
+        self.paused = 0  # how many of them are paused
         self.stats = SchedulerStats()
         self.admitted: list[Sequence] = []  # the sequences the last step took from the queue
+        self.outputs: list[StepOutput] = []  # what the last step produced (so far, if it raised)
 
     # ------------------------------------------------------------------ bookkeeping
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    @property
+    def can_step(self) -> bool:
+        """A step would compute something: a running sequence is not paused, or a waiting one can
+        be admitted."""
+        return len(self.running) > self.paused or bool(
+            self.waiting and (self.free or self.waiting[0].max_tokens == 0))
 
     def add(self, seq: Sequence) -> None:
         span = len(seq.prompt) + (0 if self.slides else seq.max_tokens)
@@ -146,8 +164,10 @@ class Scheduler:
         """End `seq` (any state) and free its slot now."""
         if seq.status is Status.FINISHED:
             return
+        self.resume(seq)
         if seq.status is Status.WAITING:
-            self.waiting.remove(seq)
+            if seq in self.waiting:  # (not when a step failed as it admitted the sequence)
+                self.waiting.remove(seq)
         else:
             self.running.remove(seq)
             self.free.append(seq.slot)
@@ -155,16 +175,29 @@ class Scheduler:
         seq.status = Status.FINISHED
         seq.finish_reason = reason
 
+    def pause(self, seq: Sequence) -> None:
+        """Leave a decoding `seq` out of the next steps (it keeps its slot and its cache)."""
+        if seq.status is Status.DECODE and not seq.paused:
+            seq.paused = True
+            self.paused += 1
+
+    def resume(self, seq: Sequence) -> None:
+        if seq.paused:
+            seq.paused = False
+            self.paused -= 1
+
     # ------------------------------------------------------------------ one step
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         """Admit, decode, prefill, sample, evict; returns what each touched sequence got."""
         self.stats.steps += 1
-        outputs = self._admit()
+        self.outputs = outputs = []
+        self._admit(outputs)
         # In slot order: when the rows' slots are consecutive (a full batch), the cache hands the
         # layers views of its rows instead of gathered copies.
-        decoding = sorted((s for s in self.running if s.status is Status.DECODE), key=lambda s: s.slot)
+        decoding = sorted((s for s in self.running if s.status is Status.DECODE and not s.paused),
+                          key=lambda s: s.slot)
         if decoding:
             outputs += self._decode(decoding)
         prefilling = [s for s in self.running if s.status is Status.PREFILL]
@@ -172,8 +205,7 @@ class Scheduler:
             outputs += self._prefill(prefilling)
         return outputs
 
-    def _admit(self) -> list[StepOutput]:
-        outputs = []
+    def _admit(self, outputs: list[StepOutput]) -> None:
         self.admitted = []
         while self.waiting and (self.free or self.waiting[0].max_tokens == 0):
             seq = self.waiting.popleft()
@@ -192,7 +224,6 @@ class Scheduler:
             self.cache.reset([seq.slot])
             seq.status = Status.PREFILL
             self.running.append(seq)
-        return outputs
 
     def _prompt_logprobs(self, seq: Sequence) -> list[TokenLogprob | None]:
         """Each prompt token's logprob given the ones before it, from one forward over the prompt."""
@@ -263,9 +294,13 @@ class Scheduler:
                 logits.argmax(dim=-1).tolist()
             for i, token in zip(greedy, picked):
                 tokens[i] = token
+        failed: dict[int, str] = {}
         for i, seq in enumerate(seqs):
             if not seq.params.greedy:  # each row its own generator: draws independent of the batch
-                tokens[i] = int(sample(logits[i : i + 1], seq.params, seq.generator))
+                try:
+                    tokens[i] = int(sample(logits[i : i + 1], seq.params, seq.generator))
+                except Exception as error:  # e.g. NaN logits: this row ends, the batch goes on
+                    failed[i] = f"{type(error).__name__}: {error}"
         wants = [i for i, s in enumerate(seqs) if s.logprobs is not None]
         logprobs: dict[int, TokenLogprob] = {}
         if wants:
@@ -274,6 +309,10 @@ class Scheduler:
                 logprobs[i] = _token_logprobs(rows[row : row + 1], [tokens[i]], seqs[i].logprobs)[0]
         outputs = []
         for i, seq in enumerate(seqs):
+            if i in failed:
+                self.finish(seq, "error")
+                outputs.append(StepOutput(seq, finished=True, error=failed[i]))
+                continue
             seq.output.append(tokens[i])
             out = StepOutput(seq, tokens[i], logprobs.get(i))
             if tokens[i] in seq.stop_ids:

@@ -2,17 +2,26 @@
 
     andromeda serve --checkpoint runs/demo [--host 127.0.0.1] [--port 8000] [--max-batch-size 16]
         [--max-queue 256] [--dtype fp32|bf16] [--api-key KEY] [--served-model-name NAME]
-        [--chat-template FILE] [--device auto|cpu|cuda]
+        [--chat-template FILE] [--device auto|cpu|cuda] [--max-body-bytes N]
+        [--max-stream-backlog TOKENS] [--header-timeout S] [--timeout-keep-alive S] [--limit-concurrency N]
 
 Start-up: the checkpoint's config, tokenizer and chat template are read first (a bad path fails
 at once, exit 1); then the port is bound and answers /health with 503 while the engine thread
 loads the weights; once both are up the URL is logged. SIGINT or SIGTERM: the port stops
 accepting, every request in flight is ended (a stream gets an error event and [DONE], a waiting
 plain request a 503), the engine thread stops, and the command returns 0.
+
+Connections. A request head (request line and headers) must arrive whole within `header_timeout`
+seconds of its first byte, and within MAX_HEAD_BYTES, or the connection is closed with a 408 or
+431 (uvicorn has no such timeout, so a slow-loris client could hold connections open forever); a
+connection that sends nothing is closed after `header_timeout` too. An idle keep-alive connection
+is closed after `timeout_keep_alive` seconds (uvicorn's); `limit_concurrency` caps connections and
+requests together (uvicorn answers 503 beyond it).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
@@ -25,10 +34,12 @@ from ..checkpoint import load_checkpoint_tokenizer, load_config, load_quantizati
 from ..inference.quantize import DEFAULT_GROUP_SIZE, build_quantized_transformer
 from ..model.cache import check_window
 from ..parallel.environment import resolve_device
+from .protocol import error_body
 
 logger = logging.getLogger("andromeda.serve")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MAX_HEAD_BYTES = 64 * 1024  # a request line and headers together (h11 allows 16 KiB, nginx 32 KiB)
 
 
 def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 16,
@@ -36,10 +47,12 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
           served_model_name: str | None = None, chat_template: str | Path | None = None, device: str = "auto",
           prefill_chunk: int = 256, stream_interval: float = 0.02, threads: int | None = None,
           window: int | None = None, sink_tokens: int = 0, quantize: str | None = None,
-          group_size: int = DEFAULT_GROUP_SIZE) -> int:
+          group_size: int = DEFAULT_GROUP_SIZE, max_body_bytes: int | None = None, max_stream_backlog: int = 1024,
+          header_timeout: float = 10.0, timeout_keep_alive: float = 5.0, limit_concurrency: int | None = None) -> int:
     """Serve the checkpoint until SIGINT/SIGTERM; returns 0. Raises ValueError/OSError/RuntimeError
     naming the problem (bad option, missing checkpoint, port in use, weights that do not load)."""
     try:
+        import httptools  # noqa: F401  (the HTTP parser whose callbacks time request heads)
         import uvicorn
 
         from .app import ServerContext, create_app
@@ -50,12 +63,21 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
     from .engine import Engine, ModelSpec
     from .metrics import Metrics
 
+    if api_key is not None and not api_key.strip():
+        raise ValueError("--api-key is empty, which would leave the API open to anyone; give a key, or leave "
+                         "out --api-key (and ANDROMEDA_API_KEY) to serve without one")
     for option, value, low in (("max-batch-size", max_batch_size, 1), ("max-queue", max_queue, 0),
-                               ("prefill-chunk", prefill_chunk, 1), ("port", port, 0), ("threads", threads or 1, 1)):
+                               ("prefill-chunk", prefill_chunk, 1), ("port", port, 0), ("threads", threads or 1, 1),
+                               ("max-body-bytes", 1 if max_body_bytes is None else max_body_bytes, 1),
+                               ("max-stream-backlog", max_stream_backlog, 1),
+                               ("limit-concurrency", 1 if limit_concurrency is None else limit_concurrency, 1)):
         if value < low:
             raise ValueError(f"--{option} must be >= {low}, got {value}")
     if not stream_interval >= 0:
         raise ValueError(f"--stream-interval must be >= 0 seconds, got {stream_interval}")
+    for option, seconds in (("header-timeout", header_timeout), ("timeout-keep-alive", timeout_keep_alive)):
+        if not seconds > 0:
+            raise ValueError(f"--{option} must be > 0 seconds, got {seconds}")
     if port > 65535:
         raise ValueError(f"--port must be <= 65535, got {port}")
     if dtype is not None and dtype not in DTYPES:
@@ -86,11 +108,13 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
                              "its max_seq_len")
     engine = Engine(spec, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
                     prefill_tokens=prefill_chunk, stream_interval=stream_interval, metrics=metrics,
-                    window=window, sink_tokens=sink_tokens)
+                    window=window, sink_tokens=sink_tokens, max_backlog=max_stream_backlog)
     ctx = ServerContext(engine, tokenizer, config, name, metrics, checkpoint=str(folder), chat_template=template,
-                        api_key=api_key)
+                        api_key=api_key, max_body_bytes=max_body_bytes)
     server = _make_server(uvicorn.Config(create_app(ctx), host=host, port=port, log_level="warning",
-                                         access_log=False, lifespan="on", timeout_graceful_shutdown=10),
+                                         access_log=False, lifespan="on", timeout_graceful_shutdown=10,
+                                         http=_http_protocol(header_timeout), ws="none",
+                                         timeout_keep_alive=timeout_keep_alive, limit_concurrency=limit_concurrency),
                           on_exit=engine.shutdown)
     threading.Thread(target=_announce, args=(server, engine, name), name="andromeda-announce", daemon=True).start()
     logger.info("loading %s on %s", folder, target)
@@ -126,6 +150,72 @@ def _make_server(config, on_exit):
             super().handle_exit(sig, frame)
 
     return Server(config)
+
+
+def _http_protocol(header_timeout: float):
+    """uvicorn's httptools protocol with a deadline and a size cap on each request head (see the
+    module docstring), kept with the parser's own callbacks: a head begins at its first byte
+    (`on_message_begin`) and ends with its headers (`on_headers_complete`)."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class HeadTimeoutProtocol(HttpToolsProtocol):
+        _head_timer = None
+        _in_head = False  # a request head has begun and not ended
+        _head_bytes = 0
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._set_deadline()  # a connection that never sends a byte is closed too
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._in_head, self._head_bytes = True, 0
+            self._set_deadline()
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            self._cancel_deadline()
+            super().on_headers_complete()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._in_head and not self.transport.is_closing():  # all of `data` belongs to the head
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_HEAD_BYTES:
+                    self._refuse(431, f"the request line and headers exceed {MAX_HEAD_BYTES} bytes")
+
+        def connection_lost(self, exc) -> None:
+            self._cancel_deadline()
+            super().connection_lost(exc)
+
+        def _set_deadline(self) -> None:
+            self._cancel_deadline()
+            self._head_timer = self.loop.call_later(header_timeout, self._deadline_passed)
+
+        def _cancel_deadline(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _deadline_passed(self) -> None:
+            self._head_timer = None
+            if self.transport.is_closing():
+                return
+            if self._in_head:
+                self._refuse(408, f"the request line and headers did not arrive within {header_timeout:g} s")
+            elif self.cycle is None:  # not one byte since the connection opened
+                self.transport.close()
+
+        def _refuse(self, status: int, message: str) -> None:
+            body = json.dumps(error_body(message, code="request_timeout" if status == 408 else
+                                         "request_header_too_large")).encode()
+            reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+            head = (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                    b"connection: close\r\n\r\n" % (status, reason, len(body)))
+            self.transport.write(head + body)
+            self.transport.close()
+
+    return HeadTimeoutProtocol
 
 
 def _announce(server, engine, name: str) -> None:
