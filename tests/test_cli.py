@@ -71,7 +71,10 @@ def test_bpe_run_needs_only_the_checkpoint_afterwards(tmp_path, corpus, capsys):
                        "--eval-batches", "0")
     assert cli.main(args) == 0
     assert (tmp_path / "run" / "checkpoints" / "step_000002" / "tokenizer.json").is_file()
-    assert load_transformer(tmp_path / "run").config.num_tokens == 320
+    # The run's own BPE, not bytes (258 ids, also rounded up to a 320-row embedding): it compresses.
+    tokenizer, text = load_checkpoint_tokenizer(tmp_path / "run"), corpus.read_text()
+    assert 258 < tokenizer.vocab_size <= 300 and len(tokenizer.encode(text)) < 0.8 * len(text.encode())
+    assert load_transformer(tmp_path / "run").config.num_tokens >= tokenizer.vocab_size
     capsys.readouterr()
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(corpus), "--json",
                      "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]) == 0

@@ -27,7 +27,8 @@ from andromeda.interop.hf import (  # noqa: E402
     load_transformers,
     require_transformers,
 )
-from andromeda.tokenizers import ByteTokenizer, HFTokenizer, train_bpe  # noqa: E402
+from andromeda.inference.generate import stream_text  # noqa: E402
+from andromeda.tokenizers import ByteTokenizer, HFTokenizer, tokenizer_fingerprint, train_bpe  # noqa: E402
 from helpers import FEATURE_MIXES  # noqa: E402
 
 TINY = Config.from_preset("tiny", max_seq_len=160)
@@ -110,7 +111,7 @@ def test_export_writes_a_self_contained_folder(tmp_path):
                      if isinstance(node, ast.ImportFrom) and node.level == 0}
         assert imported <= {"__future__", "math", "dataclasses", "torch", "transformers"}, imported
     generation = json.loads((folder / "generation_config.json").read_text())
-    assert generation == {"bos_token_id": 256, "eos_token_id": 256, "pad_token_id": 257}
+    assert generation == {"bos_token_id": 256, "eos_token_id": 256, "pad_token_id": 257, "do_sample": False}
 
 
 @pytest.mark.parametrize("mix", sorted(FEATURE_MIXES))
@@ -213,16 +214,39 @@ def test_greedy_generate_matches_ours(mix, tmp_path):
     assert torch.equal(new_tokens(out, batch["input_ids"].shape[1]), expected), "static cache"
 
 
-def test_pipeline_text_generation_runs(tmp_path):
-    model, tokenizer = scaled(), ByteTokenizer()
-    folder = export_hf(model, tokenizer, tmp_path / "hf")
-    hf, hf_tokenizer = load_transformers(folder)
-    generator = transformers.pipeline("text-generation", model=hf, tokenizer=hf_tokenizer, device="cpu")
-    prompt = "Grüße, Andromeda:"
-    [result] = generator(prompt, max_new_tokens=12, do_sample=False)
-    ids = tokenizer.encode(prompt)
-    new = model.decoder.generate(torch.tensor(ids), 12, temperature=0, eos_token=tokenizer.eos_id)[0]
-    assert result["generated_text"] == tokenizer.decode(ids + new.tolist())
+@pytest.mark.parametrize("kind", ["byte", "bpe"])
+def test_transformers_continues_a_prompt_as_andromeda_generate_does(kind, tmp_path):
+    """The plain transformers calls, `tokenizer(prompt)` then `generate` with the folder's defaults,
+    and the text-generation pipeline, give `andromeda generate`'s greedy text: the tokenizer opens
+    the document with eos as `stream_text` does, and generation_config.json asks for greedy."""
+    tokenizer = _tokenizers()[kind]
+    model = scaled(seed=3, num_tokens=320)
+    hf, hf_tokenizer = load_transformers(export_hf(model, tokenizer, tmp_path / "hf"))
+    for prompt in ("Grüße, Andromeda:", "hello wor"):
+        ours = "".join(stream_text(model.Andromeda, tokenizer, prompt, 16, temperature=0))
+        assert len(set(ours)) >= 5, "degenerate greedy output proves little"
+        inputs = hf_tokenizer(prompt, return_tensors="pt")
+        assert inputs["input_ids"][0].tolist() == [tokenizer.eos_id, *tokenizer.encode(prompt)]
+        out = hf.generate(**inputs, max_new_tokens=16)
+        assert hf_tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True) == ours
+        generator = transformers.pipeline("text-generation", model=hf, tokenizer=hf_tokenizer, device="cpu")
+        [result] = generator(prompt, max_new_tokens=16)
+        assert result["generated_text"] == prompt + ours
+
+
+def test_the_tokenizer_loads_without_asking_about_custom_code(tmp_path, monkeypatch):
+    """AutoTokenizer with trust_remote_code=False, and load_transformers, never ask "Do you wish to
+    run the custom code?" (a question that blocks a notebook) and load transformers' own class."""
+    folder = export_hf(perturbed(TINY), ByteTokenizer(), tmp_path / "hf")
+    questions = []
+    monkeypatch.setattr("builtins.input", lambda prompt="": questions.append(prompt) or "n")
+    monkeypatch.setattr(transformers.dynamic_module_utils, "TIME_OUT_REMOTE_CODE", 15)  # asking enabled
+    plain = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    _, loaded = load_transformers(folder)
+    assert questions == []
+    for hf_tokenizer in (plain, loaded):
+        assert type(hf_tokenizer).__module__.startswith("transformers.")
+        assert hf_tokenizer("hi")["input_ids"] == [256, *b"hi"]
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -245,10 +269,12 @@ def test_tokenizer_matches_ours(kind, tmp_path, monkeypatch):
     assert (hf_tokenizer.eos_token_id, hf_tokenizer.pad_token_id) == (tokenizer.eos_id, tokenizer.pad_id)
     for text in TEXTS:
         ids = tokenizer.encode(text)
-        assert hf_tokenizer.encode(text) == ids == hf_tokenizer(text)["input_ids"], text
+        assert hf_tokenizer.encode(text, add_special_tokens=False) == ids, text
+        # With special tokens (the default) a text opens a document, after eos, as in generate.
+        assert hf_tokenizer(text)["input_ids"] == [tokenizer.eos_id, *ids], text
         assert hf_tokenizer.decode(ids, skip_special_tokens=True) == tokenizer.decode(ids)
     if kind == "byte":
-        assert hf_tokenizer.encode("<|endoftext|>") == list(b"<|endoftext|>")
+        assert hf_tokenizer.encode("<|endoftext|>", add_special_tokens=False) == list(b"<|endoftext|>")
         assert all(tokenizer.decode(tokenizer.encode(t)) == t for t in TEXTS)
     rng = random.Random(0)  # any ids, including cut-off UTF-8 and specials, decode alike
     for _ in range(300):
@@ -259,6 +285,8 @@ def test_tokenizer_matches_ours(kind, tmp_path, monkeypatch):
     if isinstance(back, HFTokenizer):
         assert back.name == tokenizer.name
     assert all(back.encode(t) == tokenizer.encode(t) for t in TEXTS)
+    # The very tokenizer comes back (the exported file's eos template is the export's own).
+    assert tokenizer_fingerprint(back) == tokenizer_fingerprint(tokenizer)
 
 
 # ----------------------------------------------------------------------------- import
@@ -346,7 +374,7 @@ def test_export_never_replaces_an_unrelated_folder(tmp_path):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not an earlier Hugging Face export"):
+    with pytest.raises(FileExistsError, match="busy exists and is not a Hugging Face export"):
         export_hf(perturbed(TINY), ByteTokenizer(), busy)
     assert (busy / "notes.txt").read_text() == "mine"
     folder = export_hf(perturbed(TINY), None, tmp_path / "hf")

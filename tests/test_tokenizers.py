@@ -9,7 +9,6 @@ import torch
 from andromeda.tokenizers import (
     ByteTokenizer,
     HFTokenizer,
-    Tokenizer,
     build_tokenizer,
     load_tokenizer,
     save_tokenizer,
@@ -43,7 +42,6 @@ def test_byte_tokenizer_round_trips_unicode():
 
 def test_byte_tokenizer_specials_and_sizes():
     tok = ByteTokenizer()
-    assert isinstance(tok, Tokenizer)
     assert (tok.vocab_size, tok.eos_id, tok.pad_id) == (258, 256, 257)
     ids = tok.encode("ab")
     # Specials, and ids of a model vocabulary padded past 258, decode to nothing.
@@ -66,7 +64,6 @@ def test_decode_rejects_batches_and_negative_ids():
 
 
 def test_bpe_round_trips_and_compresses(bpe):
-    assert isinstance(bpe, Tokenizer)
     text = _corpus(seed=1, documents=1)[0]
     ids = bpe.encode(text)
     assert bpe.decode(ids) == text
@@ -76,6 +73,23 @@ def test_bpe_round_trips_and_compresses(bpe):
     assert bpe.vocab_size == 300
     assert bpe.eos_id != bpe.pad_id
     assert max(bpe.encode(SAMPLE)) < bpe.vocab_size
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe"])
+def test_each_tokenizer_keeps_the_protocol_contract(bpe, kind):
+    """What `Tokenizer` promises the rest of Andromeda, on behaviour: isinstance with a
+    runtime_checkable Protocol only sees that the attribute names exist."""
+    tok = ByteTokenizer() if kind == "byte" else bpe
+    assert isinstance(tok.name, str) and tok.name
+    assert 0 <= tok.eos_id < tok.vocab_size and 0 <= tok.pad_id < tok.vocab_size
+    ids = tok.encode(SAMPLE)
+    assert isinstance(ids, list) and all(type(i) is int and 0 <= i < tok.vocab_size for i in ids)
+    assert tok.eos_id not in ids and tok.pad_id not in ids  # no special tokens added
+    # Specials decode to nothing; any ids a model can sample decode without raising.
+    assert tok.decode([tok.eos_id, *ids, tok.pad_id]) == SAMPLE
+    rng = random.Random(0)
+    for _ in range(200):
+        assert isinstance(tok.decode([rng.randrange(tok.vocab_size) for _ in range(rng.randrange(8))]), str)
 
 
 def test_bpe_decode_of_truncated_multibyte_character_does_not_raise(bpe):

@@ -13,11 +13,13 @@ An exported folder holds
     configuration_andromeda.py    the config class   } copied from hf_model/: they import only
     modeling_andromeda.py         the model classes  } torch and transformers
     model.safetensors             the weights under transformers-style names (table below)
-    generation_config.json        bos / eos / pad ids
+    generation_config.json        bos / eos / pad ids, and do_sample false: greedy unless asked
     tokenizer.json                a `tokenizers` file: the checkpoint's own, or for the byte
-                                  tokenizer a byte-level BPE with no merges whose ids are ours
-    tokenizer_config.json         AutoTokenizer's settings, plus `andromeda_tokenizer`, which
-                                  tells `import_hf` which of our tokenizers to rebuild
+                                  tokenizer a byte-level BPE with no merges whose ids are ours;
+                                  its post-processor opens every text with eos (below)
+    tokenizer_config.json         AutoTokenizer's settings (add_bos_token, with eos as bos), plus
+                                  `andromeda_tokenizer`, which tells `import_hf` which of our
+                                  tokenizers to rebuild (and the post-processor it replaced)
 
 Weight names (ours -> exported; i is the block):
 
@@ -41,8 +43,16 @@ The exported model takes its positions from `position_ids` (by default counted f
 first real token, so left-padded batches are exact), fixes xPos' center at
 max_position_embeddings // 2 for every call (cached keys stay valid for a cache's whole life), and
 caches keys after rotation for the key/value heads only; modeling_andromeda.py explains each.
-AutoTokenizer.from_pretrained(folder) works as is; since config.json names custom code, an
-interactive session is asked once whether to run it (answer n, or pass trust_remote_code=True).
+
+A document opens as `andromeda generate` opens one, after an eos (training data separates
+documents with eos): when special tokens are added (transformers' default: `tokenizer(text)`,
+`pipeline("text-generation")`) the exported tokenizer puts the eos id first, so `model.generate`
+continues the ids `andromeda generate` continues. `encode(text, add_special_tokens=False)` is ours.
+
+The tokenizer needs no custom code, but transformers 5.x's AutoTokenizer loads config.json through
+AutoConfig first, which asks "Do you wish to run the custom code?" for any model_type it does not
+know (with no answer it goes on without). `trust_remote_code=False` skips the question and loads
+the same tokenizer; so does `config=model.config`, which `load_transformers` passes.
 
 Exporting and importing need only the core dependencies; using the folder needs transformers
 (`pip install 'andromeda[hf]'`).
@@ -96,21 +106,15 @@ AUTO_MAP = {
 
 # Renames of whole tensors, outside and inside the blocks (to_qkv and the QK scales are reshaped).
 _TOP_NAMES = {
-    "token_emb.weight": "model.embed_tokens.weight",
-    "pos_emb.weight": "model.embed_positions.weight",
-    "final_norm.weight": "model.norm.weight",
-    "to_logits.weight": "lm_head.weight",
+    "token_emb.weight": "model.embed_tokens.weight", "pos_emb.weight": "model.embed_positions.weight",
+    "final_norm.weight": "model.norm.weight", "to_logits.weight": "lm_head.weight",
 }
 _BLOCK_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn.to_out.weight": "self_attn.o_proj.weight",
+    "attn_norm.weight": "input_layernorm.weight", "attn.to_out.weight": "self_attn.o_proj.weight",
+    "attn.q_scale": "self_attn.q_scale", "attn.k_scale": "self_attn.k_scale",
     "ff_norm.weight": "post_attention_layernorm.weight",
-    "ff.proj_in.weight": "mlp.up_proj.weight",
-    "ff.proj_in.bias": "mlp.up_proj.bias",
-    "ff.proj_out.weight": "mlp.down_proj.weight",
-    "ff.proj_out.bias": "mlp.down_proj.bias",
-    "attn.q_scale": "self_attn.q_scale",
-    "attn.k_scale": "self_attn.k_scale",
+    "ff.proj_in.weight": "mlp.up_proj.weight", "ff.proj_in.bias": "mlp.up_proj.bias",
+    "ff.proj_out.weight": "mlp.down_proj.weight", "ff.proj_out.bias": "mlp.down_proj.bias",
 }
 _QKV = "attn.to_qkv.weight"
 _PROJ = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
@@ -125,44 +129,39 @@ def require_transformers():
     try:
         import transformers
     except ImportError as err:
-        raise ImportError(
-            f"loading a Hugging Face folder needs the transformers package: {HF_EXTRA}"
-        ) from err
+        raise ImportError(f"loading a Hugging Face folder needs the transformers package: {HF_EXTRA}") from err
     return transformers
 
 
 # --------------------------------------------------------------------------- config
 
 
-def hf_config(
-    config: Config, tokenizer: Tokenizer | None = None, dtype: torch.dtype | None = None
-) -> dict[str, Any]:
+# HF name -> Config field, for the fields written and read back one to one.
+_HF_FIELDS = {
+    "vocab_size": "num_tokens", "hidden_size": "dim", "num_hidden_layers": "depth",
+    "num_attention_heads": "heads", "num_key_value_heads": "attn_kv_heads", "head_dim": "dim_head",
+    "max_position_embeddings": "max_seq_len", "layer_norm_eps": "norm_eps",
+    "use_abs_pos_emb": "use_abs_pos_emb", "alibi": "alibi_pos_bias", "alibi_num_heads": "alibi_num_heads",
+    "rotary_xpos": "rotary_xpos", "rotary_base": "rotary_base", "xpos_scale_base": "xpos_scale_base",
+    "qk_norm_dim_scale": "attn_qk_norm_dim_scale", "qk_norm_fixed_scale": "qk_norm_fixed_scale",
+}
+_FLOAT_FIELDS = ("layer_norm_eps", "rotary_base", "xpos_scale_base", "qk_norm_fixed_scale")
+
+
+def hf_config(config: Config, tokenizer: Tokenizer | None = None, dtype: torch.dtype | None = None) -> dict[str, Any]:
     """The config.json of an export: our Config in AndromedaConfig's names."""
     eos = tokenizer.eos_id if tokenizer is not None else None
+    fields = {hf: getattr(config, ours) for hf, ours in _HF_FIELDS.items()}
+    fields.update({hf: float(fields[hf]) for hf in _FLOAT_FIELDS})
     return {
         "architectures": ["AndromedaForCausalLM"],
         "auto_map": dict(AUTO_MAP),
         "model_type": MODEL_TYPE,
-        "vocab_size": config.num_tokens,
-        "hidden_size": config.dim,
+        **fields,
         "intermediate_size": config.ff_dim,
-        "num_hidden_layers": config.depth,
-        "num_attention_heads": config.heads,
-        "num_key_value_heads": config.attn_kv_heads,
-        "head_dim": config.dim_head,
-        "max_position_embeddings": config.max_seq_len,
         "hidden_act": "gelu",
-        "layer_norm_eps": float(config.norm_eps),
-        "use_abs_pos_emb": config.use_abs_pos_emb,
-        "alibi": config.alibi_pos_bias,
-        "alibi_num_heads": config.alibi_num_heads,
-        "rotary_xpos": config.rotary_xpos,
         "rotary_dim": config.rotary_dim,
-        "rotary_base": float(config.rotary_base),
-        "xpos_scale_base": float(config.xpos_scale_base),
         "qk_norm": config.use_qk_norm,
-        "qk_norm_dim_scale": config.attn_qk_norm_dim_scale,
-        "qk_norm_fixed_scale": float(config.qk_norm_fixed_scale),
         "initializer_range": 0.02,
         "use_cache": True,
         "tie_word_embeddings": False,
@@ -173,27 +172,6 @@ def hf_config(
         "dtype": str(dtype or torch.float32).removeprefix("torch."),
         "andromeda_extra": {name: getattr(config, name) for name in _EXTRA_FIELDS},
     }
-
-
-# HF name -> Config field, for the fields read back one to one.
-_HF_FIELDS = {
-    "vocab_size": "num_tokens",
-    "max_position_embeddings": "max_seq_len",
-    "hidden_size": "dim",
-    "num_hidden_layers": "depth",
-    "head_dim": "dim_head",
-    "num_attention_heads": "heads",
-    "use_abs_pos_emb": "use_abs_pos_emb",
-    "alibi": "alibi_pos_bias",
-    "alibi_num_heads": "alibi_num_heads",
-    "rotary_xpos": "rotary_xpos",
-    "num_key_value_heads": "attn_kv_heads",
-    "qk_norm_dim_scale": "attn_qk_norm_dim_scale",
-    "rotary_base": "rotary_base",
-    "xpos_scale_base": "xpos_scale_base",
-    "qk_norm_fixed_scale": "qk_norm_fixed_scale",
-    "layer_norm_eps": "norm_eps",
-}
 
 
 def config_from_hf(data: Mapping[str, Any], source: str | Path = CONFIG_FILE) -> Config:
@@ -216,9 +194,7 @@ def config_from_hf(data: Mapping[str, Any], source: str | Path = CONFIG_FILE) ->
     fields = {ours: data[hf] for hf, ours in _HF_FIELDS.items()}
     hidden, inner = data["hidden_size"], data["intermediate_size"]
     if not (isinstance(hidden, int) and isinstance(inner, int) and hidden > 0 and inner % hidden == 0):
-        raise ValueError(
-            f"{source}: intermediate_size ({inner}) must be a multiple of hidden_size ({hidden})"
-        )
+        raise ValueError(f"{source}: intermediate_size ({inner}) must be a multiple of hidden_size ({hidden})")
     fields["ff_mult"] = inner // hidden
     if data.get("hidden_act", "gelu") != "gelu":
         raise ValueError(f"{source}: hidden_act {data['hidden_act']!r} is not Andromeda's 'gelu'")
@@ -389,31 +365,52 @@ def byte_tokenizer_json() -> str:
     return tokenizer.to_str()
 
 
+def _open_documents_with_eos(file: Path, eos_id: int) -> Any:
+    """Make the tokenizer.json `file` put eos before a text (and a pair's second text) when special
+    tokens are added, by transformers' own add_bos_token template; returns the post-processor it
+    replaced (JSON), which never acted on our ids: we never add special tokens."""
+    from tokenizers import Tokenizer as TokenizersTokenizer
+    from tokenizers import processors
+
+    replaced = read_json_object(file, "a tokenizers file (tokenizer.json)").get("post_processor")
+    tokenizer = TokenizersTokenizer.from_file(str(file))
+    eos = tokenizer.id_to_token(eos_id)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{eos}:0 $A:0", pair=f"{eos}:0 $A:0 {eos}:1 $B:1", special_tokens=[(eos, eos_id)])
+    tokenizer.save(str(file))
+    return replaced
+
+
 def _write_tokenizer(tokenizer: Tokenizer, folder: Path, max_len: int) -> None:
     """tokenizer.json and an AutoTokenizer tokenizer_config.json for `tokenizer` in `folder`."""
     from tokenizers import Tokenizer as TokenizersTokenizer
 
+    file = folder / TOKENIZER_FILE
     if isinstance(tokenizer, ByteTokenizer):
-        (folder / TOKENIZER_FILE).write_text(byte_tokenizer_json())
+        file.write_text(byte_tokenizer_json())
+        _open_documents_with_eos(file, tokenizer.eos_id)
         identity: dict[str, Any] = {"type": "byte"}
     elif isinstance(tokenizer, HFTokenizer):
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer.save(tmp)
-            shutil.copyfile(Path(tmp) / TOKENIZER_FILE, folder / TOKENIZER_FILE)
-        identity = {"type": "huggingface", "name": tokenizer.name}
+            shutil.copyfile(Path(tmp) / TOKENIZER_FILE, file)
+        replaced = _open_documents_with_eos(file, tokenizer.eos_id)
+        # Kept so that import_hf gives back the very tokenizer.json (and fingerprint) exported.
+        identity = {"type": "huggingface", "name": tokenizer.name, "post_processor": replaced}
     else:
         raise TypeError(
             f"cannot export a tokenizer of type {type(tokenizer).__name__}: export_hf writes "
             f"ByteTokenizer and HFTokenizer (tokenizer.json) tokenizers"
         )
-    loaded = TokenizersTokenizer.from_file(str(folder / TOKENIZER_FILE))
+    loaded = TokenizersTokenizer.from_file(str(file))
     settings = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": loaded.id_to_token(tokenizer.eos_id),
         "eos_token": loaded.id_to_token(tokenizer.eos_id),
         "pad_token": loaded.id_to_token(tokenizer.pad_id),
         "unk_token": None,
-        "add_bos_token": False,
+        # A document opens with eos, as `andromeda generate` opens a prompt (see the module doc).
+        "add_bos_token": True,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": max_len,
@@ -437,10 +434,27 @@ def load_hf_tokenizer(hf_dir: str | Path) -> Tokenizer | None:
                          f"got {identity!r}")
     if identity.get("type") == "byte":
         return ByteTokenizer()
-    if not (folder / TOKENIZER_FILE).is_file():
+    file = folder / TOKENIZER_FILE
+    if not file.is_file():
         return None
     name = identity.get("name") if isinstance(identity.get("name"), str) else None
-    return HFTokenizer.from_file(folder / TOKENIZER_FILE, name=name or folder.name)
+    if "post_processor" not in identity:  # a tokenizer.json of another origin, taken as it is
+        return HFTokenizer.from_file(file, name=name or folder.name)
+    return _with_post_processor(file, identity["post_processor"], name or folder.name)
+
+
+def _with_post_processor(file: Path, post_processor: Any, name: str) -> HFTokenizer:
+    """The tokenizer of the tokenizer.json `file` with the post-processor export replaced put back."""
+    from tokenizers import Tokenizer as TokenizersTokenizer
+
+    data = read_json_object(file, "a tokenizers file (tokenizer.json)")
+    data["post_processor"] = post_processor
+    try:
+        raw = TokenizersTokenizer.from_str(json.dumps(data))
+    except Exception as err:  # the Rust side raises a bare Exception
+        raise ValueError(f"{file} with the post_processor of {file.parent / TOKENIZER_CONFIG_FILE} is not a valid "
+                         f"tokenizer: {err}") from None
+    return HFTokenizer(raw, name)
 
 
 # --------------------------------------------------------------------------- export / import
@@ -520,6 +534,7 @@ def _write_export(folder: Path, config: Config, state: dict[str, Tensor], tokeni
     settings = hf_config(config, tokenizer, weights_dtype)
     (folder / CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     generation = {key: settings[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    generation["do_sample"] = False  # greedy, as `andromeda generate --temperature 0`, unless asked
     (folder / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")
     for name in CODE_FILES:
         shutil.copyfile(CODE_DIR / name, folder / name)
@@ -545,10 +560,8 @@ def import_hf(hf_dir: str | Path) -> tuple[Config, dict[str, Tensor], Tokenizer 
     state = from_hf_state_dict(tensors, config)
     tokenizer = load_hf_tokenizer(folder)
     if tokenizer is not None and tokenizer.vocab_size > config.num_tokens:
-        raise ValueError(
-            f"{folder / TOKENIZER_FILE} has {tokenizer.vocab_size} tokens but {config_file} a "
-            f"vocab_size of {config.num_tokens}"
-        )
+        raise ValueError(f"{folder / TOKENIZER_FILE} has {tokenizer.vocab_size} tokens but {config_file} a "
+                         f"vocab_size of {config.num_tokens}")
     return config, state, tokenizer
 
 
@@ -573,7 +586,8 @@ def load_transformers(hf_dir: str | Path, **kwargs: Any):
     model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=True, **kwargs)
     tokenizer = None
     if (Path(hf_dir) / TOKENIZER_FILE).is_file():
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+        # With the config given, AutoTokenizer does not load config.json (and ask about its code).
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(hf_dir), config=model.config)
     return model.eval(), tokenizer
 
 
