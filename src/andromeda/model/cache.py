@@ -29,12 +29,42 @@ first position plus the reach; when later positions pass the center plus the rea
 moves forward and the slot's stored keys are rescaled once, in place (only shrinking: keys far
 behind go towards 0, as their true products with any query do). Long generations pay that one
 pass over the slot every ~24,000 positions; a single call may span at most 2 * reach + 1 positions.
+
+State API. The cache owns its bookkeeping (keys, values, `positions`, `valid`, `lengths`,
+`next_position`, xPos centers and their host-side copies); the model only appends.
+`truncate(slot, n)` keeps the slot's first n positions, those before position n, and the slot
+continues at position n as if only they had been written: speculative decoding rolls back
+rejected tokens, a server reuses a prompt's prefix (llama.cpp's `llama_kv_cache_seq_rm`).
+`copy_prefix(src, dst, n)` makes `dst` hold the first n positions of `src`, dropping what dst
+held and leaving src as it was: n choices for one prompt, or requests sharing a prefix, prefill
+it once (nanochat's `KVCache.prefill`). n counts positions, so padding the slot holds (left-padded
+prompts, a server's padded prefill chunks) is kept or dropped with the position it sits at;
+0 <= n <= `next_position` (for a slot written from position 0, its length). Both refuse with a
+ValueError, changing nothing, what they cannot do exactly:
+- xPos: the kept keys stay scaled to the slot's center, so truncation keeps the center and a copy
+  carries its source's. That is exact: the center cancels in q.k as long as queries use the same
+  one, and they do (a fresh slot would pick another center and get the same products). The slot
+  continues at position n, which must lie within `reach` of the center, as every written
+  position does. Once the center has moved forward (past ~24,000 positions) the keys behind it
+  are shrunk, some to nothing, and moving it back would scale them up again with what rounding
+  did to them: a slot cannot be cut back to before `center - reach` (the error says so; reset it
+  and prefill again).
+- Ring buffers: the token at position n reads the sinks and positions n - (W - S) + 1 .. n - 1.
+  Until the slot wraps (its positions stay below P) nothing has been overwritten and any n works.
+  Once it has (position p + P - S written over p), only an n whose window the slot still holds
+  works: n >= highest position written - P + W, or n <= S (the sinks alone). A wrapped slot can
+  thus always drop its last P - W + 1 positions (`max_new_positions`: one chunk of `generate`'s
+  and the server's caches); anything further back is refused with the slot, its length, the
+  window and the range that works.
+  Positions are assumed to keep counting (as every caller writes them); a non-ring slot whose
+  positions go back is refused, since its first n positions are then no prefix of its entries.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -69,6 +99,9 @@ class KVCache:
         # Host-side copies: which center each slot has (None: not set yet), its next position.
         self._centers: list[int | None] = [None] * slots
         self._next: list[int] = [0] * slots
+        # Ring buffers: the highest position each slot wrote since its reset, as of its last
+        # truncation (`_next` covers the appends since): what later positions overwrote.
+        self._highest: list[int] = [-1] * slots
         self.reach = xpos_reach(config.xpos_scale_base, dtype) if config.rotary_xpos else None
 
     @property
@@ -96,9 +129,106 @@ class KVCache:
             self.lengths[slot] = 0
             self._centers[slot] = None
             self._next[slot] = 0
+            self._highest[slot] = -1
         index = torch.as_tensor(list(slots), dtype=torch.long, device=self.valid.device)
         self.valid[index] = False
         self.next_position[index] = 0
+
+    def truncate(self, slot: int, n: int) -> None:
+        """Keep the first `n` positions of `slot` (those before position n); it continues at
+        position n. Refuses, changing nothing, what it cannot do exactly (module docstring)."""
+        self._check_slot(slot, "slot")
+        kept = self._check_prefix(slot, n)
+        self._cut(slot, n, kept)
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Make slot `dst` hold the first `n` positions of slot `src`, with src's xPos center
+        (its keys are scaled to it); whatever dst held is dropped, src is left as it was.
+        Refuses, changing nothing, what `truncate(src, n)` would refuse."""
+        self._check_slot(src, "src")
+        self._check_slot(dst, "dst")
+        if src == dst:
+            raise ValueError(f"copy_prefix needs two different slots, got src = dst = {src}; "
+                             f"truncate shortens a slot in place")
+        kept = self._check_prefix(src, n)
+        columns = kept.columns if self.window is None else self.positions.shape[1]  # a ring: all
+        self.k[:, dst, :, :columns] = self.k[:, src, :, :columns]  # (L, K, columns, D)
+        self.v[:, dst, :, :columns] = self.v[:, src, :, :columns]
+        self.positions[dst, :columns] = self.positions[src, :columns]
+        self.valid[dst, :columns] = self.valid[src, :columns]  # a plain slot's later columns: `_cut`
+        self.centers[dst] = self.centers[src]
+        self.next_position[dst] = self.next_position[src]
+        self.lengths[dst] = columns if self.window is None else self.lengths[src]
+        self._centers[dst], self._next[dst] = self._centers[src], self._next[src]
+        self._highest[dst] = self._highest[src]
+        self._cut(dst, n, kept)
+
+    def _check_slot(self, slot: int, name: str) -> None:
+        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.num_slots:
+            raise ValueError(f"{name} must be a slot index in [0, {self.num_slots}), got {slot!r}")
+
+    def _check_prefix(self, slot: int, n: int) -> _Kept:
+        """What keeping the positions before `n` of `slot` keeps; a ValueError naming the
+        problem, and what would work, where that cannot be done exactly."""
+        length = self._next[slot]
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= length:
+            holds = f"holds positions up to {length - 1}" if length else "is empty"
+            raise ValueError(f"n must be a number of positions in [0, {length}] (KV cache slot {slot} {holds}), "
+                             f"got {n!r}")
+        if self.window is None:
+            before = self.positions[slot, : self.lengths[slot]] < n  # (entries,)
+            columns = int(before.sum())
+            if not bool(before[:columns].all()):
+                raise ValueError(f"KV cache slot {slot}: its positions do not increase along its entries, so "
+                                 f"those before {n} are no prefix of them and cannot be kept alone")
+            kept = _Kept(columns, bool(self.valid[slot, :columns].any()))
+        else:
+            kept = _Kept(None, bool((self.valid[slot] & (self.positions[slot] < n)).any()))
+        if kept.keys and n < length:
+            self._check_center(slot, n)
+            if self.window is not None:
+                self._check_window(slot, n)
+        return kept
+
+    def _check_center(self, slot: int, n: int) -> None:
+        center = self._centers[slot]
+        if center is not None and n < center - self.reach:
+            raise ValueError(f"KV cache slot {slot}: its xPos center has moved to position {center} (its keys are "
+                             f"scaled to it), which covers positions from {center - self.reach} on; continuing at "
+                             f"position {n} would move it back and scale the keys it shrank up again, rounding "
+                             f"errors and all. Truncate it to at least {center - self.reach} positions, or reset "
+                             f"the slot and prefill again")
+
+    def _check_window(self, slot: int, n: int) -> None:
+        """A ring slot cut to n positions must still hold the window its next token reads."""
+        window, sinks, columns = self.window, self.sink_tokens, self.capacity
+        highest = max(self._highest[slot], self._next[slot] - 1)
+        overwritten = highest - (columns - sinks)  # every position from the sinks to this may be gone
+        needed = max(sinks, n - (window - sinks) + 1)  # the oldest non-sink position n reads
+        if needed <= n - 1 and needed <= overwritten:
+            length = self._next[slot]
+            raise ValueError(f"KV cache slot {slot} is a ring buffer that has wrapped: of its {length} positions, "
+                             f"its {columns} columns for a window of {window} tokens ({sinks} sinks) keep the "
+                             f"sinks and the positions from {overwritten + 1} on, so it cannot be truncated below "
+                             f"its window: {n} positions need positions {needed}..{n - 1}. It can be truncated to "
+                             f"{overwritten + window - sinks}..{length} positions, or to at most {sinks} (the sink "
+                             f"tokens alone); or reset the slot and prefill again")
+
+    def _cut(self, slot: int, n: int, kept: _Kept) -> None:
+        """Drop the positions from `n` on of `slot`, whose state `_check_prefix` found `kept`."""
+        if self.window is None:
+            self.valid[slot, kept.columns :] = False
+            self.lengths[slot] = kept.columns
+        else:
+            self.valid[slot] &= self.positions[slot] < n
+            # A ring's count of entries drops by one per position dropped (its padding is not kept).
+            dropped = self._next[slot] - n
+            self.lengths[slot] = max(0, self.lengths[slot] - dropped) if kept.keys else 0
+            self._highest[slot] = max(self._highest[slot], self._next[slot] - 1) if kept.keys else -1
+        if not kept.keys:  # nothing left that is scaled to the center: the next call places one
+            self._centers[slot] = None
+        self._next[slot] = n
+        self.next_position[slot] = n
 
     def append(self, slots: Sequence[int] | None, positions: Tensor | None, key_mask: Tensor | None,
                new: int, *, read_all: bool = False) -> CacheStep:
@@ -262,3 +392,10 @@ class CacheStep:
             cache_k[rows, :, self.columns] = k.transpose(1, 2)
             cache_v[rows, :, self.columns] = v.transpose(1, 2)
         return cache_k[self.rows, :, : self.read], cache_v[self.rows, :, : self.read]
+
+
+class _Kept(NamedTuple):
+    """What keeping the first positions of a slot keeps."""
+
+    columns: int | None  # the entries kept, a prefix of the columns (None in a ring buffer)
+    keys: bool  # whether any real token is kept (else the slot is as if fresh)
