@@ -433,45 +433,26 @@ def _peak_worker(rank: int, port: int, checkpoint: str, out: str) -> None:
 
     import importlib
 
-    import safetensors
+    from andromeda.weights import SafetensorsFile
 
     parallelize_module = importlib.import_module("andromeda.parallel.parallelize")
 
-    read = []  # elements of every tensor or slice this process reads from the checkpoint
+    read = []  # elements of every tensor or rows this process reads from the checkpoint
 
-    class CountingReader:
-        """safetensors' reader, counting what is read through it."""
+    class CountingReader(SafetensorsFile):
+        """The safetensors reader, counting what is read through it."""
 
-        def __init__(self, *args, **kwargs):
-            self.handle = safetensors.safe_open(*args, **kwargs)
-
-        def __enter__(self):
-            self.inner = self.handle.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.handle.__exit__(*exc)
-
-        def keys(self):
-            return self.inner.keys()
-
-        def get_tensor(self, name):
-            tensor = self.inner.get_tensor(name)
+        def read(self, name, out=None):
+            tensor = super().read(name, out)
             read.append(tensor.numel())
             return tensor
 
-        def get_slice(self, name):
-            sliced = self.inner.get_slice(name)
+        def read_rows(self, name, start, stop):
+            rows = super().read_rows(name, start, stop)
+            read.append(rows.numel())
+            return rows
 
-            class Slice:
-                def __getitem__(self, index):
-                    part = sliced[index]
-                    read.append(part.numel())
-                    return part
-
-            return Slice()
-
-    parallelize_module.safe_open = CountingReader
+    parallelize_module.SafetensorsFile = CountingReader
     with distributed(torch.device("cpu"), timeout_s=60) as env:
         small = BIG.replace(depth=1)  # a first, small model warms up FSDP's code paths
         build_parallel_model(small, "fsdp", env, init=lambda device: Andromeda.from_config(small, device=device).Andromeda)

@@ -18,6 +18,7 @@ from andromeda.inference.generate import (
     stream,
     stream_text,
 )
+from andromeda.inference.sampling import TokenCounts, penalize
 from andromeda.tokenizers import ByteTokenizer
 from helpers import FEATURES, random_net
 
@@ -193,6 +194,76 @@ def test_sampling_frequencies_follow_the_distribution():
     assert torch.allclose(freq, PROBS[0], atol=0.015)
 
 
+# ----------------------------------------------------------------------------- penalties
+
+PENALTY_LOGITS = [2.0, -1.0, 0.5, 0.0, -3.0]
+
+
+def penalized(prompts, mask, outputs, **penalties) -> list[list[float]]:
+    """`penalize` on two rows of PENALTY_LOGITS after `prompts` (with `mask`) and `outputs`."""
+    counts = TokenCounts(torch.tensor(prompts), len(PENALTY_LOGITS), None if mask is None else torch.tensor(mask))
+    for step in zip(*outputs):
+        counts.add(torch.tensor(step))
+    logits = torch.tensor([PENALTY_LOGITS] * len(prompts))
+    return penalize(logits, counts, SamplingParams(**penalties)).tolist()
+
+
+@pytest.mark.parametrize("penalties, row0, row1", [
+    # Row 0: prompt [1, 4], output [2, 2, 0]. Row 1: prompt [3] after a padding 0 that is not
+    # seen, output [1, 1, 1].
+    (dict(frequency_penalty=0.5), [1.5, -1.0, -0.5, 0.0, -3.0], [2.0, -2.5, 0.5, 0.0, -3.0]),
+    (dict(frequency_penalty=-1.0), [3.0, -1.0, 2.5, 0.0, -3.0], [2.0, 2.0, 0.5, 0.0, -3.0]),
+    (dict(presence_penalty=0.25), [1.75, -1.0, 0.25, 0.0, -3.0], [2.0, -1.25, 0.5, 0.0, -3.0]),
+    # divided when positive, multiplied when not; prompt tokens count (1, 4 in row 0), padding not
+    (dict(repetition_penalty=2.0), [1.0, -2.0, 0.25, 0.0, -6.0], [2.0, -2.0, 0.5, 0.0, -3.0]),
+    # repetition first, then frequency and presence (vLLM's order)
+    (dict(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25),
+     [0.25, -2.0, -1.0, 0.0, -6.0], [2.0, -3.75, 0.5, 0.0, -3.0]),
+])
+def test_penalties_follow_their_formulas(penalties, row0, row1):
+    """OpenAI: logits[t] -= frequency * count[t] + presence * (count[t] > 0), count over the
+    output only. CTRL / Hugging Face: a token of the prompt or output has its logit divided by
+    the penalty if positive, else multiplied by it. Computed by hand."""
+    assert penalized([[1, 4], [0, 3]], [[True, True], [False, True]], [[2, 2, 0], [1, 1, 1]], **penalties) == [row0, row1]
+
+
+def test_no_penalty_leaves_the_logits_alone():
+    assert not SamplingParams().penalized and SamplingParams(presence_penalty=0.1).penalized
+    assert penalized([[1, 4]], None, [[2, 2, 0]]) == [PENALTY_LOGITS]
+
+
+def reference_penalized_greedy(net, prompt: list[int], steps: int, frequency_penalty: float = 0.0,
+                               presence_penalty: float = 0.0, repetition_penalty: float = 1.0) -> list[int]:
+    """Greedy decoding written out: the whole sequence through the model each step, each token's
+    logit penalized by the formulas one at a time, then the argmax."""
+    seq, out = list(prompt), []
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = net(torch.tensor([seq]))[0, -1].float()
+        for token in set(seq):
+            value = logits[token]
+            logits[token] = value / repetition_penalty if value > 0 else value * repetition_penalty
+        for token in set(out):
+            count = out.count(token)
+            logits[token] = logits[token] - frequency_penalty * count - presence_penalty
+        token = int(logits.argmax())
+        seq.append(token)
+        out.append(token)
+    return out
+
+
+@pytest.mark.parametrize("penalties", [dict(frequency_penalty=0.8), dict(presence_penalty=1.5),
+                                       dict(repetition_penalty=1.5),
+                                       dict(frequency_penalty=-0.5, presence_penalty=0.5, repetition_penalty=1.2)])
+@pytest.mark.parametrize("cache_kv", [True, False])
+def test_greedy_with_penalties_equals_a_step_by_step_reference(net, penalties, cache_kv):
+    prompts = [[5, 9, 5, 17, 33, 9, 5], [40, 41, 40]]  # ragged: the padding must not count
+    out = generate(net, prompts, 30, temperature=0, cache_kv=cache_kv, **penalties)
+    for row, prompt in zip(out.tolist(), prompts):
+        assert row == reference_penalized_greedy(net, prompt, 30, **penalties)
+    assert not torch.equal(out, generate(net, prompts, 30, temperature=0)), "the penalties changed nothing"
+
+
 # ----------------------------------------------------------------------------- eos and streaming
 
 
@@ -332,6 +403,11 @@ def test_bad_prompts_raise(net, prompts, error, message):
     (dict(eos_token=[]), TypeError, "eos_token must be a token id or a non-empty list"),
     (dict(eos_token=1, pad_value=-1), ValueError, r"pad_value -1 is out of range"),
     (dict(generator=0), TypeError, "generator must be a torch.Generator"),
+    (dict(frequency_penalty=2.5), ValueError, r"frequency_penalty must be a number in \[-2, 2\]"),
+    (dict(presence_penalty=-2.1), ValueError, r"presence_penalty must be a number in \[-2, 2\]"),
+    (dict(presence_penalty=math.nan), ValueError, r"presence_penalty must be a number in \[-2, 2\]"),
+    (dict(repetition_penalty=0), ValueError, "repetition_penalty must be a finite number > 0"),
+    (dict(repetition_penalty=math.inf), ValueError, "repetition_penalty must be a finite number > 0"),
 ])
 def test_bad_arguments_raise(net, kwargs, error, message):
     kwargs = {"seq_len": 4, **kwargs}

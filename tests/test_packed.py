@@ -162,8 +162,8 @@ def test_generate_prepacks_bf16_weights_and_gives_the_same_text(tmp_path, capsys
     """`andromeda generate --dtype bf16` on a CPU packs every Linear once (the same products as
     F.linear, bit for bit), so its text equals generating with the plain bf16 model."""
     from andromeda import cli
-    from andromeda.checkpoint import load_transformer, save_pretrained
-    from andromeda.cli.common import load_for_inference
+    from andromeda.checkpoint import load_transformer, open_model_source, save_pretrained
+    from andromeda.cli.common import load_from_args
     from andromeda.cli.generate import add_arguments
     from andromeda.inference.generate import stream_text
     from andromeda.tokenizers import ByteTokenizer
@@ -173,7 +173,7 @@ def test_generate_prepacks_bf16_weights_and_gives_the_same_text(tmp_path, capsys
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["--checkpoint", str(tmp_path / "ckpt"), "--dtype", "bf16"])
-    loaded = load_for_inference(args.checkpoint, args, torch.device("cpu"))
+    loaded = load_from_args(open_model_source(args.checkpoint), args, torch.device("cpu"))
     assert isinstance(loaded.blocks[0].attn.to_qkv, PackedLinear) and isinstance(loaded.to_logits, PackedLinear)
     plain = load_transformer(tmp_path / "ckpt", dtype=torch.bfloat16)
     expected = "To be" + "".join(stream_text(plain, tokenizer, "To be", 24, temperature=0))

@@ -430,7 +430,7 @@ BAD_REQUESTS = [
     ({"prompt": [5, 258]}, "prompt", ["258", "vocabulary", "[0, 258)"]),
     ({"prompt": [[5], [-1]]}, "prompt", ["-1", "vocabulary"]),
     ({"prompt": "a", "stop_token_ids": [999]}, "stop_token_ids", ["999"]),
-    ({"prompt": "a", "frequency_penalty": 0.5}, "frequency_penalty", ["not supported"]),
+    ({"prompt": "a", "frequency_penalty": 2.5}, "frequency_penalty", ["less than or equal to 2"]),
     ({"prompt": "a\ud800"}, "prompt", ["cannot be tokenized"]),
     ({"prompt": "x" * 1100}, "prompt", ["1101 tokens", "1024"]),
     ({"prompt": list(range(200)) * 6, "max_tokens": 0}, "prompt", ["1200 tokens", "1024"]),

@@ -1,4 +1,5 @@
-"""The server under abuse: a vanishing temperature, a row whose sampling fails, a step that fails
+"""The server under abuse: a vanishing temperature, a row whose sampling fails, penalties per row
+(and out of range), a step that fails
 with a scoring request in it, bodies and prompts too big, a stream nobody reads, template kwargs
 that collide with the server's own arguments, an empty API key, and connections that never send
 a whole request head. Each one ends the one request (or connection) at fault with a clear answer,
@@ -24,6 +25,7 @@ import torch
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
+from andromeda import cli  # noqa: E402
 from andromeda.checkpoint import load_config, save_pretrained  # noqa: E402
 from andromeda.inference.generate import generate  # noqa: E402
 from andromeda.inference.sampling import SAMPLING_EPS, SamplingParams, filter_logits, sample  # noqa: E402
@@ -154,6 +156,65 @@ def test_a_row_whose_sampling_fails_ends_alone_and_the_batch_goes_on(net, monkey
     assert seqs[2].output == generate(net, torch.tensor(prompts[2]), 15, temperature=0)[0].tolist()
     assert [s.finish_reason for s in (seqs[0], seqs[2])] == ["length", "length"]
     assert sorted(scheduler.free) == [0, 1, 2]
+
+
+# ----------------------------------------------------------------------------- penalties
+
+
+def test_penalties_apply_per_row_in_a_batch(net):
+    """Each row is penalized by its own parameters and tokens: in one batch, every row gets what
+    `generate` gives it alone (rows 0 and 1 share a prompt and differ only by the penalty)."""
+    prompt, other = list(range(10, 20)), [7, 7, 8, 7, 9]
+    rows = [(prompt, dict(temperature=0, frequency_penalty=0.8), None),
+            (prompt, dict(temperature=0), None),
+            (other, dict(temperature=0.9, presence_penalty=0.5, repetition_penalty=1.3), 5),
+            (other, dict(temperature=0, repetition_penalty=1.5, frequency_penalty=-0.2), None)]
+    seqs = [Sequence(p, 20, SamplingParams(**params), None if seed is None else torch.Generator().manual_seed(seed))
+            for p, params, seed in rows]
+    scheduler = Scheduler(net, max_batch_size=4)
+    for seq in seqs:
+        scheduler.add(seq)
+    for _ in range(40):
+        if not scheduler.has_work:
+            break
+        scheduler.step()
+    for seq, (p, params, seed) in zip(seqs, rows):
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        assert seq.output == generate(net, torch.tensor(p), 20, generator=generator, **params)[0].tolist(), params
+    assert seqs[0].output != seqs[1].output, "the frequency penalty changed nothing"
+
+
+@pytest.mark.parametrize("penalties", [{"frequency_penalty": 1.0},
+                                       {"presence_penalty": 0.7, "repetition_penalty": 1.4}])
+def test_a_penalized_request_gives_the_generate_commands_text(server, checkpoint, capsys, penalties):
+    prompt = "Hello there"
+    texts = []
+    for extra in (penalties, {}):
+        response = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 24, "temperature": 0, **extra})
+        assert response.status_code == 200, response.text
+        texts.append(response.json()["choices"][0]["text"])
+    text, plain = texts
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in penalties.items()]
+    assert cli.main(["generate", "--checkpoint", str(checkpoint), "--prompt", prompt, "--max-new-tokens", "24",
+                     "--temperature", "0", "--device", "cpu", *flags]) == 0
+    assert capsys.readouterr().out == prompt + text + "\n"
+    assert text != plain, "the penalties changed nothing"
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("frequency_penalty", 2.5, "less than or equal to 2"),
+    ("frequency_penalty", -2.01, "greater than or equal to -2"),
+    ("presence_penalty", 3, "less than or equal to 2"),
+    ("repetition_penalty", 0, "greater than 0"),
+    ("repetition_penalty", -1.0, "greater than 0"),
+])
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_out_of_range_penalties_get_400_naming_them(server, route, field, value, words):
+    body = {"prompt": "Hi"} if route == "/v1/completions" else {"messages": [{"role": "user", "content": "Hi"}]}
+    response = post(server, route, {**body, "max_tokens": 2, field: value})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and words in error["message"], error
 
 
 # ----------------------------------------------------------------------------- the engine thread

@@ -13,19 +13,24 @@ writes into a new or empty folder; it replaces an existing one only if that fold
 file, what the same command would have written, and never a training run folder. Anything else is
 refused with an error naming the folder and the flag to change; nothing is deleted that the user
 did not name. The replacement itself is atomic: the new folder is written beside the old one and
-renamed over it (`replace_folder`).
+renamed over it (`replace_folder`). A full disk (or quota) while writing is an error that names the
+file being written (`writing`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from safetensors import SafetensorError
 
 # A training run folder (`train --out`): never replaced by a command that writes a checkpoint.
 RUN_MARKERS = ("checkpoints", "latest", "metrics.jsonl")
@@ -148,6 +153,37 @@ def replace_folder(source: Path, target: Path) -> None:
     else:
         os.rename(source, target)
     fsync(target.parent)
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn a full disk (or quota) while writing `path` into an error that says so and names it."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(path) from None
+        raise
+    except SafetensorError as err:  # safetensors' writer reports I/O errors as its own
+        if "os error 28" in str(err) or "No space left" in str(err):
+            raise disk_full(path) from None
+        raise
+
+
+def disk_full(path: Path, detail: str = "") -> OSError:
+    """An ENOSPC error whose message names the file being written."""
+    error = OSError(f"no space left on device while writing {path}{detail}")
+    error.errno = errno.ENOSPC
+    return error
+
+
+def apply_umask(folder: Path) -> None:
+    """Give `folder` and everything in it the permissions the umask allows (mkdtemp and
+    safetensors create private files)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def fsync(path: Path) -> None:

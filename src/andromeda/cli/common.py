@@ -6,13 +6,9 @@ import argparse
 
 import torch
 
-from ..checkpoint import load_quantization, load_transformer
-from ..interop.hf import is_hf_folder
-from ..inference.packed import prepack_if_supported
-from ..inference.quantize import DEFAULT_GROUP_SIZE, SCHEMES, check_scheme
+from ..checkpoint import DTYPES, ModelSource, load_for_inference
+from ..inference.quantize import DEFAULT_GROUP_SIZE, SCHEMES
 from ..model import Transformer
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser, *, dtype: bool = True) -> None:
@@ -27,28 +23,9 @@ def add_inference_arguments(parser: argparse.ArgumentParser, *, dtype: bool = Tr
                         help=f"int4 inputs per scale and zero: 32, 64, 128 or 256 (default {DEFAULT_GROUP_SIZE})")
 
 
-def inference_dtype(path: str, args: argparse.Namespace, device: torch.device, *, decoding: bool) -> torch.dtype | None:
-    """The dtype to load weights in: --dtype; else bf16 when quantizing a full-precision
-    checkpoint (its scales and activations) or, for decoding, on CUDA (every token reads every
-    weight); else as saved (always, for a quantized checkpoint)."""
-    chosen = getattr(args, "dtype", None)
-    if chosen is not None:
-        return DTYPES[chosen]
-    if not is_hf_folder(path) and load_quantization(path) is not None:
-        return None
-    if args.quantize is not None or (decoding and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
-def load_for_inference(path: str, args: argparse.Namespace, device: torch.device, *, verify: bool = True,
-                       decoding: bool = True) -> Transformer:
-    """The model at `path` as the shared options ask, in eval mode, with bf16 weights on a CPU
-    prepacked for oneDNN (`inference.packed`: the same products, up to 3x faster per decode step).
+def load_from_args(source: ModelSource, args: argparse.Namespace, device: torch.device, *,
+                   decoding: bool = True) -> Transformer:
+    """The model of `source` as the shared options (and --no-verify) ask: `checkpoint.load_for_inference`.
     `decoding`: for token-by-token generation (bf16 by default on CUDA) rather than scoring."""
-    if args.quantize is not None:
-        check_scheme(args.quantize, args.group_size)
-    dtype = inference_dtype(path, args, device, decoding=decoding)
-    net = load_transformer(path, device=device, dtype=dtype, verify=verify, quantize=args.quantize,
-                           group_size=args.group_size)
-    return prepack_if_supported(net).eval()
+    return load_for_inference(source, device=device, dtype=getattr(args, "dtype", None), quantize=args.quantize,
+                              group_size=args.group_size, verify=getattr(args, "verify", True), decoding=decoding)

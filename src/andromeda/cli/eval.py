@@ -13,15 +13,14 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_checkpoint_tokenizer, load_train_config, resolve_checkpoint
-from ..config import Config
+from ..checkpoint import load_checkpoint_tokenizer, load_train_config, open_model_source
 from ..model import Transformer
 from ..data import TokenStore, resolve_data, shakespeare_corpus, token_cache_dir
 from ..evaluation import check_eval_length, check_plot_path, evaluate, plot_bits_per_byte
 from ..parallel.environment import resolve_device
 from ..train import TrainConfig
 from ..train.data import data_files
-from .common import add_inference_arguments, load_for_inference
+from .common import add_inference_arguments, load_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -123,10 +122,11 @@ def _print_table(report: dict, max_windows: int | None) -> None:
 
 def _evaluate_checkpoint(path: str, args: argparse.Namespace, device: torch.device) -> dict:
     """One checkpoint's JSON object (see DESCRIPTION), with "parameters", "tokenizer" for the table."""
-    checkpoint = resolve_checkpoint(path)
-    data = _eval_data(checkpoint, args)  # before loading: a missing --data is known at once
-    net = load_for_inference(str(checkpoint), args, device, verify=args.verify, decoding=False)
-    trained = _trained_seq_len(checkpoint, net.config)
+    source = open_model_source(path, verify=args.verify)
+    checkpoint, saved = source.folder, load_train_config(source)
+    data = _eval_data(checkpoint, saved, args)  # before loading: a missing --data is known at once
+    net = load_from_args(source, args, device, decoding=False)
+    trained = int(saved["seq_len"]) if saved and "seq_len" in saved else net.config.max_seq_len
     seq_lens = args.seq_len or [trained]
     for seq_len in seq_lens:
         try:
@@ -135,7 +135,7 @@ def _evaluate_checkpoint(path: str, args: argparse.Namespace, device: torch.devi
             raise ValueError(f"--seq-len {seq_len} is outside 1..{net.config.max_seq_len} (the model's max_seq_len); "
                              f"{checkpoint} has learned absolute positions (use_abs_pos_emb), which end "
                              f"there") from None
-    tokenizer = load_checkpoint_tokenizer(checkpoint, verify=args.verify)
+    tokenizer = load_checkpoint_tokenizer(source, verify=args.verify)
     store = TokenStore(data.files, tokenizer, cache_dir=token_cache_dir(data.cache_dir), text_field=data.text_field)
     results = {}
     for n in seq_lens:
@@ -165,9 +165,9 @@ class EvalData:
     cache_dir: str | None  # the cache root: --cache-dir, else the run's when scoring the run's data
 
 
-def _eval_data(checkpoint: Path, args: argparse.Namespace) -> EvalData:
-    """--data; else the held-out files the run evaluated on, found as training found them."""
-    saved = load_train_config(checkpoint)
+def _eval_data(checkpoint: Path, saved: dict | None, args: argparse.Namespace) -> EvalData:
+    """--data; else the held-out files the run (whose training record is `saved`) evaluated on,
+    found as training found them."""
     text_field = args.text_field or (saved or {}).get("text_field", "text")
     if args.data is not None:
         return EvalData(resolve_data(args.data), f"--data {' '.join(args.data)}", text_field, args.cache_dir)
@@ -201,11 +201,6 @@ def _files_text(files: list[str]) -> str:
     if len(files) <= 3:
         return ", ".join(files)
     return f"{len(files)} files in {os.path.commonpath(files)}"
-
-
-def _trained_seq_len(checkpoint: Path, config: Config) -> int:
-    saved = load_train_config(checkpoint)
-    return int(saved["seq_len"]) if saved and "seq_len" in saved else config.max_seq_len
 
 
 def _label(checkpoint: Path) -> str:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-import torch
+from ..checkpoint import DTYPES
 
 HELP = "write a checkpoint as a Hugging Face transformers folder (trust_remote_code)"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,12 +17,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import load_checkpoint_tokenizer, load_transformer
+    from ..checkpoint import load_checkpoint_tokenizer, load_transformer, open_model_source
     from ..interop.hf import export_hf
 
-    net = load_transformer(args.checkpoint)
+    source = open_model_source(args.checkpoint)
+    net = load_transformer(source)
     try:
-        tokenizer = load_checkpoint_tokenizer(args.checkpoint)
+        tokenizer = load_checkpoint_tokenizer(source)
     except FileNotFoundError:
         tokenizer = None  # a model saved without one exports without one
     out = export_hf(net, tokenizer, args.out, dtype=DTYPES.get(args.dtype), flag="--out")

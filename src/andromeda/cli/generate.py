@@ -1,29 +1,67 @@
-"""`andromeda generate`: stream a continuation of a prompt, past max_seq_len with a sliding window."""
+"""`andromeda generate`: stream a continuation of a prompt, past max_seq_len with a sliding window.
+
+The prompt comes from --prompt, a file (--prompt-file) or stdin (`-`). Stop strings are cut as the
+server cuts them (`serve.detokenizer.TextStream`): the text stops right before the first one, which
+is never printed, even when it spans tokens. -n N prints N samples of the same prompt, sample i
+drawn with seed + i as the server's choices are.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from pathlib import Path
 
 import torch
+from torch import nn
 
-from ..checkpoint import load_checkpoint_tokenizer
+from ..checkpoint import load_checkpoint_tokenizer, load_config, load_quantization, open_model_source
+from ..config import Config
 from ..inference.generate import stream_text
+from ..inference.quantize import DEFAULT_GROUP_SIZE, INT4_GROUP_SIZES
+from ..inference.sampling import SamplingParams
+from ..model import Transformer
 from ..parallel.environment import resolve_device
-from .common import add_inference_arguments, load_for_inference
+from ..serve.detokenizer import TextStream
+from .common import add_inference_arguments, load_from_args
 
 HELP = "stream a continuation of a prompt"
+STDIN = "-"  # --prompt - and --prompt-file - read the prompt from stdin
+COMPILING = ("compiling the decode step with torch.compile (--compile): the first tokens take a while "
+             "(tens of seconds), the rest come faster")
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder")
-    parser.add_argument("--prompt", default="", help="text to continue (default: a new document)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--prompt", default="", help="text to continue (default: a new document); - reads stdin")
+    source.add_argument("--prompt-file", metavar="FILE",
+                        help="read the prompt from FILE (UTF-8; - is stdin); one trailing newline is dropped, "
+                             "as editors and echo add one")
+    parser.add_argument("-n", "--num-samples", type=_positive_int, default=1, metavar="N",
+                        help="print N samples of the prompt, each after a '=== sample i/N (seed S) ===' line; "
+                             "sample i uses seed + i (default 1, printed without the line)")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="end the text right before TEXT, which is not printed (even across tokens); "
+                             "repeat for several")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="below 1e-5 (0 included) = greedy, as in vLLM (default 1.0)")
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--min-p", type=float)
+    parser.add_argument("--frequency-penalty", type=float, default=0.0, metavar="F",
+                        help="OpenAI's, in [-2, 2]: subtract F x (times a token was generated so far) from its "
+                             "logit (default 0)")
+    parser.add_argument("--presence-penalty", type=float, default=0.0, metavar="P",
+                        help="OpenAI's, in [-2, 2]: subtract P from the logit of every token generated so far "
+                             "(default 0)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                        help="CTRL's, as in Hugging Face, > 0: divide the positive logits (multiply the negative "
+                             "ones) of tokens in the prompt or the output by R (default 1: none)")
     parser.add_argument("--window", type=int, metavar="W",
                         help="attend to the last W tokens only (sinks included), with a ring-buffer KV cache; "
                              "default: all tokens up to max_seq_len, then a window of max_seq_len")
@@ -37,21 +75,97 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run each decode step as one torch.compile'd graph (CUDA graphs on a GPU); "
                              "the first call compiles for tens of seconds")
     add_inference_arguments(parser)
+    # None: `run` picks one that divides the model (see _int4_group_size).
+    parser.set_defaults(group_size=None)
 
 
 def run(args: argparse.Namespace) -> int:
+    prompt = _prompt(args)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                    frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
+                    repetition_penalty=args.repetition_penalty)
+    _check_sampling(sampling)
+    source = open_model_source(args.checkpoint, verify=args.verify)
+    if args.group_size is None:
+        args.group_size = _int4_group_size(source) if args.quantize == "int4" else DEFAULT_GROUP_SIZE
     device = resolve_device(args.device)
-    net = load_for_inference(args.checkpoint, args, device, verify=args.verify)
-    tokenizer = load_checkpoint_tokenizer(args.checkpoint, verify=args.verify)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    pieces = stream_text(net, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, generator=generator,
-                         window=args.window, sink_tokens=args.sink_tokens, compile=args.compile)
+    net = load_from_args(source, args, device)
+    tokenizer = load_checkpoint_tokenizer(source, verify=args.verify)
+    if args.compile:  # before the first compile, which takes a while
+        logger.info(COMPILING)
+    for i in range(args.num_samples):
+        seed = args.seed + i
+        generator = torch.Generator(device=device).manual_seed(seed)
+        decoder = TextStream(tokenizer, args.stop)
+        pieces = stream_text(net, tokenizer, prompt, args.max_new_tokens, decoder=decoder, generator=generator,
+                             window=args.window, sink_tokens=args.sink_tokens, compile=args.compile, **sampling)
+        header = f"=== sample {i + 1}/{args.num_samples} (seed {seed}) ===\n" if args.num_samples > 1 else ""
+        _print_sample(header + prompt, pieces)
+    return 0
+
+
+def _print_sample(head: str, pieces) -> None:
+    """Print `head`, then the pieces as they come, then a newline."""
     first = next(pieces, "")  # arguments are checked before anything is printed
-    sys.stdout.write(args.prompt + first)
+    sys.stdout.write(head + first)
     sys.stdout.flush()
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    return 0
+    sys.stdout.flush()
+
+
+def _check_sampling(sampling: dict) -> None:
+    """Name a bad sampling value by its flag, before the model loads."""
+    try:
+        SamplingParams(**sampling)
+    except ValueError as error:  # "top_k must be ...": the message opens with the field's name
+        field = str(error).partition(" ")[0]
+        raise ValueError(f"--{field.replace('_', '-')}: {error}") from None
+
+
+def _prompt(args: argparse.Namespace) -> str:
+    """The prompt: --prompt's text, or a file's or stdin's (one trailing newline dropped)."""
+    source = args.prompt_file if args.prompt_file is not None else args.prompt if args.prompt == STDIN else None
+    if source is None:
+        return args.prompt
+    name = "stdin" if source == STDIN else source
+    try:
+        data = sys.stdin.buffer.read() if source == STDIN else Path(source).read_bytes()
+    except OSError as error:
+        raise OSError(f"cannot read the prompt from {name}: {error.strerror or error}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"the prompt in {name} is not UTF-8 text ({error})") from None
+    return text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
+
+
+def _int4_group_size(source) -> int:
+    """--group-size for --quantize int4 when none was given, for a model folder (a path or an
+    opened source): an int4 checkpoint's own; else the largest of INT4_GROUP_SIZES up to the
+    default that divides every Linear's input width (the demo model's 192 takes 64). If none
+    does, the default, which loading refuses naming the layer."""
+    saved = load_quantization(source)
+    if saved is not None and saved[0] == "int4":
+        return saved[1]
+    widths = _input_widths(load_config(source))
+    fits = [size for size in INT4_GROUP_SIZES if size <= DEFAULT_GROUP_SIZE and all(w % size == 0 for w in widths)]
+    return max(fits, default=DEFAULT_GROUP_SIZE)
+
+
+def _input_widths(config: Config) -> set[int]:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        net = Transformer(config)
+    return {module.in_features for module in net.modules() if isinstance(module, nn.Linear)}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value

@@ -14,10 +14,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import check_checkpoint_output, save_pretrained
-    from ..interop.hf import load_hf, load_hf_tokenizer
+    from ..checkpoint import (
+        HF_EXPORT,
+        check_checkpoint_output,
+        load_checkpoint_tokenizer,
+        load_transformer,
+        open_model_source,
+        save_pretrained,
+    )
 
     check_checkpoint_output(args.out, quantized=False, flag="--out")  # before the slow part
-    out = save_pretrained(load_hf(args.hf), args.out, tokenizer=load_hf_tokenizer(args.hf), flag="--out")
+    source = open_model_source(args.hf)
+    if source.kind != HF_EXPORT:
+        raise ValueError(f"{args.hf} holds {source.describe()}, not a Hugging Face export: it is a checkpoint "
+                         f"already (load it with --checkpoint, or copy it)")
+    try:
+        tokenizer = load_checkpoint_tokenizer(source)
+    except FileNotFoundError:
+        tokenizer = None  # an export without a tokenizer is imported without one
+    out = save_pretrained(load_transformer(source), args.out, tokenizer=tokenizer, flag="--out")
     print(f"wrote {out}")
     return 0

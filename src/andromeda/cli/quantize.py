@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
-from .common import DTYPES
+from ..checkpoint import DTYPES
 
 HELP = "write a weight-only int8 or int4 quantized copy of a checkpoint"
 DESCRIPTION = (HELP + ": every Linear (attention, feed-forward, output projection) is stored in 8 or 4 bits "
@@ -33,21 +31,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import (
         check_checkpoint_output,
+        check_load_request,
         describe_quantization,
         load_checkpoint_tokenizer,
         load_transformer,
+        open_model_source,
         save_pretrained,
     )
     from ..inference.quantize import check_scheme
 
     check_scheme(args.scheme, args.group_size)
     check_checkpoint_output(args.out, quantized=True, flag="--out")  # before the slow part
+    source = open_model_source(args.checkpoint, verify=args.verify)
+    check_load_request(source, args.scheme, args.group_size)  # every layer's width, before reading weights
     start = time.perf_counter()
-    net = load_transformer(args.checkpoint, device="cpu", dtype=DTYPES[args.dtype], verify=args.verify,
-                           quantize=args.scheme, group_size=args.group_size)
+    net = load_transformer(source, device="cpu", dtype=DTYPES[args.dtype], verify=args.verify, quantize=args.scheme,
+                           group_size=args.group_size)
     seconds = time.perf_counter() - start
     try:
-        tokenizer = load_checkpoint_tokenizer(args.checkpoint, verify=args.verify)
+        tokenizer = load_checkpoint_tokenizer(source, verify=args.verify)
     except FileNotFoundError:
         tokenizer = None  # a model saved without one is written without one
     out = save_pretrained(net, args.out, tokenizer=tokenizer, flag="--out")

@@ -34,7 +34,9 @@ so its shapes never change. The capacity is rounded up to a multiple of COMPILED
 so that requests of similar lengths share one graph; the prefill stays eager (its length varies).
 Tokens equal eager decoding's (tests/test_generation.py). The first call compiles (tens of seconds).
 
-Sampling (`sampling.sample`) applies temperature, top-k, top-p, min-p in that order.
+Sampling (`sampling.sample`) applies temperature, top-k, top-p, min-p in that order. Penalties
+(frequency, presence, repetition) come before it, from each row's `TokenCounts`, which exist only
+when a penalty is set: without one the decoding loop does no extra work.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from torch import Tensor
 
 from ..model import KVCache, Transformer, check_tokens
 from ..model.cache import check_window
-from .sampling import SamplingParams, filter_logits, sample
+from .sampling import SamplingParams, TokenCounts, filter_logits, penalize, sample
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +79,10 @@ class _Plan:
     sink_tokens: int
     compile: bool  # decode steps as one compiled graph of fixed shapes
 
+    def token_counts(self, vocab: int) -> TokenCounts | None:
+        """The penalties' per-row counts, seeded with the prompts; None when no penalty is set."""
+        return TokenCounts(self.tokens, vocab, self.key_mask) if self.params.penalized else None
+
 
 def generate(
     net: Transformer,
@@ -87,6 +93,9 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     min_p: float | None = None,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+    repetition_penalty: float = 1.0,
     eos_token: int | Sequence[int] | None = None,
     pad_value: int | None = None,
     cache_kv: bool = True,
@@ -102,6 +111,9 @@ def generate(
         different lengths (tensors or lists of ints), which are left-padded and masked.
     temperature, top_k, top_p, min_p: see `SamplingParams`; a temperature below 1e-5 (0 included)
         is greedy, as in vLLM.
+    frequency_penalty, presence_penalty: OpenAI's, in [-2, 2], over each row's generated tokens;
+        repetition_penalty: CTRL's (> 0, 1 = none), over its prompt and generated tokens. See
+        `SamplingParams`; they apply before temperature and the filters (greedy included).
     eos_token: one id or several; a row that samples one keeps it and then stops: its later
         positions hold `pad_value`, which defaults to the (first) eos id, so decoding with a
         tokenizer that drops specials reads the same text. Generation ends as soon as every row
@@ -123,8 +135,10 @@ def generate(
     positions, or if the window is not at least sink_tokens + 1.
     """
     plan = _plan(net, prompts, seq_len, temperature=temperature, top_k=top_k, top_p=top_p,
-                 min_p=min_p, eos_token=eos_token, pad_value=pad_value, cache_kv=cache_kv,
-                 generator=generator, window=window, sink_tokens=sink_tokens, compile=compile)
+                 min_p=min_p, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                 repetition_penalty=repetition_penalty, eos_token=eos_token, pad_value=pad_value,
+                 cache_kv=cache_kv, generator=generator, window=window, sink_tokens=sink_tokens,
+                 compile=compile)
     # Allocated outside inference mode so callers get an ordinary tensor they may edit in place.
     out = torch.full((plan.tokens.shape[0], seq_len), plan.pad_value, dtype=torch.long,
                      device=plan.tokens.device)
@@ -156,11 +170,16 @@ def stream_text(
     max_new_tokens: int,
     *,
     start_of_document: bool = True,
+    decoder=None,
     **sampling,
 ) -> Iterator[str]:
     """Yield the text of a continuation of `prompt` piece by piece, as it is generated.
 
     `tokenizer` follows `andromeda.tokenizers.Tokenizer`; the other keywords are `generate`'s.
+    `decoder` turns tokens into text: an object with `push(token) -> str` and `flush() -> str`,
+    by default an `IncrementalDecoder(tokenizer)`. One with a `stopped` attribute ends the
+    generation as soon as it is set: the server's `TextStream`, which cuts the text right before
+    a stop string.
     Generation stops at the tokenizer's eos unless `eos_token` is given. With
     `start_of_document` (the default) the prompt is preceded by the eos id: training data
     separates documents with eos, so this tells the model the prompt opens a document (and lets
@@ -174,7 +193,7 @@ def stream_text(
         raise ValueError("the prompt is empty; pass text, or start_of_document=True")
     sampling.setdefault("eos_token", tokenizer.eos_id)
     stop = _as_ids(sampling["eos_token"], net.config.num_tokens, "eos_token")
-    decoder = IncrementalDecoder(tokenizer)
+    decoder = IncrementalDecoder(tokenizer) if decoder is None else decoder
     for tokens in stream(net, torch.tensor(ids), max_new_tokens, **sampling):
         token = int(tokens[0])
         if token in stop:
@@ -182,6 +201,8 @@ def stream_text(
         piece = decoder.push(token)
         if piece:
             yield piece
+        if getattr(decoder, "stopped", None) is not None:
+            return
     tail = decoder.flush()
     if tail:
         yield tail
@@ -323,8 +344,9 @@ def _decode(net: Transformer, plan: _Plan) -> Iterator[Tensor]:
     cache = generation_cache(net, B, N, plan.seq_len, plan.window, plan.sink_tokens, compiled=plan.compile)
     logits = prefill(net, plan.tokens, positions, plan.key_mask, cache)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    counts = plan.token_counts(net.config.num_tokens)
     for step in range(plan.seq_len):
-        tokens = _next_tokens(logits, plan, done)
+        tokens = _next_tokens(logits, plan, done, counts)
         yield tokens
         if step == plan.seq_len - 1 or (plan.stop_ids is not None and bool(done.all())):
             return
@@ -349,10 +371,11 @@ def _decode_recomputing(net: Transformer, plan: _Plan) -> Iterator[Tensor]:
     if plan.key_mask is not None:
         key_mask[:, :N] = plan.key_mask
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    counts = plan.token_counts(net.config.num_tokens)
     end = N
     for step in range(L):
         logits = recompute(net, *_in_view(seq[:, :end], positions[:, :end], key_mask[:, :end], plan))
-        tokens = _next_tokens(logits, plan, done)
+        tokens = _next_tokens(logits, plan, done, counts)
         seq[:, end] = tokens
         yield tokens
         if plan.stop_ids is not None and bool(done.all()):
@@ -374,10 +397,14 @@ def _in_view(tokens: Tensor, positions: Tensor, key_mask: Tensor, plan: _Plan) -
     return tokens, positions, None if bool(key_mask.all()) else key_mask
 
 
-def _next_tokens(logits: Tensor, plan: _Plan, done: Tensor) -> Tensor:
-    """Sample each row's next token (B,); rows that have stopped get `pad_value`, and `done` is
-    updated in place."""
+def _next_tokens(logits: Tensor, plan: _Plan, done: Tensor, counts: TokenCounts | None) -> Tensor:
+    """Sample each row's next token (B,), after the penalties when `counts` are kept (which are
+    then updated); rows that have stopped get `pad_value`, and `done` is updated in place."""
+    if counts is not None:
+        logits = penalize(logits, counts, plan.params)
     tokens = sample(logits, plan.params, plan.generator)  # (B,)
+    if counts is not None:
+        counts.add(tokens)
     if plan.stop_ids is not None:
         tokens.masked_fill_(done, plan.pad_value)
         done |= torch.isin(tokens, plan.stop_ids)
@@ -409,6 +436,9 @@ def _plan(
     top_k: int | None = None,
     top_p: float | None = None,
     min_p: float | None = None,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+    repetition_penalty: float = 1.0,
     eos_token: int | Sequence[int] | None = None,
     pad_value: int | None = None,
     cache_kv: bool = True,
@@ -421,7 +451,7 @@ def _plan(
     config = net.config
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"seq_len (the number of new tokens) must be an integer >= 1, got {seq_len!r}")
-    params = SamplingParams(temperature, top_k, top_p, min_p)
+    params = SamplingParams(temperature, top_k, top_p, min_p, frequency_penalty, presence_penalty, repetition_penalty)
     if compile and not cache_kv:
         raise ValueError("compile=True compiles the KV-cached decode step; it needs cache_kv=True")
     device = net.token_emb.weight.device

@@ -1,8 +1,10 @@
 """Sampling: how the next token is drawn from the logits.
 
-Filters apply in the order temperature, top-k, top-p, min-p; each sees the distribution the
-previous ones left. A temperature below `SAMPLING_EPS` (0 included) is greedy decoding and
-ignores the filters.
+Penalties come first, on the raw logits (`penalize`, with the `TokenCounts` of each row): the
+repetition penalty, then the frequency and presence penalties, in vLLM's order. Filters then
+apply in the order temperature, top-k, top-p, min-p; each sees the distribution the previous
+ones left. A temperature below `SAMPLING_EPS` (0 included) is greedy decoding (the argmax of the
+penalized logits) and ignores the filters.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import Tensor
 # by a smaller one can overflow to inf (1e-300 turns every logit into +-inf, softmax into NaN and
 # multinomial into an error), and the distribution it stands for is the argmax anyway.
 SAMPLING_EPS = 1e-5
+MAX_PENALTY = 2  # OpenAI's bound on frequency_penalty and presence_penalty
 
 
 @dataclass(frozen=True)
@@ -30,12 +33,21 @@ class SamplingParams:
         top_p (Holtzman et al. 2019, https://arxiv.org/abs/1904.09751).
     min_p: keep tokens at least min_p times as likely as the most likely one (Nguyen et al. 2024,
         https://arxiv.org/abs/2407.01082).
+    frequency_penalty, presence_penalty: OpenAI's, in [-2, 2]: logits[t] -= frequency_penalty *
+        count[t] + presence_penalty * (count[t] > 0), where count[t] counts t among the tokens
+        generated so far (the prompt's do not count). Positive values discourage repeats.
+    repetition_penalty: CTRL's (Keskar et al. 2019, https://arxiv.org/abs/1909.05858), as
+        Hugging Face and vLLM apply it, > 0: the logit of every token in the prompt or the output
+        is divided by it when positive, multiplied by it otherwise; 1 does nothing.
     """
 
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
     min_p: float | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         t = self.temperature
@@ -50,10 +62,64 @@ class SamplingParams:
         m = self.min_p
         if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m <= 1):
             raise ValueError(f"min_p must be in [0, 1] or None, got {m!r}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise ValueError(f"{name} must be a number in [-{MAX_PENALTY}, {MAX_PENALTY}] (0 = none), "
+                                 f"got {value!r}")
+        r = self.repetition_penalty
+        if not _is_number(r) or not math.isfinite(r) or r <= 0:
+            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = none), got {r!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < SAMPLING_EPS
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty is set (the logits then need each row's `TokenCounts`)."""
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1)
+
+
+def _is_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+class TokenCounts:
+    """What the penalties read, one row per sequence: how many times each token has been
+    generated, `output` (B, V) int32, and which tokens the prompt or the output holds, `seen`
+    (B, V) bool. Built from the prompts, then `add`ed each step's new tokens."""
+
+    def __init__(self, prompts: Tensor, vocab: int, prompt_mask: Tensor | None = None) -> None:
+        """prompts: (B, N) ids; prompt_mask: (B, N) True for real tokens (None: all are), so the
+        left padding of ragged prompts is not seen."""
+        B = prompts.shape[0]
+        real = torch.ones_like(prompts, dtype=torch.int32) if prompt_mask is None else prompt_mask.int()
+        in_prompt = torch.zeros(B, vocab, dtype=torch.int32, device=prompts.device).scatter_add_(1, prompts, real)
+        self.seen = in_prompt > 0  # (B, V)
+        self.output = torch.zeros(B, vocab, dtype=torch.int32, device=prompts.device)  # (B, V)
+
+    def add(self, tokens: Tensor) -> None:
+        """Count each row's new token, (B,)."""
+        index = tokens.view(-1, 1)
+        self.output.scatter_add_(1, index, torch.ones_like(index, dtype=torch.int32))
+        self.seen.scatter_(1, index, True)
+
+
+def penalize(logits: Tensor, counts: TokenCounts, params: SamplingParams) -> Tensor:
+    """(B, V) logits with `params`' penalties applied (SamplingParams explains each), as fp32.
+
+    The repetition penalty first, then frequency and presence, as vLLM orders them."""
+    logits = logits.float()
+    r = params.repetition_penalty
+    if r != 1:
+        repeated = torch.where(logits > 0, logits / r, logits * r)
+        logits = torch.where(counts.seen, repeated, logits)
+    if params.frequency_penalty:
+        logits = logits - params.frequency_penalty * counts.output
+    if params.presence_penalty:
+        logits = logits - params.presence_penalty * (counts.output > 0)
+    return logits
 
 
 def filter_logits(logits: Tensor, params: SamplingParams) -> Tensor:

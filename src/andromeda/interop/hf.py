@@ -70,16 +70,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..checkpoint import apply_umask, shape_problems, writing
 from ..config import Config, check_size
-from ..folders import check_folder, check_output, member, read_json_object, replace_folder, staging_beside
+from ..folders import (
+    apply_umask,
+    check_folder,
+    check_output,
+    member,
+    read_json_object,
+    replace_folder,
+    staging_beside,
+    writing,
+)
 from ..inference.quantize import quantization_of
 from ..model import Transformer, build_transformer
 from ..tokenizers import ByteTokenizer, HFTokenizer, Tokenizer
+from ..weights import SafetensorsFile, placed, shape_problems, transformer_from_state
 
 logger = logging.getLogger(__name__)
 
@@ -305,29 +313,22 @@ def _weight_files(folder: Path) -> list[Path]:
     raise FileNotFoundError(f"{folder} has no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE}{hint}")
 
 
+def read_hf_state_dict(hf_dir: str | Path, config: Config) -> dict[str, Tensor]:
+    """The weights of an exported folder whose config is `config`, under our Transformer's names,
+    after checking every name and shape (a ValueError naming the files and what differs)."""
+    return from_hf_state_dict(_read_weights(_weight_files(Path(hf_dir)), config), config)
+
+
 def _read_weights(files: list[Path], config: Config) -> dict[str, Tensor]:
     """Every tensor of `files`, after checking their names and shapes against `config`."""
-    expected = _expected_shapes(config)
-    found: dict[str, tuple[int, ...]] = {}
-    where: dict[str, Path] = {}
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                for name in handle.keys():
-                    found[name] = tuple(handle.get_slice(name).get_shape())
-                    where[name] = file
-        except SafetensorError as err:
-            raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {err}") from None
-    problems = shape_problems(found, expected, {name: file.name for name, file in where.items()})
+    readers = [SafetensorsFile(file) for file in files]  # every header, before any tensor is read
+    found = {name: shape for reader in readers for name, shape in reader.shapes().items()}
+    where = {name: reader.path.name for reader in readers for name in reader.entries}
+    problems = shape_problems(found, _expected_shapes(config), where)
     if problems:
         names = ", ".join(str(f) for f in files)
         raise ValueError(f"{names} does not match {files[0].parent / CONFIG_FILE}: {problems}")
-    tensors: dict[str, Tensor] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                tensors[name] = handle.get_tensor(name)
-    return tensors
+    return {name: tensor for reader in readers for name, tensor in reader.mapped().items()}
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -556,8 +557,7 @@ def import_hf(hf_dir: str | Path) -> tuple[Config, dict[str, Tensor], Tokenizer 
         raise FileNotFoundError(f"{folder} has no {CONFIG_FILE}")
     data = read_json_object(config_file, "an exported AndromedaConfig, a JSON object")
     config = config_from_hf(data, config_file)
-    tensors = _read_weights(_weight_files(folder), config)
-    state = from_hf_state_dict(tensors, config)
+    state = read_hf_state_dict(folder, config)
     tokenizer = load_hf_tokenizer(folder)
     if tokenizer is not None and tokenizer.vocab_size > config.num_tokens:
         raise ValueError(f"{folder / TOKENIZER_FILE} has {tokenizer.vocab_size} tokens but {config_file} a "
@@ -569,14 +569,10 @@ def load_hf(
     hf_dir: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> Transformer:
     """The Transformer of an exported folder (see `import_hf`), in eval mode. Floating-point
-    weights keep their saved dtype unless `dtype` is given."""
+    weights keep their saved dtype unless `dtype` is given. (Commands load every kind of folder
+    through `checkpoint.load_transformer`, which reads an export with `read_hf_state_dict`.)"""
     config, state, _ = import_hf(hf_dir)
-    target = torch.device(device) if device is not None else torch.get_default_device()
-    state = {name: t.to(target, dtype if dtype is not None and t.is_floating_point() else t.dtype)
-             for name, t in state.items()}
-    net = build_transformer(config, device="meta")
-    net.load_state_dict(state, strict=True, assign=True)
-    return net.eval()
+    return transformer_from_state(config, {name: placed(t, device, dtype) for name, t in state.items()})
 
 
 def load_transformers(hf_dir: str | Path, **kwargs: Any):
@@ -593,6 +589,6 @@ def load_transformers(hf_dir: str | Path, **kwargs: Any):
 
 __all__ = [
     "HF_EXTRA", "byte_tokenizer_json", "config_from_hf", "export_hf", "from_hf_state_dict", "hf_config",
-    "import_hf", "is_hf_folder", "load_hf", "load_hf_tokenizer", "load_transformers",
+    "import_hf", "is_hf_folder", "load_hf", "load_hf_tokenizer", "load_transformers", "read_hf_state_dict",
     "require_transformers", "to_hf_state_dict",
 ]

@@ -44,7 +44,7 @@ try:
 except ImportError as err:  # pragma: no cover - exercised without the extra installed
     raise ImportError(f"andromeda.interop.lm_eval needs lm-evaluation-harness: {EVAL_EXTRA}") from err
 
-from ..checkpoint import load_checkpoint_tokenizer, load_transformer
+from ..checkpoint import load_checkpoint_tokenizer, load_for_inference, open_model_source
 from ..inference.generate import stream
 from ..model import Transformer
 from ..tokenizers import Tokenizer
@@ -82,16 +82,12 @@ def _batch_size(value: int | str) -> int:
 def load_model(
     checkpoint: str | Path, device: torch.device, dtype: torch.dtype | None
 ) -> tuple[Transformer, Tokenizer]:
-    """The model and tokenizer of an Andromeda checkpoint (or run folder) or of an exported
+    """The model (as `checkpoint.load_for_inference` loads it for scoring) and tokenizer of any
+    model folder: an Andromeda checkpoint or run folder, a quantized checkpoint, an exported
     Hugging Face folder."""
-    from .hf import is_hf_folder, load_hf, load_hf_tokenizer
-
-    if is_hf_folder(checkpoint):
-        model, tokenizer = load_hf(checkpoint, device=device, dtype=dtype), load_hf_tokenizer(checkpoint)
-        if tokenizer is None:
-            raise FileNotFoundError(f"{checkpoint} has no tokenizer.json; lm-eval needs the tokenizer")
-        return model, tokenizer
-    return load_transformer(checkpoint, device=device, dtype=dtype), load_checkpoint_tokenizer(checkpoint)
+    source = open_model_source(checkpoint)
+    tokenizer = load_checkpoint_tokenizer(source)  # before the weights: a folder without one fails at once
+    return load_for_inference(source, device=device, dtype=dtype, decoding=False), tokenizer
 
 
 @register_model("andromeda")
@@ -174,8 +170,9 @@ class AndromedaLM(TemplateLM):
         return self.tokenizer.decode(list(ids))
 
     def get_model_info(self) -> dict[str, Any]:
-        return {"model_num_parameters": sum(p.numel() for p in self.net.parameters()),
-                "model_dtype": str(next(self.net.parameters()).dtype)}
+        with torch.device("meta"):  # counted as built: quantized and prepacked weights are buffers
+            parameters = Transformer(self.net.config).num_parameters()
+        return {"model_num_parameters": parameters, "model_dtype": str(self.net.token_emb.weight.dtype)}
 
     # ------------------------------------------------------------------ loglikelihood
 

@@ -32,8 +32,7 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-from ..checkpoint import CheckpointError, disk_full
-from ..folders import UnsafeFileError, member
+from ..folders import CheckpointError, UnsafeFileError, disk_full, member
 
 METADATA_FILE = ".metadata"
 
@@ -106,8 +105,8 @@ def _check_storage(folder: Path, index: Path, metadata: Metadata) -> None:
         offset, length = info.offset, info.length
         if not (isinstance(offset, int) and isinstance(length, int) and offset >= 0 and length >= 0
                 and offset + length <= sizes[info.relative_path]):
-            raise CheckpointError(f"{where} reads bytes {offset}..{offset}+{length} of {info.relative_path}, "
-                                  f"which has {sizes[info.relative_path]}: truncated or crafted")
+            raise CheckpointError(f"{where} cannot be read: it spans bytes {offset}..{offset}+{length} of "
+                                  f"{info.relative_path}, which has {sizes[info.relative_path]} (truncated or crafted)")
         if info.transform_descriptors:
             raise CheckpointError(f"{where} asks for transforms {list(info.transform_descriptors)}; optimizer "
                                   f"state is written without any")

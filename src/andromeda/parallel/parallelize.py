@@ -19,16 +19,16 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from safetensors import safe_open
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
-from ..checkpoint import WEIGHTS_FILE, load_transformer
+from ..checkpoint import CHECKPOINT, WEIGHTS_FILE, ModelSource, load_transformer, open_model_source
 from ..inference.packed import inference_only_modules
 from ..config import Config
 from ..model import Transformer, build_transformer
+from ..weights import SafetensorsFile, shape_problems
 from .environment import DistEnv
 
 PARALLEL_MODES = ("none", "ddp", "fsdp")
@@ -135,23 +135,30 @@ def build_parallel_model(
     env: DistEnv,
     *,
     init: Callable[[torch.device], Transformer] | None = None,
-    checkpoint: Path | None = None,
+    checkpoint: ModelSource | Path | None = None,
     param_dtype: torch.dtype | None = None,
     activation_checkpointing: bool = False,
     compile: bool = False,
 ) -> tuple[Transformer, nn.Module]:
-    """The Transformer with the weights of `checkpoint` (a checkpoint folder), or from `init(device)`
-    (a fresh initialisation), in fp32, and the module to call for the loss (see `parallelize`).
+    """The Transformer with the weights of `checkpoint` (a model folder or its `ModelSource`), or
+    from `init(device)` (a fresh initialisation), in fp32, and the module to call for the loss (see
+    `parallelize`).
 
     Under "fsdp" over several processes the model is built on the meta device and sharded first.
     From a checkpoint, each process then reads only its own shard of every tensor from
     model.safetensors: no process, CPU or GPU, ever holds the whole model. A fresh initialisation
     is built by rank 0 in host memory (the same weights a single process starts from, so the loss
     curve does not depend on the process count) and each process receives its shards; the GPUs
-    never hold the whole model.
+    never hold the whole model. A Hugging Face export, whose tensors are renamed and joined as they
+    load, is read by rank 0 alone and shared out as an initialisation is.
     """
     if (init is None) == (checkpoint is None):
         raise ValueError("build_parallel_model needs exactly one of init and checkpoint")
+    if checkpoint is not None:
+        checkpoint = open_model_source(checkpoint, verify=False)
+        if checkpoint.kind != CHECKPOINT and mode == "fsdp" and env.distributed:
+            source, checkpoint = checkpoint, None
+            init = functools.partial(_load, source, config)
     if mode != "fsdp" or not env.distributed:
         net = init(env.device) if checkpoint is None else _load(checkpoint, config, env.device)
         return net, parallelize(net, mode, env, param_dtype=param_dtype,
@@ -162,17 +169,17 @@ def build_parallel_model(
                                activation_checkpointing=activation_checkpointing, compile=compile)
     net.to_empty(device=env.device)
     if checkpoint is not None:
-        load_shards(net, checkpoint)
+        load_shards(net, checkpoint.folder)
     else:
         set_model_state_dict(net, full_state,
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return net, train_module
 
 
-def _load(checkpoint: Path, config: Config, device: torch.device) -> Transformer:
-    """`checkpoint`'s weights in fp32 in a model of `config`, which may differ from the saved one
-    in anything but the weights' names and shapes (attn_flash, say, for --init-from)."""
-    net = load_transformer(checkpoint, device=device, dtype=torch.float32, verify=False)
+def _load(source: ModelSource, config: Config, device: torch.device) -> Transformer:
+    """`source`'s weights in fp32 in a model of `config`, which may differ from the saved one in
+    anything but the weights' names and shapes (attn_flash, say, for --init-from)."""
+    net = load_transformer(source, device=device, dtype=torch.float32, verify=False)
     if net.config == config:
         return net
     rebuilt = build_transformer(config, device="meta")
@@ -182,21 +189,24 @@ def _load(checkpoint: Path, config: Config, device: torch.device) -> Transformer
 
 @torch.no_grad()
 def load_shards(net: nn.Module, checkpoint: Path) -> None:
-    """Fill a sharded model's parameters from `checkpoint`'s model.safetensors, reading only the
-    rows of each tensor this process holds (safetensors reads slices without the rest)."""
-    expected = set(net.state_dict())
-    with safe_open(str(Path(checkpoint) / WEIGHTS_FILE), framework="pt", device="cpu") as handle:
-        missing = sorted(expected - set(handle.keys()))
-        if missing:
-            raise ValueError(f"{checkpoint / WEIGHTS_FILE} lacks {missing[:5]}")
-        for name, tensor in net.state_dict().items():
-            if isinstance(tensor, DTensor):
-                shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh,
-                                                                      tensor.placements)
-                rows = tuple(slice(start, start + size) for start, size in zip(offset, shape))
-                tensor.to_local().copy_(handle.get_slice(name)[rows])
+    """Fill a sharded model's parameters from the checkpoint folder's model.safetensors, reading
+    only the rows of each tensor this process holds (FSDP2 shards the first dimension)."""
+    state = net.state_dict()
+    with SafetensorsFile(Path(checkpoint) / WEIGHTS_FILE) as weights:
+        where = {name: WEIGHTS_FILE for name in weights.entries}
+        problems = shape_problems(weights.shapes(), {name: tuple(t.shape) for name, t in state.items()}, where)
+        if problems:
+            raise ValueError(f"{weights.path} does not match the model: {problems}")
+        for name, tensor in state.items():
+            if not isinstance(tensor, DTensor):
+                tensor.copy_(weights.read(name))
+                continue
+            shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+            if tuple(shape[1:]) == tuple(tensor.shape[1:]):  # whole rows: read only those
+                local = weights.read_rows(name, offset[0], offset[0] + shape[0])
             else:
-                tensor.copy_(handle.get_tensor(name))
+                local = weights.read(name)[tuple(slice(start, start + size) for start, size in zip(offset, shape))]
+            tensor.to_local().copy_(local)
 
 
 def is_sharded(net: nn.Module) -> bool:

@@ -42,8 +42,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..checkpoint import load_transformer
-from ..inference.packed import prepack_if_supported
+from ..checkpoint import ModelSource, load_for_inference
 from ..inference.quantize import DEFAULT_GROUP_SIZE
 from ..inference.sampling import SamplingParams
 from ..model import Transformer
@@ -64,19 +63,18 @@ logger = logging.getLogger(__name__)
 class ModelSpec:
     """What to load and how."""
 
-    checkpoint: Path
+    source: ModelSource | Path  # a model folder, or the source the server opened
     device: torch.device = torch.device("cpu")
-    dtype: torch.dtype | None = None  # None: as saved
-    quantize: str | None = None  # "int8" or "int4": quantize a full-precision checkpoint as it loads
+    dtype: torch.dtype | str | None = None  # None: the loader's choice (as saved; bf16 on CUDA or to quantize)
+    quantize: str | None = None  # "int8" or "int4": quantize a full-precision model as it loads
     group_size: int = DEFAULT_GROUP_SIZE  # int4's inputs per scale and zero
 
 
 def load_model(spec: ModelSpec) -> Transformer:
-    """The Transformer the engine serves, in eval mode on `spec.device` (bf16 weights on a CPU
-    prepacked for oneDNN: the same products, faster per decode step)."""
-    net = load_transformer(spec.checkpoint, device=spec.device, dtype=spec.dtype, quantize=spec.quantize,
-                           group_size=spec.group_size)
-    return prepack_if_supported(net).eval()
+    """The Transformer the engine serves, as `checkpoint.load_for_inference` loads it for decoding:
+    in eval mode on `spec.device`, bf16 weights on a CPU prepacked for oneDNN."""
+    return load_for_inference(spec.source, device=spec.device, dtype=spec.dtype, quantize=spec.quantize,
+                              group_size=spec.group_size, decoding=True)
 
 
 # --------------------------------------------------------------------------- requests and outputs

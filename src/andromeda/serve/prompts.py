@@ -112,7 +112,9 @@ def budget(ctx: ServerContext, n_prompt: int, max_tokens: int | None, param: str
 
 def sampling(body: protocol._Generation) -> SamplingParams:
     temperature = 1.0 if body.temperature is None else body.temperature
-    return SamplingParams(temperature, body.top_k or None, body.top_p, body.min_p or None)
+    repetition = 1.0 if body.repetition_penalty is None else body.repetition_penalty
+    return SamplingParams(temperature, body.top_k or None, body.top_p, body.min_p or None, body.frequency_penalty,
+                          body.presence_penalty, repetition)
 
 
 def stop_ids(ctx: ServerContext, body: protocol._Generation) -> frozenset[int]:

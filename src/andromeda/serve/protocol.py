@@ -2,10 +2,10 @@
 
 Requests are pydantic models in strict mode (a string is not a number, a number not a boolean);
 unknown fields are ignored, as OpenAI's clients send some this server has no use for. Fields that
-would change the output but are not implemented (penalties, logit_bias, suffix, tools) are
-rejected rather than ignored. Extensions beyond OpenAI's API, as vLLM spells them: top_k, min_p,
-ignore_eos, stop_token_ids, add_generation_prompt, chat_template_kwargs (the openai client sends
-them through `extra_body`).
+would change the output but are not implemented (logit_bias, suffix, tools) are rejected rather
+than ignored. Extensions beyond OpenAI's API, as vLLM spells them: top_k, min_p,
+repetition_penalty, ignore_eos, stop_token_ids, add_generation_prompt, chat_template_kwargs (the
+openai client sends them through `extra_body`).
 
 Responses are built as plain dicts: they are serialised once per token per stream.
 """
@@ -16,6 +16,8 @@ import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..inference.sampling import MAX_PENALTY
 
 MAX_STOP = 4  # OpenAI's limit on stop strings
 MAX_N = 128
@@ -97,8 +99,9 @@ class _Generation(_Strict):
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     ignore_eos: bool = False
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY, description="OpenAI's: -2..2")
+    frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY, description="OpenAI's: -2..2")
+    repetition_penalty: float | None = Field(None, gt=0, description="vLLM's (CTRL's): > 0; 1 is none")
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 
@@ -121,10 +124,6 @@ class _Generation(_Strict):
         if self.stream_options is not None and not self.stream:
             raise APIError("invalid 'stream_options': only allowed when 'stream' is true",
                            param="stream_options", code="invalid_value")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise APIError(f"'{name}' is not supported by this server (only 0)", param=name,
-                               code="unsupported_parameter")
         if self.logit_bias:
             raise APIError("'logit_bias' is not supported by this server", param="logit_bias",
                            code="unsupported_parameter")

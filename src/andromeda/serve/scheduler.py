@@ -11,9 +11,10 @@ vLLM's scheduler without paging). Each `Scheduler.step`
 3. runs one batched prefill call over the next chunks of the prompts still being read, at most
    `prefill_tokens` positions in all, so a long prompt is read over several steps while the
    running streams keep decoding (Sarathi's chunked prefill, https://arxiv.org/abs/2308.16369);
-4. samples a token for every row that needs one, each row with its own parameters and its own
-   `torch.Generator`, so a request draws the same tokens alone or in any batch (a row whose
-   sampling raises ends with finish reason "error"; the other rows go on);
+4. samples a token for every row that needs one, each row with its own parameters (penalties
+   included, from the row's own `TokenCounts`) and its own `torch.Generator`, so a request draws
+   the same tokens alone or in any batch (a row whose sampling raises ends with finish reason
+   "error"; the other rows go on);
 5. frees the slot of every sequence that has finished (eos, stop id, max_tokens) at once.
 
 `step` collects its outputs in `self.outputs` as it goes, so when a later part of a step raises
@@ -45,7 +46,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..inference.sampling import SamplingParams, sample
+from ..inference.sampling import SamplingParams, TokenCounts, penalize, sample
 from ..model import KVCache, Transformer
 
 # A token's log-probability with the most likely alternatives: (id, logprob, [(id, logprob)]).
@@ -79,6 +80,7 @@ class Sequence:
     slot: int | None = None
     computed: int = 0  # prompt tokens in the cache
     output: list[int] = field(default_factory=list)
+    counts: TokenCounts | None = None  # with a penalty: the prompt's and output's tokens, from the first sample
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
 
     @property
@@ -287,18 +289,19 @@ class Scheduler:
 
     def _sample(self, seqs: list[Sequence], logits: Tensor) -> list[StepOutput]:
         """Draw each row's next token, record it, and retire the rows that end here."""
+        scores = self._penalized(seqs, logits)  # what sampling reads; logprobs report `logits`
         greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
         tokens: list[int] = [0] * len(seqs)
         if greedy:  # one argmax for all greedy rows: the same op `generate` applies to its row
-            picked = logits[greedy].argmax(dim=-1).tolist() if len(greedy) < len(seqs) else \
-                logits.argmax(dim=-1).tolist()
+            picked = scores[greedy].argmax(dim=-1).tolist() if len(greedy) < len(seqs) else \
+                scores.argmax(dim=-1).tolist()
             for i, token in zip(greedy, picked):
                 tokens[i] = token
         failed: dict[int, str] = {}
         for i, seq in enumerate(seqs):
             if not seq.params.greedy:  # each row its own generator: draws independent of the batch
                 try:
-                    tokens[i] = int(sample(logits[i : i + 1], seq.params, seq.generator))
+                    tokens[i] = int(sample(scores[i : i + 1], seq.params, seq.generator))
                 except Exception as error:  # e.g. NaN logits: this row ends, the batch goes on
                     failed[i] = f"{type(error).__name__}: {error}"
         wants = [i for i, s in enumerate(seqs) if s.logprobs is not None]
@@ -314,6 +317,8 @@ class Scheduler:
                 outputs.append(StepOutput(seq, finished=True, error=failed[i]))
                 continue
             seq.output.append(tokens[i])
+            if seq.counts is not None:
+                seq.counts.add(torch.tensor([tokens[i]], device=self.device))
             out = StepOutput(seq, tokens[i], logprobs.get(i))
             if tokens[i] in seq.stop_ids:
                 self.finish(seq, "stop")
@@ -322,6 +327,20 @@ class Scheduler:
             out.finished = seq.status is Status.FINISHED
             outputs.append(out)
         return outputs
+
+    def _penalized(self, seqs: list[Sequence], logits: Tensor) -> Tensor:
+        """`logits` (B, V) with each row's penalties applied (fp32 if any row has one): row by row,
+        each from its own counts, so a row's tokens do not depend on the batch it is in."""
+        rows = [i for i, s in enumerate(seqs) if s.params.penalized]
+        if not rows:
+            return logits
+        scores = logits.float().clone()
+        for i in rows:
+            seq = seqs[i]
+            if seq.counts is None:  # its first token (no output yet): count its prompt
+                seq.counts = TokenCounts(torch.tensor([seq.prompt], device=self.device), self.config.num_tokens)
+            scores[i : i + 1] = penalize(logits[i : i + 1], seq.counts, seq.params)
+        return scores
 
 
 def _token_logprobs(logprobs: Tensor, ids: list[int], top: int) -> list[TokenLogprob]:

@@ -30,15 +30,14 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_checkpoint_tokenizer, load_config, load_quantization, resolve_checkpoint
-from ..inference.quantize import DEFAULT_GROUP_SIZE, build_quantized_transformer
+from ..checkpoint import DTYPES, check_load_request, load_checkpoint_tokenizer, open_model_source
+from ..inference.quantize import DEFAULT_GROUP_SIZE
 from ..model.cache import check_window
 from ..parallel.environment import resolve_device
 from .protocol import error_body
 
 logger = logging.getLogger("andromeda.serve")
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MAX_HEAD_BYTES = 64 * 1024  # a request line and headers together (h11 allows 16 KiB, nginx 32 KiB)
 
 
@@ -85,20 +84,15 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
     # One core is left to the HTTP thread: an OpenMP team that shares its cores with it stalls at
     # every barrier the thread's work delays.
     torch.set_num_threads(threads if threads is not None else max(1, torch.get_num_threads() - 1))
-    folder = resolve_checkpoint(checkpoint)
-    config = load_config(folder)
-    tokenizer = load_checkpoint_tokenizer(folder)
-    source = find_chat_template(folder, chat_template)
-    template = ChatTemplate(source) if source is not None else None
+    source = open_model_source(checkpoint)  # resolved and parsed here, once; the engine loads it
+    folder, config = source.folder, source.config
+    tokenizer = load_checkpoint_tokenizer(source)
+    template_text = find_chat_template(folder, chat_template)
+    template = ChatTemplate(template_text) if template_text is not None else None
     target = resolve_device(device)
     name = served_model_name or Path(checkpoint).resolve().name
-    torch_dtype = DTYPES.get(dtype)
-    if load_quantization(folder) is None:
-        if quantize is not None:  # every layer's width checked now, not in the engine's thread
-            build_quantized_transformer(config, quantize, group_size)
-        if torch_dtype is None and (quantize is not None or target.type == "cuda"):
-            torch_dtype = torch.bfloat16  # decoding reads every weight per token
-    spec = ModelSpec(folder, target, torch_dtype, quantize, group_size)
+    check_load_request(source, quantize, group_size)  # now, not in the engine's thread
+    spec = ModelSpec(source, target, dtype, quantize, group_size)  # the dtype policy: `load_for_inference`
 
     metrics = Metrics(name)
     if window is not None or sink_tokens:

@@ -33,17 +33,15 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..checkpoint import (
-    CONFIG_FILE,
     OPTIMIZER_DIR,
-    WEIGHTS_FILE,
+    ModelSource,
     latest_checkpoint,
     load_checkpoint_tokenizer,
-    load_config,
+    open_model_source,
     refuse_quantized,
     remove_incomplete,
-    resolve_checkpoint,
     step_checkpoints,
-    verify_checkpoint,
+    verify_model_files,
 )
 from ..config import Config
 from ..data import iter_texts
@@ -125,15 +123,18 @@ class Trainer:
         self.config, self.env = config, env
         self.run_dir = Path(config.out)
         self.metrics = MetricsLog(self.run_dir / METRICS_FILE)
-        if config.init_from:
-            refuse_quantized(config.init_from, "--init-from (training)")
-        resume_from, model_cfg, tokenizer, state = self._resume_or_start()
+        # --init-from's folder (a checkpoint, run folder or Hugging Face export), opened once.
+        self.init_source = open_model_source(config.init_from) if config.init_from else None
+        if self.init_source is not None:
+            refuse_quantized(self.init_source, "--init-from (training)")
+        resume_from, tokenizer, state = self._resume_or_start()
+        model_cfg = resume_from.config if resume_from is not None else None
         barrier(env)  # every process has read the run folder before rank 0 cleans it
         if env.is_main:
             remove_incomplete(self.run_dir)
         self.tokenizer, self.data, self.data_identity = self._prepare_data(resume_from, tokenizer)
         if model_cfg is None:
-            base = load_config(config.init_from) if config.init_from else None
+            base = self.init_source.config if self.init_source is not None else None
             model_cfg = model_config(config, self.tokenizer, base)
         self.model_cfg = model_cfg
         self.net, self.train_module, self.autocast = self._build_model(resume_from, model_cfg)
@@ -157,22 +158,22 @@ class Trainer:
         self.stop: str | None = None  # the agreed reason to stop early: "interrupt" or "preempt"
         self.log_start, self.log_steps = time.monotonic(), 0
 
-    def _resume_or_start(self) -> tuple[Path | None, Config | None, Tokenizer | None, TrainerState | None]:
-        """With --resume, the checkpoint to continue and what it holds; else check the run
-        folder is free and return nothing."""
+    def _resume_or_start(self) -> tuple[ModelSource | None, Tokenizer | None, TrainerState | None]:
+        """With --resume, the checkpoint to continue (opened), its tokenizer and trainer state;
+        else check the run folder is free and return nothing."""
         if self.config.resume:
             checkpoint = latest_checkpoint(self.run_dir)
             if checkpoint is None:
                 raise FileNotFoundError(f"nothing to resume: {self.run_dir} has no checkpoint in "
                                         f"{self.run_dir / 'checkpoints'}; start without --resume")
-            return (checkpoint, *restore_training(checkpoint, self.config))
+            return restore_training(checkpoint, self.config)
         existing = step_checkpoints(self.run_dir)
         if existing:
             raise FileExistsError(f"{self.run_dir} already holds a run ({existing[-1].name}); pass --resume to "
                                   f"continue it, or choose another --out")
-        return None, None, None, None
+        return None, None, None
 
-    def _prepare_data(self, resume_from: Path | None, tokenizer: Tokenizer | None
+    def _prepare_data(self, resume_from: ModelSource | None, tokenizer: Tokenizer | None
                       ) -> tuple[Tokenizer, TextData | CompletionData, dict | None]:
         """The tokenizer (the run's, --init-from's, or built now), the tokenised data, and the
         identity of the data files (checked against the run's on resume)."""
@@ -181,9 +182,9 @@ class Trainer:
             train_files, eval_files = data_files(config)
         identity = data_identity(train_files, eval_files) if env.is_main else None
         if resume_from is not None and env.is_main:
-            check_same_data(resume_from, identity, config.allow_data_change)
-        if tokenizer is None and config.init_from is not None:
-            tokenizer = load_checkpoint_tokenizer(config.init_from)
+            check_same_data(resume_from.folder, identity, config.allow_data_change)
+        if tokenizer is None and self.init_source is not None:
+            tokenizer = load_checkpoint_tokenizer(self.init_source)
         if tokenizer is None:
             # Rank 0 alone builds the tokenizer (a BPE is trained once) and hands it to the others.
             texts = lambda: iter_texts(train_files, config.text_field, max_chars=BPE_PIECE_CHARS)  # noqa: E731
@@ -195,15 +196,15 @@ class Trainer:
             data = run_data(config, tokenizer, train_files, eval_files, progress=config.progress and env.local_rank == 0)
         return tokenizer, data, identity
 
-    def _build_model(self, resume_from: Path | None, model_cfg: Config) -> tuple[Transformer, nn.Module, bool]:
+    def _build_model(self, resume_from: ModelSource | None, model_cfg: Config) -> tuple[Transformer, nn.Module, bool]:
         """The model spread over the processes, the module to call for the loss, and whether to
         run under bf16 autocast (also under FSDP, whose blocks then gather their weights in bf16)."""
         config, env = self.config, self.env
         sharded = config.parallel == "fsdp" and env.distributed
         source = resume_from  # verified whole against its manifest by restore_training
-        if source is None and config.init_from is not None:
-            source = resolve_checkpoint(config.init_from)
-            verify_checkpoint(source, [CONFIG_FILE, WEIGHTS_FILE])
+        if source is None and self.init_source is not None:
+            source = self.init_source
+            verify_model_files(source)
         net, train_module = build_parallel_model(
             model_cfg, config.parallel, env, checkpoint=source,
             init=None if source is not None else self._initialise,
@@ -217,11 +218,11 @@ class Trainer:
         torch.manual_seed(self.config.seed)
         return build_transformer(self.model_cfg, device=device)
 
-    def _restore(self, resume_from: Path | None, state: TrainerState | None) -> Progress:
+    def _restore(self, resume_from: ModelSource | None, state: TrainerState | None) -> Progress:
         """The optimizer state, RNGs and progress of a resumed run; a fresh run's progress."""
         config, env = self.config, self.env
         if state is not None:
-            load_optimizer(resume_from / OPTIMIZER_DIR, self.net, self.optimizer)
+            load_optimizer(resume_from.folder / OPTIMIZER_DIR, self.net, self.optimizer)
             set_rng_state(state.rng, env.device)
             if env.is_main:
                 self.metrics.truncate_after(state.progress.step)

@@ -25,22 +25,21 @@ from safetensors.torch import save_file
 from ..checkpoint import (
     OPTIMIZER_DIR,
     TRAINER_STATE_FILE,
-    CheckpointError,
+    ModelSource,
     checkpoint_folder,
     commit_checkpoint,
     latest_checkpoint,
     load_checkpoint_tokenizer,
-    load_config,
     load_train_config,
+    open_model_source,
     refuse_quantized,
     resolve_checkpoint,
     stage_checkpoint,
     staging_folder,
     verify_checkpoint,
     write_checkpoint_files,
-    writing,
 )
-from ..config import Config
+from ..folders import CheckpointError, writing
 from ..model import Transformer
 from ..parallel.dcp import save_optimizer
 from ..parallel.environment import DistEnv, broadcast_object, wait
@@ -108,9 +107,9 @@ def write_trainer_state(path: Path, progress: Progress, rng: Mapping[str, Any]) 
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
-def read_trainer_state(path: str | Path) -> TrainerState:
+def read_trainer_state(path: str | Path | ModelSource) -> TrainerState:
     """The trainer state of a checkpoint (or of a run's latest); errors name the file."""
-    folder = resolve_checkpoint(path)
+    folder = path.folder if isinstance(path, ModelSource) else resolve_checkpoint(path)
     file = folder / TRAINER_STATE_FILE
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint {folder} has no {TRAINER_STATE_FILE}: it holds a model only and "
@@ -188,17 +187,19 @@ def check_resumable(saved: TrainConfig, config: TrainConfig, checkpoint: Path) -
                          + "); drop them to continue the run as it was, or start a new --out")
 
 
-def restore_training(checkpoint: Path, config: TrainConfig) -> tuple[Config, Tokenizer, TrainerState]:
-    """Model config, tokenizer and trainer state of `checkpoint`, after checking it belongs to
-    `config`. The weights and the optimizer state are loaded once the model is parallelized."""
+def restore_training(checkpoint: Path, config: TrainConfig) -> tuple[ModelSource, Tokenizer, TrainerState]:
+    """The opened `checkpoint` (its config parsed), its tokenizer and trainer state, after
+    checking it belongs to `config`. The weights and the optimizer state are loaded once the model
+    is parallelized."""
     verify_checkpoint(checkpoint)  # every file, optimizer shards included, against the manifest
-    refuse_quantized(checkpoint, "--resume")
-    saved = load_train_config(checkpoint)
+    source = open_model_source(checkpoint, verify=False)
+    refuse_quantized(source, "--resume")
+    saved = load_train_config(source)
     if saved is None:
         raise ValueError(f"{checkpoint} holds no train_config.json: it is not a training checkpoint")
     check_resumable(TrainConfig.from_dict(saved), config, checkpoint)
-    tokenizer = load_checkpoint_tokenizer(checkpoint)
-    expected, found = model_config(config, tokenizer), load_config(checkpoint)
+    tokenizer = load_checkpoint_tokenizer(source, verify=False)
+    expected, found = model_config(config, tokenizer), source.config
     if expected != found:
         diff = {k: (v, expected.to_dict()[k]) for k, v in found.to_dict().items() if expected.to_dict()[k] != v}
         raise ValueError(f"cannot resume {checkpoint}: its model config differs from this run's "
@@ -206,4 +207,4 @@ def restore_training(checkpoint: Path, config: TrainConfig) -> tuple[Config, Tok
     if not (checkpoint / OPTIMIZER_DIR).is_dir():
         raise FileNotFoundError(f"checkpoint {checkpoint} has no {OPTIMIZER_DIR}/ (the optimizer state): it "
                                 f"holds a model only and cannot resume training")
-    return found, tokenizer, read_trainer_state(checkpoint)
+    return source, tokenizer, read_trainer_state(source)
