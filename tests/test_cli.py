@@ -1,19 +1,24 @@
 """The command line, end to end and in process: train -> eval --json -> generate, and its errors."""
 
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
-from andromeda import Transformer, cli
-from andromeda.checkpoint import load_checkpoint_tokenizer, load_transformer
+from andromeda import Andromeda, Transformer, cli
+from andromeda.checkpoint import UnsafeFileError, load_checkpoint_tokenizer, load_transformer, save_pretrained
 from andromeda.data import TokenStore
 from andromeda.evaluation import evaluate
-from helpers import assert_loss_plot, train_cli_args
+from andromeda.tokenizers import ByteTokenizer
+from helpers import andromeda_command, assert_loss_plot, child_env, free_port, train_cli_args
 
 
 def _train_args(tmp_path, corpus, *extra):
@@ -271,3 +276,100 @@ def test_gpu_check_without_cuda_says_so_in_one_line(tmp_path):
     assert "Traceback" not in done.stdout + done.stderr
     assert done.stderr == ""
     assert done.stdout.splitlines() == [f"no GPU: nothing to check (PyTorch {torch.__version__} sees no CUDA device)"]
+
+
+# ----------------------------------------------------------------------------- --quantize int4, 192 wide
+
+
+@pytest.fixture
+def demo_192(tmp_path) -> Path:
+    """A one-block demo model: every Linear is 192 (or 64) inputs wide, which 128 does not divide."""
+    torch.manual_seed(0)
+    folder = tmp_path / "demo"
+    save_pretrained(Andromeda.from_config("demo", depth=1).Andromeda, folder, tokenizer=ByteTokenizer())
+    return folder
+
+
+def test_eval_quantize_int4_picks_a_group_size_that_divides_the_model(demo_192, corpus, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="andromeda")
+    args = ["eval", "--checkpoint", str(demo_192), "--data", str(corpus), "--seq-len", "32", "--max-windows", "2",
+            "--batch-size", "2", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--json",
+            "--quantize", "int4"]
+    assert cli.main(args) == 0, capsys.readouterr().err
+    picked = json.loads(capsys.readouterr().out)
+    assert "int4-quantized (group size 64)" in caplog.text  # the largest of 128, 64, 32 dividing 192
+    assert cli.main([*args, "--group-size", "64"]) == 0
+    assert json.loads(capsys.readouterr().out) == picked
+    assert cli.main([*args, "--group-size", "128"]) == 1  # a size given is kept, and refused if it does not fit
+    assert "int4 group size 128 does not divide the input width 192" in capsys.readouterr().err
+
+
+def test_serve_quantize_int4_loads_a_192_wide_model_and_answers(demo_192, tmp_path):
+    """A real server process with --quantize int4 and no --group-size: it loads (health 200) and
+    completes a request. With a group size of 128 it would refuse the model at start-up."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(andromeda_command("serve", "--checkpoint", str(demo_192), "--port", str(port),
+                                                    "--threads", "1", "--device", "cpu", "--quantize", "int4"),
+                                  stdout=out, stderr=subprocess.STDOUT, env=child_env(PYTHONUNBUFFERED="1"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while not _healthy(url):
+            assert server.poll() is None, f"the server exited with {server.returncode}:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"the server was not ready in time:\n{log.read_text()}"
+            time.sleep(0.2)
+        body = json.dumps({"prompt": "To be", "max_tokens": 3, "temperature": 0}).encode()
+        request = urllib.request.Request(f"{url}/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer = json.loads(response.read())
+        assert answer["usage"]["completion_tokens"] >= 1 and isinstance(answer["choices"][0]["text"], str)
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(10)
+    assert "int4-quantized (group size 64)" in log.read_text()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:  # refused, not yet listening, or 503 while the engine loads
+        return False
+
+
+# ----------------------------------------------------------------------------- Hugging Face exports
+
+
+def test_export_hf_says_how_to_load_the_tokenizer_without_remote_code(tmp_path, capsys):
+    """transformers 5 asks about custom code when AutoTokenizer is called without trust_remote_code."""
+    save_pretrained(Andromeda.from_config("tiny").Andromeda, tmp_path / "ckpt", tokenizer=ByteTokenizer())
+    assert cli.main(["export-hf", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]) == 0
+    out = capsys.readouterr().out
+    assert f"AutoTokenizer.from_pretrained({str(tmp_path / 'hf')!r}, trust_remote_code=False)" in out
+
+
+def test_an_exports_chat_template_is_read_without_a_manifest_warning(tmp_path, caplog):
+    """A Hugging Face export has no manifest: its template is read as it is (no "written by an older
+    version" warning), and a link out of it is refused as in a checkpoint."""
+    from andromeda.interop.hf import export_hf
+    from andromeda.serve.chat_template import TEMPLATE_FILE, find_chat_template
+
+    folder = export_hf(Andromeda.from_config("tiny").Andromeda, ByteTokenizer(), tmp_path / "hf")
+    (folder / TEMPLATE_FILE).write_text("{{ messages }}")
+    caplog.clear()
+    assert find_chat_template(folder) == "{{ messages }}"
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    (tmp_path / "secret.txt").write_text("API_KEY=hunter2")
+    (folder / TEMPLATE_FILE).unlink()
+    (folder / TEMPLATE_FILE).symlink_to(tmp_path / "secret.txt")
+    with pytest.raises(UnsafeFileError, match="outside"):
+        find_chat_template(folder)

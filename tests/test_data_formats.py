@@ -209,5 +209,5 @@ def test_a_missing_extra_names_the_install_command(tmp_path, monkeypatch):
 
     monkeypatch.setattr(importlib, "import_module", fake)
     (tmp_path / "a.jsonl.zst").write_bytes(_zst(_jsonl(["x"])))
-    with pytest.raises(ImportError, match=r"pip install 'andromeda\[data\]'"):
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[data\]' in the andromeda checkout"):
         list(iter_texts([tmp_path / "a.jsonl.zst"]))

@@ -20,7 +20,6 @@ from andromeda.data import TokenStore, iter_texts, resolve_data, tokenize_corpus
 from andromeda.data import pool
 from andromeda.data import store as store_module
 from andromeda.data.splitting import BYTES, LINE, PARAGRAPH, rule_for, split_text
-from andromeda.data.worker import PAUSE_ENV
 from andromeda.tokenizers import ByteTokenizer, HFTokenizer, train_bpe
 
 FRAGMENTS = [
@@ -219,12 +218,12 @@ def test_kill_9_leaves_no_complete_looking_entry_and_a_rerun_finishes(bpe, tmp_p
         "store.MIN_PARALLEL_BYTES = 0\n"
         f"tokenizer = HFTokenizer.from_file({str(tmp_path / 'tokenizer' / 'tokenizer.json')!r})\n"
         f"tokenize_corpus({[str(f) for f in files]!r}, tokenizer, {str(cache)!r}, "
-        f"num_proc={num_proc}, progress=False)\n"
+        f"num_proc={num_proc}, progress=False, tokenizer_pause={f'3:{marker}'!r})\n"
     )
-    # Each tokenizing process stops for good after its 3rd document: b.jsonl's 2nd (one process),
-    # or b.jsonl's 3rd (two workers: a.txt and c.txt go to the other one).
-    env = {**os.environ, PAUSE_ENV: f"3:{marker}"}
-    process = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True)
+    # The test hook, injected (worker processes get it as a plain setting): each tokenizing
+    # process stops for good after its 3rd document: b.jsonl's 2nd (one process), or b.jsonl's
+    # 3rd (two workers: a.txt and c.txt go to the other one).
+    process = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while not marker.exists():

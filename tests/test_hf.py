@@ -395,7 +395,7 @@ def test_core_never_imports_the_extras():
 
 def test_missing_transformers_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
-    with pytest.raises(ImportError, match=r"pip install 'andromeda\[hf\]'"):
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[hf\]' in the andromeda checkout"):
         require_transformers()
 
 

@@ -15,7 +15,7 @@ SOURCE = Path(andromeda.__file__).parent
 
 # Layers, lowest first. A module may import its own layer and any layer below it.
 LAYERS = [
-    ("core", ["andromeda.config", "andromeda.model", "andromeda.pause"]),
+    ("core", ["andromeda.config", "andromeda.model", "andromeda.choices"]),
     ("files", ["andromeda.folders", "andromeda.weights"]),
     ("inference", ["andromeda.inference"]),
     ("infrastructure", ["andromeda.tokenizers", "andromeda.data", "andromeda.checkpoint", "andromeda.parallel",
@@ -23,12 +23,14 @@ LAYERS = [
                         "andromeda.interop.hf"]),
     ("applications", ["andromeda.train", "andromeda.serve", "andromeda.interop.lm_eval", "andromeda.lm_eval"]),
     ("face", ["andromeda.andromeda", "andromeda.wrapper", "andromeda.interop", "andromeda"]),
-    ("cli", ["andromeda.cli", "andromeda.__main__"]),
+    ("cli", ["andromeda.cli", "andromeda.__main__", "andromeda.pause"]),
 ]
 # files (folder safety, the safetensors reader) know no model folder's kind; inference (sampling,
 # generation, quantized and packed Linears) works on a model alone and reads quantized weights
 # with the one safetensors reader; checkpoints load quantized models and parallelism refuses them,
-# so infrastructure sits above both.
+# so infrastructure sits above both. `andromeda.choices` (option names and defaults, torch-free) is
+# core so that any layer may take its constants from there. The test hooks (`andromeda.pause`) are
+# the command line's: the library takes them as arguments and reads no test setting itself.
 
 
 def module_name(path: Path) -> str:
@@ -111,6 +113,21 @@ def test_the_model_core_imports_no_infrastructure():
                                               "andromeda.model.cache", "andromeda.model.attention"}
     for path in core:
         assert all(layer_of(target) == 0 for target in imports(path)), module_name(path)
+
+
+def test_no_module_below_the_command_line_imports_the_test_hooks():
+    """Pause points are injected (`train(..., pause=)`, `commit_checkpoint(..., pause=)`,
+    `tokenize_corpus(..., tokenizer_pause=)`): the library never imports them, nor reads their
+    environment variables."""
+    from andromeda.pause import TEST_PAUSE_ENV, TOKENIZE_PAUSE_ENV
+
+    cli = layer_of("andromeda.cli")
+    for path in SOURCES:
+        if layer_of(module_name(path)) < cli:
+            assert "andromeda.pause" not in imports(path), f"{module_name(path)} imports andromeda.pause"
+            text = path.read_text()
+            assert TEST_PAUSE_ENV not in text and TOKENIZE_PAUSE_ENV not in text, (
+                f"{module_name(path)} reads a test hook's environment variable")
 
 
 def import_graph(texts: dict[str, str] | None = None) -> dict[str, set[str]]:

@@ -260,7 +260,7 @@ def test_missing_harness_names_the_extra():
     code = "import sys; sys.modules['lm_eval'] = None; import andromeda.interop.lm_eval"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert out.returncode != 0 and "pip install 'andromeda[eval]'" in out.stderr
+    assert out.returncode != 0 and "pip install -e '.[eval]' in the andromeda checkout" in out.stderr
 
 
 def test_the_lm_eval_command_prints_the_harness_table(trained, tmp_path, monkeypatch, capsys):

@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from andromeda.checkpoint import latest_checkpoint, load_transformer, step_checkpoints
-from andromeda.data.worker import PAUSE_ENV
-from andromeda.pause import TEST_PAUSE_ENV
+from andromeda.pause import TEST_PAUSE_ENV, TOKENIZE_PAUSE_ENV
 from andromeda.train import PREEMPTED_EXIT_CODE
 from helpers import andromeda_command, child_env, run_andromeda
 
@@ -97,7 +96,8 @@ def test_torchrun_processes_agree_on_the_step_when_one_is_signalled(tmp_path, co
 def signal_when_tokenizing(command, marker, sig):
     """Run `command` with the tokenizer's test pause (it stops after its first document, that
     document's tokens flushed to a temporary file); send `sig` then; return (exit code, stderr)."""
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=child_env(**{PAUSE_ENV: f"1:{marker}"}))
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
+                            env=child_env(**{TOKENIZE_PAUSE_ENV: f"1:{marker}"}))
     try:
         deadline = time.monotonic() + DEADLINE_S
         while not marker.exists():

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .choices import GIB, H100_BF16_TFLOPS, H100_GIB
 from .model import build_transformer
 from .model.attention import alibi_channels
 from .config import Config
@@ -49,10 +50,7 @@ GRAD_BYTES = 4  # fp32 sharded gradients (reduce_dtype=fp32)
 ADAM_BYTES = 8  # AdamW exp_avg and exp_avg_sq, fp32
 STAT_BYTES = 4  # LayerNorm mean/rstd and the attention logsumexp are fp32 on CUDA
 USABLE_FRACTION = 0.9  # of the card, leaving room for what the estimate leaves out
-H100_GIB = 80.0
-H100_BF16_TFLOPS = 989.0  # H100 SXM dense bf16 peak
 ASSUMED_MFU = 0.4  # the model FLOP utilisation throughput estimates assume (well-tuned large runs)
-GIB = 2**30
 
 
 @dataclass(frozen=True)

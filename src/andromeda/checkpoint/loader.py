@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..choices import DTYPE_NAMES
 from ..folders import CheckpointError
 from ..inference.packed import prepack_if_supported
 from ..inference.quantize import (
@@ -44,7 +45,7 @@ from .source import HF_EXPORT, ModelSource, open_model_source, resolve_checkpoin
 logger = logging.getLogger(__name__)
 
 # The dtypes the commands' --dtype names.
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {name: getattr(torch, torch_name) for name, torch_name in DTYPE_NAMES.items()}
 
 
 def load_transformer(

@@ -20,10 +20,10 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from ..folders import TMP_PREFIX, fsync, replace_folder
-from ..pause import pause_point
 from .files import finish_checkpoint_folder
 
 logger = logging.getLogger(__name__)
@@ -62,14 +62,17 @@ def stage_checkpoint(run_dir: str | Path, step: int) -> Path:
     return staging
 
 
-def commit_checkpoint(run_dir: str | Path, step: int, keep: int) -> Path:
+def commit_checkpoint(run_dir: str | Path, step: int, keep: int, *,
+                      pause: Callable[[str], None] | None = None) -> Path:
     """Fsync the complete staging folder of `step`, rename it to `step_{step:06d}`, point
-    `RUN/latest` at it and delete all but the newest `keep` checkpoints; returns the folder."""
+    `RUN/latest` at it and delete all but the newest `keep` checkpoints; returns the folder.
+    `pause`: a test hook, called with "before-rename:step_{step:06d}" just before the rename."""
     _check_keep(keep)
     root = Path(run_dir) / CHECKPOINTS_DIR
     staging, final = staging_folder(run_dir, step), checkpoint_folder(run_dir, step)
     finish_checkpoint_folder(staging)
-    pause_point(f"before-rename:{final.name}")
+    if pause is not None:
+        pause(f"before-rename:{final.name}")
     replace_folder(staging, final)
     _write_latest(Path(run_dir), final)
     for old in step_checkpoints(run_dir)[:-keep]:

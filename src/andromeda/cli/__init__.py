@@ -11,10 +11,15 @@ turning its arguments into a call of the library and printing the result.
     andromeda plan --preset 7b --gpus 8 --seq-len 8192 --batch 1
     andromeda plan --config run.toml --gpus 8      # the run `andromeda train --config run.toml` starts
 
-`--checkpoint` takes a checkpoint folder or a run folder (meaning its latest checkpoint). Logs go
+`--checkpoint` takes a checkpoint folder, a run folder (meaning its latest checkpoint), a quantized
+checkpoint or a Hugging Face export (`andromeda export-hf`; training takes it as --init-from). Logs go
 to stderr; stdout carries only the command's output (text, a table or JSON). Under torchrun, rank 0
 speaks for the run; the other processes only report warnings and errors, prefixed by their rank.
 Exit codes: 0 done, 1 an error (the message names the problem), 2 bad arguments, 130 interrupted.
+
+`andromeda --help` and `andromeda COMMAND --help` answer without loading PyTorch: the commands are
+listed from a table, only the chosen command's module is imported, and no command module imports
+PyTorch before its `run` (their option choices come from `andromeda.choices`).
 """
 
 from __future__ import annotations
@@ -27,46 +32,61 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ..pause import pause_point
+from ..pause import pause_point  # the test hooks are read here, at the application's edge
 
 logger = logging.getLogger("andromeda")
 
-# Subcommand name -> module in this package. Modules import their heavy or optional
-# dependencies only when run, so `andromeda --help` works with the core install alone.
+# Subcommand -> (its module in this package, its one-line help). Each module has
+# `add_arguments(parser)` and `run(args)`, and imports its heavy or optional dependencies only in
+# `run`, so `andromeda --help` works with the core install alone.
 COMMANDS = {
-    "train": "train",
-    "eval": "eval",
-    "generate": "generate",
-    "serve": "serve",
-    "plan": "plan",
-    "export-hf": "export_hf",
-    "import-hf": "import_hf",
-    "lm-eval": "lm_eval",
-    "tokenize": "tokenize",
-    "quantize": "quantize",
+    "train": ("train", "train a model"),
+    "eval": ("eval", "loss, perplexity and bits per byte on held-out text"),
+    "generate": ("generate", "stream a continuation of a prompt"),
+    "serve": ("serve", "serve a checkpoint over an OpenAI-compatible HTTP API"),
+    "plan": ("plan", "parameters, FLOPs and per-GPU memory of a training run"),
+    "export-hf": ("export_hf", "write a checkpoint as a Hugging Face transformers folder (trust_remote_code)"),
+    "import-hf": ("import_hf", "turn a Hugging Face folder written by export-hf back into a checkpoint"),
+    "lm-eval": ("lm_eval", "score a checkpoint on lm-evaluation-harness tasks (needs the eval extra)"),
+    "tokenize": ("tokenize", "tokenise a corpus into the token cache ahead of training (what a cluster runs once "
+                             "on a CPU node)"),
+    "quantize": ("quantize", "write a weight-only int8 or int4 quantized copy of a checkpoint"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `andromeda` parser: every command with its one-line help, and the options of `command`,
+    whose module alone is imported (argparse parses only the command named, so the others need
+    none)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     parser = argparse.ArgumentParser(prog="andromeda", description="Train, evaluate and run Andromeda, a long-context language model.")
     commands = parser.add_subparsers(dest="command", required=True)
     # Descriptions keep their line breaks (examples, JSON shapes); option help is still wrapped.
     add = functools.partial(commands.add_parser, parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, module_name in COMMANDS.items():
+    for name, (module_name, help_text) in COMMANDS.items():
+        if name != command:
+            add(name, help=help_text)
+            continue
         module = importlib.import_module(f"{__name__}.{module_name}")
-        sub = add(name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP))
+        sub = add(name, help=help_text, description=getattr(module, "DESCRIPTION", help_text))
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
     return parser
 
 
+def command_named(argv: Sequence[str]) -> str | None:
+    """The command `argv` names: its first word that is not an option (the top level has none
+    but --help)."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        # Loading the commands imports PyTorch: seconds in which a Ctrl-C deserves a plain exit.
+        # The command's module may load optional dependencies: a Ctrl-C then deserves a plain exit.
         pause_point("startup")
-        parser = build_parser()
+        parser = build_parser(command_named(argv))
     except KeyboardInterrupt:
         print("andromeda: interrupted", file=sys.stderr)
         return 130

@@ -10,21 +10,15 @@ import logging
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..checkpoint import load_checkpoint_tokenizer, load_train_config, open_model_source
-from ..model import Transformer
-from ..data import TokenStore, resolve_data, shakespeare_corpus, token_cache_dir
-from ..evaluation import check_eval_length, check_plot_path, evaluate, plot_bits_per_byte
-from ..parallel.environment import resolve_device
-from ..train import TrainConfig
-from ..train.data import data_files
 from .common import add_inference_arguments, load_from_args
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
-HELP = "loss, perplexity and bits per byte on held-out text"
 DESCRIPTION = """Loss, perplexity and bits per byte of checkpoints on held-out text, at one or more
 evaluation lengths (past the training length too: how far the model reads), optionally plotted.
 
@@ -71,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print a table, or with --json the object the command's description shows."""
+    from ..evaluation import check_plot_path, plot_bits_per_byte
+    from ..parallel.environment import resolve_device
+
     plot = check_plot_path(args.plot) if args.plot else None
     for n in args.seq_len or []:
         if n < 1:
@@ -122,6 +119,13 @@ def _print_table(report: dict, max_windows: int | None) -> None:
 
 def _evaluate_checkpoint(path: str, args: argparse.Namespace, device: torch.device) -> dict:
     """One checkpoint's JSON object (see DESCRIPTION), with "parameters", "tokenizer" for the table."""
+    import torch
+
+    from ..checkpoint import load_checkpoint_tokenizer, load_train_config, open_model_source
+    from ..data import TokenStore, token_cache_dir
+    from ..evaluation import check_eval_length, evaluate
+    from ..model import Transformer
+
     source = open_model_source(path, verify=args.verify)
     checkpoint, saved = source.folder, load_train_config(source)
     data = _eval_data(checkpoint, saved, args)  # before loading: a missing --data is known at once
@@ -168,6 +172,10 @@ class EvalData:
 def _eval_data(checkpoint: Path, saved: dict | None, args: argparse.Namespace) -> EvalData:
     """--data; else the held-out files the run (whose training record is `saved`) evaluated on,
     found as training found them."""
+    from ..data import resolve_data, shakespeare_corpus
+    from ..train import TrainConfig
+    from ..train.data import data_files
+
     text_field = args.text_field or (saved or {}).get("text_field", "text")
     if args.data is not None:
         return EvalData(resolve_data(args.data), f"--data {' '.join(args.data)}", text_field, args.cache_dir)

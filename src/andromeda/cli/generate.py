@@ -13,20 +13,8 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-from torch import nn
-
-from ..checkpoint import load_checkpoint_tokenizer, load_config, load_quantization, open_model_source
-from ..config import Config
-from ..inference.generate import stream_text
-from ..inference.quantize import DEFAULT_GROUP_SIZE, INT4_GROUP_SIZES
-from ..inference.sampling import SamplingParams
-from ..model import Transformer
-from ..parallel.environment import resolve_device
-from ..serve.detokenizer import TextStream
 from .common import add_inference_arguments, load_from_args
 
-HELP = "stream a continuation of a prompt"
 STDIN = "-"  # --prompt - and --prompt-file - read the prompt from stdin
 COMPILING = ("compiling the decode step with torch.compile (--compile): the first tokens take a while "
              "(tens of seconds), the rest come faster")
@@ -35,7 +23,9 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder")
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint folder, run folder, quantized checkpoint or Hugging Face export "
+                             "(`andromeda export-hf`)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--prompt", default="", help="text to continue (default: a new document); - reads stdin")
     source.add_argument("--prompt-file", metavar="FILE",
@@ -75,19 +65,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run each decode step as one torch.compile'd graph (CUDA graphs on a GPU); "
                              "the first call compiles for tens of seconds")
     add_inference_arguments(parser)
-    # None: `run` picks one that divides the model (see _int4_group_size).
-    parser.set_defaults(group_size=None)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..checkpoint import load_checkpoint_tokenizer, open_model_source
+    from ..inference.generate import stream_text
+    from ..parallel.environment import resolve_device
+    from ..serve.detokenizer import TextStream
+
     prompt = _prompt(args)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                     frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
                     repetition_penalty=args.repetition_penalty)
     _check_sampling(sampling)
     source = open_model_source(args.checkpoint, verify=args.verify)
-    if args.group_size is None:
-        args.group_size = _int4_group_size(source) if args.quantize == "int4" else DEFAULT_GROUP_SIZE
     device = resolve_device(args.device)
     net = load_from_args(source, args, device)
     tokenizer = load_checkpoint_tokenizer(source, verify=args.verify)
@@ -118,6 +111,8 @@ def _print_sample(head: str, pieces) -> None:
 
 def _check_sampling(sampling: dict) -> None:
     """Name a bad sampling value by its flag, before the model loads."""
+    from ..inference.sampling import SamplingParams
+
     try:
         SamplingParams(**sampling)
     except ValueError as error:  # "top_k must be ...": the message opens with the field's name
@@ -140,25 +135,6 @@ def _prompt(args: argparse.Namespace) -> str:
     except UnicodeDecodeError as error:
         raise ValueError(f"the prompt in {name} is not UTF-8 text ({error})") from None
     return text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
-
-
-def _int4_group_size(source) -> int:
-    """--group-size for --quantize int4 when none was given, for a model folder (a path or an
-    opened source): an int4 checkpoint's own; else the largest of INT4_GROUP_SIZES up to the
-    default that divides every Linear's input width (the demo model's 192 takes 64). If none
-    does, the default, which loading refuses naming the layer."""
-    saved = load_quantization(source)
-    if saved is not None and saved[0] == "int4":
-        return saved[1]
-    widths = _input_widths(load_config(source))
-    fits = [size for size in INT4_GROUP_SIZES if size <= DEFAULT_GROUP_SIZE and all(w % size == 0 for w in widths)]
-    return max(fits, default=DEFAULT_GROUP_SIZE)
-
-
-def _input_widths(config: Config) -> set[int]:
-    with torch.device("meta"):  # shapes only: no memory, no initialisation
-        net = Transformer(config)
-    return {module.in_features for module in net.modules() if isinstance(module, nn.Linear)}
 
 
 def _positive_int(text: str) -> int:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "turn a Hugging Face folder written by export-hf back into a checkpoint"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf", required=True, help="the Hugging Face folder (config.json, model.safetensors, ...)")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "score a checkpoint on lm-evaluation-harness tasks (needs the eval extra)"
-
 
 def _limit(text: str) -> int | float:
     """--limit N (examples) or a fraction below 1."""

@@ -9,13 +9,11 @@ from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
+from ..choices import GIB, H100_BF16_TFLOPS, H100_GIB
 from ..config import PRESETS, Config
-from ..plan import GIB, H100_BF16_TFLOPS, H100_GIB, format_plan, plan
-from ..train import TrainConfig
-from ..train.config import planned_model_config, read_config_file
+from ..train.config import TrainConfig, planned_model_config, read_config_file
 from .train import parse_overrides
 
-HELP = "parameters, FLOPs and per-GPU memory of a training run"
 DESCRIPTION = """Parameters, FLOPs and per-GPU memory of a training run, nothing allocated.
 
 Give a --preset, or the --config file `andromeda train --config` runs: then the plan is that run's
@@ -75,6 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..plan import format_plan, plan
+
     overrides = parse_overrides(args.override or [])
     if args.config is not None:
         setup = _planned_run(args, overrides)

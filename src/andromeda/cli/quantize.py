@@ -5,24 +5,23 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..checkpoint import DTYPES
+from ..choices import DEFAULT_GROUP_SIZE, DTYPE_NAMES, INT4_GROUP_SIZES, SCHEMES
 
-HELP = "write a weight-only int8 or int4 quantized copy of a checkpoint"
-DESCRIPTION = (HELP + ": every Linear (attention, feed-forward, output projection) is stored in 8 or 4 bits "
-               "with its scales; generate, eval and serve load the result like any checkpoint.")
+DESCRIPTION = ("Write a weight-only int8 or int4 quantized copy of a checkpoint: every Linear (attention, "
+               "feed-forward, output projection) is stored in 8 or 4 bits with its scales; generate, eval and "
+               "serve load the result like any checkpoint.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..inference.quantize import DEFAULT_GROUP_SIZE, SCHEMES
-
     parser.add_argument("--checkpoint", required=True, help="full-precision checkpoint folder or run folder")
     parser.add_argument("--out", required=True, help="a new or empty folder to write; an earlier quantized checkpoint there is replaced, "
                                                       "any other folder is refused")
     parser.add_argument("--scheme", required=True, choices=SCHEMES,
                         help="int8: one scale per output row; int4: a scale and zero per group of inputs")
     parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
-                        help=f"int4 inputs per scale and zero: 32, 64, 128 or 256 (default {DEFAULT_GROUP_SIZE})")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+                        help=f"int4 inputs per scale and zero: {', '.join(map(str, INT4_GROUP_SIZES))} "
+                             f"(default {DEFAULT_GROUP_SIZE})")
+    parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="bf16",
                         help="dtype of the scales, embeddings, norms and activations (default bf16)")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip checking the checkpoint's files against its manifest (SHA-256)")
@@ -30,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import (
+        DTYPES,
         check_checkpoint_output,
         check_load_request,
         describe_quantization,

@@ -6,22 +6,24 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import add_inference_arguments
+from ..choices import DTYPE_NAMES
+from .common import add_inference_arguments, group_size_for
 
-HELP = "serve a checkpoint over an OpenAI-compatible HTTP API"
-DESCRIPTION = (HELP + ": /v1/completions, /v1/chat/completions (streamed or not), /v1/models, /health, "
-               "/metrics, /tokenize, /detokenize. Needs the serve extra: pip install 'andromeda[serve]'.")
+DESCRIPTION = ("Serve a checkpoint over an OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions "
+               "(streamed or not), /v1/models, /health, /metrics, /tokenize, /detokenize. Needs the serve extra: "
+               "pip install -e '.[serve]' in the andromeda checkout (PyPI's andromeda is an unrelated project).")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="checkpoint folder or training run folder")
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint folder, training run folder, quantized checkpoint or Hugging Face export")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default 8000)")
     parser.add_argument("--max-batch-size", type=int, default=16,
                         help="sequences decoded together: the KV cache's slots (default 16)")
     parser.add_argument("--max-queue", type=int, default=256,
                         help="sequences that may wait for a slot; beyond them requests get 503 (default 256)")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"],
+    parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES),
                         help="weights and KV cache (default: as saved; bf16 on CUDA and when quantizing)")
     parser.add_argument("--api-key", type=_api_key, default=os.environ.get("ANDROMEDA_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on the API routes (/v1/*, /tokenize, /detokenize, "
@@ -72,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
                  served_model_name=args.served_model_name, chat_template=args.chat_template, device=args.device,
                  prefill_chunk=args.prefill_chunk, stream_interval=args.stream_interval, threads=args.threads,
                  window=args.window, sink_tokens=args.sink_tokens, quantize=args.quantize,
-                 group_size=args.group_size, max_body_bytes=args.max_body_bytes,
+                 group_size=group_size_for(args.checkpoint, args.quantize, args.group_size),
+                 max_body_bytes=args.max_body_bytes,
                  max_stream_backlog=args.max_stream_backlog, header_timeout=args.header_timeout,
                  timeout_keep_alive=args.timeout_keep_alive, limit_concurrency=args.limit_concurrency)
 

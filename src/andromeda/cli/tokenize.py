@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "tokenise a corpus into the token cache ahead of training (what a cluster runs once on a CPU node)"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", nargs="+", required=True, metavar="PATH", help="files, folders or globs")
@@ -19,6 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..data import iter_texts, resolve_data, token_cache_dir, tokenize_corpus
+    from ..pause import tokenizer_pause
     from ..tokenizers import build_tokenizer
     from ..train.loop import BPE_PIECE_CHARS
 
@@ -26,6 +25,6 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = build_tokenizer(args.tokenizer, vocab_size=args.bpe_vocab_size,
                                 train_texts=lambda: iter_texts(files, args.text_field, max_chars=BPE_PIECE_CHARS))
     stats = tokenize_corpus(files, tokenizer, token_cache_dir(args.cache_dir), num_proc=args.num_proc,
-                            text_field=args.text_field, progress=args.progress)
+                            text_field=args.text_field, progress=args.progress, tokenizer_pause=tokenizer_pause())
     print(stats)
     return 0

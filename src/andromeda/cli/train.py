@@ -1,5 +1,6 @@
 """`andromeda train`: one option per TrainConfig field, typed from its annotation, with the
-field's help text; or a file of those fields (--config), the options given overriding it."""
+field's help text (and choices); or a file of those fields (--config), the options given
+overriding it. TrainConfig imports no PyTorch, so `andromeda train --help` answers at once."""
 
 from __future__ import annotations
 
@@ -13,14 +14,8 @@ from collections.abc import Sequence
 from dataclasses import MISSING, fields
 from typing import Any
 
-import torch
+from ..train.config import TrainConfig, read_config_file
 
-from ..checkpoint import latest_checkpoint, load_train_config
-from ..parallel.environment import launched_rank, resolve_device
-from ..train import PREEMPTED_EXIT_CODE, Preempted, TrainConfig, train
-from ..train.config import read_config_file
-
-HELP = "train a model"
 DESCRIPTION = """Train (or resume) a model.
 
 --config FILE reads the run's settings from a TOML file (YAML with PyYAML installed) of the
@@ -49,7 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kinds = {a for a in typing.get_args(hint) if a is not type(None)} if union else {hint}
         shown = f.default not in (None, False, MISSING)
         common = dict(default=argparse.SUPPRESS, dest=f.name,
-                      help=f.metadata["help"] + (f" (default {f.default})" if shown else ""))
+                      help=f.metadata["help"] + (f" (default {_shown_default(f.default)})" if shown else ""))
+        if "choices" in f.metadata:  # argparse lists them in --help and refuses others
+            common["choices"] = f.metadata["choices"]
         if hint is bool:
             parser.add_argument(flag, action="store_true", **common)
         elif kinds == {bool}:  # on, off, or None: decided by the run (e.g. --bf16 on CUDA)
@@ -59,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         elif any(typing.get_origin(k) is tuple for k in kinds):
             parser.add_argument(flag, nargs="+", metavar=f.metadata.get("metavar", "PATH"), **common)
         else:  # a field without default (--out) may come from --config instead: see check_arguments
-            parser.add_argument(flag, type=next(iter(kinds)), metavar=f.name.upper(), **common)
+            shown_as = None if "choices" in common else f.name.upper()  # None: argparse shows {a,b}
+            parser.add_argument(flag, type=next(iter(kinds)), metavar=shown_as, **common)
     parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
                         help="a TOML or YAML file of the options above (TrainConfig fields); options given "
                              "here override it")
@@ -69,6 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
                         help="no progress bar")
     parser.set_defaults(check_arguments=functools.partial(check_arguments, parser))
+
+
+def _shown_default(value: Any) -> str:
+    """A default as one types it: a tuple's items separated by spaces (--report-to none)."""
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -103,6 +106,8 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig of `andromeda train`: the given options over the --config file over the
     defaults, or with --resume over the run's saved settings."""
+    from ..checkpoint import latest_checkpoint, load_train_config
+
     given = read_config_file(args.config) if hasattr(args, "config") else {}
     given.update((f.name, getattr(args, f.name)) for f in fields(TrainConfig) if hasattr(args, f.name))
     if hasattr(args, "override"):
@@ -119,13 +124,20 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..parallel.environment import launched_rank, resolve_device
+    from ..pause import pause_hook, tokenizer_pause
+    from ..train import PREEMPTED_EXIT_CODE, Preempted, train
+
     config = train_config_from_args(args)
     if resolve_device(config.device).type == "cuda":
         # The process is ours: let fp32 matmuls use TF32 tensor cores (bf16 autocast is the default
         # on CUDA; this covers what runs in fp32). A library call would not set this global.
         torch.set_float32_matmul_precision("high")
     try:
-        result = train(config)
+        # The test hooks (pause points) are read here, at the application's edge, and passed in.
+        result = train(config, pause=pause_hook(), tokenizer_pause=tokenizer_pause())
     except Preempted as stopped:
         print(f"andromeda train: {stopped}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE

@@ -2,7 +2,7 @@
 decompressed content of a gzip or zstd file however far it expands, and their UTF-8 text.
 
 Errors name the file and the byte offset: invalid UTF-8, a truncated or corrupt gzip/zstd stream.
-``zstandard`` is optional (the ``andromeda[data]`` extra): :func:`require` says how to install it.
+``zstandard`` is optional (the ``data`` extra): :func:`require` says how to install it.
 
 Nothing here imports torch or the rest of Andromeda: tokenizer worker processes import it.
 """
@@ -22,7 +22,7 @@ BLOCK_BYTES = 1 << 20  # read size for text and JSON lines
 # Text gives a few KiB a piece; 4 times smaller zstd pieces would decompress 25% slower.
 FEED_BYTES = {"gzip": 32 << 10, "zstd": 1 << 10}
 
-EXTRA_HINT = "pip install 'andromeda[data]'"
+EXTRA_HINT = "pip install -e '.[data]' in the andromeda checkout (PyPI's andromeda is an unrelated project)"
 
 OnProgress = Callable[[int], None]  # called with the input bytes consumed so far
 

@@ -11,7 +11,7 @@ a ``datasets`` folder                  what ``Dataset.save_to_disk`` wrote (``st
 
 Nothing is read whole: text in blocks of bounded size (``blocks.py``; compressed text too, however
 far it expands), JSON lines one at a time, Parquet by row group and Arrow by record batch. Parquet and Arrow need ``pyarrow``, ``.zst`` needs ``zstandard`` (the
-``andromeda[data]`` extra); a missing one raises ``ImportError`` naming the ``pip install``.
+``data`` extra: ``pip install -e '.[data]'``); a missing one raises ``ImportError`` naming the ``pip install``.
 A Hugging Face Hub style folder of ``.parquet`` or ``.jsonl.zst`` shards is read as its files.
 
 Malformed input raises ``ValueError`` naming the file and the line (``path:12: ...``), row

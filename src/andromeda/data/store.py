@@ -56,7 +56,7 @@ from .formats import data_format, dataset_shards, line_chunks, parquet_row_group
 from .pool import run_in_workers
 from .snapshot import SourceSnapshot
 from .splitting import BYTES, PARAGRAPH, SplitRule, rule_for
-from .worker import BATCH_CHARS, PIECE_CHARS, run_task, task_identity
+from .worker import BATCH_CHARS, PIECE_CHARS, DocumentPause, run_task, task_identity
 
 try:
     import fcntl
@@ -311,8 +311,9 @@ class _Corpus:
             return None
         return meta
 
-    def build(self, num_proc: int | None, progress: bool) -> TokenizeStats:
-        """Tokenise what the cache lacks and write the corpus entry, holding the build lock."""
+    def build(self, num_proc: int | None, progress: bool, tokenizer_pause: str | None = None) -> TokenizeStats:
+        """Tokenise what the cache lacks and write the corpus entry, holding the build lock
+        (`tokenizer_pause`: the test hook of `worker.DocumentPause`)."""
         if num_proc is not None and num_proc < 1:
             raise ValueError(f"num_proc must be at least 1 (or None: every CPU), got {num_proc}")
         started = time.perf_counter()
@@ -323,7 +324,7 @@ class _Corpus:
                 logger.info("removed %d temporary files of killed tokenizers in %s",
                             removed, self.cache_dir)
             try:
-                tokenized, processes = self._tokenize_missing(num_proc, progress)
+                tokenized, processes = self._tokenize_missing(num_proc, progress, tokenizer_pause)
                 meta = self.read_meta() or self._write_corpus()
             finally:
                 remove_temporaries(self.cache_dir)  # those of workers killed on an error
@@ -336,7 +337,8 @@ class _Corpus:
         logger.debug("%s", stats)  # `andromeda tokenize` prints it; library callers get it returned
         return stats
 
-    def _tokenize_missing(self, num_proc: int | None, progress: bool) -> tuple[dict, int]:
+    def _tokenize_missing(self, num_proc: int | None, progress: bool,
+                          tokenizer_pause: str | None) -> tuple[dict, int]:
         """Tokenise every file without a complete entry; returns ({key: manifest} of those,
         the number of worker processes used)."""
         itemsize = self.dtype.itemsize
@@ -381,7 +383,8 @@ class _Corpus:
 
             settings = {"tokenizer": tokenizer_dir, "dtype": self.dtype.name,
                         "eos": self.tokenizer.eos_id, "vocab_size": self.tokenizer.vocab_size,
-                        "piece_chars": PIECE_CHARS, "batch_chars": BATCH_CHARS}
+                        "piece_chars": PIECE_CHARS, "batch_chars": BATCH_CHARS,
+                        "tokenizer_pause": tokenizer_pause}  # a plain value: workers are other processes
             total = sum(t["weight"] for t in tasks)
             workers = min(num_proc or default_num_proc(), len(tasks))
             # Byte ids are the input bytes: one process copies them at disk speed, and workers
@@ -399,6 +402,7 @@ class _Corpus:
                 if workers:
                     run_in_workers(tasks, settings, workers, on_done, bar.update)
                 else:
+                    pause = DocumentPause(tokenizer_pause)  # one for all tasks: it counts documents
                     for task in tasks:
                         reported = [0.0]
 
@@ -406,7 +410,7 @@ class _Corpus:
                             bar.update(done - reported[0])
                             reported[0] = done
 
-                        part_counts = run_task(task, encoder, settings, on_progress)
+                        part_counts = run_task(task, encoder, settings, on_progress, pause)
                         bar.update(task["weight"] - reported[0])
                         on_done(task, part_counts)
         return done, workers
@@ -468,6 +472,7 @@ def tokenize_corpus(
     num_proc: int | None = None,
     text_field: str = "text",
     progress: bool = True,
+    tokenizer_pause: str | None = None,
 ) -> TokenizeStats:
     """Build the token cache of ``files`` (from :func:`resolve_data`) so that a
     :class:`TokenStore` of the same files, tokenizer, ``cache_dir`` and ``text_field`` only reads.
@@ -479,9 +484,10 @@ def tokenize_corpus(
     ``ByteTokenizer`` and ``HFTokenizer`` (workers rebuild the tokenizer from its saved files,
     which a subclass's ``encode`` would not survive) and inputs under a megabyte. Under torchrun, call it on local rank 0 while the other ranks wait (a
     barrier), then build the TokenStore everywhere. A malformed input raises ``ValueError``
-    naming the file and record, before anything is written for that file.
+    naming the file and record, before anything is written for that file. ``tokenizer_pause``
+    is a test hook ("N:PATH", see ``worker.DocumentPause``; the command line passes it).
     """
-    return _Corpus(files, tokenizer, cache_dir, text_field).build(num_proc, progress)
+    return _Corpus(files, tokenizer, cache_dir, text_field).build(num_proc, progress, tokenizer_pause)
 
 
 class TokenStore:
@@ -495,6 +501,7 @@ class TokenStore:
     constructor builds it as :func:`tokenize_corpus` does (tokenising only the files not cached
     yet, with ``num_proc`` processes), unless ``build=False``: then it raises
     ``FileNotFoundError`` — for processes that waited for another to run ``tokenize_corpus``.
+    ``tokenizer_pause``: the test hook of :func:`tokenize_corpus`.
     """
 
     FORMAT_VERSION = FORMAT_VERSION
@@ -509,6 +516,7 @@ class TokenStore:
         num_proc: int | None = None,
         progress: bool = False,
         build: bool = True,
+        tokenizer_pause: str | None = None,
     ) -> None:
         corpus = _Corpus(paths, tokenizer, cache_dir, text_field)
         self.paths, self.tokenizer, self.text_field = corpus.paths, tokenizer, text_field
@@ -522,7 +530,7 @@ class TokenStore:
                     f"no token cache for these {len(self.paths)} files in {self.cache_dir} "
                     f"(expected {self.meta_path}); run tokenize_corpus (andromeda tokenize) first"
                 )
-            corpus.build(num_proc, progress)
+            corpus.build(num_proc, progress, tokenizer_pause)
             meta = corpus.read_meta()
             assert meta is not None, f"{self.meta_path} was just written"
         self.num_tokens: int = meta["num_tokens"]

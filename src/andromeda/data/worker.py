@@ -33,9 +33,6 @@ from .splitting import PieceCutter, split_text
 
 PIECE_CHARS = 1 << 18  # texts longer than this are cut (splitting.py) before encoding
 BATCH_CHARS = 1 << 20  # characters per encode_batch call
-# Test hook: "N:PATH" makes a tokenizer stop after N documents (their tokens flushed to its
-# temporary file), create PATH, and sleep — so a test can kill it at a known point.
-PAUSE_ENV = "ANDROMEDA_TOKENIZE_TEST_PAUSE"
 
 Progress = Callable[[float], None]  # called with the task's input weight done so far
 
@@ -103,15 +100,18 @@ class _Batcher:
         self.texts, self.ends, self.chars = [], [], 0
 
 
-class _Pause:
-    """The :data:`PAUSE_ENV` test hook: counts finished documents in this process."""
+class DocumentPause:
+    """A test hook: with the setting ``"N:PATH"``, stop after the N-th document this tokenizing
+    process finishes (its tokens flushed to the part's temporary file), create PATH and sleep,
+    so a test can kill the tokenizer at a known point; with None, nothing. The setting is a plain
+    string (``tokenize_corpus(..., tokenizer_pause=)``), which worker processes get in their
+    settings; each process counts its own documents."""
 
-    def __init__(self) -> None:
-        value = os.environ.get(PAUSE_ENV)
+    def __init__(self, setting: str | None = None) -> None:
         self.after: int | None = None
         self.marker = Path()
-        if value:
-            count, _, marker = value.partition(":")
+        if setting:
+            count, _, marker = setting.partition(":")
             self.after, self.marker = int(count), Path(marker)
         self.documents = 0
 
@@ -125,22 +125,22 @@ class _Pause:
                 time.sleep(3600)
 
 
-_pause = _Pause()
-
-
-def run_task(task: dict, encoder: Encoder, settings: dict, progress: Progress) -> dict:
+def run_task(task: dict, encoder: Encoder, settings: dict, progress: Progress,
+             pause: DocumentPause | None = None) -> dict:
     """Tokenise ``task`` into its part; returns the part's counts (tokens, documents, bytes).
 
     ``settings``: ``dtype`` and ``vocab_size`` of the ids, ``eos`` id, and optionally
     ``piece_chars`` and ``batch_chars``. ``progress`` gets the task's weight done so far.
+    ``pause``: this process's test hook (one for all its tasks: it counts documents).
     """
+    pause = pause or DocumentPause()
     part = Path(task["part"])
     writer = PartWriter(part, np.dtype(settings["dtype"]), settings["vocab_size"])
     batcher = _Batcher(encoder, writer, settings["eos"], settings.get("batch_chars", BATCH_CHARS))
     piece_chars = settings.get("piece_chars", PIECE_CHARS)
     try:
         if task["kind"] == "text":
-            documents, num_bytes = _encode_text(task, encoder, batcher, piece_chars, progress)
+            documents, num_bytes = _encode_text(task, encoder, batcher, piece_chars, progress, pause)
         else:
             documents, num_bytes = 0, 0
             for text in _documents(task, progress):
@@ -148,7 +148,7 @@ def run_task(task: dict, encoder: Encoder, settings: dict, progress: Progress) -
                     batcher.add(piece, ends_document=last)
                 documents += 1
                 num_bytes += len(text.encode("utf-8"))
-                _pause.document_done(batcher)
+                pause.document_done(batcher)
         batcher.flush()
         writer.commit()
     except BaseException:
@@ -172,7 +172,7 @@ def _pieces(text: str, encoder: Encoder, piece_chars: int) -> Iterator[tuple[str
 
 
 def _encode_text(
-    task: dict, encoder: Encoder, batcher: _Batcher, piece_chars: int, progress: Progress
+    task: dict, encoder: Encoder, batcher: _Batcher, piece_chars: int, progress: Progress, pause: DocumentPause
 ) -> tuple[int, int]:
     """A range of a ``.txt`` file: validated as UTF-8, cut into pieces, encoded."""
     path, start = Path(task["path"]), task.get("start", 0)
@@ -193,7 +193,7 @@ def _encode_text(
     if not task["final"]:
         return 0, num_bytes
     batcher.end_document()
-    _pause.document_done(batcher)
+    pause.document_done(batcher)
     return 1, num_bytes
 
 
@@ -227,6 +227,7 @@ def serve() -> None:
 
     settings = json.loads(sys.stdin.buffer.readline())
     encoder = load_encoder(settings["tokenizer"], serial=False)
+    pause = DocumentPause(settings.get("tokenizer_pause"))
     parent = settings["parent"]
     for line in sys.stdin.buffer:
         task = json.loads(line)
@@ -241,7 +242,7 @@ def serve() -> None:
                 last[:] = [done, now]
 
         try:
-            counts = run_task(task, encoder, settings, progress)
+            counts = run_task(task, encoder, settings, progress, pause)
         except Exception as error:  # reported to the parent, which raises it
             send({"id": task["id"], "error": str(error), "type": type(error).__name__,
                   "traceback": traceback.format_exc()})

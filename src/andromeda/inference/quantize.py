@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..choices import DEFAULT_GROUP_SIZE, INT4_GROUP_SIZES, SCHEMES
 from ..config import Config
 from ..weights import SafetensorsFile
 from .quantized_linear import (
@@ -34,10 +35,6 @@ from .quantized_linear import (
     QuantizedLinear,
     int4_state_shapes,
 )
-
-SCHEMES = ("int8", "int4")
-INT4_GROUP_SIZES = (32, 64, 128, 256)  # the block sizes ATen's int4 kernels are built for
-DEFAULT_GROUP_SIZE = 128
 
 
 def quantize(module: nn.Module, scheme: str, group_size: int = DEFAULT_GROUP_SIZE) -> nn.Module:

@@ -55,7 +55,7 @@ know (with no answer it goes on without). `trust_remote_code=False` skips the qu
 the same tokenizer; so does `config=model.config`, which `load_transformers` passes.
 
 Exporting and importing need only the core dependencies; using the folder needs transformers
-(`pip install 'andromeda[hf]'`).
+(`pip install -e '.[hf]'` in the andromeda checkout).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ from ..weights import SafetensorsFile, placed, shape_problems, transformer_from_
 
 logger = logging.getLogger(__name__)
 
-HF_EXTRA = "pip install 'andromeda[hf]'"
+HF_EXTRA = "pip install -e '.[hf]' in the andromeda checkout (PyPI's andromeda is an unrelated project)"
 MODEL_TYPE = "andromeda"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

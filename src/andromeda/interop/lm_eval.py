@@ -20,7 +20,7 @@
   and the text is cut before the first stop string.
 
 The checkpoint is an Andromeda checkpoint or run folder, or a Hugging Face folder written by
-`andromeda.interop.hf.export_hf`. Needs the harness: `pip install 'andromeda[eval]'`.
+`andromeda.interop.hf.export_hf`. Needs the harness: `pip install -e '.[eval]'` in the andromeda checkout.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-EVAL_EXTRA = "pip install 'andromeda[eval]'"
+EVAL_EXTRA = "pip install -e '.[eval]' in the andromeda checkout (PyPI's andromeda is an unrelated project)"
 
 try:
     from lm_eval import utils as lm_eval_utils

@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-DEFAULT_TIMEOUT_S = 600.0  # how long a collective waits for the other processes by default
+from ..choices import DEFAULT_TIMEOUT_S  # how long a collective waits for the other processes by default
+
 # How long processes wait for each other around work of unknown length (tokenising a corpus,
 # training a BPE, writing a large checkpoint): no practical limit. A process that dies still ends
 # the job, because torchrun stops the others when one fails.

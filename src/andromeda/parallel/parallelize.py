@@ -25,13 +25,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import CHECKPOINT, WEIGHTS_FILE, ModelSource, load_transformer, open_model_source
+from ..choices import PARALLEL_MODES
 from ..inference.packed import inference_only_modules
 from ..config import Config
 from ..model import Transformer, build_transformer
 from ..weights import SafetensorsFile, shape_problems
 from .environment import DistEnv
-
-PARALLEL_MODES = ("none", "ddp", "fsdp")
 
 
 def _check_mode(mode: str, env: DistEnv) -> None:

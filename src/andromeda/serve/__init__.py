@@ -14,7 +14,7 @@ Split as vLLM splits it:
     server.py         uvicorn, request-head timeouts, signals and start-up: `serve(checkpoint, ...)`
 
 The scheduler and the engine need torch only; app and server need the serve extra
-(pip install 'andromeda[serve]': fastapi, uvicorn, prometheus_client, jinja2).
+(pip install -e '.[serve]' in the andromeda checkout: fastapi, uvicorn, prometheus_client, jinja2).
 """
 
 from .engine import Engine, ModelSpec, SequenceRequest, load_model

@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import verify_checkpoint
+from ..checkpoint import HF_EXPORT, ModelSource, open_model_source, verify_checkpoint
 from ..folders import CheckpointError, member, read_json_object
 from ..tokenizers import EOS_TOKEN, PAD_TOKEN, TOKENIZER_CONFIG_FILE
 
@@ -25,26 +25,29 @@ class ChatTemplateError(ValueError):
     """The messages cannot be rendered (the template raised, or is broken)."""
 
 
-def find_chat_template(checkpoint: str | Path, path: str | Path | None = None) -> str | None:
-    """The template's source: the file `path`, else the checkpoint's; None if there is none.
+def find_chat_template(checkpoint: str | Path | ModelSource, path: str | Path | None = None) -> str | None:
+    """The template's source: the file `path`, else the model folder's; None if there is none.
 
-    A checkpoint's template is one of its own files: a regular file inside the folder (a link out
-    of it, a FIFO or a device is refused) and, where the checkpoint has a manifest, listed in it
-    with a matching SHA-256, so a file dropped in or swapped after the checkpoint was written is
-    never served."""
+    A folder's template is one of its own files: a regular file inside the folder (a link out of
+    it, a FIFO or a device is refused) and, for a checkpoint (which has a manifest), listed in its
+    manifest with a matching SHA-256, so a file dropped in or swapped after the checkpoint was
+    written is never served. A Hugging Face export has no manifest to check against."""
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"chat template file {path} does not exist")
         return path.read_text()
-    checkpoint = Path(checkpoint)
-    template_file = member(checkpoint, TEMPLATE_FILE, what="chat template")
+    source = open_model_source(checkpoint, verify=False)
+    folder, manifested = source.folder, source.kind != HF_EXPORT
+    template_file = member(folder, TEMPLATE_FILE, what="chat template")
     if template_file.is_file():
-        _verify(checkpoint, TEMPLATE_FILE)
+        if manifested:
+            _verify(folder, TEMPLATE_FILE)
         return template_file.read_text()
-    config_file = member(checkpoint, TOKENIZER_CONFIG_FILE)
+    config_file = member(folder, TOKENIZER_CONFIG_FILE)
     if config_file.is_file():
-        _verify(checkpoint, TOKENIZER_CONFIG_FILE)
+        if manifested:
+            _verify(folder, TOKENIZER_CONFIG_FILE)
         template = read_json_object(config_file, "the tokenizer settings, a JSON object").get("chat_template")
         if isinstance(template, list):  # [{"name": ..., "template": ...}]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
@@ -70,7 +73,8 @@ class ChatTemplate:
             from jinja2.ext import loopcontrols
             from jinja2.sandbox import ImmutableSandboxedEnvironment
         except ImportError:
-            raise ModuleNotFoundError("chat templates need jinja2: pip install 'andromeda[serve]'") from None
+            raise ModuleNotFoundError("chat templates need jinja2: pip install -e '.[serve]' in the andromeda checkout "
+                                      "(PyPI's andromeda is an unrelated project)") from None
 
         def raise_exception(message: str) -> None:
             raise jinja2.exceptions.TemplateError(message)

@@ -57,7 +57,8 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
         from .app import ServerContext, create_app
     except ImportError as error:
         raise RuntimeError(f"andromeda serve needs the serve extra ({error.name or error} is missing): "
-                           f"pip install 'andromeda[serve]'") from None
+                           f"pip install -e '.[serve]' in the andromeda checkout (PyPI's andromeda is an "
+                           f"unrelated project)") from None
     from .chat_template import ChatTemplate, find_chat_template
     from .engine import Engine, ModelSpec
     from .metrics import Metrics
@@ -87,7 +88,7 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
     source = open_model_source(checkpoint)  # resolved and parsed here, once; the engine loads it
     folder, config = source.folder, source.config
     tokenizer = load_checkpoint_tokenizer(source)
-    template_text = find_chat_template(folder, chat_template)
+    template_text = find_chat_template(source, chat_template)
     template = ChatTemplate(template_text) if template_text is not None else None
     target = resolve_device(device)
     name = served_model_name or Path(checkpoint).resolve().name

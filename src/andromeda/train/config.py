@@ -17,13 +17,15 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..checkpoint import load_config
+# Torch-free imports only: `andromeda train --help` builds its flags from TrainConfig before
+# PyTorch loads (the functions below that need more import it when they run).
+from ..choices import DEFAULT_TIMEOUT_S, PARALLEL_MODES
 from ..config import PRESETS, Config, check_types, from_known_fields
-from ..parallel.environment import DEFAULT_TIMEOUT_S
-from ..parallel.parallelize import PARALLEL_MODES
-from ..tokenizers import Tokenizer, build_tokenizer
+
+if TYPE_CHECKING:
+    from ..tokenizers import Tokenizer
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -39,7 +41,8 @@ TRACKERS = ("none", "tensorboard", "wandb")
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
-    """A dataclass field carrying its command-line help."""
+    """A dataclass field carrying its command-line help (and, in `kwargs`, its metavar, the choices
+    the command line lists, or cli=False for a field with no flag)."""
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata={"help": help, **kwargs})
     return field(default=default, metadata={"help": help, **kwargs})
@@ -54,7 +57,7 @@ class TrainConfig:
     init_from: str | None = option(None, "start from a trained checkpoint's weights, model config and tokenizer, "
                                          "with a fresh optimizer and schedule (fine-tuning, continued pretraining)")
     objective: str = option("lm", "lm: next-token loss on all text; completion: .jsonl records with prompt and "
-                                  "completion fields, loss on the completion tokens only")
+                                  "completion fields, loss on the completion tokens only", choices=OBJECTIVES)
     data: tuple[str, ...] | None = option(
         None, "training files, folders or globs (default: Shakespeare's train split)")
     eval_data: tuple[str, ...] | None = option(
@@ -91,7 +94,8 @@ class TrainConfig:
     compile: bool = option(False, "compile each block with torch.compile (applied from outside the model)")
     activation_checkpointing: bool = option(False, "recompute each block's activations in backward to save memory")
     parallel: str = option("none", "how the processes torchrun starts share the work: ddp (replicas) or fsdp "
-                                   "(sharded weights, gradients and optimizer state); ignored by one process")
+                                   "(sharded weights, gradients and optimizer state); ignored by one process",
+                            choices=PARALLEL_MODES)
     dist_timeout: float = option(DEFAULT_TIMEOUT_S, "seconds a process waits for the others in a collective before "
                                                     "failing")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
@@ -101,7 +105,7 @@ class TrainConfig:
                                             "the run started with")
     report_to: tuple[str, ...] = option(("none",), "experiment trackers: none, tensorboard, wandb (several "
                                                    "allowed; wandb runs offline unless WANDB_MODE says otherwise)",
-                                        metavar="TRACKER")
+                                        metavar="TRACKER", choices=TRACKERS)
     progress: bool = option(True, "progress bar", cli=False)
     cache_dir: str | None = option(None, "corpus and token cache folder (default $ANDROMEDA_CACHE or "
                                          "~/.cache/andromeda)")
@@ -287,6 +291,9 @@ def planned_model_config(config: TrainConfig) -> Config:
     """The model Config a run of `config` will build, found without its data: the tokenizer is
     built only when that is free (byte, a tokenizer.json), and a BPE not yet trained counts
     `bpe_vocab_size` tokens, the most it will have."""
+    from ..checkpoint import load_config
+    from ..tokenizers import build_tokenizer
+
     if config.init_from is not None:
         return _init_from_config(config, load_config(config.init_from))
     if config.tokenizer == "bpe":

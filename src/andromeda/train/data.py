@@ -62,9 +62,9 @@ class TextData:
     """The `lm` objective: token stores of the training and held-out text; every token a target."""
 
     def __init__(self, config: TrainConfig, tokenizer: Tokenizer, train_files: list[Path], eval_files: list[Path],
-                 progress: bool = False) -> None:
+                 progress: bool = False, tokenizer_pause: str | None = None) -> None:
         self.config = config
-        self.train, self.held_out = load_stores(config, tokenizer, train_files, eval_files, progress)
+        self.train, self.held_out = load_stores(config, tokenizer, train_files, eval_files, progress, tokenizer_pause)
 
     def batch(self, step: int, env: DistEnv) -> tuple[Tensor, Tensor]:
         return lm_batch(self.train.tokens, step, self.config, env.device, env.rank, env.world_size)
@@ -85,7 +85,8 @@ class CompletionData:
     (train/sft.py)."""
 
     def __init__(self, config: TrainConfig, tokenizer: Tokenizer, train_files: list[Path], eval_files: list[Path],
-                 progress: bool = False) -> None:
+                 progress: bool = False, tokenizer_pause: str | None = None) -> None:
+        # Records are tokenised here, without the token cache, so `tokenizer_pause` has nothing to stop.
         self.config, self.pad_id = config, tokenizer.pad_id
         self.train = load_completion_examples(train_files, tokenizer)
         self.held_out = load_completion_examples(eval_files, tokenizer) if eval_files else None
@@ -108,18 +109,19 @@ class CompletionData:
 
 
 def run_data(config: TrainConfig, tokenizer: Tokenizer, train_files: list[Path], eval_files: list[Path],
-             progress: bool = False) -> TextData | CompletionData:
+             progress: bool = False, tokenizer_pause: str | None = None) -> TextData | CompletionData:
+    """The run's data; `tokenizer_pause` is the token cache's test hook (`data.tokenize_corpus`)."""
     kind = CompletionData if config.objective == "completion" else TextData
-    return kind(config, tokenizer, train_files, eval_files, progress)
+    return kind(config, tokenizer, train_files, eval_files, progress, tokenizer_pause)
 
 
 def load_stores(config: TrainConfig, tokenizer: Tokenizer, train_files: list[Path], eval_files: list[Path],
-                progress: bool = False) -> tuple[TokenStore, TokenStore | None]:
+                progress: bool = False, tokenizer_pause: str | None = None) -> tuple[TokenStore, TokenStore | None]:
     """The token stores of the training and held-out files: read from the cache, or tokenised into
     it by `num_proc` processes (each file once; a killed run resumes with the files it finished)."""
     def store(files: list[Path]) -> TokenStore:
         return TokenStore(files, tokenizer, token_cache_dir(config.cache_dir), config.text_field,
-                          num_proc=config.num_proc, progress=progress)
+                          num_proc=config.num_proc, progress=progress, tokenizer_pause=tokenizer_pause)
 
     train_store = store(train_files)
     if len(train_store) < config.seq_len + 1:

@@ -23,7 +23,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +47,6 @@ from ..config import Config
 from ..data import iter_texts
 from ..model import Transformer, build_transformer
 from ..parallel.dcp import load_optimizer
-from ..pause import pause_point
 from ..parallel.environment import (
     DistEnv,
     all_reduce_max,
@@ -70,6 +69,10 @@ from .step import NonFiniteLossError, train_step
 logger = logging.getLogger(__name__)
 
 BPE_PIECE_CHARS = 1 << 20  # a BPE is trained on documents in pieces of this size: none held whole
+# A test hook a caller may pass (the command line does: andromeda/pause.py), called as
+# pause(name) at each named point of the run, or pause(name, until) where it may wait for a
+# stop signal to be handled. The points: "prepare-data", "after-step:N", "before-rename:step_N".
+PausePoint = Callable[..., None]
 
 
 @dataclass
@@ -83,7 +86,7 @@ class TrainResult:
     run_dir: Path
 
 
-def train(config: TrainConfig) -> TrainResult:
+def train(config: TrainConfig, *, pause: PausePoint | None = None, tokenizer_pause: str | None = None) -> TrainResult:
     """Run (or, with `config.resume`, continue) the training run `config` describes.
 
     Stops at `max_steps` or when `time_budget` seconds of training loop have passed (counting
@@ -94,7 +97,8 @@ def train(config: TrainConfig) -> TrainResult:
     good checkpoint.
 
     Under torchrun every process calls it (`config.parallel` says how they share the work) and all
-    of them return the same result.
+    of them return the same result. `pause` and `tokenizer_pause` are test hooks (PausePoint, and
+    `data.tokenize_corpus`'s); without them nothing pauses.
     """
     if not config.resume:  # the run's files, wherever it is resumed from
         config = config.replace(data=absolute_specs(config.data), eval_data=absolute_specs(config.eval_data))
@@ -105,7 +109,7 @@ def train(config: TrainConfig) -> TrainResult:
         # Rank 0 holds the run folder for the whole run; a second run on it stops here.
         with run_lock(Path(config.out)) if env.is_main else contextlib.nullcontext():
             with preempted_before_training():
-                trainer = Trainer(config, env)
+                trainer = Trainer(config, env, pause=pause, tokenizer_pause=tokenizer_pause)
             context = logging_redirect_tqdm() if trainer.show_progress else contextlib.nullcontext()
             with context:
                 return trainer.run()
@@ -118,9 +122,11 @@ class Trainer:
     clock and the stop requests are agreed on once per step (`sync`): the maximum over processes.
     """
 
-    def __init__(self, config: TrainConfig, env: DistEnv) -> None:
+    def __init__(self, config: TrainConfig, env: DistEnv, *, pause: PausePoint | None = None,
+                 tokenizer_pause: str | None = None) -> None:
         check_parallel_setup(config.parallel, config.batch_size, config.grad_accum, env)
         self.config, self.env = config, env
+        self.pause, self.tokenizer_pause = pause, tokenizer_pause  # test hooks (see `train`)
         self.run_dir = Path(config.out)
         self.metrics = MetricsLog(self.run_dir / METRICS_FILE)
         # --init-from's folder (a checkpoint, run folder or Hugging Face export), opened once.
@@ -192,8 +198,10 @@ class Trainer:
                                         vocab_size=config.bpe_vocab_size) if env.is_main else None
             tokenizer = broadcast_object(tokenizer, env)
         with node_first(env):  # one process per node tokenises into the cache; the others read it
-            pause_point("prepare-data")
-            data = run_data(config, tokenizer, train_files, eval_files, progress=config.progress and env.local_rank == 0)
+            if self.pause is not None:
+                self.pause("prepare-data")
+            data = run_data(config, tokenizer, train_files, eval_files,
+                            progress=config.progress and env.local_rank == 0, tokenizer_pause=self.tokenizer_pause)
         return tokenizer, data, identity
 
     def _build_model(self, resume_from: ModelSource | None, model_cfg: Config) -> tuple[Transformer, nn.Module, bool]:
@@ -271,7 +279,8 @@ class Trainer:
                 self.sync(requests)
                 while not self.done():
                     lr = self.step()
-                    pause_point(f"after-step:{progress.step}", until=lambda: requests.interrupt or requests.preempt)
+                    if self.pause is not None:
+                        self.pause(f"after-step:{progress.step}", lambda: requests.interrupt or requests.preempt)
                     self.sync(requests)
                     bar.update(1)
                     if progress.step % config.log_every == 0:
@@ -399,7 +408,7 @@ class Trainer:
     def save(self) -> Path:
         self.progress.elapsed_s = self.now
         path = save_training_checkpoint(self.run_dir, self.net, self.optimizer, self.progress, self.config,
-                                        self.tokenizer, self.env, self.data_identity)
+                                        self.tokenizer, self.env, self.data_identity, pause=self.pause)
         self.saved_step = self.progress.step
         return path
 

@@ -81,14 +81,16 @@ class Trackers:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
-                raise ImportError("--report-to tensorboard needs TensorBoard: pip install 'andromeda[track]'") from err
+                raise ImportError("--report-to tensorboard needs TensorBoard: pip install -e '.[track]' in the "
+                                  "andromeda checkout (PyPI's andromeda is an unrelated project)") from err
             self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
             self.writer.add_text("config", "```\n" + json.dumps(dict(config), indent=2) + "\n```")
         if "wandb" in names:
             try:
                 import wandb
             except ImportError as err:
-                raise ImportError("--report-to wandb needs Weights & Biases: pip install 'andromeda[track]'") from err
+                raise ImportError("--report-to wandb needs Weights & Biases: pip install -e '.[track]' in the "
+                                  "andromeda checkout (PyPI's andromeda is an unrelated project)") from err
             mode = os.environ.get("WANDB_MODE", "offline")
             self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "andromeda"), dir=str(run_dir),
                                     config=dict(config), id=run_id, resume="allow", mode=mode,

@@ -12,7 +12,7 @@ import errno
 import json
 import random
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,14 +131,16 @@ def read_trainer_state(path: str | Path | ModelSource) -> TrainerState:
 
 def save_training_checkpoint(run_dir: Path, net: Transformer, optimizer: torch.optim.Optimizer,
                              progress: Progress, config: TrainConfig, tokenizer: Tokenizer,
-                             env: DistEnv = DistEnv(), data: Mapping[str, Any] | None = None) -> Path:
+                             env: DistEnv = DistEnv(), data: Mapping[str, Any] | None = None, *,
+                             pause: Callable[[str], None] | None = None) -> Path:
     """Save everything a resumed run needs; refuses a model with non-finite weights. The one
     checkpoint writer of training runs.
 
     Every process calls it. Rank 0 gathers the whole model and writes it as one model.safetensors
     (so evaluation, generation and `from_pretrained` load any run alike); every process writes its
     own shards of the optimizer state (`parallel.dcp.save_optimizer`); once all are written, rank 0
-    renames the staging folder into place. `data` is the run's data identity (train/data.py).
+    renames the staging folder into place. `data` is the run's data identity (train/data.py);
+    `pause` a test hook `commit_checkpoint` calls before the rename.
 
     A full disk stops the save with "no space left on device while writing FILE"; the partial
     checkpoint is removed and every earlier one is untouched.
@@ -161,7 +163,7 @@ def save_training_checkpoint(run_dir: Path, net: Transformer, optimizer: torch.o
             if data is not None:
                 with writing(staging / DATA_FILE):
                     write_data_identity(staging, data)
-            commit_checkpoint(run_dir, progress.step, config.keep)
+            commit_checkpoint(run_dir, progress.step, config.keep, pause=pause)
     except OSError as err:
         if env.is_main:
             shutil.rmtree(staging, ignore_errors=True)  # give the space back; earlier checkpoints stay
