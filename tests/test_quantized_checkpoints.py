@@ -169,3 +169,9 @@ def test_serve_quantizes_on_load_and_answers_like_generate(full):
         assert process.stop() == 0
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["text"] == text
+
+
+def test_quantize_int4_without_a_group_size_picks_one_that_divides_the_model(full, tmp_path):
+    out = tmp_path / "q4"
+    assert cli.main(["quantize", "--checkpoint", str(full), "--out", str(out), "--scheme", "int4"]) == 0
+    assert load_quantization(out) == ("int4", 64)  # the tiny model is 64 wide: 128 does not divide it

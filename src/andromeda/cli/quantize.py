@@ -18,9 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                       "any other folder is refused")
     parser.add_argument("--scheme", required=True, choices=SCHEMES,
                         help="int8: one scale per output row; int4: a scale and zero per group of inputs")
-    parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
-                        help=f"int4 inputs per scale and zero: {', '.join(map(str, INT4_GROUP_SIZES))} "
-                             f"(default {DEFAULT_GROUP_SIZE})")
+    parser.add_argument("--group-size", type=int,
+                        help=f"int4 inputs per scale and zero: {', '.join(map(str, INT4_GROUP_SIZES))} (default: "
+                             f"the largest of {DEFAULT_GROUP_SIZE} and below that divides every layer)")
     parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="bf16",
                         help="dtype of the scales, embeddings, norms and activations (default bf16)")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
@@ -39,10 +39,14 @@ def run(args: argparse.Namespace) -> int:
         save_pretrained,
     )
     from ..inference.quantize import check_scheme
+    from .common import group_size_for
 
-    check_scheme(args.scheme, args.group_size)
+    if args.group_size is not None:
+        check_scheme(args.scheme, args.group_size)
     check_checkpoint_output(args.out, quantized=True, flag="--out")  # before the slow part
     source = open_model_source(args.checkpoint, verify=args.verify)
+    args.group_size = group_size_for(source, args.scheme, args.group_size)
+    check_scheme(args.scheme, args.group_size)
     check_load_request(source, args.scheme, args.group_size)  # every layer's width, before reading weights
     start = time.perf_counter()
     net = load_transformer(source, device="cpu", dtype=DTYPES[args.dtype], verify=args.verify, quantize=args.scheme,
