@@ -114,12 +114,17 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         given["model_overrides"] = {**given.get("model_overrides", {}), **parse_overrides(args.override)}
     if not given.get("resume"):
         return TrainConfig(**given)
-    checkpoint = latest_checkpoint(args.out)
+    out = given.get("out")
+    checkpoint = latest_checkpoint(out)
     if checkpoint is None:
-        raise FileNotFoundError(f"nothing to resume: {args.out} has no checkpoint; start without --resume")
+        raise FileNotFoundError(f"nothing to resume: {out} has no checkpoint; start without --resume")
     saved = load_train_config(checkpoint)
     if saved is None:
         raise ValueError(f"{checkpoint} holds no train_config.json: it is not a training checkpoint")
+    if given.get("init_from") is not None and given["init_from"] != saved.get("init_from"):
+        began = f"started from {saved['init_from']}" if saved.get("init_from") else "started from scratch"
+        raise ValueError(f"{out} is a run that {began}; --resume continues it from its own checkpoint: drop "
+                         f"--init-from (or start a new run in another --out)")
     return TrainConfig.from_dict({**saved, **given})
 
 

@@ -154,9 +154,6 @@ class TrainConfig:
         if unknown_trackers or not self.report_to:
             raise ValueError(f"TrainConfig.report_to must name trackers among {', '.join(TRACKERS)}, got "
                              f"{list(self.report_to)}")
-        if self.init_from is not None and self.resume:
-            raise ValueError("--init-from starts a new run from a checkpoint's weights; --resume continues a run "
-                             "in --out: give one of them")
         known = {f.name for f in fields(Config)}
         unknown = sorted(set(self.model_overrides) - known)
         if unknown:

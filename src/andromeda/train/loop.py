@@ -129,8 +129,10 @@ class Trainer:
         self.pause, self.tokenizer_pause = pause, tokenizer_pause  # test hooks (see `train`)
         self.run_dir = Path(config.out)
         self.metrics = MetricsLog(self.run_dir / METRICS_FILE)
-        # --init-from's folder (a checkpoint, run folder or Hugging Face export), opened once.
-        self.init_source = open_model_source(config.init_from) if config.init_from else None
+        # --init-from's folder (a checkpoint, run folder or Hugging Face export), opened once. A
+        # resumed fine-tune continues from its own checkpoint: its base is only recorded
+        # (train_config.json's init_from), not read again, and may have moved since.
+        self.init_source = open_model_source(config.init_from) if config.init_from and not config.resume else None
         if self.init_source is not None:
             refuse_quantized(self.init_source, "--init-from (training)")
         resume_from, tokenizer, state = self._resume_or_start()

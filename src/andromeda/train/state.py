@@ -201,7 +201,10 @@ def restore_training(checkpoint: Path, config: TrainConfig) -> tuple[ModelSource
         raise ValueError(f"{checkpoint} holds no train_config.json: it is not a training checkpoint")
     check_resumable(TrainConfig.from_dict(saved), config, checkpoint)
     tokenizer = load_checkpoint_tokenizer(source, verify=False)
-    expected, found = model_config(config, tokenizer), source.config
+    # A fine-tune's model is its base's config with the run's overrides: checked against the
+    # checkpoint's own config (the base may have moved since; its weights are not needed).
+    found = source.config
+    expected = model_config(config, tokenizer, found if config.init_from is not None else None)
     if expected != found:
         diff = {k: (v, expected.to_dict()[k]) for k, v in found.to_dict().items() if expected.to_dict()[k] != v}
         raise ValueError(f"cannot resume {checkpoint}: its model config differs from this run's "
