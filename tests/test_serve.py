@@ -354,7 +354,8 @@ def test_echo_with_logprobs_scores_the_prompt(server, net):
             assert max(top.values()) >= token_lp  # the argmax is always listed
         assert logprobs["text_offset"][: len(ids)] == [0] + list(range(len(prompt)))
         assert response["usage"] == {"prompt_tokens": len(ids), "completion_tokens": max_tokens,
-                                     "total_tokens": len(ids) + max_tokens}
+                                     "total_tokens": len(ids) + max_tokens,
+                                     "prompt_tokens_details": {"cached_tokens": 0}}  # scored: read whole
     # Text offsets count characters: a two-byte character spans two tokens at one offset.
     body = {"prompt": "né x", "max_tokens": 0, "logprobs": 0, "echo": True}
     logprobs = post(server, "/v1/completions", body).json()["choices"][0]["logprobs"]

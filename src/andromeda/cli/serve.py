@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(models with relative positions; default: max_tokens is clamped to the context)")
     parser.add_argument("--sink-tokens", type=int, default=0, metavar="S",
                         help="with a sliding window, also keep the first S tokens (attention sinks)")
+    parser.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                        help="read every prompt whole: do not reuse the prefix a free slot's KV cache shares "
+                             "with it (default: reuse, reported as usage.prompt_tokens_details.cached_tokens)")
     parser.add_argument("--threads", type=int,
                         help="torch intra-op threads (default: torch's choice less one, at least 1, leaving a "
                              "core to the HTTP thread)")
@@ -77,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
                  group_size=group_size_for(args.checkpoint, args.quantize, args.group_size),
                  max_body_bytes=args.max_body_bytes,
                  max_stream_backlog=args.max_stream_backlog, header_timeout=args.header_timeout,
-                 timeout_keep_alive=args.timeout_keep_alive, limit_concurrency=args.limit_concurrency)
+                 timeout_keep_alive=args.timeout_keep_alive, limit_concurrency=args.limit_concurrency,
+                 prefix_cache=args.prefix_cache)
 
 
 def _api_key(value: str) -> str:

@@ -279,6 +279,7 @@ class _Choice:
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
+        self.cached_tokens: int | None = None  # prompt tokens reused from the prefix cache (with the end)
 
     def add(self, delta: Delta) -> None:
         self.text += delta.text
@@ -288,7 +289,8 @@ class _Choice:
         if delta.prompt_logprobs is not None:
             self.prompt_logprobs = delta.prompt_logprobs
         if delta.finish_reason is not None:
-            self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
+            self.finish_reason, self.stop_reason, self.cached_tokens = (delta.finish_reason, delta.stop_reason,
+                                                                         delta.cached_tokens)
 
     @property
     def finished(self) -> bool:
@@ -303,7 +305,7 @@ def _merge(deltas: list[Delta]) -> dict[int, Delta]:
         if into is None:
             merged[delta.index] = Delta(delta.index, delta.text, list(delta.token_ids), list(delta.logprobs),
                                         list(delta.offsets), delta.prompt_logprobs, delta.finish_reason,
-                                        delta.stop_reason)
+                                        delta.stop_reason, delta.cached_tokens)
             continue
         into.text += delta.text
         into.token_ids += delta.token_ids
@@ -311,7 +313,8 @@ def _merge(deltas: list[Delta]) -> dict[int, Delta]:
         into.offsets += delta.offsets
         into.prompt_logprobs = delta.prompt_logprobs or into.prompt_logprobs
         if delta.finish_reason is not None:
-            into.finish_reason, into.stop_reason = delta.finish_reason, delta.stop_reason
+            into.finish_reason, into.stop_reason, into.cached_tokens = (delta.finish_reason, delta.stop_reason,
+                                                                         delta.cached_tokens)
     return merged
 
 
@@ -400,8 +403,7 @@ async def _completions(ctx: ServerContext, body: CompletionRequest, raw: Request
         logprobs = _completion_choice_logprobs(ctx, c) if body.logprobs is not None else None
         out.append(protocol.completion_choice(c.index, c.prefix + c.text, logprobs, c.finish_reason,
                                               c.stop_reason))
-    completion_tokens = sum(len(c.token_ids) for c in choices)
-    return SafeJSONResponse(protocol.completion(*meta, out, protocol.usage(prompt_tokens, completion_tokens)))
+    return SafeJSONResponse(protocol.completion(*meta, out, prompts.usage(prompt_tokens, choices)))
 
 
 def _completion_choice_logprobs(ctx: ServerContext, c: _Choice) -> dict[str, Any]:
@@ -445,8 +447,7 @@ async def _completion_events(ctx: ServerContext, stream: RequestStream, choices:
             yield _sse(chunk)
     else:
         if include_usage:
-            completion_tokens = sum(len(c.token_ids) for c in choices)
-            yield _sse(protocol.completion(*meta, [], protocol.usage(prompt_tokens, completion_tokens)))
+            yield _sse(protocol.completion(*meta, [], prompts.usage(prompt_tokens, choices)))
     yield b"data: [DONE]\n\n"
 
 
@@ -543,8 +544,7 @@ async def _chat_completions(ctx: ServerContext, body: ChatCompletionRequest, raw
     await _collect(ctx, raw, stream, choices)
     out = [protocol.chat_choice(c.index, c.text, _chat_logprobs(ctx, c.logprobs, top) if body.logprobs else None,
                                 c.finish_reason, c.stop_reason) for c in choices]
-    completion_tokens = sum(len(c.token_ids) for c in choices)
-    return SafeJSONResponse(protocol.completion(*meta, out, protocol.usage(len(ids), completion_tokens),
+    return SafeJSONResponse(protocol.completion(*meta, out, prompts.usage(len(ids), choices),
                                             object="chat.completion"))
 
 
@@ -575,8 +575,7 @@ async def _chat_events(ctx: ServerContext, stream: RequestStream, choices: list[
                 yield chunk(protocol.chat_chunk_choice(index, {}, None, delta.finish_reason, delta.stop_reason))
     else:
         if include_usage:
-            completion_tokens = sum(len(c.token_ids) for c in choices)
-            payload = protocol.completion(*meta, [], protocol.usage(prompt_tokens, completion_tokens),
+            payload = protocol.completion(*meta, [], prompts.usage(prompt_tokens, choices),
                                           object="chat.completion.chunk")
             yield _sse(payload)
     yield b"data: [DONE]\n\n"

@@ -129,6 +129,7 @@ class Delta:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None  # the stop string or stop id that ended it
+    cached_tokens: int | None = None  # with the end: prompt tokens reused from the prefix cache (Sequence's)
 
 
 class RequestStream:
@@ -191,7 +192,7 @@ class Engine:
     def __init__(self, spec: ModelSpec, tokenizer: Tokenizer, *, max_batch_size: int = 16, max_queue: int = 256,
                  prefill_tokens: int = 256, stream_interval: float = 0.02, metrics: Metrics | None = None,
                  loader: Callable[[ModelSpec], Transformer] = load_model, window: int | None = None,
-                 sink_tokens: int = 0, max_backlog: int = 1024) -> None:
+                 sink_tokens: int = 0, max_backlog: int = 1024, prefix_cache: bool = True) -> None:
         if max_backlog < 1:
             raise ValueError(f"max_backlog must be >= 1 token, got {max_backlog}")
         self.spec = spec
@@ -202,6 +203,7 @@ class Engine:
         self.prefill_tokens = prefill_tokens
         self.stream_interval = stream_interval
         self.max_backlog = max_backlog
+        self.prefix_cache = prefix_cache
         self.metrics = metrics
         self.loader = loader
         self.scheduler: Scheduler | None = None
@@ -289,7 +291,8 @@ class Engine:
             started = time.perf_counter()
             net = self.loader(self.spec)
             self.scheduler = Scheduler(net, max_batch_size=self.max_batch_size, prefill_tokens=self.prefill_tokens,
-                                       window=self.window, sink_tokens=self.sink_tokens)
+                                       window=self.window, sink_tokens=self.sink_tokens,
+                                       prefix_cache=self.prefix_cache)
             self._warm_up()
             logger.info("model loaded in %.1f s", time.perf_counter() - started)
         except BaseException as error:  # reported by the server, which then exits
@@ -314,6 +317,8 @@ class Engine:
         while self.scheduler.has_work:
             self.scheduler.step()
         self.scheduler.stats = type(self.scheduler.stats)()
+        for tokens in self.scheduler.slot_tokens:  # no client's prompt: nothing to reuse or count
+            tokens.clear()
 
     def _loop(self) -> None:
         scheduler = self.scheduler
@@ -368,7 +373,8 @@ class Engine:
         """One scheduler step, its outputs turned into deltas. If the step raises, what it had
         produced before is still applied (then the error goes on to `_fail_step`)."""
         scheduler = self.scheduler
-        before = (scheduler.stats.prefill_tokens, scheduler.stats.decode_rows)
+        stats = scheduler.stats
+        before = (stats.prefill_tokens, stats.decode_rows, stats.prefix_queries, stats.prefix_hits)
         try:
             outputs, failure = scheduler.step(), None
         except Exception as error:
@@ -378,9 +384,11 @@ class Engine:
         if failure is not None:
             raise failure
 
-    def _record_step(self, outputs: list[StepOutput], before: tuple[int, int]) -> None:
+    def _record_step(self, outputs: list[StepOutput], before: tuple[int, int, int, int]) -> None:
         scheduler, metrics = self.scheduler, self.metrics
         if metrics is not None:
+            metrics.prefix_cache_queries.inc(scheduler.stats.prefix_queries - before[2])
+            metrics.prefix_cache_hits.inc(scheduler.stats.prefix_hits - before[3])
             prefilled = scheduler.stats.prefill_tokens - before[0]
             decoded = scheduler.stats.decode_rows - before[1]
             metrics.iteration_tokens.observe(prefilled + decoded)
@@ -438,6 +446,7 @@ class Engine:
                 if text.stopped is None:
                     delta.text += text.flush()
                 delta.finish_reason = seq.finish_reason
+                delta.cached_tokens = seq.cached_tokens
                 if metrics is not None:
                     metrics.e2e_latency.observe(now - seq.arrival)
                     metrics.finished(seq.finish_reason)

@@ -39,6 +39,13 @@ class Metrics:
                             registry=self.registry).labels(model_name)
         self.prompt_tokens = Counter("andromeda_prompt_tokens", "Prompt tokens read into the KV cache "
                                      "(or scored).", labels, registry=self.registry).labels(model_name)
+        # vLLM's prefix_cache_queries / prefix_cache_hits: hits / queries is the hit rate.
+        self.prefix_cache_queries = Counter("andromeda_prefix_cache_queries", "Prompt tokens looked up in the "
+                                            "prefix cache (not with --no-prefix-cache, nor for prompt "
+                                            "logprobs).", labels, registry=self.registry).labels(model_name)
+        self.prefix_cache_hits = Counter("andromeda_prefix_cache_hits", "Prompt tokens found in the prefix "
+                                         "cache: reused, not prefilled.", labels,
+                                         registry=self.registry).labels(model_name)
         self.generation_tokens = Counter("andromeda_generation_tokens", "Tokens generated.",
                                          labels, registry=self.registry).labels(model_name)
         self.iteration_tokens = Histogram("andromeda_iteration_tokens_total", "Tokens per engine step "

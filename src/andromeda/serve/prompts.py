@@ -19,7 +19,7 @@ from .chat_template import ChatTemplateError
 from .protocol import APIError
 
 if TYPE_CHECKING:
-    from .app import ServerContext
+    from .app import ServerContext, _Choice
 
 # No tokenizer comes near this many characters per token over a whole prompt (byte-level BPEs
 # average 3-5; their longest tokens are runs of a few dozen spaces or dashes).
@@ -128,3 +128,19 @@ def stop_ids(ctx: ServerContext, body: protocol._Generation) -> frozenset[int]:
 def seed(seed: int | None, index: int) -> int | None:
     """Choice i of a seeded request draws from seed + i (vLLM's rule), so n choices differ."""
     return None if seed is None else (seed + index) % 2**64
+
+
+def cached_tokens(choices: list[_Choice]) -> int:
+    """usage.prompt_tokens_details.cached_tokens: per prompt (counted once, as prompt_tokens
+    counts it; the choices of one prompt share its ids list), the most tokens one of its choices
+    reused from the prefix cache; 0 for prompts that were not looked up (they needed the prompt's
+    logprobs, or were only scored). OpenAI always sends the field."""
+    most: dict[int, int] = {}
+    for c in choices:
+        most[id(c.prompt_ids)] = max(most.get(id(c.prompt_ids), 0), c.cached_tokens or 0)
+    return sum(most.values())
+
+
+def usage(prompt_tokens: int, choices: list[_Choice]) -> dict[str, Any]:
+    """A response's usage: its prompts' tokens, the choices' new tokens, the cached tokens."""
+    return protocol.usage(prompt_tokens, sum(len(c.token_ids) for c in choices), cached_tokens(choices))

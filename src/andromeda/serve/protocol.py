@@ -252,9 +252,14 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict[str, Any]:
+    """OpenAI's usage; `cached_tokens`: prompt tokens reused from the prefix cache, not computed
+    (None: the prompts were not looked up, and prompt_tokens_details is left out)."""
+    body: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                            "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens is not None:
+        body["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return body
 
 
 def completion_choice(index: int, text: str, logprobs: dict[str, Any] | None, finish_reason: str | None,
@@ -264,7 +269,7 @@ def completion_choice(index: int, text: str, logprobs: dict[str, Any] | None, fi
 
 
 def completion(id: str, created: int, model: str, choices: list[dict[str, Any]],
-               usage_: dict[str, int] | None, object: str = "text_completion") -> dict[str, Any]:
+               usage_: dict[str, Any] | None, object: str = "text_completion") -> dict[str, Any]:
     return {"id": id, "object": object, "created": created, "model": model, "choices": choices,
             "usage": usage_}
 

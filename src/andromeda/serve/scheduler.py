@@ -5,8 +5,10 @@ Shape letters: B rows of one forward call, T new positions per row, V vocabulary
 The cache holds `max_batch_size` slots, one running sequence each (llama.cpp's server slots;
 vLLM's scheduler without paging). Each `Scheduler.step`
 
-1. admits waiting sequences, oldest first, into free slots (a freed slot is `reset` as it is
-   reused, so the previous occupant's keys are never read);
+1. admits waiting sequences, oldest first, into free slots: with `prefix_cache`, the free slot
+   whose cached tokens share the longest prefix with the prompt (llama.cpp's slot choice), which
+   keeps that prefix (`truncate`) so only the rest is prefilled; otherwise the slot freed longest
+   ago, `reset` (the previous occupant's keys are never read);
 2. runs one batched decode call: one new token for every sequence whose prompt is in the cache;
 3. runs one batched prefill call over the next chunks of the prompts still being read, at most
    `prefill_tokens` positions in all, so a long prompt is read over several steps while the
@@ -19,6 +21,16 @@ vLLM's scheduler without paging). Each `Scheduler.step`
 
 `step` collects its outputs in `self.outputs` as it goes, so when a later part of a step raises
 the engine still answers what an earlier part finished (a scoring-only request done at admission).
+
+Prefix reuse. A freed slot keeps its keys and values; the scheduler remembers, host-side, the
+token ids they hold (`slot_tokens`: the prompt and all output tokens but the last, which never
+entered the cache). A new prompt reuses at most len(prompt) - 1 of them, so its last token is
+always prefilled (its logits give the first new token), and none when it wants the prompt's
+logprobs (they need a forward over the whole prompt). The kept prefix is exactly positions
+0..n-1 (prefill chunks start at position `computed`; the padding a kept chunk holds stays masked).
+Where the cache refuses the cut (a wrapped ring buffer, an xPos center moved on) or the kept
+padding would leave too little room, the slot is reset and the prompt read whole. A step that
+raises forgets what its slots hold.
 
 A sequence can be `pause`d (its client is not reading its stream): it keeps its slot but is left
 out of decode calls until `resume`; `can_step` says whether a step would do anything.
@@ -81,6 +93,9 @@ class Sequence:
     computed: int = 0  # prompt tokens in the cache
     output: list[int] = field(default_factory=list)
     counts: TokenCounts | None = None  # with a penalty: the prompt's and output's tokens, from the first sample
+    # Prompt tokens found in its slot's cache at admission, not prefilled (0 with the prefix
+    # cache off); None if the prompt was not looked up (scoring, prompt logprobs: a full forward).
+    cached_tokens: int | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
 
     @property
@@ -108,13 +123,15 @@ class SchedulerStats:
     prefill_calls: int = 0
     prefill_positions: int = 0  # padded positions computed by prefill calls
     prefill_tokens: int = 0  # real prompt tokens among them
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache (vLLM's prefix_cache_queries)
+    prefix_hits: int = 0  # of them, tokens found cached and not prefilled (vLLM's prefix_cache_hits)
 
 
 class Scheduler:
     """Owns the KV cache and decides, each step, which sequences read prompt and which decode."""
 
     def __init__(self, net: Transformer, *, max_batch_size: int = 16, prefill_tokens: int = 256,
-                 window: int | None = None, sink_tokens: int = 0) -> None:
+                 window: int | None = None, sink_tokens: int = 0, prefix_cache: bool = True) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if prefill_tokens < 1:
@@ -134,13 +151,18 @@ class Scheduler:
         # Every slot holds its context (or window) plus one padded chunk (the module docstring).
         self.cache = KVCache(self.config, max_batch_size, (window or self.config.max_seq_len) + prefill_tokens,
                              dtype=weight.dtype, device=weight.device, window=window, sink_tokens=sink_tokens)
-        self.free: list[int] = list(range(max_batch_size))
+        self.free: list[int] = list(range(max_batch_size))  # the slot freed longest ago first
+        self.prefix_cache = prefix_cache
+        # The token ids each slot's cache holds from position 0, for the free slots (a running
+        # slot's entry is stale until its sequence finishes).
+        self.slot_tokens: list[list[int]] = [[] for _ in range(max_batch_size)]
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.paused = 0  # how many of them are paused
         self.stats = SchedulerStats()
         self.admitted: list[Sequence] = []  # the sequences the last step took from the queue
         self.outputs: list[StepOutput] = []  # what the last step produced (so far, if it raised)
+        self._suspect: set[int] = set()  # slots whose cache a failed step may have left half written
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -173,6 +195,7 @@ class Scheduler:
         else:
             self.running.remove(seq)
             self.free.append(seq.slot)
+            self.slot_tokens[seq.slot] = self._held_tokens(seq)
             seq.slot = None
         seq.status = Status.FINISHED
         seq.finish_reason = reason
@@ -190,11 +213,28 @@ class Scheduler:
 
     # ------------------------------------------------------------------ one step
 
+    def _held_tokens(self, seq: Sequence) -> list[int]:
+        """The tokens `seq`'s slot holds, positions 0 on: the prompt read so far, then every
+        output token but the last (each is fed by the next decode call). After a failed decode
+        call the slot may hold one more, which leaving it out keeps correct (a shorter prefix)."""
+        if seq.slot in self._suspect:  # a step raised while it held the slot
+            self._suspect.discard(seq.slot)
+            return []
+        return seq.prompt[: seq.computed] + seq.output[:-1] if seq.computed == len(seq.prompt) else \
+            seq.prompt[: seq.computed]
+
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         """Admit, decode, prefill, sample, evict; returns what each touched sequence got."""
         self.stats.steps += 1
-        self.outputs = outputs = []
+        self.outputs = []
+        try:
+            return self._step(self.outputs)
+        except BaseException:  # the cache may be half written: what the slots hold is unknown
+            self._suspect.update(s.slot for s in self.running)
+            raise
+
+    def _step(self, outputs: list[StepOutput]) -> list[StepOutput]:
         self._admit(outputs)
         # In slot order: when the rows' slots are consecutive (a full batch), the cache hands the
         # layers views of its rows instead of gathered copies.
@@ -222,10 +262,43 @@ class Scheduler:
                 continue
             if out.prompt_logprobs is not None:
                 outputs.append(out)
-            seq.slot = self.free.pop(0)
-            self.cache.reset([seq.slot])
+            self._place(seq)
             seq.status = Status.PREFILL
             self.running.append(seq)
+
+    def _place(self, seq: Sequence) -> None:
+        """Give `seq` a free slot, keeping the longest prefix of its prompt one holds."""
+        if seq.prompt_logprobs is None:
+            seq.cached_tokens = 0
+        if not self.prefix_cache or seq.prompt_logprobs is not None:
+            seq.slot = self.free.pop(0)
+            self.cache.reset([seq.slot])
+            return
+        limit = len(seq.prompt) - 1  # the last prompt token is always prefilled
+        shared = [_common_prefix(self.slot_tokens[slot], seq.prompt, limit) for slot in self.free]
+        best = max(range(len(shared)), key=lambda i: (shared[i], -i))  # ties: the slot freed longest ago
+        seq.slot, n = self.free.pop(best), shared[best]
+        self._suspect.discard(seq.slot)  # (its tokens were forgotten when it was freed)
+        self.stats.prefix_queries += len(seq.prompt)
+        if n and self._keep_prefix(seq, n):
+            seq.computed = seq.cached_tokens = n
+            self.stats.prefix_hits += n
+        else:
+            self.cache.reset([seq.slot])
+        self.slot_tokens[seq.slot] = []
+
+    def _keep_prefix(self, seq: Sequence, n: int) -> bool:
+        """Cut `seq`'s slot to its first n positions, if the cache can and the rest still fits:
+        the kept prefix may hold an earlier occupant's padded chunk, so the slot's entries can
+        exceed n (a ring buffer is never full)."""
+        try:
+            self.cache.truncate(seq.slot, n)
+        except ValueError:  # a wrapped ring buffer or a moved xPos center: prefill it all
+            return False
+        if self.slides:
+            return True
+        needed = len(seq.prompt) - n + seq.max_tokens + self.prefill_tokens - 1  # one padded chunk at most
+        return self.cache.lengths[seq.slot] + needed <= self.cache.capacity
 
     def _prompt_logprobs(self, seq: Sequence) -> list[TokenLogprob | None]:
         """Each prompt token's logprob given the ones before it, from one forward over the prompt."""
@@ -341,6 +414,16 @@ class Scheduler:
                 seq.counts = TokenCounts(torch.tensor([seq.prompt], device=self.device), self.config.num_tokens)
             scores[i : i + 1] = penalize(logits[i : i + 1], seq.counts, seq.params)
         return scores
+
+
+def _common_prefix(held: list[int], prompt: list[int], limit: int) -> int:
+    """How many leading tokens `held` and `prompt` share, at most `limit`."""
+    n = 0
+    for a, b in zip(held, prompt[:limit]):
+        if a != b:
+            break
+        n += 1
+    return n
 
 
 def _token_logprobs(logprobs: Tensor, ids: list[int], top: int) -> list[TokenLogprob]:

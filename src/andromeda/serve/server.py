@@ -47,7 +47,8 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
           prefill_chunk: int = 256, stream_interval: float = 0.02, threads: int | None = None,
           window: int | None = None, sink_tokens: int = 0, quantize: str | None = None,
           group_size: int = DEFAULT_GROUP_SIZE, max_body_bytes: int | None = None, max_stream_backlog: int = 1024,
-          header_timeout: float = 10.0, timeout_keep_alive: float = 5.0, limit_concurrency: int | None = None) -> int:
+          header_timeout: float = 10.0, timeout_keep_alive: float = 5.0, limit_concurrency: int | None = None,
+          prefix_cache: bool = True) -> int:
     """Serve the checkpoint until SIGINT/SIGTERM; returns 0. Raises ValueError/OSError/RuntimeError
     naming the problem (bad option, missing checkpoint, port in use, weights that do not load)."""
     try:
@@ -103,7 +104,7 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
                              "its max_seq_len")
     engine = Engine(spec, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
                     prefill_tokens=prefill_chunk, stream_interval=stream_interval, metrics=metrics,
-                    window=window, sink_tokens=sink_tokens, max_backlog=max_stream_backlog)
+                    window=window, sink_tokens=sink_tokens, max_backlog=max_stream_backlog, prefix_cache=prefix_cache)
     ctx = ServerContext(engine, tokenizer, config, name, metrics, checkpoint=str(folder), chat_template=template,
                         api_key=api_key, max_body_bytes=max_body_bytes)
     server = _make_server(uvicorn.Config(create_app(ctx), host=host, port=port, log_level="warning",
