@@ -12,8 +12,10 @@ import torch
 
 from andromeda.inference.generate import generate
 from andromeda.inference.sampling import SamplingParams
+from andromeda.serve.config import ServeConfig
+from andromeda.serve.core import EngineCore
 from andromeda.serve.engine import Engine, ModelSpec, SequenceRequest
-from andromeda.serve.scheduler import Scheduler, Sequence
+from andromeda.serve.scheduler import Sequence
 from andromeda.tokenizers import ByteTokenizer
 from helpers import FEATURES, random_net
 
@@ -22,7 +24,7 @@ GREEDY = SamplingParams(0)
 SAMPLED = SamplingParams(1.0, top_k=40)
 
 
-def run(scheduler: Scheduler, *seqs: Sequence, max_steps: int = 300) -> None:
+def run(scheduler: EngineCore, *seqs: Sequence, max_steps: int = 300) -> None:
     """Add `seqs` together and step until the scheduler is idle."""
     for seq in seqs:
         scheduler.add(seq)
@@ -37,7 +39,7 @@ def tokens(seed: int, n: int) -> list[int]:
     return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def conversation(scheduler: Scheduler, make, first: list[int], follow_up: list[int]) -> tuple[Sequence, Sequence]:
+def conversation(scheduler: EngineCore, make, first: list[int], follow_up: list[int]) -> tuple[Sequence, Sequence]:
     """Turn 1, then turn 2 = turn 1's prompt, its completion and `follow_up`, on one scheduler."""
     one = make(first)
     run(scheduler, one)
@@ -58,9 +60,9 @@ def test_multi_turn_reuses_the_conversation_with_the_same_greedy_tokens(override
     def make(prompt):
         return Sequence(prompt, 9, GREEDY)
 
-    reused = Scheduler(net, max_batch_size=2, prefill_tokens=8)
+    reused = EngineCore(net, ServeConfig(max_batch_size=2, prefill_chunk=8))
     one, two = conversation(reused, make, first, follow_up)
-    plain = Scheduler(net, max_batch_size=2, prefill_tokens=8, prefix_cache=False)
+    plain = EngineCore(net, ServeConfig(max_batch_size=2, prefill_chunk=8, prefix_cache=False))
     one_plain, two_plain = conversation(plain, make, first, follow_up)
     assert two.output == two_plain.output == generate(net, torch.tensor(two.prompt), 9, temperature=0)[0].tolist()
     assert one.output == one_plain.output
@@ -80,10 +82,10 @@ def test_seeded_sampling_draws_the_same_tokens_with_and_without_reuse():
     first, follow_up = tokens(3, 30), tokens(4, 5)
 
     def make(prompt):
-        return Sequence(prompt, 12, SAMPLED, torch.Generator().manual_seed(11))
+        return Sequence(prompt, 12, SAMPLED, 11)
 
-    one, two = conversation(Scheduler(net, max_batch_size=2, prefill_tokens=16), make, first, follow_up)
-    one_plain, two_plain = conversation(Scheduler(net, max_batch_size=2, prefill_tokens=16, prefix_cache=False),
+    one, two = conversation(EngineCore(net, ServeConfig(max_batch_size=2, prefill_chunk=16)), make, first, follow_up)
+    one_plain, two_plain = conversation(EngineCore(net, ServeConfig(max_batch_size=2, prefill_chunk=16, prefix_cache=False)),
                                         make, first, follow_up)
     assert two.cached_tokens == len(first) + len(one.output) - 1
     assert one.output == one_plain.output and two.output == two_plain.output
@@ -97,7 +99,7 @@ def test_concurrent_follow_ups_each_find_their_own_slot_and_equal_each_alone():
     another order (with a stranger's prompt), each take the slot holding their own conversation
     and decode batched, with the tokens each gets alone with no reuse."""
     net = random_net().eval()
-    scheduler = Scheduler(net, max_batch_size=4, prefill_tokens=16)
+    scheduler = EngineCore(net, ServeConfig(max_batch_size=4, prefill_chunk=16))
     firsts = [Sequence(tokens(10 + i, n), 6, GREEDY) for i, n in enumerate((9, 25, 14))]
     run(scheduler, *firsts)
     follow_ups = [Sequence(f.prompt + f.output + tokens(20 + i, 4 + i), 8, GREEDY) for i, f in enumerate(firsts)]
@@ -108,7 +110,7 @@ def test_concurrent_follow_ups_each_find_their_own_slot_and_equal_each_alone():
     for first, follow_up in zip(firsts, follow_ups):
         assert follow_up.cached_tokens == len(first.prompt) + len(first.output) - 1
         alone = Sequence(list(follow_up.prompt), 8, GREEDY)
-        run(Scheduler(net, max_batch_size=1, prefill_tokens=16, prefix_cache=False), alone)
+        run(EngineCore(net, ServeConfig(max_batch_size=1, prefill_chunk=16, prefix_cache=False)), alone)
         assert follow_up.output == alone.output
     assert stranger.cached_tokens == 0
     assert scheduler.stats.prefix_hits == sum(s.cached_tokens for s in follow_ups)
@@ -119,7 +121,7 @@ def test_prompt_logprobs_requests_read_the_whole_prompt():
     """Prompt logprobs need a forward over the whole prompt: not looked up (cached_tokens None,
     reported as 0 cached tokens), nothing counted."""
     net = random_net().eval()
-    scheduler = Scheduler(net, max_batch_size=1, prefill_tokens=16)
+    scheduler = EngineCore(net, ServeConfig(max_batch_size=1, prefill_chunk=16))
     first = Sequence(tokens(5, 12), 4, GREEDY)
     run(scheduler, first)
     scored = Sequence(first.prompt + first.output, 3, GREEDY, prompt_logprobs=1)
@@ -135,7 +137,7 @@ def test_padding_kept_in_reused_prefixes_never_overflows_a_slot():
     whose rest might then not fit the slot's capacity (context + one chunk) is read whole
     instead, and the last turn, filling the context, gets `generate`'s tokens."""
     net = random_net(max_seq_len=48).eval()
-    scheduler = Scheduler(net, max_batch_size=2, prefill_tokens=16)
+    scheduler = EngineCore(net, ServeConfig(max_batch_size=2, prefill_chunk=16))
     seq = Sequence(tokens(1, 20), 2, GREEDY)
     run(scheduler, seq)
     cached = []
@@ -153,7 +155,7 @@ def test_a_failed_step_forgets_what_its_slots_hold():
     """A step that raises after the first layer wrote its keys leaves the slot half written: the
     next prompt sharing that conversation is read whole, with `generate`'s tokens."""
     net = random_net().eval()
-    scheduler = Scheduler(net, max_batch_size=1, prefill_tokens=16)
+    scheduler = EngineCore(net, ServeConfig(max_batch_size=1, prefill_chunk=16))
     first = Sequence(tokens(8, 12), 5, GREEDY)
     run(scheduler, first)
     second = Sequence(first.prompt + first.output + tokens(9, 6), 4, GREEDY)
@@ -177,7 +179,7 @@ def test_a_wrapped_ring_buffer_that_cannot_be_cut_is_prefilled_again():
     """With --window a slot that has wrapped cannot go back to a short prefix (the cache refuses):
     the prompt is read whole, with `generate`'s tokens."""
     net = random_net(max_seq_len=48).eval()
-    scheduler = Scheduler(net, max_batch_size=1, prefill_tokens=16, window=48, sink_tokens=4)
+    scheduler = EngineCore(net, ServeConfig(max_batch_size=1, prefill_chunk=16, window=48, sink_tokens=4))
     first = Sequence(tokens(6, 10), 60, GREEDY)  # ends past the window: the ring wraps
     run(scheduler, first)
     second = Sequence(first.prompt + first.output[:20] + tokens(7, 5), 10, GREEDY)
@@ -204,7 +206,7 @@ def engine_conversation(checkpoint, **options) -> tuple[list[tuple[list[int], in
     from andromeda.serve.metrics import Metrics
 
     metrics = Metrics("tiny")
-    engine = Engine(ModelSpec(checkpoint), TOKENIZER, max_batch_size=2, metrics=metrics, **options)
+    engine = Engine(ModelSpec(checkpoint), TOKENIZER, ServeConfig(max_batch_size=2, **options), metrics=metrics)
     engine.start()
 
     async def turn(prompt: list[int]) -> tuple[list[int], int]:

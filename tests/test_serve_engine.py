@@ -15,15 +15,17 @@ import torch
 from andromeda.inference.generate import IncrementalDecoder, generate
 from andromeda.inference.sampling import SamplingParams
 from andromeda.serve.detokenizer import TextStream, TokenStrings
+from andromeda.serve.config import ServeConfig
+from andromeda.serve.core import EngineCore
 from andromeda.serve.engine import Engine, ModelSpec, SequenceRequest
-from andromeda.serve.scheduler import Scheduler, Sequence
+from andromeda.serve.scheduler import Sequence
 from andromeda.tokenizers import ByteTokenizer
 from helpers import FEATURES, random_net
 
 TOKENIZER = ByteTokenizer()
 
 
-def run_to_end(scheduler: Scheduler, arrivals: dict[int, list[Sequence]], max_steps: int = 400) -> None:
+def run_to_end(scheduler: EngineCore, arrivals: dict[int, list[Sequence]], max_steps: int = 400) -> None:
     for step in range(max_steps):
         for seq in arrivals.get(step, []):
             scheduler.add(seq)
@@ -42,7 +44,7 @@ def test_continuous_batching_equals_generate(overrides):
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (3, 40, 7, 17, 1, 33, 12, 5, 29, 9, 2, 21)]
     news = [6, 3, 14, 9, 11, 1, 7, 12, 4, 10, 8, 5]
     seqs = [Sequence(p, n, SamplingParams(0)) for p, n in zip(prompts, news)]
-    scheduler = Scheduler(net, max_batch_size=5, prefill_tokens=16)
+    scheduler = EngineCore(net, ServeConfig(max_batch_size=5, prefill_chunk=16))
     run_to_end(scheduler, {0: seqs[:6], 3: seqs[6:9], 9: seqs[9:]})
     for seq, prompt, new in zip(seqs, prompts, news):
         assert seq.output == generate(net, torch.tensor(prompt), new, temperature=0)[0].tolist()
@@ -60,13 +62,13 @@ def test_sampled_rows_draw_from_their_own_generators():
     prompt = list(range(10, 30))
 
     def seeded(seed: int) -> Sequence:
-        return Sequence(prompt, 20, params, torch.Generator().manual_seed(seed))
+        return Sequence(prompt, 20, params, seed)
 
     alone = seeded(7)
-    run_to_end(Scheduler(net, max_batch_size=4), {0: [alone]})
+    run_to_end(EngineCore(net, ServeConfig(max_batch_size=4)), {0: [alone]})
     batched = seeded(7)
     others = [seeded(s) for s in (1, 2)] + [Sequence(prompt[:5], 25, SamplingParams(0))]
-    run_to_end(Scheduler(net, max_batch_size=4), {0: [others[0], batched], 2: others[1:]})
+    run_to_end(EngineCore(net, ServeConfig(max_batch_size=4)), {0: [others[0], batched], 2: others[1:]})
     expected = generate(net, torch.tensor(prompt), 20, temperature=1.0, top_k=40,
                         generator=torch.Generator().manual_seed(7))[0].tolist()
     assert alone.output == batched.output == expected
@@ -79,7 +81,7 @@ def test_stop_ids_end_a_sequence_and_free_its_slot():
     free_run = generate(net, torch.tensor(prompt), 12, temperature=0)[0].tolist()
     stop = free_run[5]
     seq = Sequence(prompt, 12, SamplingParams(0), stop_ids=frozenset({stop}))
-    scheduler = Scheduler(net, max_batch_size=1)
+    scheduler = EngineCore(net, ServeConfig(max_batch_size=1))
     run_to_end(scheduler, {0: [seq]})
     assert seq.output == free_run[: free_run.index(stop) + 1] and seq.finish_reason == "stop"
     assert scheduler.free == [0]
@@ -89,7 +91,7 @@ def test_prompt_logprobs_are_a_full_forward_and_need_no_slot():
     net = random_net().eval()
     prompt = list(range(60, 75))
     seq = Sequence(prompt, 0, SamplingParams(0), prompt_logprobs=2)
-    scheduler = Scheduler(net, max_batch_size=1)
+    scheduler = EngineCore(net, ServeConfig(max_batch_size=1))
     scheduler.add(seq)
     (out,) = scheduler.step()
     with torch.no_grad():
@@ -157,7 +159,7 @@ def tiny_checkpoint(tmp_path):
 
 
 def test_engine_frees_an_aborted_requests_slot(tiny_checkpoint):
-    engine = Engine(ModelSpec(tiny_checkpoint), TOKENIZER, max_batch_size=2, max_queue=0)
+    engine = Engine(ModelSpec(tiny_checkpoint), TOKENIZER, ServeConfig(max_batch_size=2, max_queue=0))
     engine.start()
     try:
         assert engine.ready.wait(30)
@@ -169,7 +171,7 @@ def test_engine_frees_an_aborted_requests_slot(tiny_checkpoint):
             first = await asyncio.wait_for(stream.get(), 10)
             engine.abort("long")
             deadline = time.monotonic() + 10
-            while engine.scheduler.running:
+            while engine.core.running:
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.01)
             short = engine.submit([SequenceRequest(0, [256, 66], 3, SamplingParams(0))], loop)
@@ -181,7 +183,7 @@ def test_engine_frees_an_aborted_requests_slot(tiny_checkpoint):
                     return [len(first)] + tokens
 
         result = asyncio.run(scenario())
-        assert len(result) == 4 and sorted(engine.scheduler.free) == [0, 1]
+        assert len(result) == 4 and sorted(engine.core.free) == [0, 1]
     finally:
         engine.shutdown()
         engine.join(10)
@@ -228,7 +230,7 @@ def test_with_a_window_sequences_continue_past_the_context_as_generate_does():
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 30, 12)]
     news = [90, 70, 100]  # each ends far past the 48-token context
     seqs = [Sequence(p, n, SamplingParams(0)) for p, n in zip(prompts, news)]
-    scheduler = Scheduler(net, max_batch_size=3, prefill_tokens=16, window=48, sink_tokens=4)
+    scheduler = EngineCore(net, ServeConfig(max_batch_size=3, prefill_chunk=16, window=48, sink_tokens=4))
     shape = scheduler.cache.k.shape
     run_to_end(scheduler, {0: seqs[:2], 4: seqs[2:]})
     for seq, prompt, new in zip(seqs, prompts, news):
@@ -236,4 +238,4 @@ def test_with_a_window_sequences_continue_past_the_context_as_generate_does():
         assert seq.output == expected
     assert scheduler.cache.k.shape == shape
     with pytest.raises(ValueError, match="learned absolute positions cannot slide"):
-        Scheduler(random_net(max_seq_len=48, use_abs_pos_emb=True), window=48)
+        EngineCore(random_net(max_seq_len=48, use_abs_pos_emb=True), ServeConfig(window=48))

@@ -29,9 +29,11 @@ from andromeda import cli  # noqa: E402
 from andromeda.checkpoint import load_config, save_pretrained  # noqa: E402
 from andromeda.inference.generate import generate  # noqa: E402
 from andromeda.inference.sampling import SAMPLING_EPS, SamplingParams, filter_logits, sample  # noqa: E402
-from andromeda.serve import scheduler as scheduler_module  # noqa: E402
+from andromeda.serve import runner as runner_module  # noqa: E402
+from andromeda.serve.config import ServeConfig  # noqa: E402
+from andromeda.serve.core import EngineCore  # noqa: E402
 from andromeda.serve.engine import Engine, EngineError, ModelSpec, SequenceRequest  # noqa: E402
-from andromeda.serve.scheduler import Scheduler, Sequence  # noqa: E402
+from andromeda.serve.scheduler import Sequence  # noqa: E402
 from andromeda.serve.server import MAX_HEAD_BYTES  # noqa: E402
 from andromeda.tokenizers import ByteTokenizer  # noqa: E402
 from helpers import free_port, random_net, run_andromeda  # noqa: E402
@@ -105,10 +107,10 @@ def test_a_temperature_below_sampling_eps_is_greedy(net):
     expected = generate(net, prompt, 12, temperature=0)
     assert torch.equal(generate(net, prompt, 12, temperature=1e-300, generator=torch.Generator().manual_seed(1)),
                        expected)
-    seq = Sequence(prompt.tolist(), 12, SamplingParams(1e-300), torch.Generator().manual_seed(1))
-    scheduler = Scheduler(net, max_batch_size=2)
+    seq = Sequence(prompt.tolist(), 12, SamplingParams(1e-300), 1)
+    scheduler = EngineCore(net, ServeConfig(max_batch_size=2))
     scheduler.add(seq)
-    scheduler.add(Sequence([5, 6, 7], 12, SamplingParams(1.0), torch.Generator().manual_seed(2)))
+    scheduler.add(Sequence([5, 6, 7], 12, SamplingParams(1.0), 2))
     while scheduler.has_work:
         scheduler.step()
     assert seq.output == expected[0].tolist() and seq.finish_reason == "length"
@@ -132,16 +134,16 @@ def fail_bad_rows(monkeypatch) -> None:
             raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
         return sample(logits, params, generator)
 
-    monkeypatch.setattr(scheduler_module, "sample", sample_or_fail)
+    monkeypatch.setattr(runner_module, "sample", sample_or_fail)
 
 
 def test_a_row_whose_sampling_fails_ends_alone_and_the_batch_goes_on(net, monkeypatch):
     fail_bad_rows(monkeypatch)
     prompts = [list(range(10, 20)), list(range(30, 35)), list(range(40, 52))]
-    seqs = [Sequence(prompts[0], 15, SamplingParams(0.8), torch.Generator().manual_seed(7)),
-            Sequence(prompts[1], 15, BAD, torch.Generator().manual_seed(3)),
+    seqs = [Sequence(prompts[0], 15, SamplingParams(0.8), 7),
+            Sequence(prompts[1], 15, BAD, 3),
             Sequence(prompts[2], 15, SamplingParams(0))]
-    scheduler = Scheduler(net, max_batch_size=3)
+    scheduler = EngineCore(net, ServeConfig(max_batch_size=3))
     for seq in seqs:
         scheduler.add(seq)
     errors = []
@@ -169,9 +171,9 @@ def test_penalties_apply_per_row_in_a_batch(net):
             (prompt, dict(temperature=0), None),
             (other, dict(temperature=0.9, presence_penalty=0.5, repetition_penalty=1.3), 5),
             (other, dict(temperature=0, repetition_penalty=1.5, frequency_penalty=-0.2), None)]
-    seqs = [Sequence(p, 20, SamplingParams(**params), None if seed is None else torch.Generator().manual_seed(seed))
+    seqs = [Sequence(p, 20, SamplingParams(**params), seed)
             for p, params, seed in rows]
-    scheduler = Scheduler(net, max_batch_size=4)
+    scheduler = EngineCore(net, ServeConfig(max_batch_size=4))
     for seq in seqs:
         scheduler.add(seq)
     for _ in range(40):
@@ -228,7 +230,7 @@ def engine_checkpoint(tmp_path):
 
 def run_engine(checkpoint, scenario, **options):
     """Run `scenario(engine)` (a coroutine) on a started engine; stop the engine afterwards."""
-    engine = Engine(ModelSpec(checkpoint), TOKENIZER, **options)
+    engine = Engine(ModelSpec(checkpoint), TOKENIZER, ServeConfig(**options))
     engine.start()
     try:
         assert engine.ready.wait(30)
@@ -261,7 +263,7 @@ def test_the_engine_fails_the_request_of_a_failed_row_only(engine_checkpoint, mo
     good, greedy, engine = run_engine(engine_checkpoint, scenario, max_batch_size=4)
     for deltas in (good, greedy):
         assert sum(len(d.token_ids) for d in deltas) == 30 and deltas[-1].finish_reason == "length"
-    assert sorted(engine.scheduler.free) == [0, 1, 2, 3]
+    assert sorted(engine.core.free) == [0, 1, 2, 3]
 
 
 # ----------------------------------------------------------------------------- 6: every admitted request answered
@@ -274,23 +276,23 @@ def test_a_scoring_request_admitted_in_a_failing_step_still_gets_its_answer(engi
 
     async def scenario(engine):
         loop = asyncio.get_running_loop()
-        scheduler = engine.scheduler
+        core, runner = engine.core, engine.core.runner
         running = engine.submit([SequenceRequest(0, [EOS, 65], 900, SamplingParams(0))], loop)
         await asyncio.wait_for(running.get(), 10)  # it is decoding now
-        decode = scheduler._decode
+        forward = runner._forward
 
-        def failing_decode(seqs):
-            if any(s.max_tokens == 0 for s in scheduler.admitted):
+        def failing_forward(batch):
+            if any(s.max_tokens == 0 for s in core.admitted):
                 raise RuntimeError("CUDA out of memory (injected)")
-            return decode(seqs)
+            return forward(batch)
 
-        scheduler._decode = failing_decode
+        runner._forward = failing_forward
         scoring = engine.submit([SequenceRequest(0, [EOS, 70, 71, 72], 0, SamplingParams(0), prompt_logprobs=1)],
                                 loop)
         answer = await read_to_end(scoring)
         with pytest.raises(EngineError, match="generation failed: CUDA out of memory"):
             await read_to_end(running)
-        scheduler._decode = decode
+        runner._forward = forward
         after = await read_to_end(engine.submit([SequenceRequest(0, [EOS, 66], 3, SamplingParams(0))], loop))
         return answer, after
 
@@ -307,7 +309,7 @@ def test_a_stream_nobody_reads_pauses_at_the_backlog_and_resumes_when_read(engin
 
     async def scenario(engine):
         loop = asyncio.get_running_loop()
-        scheduler = engine.scheduler
+        scheduler = engine.core
         unread = engine.submit([SequenceRequest(0, prompt, 40, SamplingParams(0))], loop)
         await asyncio.to_thread(wait_for, lambda: scheduler.paused == 1, "the unread stream never paused")
         seq = scheduler.running[0]
@@ -324,7 +326,7 @@ def test_a_stream_nobody_reads_pauses_at_the_backlog_and_resumes_when_read(engin
         await asyncio.to_thread(wait_for, lambda: not scheduler.running, "the aborted stream kept its slot")
         return [t for d in resumed for t in d.token_ids], scheduler
 
-    tokens, scheduler = run_engine(engine_checkpoint, scenario, max_batch_size=2, max_backlog=8, stream_interval=0)
+    tokens, scheduler = run_engine(engine_checkpoint, scenario, max_batch_size=2, max_stream_backlog=8, stream_interval=0)
     assert tokens == generate(net, torch.tensor(prompt), 40, temperature=0)[0].tolist()
     assert sorted(scheduler.free) == [0, 1] and scheduler.paused == 0
 
@@ -513,7 +515,7 @@ def test_an_empty_api_key_is_refused_at_start(checkpoint, monkeypatch, capsys):
         assert "argument --api-key: the key is empty" in capsys.readouterr().err
     # And `serve` itself, before anything else (here a bad port, which the old code reported instead).
     with pytest.raises(ValueError, match="--api-key is empty"):
-        real_serve(checkpoint, api_key="", port=-1)
+        real_serve(checkpoint, ServeConfig(api_key="", port=-1))
 
 
 # ----------------------------------------------------------------------------- 11: half-open connections

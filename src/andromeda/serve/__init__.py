@@ -2,9 +2,13 @@
 
 Split as vLLM splits it:
 
+    config.py         ServeConfig: every serving option, validated once; `andromeda serve`'s flags come from it
     protocol.py       request schemas (validated), responses, stream chunks, OpenAI's error shape
-    scheduler.py      continuous batching over the KV cache's slots: admit, chunked prefill, decode, evict
-    engine.py         the thread that owns the model: inbox, steps, per-request streams, cancellation
+    scheduler.py      plans each step (admit, prefix reuse, decode rows, a prefill chunk) and records its
+                      results, the one place that decides a sequence is finished; plain Python, no tensors
+    runner.py         the model runner: executes a plan (the step's tensors, the model, per-row sampling)
+    core.py           EngineCore.step = schedule -> execute -> update (vLLM's EngineCore)
+    engine.py         the thread that owns the engine core: inbox, steps, per-request streams, cancellation
     detokenizer.py    incremental detokenization, stop strings, how logprobs name tokens
     chat_template.py  messages to a prompt with the checkpoint's Jinja chat template
     prompts.py        requests to engine inputs: prompts rendered and tokenized (long ones off the event
@@ -17,7 +21,17 @@ The scheduler and the engine need torch only; app and server need the serve extr
 (pip install -e '.[serve]' in the andromeda checkout: fastapi, uvicorn, prometheus_client, jinja2).
 """
 
-from .engine import Engine, ModelSpec, SequenceRequest, load_model
-from .scheduler import Scheduler, Sequence
+import importlib
 
-__all__ = ["Engine", "ModelSpec", "Scheduler", "Sequence", "SequenceRequest", "load_model"]
+# Loaded on first use, so that `serve.config` (torch-free) imports without PyTorch: `andromeda
+# serve --help` builds its flags from ServeConfig before torch loads.
+_EXPORTS = {"Engine": "engine", "EngineCore": "core", "ModelRunner": "runner", "ModelSpec": "engine",
+            "Scheduler": "scheduler", "Sequence": "scheduler", "SequenceRequest": "engine",
+            "ServeConfig": "config", "load_model": "engine"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -2,9 +2,10 @@
 
 Threads. The HTTP server's event loop validates requests and `submit`s them; the engine thread
 loads the model, then loops: take new requests and cancellations from the inbox, run one
-`Scheduler.step`, turn the new tokens into text (stop strings are found here, so a stopped
-sequence frees its slot in the same step), and hand the requests their pieces through one
-`call_soon_threadsafe` per event loop. The model and the cache are touched by this thread only.
+`EngineCore.step` (schedule, execute, update: the scheduler finds stop strings too, so a stopped
+sequence frees its slot in the same step), turn its outputs into deltas, and hand the requests
+their pieces through one `call_soon_threadsafe` per event loop. The model and the cache are
+touched by this thread only.
 
 Delivery. Both threads share the GIL, so every chunk the event loop sends is time the engine
 does not compute. First tokens and endings are handed over at once; other tokens at most every
@@ -47,8 +48,10 @@ from ..inference.quantize import DEFAULT_GROUP_SIZE
 from ..inference.sampling import SamplingParams
 from ..model import Transformer
 from ..tokenizers import Tokenizer
+from .config import ServeConfig
+from .core import EngineCore
 from .detokenizer import TextStream
-from .scheduler import Scheduler, Sequence, Status, StepOutput, TokenLogprob
+from .scheduler import Sequence, Status, StepOutput, TokenLogprob
 
 if TYPE_CHECKING:  # prometheus_client is the serve extra's; the engine runs without it
     from .metrics import Metrics
@@ -174,7 +177,7 @@ class _Request:
                  tokenizer: Tokenizer) -> None:
         self.request_id = request_id
         self.stream = stream
-        self.choices = {seq: (spec, TextStream(tokenizer, spec.stop)) for spec, seq in seqs}
+        self.choices = {seq: spec for spec, seq in seqs}
         self.unfinished = len(seqs)
         self.produced = 0  # tokens generated (stream.taken of them were taken)
 
@@ -189,24 +192,19 @@ def _nothing() -> None:
 class Engine:
     SEND_WAIT_S = 0.05  # the longest the engine waits for an event loop at a handover
 
-    def __init__(self, spec: ModelSpec, tokenizer: Tokenizer, *, max_batch_size: int = 16, max_queue: int = 256,
-                 prefill_tokens: int = 256, stream_interval: float = 0.02, metrics: Metrics | None = None,
-                 loader: Callable[[ModelSpec], Transformer] = load_model, window: int | None = None,
-                 sink_tokens: int = 0, max_backlog: int = 1024, prefix_cache: bool = True) -> None:
-        if max_backlog < 1:
-            raise ValueError(f"max_backlog must be >= 1 token, got {max_backlog}")
+    def __init__(self, spec: ModelSpec, tokenizer: Tokenizer, config: ServeConfig | None = None, *,
+                 metrics: Metrics | None = None, loader: Callable[[ModelSpec], Transformer] = load_model) -> None:
         self.spec = spec
-        self.window, self.sink_tokens = window, sink_tokens
+        self.serve_config = config = config or ServeConfig()
+        self.window = config.window
         self.tokenizer = tokenizer
-        self.max_batch_size = max_batch_size
-        self.max_queue = max_queue
-        self.prefill_tokens = prefill_tokens
-        self.stream_interval = stream_interval
-        self.max_backlog = max_backlog
-        self.prefix_cache = prefix_cache
+        self.max_batch_size = config.max_batch_size
+        self.max_queue = config.max_queue
+        self.stream_interval = config.stream_interval
+        self.max_backlog = config.max_stream_backlog
         self.metrics = metrics
         self.loader = loader
-        self.scheduler: Scheduler | None = None
+        self.core: EngineCore | None = None
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
         self._lock = threading.Condition()
@@ -239,15 +237,12 @@ class Engine:
         stream = RequestStream(request_id, loop)
         stream.wake = self._wake
         arrival = time.perf_counter() if arrival is None else arrival
-        device = self.spec.device
         pairs = []
         for spec in seqs:
-            generator = None
-            if not spec.params.greedy:
-                seed = spec.seed if spec.seed is not None else secrets.randbits(63)
-                generator = torch.Generator(device=device).manual_seed(seed)
-            pairs.append((spec, Sequence(spec.prompt, spec.max_tokens, spec.params, generator, spec.stop_ids,
-                                         spec.logprobs, spec.prompt_logprobs, arrival=arrival)))
+            seed = None if spec.params.greedy else spec.seed if spec.seed is not None else secrets.randbits(63)
+            pairs.append((spec, Sequence(spec.prompt, spec.max_tokens, spec.params, seed, spec.stop_ids,
+                                         spec.logprobs, spec.prompt_logprobs, TextStream(self.tokenizer, spec.stop),
+                                         arrival=arrival)))
         request = _Request(request_id, stream, pairs, self.tokenizer)
         with self._lock:
             if self._stopping:
@@ -290,9 +285,7 @@ class Engine:
         try:
             started = time.perf_counter()
             net = self.loader(self.spec)
-            self.scheduler = Scheduler(net, max_batch_size=self.max_batch_size, prefill_tokens=self.prefill_tokens,
-                                       window=self.window, sink_tokens=self.sink_tokens,
-                                       prefix_cache=self.prefix_cache)
+            self.core = EngineCore(net, self.serve_config)
             self._warm_up()
             logger.info("model loaded in %.1f s", time.perf_counter() - started)
         except BaseException as error:  # reported by the server, which then exits
@@ -313,18 +306,18 @@ class Engine:
         """One short request, so the first client does not pay for kernel selection."""
         eos = self.tokenizer.eos_id
         seq = Sequence([eos] * 3, 2, SamplingParams(0.0))
-        self.scheduler.add(seq)
-        while self.scheduler.has_work:
-            self.scheduler.step()
-        self.scheduler.stats = type(self.scheduler.stats)()
-        for tokens in self.scheduler.slot_tokens:  # no client's prompt: nothing to reuse or count
+        self.core.add(seq)
+        while self.core.has_work:
+            self.core.step()
+        self.core.stats = type(self.core.stats)()
+        for tokens in self.core.scheduler.slot_tokens:  # no client's prompt: nothing to reuse or count
             tokens.clear()
 
     def _loop(self) -> None:
-        scheduler = self.scheduler
+        core = self.core
         while True:
             with self._lock:
-                while not (self._inbox or self._aborts or self._stopping or scheduler.can_step
+                while not (self._inbox or self._aborts or self._stopping or core.can_step
                            or self._caught_up()):
                     self._lock.wait()
                 inbox, self._inbox = self._inbox, []
@@ -339,7 +332,7 @@ class Engine:
                 try:
                     for seq in request.choices:
                         self._owner[seq] = request
-                        scheduler.add(seq)
+                        core.add(seq)
                 except ValueError as error:  # the API checks lengths first: a bug, but this request's alone
                     logger.exception("a request could not be queued")
                     self._fail(request, EngineError(f"the request could not be queued: {error}"))
@@ -349,60 +342,60 @@ class Engine:
                     for seq in request.choices:
                         if seq.status is not Status.FINISHED and self.metrics is not None:
                             self.metrics.finished("abort")
-                        scheduler.finish(seq, "abort")
+                        core.finish(seq, "abort")
                     self._retire(request)
                     self._pending.pop(request, None)
             if self._paused:
                 self._resume_caught_up()
-            if scheduler.can_step:
+            if core.can_step:
                 try:
                     self._step(self._pending)
                 except Exception as error:  # e.g. out of memory: fail what it was doing, keep serving
                     logger.exception("an engine step failed")
                     self._fail_step(EngineError(f"generation failed: {error}"))
             now = time.perf_counter()
-            if self._urgent or now - self._delivered_at >= self.stream_interval or not scheduler.can_step:
+            if self._urgent or now - self._delivered_at >= self.stream_interval or not core.can_step:
                 self._deliver(self._pending)
                 self._pending, self._urgent, self._delivered_at = {}, False, now
             if self.metrics is not None:
-                self.metrics.running.set(len(scheduler.running))
-                self.metrics.waiting.set(len(scheduler.waiting))
-                self.metrics.paused.set(scheduler.paused)
+                self.metrics.running.set(len(core.running))
+                self.metrics.waiting.set(len(core.waiting))
+                self.metrics.paused.set(core.paused)
 
     def _step(self, deliveries: dict[_Request, list[Delta]]) -> None:
-        """One scheduler step, its outputs turned into deltas. If the step raises, what it had
+        """One engine-core step, its outputs turned into deltas. If the step raises, what it had
         produced before is still applied (then the error goes on to `_fail_step`)."""
-        scheduler = self.scheduler
-        stats = scheduler.stats
+        core = self.core
+        stats = core.stats
         before = (stats.prefill_tokens, stats.decode_rows, stats.prefix_queries, stats.prefix_hits)
         try:
-            outputs, failure = scheduler.step(), None
+            outputs, failure = core.step(), None
         except Exception as error:
-            outputs, failure = scheduler.outputs, error
+            outputs, failure = core.outputs, error
         self._record_step(outputs, before)
         self._apply(outputs, deliveries)
         if failure is not None:
             raise failure
 
     def _record_step(self, outputs: list[StepOutput], before: tuple[int, int, int, int]) -> None:
-        scheduler, metrics = self.scheduler, self.metrics
+        core, metrics = self.core, self.metrics
         if metrics is not None:
-            metrics.prefix_cache_queries.inc(scheduler.stats.prefix_queries - before[2])
-            metrics.prefix_cache_hits.inc(scheduler.stats.prefix_hits - before[3])
-            prefilled = scheduler.stats.prefill_tokens - before[0]
-            decoded = scheduler.stats.decode_rows - before[1]
+            metrics.prefix_cache_queries.inc(core.stats.prefix_queries - before[2])
+            metrics.prefix_cache_hits.inc(core.stats.prefix_hits - before[3])
+            prefilled = core.stats.prefill_tokens - before[0]
+            decoded = core.stats.decode_rows - before[1]
             metrics.iteration_tokens.observe(prefilled + decoded)
             if decoded:
                 metrics.decode_batch_size.observe(decoded)
             metrics.generation_tokens.inc(sum(out.token is not None for out in outputs))
-            for seq in scheduler.admitted:
+            for seq in core.admitted:
                 metrics.queue_time.observe(seq.admitted - seq.arrival)
                 metrics.prompt_tokens.inc(len(seq.prompt))
 
     def _apply(self, outputs: list[StepOutput], deliveries: dict[_Request, list[Delta]]) -> None:
-        """Turn a step's outputs into deltas (text, stop strings, endings) and pause the requests
-        whose reader fell `max_backlog` tokens behind."""
-        scheduler, metrics = self.scheduler, self.metrics
+        """Turn a step's outputs into deltas (the scheduler has cut the text and decided which
+        sequences ended) and pause the requests whose reader fell `max_backlog` tokens behind."""
+        metrics = self.metrics
         now = time.perf_counter()
         deltas: dict[Sequence, Delta] = {}
         for out in outputs:
@@ -413,17 +406,15 @@ class Engine:
             if out.error is not None:
                 self._fail_row(request, seq, out.error)
                 continue
-            spec, text = request.choices[seq]
             delta = deltas.get(seq)
             if delta is None:
-                delta = deltas[seq] = Delta(spec.index)
+                delta = deltas[seq] = Delta(request.choices[seq].index)
                 deliveries.setdefault(request, []).append(delta)
             if out.prompt_logprobs is not None:
                 delta.prompt_logprobs = out.prompt_logprobs
                 self._urgent = True
-            finished = out.finished
             if out.token is not None:
-                if not text.decoded:
+                if out.offset == 0:
                     self._urgent = True  # until its first text is out: TTFT is not worth saving work on
                 self._observe_token(seq, now)
                 delta.token_ids.append(out.token)
@@ -432,20 +423,12 @@ class Engine:
                     self._pause(request, seq)
                 if out.logprob is not None:
                     delta.logprobs.append(out.logprob)
-                delta.offsets.append(text.decoded)
-                if out.token in seq.stop_ids and seq.finish_reason == "stop":
-                    delta.stop_reason = out.token if out.token != self.tokenizer.eos_id else None
-                else:
-                    delta.text += text.push(out.token)
-                    if text.stopped is not None:
-                        scheduler.finish(seq, "stop")
-                        delta.stop_reason = text.stopped
-                        finished = True
-            if finished:
+                delta.offsets.append(out.offset)
+                delta.text += out.text
+            if out.finished:
                 self._urgent = True
-                if text.stopped is None:
-                    delta.text += text.flush()
                 delta.finish_reason = seq.finish_reason
+                delta.stop_reason = None if seq.stop_reason == self.tokenizer.eos_id else seq.stop_reason
                 delta.cached_tokens = seq.cached_tokens
                 if metrics is not None:
                     metrics.e2e_latency.observe(now - seq.arrival)
@@ -465,7 +448,7 @@ class Engine:
         seq.last_token_time = now
 
     def _pause(self, request: _Request, seq: Sequence) -> None:
-        self.scheduler.pause(seq)
+        self.core.pause(seq)
         self._paused.add(request)
         request.stream.paused = True
 
@@ -480,7 +463,7 @@ class Engine:
             self._paused.discard(request)
             request.stream.paused = False
             for seq in request.choices:
-                self.scheduler.resume(seq)
+                self.core.resume(seq)
 
     def _retire(self, request: _Request) -> None:
         """Forget a request whose sequences have all finished."""
@@ -495,8 +478,8 @@ class Engine:
     def _fail_step(self, error: EngineError) -> None:
         """End the requests a failed step was working on: those holding a slot (the step failed
         over all of them), taken from the queue in it, or given an output not yet delivered."""
-        scheduler = self.scheduler
-        touched = [*scheduler.running, *scheduler.admitted, *(out.seq for out in scheduler.outputs)]
+        core = self.core
+        touched = [*core.running, *core.admitted, *(out.seq for out in core.outputs)]
         failed = {self._owner[seq] for seq in touched if seq in self._owner}
         for request in failed:
             self._fail(request, error)
@@ -513,9 +496,9 @@ class Engine:
             self._fail(request, error)
 
     def _fail(self, request: _Request, error: EngineError) -> None:
-        if self.scheduler is not None:
+        if self.core is not None:
             for seq in request.choices:
-                self.scheduler.finish(seq, "abort")
+                self.core.finish(seq, "abort")
         self._retire(request)
         self._send(request.stream, self._pending.pop(request, None), error)  # what it got, then the error
 

@@ -1,9 +1,6 @@
 """Running the server: the app under uvicorn, with the engine's lifecycle and signals.
 
-    andromeda serve --checkpoint runs/demo [--host 127.0.0.1] [--port 8000] [--max-batch-size 16]
-        [--max-queue 256] [--dtype fp32|bf16] [--api-key KEY] [--served-model-name NAME]
-        [--chat-template FILE] [--device auto|cpu|cuda] [--max-body-bytes N]
-        [--max-stream-backlog TOKENS] [--header-timeout S] [--timeout-keep-alive S] [--limit-concurrency N]
+    andromeda serve --checkpoint runs/demo [one flag per ServeConfig field: --port 8000 ...]
 
 Start-up: the checkpoint's config, tokenizer and chat template are read first (a bad path fails
 at once, exit 1); then the port is bound and answers /health with 503 while the engine thread
@@ -30,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import DTYPES, check_load_request, load_checkpoint_tokenizer, open_model_source
+from ..checkpoint import check_load_request, load_checkpoint_tokenizer, open_model_source
 from ..inference.quantize import DEFAULT_GROUP_SIZE
-from ..model.cache import check_window
 from ..parallel.environment import resolve_device
+from .config import ServeConfig
 from .protocol import error_body
 
 logger = logging.getLogger("andromeda.serve")
@@ -41,16 +38,12 @@ logger = logging.getLogger("andromeda.serve")
 MAX_HEAD_BYTES = 64 * 1024  # a request line and headers together (h11 allows 16 KiB, nginx 32 KiB)
 
 
-def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 16,
-          max_queue: int = 256, dtype: str | None = None, api_key: str | None = None,
-          served_model_name: str | None = None, chat_template: str | Path | None = None, device: str = "auto",
-          prefill_chunk: int = 256, stream_interval: float = 0.02, threads: int | None = None,
-          window: int | None = None, sink_tokens: int = 0, quantize: str | None = None,
-          group_size: int = DEFAULT_GROUP_SIZE, max_body_bytes: int | None = None, max_stream_backlog: int = 1024,
-          header_timeout: float = 10.0, timeout_keep_alive: float = 5.0, limit_concurrency: int | None = None,
-          prefix_cache: bool = True) -> int:
-    """Serve the checkpoint until SIGINT/SIGTERM; returns 0. Raises ValueError/OSError/RuntimeError
-    naming the problem (bad option, missing checkpoint, port in use, weights that do not load)."""
+def serve(checkpoint: str | Path, config: ServeConfig | None = None, *, quantize: str | None = None,
+          group_size: int = DEFAULT_GROUP_SIZE) -> int:
+    """Serve the checkpoint as `config` says (default: ServeConfig()) until SIGINT/SIGTERM; returns
+    0. Raises ValueError/OSError/RuntimeError naming the problem (bad option, missing checkpoint,
+    port in use, weights that do not load)."""
+    config = config or ServeConfig()
     try:
         import httptools  # noqa: F401  (the HTTP parser whose callbacks time request heads)
         import uvicorn
@@ -64,53 +57,32 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
     from .engine import Engine, ModelSpec
     from .metrics import Metrics
 
-    if api_key is not None and not api_key.strip():
-        raise ValueError("--api-key is empty, which would leave the API open to anyone; give a key, or leave "
-                         "out --api-key (and ANDROMEDA_API_KEY) to serve without one")
-    for option, value, low in (("max-batch-size", max_batch_size, 1), ("max-queue", max_queue, 0),
-                               ("prefill-chunk", prefill_chunk, 1), ("port", port, 0), ("threads", threads or 1, 1),
-                               ("max-body-bytes", 1 if max_body_bytes is None else max_body_bytes, 1),
-                               ("max-stream-backlog", max_stream_backlog, 1),
-                               ("limit-concurrency", 1 if limit_concurrency is None else limit_concurrency, 1)):
-        if value < low:
-            raise ValueError(f"--{option} must be >= {low}, got {value}")
-    if not stream_interval >= 0:
-        raise ValueError(f"--stream-interval must be >= 0 seconds, got {stream_interval}")
-    for option, seconds in (("header-timeout", header_timeout), ("timeout-keep-alive", timeout_keep_alive)):
-        if not seconds > 0:
-            raise ValueError(f"--{option} must be > 0 seconds, got {seconds}")
-    if port > 65535:
-        raise ValueError(f"--port must be <= 65535, got {port}")
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     # One core is left to the HTTP thread: an OpenMP team that shares its cores with it stalls at
     # every barrier the thread's work delays.
+    threads = config.threads
     torch.set_num_threads(threads if threads is not None else max(1, torch.get_num_threads() - 1))
     source = open_model_source(checkpoint)  # resolved and parsed here, once; the engine loads it
-    folder, config = source.folder, source.config
+    folder, model_config = source.folder, source.config
     tokenizer = load_checkpoint_tokenizer(source)
-    template_text = find_chat_template(source, chat_template)
+    template_text = find_chat_template(source, config.chat_template)
     template = ChatTemplate(template_text) if template_text is not None else None
-    target = resolve_device(device)
-    name = served_model_name or Path(checkpoint).resolve().name
+    target = resolve_device(config.device)
+    name = config.served_model_name or Path(checkpoint).resolve().name
     check_load_request(source, quantize, group_size)  # now, not in the engine's thread
-    spec = ModelSpec(source, target, dtype, quantize, group_size)  # the dtype policy: `load_for_inference`
+    spec = ModelSpec(source, target, config.dtype, quantize, group_size)  # the dtype policy: `load_for_inference`
 
     metrics = Metrics(name)
-    if window is not None or sink_tokens:
-        check_window(window, sink_tokens)
-        if config.use_abs_pos_emb:
-            raise ValueError("--window/--sink-tokens: a model with learned absolute positions cannot slide past "
-                             "its max_seq_len")
-    engine = Engine(spec, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
-                    prefill_tokens=prefill_chunk, stream_interval=stream_interval, metrics=metrics,
-                    window=window, sink_tokens=sink_tokens, max_backlog=max_stream_backlog, prefix_cache=prefix_cache)
-    ctx = ServerContext(engine, tokenizer, config, name, metrics, checkpoint=str(folder), chat_template=template,
-                        api_key=api_key, max_body_bytes=max_body_bytes)
-    server = _make_server(uvicorn.Config(create_app(ctx), host=host, port=port, log_level="warning",
+    if config.slides and model_config.use_abs_pos_emb:
+        raise ValueError("--window/--sink-tokens: a model with learned absolute positions cannot slide past "
+                         "its max_seq_len")
+    engine = Engine(spec, tokenizer, config, metrics=metrics)
+    ctx = ServerContext(engine, tokenizer, model_config, name, metrics, checkpoint=str(folder),
+                        chat_template=template, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
+    server = _make_server(uvicorn.Config(create_app(ctx), host=config.host, port=config.port, log_level="warning",
                                          access_log=False, lifespan="on", timeout_graceful_shutdown=10,
-                                         http=_http_protocol(header_timeout), ws="none",
-                                         timeout_keep_alive=timeout_keep_alive, limit_concurrency=limit_concurrency),
+                                         http=_http_protocol(config.header_timeout), ws="none",
+                                         timeout_keep_alive=config.timeout_keep_alive,
+                                         limit_concurrency=config.limit_concurrency),
                           on_exit=engine.shutdown)
     threading.Thread(target=_announce, args=(server, engine, name), name="andromeda-announce", daemon=True).start()
     logger.info("loading %s on %s", folder, target)
@@ -118,7 +90,7 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
     try:
         server.run()
     except SystemExit as exit_:  # uvicorn exits when it cannot bind
-        raise OSError(f"could not listen on {host}:{port} (is the port in use?)") from exit_
+        raise OSError(f"could not listen on {config.host}:{config.port} (is the port in use?)") from exit_
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -227,4 +199,4 @@ def _announce(server, engine, name: str) -> None:
     host, port = server.servers[0].sockets[0].getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     logger.info("andromeda serve: %s ready at http://%s:%d/v1 (max batch %d, context %d)", name, shown, port,
-                engine.max_batch_size, engine.scheduler.config.max_seq_len)
+                engine.max_batch_size, engine.core.config.max_seq_len)

@@ -1,0 +1,153 @@
+"""The model runner: executes a scheduler's plan on the model and its KV cache.
+
+Shape letters: B rows of one forward call, T new positions per row, V vocabulary.
+
+`execute(plan)` builds each call's tensors once from the plan's host lists, runs the model over
+the cache's slots, and samples a token for every row the plan marks: each row with its own
+parameters (penalties included, from the slot's own `TokenCounts`) and its own
+`torch.Generator`, seeded from the sequence's seed at admission, so a request draws the same
+tokens alone or in any batch. Greedy rows share one argmax, the op `generate` applies to its row.
+A row whose sampling raises (e.g. NaN logits) is reported in `StepResult.errors`; the other rows
+go on. The runner decides nothing about sequences: it returns ids, logprobs and errors, and the
+scheduler records them.
+
+The runner owns the model, the cache and the per-slot sampling state; it is the scheduler's
+`SlotCache` (reset a slot, keep a slot's prefix).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+
+import torch
+from torch import Tensor
+
+from ..inference.sampling import TokenCounts, penalize, sample
+from ..model import KVCache, Transformer
+from .config import ServeConfig
+from .scheduler import Batch, Sequence, StepPlan, StepResult, TokenLogprob
+
+
+class ModelRunner:
+    def __init__(self, net: Transformer, config: ServeConfig) -> None:
+        self.net = net
+        self.config = net.config
+        weight = net.token_emb.weight
+        self.device = weight.device
+        if config.slides and self.config.use_abs_pos_emb:
+            raise ValueError("a model with learned absolute positions cannot slide past max_seq_len: "
+                             "--window and --sink-tokens need relative positions (ALiBi, xPos)")
+        # Every slot holds its context (or window) plus one padded chunk (scheduler.py's docstring).
+        capacity = (config.window or self.config.max_seq_len) + config.prefill_chunk
+        self.cache = KVCache(self.config, config.max_batch_size, capacity, dtype=weight.dtype, device=self.device,
+                             window=config.window, sink_tokens=config.sink_tokens)
+        slots = config.max_batch_size
+        self._generators: list[torch.Generator | None] = [None] * slots  # sampled rows' own
+        self._counts: list[TokenCounts | None] = [None] * slots  # penalized rows': prompt and output tokens
+
+    # ------------------------------------------------------------------ the scheduler's SlotCache
+
+    def reset(self, slot: int) -> None:
+        self.cache.reset([slot])
+
+    def keep_prefix(self, slot: int, n: int, room: int) -> bool:
+        try:
+            self.cache.truncate(slot, n)
+        except ValueError:  # a wrapped ring buffer or a moved xPos center: prefill it all
+            return False
+        return self.cache.window is not None or self.cache.lengths[slot] + room <= self.cache.capacity
+
+    # ------------------------------------------------------------------ one step
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan, result: StepResult | None = None) -> StepResult:
+        """Run `plan`: prompt logprobs, the decode call, the prefill call, each sampled. Fills
+        `result` as it goes, so that when a later part raises the earlier parts are kept."""
+        result = StepResult() if result is None else result
+        for admission in plan.admitted:
+            seq, slot = admission.seq, admission.slot
+            self._counts[slot] = None
+            self._generators[slot] = None if seq.params.greedy or seq.seed is None else \
+                torch.Generator(device=self.device).manual_seed(seq.seed)
+        for seq in plan.scored:
+            result.prompt_logprobs[seq] = self._prompt_logprobs(seq)
+        for batch in (plan.decode, plan.prefill):
+            if batch is not None:
+                logits = self._forward(batch)
+                if batch.sample:
+                    rows = batch.sample
+                    self._sample([batch.seqs[i] for i in rows], logits[rows] if len(rows) < len(batch.seqs)
+                                 else logits, result)
+        return result
+
+    def _prompt_logprobs(self, seq: Sequence) -> list[TokenLogprob | None]:
+        """Each prompt token's logprob given the ones before it, from one forward over the prompt."""
+        tokens = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)  # (1, N)
+        logprobs = self.net(tokens, validate=False)[0, :-1].float().log_softmax(dim=-1)  # (N - 1, V)
+        return [None] + token_logprobs(logprobs, seq.prompt[1:], seq.prompt_logprobs)
+
+    def _forward(self, batch: Batch) -> Tensor:
+        """Next-token logits (B, V) after each row, appending the rows to their slots."""
+        device = self.device
+        tokens = torch.tensor(batch.tokens, dtype=torch.long, device=device)  # (B, T)
+        positions = torch.tensor(batch.positions, dtype=torch.long, device=device)  # (B, T)
+        mask = None if batch.key_mask is None else torch.tensor(batch.key_mask, dtype=torch.bool, device=device)
+        logits = self.net(tokens, positions, key_mask=mask, cache=self.cache, slots=batch.slots,
+                          logits_to_keep=1, validate=False)
+        return logits[:, -1]
+
+    def _sample(self, seqs: Seq[Sequence], logits: Tensor, result: StepResult) -> None:
+        """Draw each row's next token into `result` (logprobs report the model's `logits`)."""
+        scores = self._penalized(seqs, logits)
+        greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
+        tokens: list[int | None] = [None] * len(seqs)
+        if greedy:  # one argmax for all greedy rows
+            picked = scores[greedy].argmax(dim=-1).tolist() if len(greedy) < len(seqs) else \
+                scores.argmax(dim=-1).tolist()
+            for i, token in zip(greedy, picked):
+                tokens[i] = token
+        for i, seq in enumerate(seqs):
+            if not seq.params.greedy:  # each row its own generator: draws independent of the batch
+                try:
+                    tokens[i] = int(sample(scores[i : i + 1], seq.params, self._generators[seq.slot]))
+                except Exception as error:  # e.g. NaN logits: this row ends, the batch goes on
+                    result.errors[seq] = f"{type(error).__name__}: {error}"
+        wants = [i for i, s in enumerate(seqs) if s.logprobs is not None and tokens[i] is not None]
+        if wants:
+            rows = logits[wants].float().log_softmax(dim=-1)  # (W, V): the model's distribution
+            for row, i in enumerate(wants):
+                result.logprobs[seqs[i]] = token_logprobs(rows[row : row + 1], [tokens[i]], seqs[i].logprobs)[0]
+        for seq, token in zip(seqs, tokens):
+            if token is None:
+                continue
+            result.tokens[seq] = token
+            counts = self._counts[seq.slot]
+            if counts is not None:
+                counts.add(torch.tensor([token], device=self.device))
+
+    def _penalized(self, seqs: Seq[Sequence], logits: Tensor) -> Tensor:
+        """`logits` (B, V) with each row's penalties applied (fp32 if any row has one): row by row,
+        each from its slot's counts, so a row's tokens do not depend on the batch it is in."""
+        rows = [i for i, s in enumerate(seqs) if s.params.penalized]
+        if not rows:
+            return logits
+        scores = logits.float().clone()
+        for i in rows:
+            seq = seqs[i]
+            counts = self._counts[seq.slot]
+            if counts is None:  # its first token (no output yet): count its prompt
+                counts = self._counts[seq.slot] = TokenCounts(torch.tensor([seq.prompt], device=self.device),
+                                                              self.config.num_tokens)
+            scores[i : i + 1] = penalize(logits[i : i + 1], counts, seq.params)
+        return scores
+
+
+def token_logprobs(logprobs: Tensor, ids: list[int], top: int) -> list[TokenLogprob]:
+    """(id, logprob, top alternatives) for each row of (R, V) log-probabilities and its id."""
+    chosen = logprobs.gather(1, torch.tensor(ids, device=logprobs.device)[:, None])[:, 0].tolist()
+    if top > 0:
+        values, indices = logprobs.topk(top, dim=-1)
+        alternatives = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+    else:
+        alternatives = [[] for _ in ids]
+    return [(i, lp, alt) for i, lp, alt in zip(ids, chosen, alternatives)]
