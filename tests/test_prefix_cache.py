@@ -284,3 +284,24 @@ def test_http_usage_reports_cached_tokens_and_the_same_text_as_without_reuse(tin
     assert 1 + len(shared) <= second[1] < 1 + len(prompts[1])  # eos, the shared text; never the last token
     assert metrics["andromeda_prefix_cache_queries_total"] == sum(1 + len(p) for p in prompts)
     assert metrics["andromeda_prefix_cache_hits_total"] == second[1]
+
+
+def test_choices_of_one_prompt_fork_its_prefill_and_draw_the_same_tokens():
+    """Four choices of one 40-token prompt (two greedy, two seeded) and a request sharing its first
+    30 tokens: the prompt is read once and forked, and every sequence gets what it gets with the
+    prefix cache off."""
+    net = random_net().eval()
+    prompt = tokens(3, 40)
+
+    def batch() -> list[Sequence]:
+        return [Sequence(list(prompt), 10, GREEDY), Sequence(list(prompt), 10, SAMPLED, 5),
+                Sequence(list(prompt), 10, SAMPLED, 6), Sequence(list(prompt), 10, GREEDY),
+                Sequence(prompt[:30] + tokens(4, 6), 10, GREEDY)]
+
+    forked, plain = batch(), batch()
+    core = EngineCore(net, ServeConfig(max_batch_size=5, prefill_chunk=16))
+    run(core, *forked)
+    run(EngineCore(net, ServeConfig(max_batch_size=5, prefill_chunk=16, prefix_cache=False)), *plain)
+    assert [s.output for s in forked] == [s.output for s in plain]
+    assert [s.cached_tokens for s in forked] == [0, 39, 39, 39, 30]
+    assert core.stats.prefill_tokens == 40 + 3 + 6

@@ -31,6 +31,10 @@ class FakeCache:
         self.calls.append(("keep", slot, n))
         return slot not in self.refuse
 
+    def copy_prefix(self, src: int, dst: int, n: int, room: int) -> bool:
+        self.calls.append(("copy", src, dst, n))
+        return src not in self.refuse
+
 
 def scheduler(cache: FakeCache | None = None, **options) -> Scheduler:
     return Scheduler(ServeConfig(**options), cache or FakeCache(), max_seq_len=64)
@@ -101,6 +105,28 @@ def test_a_prefix_the_cache_cannot_keep_is_read_whole():
     plan = s.schedule()
     assert cache.calls == [("keep", 0, 3), ("reset", 0)] and plan.admitted[0].kept == 0
     assert second.cached_tokens == 0 and plan.prefill.tokens == [[1, 2, 3, 4]]
+
+
+def test_choices_of_one_prompt_wait_for_its_prefill_and_fork_it():
+    cache = FakeCache()
+    s = scheduler(cache, max_batch_size=4, prefill_chunk=8)
+    prompt = list(range(1, 21))
+    choices = [Sequence(list(prompt), 3, GREEDY) for _ in range(3)]
+    other = Sequence([50, 51], 3, GREEDY)
+    for seq in [*choices, other]:
+        s.add(seq)
+    plans = []
+    while choices[2].status is Status.WAITING:
+        plans.append(plan := s.schedule())
+        s.update(plan, answer(plan))
+    # The first choice reads the prompt in chunks; the others (and the request behind them) wait
+    # until it is in its slot, then copy 19 tokens of it and read the last one.
+    assert [a.seq for a in plans[0].admitted] == [choices[0]]
+    assert [a.seq for a in plans[-1].admitted] == [choices[1], choices[2], other]
+    assert [(a.slot, a.kept) for a in plans[-1].admitted] == [(1, 19), (2, 19), (3, 0)]
+    assert ("copy", 0, 1, 19) in cache.calls and ("copy", 0, 2, 19) in cache.calls
+    assert plans[-1].prefill.tokens == [[0, 20], [0, 20], [50, 51]]
+    assert s.stats.prefill_tokens == 20 + 1 + 1 + 2 and s.stats.prefix_hits == 38
 
 
 def test_without_the_prefix_cache_slots_are_reset_oldest_first():

@@ -12,7 +12,7 @@ go on. The runner decides nothing about sequences: it returns ids, logprobs and 
 scheduler records them.
 
 The runner owns the model, the cache and the per-slot sampling state; it is the scheduler's
-`SlotCache` (reset a slot, keep a slot's prefix).
+`SlotCache` (reset a slot, keep a slot's prefix, copy a running slot's prefix into a free one).
 """
 
 from __future__ import annotations
@@ -55,6 +55,16 @@ class ModelRunner:
             self.cache.truncate(slot, n)
         except ValueError:  # a wrapped ring buffer or a moved xPos center: prefill it all
             return False
+        return self._fits(slot, room)
+
+    def copy_prefix(self, src: int, dst: int, n: int, room: int) -> bool:
+        try:
+            self.cache.copy_prefix(src, dst, n)
+        except ValueError:  # what truncating src to n would refuse: prefill it all
+            return False
+        return self._fits(dst, room)
+
+    def _fits(self, slot: int, room: int) -> bool:
         return self.cache.window is not None or self.cache.lengths[slot] + room <= self.cache.capacity
 
     # ------------------------------------------------------------------ one step

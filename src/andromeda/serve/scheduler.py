@@ -33,6 +33,15 @@ prefilled (its logits give the first new token), and none when it wants the prom
 answer (`SlotCache.keep_prefix`); if not, the slot is reset and the prompt read whole. A step
 that raises forgets what its slots hold (`forget_running`).
 
+Forks. A running sequence's slot is a prefix source too: when one holds a longer prefix of a new
+prompt than any free slot, the new sequence takes the free slot freed longest ago and the prefix
+is copied into it (`SlotCache.copy_prefix`, nanochat's prefill-once). A prompt that a sequence
+still prefilling will soon hold at least half of waits at the head of the queue until it does,
+so a request's n choices, or concurrent requests sharing a long system prompt, read it once.
+Slots are whole sequences, not blocks: a shared prefix is copied, not shared in place (that would
+take a paged cache, vLLM's blocks or SGLang's radix tree, with attention reading through a block
+table).
+
 A sequence can be `pause`d (its client is not reading its stream): it keeps its slot but is left
 out of decode calls until `resume`; `can_step` says whether a step would do anything.
 
@@ -188,6 +197,10 @@ class SlotCache(Protocol):
         """Cut `slot` to its first n positions if that can be done exactly and `room` more entries
         then fit; False (the slot to be reset) otherwise."""
 
+    def copy_prefix(self, src: int, dst: int, n: int, room: int) -> bool:
+        """Make `dst` hold the first n positions of `src` (which is left as it was) if that can be
+        done exactly and `room` more entries then fit; False (dst to be reset) otherwise."""
+
 
 # --------------------------------------------------------------------------- the scheduler
 
@@ -243,6 +256,7 @@ class Scheduler:
             self.running.remove(seq)
             self.free.append(seq.slot)
             self.slot_tokens[seq.slot] = self._held_tokens(seq)
+            self._suspect.discard(seq.slot)
             seq.slot = None
         seq.status = Status.FINISHED
         seq.finish_reason = reason
@@ -267,7 +281,6 @@ class Scheduler:
         output token but the last (each is fed by the next decode call). After a failed decode
         call the slot may hold one more, which leaving it out keeps correct (a shorter prefix)."""
         if seq.slot in self._suspect:  # a step raised while it held the slot
-            self._suspect.discard(seq.slot)
             return []
         return seq.prompt[: seq.computed] + seq.output[:-1] if seq.computed == len(seq.prompt) else \
             seq.prompt[: seq.computed]
@@ -294,6 +307,8 @@ class Scheduler:
     def _admit(self, plan: StepPlan) -> None:
         self.admitted = []
         while self.waiting and (self.free or self.waiting[0].max_tokens == 0):
+            if self._worth_waiting(self.waiting[0]):
+                break
             seq = self.waiting.popleft()
             seq.admitted = time.perf_counter()
             self.admitted.append(seq)
@@ -306,7 +321,8 @@ class Scheduler:
             self.running.append(seq)
 
     def _place(self, seq: Sequence) -> Admission:
-        """Give `seq` a free slot, keeping the longest prefix of its prompt one holds."""
+        """Give `seq` a free slot, keeping the longest prefix of its prompt one holds, or copying
+        it from a running sequence's slot when one of those holds a longer one (a fork)."""
         if seq.prompt_logprobs is None:
             seq.cached_tokens = 0
         if not self.config.prefix_cache or seq.prompt_logprobs is not None:
@@ -316,19 +332,56 @@ class Scheduler:
         limit = len(seq.prompt) - 1  # the last prompt token is always prefilled
         shared = [_common_prefix(self.slot_tokens[slot], seq.prompt, limit) for slot in self.free]
         best = max(range(len(shared)), key=lambda i: (shared[i], -i))  # ties: the slot freed longest ago
-        seq.slot, n = self.free.pop(best), shared[best]
+        source, forked = self._running_prefix(seq.prompt, limit)
+        self.stats.prefix_queries += len(seq.prompt)
+        # What is left must fit beside the kept prefix, which may hold an earlier occupant's padded
+        # chunk, so the slot's entries can exceed n (a ring buffer is never full).
+        if forked > shared[best]:
+            seq.slot = self.free.pop(0)
+            room = self._room(seq, forked)
+            n = forked if self.cache.copy_prefix(source.slot, seq.slot, forked, room) else 0
+        else:
+            seq.slot, n = self.free.pop(best), shared[best]
+            n = n if n and self.cache.keep_prefix(seq.slot, n, self._room(seq, n)) else 0
         self._suspect.discard(seq.slot)  # (its tokens were forgotten when it was freed)
         self.slot_tokens[seq.slot] = []
-        self.stats.prefix_queries += len(seq.prompt)
-        # The kept prefix may hold an earlier occupant's padded chunk, so the slot's entries can
-        # exceed n; what is left must fit (a ring buffer is never full).
-        room = 0 if self.config.slides else len(seq.prompt) - n + seq.max_tokens + self.prefill_tokens - 1
-        if n and self.cache.keep_prefix(seq.slot, n, room):
-            seq.computed = seq.cached_tokens = n
-            self.stats.prefix_hits += n
-            return Admission(seq, seq.slot, n)
-        self.cache.reset(seq.slot)
-        return Admission(seq, seq.slot)
+        if not n:
+            self.cache.reset(seq.slot)
+            return Admission(seq, seq.slot)
+        seq.computed = seq.cached_tokens = n
+        self.stats.prefix_hits += n
+        return Admission(seq, seq.slot, n)
+
+    def _room(self, seq: Sequence, kept: int) -> int:
+        """Entries `seq` still needs in its slot once `kept` prompt tokens are there: the rest of
+        the prompt (one padded chunk at most) and its new tokens."""
+        return 0 if self.config.slides else len(seq.prompt) - kept + seq.max_tokens + self.prefill_tokens - 1
+
+    def _running_prefix(self, prompt: list[int], limit: int) -> tuple[Sequence | None, int]:
+        """The running sequence whose slot holds the longest prefix of `prompt` (at most `limit`
+        tokens), and that length."""
+        best, length = None, 0
+        for other in self.running:
+            if other.slot in self._suspect:
+                continue
+            n = _common_prefix(self._held_tokens(other), prompt, limit)
+            if n > length:
+                best, length = other, n
+        return best, length
+
+    def _worth_waiting(self, seq: Sequence) -> bool:
+        """A sequence still prefilling will soon hold at least half of `seq`'s prompt that no slot
+        holds yet: `seq` waits for it and then forks it, rather than reading the same prompt
+        again (a request's n choices, or concurrent requests with one long system prompt)."""
+        if not self.config.prefix_cache or seq.prompt_logprobs is not None or seq.max_tokens == 0:
+            return False
+        limit = len(seq.prompt) - 1
+        for other in self.running:
+            if other.status is Status.PREFILL and other.remaining_prompt:
+                n = _common_prefix(other.prompt, seq.prompt, limit)
+                if n > other.computed and 2 * n >= len(seq.prompt) and n > 1:
+                    return True
+        return False
 
     def _plan_decode(self, seqs: list[Sequence]) -> Batch:
         self.stats.decode_calls += 1
