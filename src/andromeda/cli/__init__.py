@@ -43,6 +43,7 @@ COMMANDS = {
     "train": ("train", "train a model"),
     "eval": ("eval", "loss, perplexity and bits per byte on held-out text"),
     "generate": ("generate", "stream a continuation of a prompt"),
+    "chat": ("chat", "a multi-turn conversation in the terminal, with the checkpoint's chat template"),
     "serve": ("serve", "serve a checkpoint over an OpenAI-compatible HTTP API"),
     "plan": ("plan", "parameters, FLOPs and per-GPU memory of a training run"),
     "export-hf": ("export_hf", "write a checkpoint as a Hugging Face transformers folder (trust_remote_code)"),
