@@ -24,3 +24,7 @@ DEFAULT_TIMEOUT_S = 600.0  # how long a collective waits for the other processes
 H100_GIB = 80.0
 H100_BF16_TFLOPS = 989.0  # H100 SXM dense bf16 peak
 GIB = 2**30
+
+# Speculative decoding (inference.speculative): tokens proposed per step at most; more can hardly
+# be accepted, and the verify step stops being cheap.
+MAX_SPECULATIVE_TOKENS = 32

@@ -4,18 +4,29 @@ The prompt comes from --prompt, a file (--prompt-file) or stdin (`-`). Stop stri
 server cuts them (`serve.detokenizer.TextStream`): the text stops right before the first one, which
 is never printed, even when it spans tokens. -n N prints N samples of the same prompt, sample i
 drawn with seed + i as the server's choices are.
+
+--speculative ngram|draft decodes speculatively (`inference.speculative`): prompt lookup, or a
+draft checkpoint (--draft-checkpoint) with the same tokenizer, proposes --num-speculative-tokens
+tokens that one forward of the model checks. Greedy output is the same text; sampled output has
+the same distribution (other draws for a given seed). The acceptance rate and tokens/s go to
+stderr at the end of each sample.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import sys
+import time
 from pathlib import Path
 
+from ..choices import MAX_SPECULATIVE_TOKENS
 from .common import add_inference_arguments, load_from_args
 
 STDIN = "-"  # --prompt - and --prompt-file - read the prompt from stdin
+SPECULATIVE_METHODS = ("ngram", "draft")
+DEFAULT_SPECULATIVE_TOKENS = 4
 COMPILING = ("compiling the decode step with torch.compile (--compile): the first tokens take a while "
              "(tens of seconds), the rest come faster")
 
@@ -64,6 +75,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="run each decode step as one torch.compile'd graph (CUDA graphs on a GPU); "
                              "the first call compiles for tens of seconds")
+    parser.add_argument("--speculative", choices=SPECULATIVE_METHODS,
+                        help="speculative decoding: ngram proposes the continuation of the latest earlier match of "
+                             "the last tokens in prompt + output (prompt lookup), draft the tokens of a smaller model "
+                             "(--draft-checkpoint); one forward of the model checks them. Same greedy text, same "
+                             "sampling distribution; acceptance and tokens/s on stderr")
+    parser.add_argument("--draft-checkpoint", metavar="DIR",
+                        help="the draft model of --speculative draft: a smaller checkpoint with the same tokenizer "
+                             "(full precision: --quantize applies to --checkpoint only; --dtype to both)")
+    parser.add_argument("--num-speculative-tokens", type=int, metavar="K",
+                        help=f"tokens proposed per step, 1..{MAX_SPECULATIVE_TOKENS} (default "
+                             f"{DEFAULT_SPECULATIVE_TOKENS}); fewer, or none for a while, where few are accepted")
+    constrained = parser.add_mutually_exclusive_group()
+    constrained.add_argument("--json-schema", metavar="FILE",
+                             help="the output is JSON valid against this JSON schema (compact, no whitespace between "
+                                  "tokens); needs the structured extra")
+    constrained.add_argument("--regex", metavar="PATTERN",
+                             help="the output is text this regular expression matches as a whole (Rust regex "
+                                  "syntax); needs the structured extra")
     add_inference_arguments(parser)
 
 
@@ -80,18 +109,30 @@ def run(args: argparse.Namespace) -> int:
                     frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
                     repetition_penalty=args.repetition_penalty)
     _check_sampling(sampling)
+    _check_speculation(args)
+    constraint = _constraint(args)
     source = open_model_source(args.checkpoint, verify=args.verify)
+    draft_source = _draft_source(source, args) if args.speculative == "draft" else None
     device = resolve_device(args.device)
     net = load_from_args(source, args, device)
     tokenizer = load_checkpoint_tokenizer(source, verify=args.verify)
+    draft = None
+    if draft_source is not None:
+        from ..checkpoint import load_for_inference
+
+        draft = load_for_inference(draft_source, device=device, dtype=args.dtype, verify=args.verify)
     if args.compile:  # before the first compile, which takes a while
         logger.info(COMPILING)
     for i in range(args.num_samples):
         seed = args.seed + i
         generator = torch.Generator(device=device).manual_seed(seed)
         decoder = TextStream(tokenizer, args.stop)
-        pieces = stream_text(net, tokenizer, prompt, args.max_new_tokens, decoder=decoder, generator=generator,
-                             window=args.window, sink_tokens=args.sink_tokens, compile=args.compile, **sampling)
+        if args.speculative:
+            pieces = _speculative_text(net, draft, tokenizer, prompt, args, decoder, generator, sampling)
+        else:
+            pieces = stream_text(net, tokenizer, prompt, args.max_new_tokens, decoder=decoder, generator=generator,
+                                 constraint=constraint,
+                                 window=args.window, sink_tokens=args.sink_tokens, compile=args.compile, **sampling)
         header = f"=== sample {i + 1}/{args.num_samples} (seed {seed}) ===\n" if args.num_samples > 1 else ""
         _print_sample(header + prompt, pieces)
     return 0
@@ -107,6 +148,122 @@ def _print_sample(head: str, pieces) -> None:
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
+
+
+def _check_speculation(args: argparse.Namespace) -> None:
+    """Refuse, before anything loads, the speculative options that do not go together."""
+    if args.speculative is None:
+        for flag, value in (("--draft-checkpoint", args.draft_checkpoint),
+                            ("--num-speculative-tokens", args.num_speculative_tokens)):
+            if value is not None:
+                raise ValueError(f"{flag} is an option of speculative decoding; add --speculative "
+                                 f"{'draft' if flag == '--draft-checkpoint' else 'ngram or --speculative draft'}")
+        return
+    k = args.num_speculative_tokens
+    if k is None:
+        args.num_speculative_tokens = DEFAULT_SPECULATIVE_TOKENS
+    elif not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+        raise ValueError(f"--num-speculative-tokens must be in [1, {MAX_SPECULATIVE_TOKENS}], got {k}")
+    if args.speculative == "draft" and args.draft_checkpoint is None:
+        raise ValueError("--speculative draft needs --draft-checkpoint DIR (a smaller model with the same tokenizer)")
+    if args.speculative == "ngram" and args.draft_checkpoint is not None:
+        raise ValueError("--draft-checkpoint goes with --speculative draft, not --speculative ngram")
+    unsupported = [flag for flag, given in (("--window", args.window is not None), ("--sink-tokens", args.sink_tokens),
+                                            ("--compile", args.compile), ("--json-schema", args.json_schema),
+                                            ("--regex", args.regex)) if given]
+    if unsupported:
+        raise ValueError(f"--speculative does not support {' or '.join(unsupported)}: speculative decoding keeps "
+                         f"every token in view (no sliding window) and runs the eager forward; drop "
+                         f"{'them' if len(unsupported) > 1 else 'it'} or --speculative")
+
+
+def _constraint(args: argparse.Namespace):
+    """The `OutputConstraint` of --json-schema or --regex (checked now, before anything loads), or None."""
+    if args.json_schema is None and args.regex is None:
+        return None
+    from ..inference.structured import OutputConstraint, validate_constraint
+
+    flag = "--json-schema" if args.json_schema is not None else "--regex"
+    try:
+        if args.json_schema is not None:
+            try:
+                text = Path(args.json_schema).read_text()
+            except OSError as error:
+                raise OSError(f"--json-schema: cannot read {args.json_schema}: {error.strerror or error}") from None
+            constraint = OutputConstraint.json_schema(text)
+        else:
+            constraint = OutputConstraint.regex(args.regex)
+        validate_constraint(constraint)
+    except ValueError as error:
+        raise ValueError(f"{flag}: {error}") from None
+    return constraint
+
+
+def _draft_source(source, args: argparse.Namespace):
+    """The draft checkpoint's `ModelSource`, refused unless it is full precision and shares the
+    model's vocabulary and tokenizer files (compared by SHA-256)."""
+    from ..checkpoint import open_model_source
+
+    try:
+        draft = open_model_source(args.draft_checkpoint, verify=args.verify)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"--draft-checkpoint: {error}") from None
+    if draft.quantization is not None:
+        raise ValueError(f"--draft-checkpoint {args.draft_checkpoint} holds {draft.describe()} weights; a quantized "
+                         f"draft is not supported (--quantize applies to --checkpoint only): give the full-precision "
+                         f"checkpoint it was quantized from")
+    ours, theirs = source.config.num_tokens, draft.config.num_tokens
+    if ours != theirs:
+        raise ValueError(f"--draft-checkpoint {args.draft_checkpoint} has a vocabulary of {theirs} ids, --checkpoint "
+                         f"{args.checkpoint} one of {ours}: a draft must share the model's tokenizer")
+    mine, other = tokenizer_digest(source.folder), tokenizer_digest(draft.folder)
+    if mine != other:
+        raise ValueError(f"--draft-checkpoint {args.draft_checkpoint} has another tokenizer than --checkpoint "
+                         f"{args.checkpoint} ({_describe_digest(other)} vs {_describe_digest(mine)}): a draft must "
+                         f"share the model's tokenizer")
+    return draft
+
+
+def tokenizer_digest(folder: Path) -> tuple[str, str] | None:
+    """(file name, SHA-256) of the file that defines a model folder's tokenizer: tokenizer.json
+    (Hugging Face), else tokenizer_config.json (the byte tokenizer); None if it has neither."""
+    from ..tokenizers import HF_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE
+
+    for name in (HF_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
+        if (folder / name).is_file():
+            return name, hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    return None
+
+
+def _describe_digest(digest: tuple[str, str] | None) -> str:
+    return "no tokenizer" if digest is None else f"{digest[0]} sha256 {digest[1][:12]}"
+
+
+def _speculative_text(net, draft, tokenizer, prompt: str, args: argparse.Namespace, decoder, generator, sampling):
+    """`stream_text` by speculative decoding: the pieces of the text, then the statistics on stderr."""
+    from ..inference.speculative import SpeculationStats, speculative_stream
+
+    ids = [tokenizer.eos_id] + tokenizer.encode(prompt)  # the prompt opens a document, as stream_text's
+    stats = SpeculationStats()
+    steps = speculative_stream(net, [ids], args.max_new_tokens, draft=draft,
+                               num_speculative_tokens=args.num_speculative_tokens, eos_token=tokenizer.eos_id,
+                               generator=generator, stats=stats, **sampling)
+    start = time.perf_counter()
+    for gained in steps:
+        for token in gained[0]:
+            if token == tokenizer.eos_id:
+                break
+            piece = decoder.push(token)
+            if piece:
+                yield piece
+            if decoder.stopped is not None:
+                break
+        if decoder.stopped is not None:
+            break
+    yield decoder.flush()
+    seconds = time.perf_counter() - start
+    logger.info("speculative decoding (%s, K=%d): %s; %.1f tokens/s", args.speculative, args.num_speculative_tokens,
+                stats.describe(), stats.tokens / max(seconds, 1e-9))
 
 
 def _check_sampling(sampling: dict) -> None:

@@ -36,7 +36,9 @@ Tokens equal eager decoding's (tests/test_generation.py). The first call compile
 
 Sampling (`sampling.sample`) applies temperature, top-k, top-p, min-p in that order. Penalties
 (frequency, presence, repetition) come before it, from each row's `TokenCounts`, which exist only
-when a penalty is set: without one the decoding loop does no extra work.
+when a penalty is set: without one the decoding loop does no extra work. Then `logit_bias`, then
+a `constraint`'s grammar mask (`structured`: one matcher per row; a row whose grammar is complete
+stops as at an eos).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Integral
 
@@ -53,7 +55,8 @@ from torch import Tensor
 
 from ..model import KVCache, Transformer, check_tokens
 from ..model.cache import check_window
-from .sampling import SamplingParams, TokenCounts, filter_logits, penalize, sample
+from .sampling import SamplingParams, TokenCounts, apply_logit_bias, filter_logits, penalize, sample
+from .structured import GrammarMatcher, OutputConstraint, accept_tokens, apply_constraints, grammar_matcher
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +81,11 @@ class _Plan:
     window: int | None  # attention window (sinks included) with a ring-buffer cache; None: all tokens
     sink_tokens: int
     compile: bool  # decode steps as one compiled graph of fixed shapes
+    constraint: tuple[OutputConstraint, object] | None  # with the tokenizer its grammar reads
+
+    def matchers(self) -> list[GrammarMatcher] | None:
+        """A fresh grammar matcher per row; None without a constraint."""
+        return None if self.constraint is None else [grammar_matcher(*self.constraint) for _ in self.tokens]
 
     def token_counts(self, vocab: int) -> TokenCounts | None:
         """The penalties' per-row counts, seeded with the prompts; None when no penalty is set."""
@@ -104,6 +112,9 @@ def generate(
     window: int | None = None,
     sink_tokens: int = 0,
     compile: bool = False,
+    logit_bias: Mapping[int, float] | None = None,
+    constraint: OutputConstraint | None = None,
+    tokenizer=None,
 ) -> Tensor:
     """Sample `seq_len` new tokens after each prompt and return only them: (B, seq_len) long.
 
@@ -129,6 +140,10 @@ def generate(
         (ignored while no window is needed).
     compile: run each decode step as one torch.compile'd graph of fixed shapes (CUDA graphs on
         a GPU; see the module docstring). Same tokens; the first call pays the compilation.
+    logit_bias: OpenAI's {token id: bias in [-100, 100]}, added to the logits (see SamplingParams).
+    constraint: every row's output follows it (an `OutputConstraint`: JSON schema, regex,
+        choice, grammar); a row whose grammar is complete stops as at an eos. Needs `tokenizer`
+        (the one the prompts were encoded with); eos_token then defaults to its eos.
 
     Runs under torch.inference_mode with the net in eval mode, restoring its mode afterwards.
     Raises ValueError if N + seq_len exceeds max_seq_len for a model with learned absolute
@@ -138,7 +153,7 @@ def generate(
                  min_p=min_p, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
                  repetition_penalty=repetition_penalty, eos_token=eos_token, pad_value=pad_value,
                  cache_kv=cache_kv, generator=generator, window=window, sink_tokens=sink_tokens,
-                 compile=compile)
+                 compile=compile, logit_bias=logit_bias, constraint=constraint, tokenizer=tokenizer)
     # Allocated outside inference mode so callers get an ordinary tensor they may edit in place.
     out = torch.full((plan.tokens.shape[0], seq_len), plan.pad_value, dtype=torch.long,
                      device=plan.tokens.device)
@@ -192,6 +207,8 @@ def stream_text(
     if not ids:
         raise ValueError("the prompt is empty; pass text, or start_of_document=True")
     sampling.setdefault("eos_token", tokenizer.eos_id)
+    if sampling.get("constraint") is not None:
+        sampling.setdefault("tokenizer", tokenizer)
     stop = _as_ids(sampling["eos_token"], net.config.num_tokens, "eos_token")
     decoder = IncrementalDecoder(tokenizer) if decoder is None else decoder
     for tokens in stream(net, torch.tensor(ids), max_new_tokens, **sampling):
@@ -344,9 +361,9 @@ def _decode(net: Transformer, plan: _Plan) -> Iterator[Tensor]:
     cache = generation_cache(net, B, N, plan.seq_len, plan.window, plan.sink_tokens, compiled=plan.compile)
     logits = prefill(net, plan.tokens, positions, plan.key_mask, cache)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    counts = plan.token_counts(net.config.num_tokens)
+    counts, matchers = plan.token_counts(net.config.num_tokens), plan.matchers()
     for step in range(plan.seq_len):
-        tokens = _next_tokens(logits, plan, done, counts)
+        tokens = _next_tokens(logits, plan, done, counts, matchers)
         yield tokens
         if step == plan.seq_len - 1 or (plan.stop_ids is not None and bool(done.all())):
             return
@@ -371,11 +388,11 @@ def _decode_recomputing(net: Transformer, plan: _Plan) -> Iterator[Tensor]:
     if plan.key_mask is not None:
         key_mask[:, :N] = plan.key_mask
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    counts = plan.token_counts(net.config.num_tokens)
+    counts, matchers = plan.token_counts(net.config.num_tokens), plan.matchers()
     end = N
     for step in range(L):
         logits = recompute(net, *_in_view(seq[:, :end], positions[:, :end], key_mask[:, :end], plan))
-        tokens = _next_tokens(logits, plan, done, counts)
+        tokens = _next_tokens(logits, plan, done, counts, matchers)
         seq[:, end] = tokens
         yield tokens
         if plan.stop_ids is not None and bool(done.all()):
@@ -397,17 +414,25 @@ def _in_view(tokens: Tensor, positions: Tensor, key_mask: Tensor, plan: _Plan) -
     return tokens, positions, None if bool(key_mask.all()) else key_mask
 
 
-def _next_tokens(logits: Tensor, plan: _Plan, done: Tensor, counts: TokenCounts | None) -> Tensor:
+def _next_tokens(logits: Tensor, plan: _Plan, done: Tensor, counts: TokenCounts | None,
+                 matchers: list[GrammarMatcher] | None = None) -> Tensor:
     """Sample each row's next token (B,), after the penalties when `counts` are kept (which are
-    then updated); rows that have stopped get `pad_value`, and `done` is updated in place."""
+    then updated), the logit bias and the grammar of each row still going; rows that have
+    stopped get `pad_value`, and `done` is updated in place."""
     if counts is not None:
         logits = penalize(logits, counts, plan.params)
+    logits = apply_logit_bias(logits, plan.params)
+    live = None if matchers is None else [None if d else m for m, d in zip(matchers, done.tolist())]
+    if live is not None:
+        logits = apply_constraints(logits, live)
     tokens = sample(logits, plan.params, plan.generator)  # (B,)
     if counts is not None:
         counts.add(tokens)
     if plan.stop_ids is not None:
         tokens.masked_fill_(done, plan.pad_value)
         done |= torch.isin(tokens, plan.stop_ids)
+    if live is not None:
+        done |= accept_tokens(live, tokens).to(done.device)
     return tokens
 
 
@@ -446,12 +471,25 @@ def _plan(
     window: int | None = None,
     sink_tokens: int = 0,
     compile: bool = False,
+    logit_bias: Mapping[int, float] | None = None,
+    constraint: OutputConstraint | None = None,
+    tokenizer=None,
 ) -> _Plan:
     """Check every argument and left-pad the prompts; raise TypeError/ValueError naming the fault."""
     config = net.config
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"seq_len (the number of new tokens) must be an integer >= 1, got {seq_len!r}")
-    params = SamplingParams(temperature, top_k, top_p, min_p, frequency_penalty, presence_penalty, repetition_penalty)
+    params = SamplingParams(temperature, top_k, top_p, min_p, frequency_penalty, presence_penalty, repetition_penalty,
+                            logit_bias)
+    params.check_vocab(config.num_tokens)
+    if constraint is not None:
+        if not isinstance(constraint, OutputConstraint):
+            raise TypeError(f"constraint must be an OutputConstraint (e.g. OutputConstraint.json_schema(schema)), "
+                            f"got {type(constraint).__name__}")
+        if tokenizer is None:
+            raise ValueError("a constraint needs the tokenizer its grammar is read with: pass tokenizer=")
+        grammar_matcher(constraint, tokenizer)  # compiles it now: an invalid grammar fails here
+        eos_token = tokenizer.eos_id if eos_token is None else eos_token
     if compile and not cache_kv:
         raise ValueError("compile=True compiles the KV-cached decode step; it needs cache_kv=True")
     device = net.token_emb.weight.device
@@ -471,7 +509,7 @@ def _plan(
             raise ValueError(f"generator is on {generator.device} but the model is on {device}; "
                              f"create it with torch.Generator(device={str(device)!r})")
     return _Plan(tokens, key_mask, seq_len, params, stop_ids, int(pad_value), bool(cache_kv),
-                 generator, window, sink_tokens, bool(compile))
+                 generator, window, sink_tokens, bool(compile), None if constraint is None else (constraint, tokenizer))
 
 
 def _window(config, prompt_len: int, seq_len: int, window: int | None, sink_tokens: int) -> int | None:

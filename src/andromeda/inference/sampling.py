@@ -4,13 +4,16 @@ Penalties come first, on the raw logits (`penalize`, with the `TokenCounts` of e
 repetition penalty, then the frequency and presence penalties, in vLLM's order. Filters then
 apply in the order temperature, top-k, top-p, min-p; each sees the distribution the previous
 ones left. A temperature below `SAMPLING_EPS` (0 included) is greedy decoding (the argmax of the
-penalized logits) and ignores the filters.
+penalized logits) and ignores the filters. OpenAI's `logit_bias` is added after the penalties
+(`apply_logit_bias`), before a grammar's mask (`structured.apply_constraints`) and the filters.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 from torch import Tensor
@@ -20,6 +23,7 @@ from torch import Tensor
 # multinomial into an error), and the distribution it stands for is the argmax anyway.
 SAMPLING_EPS = 1e-5
 MAX_PENALTY = 2  # OpenAI's bound on frequency_penalty and presence_penalty
+MAX_LOGIT_BIAS = 100  # OpenAI's bound on each logit_bias value
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,10 @@ class SamplingParams:
     repetition_penalty: CTRL's (Keskar et al. 2019, https://arxiv.org/abs/1909.05858), as
         Hugging Face and vLLM apply it, > 0: the logit of every token in the prompt or the output
         is divided by it when positive, multiplied by it otherwise; 1 does nothing.
+    logit_bias: OpenAI's, {token id: bias in [-100, 100]}, added to those tokens' logits (greedy
+        included): -100 in effect bans a token, +100 forces it. Ids may be ints or decimal
+        strings (JSON's keys); kept as sorted (id, bias) pairs. `check_vocab(V)` checks that
+        every id is below the model's vocabulary size V (`apply_logit_bias` does too).
     """
 
     temperature: float = 1.0
@@ -48,6 +56,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logit_bias: Mapping[int | str, float] | tuple[tuple[int, float], ...] | None = None
 
     def __post_init__(self) -> None:
         t = self.temperature
@@ -70,6 +79,13 @@ class SamplingParams:
         r = self.repetition_penalty
         if not _is_number(r) or not math.isfinite(r) or r <= 0:
             raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = none), got {r!r}")
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+
+    def check_vocab(self, vocab: int) -> None:
+        """Raise ValueError naming a logit_bias token id outside [0, vocab)."""
+        bad = next((token for token, _ in self.logit_bias or () if token >= vocab), None)
+        if bad is not None:
+            raise ValueError(f"logit_bias token id {bad} is out of range [0, {vocab})")
 
     @property
     def greedy(self) -> bool:
@@ -83,6 +99,37 @@ class SamplingParams:
 
 def _is_number(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+def _logit_bias(bias) -> tuple[tuple[int, float], ...] | None:
+    """Sorted (token id, bias) pairs from a mapping of them (or those pairs); None when empty."""
+    if bias is None:
+        return None
+    if isinstance(bias, Mapping):
+        pairs = list(bias.items())
+    elif isinstance(bias, (tuple, list)) and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in bias):
+        pairs = list(bias)
+    else:
+        raise ValueError(f"logit_bias must map token ids to biases, got {bias!r}")
+    result = {}
+    for key, value in pairs:
+        token = _token_id(key)
+        if token is None:
+            raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {key!r}")
+        if not _is_number(value) or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}], "
+                             f"got {value!r} for token {token}")
+        result[token] = float(value)
+    return tuple(sorted(result.items())) or None
+
+
+def _token_id(key) -> int | None:
+    """A token id from an int or a decimal string; None if it is neither or negative."""
+    if isinstance(key, str) and key.isascii() and key.isdigit():
+        return int(key)
+    if isinstance(key, Integral) and not isinstance(key, bool) and key >= 0:
+        return int(key)
+    return None
 
 
 class TokenCounts:
@@ -120,6 +167,18 @@ def penalize(logits: Tensor, counts: TokenCounts, params: SamplingParams) -> Ten
     if params.presence_penalty:
         logits = logits - params.presence_penalty * (counts.output > 0)
     return logits
+
+
+def apply_logit_bias(logits: Tensor, params: SamplingParams) -> Tensor:
+    """(B, V) logits plus `params.logit_bias` on every row (fp32 when there is one; `logits`
+    itself when there is none). ValueError for an id >= V."""
+    if not params.logit_bias:
+        return logits
+    params.check_vocab(logits.shape[-1])
+    ids, values = zip(*params.logit_bias)
+    bias = torch.zeros(logits.shape[-1], dtype=torch.float32, device=logits.device)
+    bias[list(ids)] = torch.tensor(values, dtype=torch.float32, device=logits.device)
+    return logits.float() + bias
 
 
 def filter_logits(logits: Tensor, params: SamplingParams) -> Tensor:

@@ -2,10 +2,16 @@
 
 Requests are pydantic models in strict mode (a string is not a number, a number not a boolean);
 unknown fields are ignored, as OpenAI's clients send some this server has no use for. Fields that
-would change the output but are not implemented (logit_bias, suffix, tools) are rejected rather
-than ignored. Extensions beyond OpenAI's API, as vLLM spells them: top_k, min_p,
-repetition_penalty, ignore_eos, stop_token_ids, add_generation_prompt, chat_template_kwargs (the
-openai client sends them through `extra_body`).
+would change the output but are not implemented (suffix, tools) are rejected rather than ignored.
+Extensions beyond OpenAI's API, as vLLM spells them: top_k, min_p, repetition_penalty, ignore_eos,
+stop_token_ids, add_generation_prompt, chat_template_kwargs, structured_outputs (the openai client
+sends them through `extra_body`).
+
+Constrained output, on completions and chat alike (as vLLM takes it): OpenAI's `response_format`
+({"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema", "strict"}}) or
+vLLM's `structured_outputs` (exactly one of json, regex, choice, grammar, json_object), never both.
+Their shape is checked with the other fields; whether the schema, regex or grammar compiles is
+checked by `check_unsupported` (remembered per constraint), so a bad one is a 400 naming it.
 
 Responses are built as plain dicts: they are serialised once per token per stream.
 """
@@ -17,7 +23,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..inference.sampling import MAX_PENALTY
+from ..inference.sampling import MAX_PENALTY, SamplingParams
+from ..inference.structured import OutputConstraint, validate_constraint
 
 MAX_STOP = 4  # OpenAI's limit on stop strings
 MAX_N = 128
@@ -25,6 +32,11 @@ MAX_LOGPROBS = 5  # completions: OpenAI's limit on alternatives per token
 MAX_TOP_LOGPROBS = 20  # chat
 # What the server itself gives the chat template: chat_template_kwargs may not set these.
 TEMPLATE_ARGUMENTS = ("messages", "add_generation_prompt")
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")  # structured_outputs: exactly one
+# structured_outputs options accepted and without effect here: JSON is always compact, and there
+# is one grammar engine to fall back from.
+STRUCTURED_NO_OPS = ("disable_any_whitespace", "disable_fallback")
 
 
 # --------------------------------------------------------------------------- errors
@@ -102,8 +114,46 @@ class _Generation(_Strict):
     presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY, description="OpenAI's: -2..2")
     frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY, description="OpenAI's: -2..2")
     repetition_penalty: float | None = Field(None, gt=0, description="vLLM's (CTRL's): > 0; 1 is none")
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(None, description="OpenAI's: token id -> -100..100")
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
     user: str | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        try:  # the one check of ids and values; the vocabulary's is the server's
+            SamplingParams(logit_bias=bias)
+        except ValueError as error:
+            raise ValueError(str(error).removeprefix("logit_bias ")) from None
+        return bias
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            response_format_constraint(value)
+        return value
+
+    @field_validator("structured_outputs")
+    @classmethod
+    def _structured_outputs(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            structured_outputs_constraint(value)
+        return value
+
+    @property
+    def token_bias(self) -> dict[int, float] | None:
+        """logit_bias with integer ids (None when empty)."""
+        return {int(token): bias for token, bias in self.logit_bias.items()} if self.logit_bias else None
+
+    def output_constraint(self) -> tuple[OutputConstraint, str] | None:
+        """What the output must follow and the field that asked for it; None for free text."""
+        if self.structured_outputs is not None:
+            return structured_outputs_constraint(self.structured_outputs)
+        if self.response_format is not None:
+            return response_format_constraint(self.response_format)
+        return None
 
     @field_validator("stop")
     @classmethod
@@ -124,9 +174,25 @@ class _Generation(_Strict):
         if self.stream_options is not None and not self.stream:
             raise APIError("invalid 'stream_options': only allowed when 'stream' is true",
                            param="stream_options", code="invalid_value")
-        if self.logit_bias:
-            raise APIError("'logit_bias' is not supported by this server", param="logit_bias",
-                           code="unsupported_parameter")
+        self.check_constraint()
+
+    def check_constraint(self) -> None:
+        """A 400 naming the field if both ways of constraining the output are given, or if the
+        schema, regex or grammar does not compile."""
+        if self.structured_outputs is not None and self.response_format is not None:
+            raise APIError("give at most one of 'response_format' and 'structured_outputs'",
+                           param="structured_outputs", code="invalid_value")
+        asked = self.output_constraint()
+        if asked is None:
+            return
+        constraint, param = asked
+        try:
+            validate_constraint(constraint)
+        except ImportError as error:
+            raise APIError(f"'{param.partition('.')[0]}' is not supported by this server: {error}", param=param,
+                           code="unsupported_parameter") from None
+        except ValueError as error:
+            raise APIError(f"invalid '{param}': {error}", param=param, code="invalid_value") from None
 
 
 class CompletionRequest(_Generation):
@@ -177,6 +243,43 @@ def parse_prompt(prompt: Any) -> list[str | list[int]]:
     return prompts
 
 
+def response_format_constraint(value: dict[str, Any]) -> tuple[OutputConstraint, str] | None:
+    """OpenAI's response_format as a constraint and the field holding it (None for "text");
+    ValueError naming what is wrong with its shape."""
+    kind = value.get("type")
+    if kind not in RESPONSE_FORMATS:
+        raise ValueError(f"'type' must be one of {', '.join(RESPONSE_FORMATS)}")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return OutputConstraint.json_object(), "response_format"
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise ValueError('type "json_schema" needs "json_schema": {"name": ..., "schema": {a JSON schema object}}')
+    return OutputConstraint.json_schema(spec["schema"]), "response_format.json_schema.schema"
+
+
+def structured_outputs_constraint(value: dict[str, Any]) -> tuple[OutputConstraint, str]:
+    """vLLM's structured_outputs as a constraint and the field holding it; ValueError naming
+    what is wrong with its shape."""
+    unknown = sorted(set(value) - set(STRUCTURED_KINDS) - set(STRUCTURED_NO_OPS))
+    if unknown:
+        raise ValueError(f"unsupported option {unknown[0]!r}; expected exactly one of {', '.join(STRUCTURED_KINDS)}")
+    given = [kind for kind in STRUCTURED_KINDS if value.get(kind) not in (None, False)]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of {', '.join(STRUCTURED_KINDS)}")
+    kind, spec = given[0], value[given[0]]
+    if kind == "json" and not isinstance(spec, (dict, str)):
+        raise ValueError("'json' must be a JSON schema (an object, or its JSON text)")
+    if kind in ("regex", "grammar") and not isinstance(spec, str):
+        raise ValueError(f"'{kind}' must be a string")
+    if kind == "json_object" and spec is not True:
+        raise ValueError("'json_object' must be true")
+    make = {"json": OutputConstraint.json_schema, "regex": OutputConstraint.regex, "choice": OutputConstraint.choice,
+            "grammar": OutputConstraint.grammar, "json_object": lambda _: OutputConstraint.json_object()}[kind]
+    return make(spec), f"structured_outputs.{kind}"
+
+
 class TextPart(_Strict):
     type: Literal["text"]
     text: str
@@ -203,7 +306,6 @@ class ChatCompletionRequest(_Generation):
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -218,9 +320,6 @@ class ChatCompletionRequest(_Generation):
         super().check_unsupported()
         if self.tools:
             raise APIError("'tools' are not supported by this server", param="tools", code="unsupported_parameter")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise APIError("'response_format' other than {\"type\": \"text\"} is not supported by this server",
-                           param="response_format", code="unsupported_parameter")
         if self.top_logprobs and not self.logprobs:
             raise APIError("invalid 'top_logprobs': requires 'logprobs' to be true", param="top_logprobs",
                            code="invalid_value")
