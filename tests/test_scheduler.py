@@ -46,7 +46,7 @@ def answer(plan, token: int = 7) -> StepResult:
     for batch in (plan.decode, plan.prefill):
         if batch is not None:
             for row in batch.sample:
-                result.tokens[batch.seqs[row]] = token
+                result.tokens[batch.seqs[row]] = [token]
     return result
 
 
@@ -221,3 +221,33 @@ def test_serve_config_names_the_flag_of_a_bad_value():
         ServeConfig(stream_interval=-1)
     with pytest.raises(ValueError, match="--max-batch-size must be a whole number"):
         ServeConfig(max_batch_size=2.5)
+
+
+def test_speculation_plans_prompt_lookup_proposals_and_records_what_was_accepted():
+    s = scheduler(max_batch_size=2, prefill_chunk=64, speculative="ngram", num_speculative_tokens=3)
+    echo = Sequence([1, 2, 3, 4, 5, 9, 1, 2], 10, GREEDY)  # "1 2" came before, followed by 3 4 5
+    plain = Sequence([7, 8], 10, GREEDY, logprobs=0)  # wants logprobs: never speculates
+    s.add(echo)
+    s.add(plain)
+    plan = s.schedule()
+    s.update(plan, answer(plan, token=3))  # first tokens: echo now ends "... 1 2 3"
+    plan = s.schedule()
+    batch = plan.decode
+    assert batch.proposals == [[4, 5, 9], []]  # after "2 3": the tokens that followed it before
+    assert batch.tokens == [[3, 4, 5, 9], [3, 3, 3, 3]]
+    assert batch.key_mask == [[True] * 4, [True, False, False, False]]
+    assert batch.positions == [[8, 9, 10, 11], [2, 3, 4, 5]]
+    result = StepResult(tokens={echo: [4, 5, 6], plain: [6]})  # two proposals accepted, then the model's 6
+    outputs = s.update(plan, result)
+    assert [o.token for o in outputs] == [4, 5, 6, 6] and echo.output == [3, 4, 5, 6]
+    assert (s.stats.draft_tokens, s.stats.accepted_tokens) == (3, 2)
+
+
+def test_speculation_never_proposes_past_max_tokens():
+    s = scheduler(max_batch_size=1, prefill_chunk=64, speculative="ngram", num_speculative_tokens=8)
+    seq = Sequence([1, 2, 3, 4, 5, 6, 1, 2], 3, GREEDY)
+    s.add(seq)
+    plan = s.schedule()
+    s.update(plan, answer(plan, token=3))
+    plan = s.schedule()
+    assert plan.decode.proposals == [[4]]  # 3 tokens at most: this step's own, and one guess

@@ -449,6 +449,63 @@ def test_invalid_fields_get_400_naming_them(server, body, param, words):
         assert word in error["message"], (word, error["message"])
 
 
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def test_constrained_output_parses_validates_and_matches(server, client):
+    """The trained pangram model knows no JSON: its output follows the schema, the regex and the
+    choices anyway, because every token the grammar does not allow is masked, row by row."""
+    pytest.importorskip("llguidance")
+    chat = client.chat.completions.create(
+        model="tiny-pangrams", messages=[{"role": "user", "content": "Sphinx"}], max_tokens=200, temperature=0.9,
+        seed=3, n=2, response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
+    for choice in chat.choices:
+        person = json.loads(choice.message.content)
+        assert set(person) == {"name", "age"} and isinstance(person["name"], str) and len(person["name"]) <= 8
+        assert isinstance(person["age"], int) and 0 <= person["age"] <= 120 and choice.finish_reason == "stop"
+    objects = client.completions.create(model="tiny-pangrams", prompt="The", max_tokens=300, temperature=0,
+                                        extra_body={"response_format": {"type": "json_object"}})
+    text = objects.choices[0].text
+    assert objects.choices[0].finish_reason == "length" or isinstance(json.loads(text), dict), text
+    assert text.startswith("{")
+    pattern = "[a-z]{3,6}-[0-9]{2}"
+    regex = client.completions.create(model="tiny-pangrams", prompt=["The", "Sphinx"], max_tokens=20, temperature=1.0,
+                                      seed=1, extra_body={"structured_outputs": {"regex": pattern}})
+    assert all(re.fullmatch(pattern, c.text) for c in regex.choices), [c.text for c in regex.choices]
+    options = ["quartz", "vexingly", "jump"]
+    chosen = client.completions.create(model="tiny-pangrams", prompt="How", max_tokens=20, n=4, temperature=1.0,
+                                       seed=2, extra_body={"structured_outputs": {"choice": options}})
+    assert all(c.text in options for c in chosen.choices), [c.text for c in chosen.choices]
+
+
+def test_logit_bias_forces_and_bans_tokens(server, client, net):
+    forced = client.completions.create(model="tiny-pangrams", prompt="The", max_tokens=4, temperature=0,
+                                       logit_bias={str(ord("Q")): 100})
+    assert forced.choices[0].text == "QQQQ"
+    _, free = reference(net, "The", 4)
+    banned = client.completions.create(model="tiny-pangrams", prompt="The", max_tokens=4, temperature=0,
+                                       logit_bias={str(ord(free[0])): -100})
+    assert banned.choices[0].text[0] != free[0]
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs", ["regex"]),
+    ({"response_format": {"type": "xml"}}, "response_format", ["xml"]),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+     "response_format", ["nonsense"]),
+    ({"logit_bias": {"65": 101}}, "logit_bias", ["[-100, 100]"]),
+    ({"logit_bias": {"999999": 1}}, "logit_bias", ["999999"]),
+], ids=["bad-regex", "unknown-format", "bad-schema", "bias-range", "bias-id"])
+def test_bad_constraints_and_biases_get_400_naming_them(server, body, param, words):
+    pytest.importorskip("llguidance")
+    response = post(server, "/v1/completions", {"prompt": "The", "max_tokens": 4, **body})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"].startswith(param) and all(w in error["message"] for w in words), error
+
+
 def test_malformed_bodies_routes_and_chat_errors(server):
     bad_json = post(server, "/v1/completions", content=b'{"prompt": "a",', headers={"content-type": "application/json"})
     assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["error"]["message"]

@@ -371,8 +371,9 @@ def _prompt_text(ctx: ServerContext, prompt: str | list[int]) -> str:
 async def _completions(ctx: ServerContext, body: CompletionRequest, raw: Request) -> Response:
     body.check_unsupported()
     prompts.check_model(ctx, body.model)
-    params = prompts.sampling(body)
+    params = prompts.sampling(ctx, body)
     stop_ids = prompts.stop_ids(ctx, body)
+    matchers = await prompts.matchers(ctx, body, len(body.prompt) * body.n)
     want_prompt_logprobs = body.echo and body.logprobs is not None
     inputs: list[tuple[list[int], str]] = []  # each prompt's ids and its text when echoed
     seqs: list[SequenceRequest] = []
@@ -387,7 +388,7 @@ async def _completions(ctx: ServerContext, body: CompletionRequest, raw: Request
         for i in range(body.n):
             seqs.append(SequenceRequest(p * body.n + i, ids, max_tokens, params, prompts.seed(body.seed, i),
                                         body.stop_strings, stop_ids, body.logprobs,
-                                        body.logprobs if want_prompt_logprobs else None))
+                                        body.logprobs if want_prompt_logprobs else None, matchers[p * body.n + i]))
     choices = [_Choice(s.index, *inputs[s.index // body.n], body.echo) for s in seqs]
     stream = _submit(ctx, seqs, "cmpl")
     meta = (stream.request_id, protocol.now(), ctx.model_name)
@@ -523,8 +524,9 @@ async def _disconnected(raw: Request) -> None:
 async def _chat_completions(ctx: ServerContext, body: ChatCompletionRequest, raw: Request) -> Response:
     body.check_unsupported()
     prompts.check_model(ctx, body.model)
-    params = prompts.sampling(body)
+    params = prompts.sampling(ctx, body)
     stop_ids = prompts.stop_ids(ctx, body)
+    matchers = await prompts.matchers(ctx, body, body.n)
     text = await prompts.render_chat(ctx, body.rendered_messages(), body.add_generation_prompt,
                                      body.chat_template_kwargs)
     ids = [ctx.tokenizer.eos_id] + await prompts.encode(ctx, text, "messages")
@@ -532,8 +534,8 @@ async def _chat_completions(ctx: ServerContext, body: ChatCompletionRequest, raw
     max_tokens = prompts.budget(ctx, len(ids), requested, "messages")
     top = body.top_logprobs or 0
     logprobs = top if body.logprobs else None
-    seqs = [SequenceRequest(i, ids, max_tokens, params, prompts.seed(body.seed, i), body.stop_strings, stop_ids, logprobs)
-            for i in range(body.n)]
+    seqs = [SequenceRequest(i, ids, max_tokens, params, prompts.seed(body.seed, i), body.stop_strings, stop_ids, logprobs,
+                            matcher=matchers[i]) for i in range(body.n)]
     choices = [_Choice(i, ids, "", False) for i in range(body.n)]
     stream = _submit(ctx, seqs, "chatcmpl")
     meta = (stream.request_id, protocol.now(), ctx.model_name)

@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..choices import DTYPE_NAMES
+from ..choices import DTYPE_NAMES, MAX_SPECULATIVE_TOKENS
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -53,6 +53,12 @@ class ServeConfig:
     prefix_cache: bool = option(True, "read every prompt whole: do not reuse the prefix a free slot's KV cache "
                                       "shares with it (default: reuse, reported as "
                                       "usage.prompt_tokens_details.cached_tokens)", flag="--no-prefix-cache")
+    speculative: str | None = option(None, "speculative decoding: ngram proposes the continuation of the latest "
+                                           "earlier match of each sequence's last tokens in its prompt and output "
+                                           "(prompt lookup); one forward checks every row's proposals. Same greedy "
+                                           "text, same sampling distribution", choices=["ngram"])
+    num_speculative_tokens: int = option(4, "with --speculative: tokens proposed per row and step, at most; fewer, "
+                                            "or none for a while, where few are accepted", metavar="K")
     threads: int | None = option(None, "torch intra-op threads (default: torch's choice less one, at least 1, "
                                        "leaving a core to the HTTP thread)", metavar="N")
     max_body_bytes: int | None = option(None, "refuse larger request bodies with 413 (default: 4 MiB, or 256 bytes "
@@ -75,7 +81,8 @@ class ServeConfig:
                              "out --api-key (and ANDROMEDA_API_KEY) to serve without one")
         for name, low in (("max_batch_size", 1), ("max_queue", 0), ("prefill_chunk", 1), ("port", 0),
                           ("threads", 1), ("max_body_bytes", 1), ("max_stream_backlog", 1),
-                          ("limit_concurrency", 1), ("sink_tokens", 0), ("window", 1)):
+                          ("limit_concurrency", 1), ("sink_tokens", 0), ("window", 1),
+                          ("num_speculative_tokens", 1)):
             value = getattr(self, name)
             if value is None:
                 continue
@@ -83,6 +90,16 @@ class ServeConfig:
                 raise ValueError(f"{flag(name)} must be a whole number, got {value!r}")
             if value < low:
                 raise ValueError(f"{flag(name)} must be >= {low}, got {value}")
+        if self.num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"--num-speculative-tokens must be <= {MAX_SPECULATIVE_TOKENS}, got "
+                             f"{self.num_speculative_tokens}")
+        if self.speculative is not None:
+            if self.speculative != "ngram":
+                raise ValueError(f"--speculative must be ngram, got {self.speculative!r} (a draft model is "
+                                 f"`andromeda generate`'s only, for now)")
+            if self.window is not None:
+                raise ValueError("--speculative with --window: speculative decoding keeps every token in view; "
+                                 "leave out one of them")
         if self.port > 65535:
             raise ValueError(f"--port must be <= 65535, got {self.port}")
         if not (isinstance(self.stream_interval, (int, float)) and self.stream_interval >= 0):

@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -118,6 +118,7 @@ class SequenceRequest:
     stop_ids: frozenset[int] = frozenset()
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    matcher: Any = None  # an inference.structured.GrammarMatcher: the output follows its grammar
 
 
 @dataclass
@@ -242,7 +243,7 @@ class Engine:
             seed = None if spec.params.greedy else spec.seed if spec.seed is not None else secrets.randbits(63)
             pairs.append((spec, Sequence(spec.prompt, spec.max_tokens, spec.params, seed, spec.stop_ids,
                                          spec.logprobs, spec.prompt_logprobs, TextStream(self.tokenizer, spec.stop),
-                                         arrival=arrival)))
+                                         matcher=spec.matcher, arrival=arrival)))
         request = _Request(request_id, stream, pairs, self.tokenizer)
         with self._lock:
             if self._stopping:
@@ -367,7 +368,8 @@ class Engine:
         produced before is still applied (then the error goes on to `_fail_step`)."""
         core = self.core
         stats = core.stats
-        before = (stats.prefill_tokens, stats.decode_rows, stats.prefix_queries, stats.prefix_hits)
+        before = (stats.prefill_tokens, stats.decode_rows, stats.prefix_queries, stats.prefix_hits,
+                  stats.draft_tokens, stats.accepted_tokens)
         try:
             outputs, failure = core.step(), None
         except Exception as error:
@@ -377,11 +379,13 @@ class Engine:
         if failure is not None:
             raise failure
 
-    def _record_step(self, outputs: list[StepOutput], before: tuple[int, int, int, int]) -> None:
+    def _record_step(self, outputs: list[StepOutput], before: tuple[int, ...]) -> None:
         core, metrics = self.core, self.metrics
         if metrics is not None:
             metrics.prefix_cache_queries.inc(core.stats.prefix_queries - before[2])
             metrics.prefix_cache_hits.inc(core.stats.prefix_hits - before[3])
+            metrics.spec_draft_tokens.inc(core.stats.draft_tokens - before[4])
+            metrics.spec_accepted_tokens.inc(core.stats.accepted_tokens - before[5])
             prefilled = core.stats.prefill_tokens - before[0]
             decoded = core.stats.decode_rows - before[1]
             metrics.iteration_tokens.observe(prefilled + decoded)

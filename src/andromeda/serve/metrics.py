@@ -46,6 +46,12 @@ class Metrics:
         self.prefix_cache_hits = Counter("andromeda_prefix_cache_hits", "Prompt tokens found in the prefix "
                                          "cache: reused, not prefilled.", labels,
                                          registry=self.registry).labels(model_name)
+        # vLLM's spec_decode_num_draft_tokens / _num_accepted_tokens: accepted / draft is the acceptance rate.
+        self.spec_draft_tokens = Counter("andromeda_spec_decode_num_draft_tokens", "Tokens proposed by speculative "
+                                         "decoding (--speculative) and verified.", labels,
+                                         registry=self.registry).labels(model_name)
+        self.spec_accepted_tokens = Counter("andromeda_spec_decode_num_accepted_tokens", "Proposed tokens the model "
+                                            "accepted.", labels, registry=self.registry).labels(model_name)
         self.generation_tokens = Counter("andromeda_generation_tokens", "Tokens generated.",
                                          labels, registry=self.registry).labels(model_name)
         self.iteration_tokens = Histogram("andromeda_iteration_tokens_total", "Tokens per engine step "

@@ -110,11 +110,32 @@ def budget(ctx: ServerContext, n_prompt: int, max_tokens: int | None, param: str
     return max_tokens if ctx.engine.window is not None else min(max_tokens, left)
 
 
-def sampling(body: protocol._Generation) -> SamplingParams:
+def sampling(ctx: ServerContext, body: protocol._Generation) -> SamplingParams:
     temperature = 1.0 if body.temperature is None else body.temperature
     repetition = 1.0 if body.repetition_penalty is None else body.repetition_penalty
+    bias = body.token_bias
+    check_ids(ctx, sorted(bias or ()), "logit_bias")
     return SamplingParams(temperature, body.top_k or None, body.top_p, body.min_p or None, body.frequency_penalty,
-                          body.presence_penalty, repetition)
+                          body.presence_penalty, repetition, bias)
+
+
+async def matchers(ctx: ServerContext, body: protocol._Generation, count: int) -> list[Any]:
+    """One grammar matcher per choice for the constraint the body asks for (`response_format`,
+    `structured_outputs`), compiled off the event loop; [None] * count for free text. A constraint
+    the grammar library cannot take is a 400 naming its field."""
+    asked = body.output_constraint()
+    if asked is None:
+        return [None] * count
+    constraint, param = asked
+    from ..inference.structured import grammar_matcher
+
+    def compile_all() -> list[Any]:
+        return [grammar_matcher(constraint, ctx.tokenizer) for _ in range(count)]
+
+    try:
+        return await asyncio.to_thread(compile_all)
+    except ValueError as error:
+        raise APIError(f"invalid '{param}': {error}", param=param, code="invalid_value") from None
 
 
 def stop_ids(ctx: ServerContext, body: protocol._Generation) -> frozenset[int]:

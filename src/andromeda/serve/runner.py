@@ -22,7 +22,9 @@ from collections.abc import Sequence as Seq
 import torch
 from torch import Tensor
 
-from ..inference.sampling import TokenCounts, penalize, sample
+from ..inference.sampling import TokenCounts, apply_logit_bias, penalize, sample
+from ..inference.speculative import accept_row
+from ..inference.structured import apply_constraints
 from ..model import KVCache, Transformer
 from .config import ServeConfig
 from .scheduler import Batch, Sequence, StepPlan, StepResult, TokenLogprob
@@ -37,8 +39,10 @@ class ModelRunner:
         if config.slides and self.config.use_abs_pos_emb:
             raise ValueError("a model with learned absolute positions cannot slide past max_seq_len: "
                              "--window and --sink-tokens need relative positions (ALiBi, xPos)")
-        # Every slot holds its context (or window) plus one padded chunk (scheduler.py's docstring).
-        capacity = (config.window or self.config.max_seq_len) + config.prefill_chunk
+        # Every slot holds its context (or window) plus one padded chunk (scheduler.py's docstring),
+        # and a verify call's proposals and padding until they are cut back.
+        capacity = (config.window or self.config.max_seq_len) + config.prefill_chunk + \
+            (config.num_speculative_tokens if config.speculative else 0)
         self.cache = KVCache(self.config, config.max_batch_size, capacity, dtype=weight.dtype, device=self.device,
                              window=config.window, sink_tokens=config.sink_tokens)
         slots = config.max_batch_size
@@ -82,13 +86,39 @@ class ModelRunner:
         for seq in plan.scored:
             result.prompt_logprobs[seq] = self._prompt_logprobs(seq)
         for batch in (plan.decode, plan.prefill):
-            if batch is not None:
-                logits = self._forward(batch)
-                if batch.sample:
-                    rows = batch.sample
-                    self._sample([batch.seqs[i] for i in rows], logits[rows] if len(rows) < len(batch.seqs)
-                                 else logits, result)
+            if batch is None:
+                continue
+            if batch.proposals is not None:
+                self._verify(batch, result)
+                continue
+            logits = self._forward(batch)[:, -1]
+            if batch.sample:
+                rows = batch.sample
+                self._sample([batch.seqs[i] for i in rows], logits[rows] if len(rows) < len(batch.seqs)
+                             else logits, result)
         return result
+
+    def _verify(self, batch: Batch, result: StepResult) -> None:
+        """A decode call with proposals: the logits after the last token and after each proposed
+        one, each row's tokens by the rejection rule (`accept_row`: greedy rows keep the proposals
+        equal to the argmax, then one of the model's own), then each slot cut back to what its row
+        keeps. Rows without a proposal sample as in a plain decode call."""
+        logits = self._forward(batch, keep=len(batch.tokens[0]))  # (B, T, V)
+        plain = [i for i, proposal in enumerate(batch.proposals) if not proposal]
+        if plain:
+            self._sample([batch.seqs[i] for i in plain], logits[plain, 0], result)
+        for i, proposal in enumerate(batch.proposals):
+            seq = batch.seqs[i]
+            if proposal:
+                try:
+                    result.tokens[seq] = accept_row(proposal, logits[i, : 1 + len(proposal)], seq.params,
+                                                    counts=self._counts_of(seq), generator=self._generators[seq.slot])
+                except Exception as error:  # e.g. NaN logits: this row ends, the batch goes on
+                    result.errors[seq] = f"{type(error).__name__}: {error}"
+                    continue
+                self._count(seq, result.tokens[seq])
+            if seq in result.tokens:  # keep the last token and the accepted proposals
+                self.cache.truncate(seq.slot, batch.positions[i][0] + len(result.tokens[seq]))
 
     def _prompt_logprobs(self, seq: Sequence) -> list[TokenLogprob | None]:
         """Each prompt token's logprob given the ones before it, from one forward over the prompt."""
@@ -96,19 +126,21 @@ class ModelRunner:
         logprobs = self.net(tokens, validate=False)[0, :-1].float().log_softmax(dim=-1)  # (N - 1, V)
         return [None] + token_logprobs(logprobs, seq.prompt[1:], seq.prompt_logprobs)
 
-    def _forward(self, batch: Batch) -> Tensor:
-        """Next-token logits (B, V) after each row, appending the rows to their slots."""
+    def _forward(self, batch: Batch, keep: int = 1) -> Tensor:
+        """Next-token logits (B, keep, V) after each row's last `keep` positions, appending the rows
+        to their slots."""
         device = self.device
         tokens = torch.tensor(batch.tokens, dtype=torch.long, device=device)  # (B, T)
         positions = torch.tensor(batch.positions, dtype=torch.long, device=device)  # (B, T)
         mask = None if batch.key_mask is None else torch.tensor(batch.key_mask, dtype=torch.bool, device=device)
-        logits = self.net(tokens, positions, key_mask=mask, cache=self.cache, slots=batch.slots,
-                          logits_to_keep=1, validate=False)
-        return logits[:, -1]
+        return self.net(tokens, positions, key_mask=mask, cache=self.cache, slots=batch.slots, logits_to_keep=keep,
+                        validate=False)
 
     def _sample(self, seqs: Seq[Sequence], logits: Tensor, result: StepResult) -> None:
         """Draw each row's next token into `result` (logprobs report the model's `logits`)."""
         scores = self._penalized(seqs, logits)
+        if any(s.matcher is not None for s in seqs):  # each row's grammar masks what it does not allow
+            scores = apply_constraints(scores, [s.matcher for s in seqs])
         greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
         tokens: list[int | None] = [None] * len(seqs)
         if greedy:  # one argmax for all greedy rows
@@ -130,26 +162,46 @@ class ModelRunner:
         for seq, token in zip(seqs, tokens):
             if token is None:
                 continue
-            result.tokens[seq] = token
-            counts = self._counts[seq.slot]
-            if counts is not None:
-                counts.add(torch.tensor([token], device=self.device))
+            if seq.matcher is not None:
+                try:
+                    seq.matcher.accept(token)
+                except ValueError as error:  # a token its mask allowed must be accepted: a bug, this row's alone
+                    result.errors[seq] = f"{type(error).__name__}: {error}"
+                    continue
+            result.tokens[seq] = [token]
+            self._count(seq, [token])
 
     def _penalized(self, seqs: Seq[Sequence], logits: Tensor) -> Tensor:
-        """`logits` (B, V) with each row's penalties applied (fp32 if any row has one): row by row,
-        each from its slot's counts, so a row's tokens do not depend on the batch it is in."""
-        rows = [i for i, s in enumerate(seqs) if s.params.penalized]
+        """`logits` (B, V) with each row's penalties and logit bias applied (fp32 if any row has
+        one): row by row, each from its slot's counts, so a row's tokens do not depend on the batch
+        it is in."""
+        rows = [i for i, s in enumerate(seqs) if s.params.penalized or s.params.logit_bias]
         if not rows:
             return logits
         scores = logits.float().clone()
         for i in rows:
-            seq = seqs[i]
-            counts = self._counts[seq.slot]
-            if counts is None:  # its first token (no output yet): count its prompt
-                counts = self._counts[seq.slot] = TokenCounts(torch.tensor([seq.prompt], device=self.device),
-                                                              self.config.num_tokens)
-            scores[i : i + 1] = penalize(logits[i : i + 1], counts, seq.params)
+            params, row = seqs[i].params, logits[i : i + 1]
+            if params.penalized:
+                row = penalize(row, self._counts_of(seqs[i]), params)
+            scores[i : i + 1] = apply_logit_bias(row, params)
         return scores
+
+    def _counts_of(self, seq: Sequence) -> TokenCounts | None:
+        """A penalized sequence's token counts (its prompt's, from its first sample on); None
+        without a penalty."""
+        if not seq.params.penalized:
+            return None
+        counts = self._counts[seq.slot]
+        if counts is None:
+            counts = self._counts[seq.slot] = TokenCounts(torch.tensor([seq.prompt], device=self.device),
+                                                          self.config.num_tokens)
+        return counts
+
+    def _count(self, seq: Sequence, tokens: list[int]) -> None:
+        counts = self._counts[seq.slot]
+        if counts is not None:
+            for token in tokens:  # (one row: a token at a time)
+                counts.add(torch.tensor([token], device=self.device))
 
 
 def token_logprobs(logprobs: Tensor, ids: list[int], top: int) -> list[TokenLogprob]:

@@ -64,7 +64,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..inference.proposers import NgramProposer
 from ..inference.sampling import SamplingParams
+from ..inference.speculative import SpeculationPolicy
 from .config import ServeConfig
 
 # A token's log-probability with the most likely alternatives: (id, logprob, [(id, logprob)]).
@@ -90,6 +92,7 @@ class Sequence:
     logprobs: int | None = None  # with each new token, its logprob and this many alternatives
     prompt_logprobs: int | None = None  # the same for every prompt token (a full forward)
     text: Any = None  # a detokenizer.TextStream: the text so far and the stop strings; None: ids only
+    matcher: Any = None  # an inference.structured.GrammarMatcher: the runner masks what it does not allow
     arrival: float = field(default_factory=time.perf_counter)
     admitted: float | None = None  # when it left the queue
     last_token_time: float | None = None  # the engine's bookkeeping, for latency metrics
@@ -104,10 +107,20 @@ class Sequence:
     cached_tokens: int | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: str | int | None = None  # the stop string or stop id (not eos) that ended it
+    speculation: Speculation | None = None  # with --speculative, from its admission
 
     @property
     def remaining_prompt(self) -> int:
         return len(self.prompt) - self.computed
+
+
+@dataclass(eq=False)
+class Speculation:
+    """A sequence's prompt lookup (`NgramProposer`, which indexes its tokens as they grow) and how
+    many tokens it proposes next (`SpeculationPolicy`, from its acceptance so far)."""
+
+    proposer: NgramProposer
+    policy: SpeculationPolicy
 
 
 # --------------------------------------------------------------------------- plans and results
@@ -133,6 +146,7 @@ class Batch:
     positions: list[list[int]]
     key_mask: list[list[bool]] | None
     sample: list[int]
+    proposals: list[list[int]] | None = None  # a decode call's guesses per row ([]: none): verify them
 
     @property
     def slots(self) -> list[int]:
@@ -156,7 +170,7 @@ class StepResult:
     """What the runner computed, filled as it goes (so a step that raises keeps what it did)."""
 
     prompt_logprobs: dict[Sequence, list[TokenLogprob | None]] = field(default_factory=dict)
-    tokens: dict[Sequence, int] = field(default_factory=dict)
+    tokens: dict[Sequence, list[int]] = field(default_factory=dict)  # 1 + the proposals accepted
     logprobs: dict[Sequence, TokenLogprob] = field(default_factory=dict)
     errors: dict[Sequence, str] = field(default_factory=dict)  # rows whose sampling raised
 
@@ -185,6 +199,8 @@ class SchedulerStats:
     prefill_tokens: int = 0  # real prompt tokens among them
     prefix_queries: int = 0  # prompt tokens looked up in the prefix cache (vLLM's prefix_cache_queries)
     prefix_hits: int = 0  # of them, tokens found cached and not prefilled (vLLM's prefix_cache_hits)
+    draft_tokens: int = 0  # tokens proposed by speculation and verified (vLLM's spec_decode_num_draft_tokens)
+    accepted_tokens: int = 0  # of them, accepted (vLLM's spec_decode_num_accepted_tokens)
 
 
 class SlotCache(Protocol):
@@ -317,6 +333,9 @@ class Scheduler:
             if seq.max_tokens == 0:  # scoring only: the prompt never enters the cache
                 continue
             plan.admitted.append(self._place(seq))
+            if self.config.speculative and seq.logprobs is None and seq.matcher is None and \
+                    not seq.params.logit_bias:  # (rows the verify step's rule does not cover decode plainly)
+                seq.speculation = Speculation(NgramProposer(), SpeculationPolicy(self.config.num_speculative_tokens))
             seq.status = Status.PREFILL
             self.running.append(seq)
 
@@ -384,10 +403,36 @@ class Scheduler:
         return False
 
     def _plan_decode(self, seqs: list[Sequence]) -> Batch:
+        """One new token per row; with speculation, each row's last token and its proposals, the
+        rows right-padded to one length (padding masked, at the positions after the row's, where
+        the cut back to what a row keeps drops it)."""
         self.stats.decode_calls += 1
         self.stats.decode_rows += len(seqs)
-        return Batch(seqs, [[s.output[-1]] for s in seqs], [[len(s.prompt) + len(s.output) - 1] for s in seqs],
-                     None, list(range(len(seqs))))
+        tokens = [[s.output[-1]] for s in seqs]
+        positions = [[len(s.prompt) + len(s.output) - 1] for s in seqs]
+        batch = Batch(seqs, tokens, positions, None, list(range(len(seqs))))
+        if not self.config.speculative:
+            return batch
+        proposals = [self._propose(s) for s in seqs]
+        T = 1 + max(map(len, proposals))
+        if T == 1:
+            return batch
+        last = self.max_seq_len - 1  # (learned absolute positions end there: padding stays at it)
+        for row, proposal in enumerate(proposals):
+            start, pad = positions[row][0], T - 1 - len(proposal)
+            tokens[row] += proposal + [tokens[row][0]] * pad
+            positions[row] = [min(start + i, last) for i in range(T)]
+        batch.key_mask = [[True] * (1 + len(p)) + [False] * (T - 1 - len(p)) for p in proposals]
+        batch.proposals = proposals
+        return batch
+
+    def _propose(self, seq: Sequence) -> list[int]:
+        """Up to the policy's k tokens that prompt lookup guesses come next, no more than the
+        sequence may still generate after this step's own token."""
+        if seq.speculation is None:
+            return []
+        k = min(seq.speculation.policy.k(), seq.max_tokens - len(seq.output) - 1)
+        return seq.speculation.proposer.propose(seq.prompt + seq.output, k) if k > 0 else []
 
     def _plan_prefill(self, seqs: list[Sequence]) -> Batch:
         T, rows = self._prefill_shape(seqs)
@@ -442,8 +487,21 @@ class Scheduler:
                     self.finish(seq, "error")
                     outputs.append(StepOutput(seq, finished=True, error=result.errors[seq]))
                 elif seq in result.tokens and seq.status is not Status.FINISHED:
-                    outputs.append(self._record(seq, result.tokens[seq], result.logprobs.get(seq)))
+                    tokens = result.tokens[seq]
+                    if batch.proposals is not None:
+                        self._count_speculation(seq, len(batch.proposals[row]), len(tokens) - 1)
+                    logprob = result.logprobs.get(seq)
+                    for token in tokens:
+                        outputs.append(self._record(seq, token, logprob))
+                        if seq.status is Status.FINISHED:
+                            break
         return outputs
+
+    def _count_speculation(self, seq: Sequence, proposed: int, accepted: int) -> None:
+        if proposed:
+            seq.speculation.policy.update(proposed, accepted)
+            self.stats.draft_tokens += proposed
+            self.stats.accepted_tokens += accepted
 
     def _record(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> StepOutput:
         """Append `token` to `seq` and end it if this token ends it: the one place that decides."""
@@ -462,7 +520,11 @@ class Scheduler:
                 if text.stopped is not None:
                     seq.stop_reason = text.stopped
                     self.finish(seq, "stop")
-            if seq.status is not Status.FINISHED and len(seq.output) >= seq.max_tokens:
+            if seq.status is Status.FINISHED:
+                pass
+            elif seq.matcher is not None and seq.matcher.is_finished():  # its grammar is complete
+                self.finish(seq, "stop")
+            elif len(seq.output) >= seq.max_tokens:
                 self.finish(seq, "length")
         out.finished = seq.status is Status.FINISHED
         if out.finished and text is not None and text.stopped is None:
