@@ -16,9 +16,16 @@ server would be: the same SSE wire format, a lock around `inference.generate.str
     python benchmarks/bench_serve.py                   # demo preset and dim 512 / depth 8, C = 1, 4, 16
     python benchmarks/bench_serve.py --quick           # demo preset only, fewer requests
     python benchmarks/bench_serve.py --models demo --clients 1 16 --repeats 3
+    python benchmarks/bench_serve.py --constrained     # our server at 16 clients: free vs constrained text
 
 Goal (issue #11): at 16 clients at least 6x the single-client tokens/s, with p50 TTFT under 2x
 the single-client one.
+
+--constrained (issue #22) loads our server alone at the largest C with plain (non-streamed)
+requests three ways, alternating: free text, a regex (`structured_outputs`) and a JSON schema
+(`response_format`), and prints each one's generated tokens/s (from `usage.completion_tokens`,
+since a grammar may end a choice early) against free text's. Goal: constrained output costs
+at most 15% of the tokens/s.
 """
 
 from __future__ import annotations
@@ -154,6 +161,62 @@ async def load(url: str, clients: int, requests_per_client: int, prompt_tokens: 
     return {"tok_s": clients * requests_per_client * new_tokens / wall, "wall": wall, "ttft": ttfts}
 
 
+CONSTRAINTS = {
+    "free text": {},
+    "regex": {"structured_outputs": {"regex": "[a-z ,.]{8,}"}},
+    "json schema": {"response_format": {"type": "json_schema", "json_schema": {"name": "words", "schema": {
+        "type": "object", "properties": {"words": {"type": "array", "items": {"type": "string", "maxLength": 12}}},
+        "required": ["words"]}}}},
+}
+
+
+async def constrained_load(url: str, clients: int, requests_per_client: int, prompt_tokens: int, new_tokens: int,
+                           extra: dict) -> float:
+    """Generated tokens/s of C clients each sending R plain completions with `extra` in the body."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async def one(c: int, r: int) -> int:
+            body = {"prompt": prompt_text(c * 31 + r, prompt_tokens), "max_tokens": new_tokens, "temperature": 0,
+                    "ignore_eos": True, **extra}
+            response = await client.post(f"{url}/v1/completions", json=body)
+            response.raise_for_status()
+            return response.json()["usage"]["completion_tokens"]
+
+        async def client_loop(c: int) -> int:
+            return sum([await one(c, r) for r in range(requests_per_client)])
+
+        await one(999, 0)  # the grammar compiled, connections warm
+        start = time.perf_counter()
+        tokens = sum(await asyncio.gather(*(client_loop(c) for c in range(clients))))
+        return tokens / (time.perf_counter() - start)
+
+
+def bench_constrained(name: str, args: argparse.Namespace, workdir: Path) -> list[list[object]]:
+    config = MODELS[name]()
+    torch.manual_seed(args.seed)
+    save_pretrained(build_transformer(config), checkpoint := workdir / name, tokenizer=ByteTokenizer())
+    clients = max(args.clients)
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    ours = Process([sys.executable, "-m", "andromeda", "serve", "--checkpoint", str(checkpoint), "--port",
+                    str(port := free_port()), "--max-batch-size", str(clients), *threads], port,
+                   workdir / f"{name}-constrained.log")
+    runs: dict[str, list[float]] = {label: [] for label in CONSTRAINTS}
+    try:
+        ours.wait_ready()
+        for _ in range(args.repeats):
+            for label, extra in CONSTRAINTS.items():
+                runs[label].append(asyncio.run(constrained_load(ours.url, clients, args.requests, args.prompt_tokens,
+                                                                args.new_tokens, extra)))
+                log.info("%s %s: %.1f tok/s", name, label, runs[label][-1])
+    finally:
+        ours.stop()
+    free = statistics.median(runs["free text"])
+    return [[name, label, clients, f"{statistics.median(r):.0f}", f"{statistics.median(r) / free:.2f}x"]
+            for label, r in runs.items()]
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
     return sorted_values[index]
@@ -270,6 +333,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="demo model only, one request per client, 1 repeat")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true", help="progress on stderr")
+    parser.add_argument("--constrained", action="store_true",
+                        help="our server only, at the largest --clients: free text vs a regex vs a JSON schema")
     parser.add_argument("--baseline-server", metavar="CHECKPOINT", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -291,6 +356,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.new_tokens} new tokens, greedy; median of {args.repeats} runs; andromeda serve with "
           f"--max-batch-size {max(args.clients)}")
     rows = []
+    if args.constrained:
+        with tempfile.TemporaryDirectory(prefix="bench-serve-") as workdir:
+            for name in args.models:
+                rows += bench_constrained(name, args, Path(workdir))
+        print(common.markdown_table(["model", "output", "clients", "tok/s", "vs free text"], rows))
+        return 0
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as workdir:
         for name in args.models:
             rows += bench_model(name, args, Path(workdir))

@@ -18,13 +18,14 @@ The runner owns the model, the cache and the per-slot sampling state; it is the 
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import Tensor
 
 from ..inference.sampling import TokenCounts, apply_logit_bias, penalize, sample
 from ..inference.speculative import accept_row
-from ..inference.structured import apply_constraints
+from ..inference.structured import allowed_tokens, apply_allowed
 from ..model import KVCache, Transformer
 from .config import ServeConfig
 from .scheduler import Batch, Sequence, StepPlan, StepResult, TokenLogprob
@@ -48,6 +49,7 @@ class ModelRunner:
         slots = config.max_batch_size
         self._generators: list[torch.Generator | None] = [None] * slots  # sampled rows' own
         self._counts: list[TokenCounts | None] = [None] * slots  # penalized rows': prompt and output tokens
+        self._mask_thread: ThreadPoolExecutor | None = None  # computes grammar masks beside the forward
 
     # ------------------------------------------------------------------ the scheduler's SlotCache
 
@@ -91,12 +93,23 @@ class ModelRunner:
             if batch.proposals is not None:
                 self._verify(batch, result)
                 continue
+            sampled = [batch.seqs[i] for i in batch.sample]
+            masks = self._masks(sampled)  # computed on a thread while the forward runs
             logits = self._forward(batch)[:, -1]
-            if batch.sample:
+            if sampled:
                 rows = batch.sample
-                self._sample([batch.seqs[i] for i in rows], logits[rows] if len(rows) < len(batch.seqs)
-                             else logits, result)
+                self._sample(sampled, logits[rows] if len(rows) < len(batch.seqs) else logits, result, masks)
         return result
+
+    def _masks(self, seqs: Seq[Sequence]) -> Future | None:
+        """The grammar masks of the rows about to be sampled, started now: llguidance computes them
+        without the GIL, beside the model's forward (vLLM overlaps them likewise)."""
+        matchers = [s.matcher for s in seqs]
+        if all(m is None for m in matchers):
+            return None
+        if self._mask_thread is None:
+            self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="andromeda-grammar")
+        return self._mask_thread.submit(allowed_tokens, matchers, self.config.num_tokens)
 
     def _verify(self, batch: Batch, result: StepResult) -> None:
         """A decode call with proposals: the logits after the last token and after each proposed
@@ -106,7 +119,8 @@ class ModelRunner:
         logits = self._forward(batch, keep=len(batch.tokens[0]))  # (B, T, V)
         plain = [i for i, proposal in enumerate(batch.proposals) if not proposal]
         if plain:
-            self._sample([batch.seqs[i] for i in plain], logits[plain, 0], result)
+            seqs = [batch.seqs[i] for i in plain]
+            self._sample(seqs, logits[plain, 0], result, self._masks(seqs))
         for i, proposal in enumerate(batch.proposals):
             seq = batch.seqs[i]
             if proposal:
@@ -136,11 +150,12 @@ class ModelRunner:
         return self.net(tokens, positions, key_mask=mask, cache=self.cache, slots=batch.slots, logits_to_keep=keep,
                         validate=False)
 
-    def _sample(self, seqs: Seq[Sequence], logits: Tensor, result: StepResult) -> None:
-        """Draw each row's next token into `result` (logprobs report the model's `logits`)."""
+    def _sample(self, seqs: Seq[Sequence], logits: Tensor, result: StepResult, masks: Future | None = None) -> None:
+        """Draw each row's next token into `result` (logprobs report the model's `logits`);
+        `masks`: the rows' grammar masks (`_masks`), None if no row follows a grammar."""
         scores = self._penalized(seqs, logits)
-        if any(s.matcher is not None for s in seqs):  # each row's grammar masks what it does not allow
-            scores = apply_constraints(scores, [s.matcher for s in seqs])
+        if masks is not None:  # each row's grammar masks what it does not allow
+            scores = apply_allowed(scores, masks.result())
         greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
         tokens: list[int | None] = [None] * len(seqs)
         if greedy:  # one argmax for all greedy rows
