@@ -387,3 +387,117 @@ def _flops(n: float) -> str:
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n / 1e6:.2f} MFLOP"
+
+
+# --------------------------------------------------------------------------- LoRA and QLoRA
+
+LORA_ADAPTER_BYTES = MASTER_BYTES + GRAD_BYTES + ADAM_BYTES  # fp32 adapter, its gradient, AdamW moments
+QUANTIZED_WEIGHT_BYTES = {"int8": 1.0, "int4": 0.5}
+
+
+@dataclass(frozen=True)
+class LoraPlan:
+    """What one step of a LoRA (or QLoRA) fine-tune of `full.config` costs in one process (DDP
+    replicas each hold the same); memory in bytes. `full` is the full fine-tune's plan, whose
+    FLOPs and activations it starts from."""
+
+    full: Plan
+    rank: int
+    targets: tuple[str, ...]
+    quantize: str | None
+    adapter_params: int
+    frozen_bytes: int  # the base: Linears in the compute dtype (or int8/int4 with scales), the rest as loaded
+    adapter_bytes: int  # adapters, their gradients and AdamW moments, fp32
+    activation_bytes: int
+    checkpointed_activation_bytes: int
+    transient_bytes: int  # QLoRA: one layer's weight dequantized to fp32 in backward
+
+    def total_bytes_with(self, activation_checkpointing: bool) -> int:
+        activations = self.checkpointed_activation_bytes if activation_checkpointing else self.activation_bytes
+        return self.frozen_bytes + self.adapter_bytes + self.transient_bytes + activations
+
+
+def lora_layer_shapes(config: Config) -> dict[str, tuple[int, int]]:
+    """--lora-targets name -> (in_features, out_features) of that Linear in each block."""
+    C, H, K, D, F = config.dim, config.heads, config.attn_kv_heads, config.dim_head, config.ff_dim
+    return {"qkv": (C, (H + 2 * K) * D), "out": (H * D, C), "ff_in": (C, F), "ff_out": (F, C)}
+
+
+def lora_plan(
+    config: Config | str, rank: int, targets: tuple[str, ...] = ("qkv", "out", "ff_in", "ff_out"),
+    quantize: str | None = None, seq_len: int | None = None, batch: int = 1, dtype: str = "bf16",
+    dropout: bool = False, *, gpu_memory_gib: float = H100_GIB,
+) -> LoraPlan:
+    """Price a LoRA fine-tune as `train --lora-rank` runs it (`train.lora`): the base frozen with
+    its Linears in `dtype` (or int8 / int4 with `quantize`), embeddings and norms fp32 (in `dtype`
+    under QLoRA, which loads the whole base so); rank-`rank` adapters on `targets` in every block
+    with fp32 AdamW; `batch` sequences of `seq_len` tokens. Nothing is allocated.
+
+    Activations are the full fine-tune's (the adapters need their layers' inputs, the same tensors
+    the weight gradients need), plus what the adapters add: the feed-forward's GELU output (the
+    fused feed-forward, which recomputes it, runs only over plain Linears), each adapter's (N, r)
+    intermediate, and with `dropout` each dropped input and its mask; less the fused loss's (V, C)
+    gradient, which a frozen output projection does not form."""
+    full = plan(config, 1, seq_len, batch, dtype, False, gpu_memory_gib=gpu_memory_gib)
+    config = full.config
+    shapes = lora_layer_shapes(config)
+    unknown = sorted(set(targets) - set(shapes))
+    if unknown or not targets:
+        raise ValueError(f"targets must name layers among {', '.join(shapes)}, got {list(targets)}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+    if quantize is not None and quantize not in QUANTIZED_WEIGHT_BYTES:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZED_WEIGHT_BYTES)} or None, got {quantize!r}")
+    width, L, V, C = DTYPE_BYTES[dtype], config.depth, config.num_tokens, config.dim
+    adapter_params = L * sum(rank * (shapes[t][0] + shapes[t][1]) for t in targets)
+    linears = [(i, o) for i, o in shapes.values()] * L + [(C, V)]  # every block's, and the output projection
+    linear_params = sum(i * o for i, o in linears)
+    biases = L * (config.ff_dim + C)  # the feed-forward's (the other Linears have none)
+    other_params = full.params - linear_params - biases  # embeddings, norms, QK-norm scales
+    if quantize is None:
+        frozen = (linear_params + biases) * width + other_params * MASTER_BYTES
+        transient = 0
+    else:
+        # A scale per output row (int8), or a scale and a zero per group of 128 inputs (int4).
+        scales = sum(o * (1 if quantize == "int8" else 2 * math.ceil(i / 128)) for i, o in linears)
+        frozen = int(linear_params * QUANTIZED_WEIGHT_BYTES[quantize]) + (scales + biases + other_params) * width
+        transient = max(i * o for i, o in linears) * MASTER_BYTES
+    tokens = full.batch * full.seq_len
+    per_token = rank * len(targets) * width + (config.ff_dim * width if {"ff_in", "ff_out"} & set(targets) else 0)
+    if dropout:
+        per_token += sum(shapes[t][0] * (width + 1) for t in targets)
+    extra = L * tokens * per_token - V * C * 4  # the loss keeps no (V, C) fp32 weight gradient
+    checkpointed_extra = tokens * per_token - V * C * 4  # one block's, while it is recomputed
+    return LoraPlan(
+        full=full, rank=rank, targets=tuple(targets), quantize=quantize, adapter_params=adapter_params,
+        frozen_bytes=frozen, adapter_bytes=adapter_params * LORA_ADAPTER_BYTES,
+        activation_bytes=full.activation_bytes + extra,
+        checkpointed_activation_bytes=full.checkpointed_activation_bytes + checkpointed_extra,
+        transient_bytes=transient,
+    )
+
+
+def format_lora_plan(p: LoraPlan) -> str:
+    """A readable table of a LoRA plan: what trains, and the memory with and without activation
+    checkpointing."""
+    f = p.full
+    base = f"{p.quantize} Linears, QLoRA" if p.quantize else f"{f.dtype} Linears, fp32 embeddings and norms"
+    rows = [
+        (f"frozen base ({base})", p.frozen_bytes, p.frozen_bytes),
+        ("adapters, gradients, AdamW (fp32, 16 B each)", p.adapter_bytes, p.adapter_bytes),
+        ("activations", p.activation_bytes, p.checkpointed_activation_bytes),
+    ]
+    if p.transient_bytes:
+        rows.append(("one dequantized weight (backward)", p.transient_bytes, p.transient_bytes))
+    rows.append(("total", p.total_bytes_with(False), p.total_bytes_with(True)))
+    lines = [
+        f"LoRA       rank {p.rank} on {', '.join(p.targets)} of {f.config.depth} blocks: "
+        f"{_count(p.adapter_params)} trainable of {_count(f.params)} ({100 * p.adapter_params / f.params:.2f}%)",
+        f"run        one process, batch {f.batch} x seq {f.seq_len}, {f.dtype} compute",
+        "",
+        f"{'memory (GiB)':<56}{'no checkpointing':>18}{'checkpointing':>15}",
+    ]
+    lines += [f"{name:<56}{_gib(a):>18}{_gib(b):>15}" for name, a, b in rows]
+    lines.append("an estimate from tensor shapes: allocator overheads, the CUDA context and the Python "
+                 "process come on top")
+    return "\n".join(lines)

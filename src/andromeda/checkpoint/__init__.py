@@ -11,7 +11,9 @@
   place only once complete, so a crash at any moment leaves every earlier one whole;
 - `source`: `open_model_source`, the one place a path is resolved (a run folder to its latest
   checkpoint) and its config parsed, into a `ModelSource` every command passes on;
-- `loader`: the one loader of every kind of folder, and the dtype policy of inference.
+- `loader`: the one loader of every kind of folder, and the dtype policy of inference;
+- `lora`: LoRA adapter folders (peft's files under the exported model's names), checked against
+  their base and merged into its weights as they load (`attach_lora`).
 
 Loading validates everything (files present, manifest, header intact, every name and shape
 matching the config) before a model is built, so a bad folder raises an error naming the file and
@@ -47,6 +49,20 @@ from .loader import (
     torch_dtype,
     verify_model_files,
 )
+from .lora import (
+    ADAPTER_BASE_FILE,
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_FILES,
+    ADAPTER_WEIGHTS_FILE,
+    LORA_MODULES,
+    LoraAdapter,
+    attach_lora,
+    from_hf_adapter_state,
+    hf_target_modules,
+    open_adapter,
+    read_adapter,
+    write_adapter,
+)
 from .runs import (
     CHECKPOINTS_DIR,
     LATEST_FILE,
@@ -72,6 +88,8 @@ from .source import (
 )
 
 __all__ = [
+    "ADAPTER_BASE_FILE", "ADAPTER_CONFIG_FILE", "ADAPTER_FILES", "ADAPTER_WEIGHTS_FILE", "LORA_MODULES", "LoraAdapter",
+    "attach_lora", "from_hf_adapter_state", "hf_target_modules", "open_adapter", "read_adapter", "write_adapter",
     "CHECKPOINT", "CHECKPOINTS_DIR", "CONFIG_FILE", "CheckpointError", "DTYPES", "HF_EXPORT", "LATEST_FILE",
     "MANIFEST_FILE", "ModelSource", "OPTIMIZER_DIR", "QUANTIZATION_KEY", "QUANTIZED", "TRAINER_STATE_FILE",
     "TRAIN_CONFIG_FILE", "UnsafeFileError", "WEIGHTS_FILE", "check_checkpoint_output", "check_load_request",

@@ -9,6 +9,7 @@ A checkpoint folder holds
     tokenizer files      whatever `save_tokenizer` writes (absent if no tokenizer was given)
     train_config.json    the training hyperparameters (training checkpoints only)
     trainer_state.safetensors   step, clock, RNG states (training checkpoints only; train/state.py)
+    adapter_*.json/.safetensors   a LoRA run's adapter, in place of model.safetensors (`lora`)
     optimizer/           the AdamW state, in torch.distributed.checkpoint's sharded format
                          (training checkpoints only; see `parallel.dcp`)
     manifest.json        every other file's size and SHA-256
@@ -66,22 +67,25 @@ HASH_BLOCK = 8 * 2**20  # bytes read per hashing step
 def write_checkpoint_files(
     folder: Path,
     config: Config,
-    weights: Mapping[str, torch.Tensor],
+    weights: Mapping[str, torch.Tensor] | None,
     tokenizer: Tokenizer | None = None,
     train_config: Mapping[str, Any] | None = None,
     quantization: tuple[str, int | None] | None = None,
 ) -> None:
     """Write the model config, the `weights` (a Transformer state dict), the tokenizer and the
     training hyperparameters into the (new, empty) `folder`; `commit_checkpoint` fsyncs them.
-    `quantization`: the (scheme, group_size) the weights are quantized with, recorded in the config."""
+    `weights` None writes no model.safetensors (a LoRA run's checkpoint, which holds its adapter
+    and points to its base: `checkpoint.lora`). `quantization`: the (scheme, group_size) the
+    weights are quantized with, recorded in the config."""
     with writing(folder / CONFIG_FILE):
         data = config.to_dict()
         if quantization is not None:
             data[QUANTIZATION_KEY] = {"scheme": quantization[0], "group_size": quantization[1]}
         (folder / CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n")
-    tensors = {name: t.detach().contiguous().cpu() for name, t in weights.items()}
-    with writing(folder / WEIGHTS_FILE):
-        save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    if weights is not None:
+        tensors = {name: t.detach().contiguous().cpu() for name, t in weights.items()}
+        with writing(folder / WEIGHTS_FILE):
+            save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     if tokenizer is not None:
         with writing(folder / "tokenizer files"):
             save_tokenizer(tokenizer, folder)
@@ -160,6 +164,16 @@ def _manifest_entries(folder: Path) -> dict[str, dict[str, Any]] | None:
     for name in entries:
         member(folder, name, what=f"{MANIFEST_FILE} entry")
     return entries
+
+
+def manifest_sha256(folder: Path, name: str) -> str | None:
+    """The SHA-256 `folder`'s manifest records for the file `name`; None without a manifest or entry."""
+    entry = (_manifest_entries(folder) or {}).get(name)
+    return entry["sha256"] if entry is not None else None
+
+
+def sha256_file(path: Path) -> str:
+    return _sha256_files([path])[path]
 
 
 def _sha256_files(paths: Sequence[Path]) -> dict[Path, str]:

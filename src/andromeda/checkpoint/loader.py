@@ -40,6 +40,7 @@ from ..model import Transformer
 from ..tokenizers import HF_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, Tokenizer, load_tokenizer
 from ..weights import SafetensorsFile, placed, shape_problems, state_shapes, transformer_from_state
 from .files import CONFIG_FILE, WEIGHTS_FILE, describe_quantization, verify_checkpoint
+from .lora import apply_adapter_unmerged, describe_adapter_base, is_adapter_only, merge_adapter
 from .source import HF_EXPORT, ModelSource, open_model_source, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -68,8 +69,10 @@ def load_transformer(
         verify_model_files(source)
     if source.quantization is not None:
         net = _load_quantized(source, device, dtype)
+        if source.lora is not None:  # int8/int4 weights take no merge: the adapter runs beside them
+            apply_adapter_unmerged(net, source.lora, device)
     else:
-        net = transformer_from_state(source.config, _read_state(source, device, dtype))
+        net = transformer_from_state(source.config, _merged_state(source, device, dtype))
         if quantize is not None:
             quantize_model(net, quantize, group_size)
             logger.info("weights quantized as they loaded: %s", describe_quantization((quantize, group_size)))
@@ -111,6 +114,19 @@ def _read_state(source: ModelSource, device: torch.device | str | None, dtype: t
     return {name: placed(tensor, device, dtype) for name, tensor in weights.mapped().items()}
 
 
+def _merged_state(source: ModelSource, device: torch.device | str | None, dtype: torch.dtype | None
+                  ) -> dict[str, Tensor]:
+    """`_read_state`, with the source's LoRA adapter (if any) merged in before the `dtype` cast, so
+    each merged weight is rounded once."""
+    if source.lora is None:
+        return _read_state(source, device, dtype)
+    state = _read_state(source, device, None)
+    merge_adapter(state, source.lora, source.config)
+    logger.info("merged the LoRA adapter %s (rank %d, scaling %g)", source.lora.folder, source.lora.rank,
+                source.lora.scaling)
+    return {name: placed(t, t.device, dtype) for name, t in state.items()}
+
+
 def _load_quantized(source: ModelSource, device: torch.device | str | None, dtype: torch.dtype | None) -> Transformer:
     """A quantized checkpoint's model, read layer by layer; it loads in its saved dtype only."""
     weights = _weights_file(source)
@@ -129,6 +145,10 @@ def _load_quantized(source: ModelSource, device: torch.device | str | None, dtyp
 
 def _weights_file(source: ModelSource) -> SafetensorsFile:
     file = source.folder / WEIGHTS_FILE
+    if not file.is_file() and is_adapter_only(source.folder):
+        raise FileNotFoundError(f"{source.folder} holds a LoRA adapter, not a model: load its base with the adapter "
+                                f"(--checkpoint {describe_adapter_base(source.folder)} --lora {source.path}), or "
+                                f"write a plain checkpoint with `andromeda merge-lora`")
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint {source.folder} has no {WEIGHTS_FILE} (the weights)")
     return SafetensorsFile(file)

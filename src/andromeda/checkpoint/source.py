@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import Config
 from ..folders import CheckpointError, check_folder, read_json_object
@@ -38,6 +38,9 @@ from .files import (
 )
 from .runs import CHECKPOINTS_DIR, LATEST_FILE, latest_checkpoint
 
+if TYPE_CHECKING:
+    from .lora import LoraAdapter
+
 CHECKPOINT = "checkpoint"
 QUANTIZED = "quantized checkpoint"
 HF_EXPORT = "Hugging Face export"
@@ -52,6 +55,7 @@ class ModelSource:
     kind: str  # CHECKPOINT, QUANTIZED or HF_EXPORT
     config: Config
     quantization: tuple[str, int | None] | None = None  # (scheme, group_size) of a QUANTIZED one
+    lora: LoraAdapter | None = None  # an adapter merged as the weights load (`lora.attach_lora`)
 
     def describe(self) -> str:
         """What the folder holds, for messages: "a checkpoint", "int8-quantized", ..."""

@@ -8,6 +8,8 @@ turning its arguments into a call of the library and printing the result.
     andromeda eval --checkpoint runs/demo --seq-len 256 1024 --json
     andromeda generate --checkpoint runs/demo --prompt "ROMEO:" --max-new-tokens 200
     andromeda quantize --checkpoint runs/demo --out runs/demo-int8 --scheme int8
+    andromeda train --init-from runs/demo --lora-rank 16 --out runs/lora --data chat.jsonl --max-steps 500
+    andromeda merge-lora --checkpoint runs/demo --lora runs/lora --out runs/demo-lora
     andromeda plan --preset 7b --gpus 8 --seq-len 8192 --batch 1
     andromeda plan --config run.toml --gpus 8      # the run `andromeda train --config run.toml` starts
 
@@ -52,6 +54,7 @@ COMMANDS = {
     "tokenize": ("tokenize", "tokenise a corpus into the token cache ahead of training (what a cluster runs once "
                              "on a CPU node)"),
     "quantize": ("quantize", "write a weight-only int8 or int4 quantized copy of a checkpoint"),
+    "merge-lora": ("merge_lora", "write a checkpoint with a LoRA adapter merged into its weights"),
 }
 
 

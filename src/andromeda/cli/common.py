@@ -1,4 +1,5 @@
-"""Options several commands share: how to load a model for inference (dtype, quantization).
+"""Options several commands share: how to load a model for inference (dtype, quantization, a LoRA
+adapter).
 
 Torch-free at import (the choices come from `andromeda.choices`): `--help` lists them before
 PyTorch loads; the functions import what they need when they run.
@@ -23,7 +24,7 @@ AUTO_GROUP_SIZES = sorted((size for size in INT4_GROUP_SIZES if size <= DEFAULT_
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser, *, dtype: bool = True) -> None:
-    """--dtype, --quantize and --group-size (None unless given: see `group_size_for`)."""
+    """--dtype, --quantize, --group-size (None unless given: see `group_size_for`) and --lora."""
     if dtype:
         parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES),
                             help="cast the weights (default: as saved; bf16 on CUDA and when quantizing)")
@@ -35,6 +36,9 @@ def add_inference_arguments(parser: argparse.ArgumentParser, *, dtype: bool = Tr
                         help=f"int4 inputs per scale and zero: {sizes} (default: an int4 checkpoint's own, else the "
                              f"largest of {', '.join(map(str, AUTO_GROUP_SIZES))} that divides every layer's input "
                              f"width)")
+    parser.add_argument("--lora", metavar="DIR",
+                        help="merge this LoRA adapter into the weights as they load: a LoRA run's folder or "
+                             "checkpoint (train --lora-rank) or a peft adapter folder, trained on --checkpoint")
 
 
 def group_size_for(source: str | Path | ModelSource, quantize: str | None, group_size: int | None) -> int:
@@ -70,10 +74,13 @@ def _input_widths(config: Config) -> set[int]:
 
 def load_from_args(source: ModelSource, args: argparse.Namespace, device: torch.device, *,
                    decoding: bool = True) -> Transformer:
-    """The model of `source` as the shared options (and --no-verify) ask: `checkpoint.load_for_inference`.
-    `decoding`: for token-by-token generation (bf16 by default on CUDA) rather than scoring."""
-    from ..checkpoint import load_for_inference
+    """The model of `source` as the shared options (and --no-verify) ask: `checkpoint.load_for_inference`,
+    with the --lora adapter merged. `decoding`: for token-by-token generation (bf16 by default on
+    CUDA) rather than scoring."""
+    from ..checkpoint import attach_lora, load_for_inference
 
+    verify = getattr(args, "verify", True)
+    source = attach_lora(source, getattr(args, "lora", None), verify=verify)
     group_size = group_size_for(source, args.quantize, args.group_size)
     return load_for_inference(source, device=device, dtype=getattr(args, "dtype", None), quantize=args.quantize,
-                              group_size=group_size, verify=getattr(args, "verify", True), decoding=decoding)
+                              group_size=group_size, verify=verify, decoding=decoding)

@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--output", help="write the harness's results as JSON here")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--lora", metavar="DIR",
+                        help="apply a LoRA adapter trained on --checkpoint: a LoRA run, one of its checkpoints "
+                             "(train --lora-rank) or a peft adapter folder")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,6 +29,6 @@ def run(args: argparse.Namespace) -> int:
 
     results = run_lm_eval(args.checkpoint, args.tasks, include_path=args.include_path, limit=args.limit,
                           num_fewshot=args.num_fewshot, batch_size=args.batch_size, output=args.output,
-                          device=args.device)
+                          device=args.device, lora=args.lora)
     print(format_table(results))
     return 0

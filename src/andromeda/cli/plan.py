@@ -9,9 +9,9 @@ from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
-from ..choices import GIB, H100_BF16_TFLOPS, H100_GIB
+from ..choices import GIB, H100_BF16_TFLOPS, H100_GIB, SCHEMES
 from ..config import PRESETS, Config
-from ..train.config import TrainConfig, planned_model_config, read_config_file
+from ..train.config import LORA_TARGETS, TrainConfig, planned_model_config, read_config_file
 from .train import parse_overrides
 
 DESCRIPTION = """Parameters, FLOPs and per-GPU memory of a training run, nothing allocated.
@@ -19,6 +19,10 @@ DESCRIPTION = """Parameters, FLOPs and per-GPU memory of a training run, nothing
 Give a --preset, or the --config file `andromeda train --config` runs: then the plan is that run's
 model (preset, model_overrides, vocabulary of its tokenizer), seq_len, sequences per GPU per
 micro-step (batch_size / grad_accum / --gpus) and bf16 setting. Options given here override it.
+
+--lora-rank R (or a --config file with lora_rank) prices a LoRA fine-tune instead, in one process:
+the frozen base (bf16 Linears; int8 / int4 with --quantize, QLoRA), the fp32 adapters with their
+AdamW state, and the activations.
 """
 
 
@@ -70,6 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=H100_BF16_TFLOPS,
                         help=f"the GPU's dense bf16 peak for the throughput estimate (default "
                              f"{H100_BF16_TFLOPS:g}, an H100)")
+    parser.add_argument("--lora-rank", type=positive_int, metavar="R",
+                        help="price a LoRA fine-tune of this rank (train --lora-rank) instead of training every weight")
+    parser.add_argument("--lora-targets", nargs="+", metavar="TARGET",
+                        help=f"the layers LoRA adapts, among {', '.join(LORA_TARGETS)} (default: all)")
+    parser.add_argument("--quantize", choices=SCHEMES, help="QLoRA: the frozen base in int8 or int4")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,8 +95,26 @@ def run(args: argparse.Namespace) -> int:
         setup = dict(config=Config.from_preset(args.preset, **overrides), seq_len=args.seq_len, batch=args.batch or 1)
     else:
         raise ValueError("give --preset NAME or --config FILE (a train config) to plan")
+    lora = setup.pop("lora", {})
+    lora.update({key: value for key, value in (("rank", args.lora_rank), ("quantize", args.quantize)) if value})
+    if args.lora_targets:
+        lora["targets"] = tuple(t for item in args.lora_targets for t in item.split(",") if t)
+    if lora:
+        return _print_lora_plan(args, setup, lora)
     result = plan(gpus=args.gpus, gpu_memory_gib=args.gpu_memory, **setup)
     print(format_plan(result, peak_tflops=args.peak_tflops))
+    return 0
+
+
+def _print_lora_plan(args: argparse.Namespace, setup: dict[str, Any], lora: dict[str, Any]) -> int:
+    from ..plan import format_lora_plan, lora_plan
+
+    if "rank" not in lora:
+        raise ValueError("--lora-targets and --quantize price a LoRA fine-tune: give --lora-rank too")
+    if args.gpus != 1:
+        raise ValueError("a LoRA plan is per process (DDP replicas each hold the same): drop --gpus")
+    setup.pop("activation_checkpointing", None)  # the table shows both
+    print(format_lora_plan(lora_plan(gpu_memory_gib=args.gpu_memory, **setup, **lora)))
     return 0
 
 
@@ -106,6 +133,8 @@ def _planned_run(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[st
         raise ValueError(f"{args.config}: batch_size {run.batch_size} / grad_accum {run.grad_accum} = {micro_step} "
                          f"sequences per micro-step do not split over {args.gpus} GPUs; choose --gpus that "
                          f"divides {micro_step}, or give --batch")
+    lora = {} if run.lora_rank is None else dict(rank=run.lora_rank, targets=run.lora_targets, quantize=run.quantize,
+                                                 dropout=run.lora_dropout > 0)
     return dict(config=planned_model_config(run), seq_len=run.seq_len, batch=args.batch or micro_step // args.gpus,
                 dtype="fp32" if run.bf16 is False else "bf16",
-                activation_checkpointing=True if run.activation_checkpointing else None)
+                activation_checkpointing=True if run.activation_checkpointing else None, lora=lora)

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
     return serve(args.checkpoint, config, quantize=args.quantize,
-                 group_size=group_size_for(args.checkpoint, args.quantize, args.group_size))
+                 group_size=group_size_for(args.checkpoint, args.quantize, args.group_size), lora=args.lora)
 
 
 def _api_key(value: str) -> str:

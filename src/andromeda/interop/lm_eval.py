@@ -44,7 +44,7 @@ try:
 except ImportError as err:  # pragma: no cover - exercised without the extra installed
     raise ImportError(f"andromeda.interop.lm_eval needs lm-evaluation-harness: {EVAL_EXTRA}") from err
 
-from ..checkpoint import load_checkpoint_tokenizer, load_for_inference, open_model_source
+from ..checkpoint import attach_lora, load_checkpoint_tokenizer, load_for_inference, open_model_source
 from ..inference.generate import stream
 from ..model import Transformer
 from ..tokenizers import Tokenizer
@@ -80,12 +80,12 @@ def _batch_size(value: int | str) -> int:
 
 
 def load_model(
-    checkpoint: str | Path, device: torch.device, dtype: torch.dtype | None
+    checkpoint: str | Path, device: torch.device, dtype: torch.dtype | None, lora: str | Path | None = None
 ) -> tuple[Transformer, Tokenizer]:
     """The model (as `checkpoint.load_for_inference` loads it for scoring) and tokenizer of any
     model folder: an Andromeda checkpoint or run folder, a quantized checkpoint, an exported
-    Hugging Face folder."""
-    source = open_model_source(checkpoint)
+    Hugging Face folder; with the LoRA adapter `lora` applied."""
+    source = attach_lora(open_model_source(checkpoint), lora)
     tokenizer = load_checkpoint_tokenizer(source)  # before the weights: a folder without one fails at once
     return load_for_inference(source, device=device, dtype=dtype, decoding=False), tokenizer
 
@@ -114,13 +114,14 @@ class AndromedaLM(TemplateLM):
         model: Transformer | None = None,
         tokenizer: Tokenizer | None = None,
         max_batch_size: int | None = None,  # passed by simple_evaluate; sizes are never automatic
+        lora: str | Path | None = None,
     ) -> None:
         super().__init__()
         self._device = _device(device)
         if (checkpoint is None) == (model is None):
             raise ValueError("give exactly one of checkpoint (a folder) and model (with its tokenizer)")
         if checkpoint is not None:
-            model, tokenizer = load_model(checkpoint, self._device, _dtype(dtype))
+            model, tokenizer = load_model(checkpoint, self._device, _dtype(dtype), lora)
         elif tokenizer is None:
             raise ValueError("a model passed directly needs its tokenizer")
         else:
@@ -338,6 +339,7 @@ def run_lm_eval(
     bootstrap_iters: int = 100_000,
     model: Transformer | None = None,
     tokenizer: Tokenizer | None = None,
+    lora: str | Path | None = None,
 ) -> dict[str, Any]:
     """`lm_eval.simple_evaluate` of the checkpoint on `tasks` (a list, or names joined by commas);
     returns the harness's results dict, also written as JSON to `output` when given.
@@ -366,7 +368,7 @@ def run_lm_eval(
         where = f" or in {paths}" if paths else "; pass --include-path for local task YAMLs"
         raise ValueError(f"unknown lm-eval tasks {unknown}: not among the harness's tasks{where}")
     lm = AndromedaLM(checkpoint=None if model is not None else checkpoint, batch_size=batch_size, device=device,
-                     dtype=dtype, max_length=max_length, model=model, tokenizer=tokenizer)
+                     dtype=dtype, max_length=max_length, model=model, tokenizer=tokenizer, lora=lora)
     results = simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
                               bootstrap_iters=bootstrap_iters, log_samples=False)
     args = f"checkpoint={checkpoint}" if model is None else "model=(in memory)"

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import check_load_request, load_checkpoint_tokenizer, open_model_source
+from ..checkpoint import attach_lora, check_load_request, load_checkpoint_tokenizer, open_model_source
 from ..inference.quantize import DEFAULT_GROUP_SIZE
 from ..parallel.environment import resolve_device
 from .config import ServeConfig
@@ -39,10 +39,10 @@ MAX_HEAD_BYTES = 64 * 1024  # a request line and headers together (h11 allows 16
 
 
 def serve(checkpoint: str | Path, config: ServeConfig | None = None, *, quantize: str | None = None,
-          group_size: int = DEFAULT_GROUP_SIZE) -> int:
-    """Serve the checkpoint as `config` says (default: ServeConfig()) until SIGINT/SIGTERM; returns
-    0. Raises ValueError/OSError/RuntimeError naming the problem (bad option, missing checkpoint,
-    port in use, weights that do not load)."""
+          group_size: int = DEFAULT_GROUP_SIZE, lora: str | Path | None = None) -> int:
+    """Serve the checkpoint as `config` says (default: ServeConfig()) until SIGINT/SIGTERM, with
+    the LoRA adapter `lora` applied; returns 0. Raises ValueError/OSError/RuntimeError naming the
+    problem (bad option, missing checkpoint, port in use, weights that do not load)."""
     config = config or ServeConfig()
     try:
         import httptools  # noqa: F401  (the HTTP parser whose callbacks time request heads)
@@ -61,7 +61,7 @@ def serve(checkpoint: str | Path, config: ServeConfig | None = None, *, quantize
     # every barrier the thread's work delays.
     threads = config.threads
     torch.set_num_threads(threads if threads is not None else max(1, torch.get_num_threads() - 1))
-    source = open_model_source(checkpoint)  # resolved and parsed here, once; the engine loads it
+    source = attach_lora(open_model_source(checkpoint), lora)  # resolved and checked here, once; the engine loads it
     folder, model_config = source.folder, source.config
     tokenizer = load_checkpoint_tokenizer(source)
     template_text = find_chat_template(source, config.chat_template)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 # Torch-free imports only: `andromeda train --help` builds its flags from TrainConfig before
 # PyTorch loads (the functions below that need more import it when they run).
-from ..choices import DEFAULT_TIMEOUT_S, PARALLEL_MODES
+from ..choices import DEFAULT_TIMEOUT_S, PARALLEL_MODES, SCHEMES
 from ..config import PRESETS, Config, check_types, from_known_fields
 
 if TYPE_CHECKING:
@@ -38,6 +38,8 @@ VOCAB_MULTIPLE = 64  # embedding rows are padded to a multiple of this (faster m
 DEFAULT_PRESET = "demo"
 OBJECTIVES = ("lm", "completion")
 TRACKERS = ("none", "tensorboard", "wandb")
+# The Linear layers of each block --lora-targets names (checkpoint.lora.LORA_MODULES maps them).
+LORA_TARGETS = ("qkv", "out", "ff_in", "ff_out")
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
@@ -56,6 +58,17 @@ class TrainConfig:
     model_overrides: Mapping[str, Any] = option({}, "model Config fields over the preset", cli=False)
     init_from: str | None = option(None, "start from a trained checkpoint's weights, model config and tokenizer, "
                                          "with a fresh optimizer and schedule (fine-tuning, continued pretraining)")
+    lora_rank: int | None = option(None, "train LoRA adapters of this rank (peft) over the frozen --init-from "
+                                         "weights instead of the weights themselves; checkpoints hold the adapters "
+                                         "and point to the base")
+    lora_alpha: float | None = option(None, "LoRA scaling numerator: updates are scaled by alpha / rank (default "
+                                            "2 x --lora-rank)")
+    lora_dropout: float = option(0.0, "dropout on the LoRA inputs")
+    lora_targets: tuple[str, ...] = option(LORA_TARGETS, f"the Linear layers of each block LoRA adapts, among "
+                                                         f"{', '.join(LORA_TARGETS)} (separated by spaces or commas)",
+                                           metavar="TARGET")
+    quantize: str | None = option(None, "QLoRA: quantize the frozen base as it loads, int8 or int4 (with "
+                                        "--lora-rank; a quantized --init-from needs no flag)", choices=SCHEMES)
     objective: str = option("lm", "lm: next-token loss on all text; completion: .jsonl records with prompt and "
                                   "completion fields, loss on the completion tokens only", choices=OBJECTIVES)
     data: tuple[str, ...] | None = option(
@@ -160,6 +173,33 @@ class TrainConfig:
             raise ValueError(f"unknown model config fields {unknown} in model_overrides; known: {sorted(known)}")
         if self.data is not None and not self.data:
             raise ValueError("TrainConfig.data must name at least one file, folder or glob (or be None)")
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        targets = tuple(t.strip() for item in self.lora_targets for t in item.split(",") if t.strip())
+        object.__setattr__(self, "lora_targets", targets)
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if unknown or not targets or len(set(targets)) != len(targets):
+            raise ValueError(f"TrainConfig.lora_targets (--lora-targets) must name distinct layers among "
+                             f"{', '.join(LORA_TARGETS)}, got {', '.join(targets) or 'none'}")
+        if self.quantize is not None and self.quantize not in SCHEMES:
+            raise ValueError(f"TrainConfig.quantize must be one of {', '.join(SCHEMES)}, got {self.quantize!r}")
+        if self.lora_rank is None:
+            if self.lora_alpha is not None or self.lora_dropout or self.quantize is not None:
+                raise ValueError("--lora-alpha, --lora-dropout and --quantize shape LoRA adapters and their frozen "
+                                 "base: give --lora-rank too (the weights of a full fine-tune cannot be quantized)")
+            return
+        if self.lora_rank < 1:
+            raise ValueError(f"TrainConfig.lora_rank (--lora-rank) must be >= 1, got {self.lora_rank}; leave it "
+                             f"out to train every weight")
+        if self.init_from is None:
+            raise ValueError("--lora-rank adapts a trained model: give its checkpoint with --init-from")
+        if self.lora_alpha is None:
+            object.__setattr__(self, "lora_alpha", 2.0 * self.lora_rank)
+        if not self.lora_alpha > 0:
+            raise ValueError(f"TrainConfig.lora_alpha (--lora-alpha) must be > 0, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"TrainConfig.lora_dropout (--lora-dropout) must be in [0, 1), got {self.lora_dropout}")
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -183,7 +223,8 @@ class TrainConfig:
 # parallel, the number of processes, ...) may change: the loss curve does not depend on them.
 # The stop (max_steps, time_budget) may change too: a resumed run can be extended; its learning-rate
 # schedule keeps the length the run started with (train/state.py, Progress.schedule_steps).
-RUN_DEFINING = ("preset", "model_overrides", "init_from", "objective", "data", "eval_data", "text_field",
+RUN_DEFINING = ("preset", "model_overrides", "init_from", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
+                "quantize", "objective", "data", "eval_data", "text_field",
                 "tokenizer", "bpe_vocab_size", "seed",
                 "batch_size", "seq_len", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "qk_scale_lr_mult",
                 "beta1", "beta2", "grad_clip")

@@ -18,6 +18,7 @@ else carries state between steps.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import signal
@@ -56,11 +57,12 @@ from ..parallel.environment import (
     node_first,
     resolve_device,
 )
-from ..parallel.parallelize import build_parallel_model, check_parallel_setup
+from ..parallel.parallelize import apply_activation_checkpointing, build_parallel_model, check_parallel_setup
 from ..tokenizers import Tokenizer, build_tokenizer
 from .config import TrainConfig, model_config
 from .data import CompletionData, TextData, absolute_specs, check_same_data, data_files, data_identity, run_data
 from .lock import run_lock
+from .lora import is_qlora, lora_model, resumed_base
 from .metrics import LOSS_PLOT_FILE, METRICS_FILE, MetricsLog, Trackers, plot_losses
 from .optim import build_optimizer, decay_progress, lr_at
 from .state import Progress, TrainerState, restore_training, save_training_checkpoint, set_rng_state
@@ -125,16 +127,22 @@ class Trainer:
     def __init__(self, config: TrainConfig, env: DistEnv, *, pause: PausePoint | None = None,
                  tokenizer_pause: str | None = None) -> None:
         check_parallel_setup(config.parallel, config.batch_size, config.grad_accum, env)
+        if config.lora_rank is not None and config.parallel == "fsdp" and env.distributed:
+            raise ValueError("a LoRA run (--lora-rank) shares its work with --parallel ddp, not fsdp: its trainable "
+                             "adapters are small, and every process holds the frozen base")
         self.config, self.env = config, env
+        self.lora_base: ModelSource | None = None  # a LoRA run's frozen base
         self.pause, self.tokenizer_pause = pause, tokenizer_pause  # test hooks (see `train`)
         self.run_dir = Path(config.out)
         self.metrics = MetricsLog(self.run_dir / METRICS_FILE)
         # --init-from's folder (a checkpoint, run folder or Hugging Face export), opened once. A
         # resumed fine-tune continues from its own checkpoint: its base is only recorded
-        # (train_config.json's init_from), not read again, and may have moved since.
+        # (train_config.json's init_from), not read again, and may have moved since. (A LoRA run's
+        # checkpoints hold only adapters: it reads its base again, `_build_lora_model`.)
         self.init_source = open_model_source(config.init_from) if config.init_from and not config.resume else None
-        if self.init_source is not None:
-            refuse_quantized(self.init_source, "--init-from (training)")
+        if self.init_source is not None and config.lora_rank is None:  # QLoRA trains adapters over one
+            refuse_quantized(self.init_source, "--init-from (training every weight; --lora-rank trains adapters "
+                                               "over it)")
         resume_from, tokenizer, state = self._resume_or_start()
         model_cfg = resume_from.config if resume_from is not None else None
         barrier(env)  # every process has read the run folder before rank 0 cleans it
@@ -210,6 +218,8 @@ class Trainer:
         """The model spread over the processes, the module to call for the loss, and whether to
         run under bf16 autocast (also under FSDP, whose blocks then gather their weights in bf16)."""
         config, env = self.config, self.env
+        if config.lora_rank is not None:
+            return self._build_lora_model(resume_from, model_cfg)
         sharded = config.parallel == "fsdp" and env.distributed
         source = resume_from  # verified whole against its manifest by restore_training
         if source is None and self.init_source is not None:
@@ -220,6 +230,29 @@ class Trainer:
             init=None if source is not None else self._initialise,
             param_dtype=torch.bfloat16 if config.bf16 and sharded else None,
             activation_checkpointing=config.activation_checkpointing, compile=config.compile)
+        net.train()
+        return net, train_module, config.bf16
+
+    def _build_lora_model(self, resume_from: ModelSource | None, model_cfg: Config
+                          ) -> tuple[Transformer, nn.Module, bool]:
+        """The frozen base with its LoRA adapters (fresh, or the resumed run's), on every process.
+        A resumed run reads its base again from where the checkpoint records it, checked by hash."""
+        config, env = self.config, self.env
+        self.lora_base = self.init_source if resume_from is None else resumed_base(resume_from)
+        verify_model_files(self.lora_base)
+        init = functools.partial(lora_model, self.lora_base, model_cfg, config, resume_from=resume_from)
+        if is_qlora(self.lora_base, config):
+            # Quantized layers have no parallel or compiled form: one process, eager.
+            if env.distributed or config.compile:
+                raise ValueError("QLoRA (a quantized base) trains in one process without --compile; drop "
+                                 "--quantize (or give a full-precision --init-from) to use them")
+            net = init(env.device)
+            if config.activation_checkpointing:
+                apply_activation_checkpointing(net)
+            return net, net, config.bf16
+        net, train_module = build_parallel_model(model_cfg, config.parallel, env, init=init,
+                                                 activation_checkpointing=config.activation_checkpointing,
+                                                 compile=config.compile)
         net.train()
         return net, train_module, config.bf16
 
@@ -252,6 +285,13 @@ class Trainer:
         logger.info("model: %s parameters (dim %d, depth %d, %d heads of %d, %d kv heads, %d ALiBi heads, vocab %d)",
                     f"{self.net.num_parameters():,}", c.dim, c.depth, c.heads, c.dim_head, c.attn_kv_heads,
                     c.num_alibi_heads, c.num_tokens)
+        if self.lora_base is not None:
+            trained = sum(p.numel() for p in self.params)
+            base = build_transformer(c, device="meta").num_parameters()  # quantized weights are buffers
+            logger.info("LoRA rank %d on %s over %s%s: %s trainable parameters (%.2f%% of the base's %s)",
+                        config.lora_rank, ", ".join(config.lora_targets), self.lora_base.folder,
+                        f" ({config.quantize or self.lora_base.describe()})" if is_qlora(self.lora_base, config) else "",
+                        f"{trained:,}", 100 * trained / base, f"{base:,}")
         if env.distributed:
             logger.info("%s over %d processes: %d sequences per process per step, in %d micro-steps",
                         config.parallel, env.world_size, config.batch_size // env.world_size, config.grad_accum)
@@ -410,7 +450,8 @@ class Trainer:
     def save(self) -> Path:
         self.progress.elapsed_s = self.now
         path = save_training_checkpoint(self.run_dir, self.net, self.optimizer, self.progress, self.config,
-                                        self.tokenizer, self.env, self.data_identity, pause=self.pause)
+                                        self.tokenizer, self.env, self.data_identity, pause=self.pause,
+                                        lora_base=self.lora_base)
         self.saved_step = self.progress.step
         return path
 

@@ -17,7 +17,8 @@ from .config import TrainConfig
 def param_groups(net: nn.Module, weight_decay: float, qk_scale_lr_mult: float = 1.0) -> list[dict[str, Any]]:
     """Three AdamW groups: linear weights (decayed), QK-norm scales, everything else.
 
-    Only the weight matrices of linear layers are decayed. Norm gains, biases, embeddings and the
+    Frozen parameters are left out. Only the weight matrices of linear layers (LoRA's A and B
+    included) are decayed. Norm gains, biases, embeddings and the
     QK-norm scales are not (decoupled weight decay, Loshchilov & Hutter 2019,
     https://arxiv.org/abs/1711.05101; the exclusions follow GPT-2/nanoGPT): shrinking a gain or
     a lookup row towards zero is not a useful prior.
@@ -30,6 +31,8 @@ def param_groups(net: nn.Module, weight_decay: float, qk_scale_lr_mult: float = 
     decay, scales, other = [], [], []
     for module in net.modules():
         for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:  # frozen (a LoRA run's base): no gradient, no AdamW state
+                continue
             if isinstance(module, nn.Linear) and name == "weight":
                 decay.append(param)
             elif isinstance(module, Attention) and name in ("q_scale", "k_scale"):

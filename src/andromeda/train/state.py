@@ -47,6 +47,7 @@ from ..parallel.parallelize import full_model_state_dict
 from ..tokenizers import Tokenizer
 from .config import RUN_DEFINING, TrainConfig, model_config
 from .data import DATA_FILE, write_data_identity
+from .lora import adapter_state, write_lora_checkpoint_files
 from .step import NonFiniteLossError
 
 
@@ -132,7 +133,8 @@ def read_trainer_state(path: str | Path | ModelSource) -> TrainerState:
 def save_training_checkpoint(run_dir: Path, net: Transformer, optimizer: torch.optim.Optimizer,
                              progress: Progress, config: TrainConfig, tokenizer: Tokenizer,
                              env: DistEnv = DistEnv(), data: Mapping[str, Any] | None = None, *,
-                             pause: Callable[[str], None] | None = None) -> Path:
+                             pause: Callable[[str], None] | None = None,
+                             lora_base: ModelSource | None = None) -> Path:
     """Save everything a resumed run needs; refuses a model with non-finite weights. The one
     checkpoint writer of training runs.
 
@@ -140,12 +142,16 @@ def save_training_checkpoint(run_dir: Path, net: Transformer, optimizer: torch.o
     (so evaluation, generation and `from_pretrained` load any run alike); every process writes its
     own shards of the optimizer state (`parallel.dcp.save_optimizer`); once all are written, rank 0
     renames the staging folder into place. `data` is the run's data identity (train/data.py);
-    `pause` a test hook `commit_checkpoint` calls before the rename.
+    `pause` a test hook `commit_checkpoint` calls before the rename. A LoRA run (`lora_base`, its
+    frozen base) writes its adapter and a pointer to the base instead of model.safetensors.
 
     A full disk stops the save with "no space left on device while writing FILE"; the partial
     checkpoint is removed and every earlier one is untouched.
     """
-    weights = full_model_state_dict(net, env)  # rank 0: the whole model on the CPU; others: {}
+    if lora_base is not None:  # the base never changes: only the adapter is saved
+        weights = adapter_state(net) if env.is_main else {}
+    else:
+        weights = full_model_state_dict(net, env)  # rank 0: the whole model on the CPU; others: {}
     bad = broadcast_object([name for name, t in weights.items() if not torch.isfinite(t).all()], env)
     if bad:
         raise NonFiniteLossError(f"parameters {bad[:3]} hold NaN/inf at step {progress.step}; not saving")
@@ -157,7 +163,10 @@ def save_training_checkpoint(run_dir: Path, net: Transformer, optimizer: torch.o
         with writing(staging / OPTIMIZER_DIR):
             save_optimizer(staging / OPTIMIZER_DIR, net, optimizer)
         if env.is_main:
-            write_checkpoint_files(staging, net.config, weights, tokenizer, config.to_dict())
+            write_checkpoint_files(staging, net.config, None if lora_base is not None else weights, tokenizer,
+                                   config.to_dict())
+            if lora_base is not None:
+                write_lora_checkpoint_files(staging, net, config, lora_base)
             with writing(staging / TRAINER_STATE_FILE):
                 write_trainer_state(staging / TRAINER_STATE_FILE, progress, rng_state(env.device))
             if data is not None:
