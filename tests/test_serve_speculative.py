@@ -58,6 +58,25 @@ def test_greedy_output_is_unchanged_in_a_batch_of_16(params):
     assert stats.decode_rows < sum(len(s.output) - 1 for s in speculated)
 
 
+@pytest.mark.parametrize("draft_seed", [0, 1], ids=["perfect-draft", "poor-draft"])
+def test_a_draft_model_keeps_greedy_output_in_a_batch_of_16(draft_seed):
+    """The draft is the model itself (every proposal accepted) or another random model (few): the
+    tokens are those of plain decoding either way."""
+    net = random_net().eval()
+    draft = random_net(seed=draft_seed).eval()
+    plain, drafted = batch(), batch()
+    run(EngineCore(net, ServeConfig(max_batch_size=16, prefill_chunk=64)), plain)
+    core = EngineCore(net, ServeConfig(max_batch_size=16, prefill_chunk=64, speculative="draft",
+                                       draft_checkpoint="unused", num_speculative_tokens=3), draft=draft)
+    run(core, drafted)
+    assert [s.output for s in drafted] == [s.output for s in plain]
+    stats = core.stats
+    if draft_seed == 0:
+        assert stats.accepted_tokens == stats.draft_tokens > 0
+    else:
+        assert stats.accepted_tokens < stats.draft_tokens
+
+
 def test_a_sequence_alone_equals_its_copy_in_the_batch():
     net = random_net().eval()
     config = ServeConfig(max_batch_size=16, prefill_chunk=64, speculative="ngram")
@@ -109,5 +128,26 @@ def test_bad_speculation_options_name_the_flag():
         ServeConfig(speculative="ngram", num_speculative_tokens=33)
     with pytest.raises(ValueError, match="--speculative with --window"):
         ServeConfig(speculative="ngram", window=64)
-    with pytest.raises(ValueError, match="--speculative must be ngram"):
+    with pytest.raises(ValueError, match="--speculative draft needs --draft-checkpoint"):
         ServeConfig(speculative="draft")
+    with pytest.raises(ValueError, match="--draft-checkpoint goes with --speculative draft only"):
+        ServeConfig(speculative="ngram", draft_checkpoint="d")
+    with pytest.raises(ValueError, match="--speculative must be ngram or draft"):
+        ServeConfig(speculative="eagle")
+
+
+def test_serve_checks_the_draft_before_it_binds_a_port(tmp_path):
+    pytest.importorskip("fastapi")
+    from andromeda import Andromeda
+    from andromeda.checkpoint import save_pretrained
+    from andromeda.serve.server import serve
+
+    save_pretrained(random_net(), tmp_path / "target", tokenizer=ByteTokenizer())
+    torch.manual_seed(0)
+    save_pretrained(Andromeda.from_config("tiny", num_tokens=300).Andromeda, tmp_path / "vocab300",
+                    tokenizer=ByteTokenizer())
+    config = ServeConfig(port=0, speculative="draft", draft_checkpoint=str(tmp_path / "vocab300"))
+    with pytest.raises(ValueError, match="--draft-checkpoint .*vocab300 has a vocabulary of 300 ids"):
+        serve(tmp_path / "target", config)
+    with pytest.raises(FileNotFoundError, match="--draft-checkpoint"):
+        serve(tmp_path / "target", config.replace(draft_checkpoint=str(tmp_path / "missing")))

@@ -82,7 +82,9 @@ from .source import (
     load_config,
     load_quantization,
     load_train_config,
+    open_draft_source,
     open_model_source,
+    tokenizer_digest,
     refuse_quantized,
     resolve_checkpoint,
 )

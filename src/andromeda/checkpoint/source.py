@@ -19,6 +19,7 @@ the checkpoint's manifest before parsing it.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -138,3 +139,43 @@ def load_train_config(source: str | Path | ModelSource) -> dict[str, Any] | None
         return read_json_object(file, "the training hyperparameters, a JSON object of TrainConfig fields")
     except ValueError as err:
         raise CheckpointError(str(err)) from None
+
+
+def open_draft_source(path: str | Path, target: ModelSource, *, verify: bool = True,
+                      flag: str = "--draft-checkpoint", target_flag: str = "--checkpoint") -> ModelSource:
+    """The `ModelSource` of a speculative-decoding draft for `target`: refused unless it is full
+    precision and shares the target's vocabulary and tokenizer file (compared by SHA-256), with
+    errors that name both folders by their flags."""
+    try:
+        draft = open_model_source(path, verify=verify)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{flag}: {error}") from None
+    if draft.quantization is not None:
+        raise ValueError(f"{flag} {path} holds {draft.describe()} weights; a quantized draft is not supported "
+                         f"(--quantize applies to {target_flag} only): give the full-precision checkpoint it was "
+                         f"quantized from")
+    ours, theirs = target.config.num_tokens, draft.config.num_tokens
+    if ours != theirs:
+        raise ValueError(f"{flag} {path} has a vocabulary of {theirs} ids, {target_flag} {target.path} one of {ours}: "
+                         f"a draft must share the model's tokenizer")
+    mine, other = tokenizer_digest(target.folder), tokenizer_digest(draft.folder)
+    if mine != other:
+        raise ValueError(f"{flag} {path} has another tokenizer than {target_flag} {target.path} "
+                         f"({_describe_digest(other)} vs {_describe_digest(mine)}): a draft must share the model's "
+                         f"tokenizer")
+    return draft
+
+
+def tokenizer_digest(folder: Path) -> tuple[str, str] | None:
+    """(file name, SHA-256) of the file that defines a model folder's tokenizer: tokenizer.json
+    (Hugging Face), else tokenizer_config.json (the byte tokenizer); None if it has neither."""
+    from ..tokenizers import HF_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE
+
+    for name in (HF_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
+        if (folder / name).is_file():
+            return name, hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    return None
+
+
+def _describe_digest(digest: tuple[str, str] | None) -> str:
+    return "no tokenizer" if digest is None else f"{digest[0]} sha256 {digest[1][:12]}"

@@ -15,7 +15,6 @@ stderr at the end of each sample.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import sys
 import time
@@ -200,43 +199,10 @@ def _constraint(args: argparse.Namespace):
 
 
 def _draft_source(source, args: argparse.Namespace):
-    """The draft checkpoint's `ModelSource`, refused unless it is full precision and shares the
-    model's vocabulary and tokenizer files (compared by SHA-256)."""
-    from ..checkpoint import open_model_source
+    """The draft checkpoint's `ModelSource`: full precision, the model's vocabulary and tokenizer."""
+    from ..checkpoint import open_draft_source
 
-    try:
-        draft = open_model_source(args.draft_checkpoint, verify=args.verify)
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"--draft-checkpoint: {error}") from None
-    if draft.quantization is not None:
-        raise ValueError(f"--draft-checkpoint {args.draft_checkpoint} holds {draft.describe()} weights; a quantized "
-                         f"draft is not supported (--quantize applies to --checkpoint only): give the full-precision "
-                         f"checkpoint it was quantized from")
-    ours, theirs = source.config.num_tokens, draft.config.num_tokens
-    if ours != theirs:
-        raise ValueError(f"--draft-checkpoint {args.draft_checkpoint} has a vocabulary of {theirs} ids, --checkpoint "
-                         f"{args.checkpoint} one of {ours}: a draft must share the model's tokenizer")
-    mine, other = tokenizer_digest(source.folder), tokenizer_digest(draft.folder)
-    if mine != other:
-        raise ValueError(f"--draft-checkpoint {args.draft_checkpoint} has another tokenizer than --checkpoint "
-                         f"{args.checkpoint} ({_describe_digest(other)} vs {_describe_digest(mine)}): a draft must "
-                         f"share the model's tokenizer")
-    return draft
-
-
-def tokenizer_digest(folder: Path) -> tuple[str, str] | None:
-    """(file name, SHA-256) of the file that defines a model folder's tokenizer: tokenizer.json
-    (Hugging Face), else tokenizer_config.json (the byte tokenizer); None if it has neither."""
-    from ..tokenizers import HF_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE
-
-    for name in (HF_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
-        if (folder / name).is_file():
-            return name, hashlib.sha256((folder / name).read_bytes()).hexdigest()
-    return None
-
-
-def _describe_digest(digest: tuple[str, str] | None) -> str:
-    return "no tokenizer" if digest is None else f"{digest[0]} sha256 {digest[1][:12]}"
+    return open_draft_source(args.draft_checkpoint, source, verify=args.verify)
 
 
 def _speculative_text(net, draft, tokenizer, prompt: str, args: argparse.Namespace, decoder, generator, sampling):

@@ -55,8 +55,11 @@ class ServeConfig:
                                       "usage.prompt_tokens_details.cached_tokens)", flag="--no-prefix-cache")
     speculative: str | None = option(None, "speculative decoding: ngram proposes the continuation of the latest "
                                            "earlier match of each sequence's last tokens in its prompt and output "
-                                           "(prompt lookup); one forward checks every row's proposals. Same greedy "
-                                           "text, same sampling distribution", choices=["ngram"])
+                                           "(prompt lookup), draft the tokens of a smaller model "
+                                           "(--draft-checkpoint); one forward checks every row's proposals. Same "
+                                           "greedy text, same sampling distribution", choices=["ngram", "draft"])
+    draft_checkpoint: str | None = option(None, "the draft model of --speculative draft: a smaller full-precision "
+                                                "checkpoint with the same tokenizer", metavar="DIR")
     num_speculative_tokens: int = option(4, "with --speculative: tokens proposed per row and step, at most; fewer, "
                                             "or none for a while, where few are accepted", metavar="K")
     threads: int | None = option(None, "torch intra-op threads (default: torch's choice less one, at least 1, "
@@ -93,10 +96,12 @@ class ServeConfig:
         if self.num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
             raise ValueError(f"--num-speculative-tokens must be <= {MAX_SPECULATIVE_TOKENS}, got "
                              f"{self.num_speculative_tokens}")
+        if self.speculative not in (None, "ngram", "draft"):
+            raise ValueError(f"--speculative must be ngram or draft, got {self.speculative!r}")
+        if (self.speculative == "draft") != (self.draft_checkpoint is not None):
+            raise ValueError("--speculative draft needs --draft-checkpoint DIR, and --draft-checkpoint goes with "
+                             "--speculative draft only")
         if self.speculative is not None:
-            if self.speculative != "ngram":
-                raise ValueError(f"--speculative must be ngram, got {self.speculative!r} (a draft model is "
-                                 f"`andromeda generate`'s only, for now)")
             if self.window is not None:
                 raise ValueError("--speculative with --window: speculative decoding keeps every token in view; "
                                  "leave out one of them")

@@ -21,9 +21,9 @@ from .scheduler import Scheduler, Sequence, SchedulerStats, StepOutput, StepResu
 
 
 class EngineCore:
-    def __init__(self, net: Transformer, config: ServeConfig | None = None) -> None:
+    def __init__(self, net: Transformer, config: ServeConfig | None = None, draft: Transformer | None = None) -> None:
         self.serve_config = config = config or ServeConfig()
-        self.runner = ModelRunner(net, config)
+        self.runner = ModelRunner(net, config, draft)
         self.scheduler = Scheduler(config, self.runner, net.config.max_seq_len)
         self.config = net.config
         self.outputs: list[StepOutput] = []  # what the last step produced (so far, if it raised)

@@ -71,6 +71,7 @@ class ModelSpec:
     dtype: torch.dtype | str | None = None  # None: the loader's choice (as saved; bf16 on CUDA or to quantize)
     quantize: str | None = None  # "int8" or "int4": quantize a full-precision model as it loads
     group_size: int = DEFAULT_GROUP_SIZE  # int4's inputs per scale and zero
+    draft: ModelSource | None = None  # a speculative-decoding draft model, loaded like the model (not quantized)
 
 
 def load_model(spec: ModelSpec) -> Transformer:
@@ -78,6 +79,13 @@ def load_model(spec: ModelSpec) -> Transformer:
     in eval mode on `spec.device`, bf16 weights on a CPU prepacked for oneDNN."""
     return load_for_inference(spec.source, device=spec.device, dtype=spec.dtype, quantize=spec.quantize,
                               group_size=spec.group_size, decoding=True)
+
+
+def load_draft(spec: ModelSpec) -> Transformer | None:
+    """The draft model of `spec` (None without one), in the model's dtype policy, never quantized."""
+    if spec.draft is None:
+        return None
+    return load_for_inference(spec.draft, device=spec.device, dtype=spec.dtype, decoding=True)
 
 
 # --------------------------------------------------------------------------- requests and outputs
@@ -286,7 +294,7 @@ class Engine:
         try:
             started = time.perf_counter()
             net = self.loader(self.spec)
-            self.core = EngineCore(net, self.serve_config)
+            self.core = EngineCore(net, self.serve_config, draft=load_draft(self.spec))
             self._warm_up()
             logger.info("model loaded in %.1f s", time.perf_counter() - started)
         except BaseException as error:  # reported by the server, which then exits

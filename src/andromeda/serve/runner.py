@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from ..inference.sampling import TokenCounts, apply_logit_bias, penalize, sample
-from ..inference.speculative import accept_row
+from ..inference.proposers import DraftProposer
+from ..inference.speculative import accept_row, check_draft
 from ..inference.structured import allowed_tokens, apply_allowed
 from ..model import KVCache, Transformer
 from .config import ServeConfig
@@ -32,7 +33,9 @@ from .scheduler import Batch, Sequence, StepPlan, StepResult, TokenLogprob
 
 
 class ModelRunner:
-    def __init__(self, net: Transformer, config: ServeConfig) -> None:
+    def __init__(self, net: Transformer, config: ServeConfig, draft: Transformer | None = None) -> None:
+        if (config.speculative == "draft") != (draft is not None):
+            raise ValueError("a draft model goes with speculative='draft', and that needs one")
         self.net = net
         self.config = net.config
         weight = net.token_emb.weight
@@ -50,6 +53,10 @@ class ModelRunner:
         self._generators: list[torch.Generator | None] = [None] * slots  # sampled rows' own
         self._counts: list[TokenCounts | None] = [None] * slots  # penalized rows': prompt and output tokens
         self._mask_thread: ThreadPoolExecutor | None = None  # computes grammar masks beside the forward
+        self.drafter = None
+        if draft is not None:
+            check_draft(net, draft)
+            self.drafter = DraftProposer(draft, slots, self.config.max_seq_len + config.num_speculative_tokens + 1)
 
     # ------------------------------------------------------------------ the scheduler's SlotCache
 
@@ -83,6 +90,8 @@ class ModelRunner:
         for admission in plan.admitted:
             seq, slot = admission.seq, admission.slot
             self._counts[slot] = None
+            if self.drafter is not None:
+                self.drafter.reset(slot)
             self._generators[slot] = None if seq.params.greedy or seq.seed is None else \
                 torch.Generator(device=self.device).manual_seed(seq.seed)
         for seq in plan.scored:
@@ -90,8 +99,9 @@ class ModelRunner:
         for batch in (plan.decode, plan.prefill):
             if batch is None:
                 continue
+            drafts = self._draft(batch) if batch.draft_k is not None else None
             if batch.proposals is not None:
-                self._verify(batch, result)
+                self._verify(batch, result, drafts)
                 continue
             sampled = [batch.seqs[i] for i in batch.sample]
             masks = self._masks(sampled)  # computed on a thread while the forward runs
@@ -111,7 +121,20 @@ class ModelRunner:
             self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="andromeda-grammar")
         return self._mask_thread.submit(allowed_tokens, matchers, self.config.num_tokens)
 
-    def _verify(self, batch: Batch, result: StepResult) -> None:
+    def _draft(self, batch: Batch) -> list[Tensor | None]:
+        """The draft model's proposals for the rows of a decode call (`batch.draft_k` tokens each),
+        added to the batch; the distributions q they were drawn from, per row (None: greedy)."""
+        proposals, qs = [], []
+        for seq, k in zip(batch.seqs, batch.draft_k):
+            tokens, q = self.drafter.propose(seq.slot, seq.prompt + seq.output, k, seq.params,
+                                             self._generators[seq.slot]) if k else ([], None)
+            proposals.append(tokens)
+            qs.append(q)
+        if any(proposals):
+            batch.add_proposals(proposals, self.config.max_seq_len)
+        return qs
+
+    def _verify(self, batch: Batch, result: StepResult, drafts: list[Tensor | None] | None = None) -> None:
         """A decode call with proposals: the logits after the last token and after each proposed
         one, each row's tokens by the rejection rule (`accept_row`: greedy rows keep the proposals
         equal to the argmax, then one of the model's own), then each slot cut back to what its row
@@ -126,7 +149,8 @@ class ModelRunner:
             if proposal:
                 try:
                     result.tokens[seq] = accept_row(proposal, logits[i, : 1 + len(proposal)], seq.params,
-                                                    counts=self._counts_of(seq), generator=self._generators[seq.slot])
+                                                    counts=self._counts_of(seq), generator=self._generators[seq.slot],
+                                                    q=None if drafts is None else drafts[i])
                 except Exception as error:  # e.g. NaN logits: this row ends, the batch goes on
                     result.errors[seq] = f"{type(error).__name__}: {error}"
                     continue

@@ -116,11 +116,12 @@ class Sequence:
 
 @dataclass(eq=False)
 class Speculation:
-    """A sequence's prompt lookup (`NgramProposer`, which indexes its tokens as they grow) and how
-    many tokens it proposes next (`SpeculationPolicy`, from its acceptance so far)."""
+    """How many tokens a sequence proposes next (`SpeculationPolicy`, from its acceptance so far)
+    and, for prompt lookup, its `NgramProposer` (which indexes its tokens as they grow; None with
+    a draft model, whose proposals the runner makes)."""
 
-    proposer: NgramProposer
     policy: SpeculationPolicy
+    proposer: NgramProposer | None = None
 
 
 # --------------------------------------------------------------------------- plans and results
@@ -147,6 +148,19 @@ class Batch:
     key_mask: list[list[bool]] | None
     sample: list[int]
     proposals: list[list[int]] | None = None  # a decode call's guesses per row ([]: none): verify them
+    draft_k: list[int] | None = None  # with a draft model: how many tokens each row's draft proposes
+
+    def add_proposals(self, proposals: list[list[int]], max_seq_len: int) -> None:
+        """Append each row's proposal after its last token, the rows right-padded to one length
+        (padding masked, at the positions after the row's, where the cut back to what the row
+        keeps drops it; learned absolute positions end at max_seq_len - 1: padding stays there)."""
+        T = 1 + max(map(len, proposals))
+        for row, proposal in enumerate(proposals):
+            start, pad = self.positions[row][0], T - 1 - len(proposal)
+            self.tokens[row] = [self.tokens[row][0], *proposal] + [self.tokens[row][0]] * pad
+            self.positions[row] = [min(start + i, max_seq_len - 1) for i in range(T)]
+        self.key_mask = [[True] * (1 + len(p)) + [False] * (T - 1 - len(p)) for p in proposals]
+        self.proposals = proposals
 
     @property
     def slots(self) -> list[int]:
@@ -335,7 +349,8 @@ class Scheduler:
             plan.admitted.append(self._place(seq))
             if self.config.speculative and seq.logprobs is None and seq.matcher is None and \
                     not seq.params.logit_bias:  # (rows the verify step's rule does not cover decode plainly)
-                seq.speculation = Speculation(NgramProposer(), SpeculationPolicy(self.config.num_speculative_tokens))
+                policy = SpeculationPolicy(self.config.num_speculative_tokens)
+                seq.speculation = Speculation(policy, NgramProposer() if self.config.speculative == "ngram" else None)
             seq.status = Status.PREFILL
             self.running.append(seq)
 
@@ -413,26 +428,21 @@ class Scheduler:
         batch = Batch(seqs, tokens, positions, None, list(range(len(seqs))))
         if not self.config.speculative:
             return batch
-        proposals = [self._propose(s) for s in seqs]
-        T = 1 + max(map(len, proposals))
-        if T == 1:
+        ks = [self._proposal_size(s) for s in seqs]
+        if self.config.speculative == "draft":
+            batch.draft_k = ks if any(ks) else None  # the runner drafts them
             return batch
-        last = self.max_seq_len - 1  # (learned absolute positions end there: padding stays at it)
-        for row, proposal in enumerate(proposals):
-            start, pad = positions[row][0], T - 1 - len(proposal)
-            tokens[row] += proposal + [tokens[row][0]] * pad
-            positions[row] = [min(start + i, last) for i in range(T)]
-        batch.key_mask = [[True] * (1 + len(p)) + [False] * (T - 1 - len(p)) for p in proposals]
-        batch.proposals = proposals
+        proposals = [s.speculation.proposer.propose(s.prompt + s.output, k) if k else [] for s, k in zip(seqs, ks)]
+        if any(proposals):
+            batch.add_proposals(proposals, self.max_seq_len)
         return batch
 
-    def _propose(self, seq: Sequence) -> list[int]:
-        """Up to the policy's k tokens that prompt lookup guesses come next, no more than the
-        sequence may still generate after this step's own token."""
+    def _proposal_size(self, seq: Sequence) -> int:
+        """How many tokens `seq` proposes this step: the policy's k, no more than the sequence may
+        still generate after this step's own token."""
         if seq.speculation is None:
-            return []
-        k = min(seq.speculation.policy.k(), seq.max_tokens - len(seq.output) - 1)
-        return seq.speculation.proposer.propose(seq.prompt + seq.output, k) if k > 0 else []
+            return 0
+        return max(0, min(seq.speculation.policy.k(), seq.max_tokens - len(seq.output) - 1))
 
     def _plan_prefill(self, seqs: list[Sequence]) -> Batch:
         T, rows = self._prefill_shape(seqs)

@@ -27,7 +27,13 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import attach_lora, check_load_request, load_checkpoint_tokenizer, open_model_source
+from ..checkpoint import (
+    attach_lora,
+    check_load_request,
+    load_checkpoint_tokenizer,
+    open_draft_source,
+    open_model_source,
+)
 from ..inference.quantize import DEFAULT_GROUP_SIZE
 from ..parallel.environment import resolve_device
 from .config import ServeConfig
@@ -69,7 +75,14 @@ def serve(checkpoint: str | Path, config: ServeConfig | None = None, *, quantize
     target = resolve_device(config.device)
     name = config.served_model_name or Path(checkpoint).resolve().name
     check_load_request(source, quantize, group_size)  # now, not in the engine's thread
-    spec = ModelSpec(source, target, config.dtype, quantize, group_size)  # the dtype policy: `load_for_inference`
+    draft = None
+    if config.draft_checkpoint is not None:
+        draft = open_draft_source(config.draft_checkpoint, source)
+        if draft.config.use_abs_pos_emb and draft.config.max_seq_len < model_config.max_seq_len:
+            raise ValueError(f"--draft-checkpoint {config.draft_checkpoint} has learned positions up to "
+                             f"{draft.config.max_seq_len}, fewer than the model's context of "
+                             f"{model_config.max_seq_len}: it could not follow long sequences")
+    spec = ModelSpec(source, target, config.dtype, quantize, group_size, draft)  # the dtype policy: `load_for_inference`
 
     metrics = Metrics(name)
     if config.slides and model_config.use_abs_pos_emb:
