@@ -17,6 +17,7 @@ server would be: the same SSE wire format, a lock around `inference.generate.str
     python benchmarks/bench_serve.py --quick           # demo preset only, fewer requests
     python benchmarks/bench_serve.py --models demo --clients 1 16 --repeats 3
     python benchmarks/bench_serve.py --constrained     # our server at 16 clients: free vs constrained text
+    python benchmarks/bench_serve.py --plain --models demo --clients 1 16 --requests 2 --new-tokens 64
 
 Goal (issue #11): at 16 clients at least 6x the single-client tokens/s, with p50 TTFT under 2x
 the single-client one.
@@ -26,6 +27,10 @@ requests three ways, alternating: free text, a regex (`structured_outputs`) and 
 (`response_format`), and prints each one's generated tokens/s (from `usage.completion_tokens`,
 since a grammar may end a choice early) against free text's. Goal: constrained output costs
 at most 15% of the tokens/s.
+
+--plain (issue #22) loads our server alone with plain (non-streamed) requests at each C, the
+smallest first, alternating, and prints tokens/s against the smallest C: the load of a batch job
+(32 requests of 64 new tokens from 16 clients against one at a time). Goal: >= 6x at 16 clients.
 """
 
 from __future__ import annotations
@@ -193,28 +198,42 @@ async def constrained_load(url: str, clients: int, requests_per_client: int, pro
         return tokens / (time.perf_counter() - start)
 
 
-def bench_constrained(name: str, args: argparse.Namespace, workdir: Path) -> list[list[object]]:
+def bench_plain_loads(name: str, args: argparse.Namespace, workdir: Path, loads: dict[str, tuple[int, dict]]
+                      ) -> dict[str, float]:
+    """Median generated tokens/s of each named load (clients, extra body fields) on one server of
+    ours, the loads alternating over --repeats rounds."""
     config = MODELS[name]()
     torch.manual_seed(args.seed)
     save_pretrained(build_transformer(config), checkpoint := workdir / name, tokenizer=ByteTokenizer())
-    clients = max(args.clients)
     threads = ["--threads", str(args.threads)] if args.threads else []
     ours = Process([sys.executable, "-m", "andromeda", "serve", "--checkpoint", str(checkpoint), "--port",
-                    str(port := free_port()), "--max-batch-size", str(clients), *threads], port,
-                   workdir / f"{name}-constrained.log")
-    runs: dict[str, list[float]] = {label: [] for label in CONSTRAINTS}
+                    str(port := free_port()), "--max-batch-size", str(max(args.clients)), *threads], port,
+                   workdir / f"{name}-plain.log")
+    runs: dict[str, list[float]] = {label: [] for label in loads}
     try:
         ours.wait_ready()
         for _ in range(args.repeats):
-            for label, extra in CONSTRAINTS.items():
+            for label, (clients, extra) in loads.items():
                 runs[label].append(asyncio.run(constrained_load(ours.url, clients, args.requests, args.prompt_tokens,
                                                                 args.new_tokens, extra)))
                 log.info("%s %s: %.1f tok/s", name, label, runs[label][-1])
     finally:
         ours.stop()
-    free = statistics.median(runs["free text"])
-    return [[name, label, clients, f"{statistics.median(r):.0f}", f"{statistics.median(r) / free:.2f}x"]
-            for label, r in runs.items()]
+    return {label: statistics.median(r) for label, r in runs.items()}
+
+
+def bench_constrained(name: str, args: argparse.Namespace, workdir: Path) -> list[list[object]]:
+    clients = max(args.clients)
+    tok_s = bench_plain_loads(name, args, workdir, {label: (clients, extra) for label, extra in CONSTRAINTS.items()})
+    free = tok_s["free text"]
+    return [[name, label, clients, f"{value:.0f}", f"{value / free:.2f}x"] for label, value in tok_s.items()]
+
+
+def bench_plain(name: str, args: argparse.Namespace, workdir: Path) -> list[list[object]]:
+    clients = sorted(args.clients)
+    tok_s = bench_plain_loads(name, args, workdir, {str(c): (c, {}) for c in clients})
+    single = tok_s[str(clients[0])]
+    return [[name, c, f"{tok_s[str(c)]:.0f}", f"{tok_s[str(c)] / single:.2f}x"] for c in clients]
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -333,6 +352,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="demo model only, one request per client, 1 repeat")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true", help="progress on stderr")
+    parser.add_argument("--plain", action="store_true",
+                        help="our server only: plain (non-streamed) requests at each --clients, vs the smallest")
     parser.add_argument("--constrained", action="store_true",
                         help="our server only, at the largest --clients: free text vs a regex vs a JSON schema")
     parser.add_argument("--baseline-server", metavar="CHECKPOINT", help=argparse.SUPPRESS)
@@ -356,6 +377,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.new_tokens} new tokens, greedy; median of {args.repeats} runs; andromeda serve with "
           f"--max-batch-size {max(args.clients)}")
     rows = []
+    if args.plain:
+        with tempfile.TemporaryDirectory(prefix="bench-serve-") as workdir:
+            for name in args.models:
+                rows += bench_plain(name, args, Path(workdir))
+        print(common.markdown_table(["model", "clients", "tok/s", f"vs {min(args.clients)} client(s)"], rows))
+        return 0
     if args.constrained:
         with tempfile.TemporaryDirectory(prefix="bench-serve-") as workdir:
             for name in args.models:

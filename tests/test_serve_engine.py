@@ -190,6 +190,45 @@ def test_engine_frees_an_aborted_requests_slot(tiny_checkpoint):
     assert not engine.alive
 
 
+def test_a_plain_request_is_handed_its_choices_at_their_end_and_a_stream_as_it_goes(tiny_checkpoint):
+    """A non-streamed request's client reads nothing before the end, so the engine hands it
+    nothing before (each handover costs the engine time); a streamed one gets its first token at
+    once and the rest in pieces. Both get the same tokens."""
+    engine = Engine(ModelSpec(tiny_checkpoint), TOKENIZER, ServeConfig(max_batch_size=4, stream_interval=0))
+    engine.start()
+    try:
+        assert engine.ready.wait(30)
+
+        async def read(stream) -> list[list]:
+            handovers = []
+            while not any(d.finish_reason for batch in handovers for d in batch) or \
+                    sum(d.finish_reason is not None for batch in handovers for d in batch) < 2:
+                handovers.append(await asyncio.wait_for(stream.get(), 10))
+            return handovers
+
+        async def scenario():
+            loop = asyncio.get_running_loop()
+            choices = [SequenceRequest(i, [256, 65 + i], 40, SamplingParams(0)) for i in range(2)]
+            plain = engine.submit(choices, loop, streaming=False)
+            streamed = engine.submit([SequenceRequest(i, [256, 65 + i], 40, SamplingParams(0)) for i in range(2)],
+                                     loop)
+            return await asyncio.gather(read(plain), read(streamed))
+
+        plain, streamed = asyncio.run(scenario())
+    finally:
+        engine.shutdown()
+        engine.join(10)
+    # Every handover of the plain request ends a choice; the stream came in many pieces.
+    assert len(plain) <= 2 and all(any(d.finish_reason for d in batch) for batch in plain)
+    assert len(streamed) > 5
+
+    def tokens(handovers, index):
+        return [t for batch in handovers for d in batch if d.index == index for t in d.token_ids]
+
+    assert [tokens(plain, i) for i in range(2)] == [tokens(streamed, i) for i in range(2)]
+    assert all(len(tokens(plain, i)) == 40 for i in range(2))
+
+
 def test_health_is_503_while_loading_then_200(tiny_checkpoint):
     pytest.importorskip("fastapi")
     pytest.importorskip("httpx")

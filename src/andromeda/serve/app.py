@@ -253,9 +253,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 # --------------------------------------------------------------------------- the engine
 
 
-def _submit(ctx: ServerContext, seqs: list[SequenceRequest], prefix: str) -> RequestStream:
+def _submit(ctx: ServerContext, seqs: list[SequenceRequest], prefix: str, streaming: bool) -> RequestStream:
     try:
-        return ctx.engine.submit(seqs, asyncio.get_running_loop(), request_id=f"{prefix}-{uuid.uuid4().hex}")
+        return ctx.engine.submit(seqs, asyncio.get_running_loop(), request_id=f"{prefix}-{uuid.uuid4().hex}",
+                                 streaming=streaming)
     except EngineError as error:
         raise APIError(str(error), status=error.status, type="server_error", code=error.code,
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
@@ -390,7 +391,7 @@ async def _completions(ctx: ServerContext, body: CompletionRequest, raw: Request
                                         body.stop_strings, stop_ids, body.logprobs,
                                         body.logprobs if want_prompt_logprobs else None, matchers[p * body.n + i]))
     choices = [_Choice(s.index, *inputs[s.index // body.n], body.echo) for s in seqs]
-    stream = _submit(ctx, seqs, "cmpl")
+    stream = _submit(ctx, seqs, "cmpl", bool(body.stream))
     meta = (stream.request_id, protocol.now(), ctx.model_name)
     prompt_tokens = sum(len(ids) for ids, _ in inputs)
     if body.stream:
@@ -537,7 +538,7 @@ async def _chat_completions(ctx: ServerContext, body: ChatCompletionRequest, raw
     seqs = [SequenceRequest(i, ids, max_tokens, params, prompts.seed(body.seed, i), body.stop_strings, stop_ids, logprobs,
                             matcher=matchers[i]) for i in range(body.n)]
     choices = [_Choice(i, ids, "", False) for i in range(body.n)]
-    stream = _submit(ctx, seqs, "chatcmpl")
+    stream = _submit(ctx, seqs, "chatcmpl", bool(body.stream))
     meta = (stream.request_id, protocol.now(), ctx.model_name)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -8,10 +8,12 @@ their pieces through one `call_soon_threadsafe` per event loop. The model and th
 touched by this thread only.
 
 Delivery. Both threads share the GIL, so every chunk the event loop sends is time the engine
-does not compute. First tokens and endings are handed over at once; other tokens at most every
-`stream_interval` seconds, several per chunk under load (vLLM's --stream-interval does the same
-by token count). At each handover the engine waits until the loop has run what it had ready
-(see `_deliver`): that is also when the loop reads new requests.
+does not compute. A streamed request's first tokens and endings are handed over at once, its
+other tokens at most every `stream_interval` seconds, several per chunk under load (vLLM's
+--stream-interval does the same by token count). A plain (non-streamed) request is handed its
+choices when they end, and nothing before: its client reads nothing sooner. At each handover the
+engine waits until the loop has run what it had ready (see `_deliver`): that is also when the
+loop reads new requests.
 
 Flow control. At most max_batch_size sequences run (one KV-cache slot each) and max_queue more
 wait; a submission beyond that raises `Overloaded` (the API answers 503 with Retry-After).
@@ -183,9 +185,11 @@ class _Request:
     """The engine thread's view of a request in flight."""
 
     def __init__(self, request_id: str, stream: RequestStream, seqs: list[tuple[SequenceRequest, Sequence]],
-                 tokenizer: Tokenizer) -> None:
+                 streaming: bool = True) -> None:
         self.request_id = request_id
         self.stream = stream
+        self.streaming = streaming  # its client reads tokens as they come (else: each choice at its end)
+        self.held: list[Delta] = []  # a plain request's deltas until one of its choices ends
         self.choices = {seq: spec for spec, seq in seqs}
         self.unfinished = len(seqs)
         self.produced = 0  # tokens generated (stream.taken of them were taken)
@@ -225,6 +229,7 @@ class Engine:
         self._paused: set[_Request] = set()  # requests whose reader fell max_backlog behind (engine thread)
         self._pending: dict[_Request, list[Delta]] = {}  # deltas not yet handed to the event loop
         self._urgent = False  # a pending delta holds a first token, an end or prompt logprobs
+        self._streamed = False  # a pending delta is a streamed request's (handed over every stream_interval)
         self._delivered_at = 0.0
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="andromeda-engine", daemon=True)
@@ -240,8 +245,9 @@ class Engine:
         return self._thread.is_alive()
 
     def submit(self, seqs: list[SequenceRequest], loop: asyncio.AbstractEventLoop,
-               request_id: str | None = None, arrival: float | None = None) -> RequestStream:
-        """Queue a request's sequences; its deltas arrive on the returned stream (on `loop`)."""
+               request_id: str | None = None, arrival: float | None = None, streaming: bool = True) -> RequestStream:
+        """Queue a request's sequences; its deltas arrive on the returned stream (on `loop`): as
+        they come when `streaming`, else each choice's at its end."""
         request_id = request_id or f"req-{next(self._ids)}"
         stream = RequestStream(request_id, loop)
         stream.wake = self._wake
@@ -252,7 +258,7 @@ class Engine:
             pairs.append((spec, Sequence(spec.prompt, spec.max_tokens, spec.params, seed, spec.stop_ids,
                                          spec.logprobs, spec.prompt_logprobs, TextStream(self.tokenizer, spec.stop),
                                          matcher=spec.matcher, arrival=arrival)))
-        request = _Request(request_id, stream, pairs, self.tokenizer)
+        request = _Request(request_id, stream, pairs, streaming)
         with self._lock:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")
@@ -363,9 +369,10 @@ class Engine:
                     logger.exception("an engine step failed")
                     self._fail_step(EngineError(f"generation failed: {error}"))
             now = time.perf_counter()
-            if self._urgent or now - self._delivered_at >= self.stream_interval or not core.can_step:
+            due = self._streamed and now - self._delivered_at >= self.stream_interval
+            if self._urgent or due or not core.can_step:
                 self._deliver(self._pending)
-                self._pending, self._urgent, self._delivered_at = {}, False, now
+                self._pending, self._urgent, self._streamed, self._delivered_at = {}, False, False, now
             if self.metrics is not None:
                 self.metrics.running.set(len(core.running))
                 self.metrics.waiting.set(len(core.waiting))
@@ -421,17 +428,19 @@ class Engine:
             delta = deltas.get(seq)
             if delta is None:
                 delta = deltas[seq] = Delta(request.choices[seq].index)
-                deliveries.setdefault(request, []).append(delta)
+                (deliveries.setdefault(request, []) if request.streaming else request.held).append(delta)
+            self._streamed |= request.streaming
             if out.prompt_logprobs is not None:
                 delta.prompt_logprobs = out.prompt_logprobs
-                self._urgent = True
+                self._urgent |= request.streaming
             if out.token is not None:
-                if out.offset == 0:
-                    self._urgent = True  # until its first text is out: TTFT is not worth saving work on
+                if out.offset == 0:  # until its first text is out: TTFT is not worth saving work on
+                    self._urgent |= request.streaming
                 self._observe_token(seq, now)
                 delta.token_ids.append(out.token)
                 request.produced += 1
-                if request.produced - request.stream.taken >= self.max_backlog:
+                # (A plain request is read at its end: max_tokens bounds what it holds.)
+                if request.streaming and request.produced - request.stream.taken >= self.max_backlog:
                     self._pause(request, seq)
                 if out.logprob is not None:
                     delta.logprobs.append(out.logprob)
@@ -439,6 +448,9 @@ class Engine:
                 delta.text += out.text
             if out.finished:
                 self._urgent = True
+                if request.held:  # a plain request: what its choices have so far, with this end
+                    deliveries.setdefault(request, []).extend(request.held)
+                    request.held = []
                 delta.finish_reason = seq.finish_reason
                 delta.stop_reason = None if seq.stop_reason == self.tokenizer.eos_id else seq.stop_reason
                 delta.cached_tokens = seq.cached_tokens
