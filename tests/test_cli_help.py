@@ -74,14 +74,14 @@ def help_text(capsys, *command: str) -> str:
 
 def test_train_help_lists_the_objectives_and_shows_defaults_as_typed(capsys):
     text = help_text(capsys, "train")
-    assert "--objective {lm,completion}" in text and "--parallel {none,ddp,fsdp}" in text
+    assert "--objective {lm,completion,chat}" in text and "--parallel {none,ddp,fsdp}" in text
     assert "WANDB_MODE says otherwise) (default none)" in text and "('none',)" not in text
 
 
 def test_an_objective_not_listed_is_refused_by_the_parser(tmp_path, capsys):
-    assert cli.main(["train", "--out", str(tmp_path / "run"), "--max-steps", "1", "--objective", "chat"]) == 2
+    assert cli.main(["train", "--out", str(tmp_path / "run"), "--max-steps", "1", "--objective", "rl"]) == 2
     err = capsys.readouterr().err
-    assert "argument --objective: invalid choice: 'chat'" in err and "lm" in err and "completion" in err
+    assert "argument --objective: invalid choice: 'rl'" in err and "lm" in err and "completion" in err
 
 
 @pytest.mark.parametrize("command", ["generate", "eval", "serve"])

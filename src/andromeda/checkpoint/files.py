@@ -7,6 +7,8 @@ A checkpoint folder holds
     model.safetensors    the Transformer's state dict (a quantized one's: int8 / packed int4
                          weights with their scales, see `inference.quantize`)
     tokenizer files      whatever `save_tokenizer` writes (absent if no tokenizer was given)
+    chat_template.jinja  the chat template `serve` and `chat` render messages with (optional;
+                         `train --chat-template`, kept from --init-from's and through export-hf)
     train_config.json    the training hyperparameters (training checkpoints only)
     trainer_state.safetensors   step, clock, RNG states (training checkpoints only; train/state.py)
     adapter_*.json/.safetensors   a LoRA run's adapter, in place of model.safetensors (`lora`)
@@ -46,6 +48,7 @@ from ..folders import (
     writing,
 )
 from ..inference.quantize import check_scheme, quantization_of
+from ..interop.hf import CHAT_TEMPLATE_FILE
 from ..model import Transformer
 from ..tokenizers import Tokenizer, save_tokenizer
 
@@ -71,12 +74,13 @@ def write_checkpoint_files(
     tokenizer: Tokenizer | None = None,
     train_config: Mapping[str, Any] | None = None,
     quantization: tuple[str, int | None] | None = None,
+    chat_template: str | None = None,
 ) -> None:
     """Write the model config, the `weights` (a Transformer state dict), the tokenizer and the
     training hyperparameters into the (new, empty) `folder`; `commit_checkpoint` fsyncs them.
     `weights` None writes no model.safetensors (a LoRA run's checkpoint, which holds its adapter
     and points to its base: `checkpoint.lora`). `quantization`: the (scheme, group_size) the
-    weights are quantized with, recorded in the config."""
+    weights are quantized with, recorded in the config; `chat_template`: a Jinja chat template's text."""
     with writing(folder / CONFIG_FILE):
         data = config.to_dict()
         if quantization is not None:
@@ -89,6 +93,9 @@ def write_checkpoint_files(
     if tokenizer is not None:
         with writing(folder / "tokenizer files"):
             save_tokenizer(tokenizer, folder)
+    if chat_template is not None:
+        with writing(folder / CHAT_TEMPLATE_FILE):
+            (folder / CHAT_TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
     if train_config is not None:
         with writing(folder / TRAIN_CONFIG_FILE):
             (folder / TRAIN_CONFIG_FILE).write_text(json.dumps(dict(train_config), indent=2) + "\n")
@@ -200,7 +207,7 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def save_pretrained(net: Transformer, directory: str | Path, tokenizer: Tokenizer | None = None, *,
-                    flag: str = "directory") -> Path:
+                    flag: str = "directory", chat_template: str | None = None) -> Path:
     """Save weights, config and (optionally) tokenizer into `directory`; returns it.
 
     The folder is written beside its final name and renamed into place, so readers never see a
@@ -208,12 +215,13 @@ def save_pretrained(net: Transformer, directory: str | Path, tokenizer: Tokenize
     not) that holds nothing but its manifest's files, which is then replaced as a whole; anything
     else (a run folder, an unrelated folder) is refused with a FileExistsError naming `flag`.
     A quantized model (`inference.quantize`) saves its quantized weights, and its config records
-    the scheme.
+    the scheme. A `chat_template` (its text) is saved as chat_template.jinja.
     """
     directory = check_checkpoint_output(directory, quantized=quantization_of(net) is not None, flag=flag)
     staging = staging_beside(directory)
     try:
-        write_checkpoint_files(staging, net.config, net.state_dict(), tokenizer, quantization=quantization_of(net))
+        write_checkpoint_files(staging, net.config, net.state_dict(), tokenizer, quantization=quantization_of(net),
+                               chat_template=chat_template)
         finish_checkpoint_folder(staging)
         replace_folder(staging, directory)
     finally:

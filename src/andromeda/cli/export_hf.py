@@ -17,6 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import DTYPES, load_checkpoint_tokenizer, load_transformer, open_model_source
     from ..interop.hf import export_hf
+    from ..serve.chat_template import find_chat_template
 
     source = open_model_source(args.checkpoint)
     net = load_transformer(source)
@@ -24,7 +25,8 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = load_checkpoint_tokenizer(source)
     except FileNotFoundError:
         tokenizer = None  # a model saved without one exports without one
-    out = export_hf(net, tokenizer, args.out, dtype=DTYPES.get(args.dtype), flag="--out")
+    template = find_chat_template(source)  # the checkpoint's, checked against its manifest
+    out = export_hf(net, tokenizer, args.out, dtype=DTYPES.get(args.dtype), flag="--out", chat_template=template)
     print(f"wrote {out}: load it with AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)"
           + (f" and AutoTokenizer.from_pretrained({str(out)!r}, trust_remote_code=False)"
              if tokenizer is not None else ""))

@@ -20,6 +20,7 @@ def run(args: argparse.Namespace) -> int:
         open_model_source,
         save_pretrained,
     )
+    from ..serve.chat_template import find_chat_template
 
     check_checkpoint_output(args.out, quantized=False, flag="--out")  # before the slow part
     source = open_model_source(args.hf)
@@ -30,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = load_checkpoint_tokenizer(source)
     except FileNotFoundError:
         tokenizer = None  # an export without a tokenizer is imported without one
-    out = save_pretrained(load_transformer(source), args.out, tokenizer=tokenizer, flag="--out")
+    template = find_chat_template(source)  # chat_template.jinja, or tokenizer_config.json's chat_template
+    out = save_pretrained(load_transformer(source), args.out, tokenizer=tokenizer, flag="--out", chat_template=template)
     print(f"wrote {out}")
     return 0

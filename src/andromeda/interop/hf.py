@@ -20,6 +20,7 @@ An exported folder holds
     tokenizer_config.json         AutoTokenizer's settings (add_bos_token, with eos as bos), plus
                                   `andromeda_tokenizer`, which tells `import_hf` which of our
                                   tokenizers to rebuild (and the post-processor it replaced)
+    chat_template.jinja           the chat template (also tokenizer_config.json's "chat_template")
 
 Weight names (ours -> exported; i is the block):
 
@@ -99,10 +100,11 @@ WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # a checkpoint keeps its chat template under the same name
 CODE_FILES = ("configuration_andromeda.py", "modeling_andromeda.py")
 # Every file an export holds: a folder holding anything else is not replaced by a new export.
 EXPORT_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, GENERATION_CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE,
-                          *CODE_FILES})
+                          CHAT_TEMPLATE_FILE, *CODE_FILES})
 # The byte tokenizer's special tokens (ids 256 and 257), as ByteTokenizer names them.
 BYTE_SPECIALS = ("<|endoftext|>", "<|pad|>")
 CODE_DIR = Path(__file__).parent / "hf_model"
@@ -382,7 +384,7 @@ def _open_documents_with_eos(file: Path, eos_id: int) -> Any:
     return replaced
 
 
-def _write_tokenizer(tokenizer: Tokenizer, folder: Path, max_len: int) -> None:
+def _write_tokenizer(tokenizer: Tokenizer, folder: Path, max_len: int, chat_template: str | None) -> None:
     """tokenizer.json and an AutoTokenizer tokenizer_config.json for `tokenizer` in `folder`."""
     from tokenizers import Tokenizer as TokenizersTokenizer
 
@@ -421,6 +423,8 @@ def _write_tokenizer(tokenizer: Tokenizer, folder: Path, max_len: int) -> None:
     if isinstance(tokenizer, ByteTokenizer):
         # The byte tokenizer reads "<|endoftext|>" in text as its 13 bytes, never as the token.
         settings["split_special_tokens"] = True
+    if chat_template is not None:
+        settings["chat_template"] = chat_template
     (folder / TOKENIZER_CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")
 
 
@@ -486,21 +490,15 @@ def is_export_folder(path: str | Path) -> bool:
     return is_hf_folder(path) and all(entry.name in EXPORT_FILES and entry.is_file() for entry in path.iterdir())
 
 
-def export_hf(
-    model: Transformer,
-    tokenizer: Tokenizer | None,
-    out_dir: str | Path,
-    *,
-    dtype: torch.dtype | None = None,
-    flag: str = "directory",
-) -> Path:
+def export_hf(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Path, *, dtype: torch.dtype | None = None,
+              flag: str = "directory", chat_template: str | None = None) -> Path:
     """Write `model` (and `tokenizer`) as a folder transformers loads with trust_remote_code=True;
     returns the folder.
 
-    The weights keep their dtype unless `dtype` is given. The folder is written beside `out_dir`
-    and renamed into place; an existing `out_dir` is replaced only if it is empty or an earlier
-    export holding nothing but an export's files, never a run or an unrelated folder (a
-    FileExistsError naming `flag`).
+    The weights keep their dtype unless `dtype` is given; a `chat_template` (its text) is written
+    as chat_template.jinja and in tokenizer_config.json. The folder is written beside `out_dir` and renamed into place;
+    an existing `out_dir` is replaced only if it is empty or an earlier export holding nothing but
+    an export's files, never a run or an unrelated folder (a FileExistsError naming `flag`).
     """
     net = _transformer(model)
     config = net.config
@@ -519,7 +517,7 @@ def export_hf(
     staging = staging_beside(out_dir)
     try:
         with writing(out_dir):
-            _write_export(staging, config, state, tokenizer, weights_dtype)
+            _write_export(staging, config, state, tokenizer, weights_dtype, chat_template)
             apply_umask(staging)  # mkdtemp and safetensors make private files
         replace_folder(staging, out_dir)
     finally:
@@ -529,7 +527,7 @@ def export_hf(
 
 
 def _write_export(folder: Path, config: Config, state: dict[str, Tensor], tokenizer: Tokenizer | None,
-                  weights_dtype: torch.dtype) -> None:
+                  weights_dtype: torch.dtype, chat_template: str | None) -> None:
     tensors = {name: t.contiguous() for name, t in to_hf_state_dict(state, config).items()}
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     settings = hf_config(config, tokenizer, weights_dtype)
@@ -540,7 +538,9 @@ def _write_export(folder: Path, config: Config, state: dict[str, Tensor], tokeni
     for name in CODE_FILES:
         shutil.copyfile(CODE_DIR / name, folder / name)
     if tokenizer is not None:
-        _write_tokenizer(tokenizer, folder, config.max_seq_len)
+        _write_tokenizer(tokenizer, folder, config.max_seq_len, chat_template)
+    if chat_template is not None:
+        (folder / CHAT_TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
 
 
 def import_hf(hf_dir: str | Path) -> tuple[Config, dict[str, Tensor], Tokenizer | None]:

@@ -1,7 +1,8 @@
 """Chat templates: messages to a prompt string, with Jinja as Hugging Face renders them.
 
 A template comes from `--chat-template FILE`, else from the checkpoint: a `chat_template.jinja`
-file, or a "chat_template" entry of its tokenizer_config.json (a string, or Hugging Face's list of
+file (which `train --chat-template FILE` stores, listed in the manifest, and `export-hf` and
+`import-hf` carry across), or a "chat_template" entry of its tokenizer_config.json (a string, or Hugging Face's list of
 named templates, of which "default" is used). The template sees `messages`,
 `add_generation_prompt`, `bos_token`, `eos_token`, `pad_token`, the functions `raise_exception`
 and `strftime_now`, and the `tojson` filter, as in `transformers`' `apply_chat_template`.
@@ -16,9 +17,10 @@ from typing import Any
 
 from ..checkpoint import HF_EXPORT, ModelSource, open_model_source, verify_checkpoint
 from ..folders import CheckpointError, member, read_json_object
+from ..interop.hf import CHAT_TEMPLATE_FILE
 from ..tokenizers import EOS_TOKEN, PAD_TOKEN, TOKENIZER_CONFIG_FILE
 
-TEMPLATE_FILE = "chat_template.jinja"
+TEMPLATE_FILE = CHAT_TEMPLATE_FILE  # written by `train --chat-template`, `import-hf` and `export-hf`
 
 
 class ChatTemplateError(ValueError):

@@ -73,8 +73,9 @@ async def render_chat(ctx: ServerContext, messages: list[dict[str, Any]], add_ge
                       kwargs: dict[str, Any] | None) -> str:
     if ctx.chat_template is None:
         raise APIError("this model has no chat template, so /v1/chat/completions cannot render messages; "
-                       "start the server with --chat-template FILE, or put a chat_template in the "
-                       "checkpoint's tokenizer_config.json", param="messages", code="chat_template_missing")
+                       "start the server with --chat-template FILE, or store one in the checkpoint with "
+                       "`andromeda train --chat-template FILE` (kept as chat_template.jinja, listed in its manifest)",
+                       param="messages", code="chat_template_missing")
     template = ctx.chat_template
 
     def render() -> str:

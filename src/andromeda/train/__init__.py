@@ -7,6 +7,7 @@ text, logs metrics, and writes resumable checkpoints.
     state.py    the trainer state, and saving / restoring a training checkpoint
     data.py     the run's data (text or prompt/completion), its identity across resumes
     sft.py      prompt/completion examples: the loss on completions only
+    chat.py     chat data: conversations rendered with the chat template, the loss on the assistant's turns
     lock.py     one process per run folder
     metrics.py  metrics.jsonl, the loss plot, TensorBoard and Weights & Biases
     loop.py     the run: set-up, the loop, stopping on signals

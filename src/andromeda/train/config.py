@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 VOCAB_MULTIPLE = 64  # embedding rows are padded to a multiple of this (faster matmuls)
 DEFAULT_PRESET = "demo"
-OBJECTIVES = ("lm", "completion")
+OBJECTIVES = ("lm", "completion", "chat")
 TRACKERS = ("none", "tensorboard", "wandb")
 # The Linear layers of each block --lora-targets names (checkpoint.lora.LORA_MODULES maps them).
 LORA_TARGETS = ("qkv", "out", "ff_in", "ff_out")
@@ -70,7 +70,12 @@ class TrainConfig:
     quantize: str | None = option(None, "QLoRA: quantize the frozen base as it loads, int8 or int4 (with "
                                         "--lora-rank; a quantized --init-from needs no flag)", choices=SCHEMES)
     objective: str = option("lm", "lm: next-token loss on all text; completion: .jsonl records with prompt and "
-                                  "completion fields, loss on the completion tokens only", choices=OBJECTIVES)
+                                  "completion fields, loss on the completion tokens only; chat: .jsonl records "
+                                  "with a messages list (role, content), rendered with the chat template, loss on "
+                                  "the assistant's turns only", choices=OBJECTIVES)
+    chat_template: str | None = option(None, "Jinja chat template file, stored in the run's checkpoints "
+                                             "(chat_template.jinja; serve and chat use it) and rendering --objective "
+                                             "chat data (default: --init-from's template, if it has one)")
     data: tuple[str, ...] | None = option(
         None, "training files, folders or globs (default: Shakespeare's train split)")
     eval_data: tuple[str, ...] | None = option(
@@ -224,7 +229,7 @@ class TrainConfig:
 # The stop (max_steps, time_budget) may change too: a resumed run can be extended; its learning-rate
 # schedule keeps the length the run started with (train/state.py, Progress.schedule_steps).
 RUN_DEFINING = ("preset", "model_overrides", "init_from", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
-                "quantize", "objective", "data", "eval_data", "text_field",
+                "quantize", "objective", "chat_template", "data", "eval_data", "text_field",
                 "tokenizer", "bpe_vocab_size", "seed",
                 "batch_size", "seq_len", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "qk_scale_lr_mult",
                 "beta1", "beta2", "grad_clip")

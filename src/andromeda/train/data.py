@@ -24,9 +24,11 @@ from ..data import TokenStore, resolve_data, shakespeare_corpus, token_cache_dir
 from ..evaluation import evaluate
 from ..model import Transformer
 from ..parallel.environment import DistEnv
+from ..serve.chat_template import ChatTemplate
 from ..tokenizers import Tokenizer
 from .config import TrainConfig
-from .sft import completion_batch, completion_loss, load_completion_examples, truncated_count
+from .chat import load_chat_examples
+from .sft import SFTExamples, completion_batch, completion_loss, load_completion_examples, truncated_count
 from .step import lm_batch
 
 logger = logging.getLogger(__name__)
@@ -84,15 +86,20 @@ class CompletionData:
     """The `completion` objective: prompt/completion records; only completion tokens are targets
     (train/sft.py)."""
 
+    kind = "prompt/completion examples"
+
     def __init__(self, config: TrainConfig, tokenizer: Tokenizer, train_files: list[Path], eval_files: list[Path],
                  progress: bool = False, tokenizer_pause: str | None = None) -> None:
         # Records are tokenised here, without the token cache, so `tokenizer_pause` has nothing to stop.
         self.config, self.pad_id = config, tokenizer.pad_id
-        self.train = load_completion_examples(train_files, tokenizer)
-        self.held_out = load_completion_examples(eval_files, tokenizer) if eval_files else None
+        self.train = self.load(train_files, tokenizer)
+        self.held_out = self.load(eval_files, tokenizer) if eval_files else None
         cut = truncated_count(self.train, config.seq_len)
-        logger.info("training data: %d prompt/completion examples%s", len(self.train),
+        logger.info("training data: %d %s%s", len(self.train), self.kind,
                     f" ({cut} longer than seq_len + 1 = {config.seq_len + 1} tokens, cut there)" if cut else "")
+
+    def load(self, files: list[Path], tokenizer: Tokenizer) -> SFTExamples:
+        return load_completion_examples(files, tokenizer)
 
     def batch(self, step: int, env: DistEnv) -> tuple[Tensor, Tensor]:
         inputs, targets = completion_batch(self.train, step, self.config.batch_size, self.config.seq_len,
@@ -108,9 +115,30 @@ class CompletionData:
                                autocast_dtype=torch.bfloat16 if config.bf16 else None, env=env)
 
 
+class ChatData(CompletionData):
+    """The `chat` objective: conversations rendered with the run's chat template; only the
+    assistant's turns are targets (train/chat.py). Batches and evaluation as for completions."""
+
+    kind = "conversations"
+
+    def __init__(self, config: TrainConfig, tokenizer: Tokenizer, train_files: list[Path], eval_files: list[Path],
+                 template: str, progress: bool = False) -> None:
+        self.template = ChatTemplate(template)  # the server's defaults (eos and pad token text), as it renders
+        super().__init__(config, tokenizer, train_files, eval_files, progress)
+
+    def load(self, files: list[Path], tokenizer: Tokenizer) -> SFTExamples:
+        return load_chat_examples(files, tokenizer, self.template)
+
+
 def run_data(config: TrainConfig, tokenizer: Tokenizer, train_files: list[Path], eval_files: list[Path],
-             progress: bool = False, tokenizer_pause: str | None = None) -> TextData | CompletionData:
-    """The run's data; `tokenizer_pause` is the token cache's test hook (`data.tokenize_corpus`)."""
+             progress: bool = False, tokenizer_pause: str | None = None, chat_template: str | None = None
+             ) -> TextData | CompletionData:
+    """The run's data; `tokenizer_pause` is the token cache's test hook (`data.tokenize_corpus`),
+    `chat_template` the template the chat objective renders conversations with."""
+    if config.objective == "chat":
+        if chat_template is None:
+            raise ValueError("the chat objective needs a chat template (--chat-template FILE)")
+        return ChatData(config, tokenizer, train_files, eval_files, chat_template, progress)
     kind = CompletionData if config.objective == "completion" else TextData
     return kind(config, tokenizer, train_files, eval_files, progress, tokenizer_pause)
 

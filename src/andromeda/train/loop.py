@@ -59,6 +59,7 @@ from ..parallel.environment import (
 )
 from ..parallel.parallelize import apply_activation_checkpointing, build_parallel_model, check_parallel_setup
 from ..tokenizers import Tokenizer, build_tokenizer
+from .chat import run_chat_template
 from .config import TrainConfig, model_config
 from .data import CompletionData, TextData, absolute_specs, check_same_data, data_files, data_identity, run_data
 from .lock import run_lock
@@ -103,7 +104,8 @@ def train(config: TrainConfig, *, pause: PausePoint | None = None, tokenizer_pau
     `data.tokenize_corpus`'s); without them nothing pauses.
     """
     if not config.resume:  # the run's files, wherever it is resumed from
-        config = config.replace(data=absolute_specs(config.data), eval_data=absolute_specs(config.eval_data))
+        config = config.replace(data=absolute_specs(config.data), eval_data=absolute_specs(config.eval_data),
+                                chat_template=config.chat_template and absolute_specs((config.chat_template,))[0])
     device = resolve_device(config.device)
     if config.bf16 is None:  # bf16 where it pays: tensor cores; on CPU fp32 unless asked
         config = config.replace(bf16=device.type == "cuda")
@@ -144,6 +146,8 @@ class Trainer:
             refuse_quantized(self.init_source, "--init-from (training every weight; --lora-rank trains adapters "
                                                "over it)")
         resume_from, tokenizer, state = self._resume_or_start()
+        # The template the checkpoints keep (and chat data is rendered with): text, read once.
+        self.chat_template = run_chat_template(config, self.init_source, resume_from)
         model_cfg = resume_from.config if resume_from is not None else None
         barrier(env)  # every process has read the run folder before rank 0 cleans it
         if env.is_main:
@@ -211,7 +215,8 @@ class Trainer:
             if self.pause is not None:
                 self.pause("prepare-data")
             data = run_data(config, tokenizer, train_files, eval_files,
-                            progress=config.progress and env.local_rank == 0, tokenizer_pause=self.tokenizer_pause)
+                            progress=config.progress and env.local_rank == 0, tokenizer_pause=self.tokenizer_pause,
+                            chat_template=self.chat_template)
         return tokenizer, data, identity
 
     def _build_model(self, resume_from: ModelSource | None, model_cfg: Config) -> tuple[Transformer, nn.Module, bool]:
@@ -451,7 +456,7 @@ class Trainer:
         self.progress.elapsed_s = self.now
         path = save_training_checkpoint(self.run_dir, self.net, self.optimizer, self.progress, self.config,
                                         self.tokenizer, self.env, self.data_identity, pause=self.pause,
-                                        lora_base=self.lora_base)
+                                        lora_base=self.lora_base, chat_template=self.chat_template)
         self.saved_step = self.progress.step
         return path
 

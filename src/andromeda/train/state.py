@@ -134,7 +134,7 @@ def save_training_checkpoint(run_dir: Path, net: Transformer, optimizer: torch.o
                              progress: Progress, config: TrainConfig, tokenizer: Tokenizer,
                              env: DistEnv = DistEnv(), data: Mapping[str, Any] | None = None, *,
                              pause: Callable[[str], None] | None = None,
-                             lora_base: ModelSource | None = None) -> Path:
+                             lora_base: ModelSource | None = None, chat_template: str | None = None) -> Path:
     """Save everything a resumed run needs; refuses a model with non-finite weights. The one
     checkpoint writer of training runs.
 
@@ -144,6 +144,7 @@ def save_training_checkpoint(run_dir: Path, net: Transformer, optimizer: torch.o
     renames the staging folder into place. `data` is the run's data identity (train/data.py);
     `pause` a test hook `commit_checkpoint` calls before the rename. A LoRA run (`lora_base`, its
     frozen base) writes its adapter and a pointer to the base instead of model.safetensors.
+    `chat_template`, the run's chat template, is kept as chat_template.jinja.
 
     A full disk stops the save with "no space left on device while writing FILE"; the partial
     checkpoint is removed and every earlier one is untouched.
@@ -164,7 +165,7 @@ def save_training_checkpoint(run_dir: Path, net: Transformer, optimizer: torch.o
             save_optimizer(staging / OPTIMIZER_DIR, net, optimizer)
         if env.is_main:
             write_checkpoint_files(staging, net.config, None if lora_base is not None else weights, tokenizer,
-                                   config.to_dict())
+                                   config.to_dict(), chat_template=chat_template)
             if lora_base is not None:
                 write_lora_checkpoint_files(staging, net, config, lora_base)
             with writing(staging / TRAINER_STATE_FILE):
