@@ -28,3 +28,7 @@ GIB = 2**30
 # Speculative decoding (inference.speculative): tokens proposed per step at most; more can hardly
 # be accepted, and the verify step stops being cheap.
 MAX_SPECULATIVE_TOKENS = 32
+
+# What a KV cache stores keys and values in (model.cache): auto, the compute dtype; int8 with a
+# scale per token and key/value head.
+KV_CACHE_DTYPES = ("auto", "int8")

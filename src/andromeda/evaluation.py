@@ -8,6 +8,12 @@ gives each prediction more context on average; evaluating beyond the training le
 well the positions extrapolate (ALiBi: Press et al. 2022). Models with relative positions only
 (ALiBi, xPos) are evaluated at any length, past max_seq_len too; learned absolute positions end
 at max_seq_len. `plot_bits_per_byte` draws bits per byte against the evaluation length.
+
+`kv_cache_dtype` scores the text through a KV cache stored that way ("int8": what decoding with
+an int8 cache costs in quality): each window is fed into a fresh cache in as few passes as it
+takes, and every query reads the keys and values as the cache stores them, its own included,
+exactly as token-by-token decoding would (the int8 scales are per token, so the chunking does not
+change what is stored).
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import EvalWindow, eval_windows
-from .model import Transformer
+from .model import KVCache, Transformer
+from .model.cache import resolve_kv_dtype
 from .parallel.environment import DistEnv, all_reduce_sum
 
 
@@ -77,6 +84,7 @@ def evaluate(
     autocast_dtype: torch.dtype | None = None,
     env: DistEnv | None = None,
     progress: bool | None = False,
+    kv_cache_dtype: str | None = None,
 ) -> dict[str, float | int]:
     """Loss (nats/token), perplexity and bits per byte of `net` on the 1-D array `tokens`.
 
@@ -89,8 +97,12 @@ def evaluate(
     window, `batch_size` of them per forward, and the sums are added up: the result is one
     process's. Every process runs the same number of forwards (a sharded model needs all of
     them in each); one with fewer windows repeats its last batch, uncounted.
+
+    kv_cache_dtype: None scores each window in one pass without a cache; "auto" or "int8" feeds it
+    through a `KVCache` of that `kv_dtype` (see the module docstring).
     """
     check_eval_length(seq_len, net.config)
+    scorer = _CachedScorer(net, kv_cache_dtype, autocast_dtype) if kv_cache_dtype is not None else None
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if max_windows is not None and max_windows < 1:
@@ -119,7 +131,7 @@ def evaluate(
             batch = (batches[index] if index < len(batches) else filler).to(device)  # (B, T + 1)
             inputs, targets = batch[:, :-1], batch[:, 1:]
             with autocast:
-                nats = net(inputs, targets=targets, reduction="sum")
+                nats = scorer(inputs, targets) if scorer else net(inputs, targets=targets, reduction="sum")
             if index < len(batches):
                 totals += torch.tensor([float(nats), targets.numel()], dtype=torch.float64)
     finally:
@@ -136,6 +148,27 @@ def evaluate(
         "tokens": count,
         "bytes": round(scored_bytes),
     }
+
+
+class _CachedScorer:
+    """Summed nats of (B, T) windows fed through a KV cache of `kv_dtype`, one cache reused for
+    every batch of the same shape."""
+
+    def __init__(self, net: Transformer, kv_dtype: str, autocast_dtype: torch.dtype | None) -> None:
+        self.net, self.kv_dtype = net, kv_dtype
+        self.dtype = autocast_dtype or net.token_emb.weight.dtype  # that of the keys attention reads
+        self.cache: KVCache | None = None
+        resolve_kv_dtype(kv_dtype, self.dtype)  # a bad name fails before any work
+
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        B, T = inputs.shape
+        if self.cache is None or self.cache.num_slots != B or self.cache.capacity != T:
+            self.cache = KVCache(self.net.config, B, T, dtype=self.dtype, device=inputs.device,
+                                 kv_dtype=self.kv_dtype)
+        self.cache.reset()
+        chunk = self.cache.max_new_positions
+        return sum(self.net(inputs[:, i : i + chunk], cache=self.cache, targets=targets[:, i : i + chunk],
+                            reduction="sum") for i in range(0, T, chunk))
 
 
 def check_plot_path(path: str | Path) -> Path:

@@ -12,12 +12,14 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..choices import KV_CACHE_DTYPES
 from .common import add_inference_arguments, load_from_args
 
 if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
+
 
 DESCRIPTION = """Loss, perplexity and bits per byte of checkpoints on held-out text, at one or more
 evaluation lengths (past the training length too: how far the model reads), optionally plotted.
@@ -28,7 +30,8 @@ held-out plays.
 
 --json prints, for one checkpoint, one object:
   {"checkpoint": PATH, "data": what was scored, "files": [PATH, ...], "corpus_tokens": N,
-   "corpus_bytes": N, "seq_len": N, "loss": X, "perplexity": X, "bits_per_byte": X, "estimate": B,
+   "corpus_bytes": N, "kv_cache_dtype": null | "auto" | "int8", "seq_len": N, "loss": X, "perplexity": X,
+   "bits_per_byte": X, "estimate": B,
    "results": {"SEQ_LEN": {"loss", "perplexity", "bits_per_byte", "tokens", "bytes", "estimate"}, ...}}
 The top-level numbers are those of the first --seq-len; "estimate" is true where --max-windows
 scored only part of the text. For several checkpoints:
@@ -60,6 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction,
                         help="a progress bar on stderr (default: when stderr is a terminal)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (shape above)")
+    parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
+                        help="score through a KV cache stored in this dtype, as decoding reads it: int8 (per-token, "
+                             "per-head scales) measures what an int8 cache costs; auto: the model's dtype (default: "
+                             "no cache, one pass per window)")
     add_inference_arguments(parser)
 
 
@@ -110,6 +117,8 @@ def _print_table(report: dict, max_windows: int | None) -> None:
           f"{report['tokenizer']}, trained at {report['train_seq_len']} tokens)")
     print(f"data       {report['data']}: {_files_text(report['files'])}; {report['corpus_tokens']:,} tokens, "
           f"{report['corpus_bytes']:,} bytes")
+    if report["kv_cache_dtype"] is not None:
+        print(f"kv cache   {report['kv_cache_dtype']}: scored through a KV cache, as decoding reads it")
     print(f"{'seq_len':>8} {'loss':>8} {'perplexity':>11} {'bits/byte':>10}")
     for n, r in report["results"].items():
         estimate = (f"  estimate: --max-windows {max_windows} scored {r['tokens']:,} of "
@@ -144,13 +153,14 @@ def _evaluate_checkpoint(path: str, args: argparse.Namespace, device: torch.devi
     results = {}
     for n in seq_lens:
         result = evaluate(net, store.tokens, n, args.batch_size, store.num_bytes, max_windows=args.max_windows,
-                          progress=args.progress)
+                          progress=args.progress, kv_cache_dtype=args.kv_cache_dtype)
         # Fewer predictions than the text holds: --max-windows sampled it.
         results[str(n)] = {**result, "estimate": result["tokens"] < len(store) - 1}
     first = results[str(seq_lens[0])]
     report = {
         "checkpoint": str(checkpoint), "data": data.source, "files": [str(f) for f in data.files],
-        "corpus_tokens": len(store), "corpus_bytes": store.num_bytes, "seq_len": seq_lens[0], "loss": first["loss"],
+        "corpus_tokens": len(store), "corpus_bytes": store.num_bytes, "kv_cache_dtype": args.kv_cache_dtype,
+        "seq_len": seq_lens[0], "loss": first["loss"],
         "perplexity": first["perplexity"], "bits_per_byte": first["bits_per_byte"], "estimate": first["estimate"],
         "results": results, "train_seq_len": trained,
     }
@@ -191,7 +201,7 @@ def _eval_data(checkpoint: Path, saved: dict | None, args: argparse.Namespace) -
         raise ValueError(f"the training record of {checkpoint} does not say which data the run held out ({err}); "
                          f"give --data FILES") from None
     if run.objective != "lm":
-        raise ValueError(f"{checkpoint} was trained on prompt/completion records (objective {run.objective}); "
+        raise ValueError(f"{checkpoint} was trained on prompt/completion or chat records (objective {run.objective}); "
                          f"`eval` scores plain text: give --data FILES")
     _, held_out = data_files(run)
     if not held_out:

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..choices import MAX_SPECULATIVE_TOKENS
+from ..choices import KV_CACHE_DTYPES, MAX_SPECULATIVE_TOKENS
 from .common import add_inference_arguments, load_from_args
 
 STDIN = "-"  # --prompt - and --prompt-file - read the prompt from stdin
@@ -85,6 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-speculative-tokens", type=int, metavar="K",
                         help=f"tokens proposed per step, 1..{MAX_SPECULATIVE_TOKENS} (default "
                              f"{DEFAULT_SPECULATIVE_TOKENS}); fewer, or none for a while, where few are accepted")
+    parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                        help="what the KV cache stores: auto (the weights' dtype) or int8 (a scale per token and "
+                             "head: half the memory of bf16, slower to read; default auto)")
     constrained = parser.add_mutually_exclusive_group()
     constrained.add_argument("--json-schema", metavar="FILE",
                              help="the output is JSON valid against this JSON schema (compact, no whitespace between "
@@ -130,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
             pieces = _speculative_text(net, draft, tokenizer, prompt, args, decoder, generator, sampling)
         else:
             pieces = stream_text(net, tokenizer, prompt, args.max_new_tokens, decoder=decoder, generator=generator,
-                                 constraint=constraint,
+                                 constraint=constraint, kv_cache_dtype=args.kv_cache_dtype,
                                  window=args.window, sink_tokens=args.sink_tokens, compile=args.compile, **sampling)
         header = f"=== sample {i + 1}/{args.num_samples} (seed {seed}) ===\n" if args.num_samples > 1 else ""
         _print_sample(header + prompt, pieces)
@@ -211,7 +214,7 @@ def _speculative_text(net, draft, tokenizer, prompt: str, args: argparse.Namespa
 
     ids = [tokenizer.eos_id] + tokenizer.encode(prompt)  # the prompt opens a document, as stream_text's
     stats = SpeculationStats()
-    steps = speculative_stream(net, [ids], args.max_new_tokens, draft=draft,
+    steps = speculative_stream(net, [ids], args.max_new_tokens, draft=draft, kv_cache_dtype=args.kv_cache_dtype,
                                num_speculative_tokens=args.num_speculative_tokens, eos_token=tokenizer.eos_id,
                                generator=generator, stats=stats, **sampling)
     start = time.perf_counter()

@@ -53,6 +53,7 @@ from numbers import Integral
 import torch
 from torch import Tensor
 
+from ..choices import KV_CACHE_DTYPES
 from ..model import KVCache, Transformer, check_tokens
 from ..model.cache import check_window
 from .sampling import SamplingParams, TokenCounts, apply_logit_bias, filter_logits, penalize, sample
@@ -82,6 +83,7 @@ class _Plan:
     sink_tokens: int
     compile: bool  # decode steps as one compiled graph of fixed shapes
     constraint: tuple[OutputConstraint, object] | None  # with the tokenizer its grammar reads
+    kv_dtype: str  # what the KV cache stores: "auto" (the compute dtype) or "int8"
 
     def matchers(self) -> list[GrammarMatcher] | None:
         """A fresh grammar matcher per row; None without a constraint."""
@@ -115,6 +117,7 @@ def generate(
     logit_bias: Mapping[int, float] | None = None,
     constraint: OutputConstraint | None = None,
     tokenizer=None,
+    kv_cache_dtype: str = "auto",
 ) -> Tensor:
     """Sample `seq_len` new tokens after each prompt and return only them: (B, seq_len) long.
 
@@ -144,6 +147,8 @@ def generate(
     constraint: every row's output follows it (an `OutputConstraint`: JSON schema, regex,
         choice, grammar); a row whose grammar is complete stops as at an eos. Needs `tokenizer`
         (the one the prompts were encoded with); eos_token then defaults to its eos.
+    kv_cache_dtype: "auto" (keys and values in the weights' dtype) or "int8" (a scale per token
+        and head: half the memory of bf16; see `model.cache`).
 
     Runs under torch.inference_mode with the net in eval mode, restoring its mode afterwards.
     Raises ValueError if N + seq_len exceeds max_seq_len for a model with learned absolute
@@ -153,7 +158,8 @@ def generate(
                  min_p=min_p, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
                  repetition_penalty=repetition_penalty, eos_token=eos_token, pad_value=pad_value,
                  cache_kv=cache_kv, generator=generator, window=window, sink_tokens=sink_tokens,
-                 compile=compile, logit_bias=logit_bias, constraint=constraint, tokenizer=tokenizer)
+                 compile=compile, logit_bias=logit_bias, constraint=constraint, tokenizer=tokenizer,
+                 kv_cache_dtype=kv_cache_dtype)
     # Allocated outside inference mode so callers get an ordinary tensor they may edit in place.
     out = torch.full((plan.tokens.shape[0], seq_len), plan.pad_value, dtype=torch.long,
                      device=plan.tokens.device)
@@ -323,7 +329,7 @@ WINDOW_PREFILL_CHUNK = 512
 
 
 def generation_cache(net: Transformer, batch: int, prompt_len: int, new: int, window: int | None,
-                     sink_tokens: int = 0, *, compiled: bool = False) -> KVCache:
+                     sink_tokens: int = 0, *, compiled: bool = False, kv_dtype: str = "auto") -> KVCache:
     """The KV cache `generate` uses: N + L - 1 positions per row (the last sampled token is
     never fed back), or with a window, a ring buffer of the window plus room for one prefill pass.
     `compiled`: sized for the compiled decode step (capacity rounded up), with its tensors'
@@ -333,13 +339,13 @@ def generation_cache(net: Transformer, batch: int, prompt_len: int, new: int, wi
         capacity = prompt_len + new - 1
         if compiled:
             capacity = -(-capacity // COMPILED_CAPACITY_MULTIPLE) * COMPILED_CAPACITY_MULTIPLE
-        cache = KVCache(net.config, batch, capacity, dtype=dtype, device=device)
+        cache = KVCache(net.config, batch, capacity, dtype=dtype, device=device, kv_dtype=kv_dtype)
     else:
         chunk = min(prompt_len, WINDOW_PREFILL_CHUNK)
         cache = KVCache(net.config, batch, window + chunk - 1, dtype=dtype, device=device, window=window,
-                        sink_tokens=sink_tokens)
+                        sink_tokens=sink_tokens, kv_dtype=kv_dtype)
     if compiled:
-        for tensor in (cache.k, cache.v):
+        for tensor in cache.storage:
             torch._dynamo.mark_static_address(tensor)
     return cache
 
@@ -358,7 +364,8 @@ def _decode(net: Transformer, plan: _Plan) -> Iterator[Tensor]:
     B, N = plan.tokens.shape
     device = plan.tokens.device
     positions = prompt_positions(plan.key_mask, B, N, device)
-    cache = generation_cache(net, B, N, plan.seq_len, plan.window, plan.sink_tokens, compiled=plan.compile)
+    cache = generation_cache(net, B, N, plan.seq_len, plan.window, plan.sink_tokens, compiled=plan.compile,
+                             kv_dtype=plan.kv_dtype)
     logits = prefill(net, plan.tokens, positions, plan.key_mask, cache)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     counts, matchers = plan.token_counts(net.config.num_tokens), plan.matchers()
@@ -474,6 +481,7 @@ def _plan(
     logit_bias: Mapping[int, float] | None = None,
     constraint: OutputConstraint | None = None,
     tokenizer=None,
+    kv_cache_dtype: str = "auto",
 ) -> _Plan:
     """Check every argument and left-pad the prompts; raise TypeError/ValueError naming the fault."""
     config = net.config
@@ -509,7 +517,14 @@ def _plan(
             raise ValueError(f"generator is on {generator.device} but the model is on {device}; "
                              f"create it with torch.Generator(device={str(device)!r})")
     return _Plan(tokens, key_mask, seq_len, params, stop_ids, int(pad_value), bool(cache_kv),
-                 generator, window, sink_tokens, bool(compile), None if constraint is None else (constraint, tokenizer))
+                 generator, window, sink_tokens, bool(compile), None if constraint is None else (constraint, tokenizer),
+                 _kv_dtype(kv_cache_dtype))
+
+
+def _kv_dtype(name: str) -> str:
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")
+    return name
 
 
 def _window(config, prompt_len: int, seq_len: int, window: int | None, sink_tokens: int) -> int | None:

@@ -249,6 +249,7 @@ class _Plan:
     stops: frozenset[int]
     generator: torch.Generator | None
     stats: SpeculationStats
+    kv_dtype: str = "auto"  # what the model's KV cache stores (the draft's keeps the compute dtype)
 
 
 @dataclass
@@ -285,6 +286,7 @@ def speculative_stream(
     eos_token: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     stats: SpeculationStats | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> Iterator[list[list[int]]]:
     """Generate up to `seq_len` new tokens after each prompt by speculative decoding; yield, after
     each target forward, the list of tokens every row gained (empty for a finished row).
@@ -303,7 +305,7 @@ def speculative_stream(
         _check_length(draft, rows, seq_len, "the draft model")
     stops = frozenset() if eos_token is None else frozenset(_ids(eos_token, net.config.num_tokens))
     plan = _Plan(net, draft, seq_len, num_speculative_tokens, bool(adaptive), params, stops, generator,
-                 stats if stats is not None else SpeculationStats())
+                 stats if stats is not None else SpeculationStats(), kv_cache_dtype)
     return _speculate(plan, rows)
 
 
@@ -344,7 +346,7 @@ def _decode(plan: _Plan, prompts: list[list[int]]) -> Iterator[list[list[int]]]:
     weight = net.token_emb.weight
     # Every token but the last is fed; a row padded to a longer row's proposal takes up to k_max more.
     capacity = max(map(len, prompts)) + plan.seq_len - 1 + plan.k_max
-    cache = KVCache(net.config, len(prompts), capacity, dtype=weight.dtype, device=weight.device)
+    cache = KVCache(net.config, len(prompts), capacity, dtype=weight.dtype, device=weight.device, kv_dtype=plan.kv_dtype)
     drafter = DraftProposer(plan.draft, len(prompts), capacity) if plan.draft is not None else None
     min_acceptance = MIN_ACCEPTANCE if plan.adaptive else 0.0
     rows = [_Row(list(ids), len(ids), SpeculationPolicy(plan.k_max, min_acceptance),

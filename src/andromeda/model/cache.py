@@ -30,6 +30,23 @@ moves forward and the slot's stored keys are rescaled once, in place (only shrin
 behind go towards 0, as their true products with any query do). Long generations pay that one
 pass over the slot every ~24,000 positions; a single call may span at most 2 * reach + 1 positions.
 
+int8 storage (`kv_dtype="int8"`; issue #25). Keys and values are stored as int8 with one scale
+per (layer, slot, key/value head, position): symmetric absmax over the D channels of each token's
+head, the scale held in the compute dtype (`dtype`), so entries are written once and never
+requantized as tokens are appended, truncated or copied (KIVI, Liu et al. 2024,
+https://arxiv.org/abs/2402.02750, scales keys per channel, which needs groups of tokens kept in
+full precision until they fill). Reads dequantize the rows read to `dtype`: attention sees keys
+and values as before. xPos keys are stored *without* their xPos factor (rotated, QK-normed only),
+and the factor of each key read is applied on reading, from its position and the slot's center:
+one scale per token cannot carry xPos, whose factor differs per rotary pair by up to e^29.6 at
+`reach` from the center (the small channels of a scaled key would round to 0), and a center move
+multiplies each pair by its own factor, which no per-token scale can absorb. So int8 keys never
+depend on the center: moving it rescales nothing, and truncating a slot back before
+`center - reach` is exact too. Bytes per token: L * K * 2 * (D + 2) for a bf16 compute dtype, vs
+L * K * 2 * 2D in bf16: 16,640 vs 32,768 for the 2.5 B default (32 layers, 2 heads of 128).
+Each read costs a dequantizing pass over the rows read, in every layer (no PyTorch attention
+kernel reads int8), so it saves memory, not time (`benchmarks/bench_kv_cache.py`).
+
 State API. The cache owns its bookkeeping (keys, values, `positions`, `valid`, `lengths`,
 `next_position`, xPos centers and their host-side copies); the model only appends.
 `truncate(slot, n)` keeps the slot's first n positions, those before position n, and the slot
@@ -69,13 +86,33 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..choices import KV_CACHE_DTYPES
 from ..config import Config
-from .positions import xpos_reach, xpos_scale
+from .positions import xpos_max_factor, xpos_reach, xpos_scale
+
+# What `kv_dtype` may name: "auto" stores keys and values in the compute dtype (`dtype`), "int8"
+# as int8 with a scale per token and head (module docstring).
+INT8_MAX = 127  # symmetric: -127..127, so that -x quantizes to minus what x does
+
+
+def resolve_kv_dtype(kv_dtype: str | torch.dtype, dtype: torch.dtype) -> torch.dtype:
+    """The dtype keys and values are stored in for `kv_dtype` ("auto", "int8", or a torch dtype
+    among those) with compute dtype `dtype`; a ValueError naming the choices otherwise."""
+    if kv_dtype in ("auto", dtype):
+        return dtype
+    if kv_dtype in ("int8", torch.int8):
+        return torch.int8
+    raise ValueError(f"KV cache dtype must be one of {', '.join(KV_CACHE_DTYPES)} (auto: the compute dtype, "
+                     f"{dtype}), got {kv_dtype!r}")
 
 
 class KVCache:
     def __init__(self, config: Config, slots: int, capacity: int, *, dtype: torch.dtype,
-                 device: torch.device | str, window: int | None = None, sink_tokens: int = 0) -> None:
+                 device: torch.device | str, window: int | None = None, sink_tokens: int = 0,
+                 kv_dtype: str | torch.dtype = "auto") -> None:
+        """`dtype`: the compute dtype (activations' and the keys attention reads); `kv_dtype`:
+        what they are stored in, "auto" (`dtype`) or "int8" (module docstring)."""
+        kv_dtype = resolve_kv_dtype(kv_dtype, dtype)
         if slots < 1 or capacity < 1:
             raise ValueError(f"a KV cache needs at least one slot and one position, got slots={slots}, "
                              f"capacity={capacity}")
@@ -86,8 +123,15 @@ class KVCache:
         # A ring buffer has one more column, where padding is written and never read.
         columns = capacity + (window is not None)
         shape = (config.depth, slots, config.attn_kv_heads, columns, config.dim_head)  # (L, N, K, P, D)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.dtype = dtype
+        self.k = torch.zeros(shape, dtype=kv_dtype, device=device)
+        self.v = torch.zeros(shape, dtype=kv_dtype, device=device)
+        # int8: one scale per token and head, in the compute dtype, so that int8 * scale is
+        # already in it. (L, N, K, P, 1)
+        self.k_scale = self.v_scale = None
+        if self.quantized:
+            self.k_scale = torch.zeros(shape[:-1] + (1,), dtype=dtype, device=device)
+            self.v_scale = torch.zeros(shape[:-1] + (1,), dtype=dtype, device=device)
         self.positions = torch.zeros(slots, columns, dtype=torch.long, device=device)  # (N, P)
         self.valid = torch.zeros(slots, columns, dtype=torch.bool, device=device)  # (N, P)
         self.centers = torch.zeros(slots, dtype=torch.float32, device=device)  # (N,) xPos centers
@@ -109,6 +153,21 @@ class KVCache:
         return len(self.lengths)
 
     @property
+    def quantized(self) -> bool:
+        """Whether keys and values are stored as int8 with per-token scales."""
+        return self.k.dtype == torch.int8
+
+    @property
+    def storage(self) -> tuple[Tensor, ...]:
+        """Every tensor keys and values are written to (for `torch._dynamo.mark_static_address`)."""
+        return (self.k, self.v) + ((self.k_scale, self.v_scale) if self.quantized else ())
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes of keys and values (scales included) one position takes in one slot."""
+        return sum(t[:, 0, :, 0].nbytes for t in self.storage)  # (L, K, D) or (L, K, 1) each
+
+    @property
     def max_new_positions(self) -> int:
         """The most consecutive positions one call may add to a slot: the capacity, or in a ring
         buffer what fits beside a full window; and no more than one xPos center covers."""
@@ -119,7 +178,7 @@ class KVCache:
         if self.window is not None:
             limits.append((self.capacity - self.window + 1, f"beside a full window of {self.window}"))
         if self.reach is not None:
-            limits.append((2 * self.reach + 1, f"around one xPos center in {self.k.dtype}"))
+            limits.append((2 * self.reach + 1, f"around one xPos center in {self.dtype}"))
         return limits
 
     def reset(self, slots: Sequence[int] | None = None) -> None:
@@ -152,8 +211,8 @@ class KVCache:
                              f"truncate shortens a slot in place")
         kept = self._check_prefix(src, n)
         columns = kept.columns if self.window is None else self.positions.shape[1]  # a ring: all
-        self.k[:, dst, :, :columns] = self.k[:, src, :, :columns]  # (L, K, columns, D)
-        self.v[:, dst, :, :columns] = self.v[:, src, :, :columns]
+        for tensor in self.storage:
+            tensor[:, dst, :, :columns] = tensor[:, src, :, :columns]  # (L, K, columns, D or 1)
         self.positions[dst, :columns] = self.positions[src, :columns]
         self.valid[dst, :columns] = self.valid[src, :columns]  # a plain slot's later columns: `_cut`
         self.centers[dst] = self.centers[src]
@@ -185,7 +244,8 @@ class KVCache:
         else:
             kept = _Kept(None, bool((self.valid[slot] & (self.positions[slot] < n)).any()))
         if kept.keys and n < length:
-            self._check_center(slot, n)
+            if not self.quantized:  # int8 keys are stored without xPos factors: any center works
+                self._check_center(slot, n)
             if self.window is not None:
                 self._check_window(slot, n)
         return kept
@@ -283,8 +343,22 @@ class KVCache:
             read, start, window = self.capacity, None, None
         else:  # a ring buffer is read whole; its columns are not in position order
             read, start, window = self.capacity, None, (self.window, self.sink_tokens)
-        return CacheStep(self, rows, index, columns, start, new, read, positions, self.positions[rows, :read],
-                         self.valid[rows, :read], self.centers[index][:, None], window)
+        k_pos, center = self.positions[rows, :read], self.centers[index][:, None]
+        factors = None
+        if self.quantized and self.reach is not None:  # int8 keys are stored without xPos factors
+            factors = (self._key_factors(positions, center, torch.float32),
+                       self._key_factors(k_pos, center, self.dtype))
+        return CacheStep(self, rows, index, columns, start, new, read, positions, k_pos, self.valid[rows, :read],
+                         center, window, factors)
+
+    def _key_factors(self, positions: Tensor, center: Tensor, dtype: torch.dtype) -> Tensor:
+        """The xPos factor of keys at `positions` (B, S) around `center` (B, 1), per channel of the
+        rotary part: (B, 1, S, R), capped as the forward pass caps it (`positions.xpos_fold`), so a
+        position past `reach` (a stale or padding entry) gets a finite factor."""
+        config = self.config
+        scale = xpos_scale(positions, config.rotary_dim, config.xpos_scale_base, center)  # (B, 1, S, R/2)
+        factor = 1 / scale.clamp(min=1 / xpos_max_factor(self.dtype))
+        return factor.repeat_interleave(2, dim=-1).to(dtype)  # pairs are adjacent channels (GPT-J layout)
 
     def _check_spans(self, slots: list[int], spans: list[tuple[int, int] | None]) -> None:
         """A call's real positions must fit beside a full window (ring buffer) and around one
@@ -316,6 +390,8 @@ class KVCache:
     def _rescale_keys(self, slot: int, old: int, new: int) -> None:
         """Keys stored as zeta^-((j - old) / base) become zeta^-((j - new) / base): times
         zeta^((new - old) / base) per rotary pair, in place, for every layer."""
+        if self.quantized:  # stored without xPos factors (module docstring): nothing to rescale
+            return
         config = self.config
         position = torch.tensor([[new]], device=self.k.device)
         factor = xpos_scale(position, config.rotary_dim, config.xpos_scale_base, old).flatten()  # (R/2,)
@@ -378,20 +454,61 @@ class CacheStep:
     k_valid: Tensor  # (B, S) which of them hold real tokens
     center: Tensor  # (B, 1) xPos center of each row
     window: tuple[int, int] | None = None  # (W, S) of a sliding-window cache
+    # An int8 cache of an xPos model: the key factors of the new positions (B, 1, T, R) fp32,
+    # divided out before quantizing, and of the positions read (B, 1, S, R), applied on reading.
+    xpos_factors: tuple[Tensor, Tensor] | None = None
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store the new (B, K, T, D) keys and values of `layer`; return all the rows read:
-        (B, K, S, D) each."""
-        cache_k, cache_v = self.cache.k[layer], self.cache.v[layer]  # (N, K, P, D)
+        (B, K, S, D) each, in the compute dtype."""
+        cache = self.cache
+        if not cache.quantized:
+            self._store(cache.k[layer], k)
+            self._store(cache.v[layer], v)
+            return cache.k[layer][self.rows, :, : self.read], cache.v[layer][self.rows, :, : self.read]
+        if self.xpos_factors is not None:
+            k = _scale_rotary(k.float(), 1 / self.xpos_factors[0])
+        for stored, scales, new in ((cache.k, cache.k_scale, k), (cache.v, cache.v_scale, v)):
+            quantized, scale = quantize_int8(new, cache.dtype)
+            self._store(stored[layer], quantized)
+            self._store(scales[layer], scale)
+        keys, values = (dequantize_int8(q[layer][self.rows, :, : self.read], s[layer][self.rows, :, : self.read])
+                        for q, s in ((cache.k, cache.k_scale), (cache.v, cache.v_scale)))  # (B, K, S, D)
+        if self.xpos_factors is not None:
+            factors = self.xpos_factors[1]  # (B, 1, S, R)
+            keys[..., : factors.shape[-1]].mul_(factors)  # in place: `keys` is this call's own copy
+        return keys, values
+
+    def _store(self, target: Tensor, new: Tensor) -> None:
+        """Write the new (B, K, T, D or 1) entries into one layer's (N, K, P, D or 1) `target`."""
         if self.start is not None and isinstance(self.rows, slice):
-            columns = slice(self.start, self.start + self.new)
-            cache_k[self.rows, :, columns] = k
-            cache_v[self.rows, :, columns] = v
+            target[self.rows, :, self.start : self.start + self.new] = new
         else:
             rows = self.index[:, None]  # (B, 1) against columns (B, T): values (B, T, K, D)
-            cache_k[rows, :, self.columns] = k.transpose(1, 2)
-            cache_v[rows, :, self.columns] = v.transpose(1, 2)
-        return cache_k[self.rows, :, : self.read], cache_v[self.rows, :, : self.read]
+            target[rows, :, self.columns] = new.transpose(1, 2)
+
+
+def quantize_int8(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Symmetric absmax int8 over the last dimension: x (..., D) ~ q (..., D) int8 times the scale
+    (..., 1) in `dtype`. The scale is rounded to `dtype` before dividing by it, so that q * scale
+    is what was meant; an all-zero row gets scale 0 and q 0."""
+    x = x.float()
+    scale = (x.abs().amax(dim=-1, keepdim=True) / INT8_MAX).to(dtype)
+    q = (x / scale.float().clamp_min(torch.finfo(torch.float32).tiny)).round_().clamp_(-INT8_MAX, INT8_MAX)
+    return q.to(torch.int8), scale
+
+
+def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
+    """q (..., D) int8 times scale (..., 1), in the scale's dtype (a new tensor)."""
+    return q * scale
+
+
+def _scale_rotary(x: Tensor, factors: Tensor) -> Tensor:
+    """x (B, K, S, D) with its first R channels times `factors` (B, 1, S, R), in x's dtype."""
+    rotary = factors.shape[-1]
+    if rotary == x.shape[-1]:
+        return x * factors.to(x.dtype)
+    return torch.cat((x[..., :rotary] * factors.to(x.dtype), x[..., rotary:]), dim=-1)
 
 
 class _Kept(NamedTuple):

@@ -196,7 +196,7 @@ class Transformer(nn.Module):
             k_valid = None if fresh and key_mask is None else step.k_valid
             reach = step.cache.reach
             if reach is not None and xpos_reach(config.xpos_scale_base, dtype) < reach:
-                raise ValueError(f"a KV cache in {step.cache.k.dtype} keeps xPos centers further away than "
+                raise ValueError(f"a KV cache in {step.cache.dtype} keeps xPos centers further away than "
                                  f"{dtype} activations can take; create the cache in {dtype}")
         else:
             q_pos = torch.arange(T, device=device)[None] if positions is None else positions  # (B or 1, T)

@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..choices import DTYPE_NAMES, MAX_SPECULATIVE_TOKENS
+from ..choices import DTYPE_NAMES, KV_CACHE_DTYPES, MAX_SPECULATIVE_TOKENS
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -62,6 +62,9 @@ class ServeConfig:
                                                 "checkpoint with the same tokenizer", metavar="DIR")
     num_speculative_tokens: int = option(4, "with --speculative: tokens proposed per row and step, at most; fewer, "
                                             "or none for a while, where few are accepted", metavar="K")
+    kv_cache_dtype: str = option("auto", "what the KV cache stores: auto (the weights' dtype) or int8 (a scale per "
+                                         "token and head: half the memory of bf16, more slots or longer contexts "
+                                         "in the same memory; slower to read)", choices=list(KV_CACHE_DTYPES))
     threads: int | None = option(None, "torch intra-op threads (default: torch's choice less one, at least 1, "
                                        "leaving a core to the HTTP thread)", metavar="N")
     max_body_bytes: int | None = option(None, "refuse larger request bodies with 413 (default: 4 MiB, or 256 bytes "
@@ -105,6 +108,8 @@ class ServeConfig:
             if self.window is not None:
                 raise ValueError("--speculative with --window: speculative decoding keeps every token in view; "
                                  "leave out one of them")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.port > 65535:
             raise ValueError(f"--port must be <= 65535, got {self.port}")
         if not (isinstance(self.stream_interval, (int, float)) and self.stream_interval >= 0):

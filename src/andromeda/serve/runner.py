@@ -48,6 +48,7 @@ class ModelRunner:
         capacity = (config.window or self.config.max_seq_len) + config.prefill_chunk + \
             (config.num_speculative_tokens if config.speculative else 0)
         self.cache = KVCache(self.config, config.max_batch_size, capacity, dtype=weight.dtype, device=self.device,
+                             kv_dtype=config.kv_cache_dtype,
                              window=config.window, sink_tokens=config.sink_tokens)
         slots = config.max_batch_size
         self._generators: list[torch.Generator | None] = [None] * slots  # sampled rows' own

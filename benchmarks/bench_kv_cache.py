@@ -1,0 +1,161 @@
+"""What an int8 KV cache costs and saves: held-out bits per byte and decode speed against bf16.
+
+For a trained checkpoint (default: `make demo`'s runs/demo), loaded in bf16 as `bench_quantize.py`
+does, on Shakespeare's held-out plays (what `andromeda eval` reads by default):
+
+1. Quality: bits per byte scored through a bf16 and an int8 KV cache (`evaluate(...,
+   kv_cache_dtype=...)`: every query reads the keys and values as the cache stores them, as
+   decoding does), at 1x and 8x the training length; the same windows for both. And greedy
+   continuations of `--prompts` prompts (held-out lines, 32 tokens each, as `bench_quantize.py`
+   picks them), `--new-tokens` each: the positions equal to the bf16 cache's. Scoring and
+   prefill run attention on the fused kernels (SDPA) whatever the checkpoint's config says.
+2. Speed: one decode step at a context of `--context` tokens (default 8192, held-out text
+   prefilled once per cache), bf16 cache against int8, interleaved (A, B, A, B, ...), medians;
+   after each step the slot is truncated back to the context, so every step reads the same
+   context. Both attention paths: the fused kernel (SDPA) and the reference einsums.
+3. Memory: bytes per token of keys and values for this model and for the 2.5 B default.
+
+    python benchmarks/bench_kv_cache.py --checkpoint runs/demo
+    python benchmarks/bench_kv_cache.py --max-windows 64 --repeats 10   # a quick estimate
+    python benchmarks/bench_kv_cache.py --skip quality --context 16384    # speed only
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import common
+from andromeda import Config
+from andromeda.checkpoint import load_checkpoint_tokenizer, load_train_config, load_transformer
+from andromeda.data import TokenStore, cache_root, resolve_data, shakespeare_corpus
+from andromeda.evaluation import evaluate
+from andromeda.inference.generate import decode_one, prefill
+from andromeda.model import KVCache
+from andromeda.model.attention import Attention
+
+KINDS = {"bf16": "auto", "int8": "int8"}  # label -> kv_dtype, for a bf16 model
+
+
+@torch.inference_mode()
+def agreement(net, prompts: list[torch.Tensor], new_tokens: int) -> None:
+    """Greedy continuations through each cache: how many tokens equal the bf16 cache's."""
+    continuations = {}
+    for label, kv in KINDS.items():
+        rows = []
+        for prompt in prompts:
+            cache = KVCache(net.config, 1, len(prompt) + new_tokens, dtype=torch.bfloat16, device="cpu", kv_dtype=kv)
+            logits = prefill(net, prompt[None], torch.arange(len(prompt))[None], None, cache)
+            row = []
+            for _ in range(new_tokens):
+                row.append(logits.argmax(-1))
+                logits = decode_one(net, row[-1][:, None], None, cache)
+            rows.append(torch.cat(row))
+        continuations[label] = torch.stack(rows)  # (prompts, new_tokens)
+    same = continuations["int8"] == continuations["bf16"]
+    prefixes = [int((~row).nonzero()[0]) if (~row).any() else new_tokens for row in same]
+    print(f"\nGreedy, {len(prompts)} prompts x {new_tokens} tokens: int8 KV equals bf16 KV at {int(same.sum())} of "
+          f"{same.numel()} positions ({same.float().mean():.0%}); tokens before the first difference: "
+          f"{', '.join(map(str, prefixes))}")
+
+
+def quality(net, store: TokenStore, lengths: list[int], args: argparse.Namespace) -> None:
+    print("| eval length | bf16 KV bits/byte | int8 KV bits/byte | int8 vs bf16 | tokens scored |")
+    print("|---|---|---|---|---|")
+    for length in lengths:
+        results = {label: evaluate(net, store.tokens, length, args.batch_size, store.num_bytes,
+                                   max_windows=args.max_windows, kv_cache_dtype=kv) for label, kv in KINDS.items()}
+        bf16, int8 = results["bf16"]["bits_per_byte"], results["int8"]["bits_per_byte"]
+        print(f"| {length} | {bf16:.4f} | {int8:.4f} | {(int8 / bf16 - 1) * 100:+.3f}% | "
+              f"{results['int8']['tokens']:,} |", flush=True)
+
+
+@torch.inference_mode()
+def speed(net, store: TokenStore, args: argparse.Namespace) -> None:
+    context = args.context
+    prompt = torch.tensor(store.tokens[:context], dtype=torch.long)[None]  # (1, context): a copy (read-only store)
+    if prompt.shape[1] < context:
+        raise SystemExit(f"the held-out text has {prompt.shape[1]} tokens, fewer than --context {context}")
+    caches = {}
+    for label, kv in KINDS.items():
+        cache = KVCache(net.config, 1, context + 1, dtype=torch.bfloat16, device="cpu", kv_dtype=kv)
+        prefill(net, prompt, torch.arange(context)[None], None, cache)
+        caches[label] = cache
+    token = prompt[:, -1:]
+
+    def step(cache: KVCache) -> None:
+        decode_one(net, token, None, cache)
+        cache.truncate(0, context)
+
+    print("| attention | bf16 KV tok/s | int8 KV tok/s | int8 vs bf16 |")
+    print("|---|---|---|---|")
+    for name, flash in (("fused (SDPA)", True), ("reference", False)):
+        use_fused_attention(net, flash)
+        times = common.alternate({label: (lambda c=cache: step(c)) for label, cache in caches.items()},
+                                 args.repeats, warmup=2)
+        rate = {label: 1 / common.median(seconds) for label, seconds in times.items()}
+        print(f"| {name} | {rate['bf16']:.1f} | {rate['int8']:.1f} | {rate['int8'] / rate['bf16']:.2f}x |",
+              flush=True)
+
+
+def use_fused_attention(net, flash: bool) -> None:
+    """Switch every layer to the fused kernels (SDPA) or to the reference einsums."""
+    for module in net.modules():
+        if isinstance(module, Attention):
+            module.flash = flash
+
+
+def memory(config: Config) -> None:
+    print("| model | bf16 KV bytes/token | int8 KV bytes/token | ratio |")
+    print("|---|---|---|---|")
+    for name, model in (("this checkpoint", config), ("2.5 B default (32 layers, 2 kv heads of 128)", Config())):
+        sizes = {label: KVCache(model, 1, 1, dtype=torch.bfloat16, device="meta", kv_dtype=kv).bytes_per_token
+                 for label, kv in KINDS.items()}
+        print(f"| {name} | {sizes['bf16']:,} | {sizes['int8']:,} | {sizes['int8'] / sizes['bf16']:.3f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default="runs/demo")
+    parser.add_argument("--seq-len", type=int, nargs="+",
+                        help="evaluation lengths (default: 1x and 8x the training seq_len)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-windows", type=int, help="score only N evenly spread windows per length")
+    parser.add_argument("--prompts", type=int, default=10)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--context", type=int, default=8192, help="decode context in tokens")
+    parser.add_argument("--repeats", type=int, default=20, help="timed decode steps per cache and path")
+    parser.add_argument("--skip", choices=("quality", "speed"), nargs="*", default=[])
+    parser.add_argument("--threads", type=int)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    tokenizer = load_checkpoint_tokenizer(args.checkpoint)
+    trained = int((load_train_config(args.checkpoint) or {}).get("seq_len", 256))
+    lengths = args.seq_len or [trained, 8 * trained]
+    files = resolve_data([shakespeare_corpus() / "heldout"])
+    store = TokenStore(files, tokenizer, cache_dir=cache_root() / "tokens")
+    lines = [line for f in files for line in f.read_text(encoding="utf-8").splitlines() if len(line) > 40]
+    prompts = [torch.tensor(tokenizer.encode(lines[i * len(lines) // args.prompts])[:32])
+               for i in range(args.prompts)]
+    net = load_transformer(args.checkpoint, dtype=torch.bfloat16).eval()
+    use_fused_attention(net, True)  # scoring and prefill: the fused kernels, whatever the config says
+
+    print(f"\n## KV cache: bf16 vs int8, {args.checkpoint} (trained at {trained} tokens)\n")
+    print(f"{net.num_parameters():,} parameters in bf16; held-out {store.num_bytes:,} bytes ({len(store):,} tokens)"
+          f"{f', {args.max_windows} windows per length' if args.max_windows else ''}; "
+          f"{common._cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
+    memory(net.config)
+    if "quality" not in args.skip:
+        print()
+        quality(net, store, lengths, args)
+        agreement(net, prompts, args.new_tokens)
+    if "speed" not in args.skip:
+        print(f"\nOne decode step at {args.context:,} tokens of context, batch 1, median of {args.repeats}:\n")
+        speed(net, store, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""The int8 KV cache (`kv_dtype="int8"`): decoding close to a full-precision cache, the state API
+(truncate, copy_prefix) exact against recomputation, ring buffers, xPos far from the center,
+evaluation through it, and bad names refused.
+
+Tolerance. Each stored key and value row is off by at most half a step, absmax / 254, of its own
+head's largest entry: relative errors of ~0.4% per row, which attention averages and the layers
+pass on. On the tiny model (weights scaled 3x, logits up to ~2) that moves logits by 0.002 to
+0.014; LOGITS allows 0.05. The bound matters: storing xPos-scaled keys per token (the design this
+cache avoids, module docstring of `model.cache`) moves them by ~0.2 and flips greedy tokens.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from andromeda import KVCache
+from andromeda.checkpoint import save_pretrained
+from andromeda.cli import main
+from andromeda.cli.eval import KV_CACHE_DTYPES as CLI_KV_CACHE_DTYPES
+from andromeda.evaluation import evaluate
+from andromeda.inference.generate import decode_one, prefill
+from andromeda.model.cache import KV_CACHE_DTYPES
+from andromeda.tokenizers import ByteTokenizer
+from helpers import random_net
+
+VOCAB = 258
+LOGITS = dict(atol=0.05, rtol=0)
+EXACT = dict(atol=1e-5, rtol=1e-5)
+# xPos with scale base 8: one center covers 188 positions either side, so a few hundred tokens
+# move it (as ~24,000 do at base 512), and keys sit up to e^29.6 apart in scale around it.
+SHORT_XPOS = dict(xpos_scale_base=8.0)
+
+
+@pytest.fixture(scope="module")
+def net():
+    return random_net().eval()
+
+
+def tokens(n: int, seed: int, rows: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (rows, n), generator=torch.Generator().manual_seed(seed))
+
+
+def new_cache(net, kv_dtype: str, slots: int = 1, capacity: int = 64, **ring) -> KVCache:
+    return KVCache(net.config, slots, capacity, dtype=torch.float32, device="cpu", kv_dtype=kv_dtype, **ring)
+
+
+@torch.no_grad()
+def feed(net, cache: KVCache, x: torch.Tensor, slot: int = 0) -> torch.Tensor:
+    """Logits (1, T, V) of feeding x into `slot`, in chunks the cache takes in one call."""
+    chunk = cache.max_new_positions
+    return torch.cat([net(x[:, i : i + chunk], cache=cache, slots=[slot]) for i in range(0, x.shape[1], chunk)], 1)
+
+
+@torch.no_grad()
+def decode(net, cache: KVCache, prompt: torch.Tensor, steps: int, forced: torch.Tensor | None = None):
+    """Greedy tokens (B, steps) and every step's logits (B, steps, V), through `prefill` and
+    `decode_one`; with `forced` (B, steps), those tokens are fed instead of the greedy ones."""
+    B, N = prompt.shape
+    logits = prefill(net, prompt, torch.arange(N).expand(B, N), None, cache)
+    chosen, seen = [], []
+    for step in range(steps):
+        seen.append(logits)
+        chosen.append(logits.argmax(-1))
+        fed = chosen[-1] if forced is None else forced[:, step]
+        logits = decode_one(net, fed[:, None], None, cache)
+    return torch.stack(chosen, 1), torch.stack(seen, 1)
+
+
+def test_int8_cache_decodes_like_the_full_precision_cache(net):
+    prompt = tokens(24, seed=1, rows=2)
+    int8 = new_cache(net, "int8", slots=2)
+    tokens_fp32, logits_fp32 = decode(net, new_cache(net, "auto", slots=2), prompt, 32)
+    # A short greedy run agrees; later, the random model meets near-ties (top-2 margins of 0.001).
+    assert torch.equal(decode(net, int8, prompt, 12)[0], tokens_fp32[:, :12])
+    # Fed the same tokens, every step's logits stay close.
+    int8.reset()
+    _, logits_int8 = decode(net, int8, prompt, 32, forced=tokens_fp32)
+    assert int8.k.dtype == int8.v.dtype == torch.int8
+    torch.testing.assert_close(logits_int8, logits_fp32, **LOGITS)
+    assert not torch.allclose(logits_int8, logits_fp32, **EXACT)  # it did quantize
+    # Keys and values of one position: per head D int8 and one fp32 scale, against D fp32.
+    config = net.config
+    assert int8.bytes_per_token == config.depth * config.attn_kv_heads * 2 * (config.dim_head + 4)
+
+
+def test_int8_cache_keeps_xpos_keys_exact_far_from_the_center():
+    """Keys up to `reach` from their center and three center moves: within LOGITS of fp32."""
+    net = random_net(**SHORT_XPOS).eval()
+    x = tokens(600, seed=2)
+    int8, fp32 = new_cache(net, "int8", capacity=600), new_cache(net, "auto", capacity=600)
+    logits_int8, logits_fp32 = feed(net, int8, x), feed(net, fp32, x)
+    assert int8._centers[0] > 2 * int8.reach  # the center moved
+    torch.testing.assert_close(logits_int8, logits_fp32, **LOGITS)
+
+
+@pytest.mark.parametrize("overrides", [{}, SHORT_XPOS], ids=["xpos", "xpos_center_moves"])
+def test_truncate_and_copy_prefix_on_int8_equal_recomputation(overrides):
+    net = random_net(**overrides).eval()
+    prefix, rest, then = tokens(400, seed=3), tokens(30, seed=4), tokens(12, seed=5)
+    cache = new_cache(net, "int8", slots=2, capacity=450)
+    feed(net, cache, torch.cat((prefix, rest), 1))
+    cache.copy_prefix(0, 1, 400)
+    cache.truncate(0, 400)
+    fresh = new_cache(net, "int8", capacity=450)
+    feed(net, fresh, prefix)
+    expected = feed(net, fresh, then)
+    assert cache.lengths == [400, 400]
+    # Without xPos moves the slots hold what recomputation stores, bit for bit; after them the
+    # same keys are read around another center (products equal up to rounding).
+    for slot in (0, 1):
+        torch.testing.assert_close(feed(net, cache, then, slot), expected, **EXACT)
+
+
+def test_int8_cache_truncates_before_a_moved_center():
+    """Stored without xPos factors, int8 keys take any center: the fp32 cache's refusal to move a
+    center back (its shrunk keys) does not apply."""
+    net = random_net(**SHORT_XPOS).eval()
+    x, then = tokens(500, seed=6), tokens(10, seed=7)
+    cache = new_cache(net, "int8", capacity=520)
+    feed(net, cache, x)
+    cut = cache._centers[0] - cache.reach - 50
+    cache.truncate(0, cut)
+    fresh = new_cache(net, "int8", capacity=520)
+    feed(net, fresh, x[:, :cut])
+    torch.testing.assert_close(feed(net, cache, then), feed(net, fresh, then), **EXACT)
+
+
+def test_int8_ring_buffer_wraps_and_rolls_back(net):
+    window, sinks = 16, 2
+    ring = dict(window=window, sink_tokens=sinks)
+    x, then = tokens(70, seed=8), tokens(4, seed=9)
+    int8, fp32 = new_cache(net, "int8", capacity=24, **ring), new_cache(net, "auto", capacity=24, **ring)
+    torch.testing.assert_close(feed(net, int8, x), feed(net, fp32, x), **LOGITS)  # wrapped ~7 times
+    int8.truncate(0, 66)  # a wrapped ring drops its last positions
+    fresh = new_cache(net, "int8", capacity=24, **ring)
+    feed(net, fresh, x[:, :66])
+    torch.testing.assert_close(feed(net, int8, then), feed(net, fresh, then), **EXACT)
+
+
+def test_evaluation_through_an_int8_cache_costs_little(net):
+    text = tokens(4 * 64 + 1, seed=10)[0].numpy().astype(np.int64)
+    plain = evaluate(net, text, 64, 4, num_bytes=len(text))
+    through = {kv: evaluate(net, text, 64, 4, num_bytes=len(text), kv_cache_dtype=kv) for kv in KV_CACHE_DTYPES}
+    assert through["auto"]["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    assert through["int8"]["loss"] == pytest.approx(plain["loss"], rel=5e-3)
+    assert through["int8"]["loss"] != pytest.approx(plain["loss"], rel=1e-6)
+
+
+def test_bad_kv_cache_dtype_is_refused_naming_the_choices(net):
+    for bad in ("fp8", "int4", torch.float16):
+        with pytest.raises(ValueError, match=r"KV cache dtype must be one of auto, int8 .*got"):
+            new_cache(net, bad)
+    with pytest.raises(ValueError, match="one of auto, int8"):
+        evaluate(net, np.arange(20), 8, 1, num_bytes=20, kv_cache_dtype="float8")
+    assert CLI_KV_CACHE_DTYPES == KV_CACHE_DTYPES
+
+
+def test_eval_command_scores_through_an_int8_cache(net, tmp_path, capsys):
+    save_pretrained(net, tmp_path / "ckpt", tokenizer=ByteTokenizer())
+    (tmp_path / "held_out.txt").write_text("a held-out text, scored through the cache. " * 8)
+    args = ["eval", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "held_out.txt"), "--device",
+            "cpu", "--cache-dir", str(tmp_path / "cache"), "--seq-len", "64", "--json"]
+    reports = {}
+    for kv in (None, "int8"):
+        assert main(args + (["--kv-cache-dtype", kv] if kv else [])) == 0
+        reports[kv] = json.loads(capsys.readouterr().out)
+    assert reports[None]["kv_cache_dtype"] is None and reports["int8"]["kv_cache_dtype"] == "int8"
+    assert reports["int8"]["loss"] == pytest.approx(reports[None]["loss"], rel=5e-3)
+    assert reports["int8"]["loss"] != reports[None]["loss"]
+    assert main(args + ["--kv-cache-dtype", "fp8"]) == 2
+    assert "invalid choice: 'fp8' (choose from 'auto', 'int8')" in capsys.readouterr().err
+
+
+def test_generate_serve_and_the_cli_decode_through_an_int8_cache(net, tmp_path, capsys):
+    """generate(kv_cache_dtype="int8"), the server's engine core and speculative decoding all
+    read one int8 cache the same way: the same greedy tokens (per-token scales do not depend on
+    how a prompt is chunked or batched)."""
+    from andromeda.inference.generate import generate, generation_cache
+    from andromeda.inference.sampling import SamplingParams
+    from andromeda.inference.speculative import speculative_generate
+    from andromeda.serve.config import ServeConfig
+    from andromeda.serve.core import EngineCore
+    from andromeda.serve.scheduler import Sequence
+
+    assert generation_cache(net, 1, 8, 4, None, kv_dtype="int8").quantized
+    prompt = list(range(20, 50))
+    ours = generate(net, torch.tensor(prompt), 12, temperature=0, kv_cache_dtype="int8")[0].tolist()
+    core = EngineCore(net, ServeConfig(max_batch_size=2, prefill_chunk=8, kv_cache_dtype="int8"))
+    assert core.cache.quantized
+    seq = Sequence(list(prompt), 12, SamplingParams(0))
+    core.add(seq)
+    while core.has_work:
+        core.step()
+    assert seq.output == ours
+    assert speculative_generate(net, [prompt], 12, temperature=0, kv_cache_dtype="int8")[0].tolist() == ours
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, int8"):
+        generate(net, torch.tensor(prompt), 2, kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match="--kv-cache-dtype must be one of auto, int8"):
+        ServeConfig(kv_cache_dtype="fp8")
+    save_pretrained(net, tmp_path / "ckpt", tokenizer=ByteTokenizer())
+    assert main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--device", "cpu", "--prompt", "Hi",
+                 "--max-new-tokens", "5", "--temperature", "0", "--kv-cache-dtype", "int8"]) == 0
+    assert capsys.readouterr().out.startswith("Hi")
