@@ -136,6 +136,13 @@ def test_the_adapter_applied_loaded_with_lora_and_merged_give_the_same_logits(lo
     assert main(["merge-lora", "--checkpoint", str(root / "base"), "--lora", str(run), "--out",
                  str(tmp_path / "merged")]) == 0
     torch.testing.assert_close(logits(load_transformer(tmp_path / "merged")), expected, atol=1e-5, rtol=1e-5)
+    # The base's chat template goes along (the same weights saved with one: the adapter still fits).
+    from andromeda.serve.chat_template import find_chat_template
+
+    save_pretrained(load_transformer(base), tmp_path / "chat-base", tokenizer=ByteTokenizer(), chat_template="{{ x }}")
+    assert main(["merge-lora", "--checkpoint", str(tmp_path / "chat-base"), "--lora", str(run), "--out",
+                 str(tmp_path / "chat-merged")]) == 0
+    assert find_chat_template(tmp_path / "chat-merged") == "{{ x }}"
     # merge-lora never writes over a folder that is not a checkpoint.
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me")

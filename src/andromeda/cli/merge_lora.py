@@ -48,7 +48,10 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = load_checkpoint_tokenizer(source, verify=args.verify)
     except FileNotFoundError:
         tokenizer = None  # a model saved without one is written without one
-    out = save_pretrained(net, args.out, tokenizer=tokenizer, flag="--out")
+    from ..serve.chat_template import find_chat_template
+
+    template = find_chat_template(source)  # the base's, kept with the merged model
+    out = save_pretrained(net, args.out, tokenizer=tokenizer, flag="--out", chat_template=template)
     print(f"wrote {out}: {source.folder} with the LoRA adapter {source.lora.folder} merged (rank {source.lora.rank}, "
           f"scaling {source.lora.scaling:g})")
     return 0
