@@ -251,3 +251,28 @@ def test_speculation_never_proposes_past_max_tokens():
     s.update(plan, answer(plan, token=3))
     plan = s.schedule()
     assert plan.decode.proposals == [[4]]  # 3 tokens at most: this step's own, and one guess
+
+
+def test_decode_steps_read_no_positions_back_from_the_device(monkeypatch):
+    """A decode row continues its slot at the slot's next position, so the runner lets the cache
+    take positions from its own bookkeeping: no (B, T) positions go to the device and back to be
+    checked (`_real_spans`) in the hot path; only padded prefill chunks need them."""
+    import torch
+
+    from andromeda.model import cache as cache_module
+    from andromeda.serve.core import EngineCore
+    from helpers import random_net
+
+    calls = []
+    real = cache_module._real_spans
+    monkeypatch.setattr(cache_module, "_real_spans", lambda *a: calls.append(1) or real(*a))
+    core = EngineCore(random_net().eval(), ServeConfig(max_batch_size=2, prefill_chunk=64))
+    seqs = [Sequence(list(range(5, 25)), 12, GREEDY), Sequence(list(range(30, 42)), 12, GREEDY)]
+    for seq in seqs:
+        core.add(seq)
+    core.step()  # the prefill: two prompts of different lengths, one padded
+    prefill_calls = len(calls)
+    while core.has_work:
+        core.step()
+    assert core.stats.decode_calls >= 11 and len(calls) == prefill_calls <= 1
+    assert all(len(s.output) == 12 for s in seqs) and torch.is_tensor(core.cache.next_position)

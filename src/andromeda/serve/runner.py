@@ -170,8 +170,14 @@ class ModelRunner:
         to their slots."""
         device = self.device
         tokens = torch.tensor(batch.tokens, dtype=torch.long, device=device)  # (B, T)
-        positions = torch.tensor(batch.positions, dtype=torch.long, device=device)  # (B, T)
-        mask = None if batch.key_mask is None else torch.tensor(batch.key_mask, dtype=torch.bool, device=device)
+        if batch.key_mask is None:
+            # Every row continues its slot at the slot's next position (the scheduler's invariant),
+            # so the cache takes the positions from its own bookkeeping: none go to the device and
+            # back to the host to be checked (decode steps and unpadded prefill chunks).
+            positions = mask = None
+        else:
+            positions = torch.tensor(batch.positions, dtype=torch.long, device=device)  # (B, T)
+            mask = torch.tensor(batch.key_mask, dtype=torch.bool, device=device)
         return self.net(tokens, positions, key_mask=mask, cache=self.cache, slots=batch.slots, logits_to_keep=keep,
                         validate=False)
 
