@@ -184,20 +184,24 @@ def lora_model(base: ModelSource, model_cfg: Config, config: TrainConfig, device
     residual stream does. Under QLoRA they are quantized instead (as saved, or by --quantize, with
     fp32 activations, or bf16 under --bf16)."""
     if base.quantization is not None:
-        net = load_transformer(base, device=device, verify=False)
+        net = _owned(load_transformer(base, device=device, verify=False))
     elif config.quantize is not None:
-        net = load_transformer(base, device=device, dtype=torch.bfloat16 if config.bf16 else torch.float32,
-                               verify=False, quantize=config.quantize, group_size=int4_group_size(base.config))
+        net = _owned(load_transformer(base, device=device, dtype=torch.bfloat16 if config.bf16 else torch.float32,
+                                      verify=False, quantize=config.quantize, group_size=int4_group_size(base.config)))
     else:
-        net = load_transformer(base, device=device, dtype=torch.float32, verify=False)
+        # As saved, then each part in the dtype it trains in: a bf16 base under --bf16 takes no
+        # fp32 pass, whose copies would double what loading holds (15 GB for the 2.5 B default).
+        net = load_transformer(base, device=device, dtype=None if config.bf16 else torch.float32, verify=False)
         if net.config != model_cfg:  # a setting without weights differs (attn_flash, say)
             rebuilt = build_transformer(model_cfg, device="meta")
             rebuilt.load_state_dict(net.state_dict(), strict=True, assign=True)
             net = rebuilt
-        if config.bf16:
-            for module in net.modules():
-                if isinstance(module, nn.Linear):
-                    module.to(torch.bfloat16)
+        for module in net.modules():  # embeddings and norms in fp32: the residual stream is
+            if not isinstance(module, nn.Linear):
+                _cast(module, torch.float32)
+        for module in net.modules():
+            if isinstance(module, nn.Linear):
+                _cast(module, torch.bfloat16 if config.bf16 else torch.float32)
     torch.manual_seed(config.seed)
     net = add_adapters(net, config)
     if is_qlora(base, config):
@@ -205,6 +209,23 @@ def lora_model(base: ModelSource, model_cfg: Config, config: TrainConfig, device
     if resume_from is not None:
         load_adapter_state(net, resume_from)
     return net.train()
+
+
+def _cast(module: nn.Module, dtype: torch.dtype) -> None:
+    """`module`'s own floating parameters and buffers in `dtype` (its children untouched)."""
+    for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor.data = tensor.data.to(dtype)
+
+
+def _owned(net: nn.Module) -> nn.Module:
+    """`net` with every tensor in memory of its own. Quantized as it loads, a model keeps its
+    unquantized tensors (embeddings, norms) as views of the checkpoint file's mapping, which then
+    stays resident for the whole run (5 GB for the 2.5 B default): copies let it go."""
+    for module in net.modules():
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            tensor.data = tensor.data.clone()
+    return net
 
 
 def int4_group_size(model: Config) -> int:
