@@ -42,6 +42,7 @@ import re
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -58,7 +59,9 @@ log = logging.getLogger("bench_lora")
 GB = 1e9
 PARTS = ("memory", "learning")
 RANK_BIG = 16  # the rank for the 2.5 B default
-GOALS_GB = {"LoRA (bf16 base)": 10.0, "QLoRA (int8 base)": 7.0}
+GOALS_GB = {"LoRA (bf16 base)": 10.0, "QLoRA (int8 base)": 7.0, "QLoRA (int8 checkpoint)": 7.0}
+# What each run starts from: --quantize on the bf16 base, or a checkpoint `andromeda quantize` wrote.
+RUNS = {"LoRA (bf16 base)": (None, False), "QLoRA (int8 base)": ("int8", False), "QLoRA (int8 checkpoint)": (None, True)}
 PLAN_TOLERANCE = 0.15
 LEARNING_LOSS_TOLERANCE = 0.10
 MAX_TRAINED_SHARE = 0.05
@@ -169,13 +172,19 @@ def measure_memory(args: argparse.Namespace) -> dict:
             raise RuntimeError(f"building the base checkpoint failed: {built['failed']}")
         log.info("base built and saved in %.0f s (peak RSS %s)", time.perf_counter() - start,
                  common.format_bytes(built["peak_rss"]))
-        for name, quantize in zip(GOALS_GB, (None, "int8")):
-            out = work / f"run_{quantize or 'bf16'}"
+        for name, (quantize, from_checkpoint) in RUNS.items():
+            out = work / f"run_{len(runs)}"
+            source = base
+            if from_checkpoint:  # quantized once by `andromeda quantize`, in a process of its own
+                source = work / "base-int8"
+                subprocess.run([sys.executable, "-m", "andromeda", "quantize", "--checkpoint", str(base), "--out",
+                                str(source), "--scheme", "int8", "--quiet"], check=True)
             log.info("%s: training %d steps", name, args.memory_steps)
             start = time.perf_counter()
-            measured = run_child(args, "--child-train", *lora_train_args(base, out, args.memory_steps, quantize))
+            measured = run_child(args, "--child-train", *lora_train_args(source, out, args.memory_steps, quantize))
             rates = step_rates(out)
-            estimate = lora_plan(config, RANK_BIG, quantize=quantize, seq_len=1024, batch=1, dtype="bf16")
+            scheme = "int8" if from_checkpoint else quantize
+            estimate = lora_plan(config, RANK_BIG, quantize=scheme, seq_len=1024, batch=1, dtype="bf16")
             runs.append(dict(measured, name=name, estimate=estimate.total_bytes_with(True),
                              adapter_params=estimate.adapter_params, params=estimate.full.params,
                              wall_s=time.perf_counter() - start, steps=len(rates),
