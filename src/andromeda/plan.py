@@ -393,6 +393,10 @@ def _flops(n: float) -> str:
 
 LORA_ADAPTER_BYTES = MASTER_BYTES + GRAD_BYTES + ADAM_BYTES  # fp32 adapter, its gradient, AdamW moments
 QUANTIZED_WEIGHT_BYTES = {"int8": 1.0, "int4": 0.5}
+# The training process itself before any model: Python, PyTorch, peft and the command's imports
+# (benchmarks/bench_lora.py measured 0.47 GB of peak RSS for an idle one). A one-machine LoRA run
+# is judged by its whole RSS, so its plan counts this too.
+PROCESS_BYTES = 500_000_000
 
 
 @dataclass(frozen=True)
@@ -411,10 +415,11 @@ class LoraPlan:
     activation_bytes: int
     checkpointed_activation_bytes: int
     transient_bytes: int  # QLoRA: one layer's weight dequantized to fp32 in backward
+    process_bytes: int = PROCESS_BYTES  # Python, PyTorch and the imports, before any model
 
     def total_bytes_with(self, activation_checkpointing: bool) -> int:
         activations = self.checkpointed_activation_bytes if activation_checkpointing else self.activation_bytes
-        return self.frozen_bytes + self.adapter_bytes + self.transient_bytes + activations
+        return self.frozen_bytes + self.adapter_bytes + self.transient_bytes + activations + self.process_bytes
 
 
 def lora_layer_shapes(config: Config) -> dict[str, tuple[int, int]]:
@@ -489,6 +494,7 @@ def format_lora_plan(p: LoraPlan) -> str:
     ]
     if p.transient_bytes:
         rows.append(("one dequantized weight (backward)", p.transient_bytes, p.transient_bytes))
+    rows.append(("the process (Python, PyTorch, peft; measured)", p.process_bytes, p.process_bytes))
     rows.append(("total", p.total_bytes_with(False), p.total_bytes_with(True)))
     lines = [
         f"LoRA       rank {p.rank} on {', '.join(p.targets)} of {f.config.depth} blocks: "
@@ -498,6 +504,6 @@ def format_lora_plan(p: LoraPlan) -> str:
         f"{'memory (GiB)':<56}{'no checkpointing':>18}{'checkpointing':>15}",
     ]
     lines += [f"{name:<56}{_gib(a):>18}{_gib(b):>15}" for name, a, b in rows]
-    lines.append("an estimate from tensor shapes: allocator overheads, the CUDA context and the Python "
-                 "process come on top")
+    lines.append("an estimate from tensor shapes and the measured process: allocator overheads and a "
+                 "CUDA context come on top")
     return "\n".join(lines)
