@@ -265,3 +265,18 @@ def test_serve_and_lm_eval_take_the_adapter(lora_run, tmp_path):
     expected = load_transformer(attach_lora(open_model_source(root / "base"), run))
     torch.testing.assert_close(logits(scored), logits(expected), rtol=0, atol=1e-6)
     assert not torch.allclose(logits(scored), logits(load_transformer(root / "base")), atol=1e-4)
+
+
+def test_an_adapter_file_linked_out_of_its_folder_is_refused(lora_run, tmp_path):
+    """The adapter's files are read from its folder only: a link out of it (here to another
+    adapter's weights) is refused by name, as a checkpoint's are."""
+    from andromeda.folders import UnsafeFileError
+
+    root, _ = lora_run
+    source = latest_checkpoint(root / "run")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    shutil.copy(source / "adapter_config.json", adapter / "adapter_config.json")
+    (adapter / "adapter_model.safetensors").symlink_to(source / "adapter_model.safetensors")
+    with pytest.raises(UnsafeFileError, match="adapter_model.safetensors"):
+        attach_lora(open_model_source(root / "base"), adapter)

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import Config
-from ..folders import CheckpointError, read_json_object, writing
+from ..folders import CheckpointError, check_folder, read_json_object, writing
 from ..weights import SafetensorsFile
 from .files import MANIFEST_FILE, WEIGHTS_FILE, manifest_sha256, sha256_file, verify_checkpoint
 from .source import ModelSource, resolve_checkpoint
@@ -109,6 +109,7 @@ def open_adapter(path: str | Path, *, verify: bool = True) -> LoraAdapter:
     """The adapter in `path` (see `adapter_folder`), its files checked against the manifest of a
     checkpoint (with `verify`) and its settings against what merging supports."""
     folder = adapter_folder(path)
+    check_folder(folder)  # no link out of it, no FIFO or device, among the files read
     if verify and (folder / MANIFEST_FILE).is_file():
         verify_checkpoint(folder, list(ADAPTER_FILES))
     if not (folder / ADAPTER_WEIGHTS_FILE).is_file():
