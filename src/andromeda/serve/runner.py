@@ -127,7 +127,7 @@ class ModelRunner:
         added to the batch; the distributions q they were drawn from, per row (None: greedy)."""
         proposals, qs = [], []
         for seq, k in zip(batch.seqs, batch.draft_k):
-            tokens, q = self.drafter.propose(seq.slot, seq.prompt + seq.output, k, seq.params,
+            tokens, q = self.drafter.propose(seq.slot, seq.speculation.tokens(seq), k, seq.params,
                                              self._generators[seq.slot]) if k else ([], None)
             proposals.append(tokens)
             qs.append(q)

@@ -122,6 +122,15 @@ class Speculation:
 
     policy: SpeculationPolicy
     proposer: NgramProposer | None = None
+    ids: list[int] = field(default_factory=list)  # the sequence's tokens, prompt then output, as they grow
+
+    def tokens(self, seq: Sequence) -> list[int]:
+        """`seq`'s prompt and output as one list, extended by the new output tokens only (a
+        proposer reads the whole sequence every step: no copy of it per step)."""
+        if not self.ids:
+            self.ids.extend(seq.prompt)
+        self.ids.extend(seq.output[len(self.ids) - len(seq.prompt):])
+        return self.ids
 
 
 # --------------------------------------------------------------------------- plans and results
@@ -432,7 +441,8 @@ class Scheduler:
         if self.config.speculative == "draft":
             batch.draft_k = ks if any(ks) else None  # the runner drafts them
             return batch
-        proposals = [s.speculation.proposer.propose(s.prompt + s.output, k) if k else [] for s, k in zip(seqs, ks)]
+        proposals = [s.speculation.proposer.propose(s.speculation.tokens(s), k) if k else []
+                     for s, k in zip(seqs, ks)]
         if any(proposals):
             batch.add_proposals(proposals, self.max_seq_len)
         return batch
