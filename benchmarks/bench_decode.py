@@ -50,6 +50,7 @@ from andromeda import Config
 from andromeda.inference.generate import stream
 from andromeda.inference.packed import PackedLinear, prepack
 from andromeda.inference.quantize import DEFAULT_GROUP_SIZE, quantize
+from andromeda.inference.quantized_linear import pack_for_decoding
 from andromeda.model import build_transformer
 
 log = logging.getLogger("bench_decode")
@@ -148,8 +149,9 @@ def streamed_bytes(net: nn.Module) -> int:
 def convert(net: nn.Module, scheme: str) -> nn.Module:
     if scheme == "bf16-packed":
         return prepack(net)
-    if scheme in ("int8", "int4"):
-        return quantize(net, scheme, DEFAULT_GROUP_SIZE)
+    if scheme in ("int8", "int4"):  # as `load_for_inference` prepares a quantized model to decode
+        net = quantize(net, scheme, DEFAULT_GROUP_SIZE)
+        pack_for_decoding(net)
     return net
 
 

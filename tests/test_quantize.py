@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from andromeda import Andromeda, Config
+from andromeda.inference import native
 from andromeda.inference import quantize as Q
 from andromeda.inference.quantize import (
     Int4Linear,
@@ -143,6 +144,126 @@ def test_decoding_step_runs_the_packed_kernel(scheme, kernel):
     names = [name for name, _ in recorder.calls]
     assert f"aten.{kernel}" in names
     assert max(numel for _, numel in recorder.calls) < 256 * 512 // 8
+
+
+needs_fbgemm = pytest.mark.skipif(not Q.dynamic_int8_supported(), reason="fbgemm's int8 ops are not in this build")
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("in_features", [128, 72])
+def test_int8_packed_for_decoding_quantizes_each_row_alone(in_features):
+    """After `pack_for_decoding`, up to DECODE_KERNEL_ROWS rows go through fbgemm: each row within
+    its own 8-bit quantization's error of the dequantized product (half a step of peak / 127 per
+    activation), and bit for bit the same whatever else is in the batch. K = 72 included: fbgemm
+    takes widths ATen's int8 kernel cannot."""
+    module = Int8Linear.from_linear(linear(in_features, 200))
+    x = torch.randn(Q.DECODE_KERNEL_ROWS, in_features, dtype=torch.bfloat16)
+    x[3] *= 50  # rows of very different magnitudes share a batch
+    x[5] = 0.0
+    assert module.pack_for_decoding()
+    with torch.inference_mode(), OpRecorder() as recorder:
+        y = module(x)
+    names = [name for name, _ in recorder.calls]
+    assert "quantized.linear_with_input_q_dq_qweight_dq_output_fp32" in names
+    assert "aten._weight_int8pack_mm" not in names
+    assert max(numel for _, numel in recorder.calls) < 200 * in_features // 4  # no weight-sized tensor
+    w, b = dequantize_weight(module).float(), module.bias.float()
+    ref = F.linear(x.float(), w, b)
+    step = x.float().abs().amax(dim=1, keepdim=True) / Q.ACTIVATION_STEPS  # (M, 1)
+    bound = step / 2 * w.abs().sum(dim=1) + 2**-8 * (ref.abs() + 1e-3)  # + the bf16 output's rounding
+    assert ((y.float() - ref).abs() <= bound).all()
+    assert torch.equal(y[5], module.bias)  # a zero row: the bias alone, no NaN from its zero scale
+    for row in range(Q.DECODE_KERNEL_ROWS):
+        assert torch.equal(module(x[row : row + 1])[0], y[row])
+    rows = Q.DECODE_KERNEL_ROWS + 1  # more rows: the weight-only path, bf16 activations
+    x_many = torch.randn(rows, in_features, dtype=torch.bfloat16)
+    assert torch.allclose(module(x_many).float(), F.linear(x_many.float(), w, b), rtol=2**-6, atol=2**-6)
+
+
+@needs_fbgemm
+def test_int8_packed_copy_is_dropped_when_the_weight_changes(tmp_path):
+    """The packed copy is derived state: not in the state dict, gone after loading other weights
+    or moving the module, so it can never answer for a weight it no longer holds."""
+    module = Int8Linear.from_linear(linear(64, 48))
+    plain = module.state_dict()
+    assert module.pack_for_decoding()
+    assert module.state_dict().keys() == plain.keys()
+    assert all(torch.equal(module.state_dict()[k], plain[k]) for k in plain)
+    other = Int8Linear.from_linear(linear(64, 48, seed=1))
+    module.load_state_dict(other.state_dict())
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    assert module._decode_weight is None and torch.equal(module(x), other(x))
+    assert module.pack_for_decoding() and module.to(torch.float32)._decode_weight is None
+    net = quantize(tiny_model(torch.float32), "int8")
+    assert Q.pack_for_decoding(net) == 4 * 2 + 1
+
+
+needs_vnni = pytest.mark.skipif(native.int4_kernel() is None, reason=f"int4 kernel: {native.unavailable_reason()}")
+
+
+@needs_vnni
+@pytest.mark.parametrize("group_size", [128, 256])
+def test_int4_vnni_kernel_agrees_with_its_pytorch_reference(group_size):
+    """The C kernel against `int4_rows_reference` (the same arithmetic in PyTorch, float64 sums):
+    equal to float32 rounding, for 1..16 rows and a width that is not a multiple of its 4-row tiles."""
+    torch.manual_seed(0)
+    N, K = 203, 512
+    codes = torch.randint(0, 16, (N, K))
+    scales, zeros = torch.rand(N, K // group_size) * 0.02, torch.randn(N, K // group_size) * 0.01
+    weight, scale_offset = native.to_kernel_layout(codes, scales, zeros)
+    assert torch.equal(native.from_kernel_layout(weight), codes)
+    for rows in (1, 3, 16):
+        x = torch.randn(rows, K)
+        x[0, :7] *= 40  # an outlier sets row 0's scale
+        y = native.int4_rows(x, weight, scale_offset, group_size)
+        ref = native.int4_rows_reference(x, weight, scale_offset, group_size)
+        assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    x = torch.zeros(2, K)  # an all-zero row: scale 1, codes 0, output the offsets' zero
+    assert torch.equal(native.int4_rows(x, weight, scale_offset, group_size), torch.zeros(2, N))
+
+
+@needs_vnni
+def test_int4_packed_for_decoding_runs_the_kernel_per_row():
+    """After `pack_for_decoding`, up to DECODE_KERNEL_ROWS rows run the VNNI kernel: each row within
+    its own 8-bit quantization's error of the dequantized product, bit for bit the same alone or in
+    a batch; more rows keep ATen's kernel and the slabs."""
+    module = Int4Linear.from_linear(linear(256, 200), 128)
+    x = torch.randn(Q.DECODE_KERNEL_ROWS, 256, dtype=torch.bfloat16)
+    x[2] *= 30
+    assert module.pack_for_decoding()
+    with torch.inference_mode(), OpRecorder() as recorder:
+        y = module(x)
+    assert "aten._weight_int4pack_mm_for_cpu" not in [name for name, _ in recorder.calls]
+    w, b = dequantize_weight(module).float(), module.bias.float()
+    ref = F.linear(x.float(), w, b)
+    step = x.float().abs().amax(dim=1, keepdim=True) / native.ACTIVATION_STEPS
+    bound = step / 2 * w.abs().sum(dim=1) + 2**-8 * (ref.abs() + 1e-3)
+    assert ((y.float() - ref).abs() <= bound).all()
+    for row in range(0, Q.DECODE_KERNEL_ROWS, 5):
+        assert torch.equal(module(x[row : row + 1])[0], y[row])
+    module.load_state_dict(module.state_dict())
+    assert module._decode_weight is None  # loading drops the copy; so does a move (as for int8)
+    assert not Int4Linear.from_linear(linear(256, 200), 64).pack_for_decoding()  # groups of 64: ATen's
+
+
+def test_int4_kernel_that_cannot_build_leaves_aten_in_charge(monkeypatch, tmp_path):
+    """A failed build is a reason, not an error: the layer keeps ATen's kernel."""
+    monkeypatch.setenv("ANDROMEDA_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    for cached in (native.int4_kernel, native.unavailable_reason, native._built):
+        cached.cache_clear()
+    try:
+        reason = native.unavailable_reason()
+        assert reason is not None and ("failed" in reason or "lacks" in reason)
+        module = Int4Linear.from_linear(linear(256, 64), 128)
+        assert not module.pack_for_decoding()
+        x = torch.randn(1, 256, dtype=torch.bfloat16)
+        assert torch.allclose(module(x).float(), F.linear(x.float(), dequantize_weight(module).float(),
+                                                          module.bias.float()), rtol=2**-6, atol=2**-6)
+    finally:
+        monkeypatch.undo()
+        for cached in (native.int4_kernel, native.unavailable_reason, native._built):
+            cached.cache_clear()
 
 
 def tiny_model(dtype):

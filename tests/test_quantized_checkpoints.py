@@ -12,7 +12,7 @@ import torch
 
 import andromeda
 from andromeda import Andromeda, cli
-from andromeda.checkpoint import CheckpointError, load_quantization, load_transformer, save_pretrained
+from andromeda.checkpoint import CheckpointError, load_for_inference, load_quantization, load_transformer, save_pretrained
 from andromeda.inference.generate import generate, stream_text
 from andromeda.inference.quantize import Int4Linear, Int8Linear, quantize
 from andromeda.parallel.environment import DistEnv
@@ -157,7 +157,8 @@ def test_serve_quantizes_on_load_and_answers_like_generate(full):
     from test_serve import MIN_MARGIN, Server, greedy_margin, reference
 
     # fp32 scales and activations: bf16 logits of this tiny model tie too often for exact greedy checks.
-    net = load_transformer(full, dtype=torch.float32, quantize="int8")
+    # Loaded as serve and generate load it (int8 packed for fbgemm's few-row products).
+    net = load_for_inference(full, dtype=torch.float32, quantize="int8")
     ids, text = reference(net, "To be, or not", 16)
     assert greedy_margin(net, PROMPT, ids) > MIN_MARGIN  # no near-ties for batching to flip
     process = Server(full, "--quantize", "int8", "--dtype", "fp32")

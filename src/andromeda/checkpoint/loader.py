@@ -28,6 +28,7 @@ from torch import Tensor
 from ..choices import DTYPE_NAMES
 from ..folders import CheckpointError
 from ..inference.packed import prepack_if_supported
+from ..inference.quantized_linear import pack_for_decoding
 from ..inference.quantize import (
     DEFAULT_GROUP_SIZE,
     build_quantized_transformer,
@@ -188,11 +189,14 @@ def load_for_inference(source: str | Path | ModelSource, *, device: torch.device
     """The model of `source` as generate, eval, serve and lm-eval run it: in the dtype
     `inference_dtype` chooses, quantized as it loads if asked, in eval mode, with bf16 weights on
     a CPU prepacked for oneDNN (`inference.packed`: the same products, up to 3x faster per decode
-    step)."""
+    step), and for `decoding` int8 weights also packed for fbgemm's one-row product
+    (`inference.quantized_linear.pack_for_decoding`: about twice as fast a decode step)."""
     source = open_model_source(source, verify=verify)
     chosen = inference_dtype(source, dtype, device, quantize=quantize, decoding=decoding)
     net = load_transformer(source, device=device, dtype=chosen, verify=verify, quantize=quantize,
                            group_size=group_size)
+    if decoding:
+        pack_for_decoding(net)
     return prepack_if_supported(net).eval()
 
 

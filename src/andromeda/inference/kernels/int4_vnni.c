@@ -1,0 +1,107 @@
+// y = x @ W.T for a few rows x (M, K) float32 and an int4 weight W (N, K), with AVX-512 VNNI.
+//
+// Built and loaded by andromeda/inference/native.py; the arithmetic is documented there, next to
+// its PyTorch reference (`int4_rows_reference`), which the tests hold this file to.
+//
+// Weight layout ("blocks of 128"): row n is K / 2 bytes; each 64-byte block holds 128 weights,
+// the low nibble of byte j weight j of the block and the high nibble weight 64 + j. Codes q are
+// 0..15, weight = (q - 8) * scale + zero per group of `group` inputs (128 or 256), and the kernel
+// reads per (row, group) two floats: scale and offset = zero - 8 * scale.
+//
+// Per row m the activations are quantized to int8 with one scale a = max|x| / 127; the integer
+// dot products of each group (VNNI: unsigned 4-bit codes times signed 8-bit activations, summed
+// in int32 exactly) are scaled by the group's scale, and the offsets multiply the exact float
+// sums of the group's activations:
+//   y[m, n] = a * sum_g scale[n, g] * sum_{k in g} xq[m, k] q[n, k] + sum_g offset[n, g] * X[m, g].
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define BLOCK 128
+
+static float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+// xq (M, K) int8, a (M), sums (M, G): each row's quantized activations, scale and group sums.
+// K is a multiple of 128, so every loop runs on whole 16-float vectors.
+static void quantize_rows(const float *x, int64_t M, int64_t K, int64_t group, int8_t *xq, float *a,
+                          float *sums) {
+  const int64_t G = K / group;
+  for (int64_t m = 0; m < M; ++m) {
+    const float *row = x + m * K;
+    __m512 peak = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) peak = _mm512_max_ps(peak, _mm512_abs_ps(_mm512_loadu_ps(row + k)));
+    const float top = _mm512_reduce_max_ps(peak);
+    const float scale = top > 0.0f ? top / 127.0f : 1.0f;
+    const __m512 inverse = _mm512_set1_ps(1.0f / scale);
+    a[m] = scale;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __m512 scaled = _mm512_mul_ps(_mm512_loadu_ps(row + k), inverse);
+      const __m512i rounded = _mm512_cvt_roundps_epi32(scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      _mm_storeu_si128((__m128i *)(xq + m * K + k), _mm512_cvtsepi32_epi8(rounded));
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 s = _mm512_setzero_ps();
+      for (int64_t k = g * group; k < (g + 1) * group; k += 16) s = _mm512_add_ps(s, _mm512_loadu_ps(row + k));
+      sums[m * G + g] = _mm512_reduce_add_ps(s);
+    }
+  }
+}
+
+// Integer dot products of one block of 128 inputs: codes at `w` (64 bytes), activations at `x`.
+static inline __m512i block_dot(__m512i dot, const uint8_t *w, __m512i x_low, __m512i x_high) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const __m512i packed = _mm512_loadu_si512((const void *)w);
+  dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(packed, low), x_low);
+  return _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(packed, 4), low), x_high);
+}
+
+#define ROWS 4  // output rows computed together: independent dependency chains, shared activation loads
+
+int andromeda_int4_rows(const float *x, int64_t M, int64_t K, const uint8_t *weight,
+                        const float *scale_offset, int64_t N, int64_t group, float *y) {
+  if (K % BLOCK || group % BLOCK || K % group || M < 1) return 1;
+  const int64_t G = K / group, blocks_per_group = group / BLOCK;
+  int8_t *xq = (int8_t *)aligned_alloc(64, (size_t)(M * K + 64));
+  float *a = (float *)malloc(sizeof(float) * M);
+  float *sums = (float *)malloc(sizeof(float) * M * G);
+  if (!xq || !a || !sums) { free(xq); free(a); free(sums); return 2; }
+  quantize_rows(x, M, K, group, xq, a, sums);
+  const int64_t tiles = (N + ROWS - 1) / ROWS;
+#pragma omp parallel for schedule(static)
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int64_t n0 = tile * ROWS;
+    const int64_t rows = N - n0 < ROWS ? N - n0 : ROWS;
+    const uint8_t *w[ROWS];
+    const float *so[ROWS];
+    for (int64_t r = 0; r < ROWS; ++r) {  // a short last tile repeats its last row, results dropped
+      const int64_t n = n0 + (r < rows ? r : rows - 1);
+      w[r] = weight + n * (K / 2);
+      so[r] = scale_offset + n * G * 2;
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t *xrow = xq + m * K;
+      __m512 acc[ROWS];
+      float offsets[ROWS];
+      for (int64_t r = 0; r < ROWS; ++r) { acc[r] = _mm512_setzero_ps(); offsets[r] = 0.0f; }
+      for (int64_t g = 0; g < G; ++g) {
+        __m512i dot[ROWS];
+        for (int64_t r = 0; r < ROWS; ++r) dot[r] = _mm512_setzero_si512();
+        for (int64_t b = 0; b < blocks_per_group; ++b) {
+          const int64_t k0 = (g * blocks_per_group + b) * BLOCK;
+          const __m512i x_low = _mm512_loadu_si512((const void *)(xrow + k0));
+          const __m512i x_high = _mm512_loadu_si512((const void *)(xrow + k0 + 64));
+          for (int64_t r = 0; r < ROWS; ++r) dot[r] = block_dot(dot[r], w[r] + k0 / 2, x_low, x_high);
+        }
+        const float group_sum = sums[m * G + g];
+        for (int64_t r = 0; r < ROWS; ++r) {
+          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(so[r][2 * g]), acc[r]);
+          offsets[r] += so[r][2 * g + 1] * group_sum;
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) y[m * N + n0 + r] = a[m] * hsum(acc[r]) + offsets[r];
+    }
+  }
+  free(xq); free(a); free(sums);
+  return 0;
+}
