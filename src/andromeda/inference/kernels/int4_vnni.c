@@ -57,6 +57,7 @@ static inline __m512i block_dot(__m512i dot, const uint8_t *w, __m512i x_low, __
 }
 
 #define ROWS 4  // output rows computed together: independent dependency chains, shared activation loads
+#define PREFETCH_TILES 2  // how far ahead (in tiles of ROWS rows) the weight is prefetched
 
 int andromeda_int4_rows(const float *x, int64_t M, int64_t K, const uint8_t *weight,
                         const float *scale_offset, int64_t N, int64_t group, float *y) {
@@ -91,7 +92,10 @@ int andromeda_int4_rows(const float *x, int64_t M, int64_t K, const uint8_t *wei
           const int64_t k0 = (g * blocks_per_group + b) * BLOCK;
           const __m512i x_low = _mm512_loadu_si512((const void *)(xrow + k0));
           const __m512i x_high = _mm512_loadu_si512((const void *)(xrow + k0 + 64));
-          for (int64_t r = 0; r < ROWS; ++r) dot[r] = block_dot(dot[r], w[r] + k0 / 2, x_low, x_high);
+          for (int64_t r = 0; r < ROWS; ++r) {
+            _mm_prefetch((const char *)(w[r] + k0 / 2 + PREFETCH_TILES * ROWS * (K / 2)), _MM_HINT_T0);
+            dot[r] = block_dot(dot[r], w[r] + k0 / 2, x_low, x_high);
+          }
         }
         const float group_sum = sums[m * G + g];
         for (int64_t r = 0; r < ROWS; ++r) {
