@@ -146,16 +146,34 @@ def test_decoding_step_runs_the_packed_kernel(scheme, kernel):
     assert max(numel for _, numel in recorder.calls) < 256 * 512 // 8
 
 
-needs_fbgemm = pytest.mark.skipif(not Q.dynamic_int8_supported(), reason="fbgemm's int8 ops are not in this build")
+needs_vnni = pytest.mark.skipif(native.kernels() is None, reason=f"VNNI kernels: {native.unavailable_reason()}")
 
 
-@needs_fbgemm
-@pytest.mark.parametrize("in_features", [128, 72])
+@needs_vnni
+def test_int8_vnni_kernel_agrees_with_its_pytorch_reference():
+    """The C kernel against `int8_rows_reference` (the same arithmetic in PyTorch, float64 sums):
+    equal to float32 rounding, for 1..16 rows and a width that is not a multiple of its 4-row tiles."""
+    torch.manual_seed(0)
+    N, K = 203, 320
+    weight = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    scale = torch.rand(N) * 0.01
+    for rows in (1, 3, 16):
+        x = torch.randn(rows, K)
+        x[0, :5] *= 40  # an outlier sets row 0's scale
+        y = native.int8_rows(x, weight, scale, native.int8_row_sums(weight))
+        ref = native.int8_rows_reference(x, weight, scale)
+        assert torch.allclose(y, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
+    zero = native.int8_rows(torch.zeros(2, K), weight, scale, native.int8_row_sums(weight))
+    assert torch.equal(zero, torch.zeros(2, N))  # all-zero rows: scale 1, codes 0
+
+
+@needs_vnni
+@pytest.mark.parametrize("in_features", [128, 192])
 def test_int8_packed_for_decoding_quantizes_each_row_alone(in_features):
-    """After `pack_for_decoding`, up to DECODE_KERNEL_ROWS rows go through fbgemm: each row within
+    """After `pack_for_decoding`, up to DECODE_KERNEL_ROWS rows run the VNNI kernel: each row within
     its own 8-bit quantization's error of the dequantized product (half a step of peak / 127 per
-    activation), and bit for bit the same whatever else is in the batch. K = 72 included: fbgemm
-    takes widths ATen's int8 kernel cannot."""
+    activation), bit for bit the same whatever else is in the batch; more rows keep bf16
+    activations (ATen's kernel, the slabs)."""
     module = Int8Linear.from_linear(linear(in_features, 200))
     x = torch.randn(Q.DECODE_KERNEL_ROWS, in_features, dtype=torch.bfloat16)
     x[3] *= 50  # rows of very different magnitudes share a batch
@@ -163,27 +181,24 @@ def test_int8_packed_for_decoding_quantizes_each_row_alone(in_features):
     assert module.pack_for_decoding()
     with torch.inference_mode(), OpRecorder() as recorder:
         y = module(x)
-    names = [name for name, _ in recorder.calls]
-    assert "quantized.linear_with_input_q_dq_qweight_dq_output_fp32" in names
-    assert "aten._weight_int8pack_mm" not in names
-    assert max(numel for _, numel in recorder.calls) < 200 * in_features // 4  # no weight-sized tensor
+    assert "aten._weight_int8pack_mm" not in [name for name, _ in recorder.calls]
     w, b = dequantize_weight(module).float(), module.bias.float()
     ref = F.linear(x.float(), w, b)
-    step = x.float().abs().amax(dim=1, keepdim=True) / Q.ACTIVATION_STEPS  # (M, 1)
+    step = x.float().abs().amax(dim=1, keepdim=True) / native.ACTIVATION_STEPS  # (M, 1)
     bound = step / 2 * w.abs().sum(dim=1) + 2**-8 * (ref.abs() + 1e-3)  # + the bf16 output's rounding
     assert ((y.float() - ref).abs() <= bound).all()
-    assert torch.equal(y[5], module.bias)  # a zero row: the bias alone, no NaN from its zero scale
+    assert torch.equal(y[5], module.bias)  # a zero row: the bias alone
     for row in range(Q.DECODE_KERNEL_ROWS):
         assert torch.equal(module(x[row : row + 1])[0], y[row])
-    rows = Q.DECODE_KERNEL_ROWS + 1  # more rows: the weight-only path, bf16 activations
-    x_many = torch.randn(rows, in_features, dtype=torch.bfloat16)
+    x_many = torch.randn(Q.DECODE_KERNEL_ROWS + 1, in_features, dtype=torch.bfloat16)
     assert torch.allclose(module(x_many).float(), F.linear(x_many.float(), w, b), rtol=2**-6, atol=2**-6)
+    assert not Int8Linear.from_linear(linear(72, 64)).pack_for_decoding()  # rows of whole 64-byte vectors only
 
 
-@needs_fbgemm
-def test_int8_packed_copy_is_dropped_when_the_weight_changes(tmp_path):
-    """The packed copy is derived state: not in the state dict, gone after loading other weights
-    or moving the module, so it can never answer for a weight it no longer holds."""
+@needs_vnni
+def test_int8_decoding_state_is_dropped_when_the_weight_changes():
+    """What `pack_for_decoding` derives is not in the state dict and is gone after loading other
+    weights or moving the module, so it can never answer for a weight it no longer holds."""
     module = Int8Linear.from_linear(linear(64, 48))
     plain = module.state_dict()
     assert module.pack_for_decoding()
@@ -194,11 +209,24 @@ def test_int8_packed_copy_is_dropped_when_the_weight_changes(tmp_path):
     x = torch.randn(1, 64, dtype=torch.bfloat16)
     assert module._decode_weight is None and torch.equal(module(x), other(x))
     assert module.pack_for_decoding() and module.to(torch.float32)._decode_weight is None
-    net = quantize(tiny_model(torch.float32), "int8")
-    assert Q.pack_for_decoding(net) == 4 * 2 + 1
 
 
-needs_vnni = pytest.mark.skipif(native.int4_kernel() is None, reason=f"int4 kernel: {native.unavailable_reason()}")
+@needs_vnni
+@pytest.mark.parametrize("scheme, group_size", [("int8", 128), ("int4", 128)])
+def test_model_packed_for_decoding_stays_near_the_weight_only_model(scheme, group_size):
+    """A whole quantized model after `pack_for_decoding` (as `load_for_inference` prepares it):
+    every Linear takes the kernel, and a one-token step's logits stay within 2% RMS of the same
+    model without it (the 8-bit activations' whole cost), for a batch of 3 as for each row alone."""
+    config = Config.from_preset("tiny").replace(dim=128, dim_head=32)
+    torch.manual_seed(0)
+    plain = quantize(Andromeda.from_config(config, dtype=torch.float32), scheme, group_size)
+    packed = copy.deepcopy(plain)
+    assert Q.pack_for_decoding(packed) == 2 * 4 + 1
+    tokens = torch.randint(0, 258, (3, 1))
+    with torch.no_grad():
+        expected, logits = plain.Andromeda(tokens), packed.Andromeda(tokens)
+        assert torch.equal(packed.Andromeda(tokens[1:2]), logits[1:2])
+    assert ((logits - expected).norm() / expected.norm()).item() < 0.02
 
 
 @needs_vnni
@@ -210,16 +238,16 @@ def test_int4_vnni_kernel_agrees_with_its_pytorch_reference(group_size):
     N, K = 203, 512
     codes = torch.randint(0, 16, (N, K))
     scales, zeros = torch.rand(N, K // group_size) * 0.02, torch.randn(N, K // group_size) * 0.01
-    weight, scale_offset = native.to_kernel_layout(codes, scales, zeros)
+    weight, scale_zero = native.to_kernel_layout(codes, scales, zeros)
     assert torch.equal(native.from_kernel_layout(weight), codes)
     for rows in (1, 3, 16):
         x = torch.randn(rows, K)
         x[0, :7] *= 40  # an outlier sets row 0's scale
-        y = native.int4_rows(x, weight, scale_offset, group_size)
-        ref = native.int4_rows_reference(x, weight, scale_offset, group_size)
+        y = native.int4_rows(x, weight, scale_zero, group_size)
+        ref = native.int4_rows_reference(x, weight, scale_zero, group_size)
         assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-    x = torch.zeros(2, K)  # an all-zero row: scale 1, codes 0, output the offsets' zero
-    assert torch.equal(native.int4_rows(x, weight, scale_offset, group_size), torch.zeros(2, N))
+    x = torch.zeros(2, K)  # an all-zero row: scale 1, codes 0, sums 0: output 0
+    assert torch.equal(native.int4_rows(x, weight, scale_zero, group_size), torch.zeros(2, N))
 
 
 @needs_vnni
@@ -246,15 +274,16 @@ def test_int4_packed_for_decoding_runs_the_kernel_per_row():
     assert not Int4Linear.from_linear(linear(256, 200), 64).pack_for_decoding()  # groups of 64: ATen's
 
 
-def test_int4_kernel_that_cannot_build_leaves_aten_in_charge(monkeypatch, tmp_path):
-    """A failed build is a reason, not an error: the layer keeps ATen's kernel."""
+def test_vnni_kernels_that_cannot_build_leave_aten_in_charge(monkeypatch, tmp_path):
+    """A failed build is a reason, not an error: the layers keep ATen's kernels."""
     monkeypatch.setenv("ANDROMEDA_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a compiler that always fails
-    for cached in (native.int4_kernel, native.unavailable_reason, native._built):
+    for cached in (native.kernels, native.unavailable_reason, native._built):
         cached.cache_clear()
     try:
         reason = native.unavailable_reason()
         assert reason is not None and ("failed" in reason or "lacks" in reason)
+        assert not Int8Linear.from_linear(linear(256, 64)).pack_for_decoding()
         module = Int4Linear.from_linear(linear(256, 64), 128)
         assert not module.pack_for_decoding()
         x = torch.randn(1, 256, dtype=torch.bfloat16)
@@ -262,7 +291,7 @@ def test_int4_kernel_that_cannot_build_leaves_aten_in_charge(monkeypatch, tmp_pa
                                                           module.bias.float()), rtol=2**-6, atol=2**-6)
     finally:
         monkeypatch.undo()
-        for cached in (native.int4_kernel, native.unavailable_reason, native._built):
+        for cached in (native.kernels, native.unavailable_reason, native._built):
             cached.cache_clear()
 
 

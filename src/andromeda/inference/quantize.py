@@ -27,7 +27,6 @@ from ..choices import DEFAULT_GROUP_SIZE, INT4_GROUP_SIZES, SCHEMES
 from ..config import Config
 from ..weights import SafetensorsFile
 from .quantized_linear import (
-    ACTIVATION_STEPS,
     ALIGNMENT,
     DECODE_KERNEL_ROWS,
     INT4_KERNEL_ROWS,
@@ -35,7 +34,6 @@ from .quantized_linear import (
     Int4Linear,
     Int8Linear,
     QuantizedLinear,
-    dynamic_int8_supported,
     int4_state_shapes,
     pack_for_decoding,
 )
@@ -201,8 +199,8 @@ def _int4_layer_state(names: list[str], expected, get, scratch: Tensor) -> tuple
 
 
 __all__ = [
-    "ACTIVATION_STEPS", "DECODE_KERNEL_ROWS", "DEFAULT_GROUP_SIZE", "INT4_GROUP_SIZES", "INT4_KERNEL_ROWS", "INT8_KERNEL_ROWS", "SCHEMES", "Int4Linear",
+    "DECODE_KERNEL_ROWS", "DEFAULT_GROUP_SIZE", "INT4_GROUP_SIZES", "INT4_KERNEL_ROWS", "INT8_KERNEL_ROWS", "SCHEMES", "Int4Linear",
     "Int8Linear", "QuantizedLinear", "build_quantized_transformer", "check_int4_width", "check_scheme",
-    "dequantize_weight", "dynamic_int8_supported", "int4_state_shapes", "load_quantized_transformer", "quantization_of", "quantize",
+    "dequantize_weight", "int4_state_shapes", "load_quantized_transformer", "quantization_of", "quantize",
     "pack_for_decoding", "quantized_state_dict_shapes",
 ]

@@ -6,20 +6,17 @@ G = K // group_size groups per output row.
 - int8: symmetric, one scale per output row: w[n, k] = q[n, k] * scales[n], q in [-127, 127].
   Kernel: `torch._weight_int8pack_mm` (ATen, AVX-512/AVX2), which streams the int8 weight and
   converts every weight to fp32 in registers: compute-bound at about half the memory bandwidth.
-  Once `pack_for_decoding` has run (`load_for_inference` does it for decoding), a few rows
-  instead go through fbgemm, the int8 GEMM behind `torch.ao.quantization.quantize_dynamic`: each
-  activation row is quantized to 8 bits with its own scale, and integer dot products (AVX-512
-  VNNI) read the weight once at about the bandwidth bound -- as llama.cpp's Q8_0 quantizes
-  activations (in blocks of 32). fbgemm's own dynamic quantization takes one range for all rows,
-  so a row's result would depend on the others in its batch; here each row is scaled into
-  [-1, 1] first and quantized on a fixed grid, so it never does (`_fbgemm_rows`).
+  Once `pack_for_decoding` has run (`load_for_inference` does it for decoding), a few rows go
+  through `native`'s AVX-512 VNNI kernel instead, which reads the same int8 weight: activations
+  quantized per row to 8 bits (as llama.cpp's Q8_0 does, in blocks of 32), integer dot products,
+  at about the memory bandwidth; packing only sums each row's codes.
 - int4: asymmetric, one scale and zero per group of `group_size` inputs of a row:
   w[n, k] = (q[n, k] - 8) * scales[n, k // g] + zeros[n, k // g], q in [0, 15] -- the
   convention of ATen's "tinygemm" kernels. Kernel: `torch._weight_int4pack_mm_for_cpu` on the
   weight packed by `torch._convert_weight_to_int4pack_for_cpu` (see `int4_packing`), which
   converts every weight to floating point: compute-bound. Once `pack_for_decoding` has run, a
-  few rows instead go through `native`'s AVX-512 VNNI kernel (groups of 128 or 256): activations
-  quantized per row to 8 bits, integer dot products, about twice ATen's speed per core.
+  few rows instead go through `native`'s VNNI kernel (groups of 128 or 256), on a copy of the
+  weight in its layout: activations quantized per row to 8 bits, integer dot products.
 
 The kernels win for a few rows (decoding; see INT8_KERNEL_ROWS); for a prefill they are 2-4x
 slower than a bf16 matmul, so there the weight is dequantized a 4 MB slab at a time and multiplied
@@ -34,11 +31,6 @@ F.linear: correct, but slower than bf16.
 """
 
 from __future__ import annotations
-
-import threading
-import warnings
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -66,9 +58,9 @@ INT8_MAX = 127  # symmetric: -127..127, so negating a weight negates its code
 # default: int8 16-24 rows, int4 64-128 rows.
 INT8_KERNEL_ROWS = 16
 INT4_KERNEL_ROWS = 64
-# Rows up to which the kernels of `pack_for_decoding` run (fbgemm for int8, `native` for int4):
-# decoding, a batch of decoding rows, a speculative verify step. Both quantize activations per
-# row, so their cost grows with the rows too; at 16 rows both are still 1.3-4x ATen's kernels.
+# Rows up to which `native`'s kernels run once `pack_for_decoding` has: decoding, a batch of
+# decoding rows, a speculative verify step. They quantize activations per row and re-read each
+# weight row from cache for every activation row, so their cost grows with the rows too.
 DECODE_KERNEL_ROWS = 16
 # torch 2.13's int8 kernel reads K in steps of 16 with aligned loads and silently returns garbage
 # for other widths (K = 72, 136), so narrower-stepped layers take the dequantizing path.
@@ -77,7 +69,6 @@ INT8_KERNEL_K_MULTIPLE = 16
 # efficient matmul, small enough that its temporaries are reused from the heap rather than
 # mapped (and page-faulted) afresh for every slab.
 DEQUANT_WEIGHTS = 2**21
-_QUANTIZED_TENSOR_LOCK = threading.Lock()
 ALIGNMENT = 64  # bytes: what PyTorch's CPU allocator gives and the kernels' vector loads need
 
 
@@ -112,7 +103,7 @@ class Int8Linear(nn.Module):
         if x2.device.type != "cpu":  # untested: dequantize, then the device's matmul
             y = F.linear(x2, self.dequantized().to(x2.dtype))
         elif x2.shape[0] <= DECODE_KERNEL_ROWS and self._decode_weight is not None:
-            y = _fbgemm_rows(x2, self._decode_weight)  # (M, N) float32
+            y = native.int8_rows(x2, self.weight, *self._decode_weight)  # (M, N) float32
         elif x2.shape[0] <= INT8_KERNEL_ROWS and self.in_features % INT8_KERNEL_K_MULTIPLE == 0:
             y = torch._weight_int8pack_mm(x2, self.weight, self.scales)  # (M, N)
         else:
@@ -125,28 +116,22 @@ class Int8Linear(nn.Module):
         self.weight, self.scales = _aligned(self.weight), _aligned(self.scales)
         self._decode_weight = None  # packed from the old weight: repack if wanted
 
-    _decode_weight = None  # fbgemm's packed copy of the weight for one-row products, or None
+    _decode_weight = None  # (float32 scales, int32 row sums) for `native.int8_rows`, or None
 
     def pack_for_decoding(self) -> bool:
-        """Pack the weight for fbgemm's product of a few rows, where this CPU and PyTorch
-        build have it (`dynamic_int8_supported`); returns whether it did.
-
-        The packed copy sits beside `weight` (products of several rows keep using that), so a
-        packed module takes twice the int8 weight's memory -- still the size of a bf16 weight.
-        It is not part of the state dict; loading a state dict or moving the module drops it."""
-        if not (dynamic_int8_supported() and self.weight.device.type == "cpu" and not self.weight.is_meta):
+        """Prepare the VNNI kernel's few-row products (`native`), where it runs here and takes
+        this width; returns whether it did. It reads `weight` as it is; this keeps only the
+        row scales in float32 and each row's code sum (N numbers each). Not in the state dict;
+        dropped when a state dict is loaded or the module moves."""
+        if not (self.weight.device.type == "cpu" and native.int8_kernel_applies(self.in_features)
+                and native.kernels() is not None):
             return False
-        # torch 2.13 deprecates quantized tensors; this one lives for the call. catch_warnings
-        # swaps a process-wide filter list, so layers packed on threads take turns here.
-        with _QUANTIZED_TENSOR_LOCK, warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
-            qweight = torch._make_per_channel_quantized_tensor(
-                self.weight, self.scales.double(), torch.zeros(self.out_features, dtype=torch.long), 0)
-        self._decode_weight = torch.ops.quantized.linear_prepack(qweight, None)  # the slow part, unlocked
+        self.weight = self.weight.contiguous()
+        self._decode_weight = (self.scales.float().contiguous(), native.int8_row_sums(self.weight))
         return True
 
     def _apply(self, fn, recurse: bool = True):
-        self._decode_weight = None  # a move or dtype change: the packed copy would be stale
+        self._decode_weight = None  # a move or dtype change: derived state would be stale
         return super()._apply(fn, recurse)
 
     def _slab(self, start: int, end: int, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
@@ -255,14 +240,14 @@ class Int4Linear(nn.Module):
         self.weight, self.scales_and_zeros = weight, sz
         self.packed_for_cpu = weight.device.type == "cpu"
 
-    _decode_weight = None  # (weight, scale_offset) in `native`'s layout for a few rows, or None
+    _decode_weight = None  # (weight, scale_zero) in `native`'s layout for a few rows, or None
 
     def pack_for_decoding(self) -> bool:
         """Lay the weight out for `native`'s VNNI kernel, where it runs here and the groups fit
         (`native.kernel_applies`); returns whether it did. As with Int8Linear, the copy sits beside
         `weight` (twice the int4 memory), is not in the state dict, and is dropped on a load or move."""
-        if not (self.packed_for_cpu and native.kernel_applies(self.in_features, self.group_size)
-                and native.int4_kernel() is not None):
+        if not (self.packed_for_cpu and native.int4_kernel_applies(self.in_features, self.group_size)
+                and native.kernels() is not None):
             return False
         weight, scales, zeros = self.plain()
         self._decode_weight = native.to_kernel_layout(unpack_nibbles(weight), scales, zeros)
@@ -371,53 +356,13 @@ def _dequantize_int4(codes: Tensor, scales_and_zeros: Tensor, group_size: int, d
 
 
 
-# --------------------------------------------------------------------------- fbgemm's int8 decode
-
-
-def dynamic_int8_supported() -> bool:
-    """Whether `Int8Linear.pack_for_decoding` applies here: PyTorch's quantized engine (a
-    process-wide setting this module reads, never sets) is fbgemm's, which x86 builds default to,
-    and this PyTorch still has the ops (it deprecates quantized tensors; without them the ATen
-    kernel serves every row)."""
-    ops = torch.ops.quantized
-    return (torch.backends.quantized.engine in ("x86", "fbgemm") and hasattr(ops, "linear_prepack")
-            and hasattr(ops, "linear_with_input_q_dq_qweight_dq_output_fp32"))
-
-
-def _has_vnni() -> bool:
-    """Whether this CPU has VNNI (int8 dot products into int32). Without it fbgemm multiplies
-    pairs into saturating int16, and activations must be quantized to 7 bits to stay exact."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
-
-
-# Each row, scaled by its largest magnitude into [-1, 1], is quantized to ACTIVATION_STEPS steps
-# either side of a fixed zero point: 8 bits (codes 1..255), or 7 where fbgemm's int16 pairs would
-# saturate.
-ACTIVATION_STEPS = 127 if _has_vnni() else 63
-
-
-def _fbgemm_rows(x: Tensor, packed) -> Tensor:
-    """x (M, K) @ W.T in float32 through fbgemm's packed int8 weight, each row quantized alone."""
-    x = x.float()
-    peak = x.abs().amax(dim=1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)  # (M, 1)
-    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-        x / peak, 1.0 / ACTIVATION_STEPS, ACTIVATION_STEPS + 1, packed)
-    return y.mul_(peak)
+# --------------------------------------------------------------------------- decoding kernels
 
 
 def pack_for_decoding(module: nn.Module) -> int:
-    """`pack_for_decoding` on every quantized Linear in `module`; returns how many it packed.
-    fbgemm's packing costs about 8 ns an int8 weight (20 s for the 2.5 B default), so layers are
-    packed on a thread per core: the ops run outside the GIL."""
-    layers = [m for m in module.modules() if isinstance(m, QuantizedLinear)]
-    if not layers:
-        return 0
-    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
-        return sum(pool.map(lambda layer: layer.pack_for_decoding(), layers))
+    """`pack_for_decoding` on every quantized Linear in `module`; returns how many it prepared
+    for `native`'s kernels (int4 lays out a copy: ~1 ns a weight; int8 only sums rows)."""
+    return sum(layer.pack_for_decoding() for layer in module.modules() if isinstance(layer, QuantizedLinear))
 
 
 # --------------------------------------------------------------------------- shared helpers

@@ -1,0 +1,165 @@
+// Products of a few rows x (M, K) float32 with int4 and int8 weights W (N, K), with AVX-512 VNNI.
+//
+// Built and loaded by andromeda/inference/native.py; the arithmetic is documented there, next to
+// its PyTorch reference (`int4_rows_reference`), which the tests hold this file to.
+//
+// Weight layout ("blocks of 128"): row n is K / 2 bytes; each 64-byte block holds 128 weights,
+// the low nibble of byte j weight j of the block and the high nibble weight 64 + j. Codes q are
+// 0..15, weight = (q - 8) * scale + zero per group of `group` inputs (128 or 256), and the kernel
+// reads per (row, group) two floats: scale and zero.
+//
+// Per row m the activations are quantized to int8 with one scale a = max|x| / 127; the integer
+// dot products of each group with the centred codes q - 8 (VNNI: unsigned 4-bit codes times
+// signed 8-bit activations, summed in int32 exactly, less 8 times the group's activation codes)
+// are scaled by the group's scale, and the zeros multiply the exact float sums of the group's
+// activations:
+//   y[m, n] = a * sum_g scale[n, g] * sum_{k in g} xq[m, k] (q[n, k] - 8) + sum_g zero[n, g] * X[m, g].
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define BLOCK 128
+
+static float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+// xq (M, K) int8, a (M), sums (M, G) and codes (M, G): each row's quantized activations, its
+// scale, and per group the float sum of its activations and the integer sum of their codes.
+// K is a multiple of 64, so every loop runs on whole 16-float vectors.
+static void quantize_rows(const float *x, int64_t M, int64_t K, int64_t group, int8_t *xq, float *a,
+                          float *sums, int32_t *codes) {
+  const int64_t G = K / group;
+  for (int64_t m = 0; m < M; ++m) {
+    const float *row = x + m * K;
+    __m512 peak = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) peak = _mm512_max_ps(peak, _mm512_abs_ps(_mm512_loadu_ps(row + k)));
+    const float top = _mm512_reduce_max_ps(peak);
+    const float scale = top > 0.0f ? top / 127.0f : 1.0f;
+    const __m512 inverse = _mm512_set1_ps(1.0f / scale);
+    a[m] = scale;
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 s = _mm512_setzero_ps();
+      __m512i c = _mm512_setzero_si512();
+      for (int64_t k = g * group; k < (g + 1) * group; k += 16) {
+        const __m512 v = _mm512_loadu_ps(row + k);
+        const __m512i rounded = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v, inverse),
+                                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128((__m128i *)(xq + m * K + k), _mm512_cvtsepi32_epi8(rounded));
+        s = _mm512_add_ps(s, v);
+        c = _mm512_add_epi32(c, rounded);
+      }
+      sums[m * G + g] = _mm512_reduce_add_ps(s);
+      codes[m * G + g] = _mm512_reduce_add_epi32(c);
+    }
+  }
+}
+
+// Integer dot products of one block of 128 inputs: codes at `w` (64 bytes), activations at `x`.
+static inline __m512i block_dot(__m512i dot, const uint8_t *w, __m512i x_low, __m512i x_high) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const __m512i packed = _mm512_loadu_si512((const void *)w);
+  dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(packed, low), x_low);
+  return _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(packed, 4), low), x_high);
+}
+
+#define ROWS 4  // output rows computed together: independent dependency chains, shared activation loads
+#define PREFETCH_TILES 2  // how far ahead (in tiles of ROWS rows) the weight is prefetched
+
+int andromeda_int4_rows(const float *x, int64_t M, int64_t K, const uint8_t *weight,
+                        const float *scale_offset, int64_t N, int64_t group, float *y) {
+  if (K % BLOCK || group % BLOCK || K % group || M < 1) return 1;
+  const int64_t G = K / group, blocks_per_group = group / BLOCK;
+  int8_t *xq = (int8_t *)aligned_alloc(64, (size_t)(M * K + 64));
+  float *a = (float *)malloc(sizeof(float) * M);
+  float *sums = (float *)malloc(sizeof(float) * M * G);
+  int32_t *codes = (int32_t *)malloc(sizeof(int32_t) * M * G);
+  if (!xq || !a || !sums || !codes) { free(xq); free(a); free(sums); free(codes); return 2; }
+  quantize_rows(x, M, K, group, xq, a, sums, codes);
+  const int64_t tiles = (N + ROWS - 1) / ROWS;
+#pragma omp parallel for schedule(static)
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int64_t n0 = tile * ROWS;
+    const int64_t rows = N - n0 < ROWS ? N - n0 : ROWS;
+    const uint8_t *w[ROWS];
+    const float *so[ROWS];
+    for (int64_t r = 0; r < ROWS; ++r) {  // a short last tile repeats its last row, results dropped
+      const int64_t n = n0 + (r < rows ? r : rows - 1);
+      w[r] = weight + n * (K / 2);
+      so[r] = scale_offset + n * G * 2;
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t *xrow = xq + m * K;
+      __m512 acc[ROWS];
+      float centre[ROWS], zeros[ROWS];  // sum_g scale * 8 * codes[g], sum_g zero * X[g]
+      for (int64_t r = 0; r < ROWS; ++r) { acc[r] = _mm512_setzero_ps(); centre[r] = zeros[r] = 0.0f; }
+      for (int64_t g = 0; g < G; ++g) {
+        __m512i dot[ROWS];
+        for (int64_t r = 0; r < ROWS; ++r) dot[r] = _mm512_setzero_si512();
+        for (int64_t b = 0; b < blocks_per_group; ++b) {
+          const int64_t k0 = (g * blocks_per_group + b) * BLOCK;
+          const __m512i x_low = _mm512_loadu_si512((const void *)(xrow + k0));
+          const __m512i x_high = _mm512_loadu_si512((const void *)(xrow + k0 + 64));
+          for (int64_t r = 0; r < ROWS; ++r) {
+            _mm_prefetch((const char *)(w[r] + k0 / 2 + PREFETCH_TILES * ROWS * (K / 2)), _MM_HINT_T0);
+            dot[r] = block_dot(dot[r], w[r] + k0 / 2, x_low, x_high);
+          }
+        }
+        const float group_sum = sums[m * G + g], group_codes = (float)(8 * codes[m * G + g]);
+        for (int64_t r = 0; r < ROWS; ++r) {
+          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(so[r][2 * g]), acc[r]);
+          centre[r] += so[r][2 * g] * group_codes;
+          zeros[r] += so[r][2 * g + 1] * group_sum;
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) y[m * N + n0 + r] = a[m] * (hsum(acc[r]) - centre[r]) + zeros[r];
+    }
+  }
+  free(xq); free(a); free(sums); free(codes);
+  return 0;
+}
+
+// y = x @ W.T for an int8 weight W (N, K) stored plainly, row after row, with one scale per row.
+// VNNI multiplies unsigned by signed bytes, so the activations go in shifted by 128 (codes
+// 1..255) and the shift comes back out through each row's weight sum:
+//   y[m, n] = a[m] * scale[n] * (sum_k (xq[m, k] + 128) W[n, k] - 128 * wsum[n]).
+int andromeda_int8_rows(const float *x, int64_t M, int64_t K, const int8_t *weight, const float *scale,
+                        const int32_t *wsum, int64_t N, float *y) {
+  if (K % 64 || M < 1) return 1;
+  uint8_t *xu = (uint8_t *)aligned_alloc(64, (size_t)(M * K + 64));
+  float *a = (float *)malloc(sizeof(float) * M);
+  float *sums = (float *)malloc(sizeof(float) * M);
+  int32_t *codes = (int32_t *)malloc(sizeof(int32_t) * M);
+  if (!xu || !a || !sums || !codes) { free(xu); free(a); free(sums); free(codes); return 2; }
+  quantize_rows(x, M, K, K, (int8_t *)xu, a, sums, codes);
+  const __m512i shift = _mm512_set1_epi8((char)0x80);
+  for (int64_t i = 0; i < M * K; i += 64) {  // xq + 128: flipping the sign bit
+    _mm512_storeu_si512((void *)(xu + i), _mm512_xor_si512(_mm512_loadu_si512((const void *)(xu + i)), shift));
+  }
+  const int64_t tiles = (N + ROWS - 1) / ROWS;
+#pragma omp parallel for schedule(static)
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int64_t n0 = tile * ROWS;
+    const int64_t rows = N - n0 < ROWS ? N - n0 : ROWS;
+    const int8_t *w[ROWS];
+    for (int64_t r = 0; r < ROWS; ++r) w[r] = weight + (n0 + (r < rows ? r : rows - 1)) * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const uint8_t *xrow = xu + m * K;
+      __m512i dot[ROWS];
+      for (int64_t r = 0; r < ROWS; ++r) dot[r] = _mm512_setzero_si512();
+      for (int64_t k = 0; k < K; k += 64) {
+        const __m512i xv = _mm512_loadu_si512((const void *)(xrow + k));
+        for (int64_t r = 0; r < ROWS; ++r) {
+          _mm_prefetch((const char *)(w[r] + k + PREFETCH_TILES * ROWS * K), _MM_HINT_T0);
+          dot[r] = _mm512_dpbusd_epi32(dot[r], xv, _mm512_loadu_si512((const void *)(w[r] + k)));
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t n = n0 + r;
+        const int64_t total = (int64_t)_mm512_reduce_add_epi32(dot[r]) - 128 * (int64_t)wsum[n];
+        y[m * N + n] = a[m] * scale[n] * (float)total;
+      }
+    }
+  }
+  free(xu); free(a); free(sums); free(codes);
+  return 0;
+}
