@@ -252,13 +252,16 @@ def test_int4_vnni_kernel_agrees_with_its_pytorch_reference(group_size):
 
 @needs_vnni
 def test_int4_packed_for_decoding_runs_the_kernel_per_row():
-    """After `pack_for_decoding`, up to DECODE_KERNEL_ROWS rows run the VNNI kernel: each row within
-    its own 8-bit quantization's error of the dequantized product, bit for bit the same alone or in
-    a batch; more rows keep ATen's kernel and the slabs."""
+    """After `pack_for_decoding` the weight is in the VNNI kernel's layout (not beside ATen's): up
+    to DECODE_KERNEL_ROWS rows run the kernel, each within its own 8-bit quantization's error of
+    the dequantized product and bit for bit the same alone or in a batch; more rows dequantize
+    slabs from that layout; the state dict is the same bytes; a move restores ATen's layout."""
     module = Int4Linear.from_linear(linear(256, 200), 128)
+    plain = {k: v.clone() for k, v in module.state_dict().items()}
     x = torch.randn(Q.DECODE_KERNEL_ROWS, 256, dtype=torch.bfloat16)
     x[2] *= 30
-    assert module.pack_for_decoding()
+    assert module.pack_for_decoding() and module.weight.shape == (200, 128)  # no ATen padding rows
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in plain.items())
     with torch.inference_mode(), OpRecorder() as recorder:
         y = module(x)
     assert "aten._weight_int4pack_mm_for_cpu" not in [name for name, _ in recorder.calls]
@@ -269,8 +272,13 @@ def test_int4_packed_for_decoding_runs_the_kernel_per_row():
     assert ((y.float() - ref).abs() <= bound).all()
     for row in range(0, Q.DECODE_KERNEL_ROWS, 5):
         assert torch.equal(module(x[row : row + 1])[0], y[row])
-    module.load_state_dict(module.state_dict())
-    assert module._decode_weight is None  # loading drops the copy; so does a move (as for int8)
+    for rows in (Q.DECODE_KERNEL_ROWS + 1, Q.INT4_KERNEL_ROWS + 1):  # slabs from the kernel's layout
+        x_many = torch.randn(rows, 256, dtype=torch.bfloat16)
+        assert torch.allclose(module(x_many).float(), F.linear(x_many.float(), w, b), rtol=2**-6, atol=2**-6)
+    module.to(torch.float32)
+    assert module._decode_weight is None and module.packed_for_cpu
+    assert torch.allclose(module(x[:1].float()), F.linear(x[:1].float(), w, b), rtol=2**-6, atol=2**-6)
+    assert all(torch.equal(module.state_dict()[k].float(), v.float()) for k, v in plain.items())
     assert not Int4Linear.from_linear(linear(256, 200), 64).pack_for_decoding()  # groups of 64: ATen's
 
 

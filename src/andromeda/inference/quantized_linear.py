@@ -15,8 +15,9 @@ G = K // group_size groups per output row.
   convention of ATen's "tinygemm" kernels. Kernel: `torch._weight_int4pack_mm_for_cpu` on the
   weight packed by `torch._convert_weight_to_int4pack_for_cpu` (see `int4_packing`), which
   converts every weight to floating point: compute-bound. Once `pack_for_decoding` has run, a
-  few rows instead go through `native`'s VNNI kernel (groups of 128 or 256), on a copy of the
-  weight in its layout: activations quantized per row to 8 bits, integer dot products.
+  few rows instead go through `native`'s VNNI kernel (groups of 128 or 256), with the weight laid
+  out for it in place of ATen's layout: activations quantized per row to 8 bits, integer dot
+  products; more rows dequantize slabs from that layout.
 
 The kernels win for a few rows (decoding; see INT8_KERNEL_ROWS); for a prefill they are 2-4x
 slower than a bf16 matmul, so there the weight is dequantized a 4 MB slab at a time and multiplied
@@ -186,8 +187,10 @@ class Int4Linear(nn.Module):
         x2 = _rows(x, self.scales_and_zeros.dtype)  # (M, K)
         if not on_cpu:  # untested: dequantize, then the device's matmul
             y = F.linear(x2, self.dequantized().to(x2.dtype))
-        elif x2.shape[0] <= DECODE_KERNEL_ROWS and self._decode_weight is not None:
-            y = native.int4_rows(x2, *self._decode_weight, self.group_size)  # (M, N) float32
+        elif self._decode_weight is not None:  # `weight` in the VNNI kernel's layout
+            if x2.shape[0] > DECODE_KERNEL_ROWS:
+                return _finish(_slab_matmul(x2, self.out_features, self._slab, self.bias), None, x)
+            y = native.int4_rows(x2, self.weight, self._decode_weight, self.group_size)  # (M, N) float32
         elif x2.shape[0] <= INT4_KERNEL_ROWS:
             y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
             y = y[:, : self.out_features]  # (M, N), without the padding rows
@@ -199,6 +202,9 @@ class Int4Linear(nn.Module):
         """Rows start:end of the dequantized weight, (end - start, K); start is a block boundary."""
         block, form = cpu_int4_layout()
         K, n = self.in_features, end - start
+        if self._decode_weight is not None:  # the VNNI kernel's layout
+            codes = native.from_kernel_layout(self.weight[start:end])  # (n, K) uint8
+            return _dequantize_int4(codes, self.scales_and_zeros[:, start:end], self.group_size, dtype), None
         if form != "halves" or n % block:  # a partial last block: the general path
             codes = unpack_cpu_rows(self.weight, start, end, K)  # (n, K) uint8
             return _dequantize_int4(codes, self.scales_and_zeros[:, start:end], self.group_size, dtype), None
@@ -225,7 +231,9 @@ class Int4Linear(nn.Module):
     def plain(self) -> tuple[Tensor, Tensor, Tensor]:
         """(weight (N, K // 2) uint8, scales (N, G), zeros (N, G)): the state dict's layout."""
         N, K = self.out_features, self.in_features
-        if self.packed_for_cpu:
+        if self._decode_weight is not None:
+            weight = pack_nibbles(native.from_kernel_layout(self.weight))
+        elif self.packed_for_cpu:
             weight = plain_from_cpu(self.weight, N, K)
         else:
             weight = self.weight
@@ -234,28 +242,36 @@ class Int4Linear(nn.Module):
 
     def _set(self, weight: Tensor, scales: Tensor, zeros: Tensor) -> None:
         """Store plain (N, K // 2) nibbles with (N, G) scales and zeros, packed for ATen on CPU."""
+        self._decode_weight = None
         sz = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # (G, N, 2)
         if weight.device.type == "cpu":
             weight, sz = pack_for_cpu(weight, sz, self.in_features)
         self.weight, self.scales_and_zeros = weight, sz
         self.packed_for_cpu = weight.device.type == "cpu"
 
-    _decode_weight = None  # (weight, scale_zero) in `native`'s layout for a few rows, or None
+    # The float32 (N, G, 2) scales and zeros of `native.int4_rows` once `pack_for_decoding` has
+    # laid `weight` out for it (on CPU, instead of ATen's layout), else None.
+    _decode_weight = None
 
     def pack_for_decoding(self) -> bool:
-        """Lay the weight out for `native`'s VNNI kernel, where it runs here and the groups fit
-        (`native.kernel_applies`); returns whether it did. As with Int8Linear, the copy sits beside
-        `weight` (twice the int4 memory), is not in the state dict, and is dropped on a load or move."""
+        """Lay the weight out for `native`'s VNNI kernel in place of ATen's layout, where it runs
+        here and the groups fit (`native.int4_kernel_applies`); returns whether it did. Up to
+        DECODE_KERNEL_ROWS rows then run that kernel and more rows dequantize slabs from it.
+        The state dict is unchanged; loading one or moving the module restores ATen's layout."""
+        if self._decode_weight is not None:
+            return True
         if not (self.packed_for_cpu and native.int4_kernel_applies(self.in_features, self.group_size)
                 and native.kernels() is not None):
             return False
         weight, scales, zeros = self.plain()
-        self._decode_weight = native.to_kernel_layout(unpack_nibbles(weight), scales, zeros)
+        self.weight, self._decode_weight = native.to_kernel_layout(unpack_nibbles(weight), scales, zeros)
         return True
 
     def _apply(self, fn, recurse: bool = True):
-        self._decode_weight = None
-        return super()._apply(fn, recurse)
+        super()._apply(fn, recurse)
+        if self._decode_weight is not None:  # moved or converted: back to the standard layout
+            self._set(*self.plain())
+        return self
 
     def dequantized(self) -> Tensor:
         """The weight this module represents, (N, K) float32, as the kernel computes it."""
