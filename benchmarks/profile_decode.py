@@ -69,7 +69,8 @@ PREFIX = "§"  # marks our labelled regions among the profiler's events
 STEP = "step"
 WEIGHTS = "weight products"
 WEIGHT_OPS = {"aten::linear", "aten::addmm", "aten::mm", "aten::matmul", "mkldnn::_linear_pointwise",
-              "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int4pack_mm"}
+              "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int4pack_mm",
+              "andromeda::int8_rows", "andromeda::int4_rows"}  # the VNNI kernels (inference/native.py)
 # Innermost label wins: a Linear inside Attention is a weight product, the rest of Attention is
 # "attention".
 MODULE_LABELS: tuple[tuple[tuple[type, ...], str], ...] = (
