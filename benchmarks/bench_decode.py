@@ -14,7 +14,7 @@ every weight once (all but the embedding table, of which it reads one row), so
 tokens/s <= bandwidth / streamed weight bytes. Each scheme runs in a fresh process of this
 script: the same seeded bf16 model is built, converted (timed), then decodes greedily (tok/s from
 the median step) and prefills `--prefill-len` tokens; that process then measures its own read
-bandwidth (best of 5 sums of a multi-GiB bf16 tensor: on this VM it varies between processes, so
+bandwidth (best of 5 float32 sums of a multi-GiB tensor: on this VM it varies between processes, so
 each share is against the bandwidth of its own process) and its peak RSS, during the build and
 conversion and then while decoding. A process per scheme gives clean peaks and keeps the run
 near one model's memory; a watchdog kills a process past `--max-rss-gb`. "other load" is the
@@ -126,11 +126,12 @@ CPU_ONLY = ("bf16-packed",)
 
 
 def read_bandwidth(gib: float, device: torch.device, repeats: int = 5) -> float:
-    """Bytes/s at which this process streams memory: on CPU reading a `gib`-GiB bf16 tensor
-    (best of `repeats` sums), on a GPU copying one (read + write counted)."""
+    """Bytes/s at which this process streams memory: on CPU reading a `gib`-GiB tensor (best of
+    `repeats` float32 sums: a bf16 sum converts every element and was compute-bound on an Intel
+    Xeon, reading at 60% of the float32 sum's rate), on a GPU copying one (read + write counted)."""
     data = torch.ones(int(gib * common.GIB) // 2, dtype=torch.bfloat16, device=device)
     if device.type == "cpu":
-        work, nbytes = data.sum, data.numel() * data.element_size()
+        work, nbytes = data.view(torch.float32).sum, data.numel() * data.element_size()
     else:
         copy = torch.empty_like(data)
         work, nbytes = (lambda: copy.copy_(data)), 2 * data.numel() * data.element_size()

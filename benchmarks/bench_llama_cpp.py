@@ -5,7 +5,7 @@ this machine. This script builds a Llama-architecture GGUF of the same size as o
 random weights (the `gguf` package; llama.cpp's speed does not depend on the values), and runs
 llama.cpp's `llama-bench` on it; right after, in a fresh process, our model decodes with the
 matching weight scheme, then that process measures its read bandwidth (a 2-thread probe,
-`bench_decode.read_bandwidth`: best of 5 sums of a multi-GiB bf16 tensor). One table:
+`bench_decode.read_bandwidth`: best of 5 float32 sums of a multi-GiB tensor). One table:
 
     scheme               llama.cpp   ours
     bf16                 BF16        bf16 prepacked for oneDNN (`andromeda.inference.packed`)
