@@ -202,9 +202,16 @@ class Int4Linear(nn.Module):
         """Rows start:end of the dequantized weight, (end - start, K); start is a block boundary."""
         block, form = cpu_int4_layout()
         K, n = self.in_features, end - start
-        if self._decode_weight is not None:  # the VNNI kernel's layout
+        if self._decode_weight is not None:  # the VNNI kernel's layout: rows whole, as W
             codes = native.from_kernel_layout(self.weight[start:end])  # (n, K) uint8
-            return _dequantize_int4(codes, self.scales_and_zeros[:, start:end], self.group_size, dtype), None
+            groups = K // self.group_size
+            weight = torch.empty(n, groups, self.group_size, dtype=dtype)
+            torch.sub(codes.view(torch.int8).view(weight.shape), INT4_OFFSET, out=weight)  # exact
+            sz = self.scales_and_zeros[:, start:end].transpose(0, 1)  # (n, G, 2)
+            # Two roundings (an addcmul broadcasting along the rows' last dimension is 3x slower
+            # than the pair): within one unit in the last place of `dtype` of the kernel's value.
+            weight.mul_(sz[..., 0:1]).add_(sz[..., 1:2])
+            return weight.view(n, K), None
         if form != "halves" or n % block:  # a partial last block: the general path
             codes = unpack_cpu_rows(self.weight, start, end, K)  # (n, K) uint8
             return _dequantize_int4(codes, self.scales_and_zeros[:, start:end], self.group_size, dtype), None
