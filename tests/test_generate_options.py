@@ -172,3 +172,30 @@ def test_compile_says_it_is_compiling_before_it_compiles(checkpoint, capsys, cap
     eager = run_generate(capsys, checkpoint, "--prompt", PROMPT, "--temperature", "0")
     assert out == f"=== sample 1/2 (seed 0) ===\n{eager}=== sample 2/2 (seed 1) ===\n{eager}"
     assert caplog.text.count(COMPILING) == 1  # not without --compile
+
+
+def test_compile_takes_prepacked_weights_unpacked_and_refuses_quantized_ones(checkpoint, capsys, monkeypatch):
+    """On a CPU, bf16 weights load prepacked, which Inductor cannot lower: `--compile` unpacks
+    them first (the compiled step sees plain Linears), the library names the fix, and int8/int4
+    weights, whose kernels run outside any graph, are refused with a reason."""
+    from andromeda.inference.packed import PackedLinear, packing_supported, prepack
+
+    if not packing_supported():
+        pytest.skip("this CPU has no oneDNN bf16 kernels: nothing is prepacked")
+    seen = []
+
+    def eager_step():
+        def step(net, tokens, cache_step):
+            seen.append(any(isinstance(m, PackedLinear) for m in net.modules()))
+            return generate_module._forward_step(net, tokens, cache_step)
+        return step
+
+    monkeypatch.setattr(generate_module, "_compiled_step", eager_step)
+    run_generate(capsys, checkpoint, "--prompt", PROMPT, "--temperature", "0", "--compile", "--dtype", "bf16")
+    assert seen and not any(seen)
+    packed = prepack(random_net(dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"unpack\(model\) first"):
+        generate(packed, [[1, 2]], 2, compile=True)
+    code = cli.main(["generate", "--checkpoint", str(checkpoint), "--device", "cpu", "--quantize", "int8",
+                     "--prompt", PROMPT, "--compile"])
+    assert code != 0 and "Int8Linear layers" in capsys.readouterr().err

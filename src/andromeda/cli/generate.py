@@ -124,6 +124,9 @@ def run(args: argparse.Namespace) -> int:
 
         draft = load_for_inference(draft_source, device=device, dtype=args.dtype, verify=args.verify)
     if args.compile:  # before the first compile, which takes a while
+        from ..inference.packed import unpack
+
+        unpack(net)  # plain Linears: Inductor cannot lower prepacked ones (quantized ones are refused)
         logger.info(COMPILING)
     for i in range(args.num_samples):
         seed = args.seed + i

@@ -56,6 +56,7 @@ from torch import Tensor
 from ..choices import KV_CACHE_DTYPES
 from ..model import KVCache, Transformer, check_tokens
 from ..model.cache import check_window
+from .packed import check_compilable
 from .sampling import SamplingParams, TokenCounts, apply_logit_bias, filter_logits, penalize, sample
 from .structured import GrammarMatcher, OutputConstraint, accept_tokens, apply_constraints, grammar_matcher
 
@@ -500,6 +501,8 @@ def _plan(
         eos_token = tokenizer.eos_id if eos_token is None else eos_token
     if compile and not cache_kv:
         raise ValueError("compile=True compiles the KV-cached decode step; it needs cache_kv=True")
+    if compile:
+        check_compilable(net)
     device = net.token_emb.weight.device
     tokens, key_mask = _left_pad(prompts, config, device)
     window = _window(config, tokens.shape[1], seq_len, window, sink_tokens)

@@ -156,6 +156,21 @@ def inference_only_modules(net: nn.Module) -> list[str]:
     return [name for name, module in net.named_modules() if isinstance(module, INFERENCE_ONLY)]
 
 
+def check_compilable(net: nn.Module) -> None:
+    """Raise ValueError naming the first layer of `net` that torch.compile cannot take: a
+    PackedLinear (Inductor fails to lower its oneDNN op; `unpack` first) or an int8/int4 Linear
+    (its decoding kernels run outside any graph)."""
+    names = inference_only_modules(net)
+    if not names:
+        return
+    layer = net.get_submodule(names[0])
+    if isinstance(layer, PackedLinear):
+        raise ValueError(f"compile=True cannot compile prepacked bf16 layers ({names[0]}): call "
+                         f"andromeda.inference.packed.unpack(model) first (on CPU, eager prepacked decoding is faster)")
+    raise ValueError(f"compile=True cannot compile {type(layer).__name__} layers ({names[0]}): int8/int4 weights "
+                     f"decode with their own kernels, outside torch.compile; decode them without compile")
+
+
 def prepack(module: nn.Module) -> nn.Module:
     """Replace every nn.Linear inside `module` by a PackedLinear, in place, and return `module`.
 
