@@ -17,16 +17,22 @@ server would be: the same SSE wire format, a lock around `inference.generate.str
     python benchmarks/bench_serve.py --quick           # demo preset only, fewer requests
     python benchmarks/bench_serve.py --models demo --clients 1 16 --repeats 3
     python benchmarks/bench_serve.py --constrained     # our server at 16 clients: free vs constrained text
+    python benchmarks/bench_serve.py --constrained --engine --models demo --clients 16 --new-tokens 64 --repeats 9
     python benchmarks/bench_serve.py --plain --models demo --clients 1 16 --requests 2 --new-tokens 64
 
 Goal (issue #11): at 16 clients at least 6x the single-client tokens/s, with p50 TTFT under 2x
 the single-client one.
 
 --constrained (issue #22) loads our server alone at the largest C with plain (non-streamed)
-requests three ways, alternating: free text, a regex (`structured_outputs`) and a JSON schema
-(`response_format`), and prints each one's generated tokens/s (from `usage.completion_tokens`,
-since a grammar may end a choice early) against free text's. Goal: constrained output costs
-at most 15% of the tokens/s.
+requests, alternating: free text, a regex (`structured_outputs`), free text asking for each
+request's length under the regex, a JSON schema (`response_format`), free text of its lengths.
+It prints each constraint's generated tokens/s (from `usage.completion_tokens`, since a grammar
+may end a choice early) against free text's of --new-tokens, and against free text's of the same
+lengths: the grammar's own cost, without that of shorter requests; and the server's CPU time per
+generated token (user + system, steadier than tokens/s on a machine other work shares). With
+--engine, the same constraints and prompts on an EngineCore in this process, C sequences run to
+their end against free text of the same lengths: the grammar's cost per token without HTTP.
+Goal: constrained output costs at most 15% of the tokens/s.
 
 --plain (issue #22) loads our server alone with plain (non-streamed) requests at each C, the
 smallest first, alternating, and prints tokens/s against the smallest C: the load of a batch job
@@ -176,32 +182,41 @@ CONSTRAINTS = {
 
 
 async def constrained_load(url: str, clients: int, requests_per_client: int, prompt_tokens: int, new_tokens: int,
-                           extra: dict) -> float:
-    """Generated tokens/s of C clients each sending R plain completions with `extra` in the body."""
+                           extra: dict, lengths: dict[tuple[int, int], int] | None = None
+                           ) -> tuple[float, dict[tuple[int, int], int]]:
+    """Generated tokens/s of C clients each sending R plain completions with `extra` in the body,
+    and each request's generated tokens by (client, request). With `lengths`, request (c, r) asks
+    for lengths[(c, r)] tokens instead of `new_tokens`."""
     import httpx
 
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        async def one(c: int, r: int) -> int:
-            body = {"prompt": prompt_text(c * 31 + r, prompt_tokens), "max_tokens": new_tokens, "temperature": 0,
+        async def one(c: int, r: int, max_tokens: int) -> int:
+            body = {"prompt": prompt_text(c * 31 + r, prompt_tokens), "max_tokens": max_tokens, "temperature": 0,
                     "ignore_eos": True, **extra}
             response = await client.post(f"{url}/v1/completions", json=body)
             response.raise_for_status()
             return response.json()["usage"]["completion_tokens"]
 
-        async def client_loop(c: int) -> int:
-            return sum([await one(c, r) for r in range(requests_per_client)])
+        async def client_loop(c: int) -> list[int]:
+            return [await one(c, r, lengths[(c, r)] if lengths else new_tokens) for r in range(requests_per_client)]
 
-        await one(999, 0)  # the grammar compiled, connections warm
+        await one(999, 0, 4)  # the grammar compiled, connections warm
         start = time.perf_counter()
-        tokens = sum(await asyncio.gather(*(client_loop(c) for c in range(clients))))
-        return tokens / (time.perf_counter() - start)
+        counts = await asyncio.gather(*(client_loop(c) for c in range(clients)))
+        wall = time.perf_counter() - start
+    generated = {(c, r): n for c, row in enumerate(counts) for r, n in enumerate(row)}
+    return sum(generated.values()) / wall, generated
 
 
-def bench_plain_loads(name: str, args: argparse.Namespace, workdir: Path, loads: dict[str, tuple[int, dict]]
-                      ) -> dict[str, float]:
-    """Median generated tokens/s of each named load (clients, extra body fields) on one server of
-    ours, the loads alternating over --repeats rounds."""
+Load = tuple[int, dict, str | None]  # clients, extra body fields, the load whose lengths it asks for
+
+
+def bench_plain_loads(name: str, args: argparse.Namespace, workdir: Path, loads: dict[str, Load]
+                      ) -> dict[str, list[tuple[float, float]]]:
+    """Each named load's (generated tokens/s, server CPU ms per generated token) in each of
+    --repeats rounds on one server of ours, the loads alternating within a round. A load naming
+    another (earlier) one asks for the lengths that one's requests generated in its first round."""
     config = MODELS[name]()
     torch.manual_seed(args.seed)
     save_pretrained(build_transformer(config), checkpoint := workdir / name, tokenizer=ByteTokenizer())
@@ -209,29 +224,101 @@ def bench_plain_loads(name: str, args: argparse.Namespace, workdir: Path, loads:
     ours = Process([sys.executable, "-m", "andromeda", "serve", "--checkpoint", str(checkpoint), "--port",
                     str(port := free_port()), "--max-batch-size", str(max(args.clients)), *threads], port,
                    workdir / f"{name}-plain.log")
-    runs: dict[str, list[float]] = {label: [] for label in loads}
+    runs: dict[str, list[tuple[float, float]]] = {label: [] for label in loads}
+    lengths: dict[str, dict[tuple[int, int], int]] = {}
     try:
         ours.wait_ready()
         for _ in range(args.repeats):
-            for label, (clients, extra) in loads.items():
-                runs[label].append(asyncio.run(constrained_load(ours.url, clients, args.requests, args.prompt_tokens,
-                                                                args.new_tokens, extra)))
-                log.info("%s %s: %.1f tok/s", name, label, runs[label][-1])
+            for label, (clients, extra, like) in loads.items():
+                cpu = ours.cpu_seconds()
+                tok_s, generated = asyncio.run(constrained_load(ours.url, clients, args.requests, args.prompt_tokens,
+                                                                args.new_tokens, extra, like and lengths[like]))
+                cpu_ms = (ours.cpu_seconds() - cpu) / sum(generated.values()) * 1e3  # (the warm-up request's too)
+                lengths.setdefault(label, generated)
+                runs[label].append((tok_s, cpu_ms))
+                log.info("%s %s: %.1f tok/s, %.3f CPU ms/token", name, label, tok_s, cpu_ms)
     finally:
         ours.stop()
-    return {label: statistics.median(r) for label, r in runs.items()}
+    return runs
 
 
 def bench_constrained(name: str, args: argparse.Namespace, workdir: Path) -> list[list[object]]:
+    """Free text, then each constraint followed by free text of its requests' lengths: a grammar
+    that ends a request early (an untrained model reaches the end of a JSON object in ~12 tokens)
+    leaves more of the load to per-request work (HTTP, admission, prefill), which the plain ratio
+    counts against the grammar and the equal-lengths one does not. Ratios are the median of each
+    round's (its loads ran back to back, under the same outside load)."""
     clients = max(args.clients)
-    tok_s = bench_plain_loads(name, args, workdir, {label: (clients, extra) for label, extra in CONSTRAINTS.items()})
-    free = tok_s["free text"]
-    return [[name, label, clients, f"{value:.0f}", f"{value / free:.2f}x"] for label, value in tok_s.items()]
+    loads: dict[str, Load] = {"free text": (clients, {}, None)}
+    for label, extra in CONSTRAINTS.items():
+        if extra:
+            loads[label] = (clients, extra, None)
+            loads[f"free text, {label}'s lengths"] = (clients, {}, label)
+    runs = bench_plain_loads(name, args, workdir, loads)
+
+    def ratio(label: str, peer: str) -> str:
+        return f"{statistics.median(a[0] / b[0] for a, b in zip(runs[label], runs[peer])):.2f}x"
+
+    def median(label: str, field: int) -> float:
+        return statistics.median(run[field] for run in runs[label])
+
+    rows = [[name, "free text", clients, f"{median('free text', 0):.0f}", "", "", f"{median('free text', 1):.3f}", ""]]
+    for label in loads:
+        if label in CONSTRAINTS and label != "free text":
+            same = f"free text, {label}'s lengths"
+            rows.append([name, label, clients, f"{median(label, 0):.0f}", ratio(label, "free text"), ratio(label, same),
+                         f"{median(label, 1):.3f}", f"{median(same, 1):.3f}"])
+    return rows
+
+
+def bench_engine_constrained(name: str, args: argparse.Namespace) -> list[list[object]]:
+    """The grammar's own cost without HTTP or a load generator: an EngineCore in this process
+    runs C sequences (the loads' prompts and constraints, greedy) to their end, each constraint
+    followed by free text of the same lengths, over --repeats rounds; per-round ratios of
+    generated tokens/s."""
+    from andromeda.inference.sampling import SamplingParams
+    from andromeda.inference.structured import grammar_matcher
+    from andromeda.serve.config import ServeConfig
+    from andromeda.serve.core import EngineCore
+    from andromeda.serve.protocol import CompletionRequest
+    from andromeda.serve.scheduler import Sequence
+
+    torch.set_num_threads(args.threads or max(1, torch.get_num_threads() - 1))  # as `andromeda serve` does
+    torch.manual_seed(args.seed)
+    clients, tokenizer = max(args.clients), ByteTokenizer()
+    core = EngineCore(build_transformer(MODELS[name]()).eval(), ServeConfig(max_batch_size=clients))
+
+    def run(constraint, lengths: list[int] | None) -> tuple[float, list[int]]:
+        seqs = [Sequence([tokenizer.eos_id, *tokenizer.encode(prompt_text(c * 31, args.prompt_tokens))],
+                         lengths[c] if lengths else args.new_tokens, SamplingParams(0),
+                         matcher=constraint and grammar_matcher(constraint, tokenizer)) for c in range(clients)]
+        start = time.perf_counter()
+        for seq in seqs:
+            core.add(seq)
+        while core.has_work:
+            core.step()
+        generated = [len(seq.output) for seq in seqs]
+        return sum(generated) / (time.perf_counter() - start), generated
+
+    rows = []
+    for label, extra in CONSTRAINTS.items():
+        if not extra:
+            continue
+        constraint = CompletionRequest(model="m", prompt="p", **extra).output_constraint()[0]
+        _, lengths = run(constraint, None)  # the grammar compiled, the lengths known
+        ratios, tok_s = [], []
+        for _ in range(args.repeats):
+            tok_s.append(run(constraint, None)[0])
+            ratios.append(tok_s[-1] / run(None, lengths)[0])
+        rows.append([name, label, clients, sum(lengths), f"{statistics.median(tok_s):.0f}",
+                     f"{statistics.median(ratios):.2f}x"])
+    return rows
 
 
 def bench_plain(name: str, args: argparse.Namespace, workdir: Path) -> list[list[object]]:
     clients = sorted(args.clients)
-    tok_s = bench_plain_loads(name, args, workdir, {str(c): (c, {}) for c in clients})
+    runs = bench_plain_loads(name, args, workdir, {str(c): (c, {}, None) for c in clients})
+    tok_s = {label: statistics.median(run[0] for run in r) for label, r in runs.items()}
     single = tok_s[str(clients[0])]
     return [[name, c, f"{tok_s[str(c)]:.0f}", f"{tok_s[str(c)] / single:.2f}x"] for c in clients]
 
@@ -356,6 +443,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="our server only: plain (non-streamed) requests at each --clients, vs the smallest")
     parser.add_argument("--constrained", action="store_true",
                         help="our server only, at the largest --clients: free text vs a regex vs a JSON schema")
+    parser.add_argument("--engine", action="store_true",
+                        help="with --constrained: an EngineCore in this process instead of a server (no HTTP)")
     parser.add_argument("--baseline-server", metavar="CHECKPOINT", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -383,11 +472,18 @@ def main(argv: list[str] | None = None) -> int:
                 rows += bench_plain(name, args, Path(workdir))
         print(common.markdown_table(["model", "clients", "tok/s", f"vs {min(args.clients)} client(s)"], rows))
         return 0
+    if args.constrained and args.engine:
+        for name in args.models:
+            rows += bench_engine_constrained(name, args)
+        print(common.markdown_table(["model", "output", "sequences", "tokens", "tok/s", "vs free text of equal lengths"],
+                                    rows))
+        return 0
     if args.constrained:
         with tempfile.TemporaryDirectory(prefix="bench-serve-") as workdir:
             for name in args.models:
                 rows += bench_constrained(name, args, Path(workdir))
-        print(common.markdown_table(["model", "output", "clients", "tok/s", "vs free text"], rows))
+        print(common.markdown_table(["model", "output", "clients", "tok/s", "vs free text", "vs free text of equal lengths",
+                                     "server CPU ms/token", "free text's, equal lengths"], rows))
         return 0
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as workdir:
         for name in args.models:

@@ -8,6 +8,7 @@ import copy
 import json
 import re
 import sys
+import threading
 
 import pytest
 import torch
@@ -16,14 +17,21 @@ from pydantic import ValidationError
 from andromeda import Andromeda
 from andromeda.inference.generate import generate, stream_text
 from andromeda.inference.sampling import SamplingParams, apply_logit_bias
+from andromeda.inference import structured
 from andromeda.inference.structured import (
     OutputConstraint,
     accept_tokens,
+    apply_bitmask,
     apply_constraints,
+    grammar_bitmask,
     grammar_matcher,
+    unpack_bitmask,
     validate_constraint,
 )
+from andromeda.serve.config import ServeConfig
+from andromeda.serve.core import EngineCore
 from andromeda.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_error
+from andromeda.serve.scheduler import Sequence
 from andromeda.tokenizers import ByteTokenizer, load_tokenizer, train_bpe
 from helpers import CORPUS_TEXT
 
@@ -184,6 +192,56 @@ def test_rollback_restores_the_earlier_mask(llguidance, bpe):
     digits = grammar_matcher(OutputConstraint.regex("[0-9]+"), ByteTokenizer())
     assert digits.valid_prefix(b"12x3") == 2 and digits.valid_prefix(b"123") == 3
     assert not digits.allowed(VOCAB)[ByteTokenizer.eos_id], "valid_prefix accepted nothing: eos is not yet allowed"
+
+
+def test_packed_bitmask_holds_each_rows_tokens_bit_by_bit(llguidance, bpe):
+    """Bit t % 32 of word t // 32 is token t: a free row has every bit, a grammar row only its
+    tokens, never ids past the tokenizer's; applying it puts -inf where the bit is clear. The
+    thread pool (for accelerators) computes the same bits."""
+    digits = grammar_matcher(OutputConstraint.regex("[0-9]+"), bpe)
+    letters = grammar_matcher(OutputConstraint.regex("[a-z]"), bpe)
+    assert grammar_bitmask([None, None], VOCAB) is None, "free text computes no mask"
+    bitmask = grammar_bitmask([digits, None, letters], VOCAB)
+    assert bitmask.dtype == torch.int32 and bitmask.shape == (3, VOCAB // 32)
+    assert torch.equal(grammar_bitmask([digits, None, letters], VOCAB, parallel=True), bitmask)
+    words = bitmask.tolist()
+    bits = [[(words[row][t // 32] >> (t % 32)) & 1 == 1 for t in range(VOCAB)] for row in range(3)]
+    assert all(bits[1]), "a row without a grammar allows every id"
+    for row, alphabet in ((0, "0123456789"), (2, "abcdefghijklmnopqrstuvwxyz")):
+        kept = [t for t in range(VOCAB) if bits[row][t]]
+        assert kept and all(t < bpe.vocab_size and set(bpe.decode([t])) <= set(alphabet) for t in kept)
+    assert torch.equal(unpack_bitmask(bitmask, VOCAB), torch.tensor(bits))
+    logits = torch.randn(3, VOCAB)
+    masked = apply_bitmask(logits, bitmask)
+    assert torch.equal(masked.isfinite(), torch.tensor(bits)) and torch.equal(masked[torch.tensor(bits)],
+                                                                            logits[torch.tensor(bits)])
+
+
+def test_the_engine_masks_on_its_own_thread_and_draws_generates_tokens(llguidance, net, bpe, monkeypatch):
+    """Rows under a regex, a schema, choices and none, batched by the server's engine on the CPU:
+    the masks are computed on the engine's thread, one row after another (no thread to hand them
+    to and back, llguidance's pool left to accelerators: on the CPU both cost more than the masks),
+    and every row gets the tokens `generate` gives it alone."""
+    monkeypatch.setattr(structured, "_executor", lambda: pytest.fail("llguidance's thread pool used on the CPU"))
+    constraints = [OutputConstraint.regex("[a-z ]{3,30}"), OutputConstraint.json_schema(PERSON), None,
+                   OutputConstraint.choice(["yes", "no", "maybe"])]
+    prompts = [[bpe.eos_id, *bpe.encode(text)] for text in ("the quick fox", "a", "the", "yes or")]
+    core = EngineCore(net, ServeConfig(max_batch_size=4))
+    seqs = [Sequence(prompt, 40, SamplingParams(0), matcher=constraint and grammar_matcher(constraint, bpe))
+            for prompt, constraint in zip(prompts, constraints)]
+    threads = threading.active_count()
+    for seq in seqs:
+        core.add(seq)
+    for _ in range(100):
+        if not core.has_work:
+            break
+        core.step()
+    assert not core.has_work and threading.active_count() == threads, "a thread was started"
+    assert [seq.finish_reason for seq in seqs] == ["stop", "stop", "length", "stop"]
+    for seq, prompt, constraint in zip(seqs, prompts, constraints):
+        alone = generate(net, torch.tensor(prompt), 40, temperature=0, constraint=constraint, tokenizer=bpe)[0]
+        n = len(seq.output)
+        assert seq.output == alone[:n].tolist() and (alone[n:] == bpe.eos_id).all(), "then eos (padding) only"
 
 
 @pytest.mark.parametrize("constraint, problem", [

@@ -18,7 +18,6 @@ The runner owns the model, the cache and the per-slot sampling state; it is the 
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -26,7 +25,7 @@ from torch import Tensor
 from ..inference.sampling import TokenCounts, apply_logit_bias, penalize, sample
 from ..inference.proposers import DraftProposer
 from ..inference.speculative import accept_row, check_draft
-from ..inference.structured import allowed_tokens, apply_allowed
+from ..inference.structured import apply_bitmask, grammar_bitmask
 from ..model import KVCache, Transformer
 from .config import ServeConfig
 from .scheduler import Batch, Sequence, StepPlan, StepResult, TokenLogprob
@@ -53,7 +52,6 @@ class ModelRunner:
         slots = config.max_batch_size
         self._generators: list[torch.Generator | None] = [None] * slots  # sampled rows' own
         self._counts: list[TokenCounts | None] = [None] * slots  # penalized rows': prompt and output tokens
-        self._mask_thread: ThreadPoolExecutor | None = None  # computes grammar masks beside the forward
         self.drafter = None
         if draft is not None:
             check_draft(net, draft)
@@ -104,23 +102,24 @@ class ModelRunner:
             if batch.proposals is not None:
                 self._verify(batch, result, drafts)
                 continue
-            sampled = [batch.seqs[i] for i in batch.sample]
-            masks = self._masks(sampled)  # computed on a thread while the forward runs
             logits = self._forward(batch)[:, -1]
-            if sampled:
+            if batch.sample:
                 rows = batch.sample
-                self._sample(sampled, logits[rows] if len(rows) < len(batch.seqs) else logits, result, masks)
+                sampled = [batch.seqs[i] for i in rows]
+                self._sample(sampled, logits[rows] if len(rows) < len(batch.seqs) else logits, result,
+                             self._bitmask(sampled))
         return result
 
-    def _masks(self, seqs: Seq[Sequence]) -> Future | None:
-        """The grammar masks of the rows about to be sampled, started now: llguidance computes them
-        without the GIL, beside the model's forward (vLLM overlaps them likewise)."""
-        matchers = [s.matcher for s in seqs]
-        if all(m is None for m in matchers):
+    def _bitmask(self, seqs: Seq[Sequence]) -> Tensor | None:
+        """The packed grammar masks of the rows about to be sampled (`grammar_bitmask`; None if no
+        row follows a grammar), computed on this thread once the forward is issued: on an
+        accelerator they overlap its kernels. A mask takes llguidance microseconds a row, less than
+        handing the work to a thread and back (waking it, the GIL going back and forth): with a
+        mask thread, grammars cost the demo model (a 5 ms step for 16 rows) 8-16% of its tokens/s
+        at equal lengths, computed here 2-5% (`bench_serve.py --constrained --engine`)."""
+        if all(s.matcher is None for s in seqs):
             return None
-        if self._mask_thread is None:
-            self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="andromeda-grammar")
-        return self._mask_thread.submit(allowed_tokens, matchers, self.config.num_tokens)
+        return grammar_bitmask([s.matcher for s in seqs], self.config.num_tokens, parallel=self.device.type != "cpu")
 
     def _draft(self, batch: Batch) -> list[Tensor | None]:
         """The draft model's proposals for the rows of a decode call (`batch.draft_k` tokens each),
@@ -144,7 +143,7 @@ class ModelRunner:
         plain = [i for i, proposal in enumerate(batch.proposals) if not proposal]
         if plain:
             seqs = [batch.seqs[i] for i in plain]
-            self._sample(seqs, logits[plain, 0], result, self._masks(seqs))
+            self._sample(seqs, logits[plain, 0], result, self._bitmask(seqs))
         for i, proposal in enumerate(batch.proposals):
             seq = batch.seqs[i]
             if proposal:
@@ -181,12 +180,12 @@ class ModelRunner:
         return self.net(tokens, positions, key_mask=mask, cache=self.cache, slots=batch.slots, logits_to_keep=keep,
                         validate=False)
 
-    def _sample(self, seqs: Seq[Sequence], logits: Tensor, result: StepResult, masks: Future | None = None) -> None:
+    def _sample(self, seqs: Seq[Sequence], logits: Tensor, result: StepResult, bitmask: Tensor | None = None) -> None:
         """Draw each row's next token into `result` (logprobs report the model's `logits`);
-        `masks`: the rows' grammar masks (`_masks`), None if no row follows a grammar."""
+        `bitmask`: the rows' grammar masks (`_bitmask`), None if no row follows a grammar."""
         scores = self._penalized(seqs, logits)
-        if masks is not None:  # each row's grammar masks what it does not allow
-            scores = apply_allowed(scores, masks.result())
+        if bitmask is not None:  # each row's grammar masks what it does not allow
+            scores = apply_bitmask(scores, bitmask)
         greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
         tokens: list[int | None] = [None] * len(seqs)
         if greedy:  # one argmax for all greedy rows
