@@ -4,7 +4,7 @@ process, interleaved A, B, A, B; plus model FLOP utilisation against a measured 
 
     python benchmarks/bench_train.py              # dim 512, depth 8, 4 x 1024 tokens, fp32 + bf16
     python benchmarks/bench_train.py --quick      # depth 2, 2 x 256 tokens: a smoke test
-    python benchmarks/bench_train.py --compile    # also Andromeda under torch.compile
+    python benchmarks/bench_train.py --compile    # also Andromeda compiled each block, and whole
     python benchmarks/bench_train.py --profile    # also the top ops of one step of each model
     python benchmarks/bench_train.py --device cuda --config default --seq-len 8192 --batch 1 \
         --no-peer --peak-tflops 989               # GPU MFU of the seed model (H100 bf16 dense)
@@ -16,6 +16,7 @@ import argparse
 import copy
 import logging
 import sys
+import time
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +24,8 @@ from torch import Tensor, nn
 import common
 from andromeda import Andromeda, Config
 from andromeda.config import PRESETS
+from andromeda.parallel.environment import DistEnv
+from andromeda.parallel.parallelize import apply_compile, compile_scope
 
 log = logging.getLogger("bench_train")
 
@@ -57,8 +60,18 @@ class TrainStep:
         self.optimizer = torch.optim.AdamW(loss_model.parameters(), lr=args.lr,
                                            **self.OPTIMIZERS[args.optimizer])
         self.first_loss: float | None = None  # same weights, same batch: first losses agree
+        # The process's CPU seconds per call: at one thread, the time the step had the core,
+        # which the other jobs of a shared machine lengthen far less than the wall time.
+        self.cpu_seconds: list[float] = []
 
     def __call__(self) -> Tensor:
+        start = time.process_time()
+        try:
+            return self._step()
+        finally:
+            self.cpu_seconds.append(time.process_time() - start)
+
+    def _step(self) -> Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         with common.autocast_context(self.device, self.dtype):
             loss = self.loss_model(self.tokens)
@@ -84,9 +97,13 @@ def contestants_for(
     if peer is not None:
         peer_loss = common.x_transformers_loss_model(peer)
         result.append(TrainStep("x-transformers", peer_loss, tokens, device, dtype, args))
-    if args.compile:
-        compiled = torch.compile(copy.deepcopy(ours))
-        result.append(TrainStep("andromeda + torch.compile", compiled, tokens, device, dtype, args))
+    if args.compile:  # both scopes `andromeda train --compile` chooses from, applied as it applies them
+        chosen = compile_scope(DistEnv(device=device), bf16=dtype is not None)
+        for scope, label in (("blocks", "each block compiled"), ("model", "whole model compiled")):
+            compiled = copy.deepcopy(ours)
+            apply_compile(compiled.Andromeda, scope)
+            name = f"andromeda, {label}" + (" (train --compile)" if scope == chosen else "")
+            result.append(TrainStep(name, compiled, tokens, device, dtype, args))
     return result
 
 
@@ -115,15 +132,18 @@ def run_mode(
     flops_per_token = common.model_flops_per_token(config, args.seq_len)
     peer = "x-transformers" if "x-transformers" in wall else None
     rows = []
+    eager_cpu = min(contestants[0].cpu_seconds[-args.steps:])  # plain Andromeda comes first
     for c in contestants:
         seconds, best = common.median(wall[c.name]), min(wall[c.name])
+        cpu = min(c.cpu_seconds[-args.steps:])  # the timed calls are the last ones
         rate = tokens_per_step / seconds
         ratios = "-"
         if peer is not None:  # speed ratios: the peer's time over ours
             ratios = f"{common.median(wall[peer]) / seconds:.2f}x / {min(wall[peer]) / best:.2f}x"
         mfu = flops_per_token * rate / peak
         rows.append([mode, c.name, f"{seconds:.2f} s", f"{best:.2f} s", f"{rate:,.0f}",
-                     f"{100 * mfu:.1f}%", ratios,
+                     f"{100 * mfu:.1f}%", f"{cpu:.2f} s ({eager_cpu / cpu:.2f}x; MFU "
+                     f"{100 * flops_per_token * tokens_per_step / cpu / peak:.1f}%)", ratios,
                      f"{c.first_loss:.5f}" if c.first_loss is not None else "-"])
     return rows, contestants
 
@@ -158,7 +178,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: PyTorch's); 1 is steadier on a shared machine")
     parser.add_argument("--no-peer", action="store_true", help="measure Andromeda only")
-    parser.add_argument("--compile", action="store_true", help="also Andromeda under torch.compile")
+    parser.add_argument("--compile", action="store_true",
+                        help="also Andromeda under torch.compile, each block and the whole model")
     parser.add_argument("--profile", action="store_true", help="print the top ops of one step each")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's peak TFLOP/s for MFU (default: the datasheet's dense bf16 peak for "
@@ -222,9 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(common.markdown_table(
         ["mode", "model", "step (median)", "step (best)", "tokens/s", "MFU",
-         "speed vs x-transformers (median / best)", "first-step loss"], rows))
+         "CPU time (best; speed vs eager; MFU)", "speed vs x-transformers (median / best)", "first-step loss"], rows))
     print("\ntokens/s and MFU use the median step. On a loaded machine the best-step ratio is the "
-          "steadier one: a burst of outside load lengthens some steps, never shortens one.")
+          "steadier one: a burst of outside load lengthens some steps, never shortens one. At one "
+          "thread the CPU time per step is steadier still (time the step had the core; with more "
+          "threads it sums them).")
     if args.profile:
         for mode, contestants in measured:
             for contestant in contestants:

@@ -57,7 +57,12 @@ from ..parallel.environment import (
     node_first,
     resolve_device,
 )
-from ..parallel.parallelize import apply_activation_checkpointing, build_parallel_model, check_parallel_setup
+from ..parallel.parallelize import (
+    apply_activation_checkpointing,
+    build_parallel_model,
+    check_parallel_setup,
+    compile_scope,
+)
 from ..tokenizers import Tokenizer, build_tokenizer
 from .chat import run_chat_template
 from .config import TrainConfig, model_config
@@ -234,7 +239,7 @@ class Trainer:
             model_cfg, config.parallel, env, checkpoint=source,
             init=None if source is not None else self._initialise,
             param_dtype=torch.bfloat16 if config.bf16 and sharded else None,
-            activation_checkpointing=config.activation_checkpointing, compile=config.compile)
+            activation_checkpointing=config.activation_checkpointing, compile=self._compile_scope())
         net.train()
         return net, train_module, config.bf16
 
@@ -257,9 +262,13 @@ class Trainer:
             return net, net, config.bf16
         net, train_module = build_parallel_model(model_cfg, config.parallel, env, init=init,
                                                  activation_checkpointing=config.activation_checkpointing,
-                                                 compile=config.compile)
+                                                 compile=self._compile_scope())
         net.train()
         return net, train_module, config.bf16
+
+    def _compile_scope(self) -> str | None:
+        """What --compile compiles (`compile_scope`), or None without it."""
+        return compile_scope(self.env, self.config.bf16) if self.config.compile else None
 
     def _initialise(self, device: torch.device) -> Transformer:
         """A fresh model in fp32 (master weights), seeded by the run's seed."""
@@ -300,6 +309,9 @@ class Trainer:
         if env.distributed:
             logger.info("%s over %d processes: %d sequences per process per step, in %d micro-steps",
                         config.parallel, env.world_size, config.batch_size // env.world_size, config.grad_accum)
+        if config.compile:
+            logger.info("--compile: torch.compile of %s; the first step (and the first evaluation) compile for "
+                        "tens of seconds", "the whole model" if self._compile_scope() == "model" else "each block")
         if config.max_steps is not None and config.warmup_steps >= config.max_steps:
             logger.warning("warmup_steps (%d) >= max_steps (%d): the learning rate never decays",
                            config.warmup_steps, config.max_steps)

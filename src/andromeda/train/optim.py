@@ -13,6 +13,8 @@ from torch import nn
 from ..model.attention import Attention
 from .config import TrainConfig
 
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # where torch.optim.AdamW(fused=True) has a kernel
+
 
 def param_groups(net: nn.Module, weight_decay: float, qk_scale_lr_mult: float = 1.0) -> list[dict[str, Any]]:
     """Three AdamW groups: linear weights (decayed), QK-norm scales, everything else.
@@ -51,9 +53,11 @@ def build_optimizer(net: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     # state names its groups by their parameters, so an empty group would load without its
     # hyperparameters (torch.distributed.checkpoint.state_dict.set_optimizer_state_dict).
     groups = [group for group in param_groups(net, config.weight_decay, config.qk_scale_lr_mult) if group["params"]]
-    # On GPUs the fused kernel updates every parameter in one launch; on CPU the default (foreach)
-    # is kept, the implementation the bit-exact resume tests pin.
-    fused = all(p.device.type == "cuda" for p in net.parameters())
+    # The fused kernel updates each parameter in one pass over its weight, gradient and moments,
+    # where the default (foreach) makes several: on GPUs one launch for all, on CPU 4.2x faster
+    # (74 M parameters at one thread: 0.16 s against 0.66 s, a tenth of a bf16 step). Elsewhere
+    # (another accelerator) the default.
+    fused = all(p.device.type in FUSED_ADAMW_DEVICES for p in net.parameters())
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=fused or None)
 
 
