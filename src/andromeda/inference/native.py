@@ -128,7 +128,7 @@ def int8_rows(x: Tensor, weight: Tensor, scale: Tensor, wsum: Tensor) -> Tensor:
 
 def int4_rows(x: Tensor, weight: Tensor, scale_zero: Tensor, group_size: int) -> Tensor:
     """x (M, K) @ W.T as float32 (M, N) with the kernel; `weight` (N, K // 2) uint8 in blocks of
-    128 (`to_kernel_layout`), `scale_zero` (N, G, 2) float32."""
+    128 (`to_kernel_layout`), `scale_zero` (N, 2, G) float32."""
     x = x.float().contiguous()
     M, K = x.shape
     y = torch.empty(M, weight.shape[0], dtype=torch.float32)
@@ -166,12 +166,12 @@ def int8_rows_reference(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
 
 def to_kernel_layout(codes: Tensor, scales: Tensor, zeros: Tensor) -> tuple[Tensor, Tensor]:
     """(codes (N, K) in 0..15, scales (N, G), zeros (N, G)) -> the kernel's (weight (N, K // 2)
-    uint8, scale_zero (N, G, 2) float32): in each block of 128 inputs, byte j holds input j in
-    its low nibble and input 64 + j in its high one."""
+    uint8, scale_zero (N, 2, G) float32: each row's scales, then its zeros): in each block of 128
+    inputs, byte j holds input j in its low nibble and input 64 + j in its high one."""
     N, K = codes.shape
     blocks = codes.to(torch.uint8).view(N, K // BLOCK, 2, BLOCK // 2)
     weight = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(N, K // 2).contiguous()
-    return weight, torch.stack([scales.float(), zeros.float()], dim=-1).contiguous()
+    return weight, torch.stack([scales.float(), zeros.float()], dim=1).contiguous()
 
 
 def from_kernel_layout(weight: Tensor) -> Tensor:
@@ -188,7 +188,7 @@ def int4_rows_reference(x: Tensor, weight: Tensor, scale_zero: Tensor, group_siz
     G = K // group_size
     centred = from_kernel_layout(weight).double() - 8  # (N, K)
     dots = torch.einsum("mgk,ngk->mng", xq.double().view(M, G, group_size), centred.view(-1, G, group_size))
-    scale, zero = scale_zero[..., 0].double(), scale_zero[..., 1].double()  # (N, G)
+    scale, zero = scale_zero[:, 0].double(), scale_zero[:, 1].double()  # (N, G)
     sums = x.float().view(M, G, group_size).sum(dim=-1).double()  # (M, G)
     return (a.double() * (dots * scale).sum(-1) + sums @ zero.T).float()
 

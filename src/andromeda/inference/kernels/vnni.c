@@ -6,7 +6,7 @@
 // Weight layout ("blocks of 128"): row n is K / 2 bytes; each 64-byte block holds 128 weights,
 // the low nibble of byte j weight j of the block and the high nibble weight 64 + j. Codes q are
 // 0..15, weight = (q - 8) * scale + zero per group of `group` inputs (128 or 256), and the kernel
-// reads per (row, group) two floats: scale and zero.
+// reads per row its G scales, then its G zeros (float32, (N, 2, G)).
 //
 // Per row m the activations are quantized to int8 with one scale a = max|x| / 127; the integer
 // dot products of each group with the centred codes q - 8 (VNNI: unsigned 4-bit codes times
@@ -66,7 +66,7 @@ static inline __m512i block_dot(__m512i dot, const uint8_t *w, __m512i x_low, __
 #define PREFETCH_TILES 2  // how far ahead (in tiles of ROWS rows) the weight is prefetched
 
 int andromeda_int4_rows(const float *x, int64_t M, int64_t K, const uint8_t *weight,
-                        const float *scale_offset, int64_t N, int64_t group, float *y) {
+                        const float *scale_zero, int64_t N, int64_t group, float *y) {
   if (K % BLOCK || group % BLOCK || K % group || M < 1) return 1;
   const int64_t G = K / group, blocks_per_group = group / BLOCK;
   int8_t *xq = (int8_t *)aligned_alloc(64, (size_t)(M * K + 64));
@@ -81,17 +81,17 @@ int andromeda_int4_rows(const float *x, int64_t M, int64_t K, const uint8_t *wei
     const int64_t n0 = tile * ROWS;
     const int64_t rows = N - n0 < ROWS ? N - n0 : ROWS;
     const uint8_t *w[ROWS];
-    const float *so[ROWS];
+    const float *scale[ROWS], *zero[ROWS];
     for (int64_t r = 0; r < ROWS; ++r) {  // a short last tile repeats its last row, results dropped
       const int64_t n = n0 + (r < rows ? r : rows - 1);
       w[r] = weight + n * (K / 2);
-      so[r] = scale_offset + n * G * 2;
+      scale[r] = scale_zero + n * G * 2;
+      zero[r] = scale[r] + G;
     }
     for (int64_t m = 0; m < M; ++m) {
       const int8_t *xrow = xq + m * K;
       __m512 acc[ROWS];
-      float centre[ROWS], zeros[ROWS];  // sum_g scale * 8 * codes[g], sum_g zero * X[g]
-      for (int64_t r = 0; r < ROWS; ++r) { acc[r] = _mm512_setzero_ps(); centre[r] = zeros[r] = 0.0f; }
+      for (int64_t r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_ps();
       for (int64_t g = 0; g < G; ++g) {
         __m512i dot[ROWS];
         for (int64_t r = 0; r < ROWS; ++r) dot[r] = _mm512_setzero_si512();
@@ -104,14 +104,24 @@ int andromeda_int4_rows(const float *x, int64_t M, int64_t K, const uint8_t *wei
             dot[r] = block_dot(dot[r], w[r] + k0 / 2, x_low, x_high);
           }
         }
-        const float group_sum = sums[m * G + g], group_codes = (float)(8 * codes[m * G + g]);
+        for (int64_t r = 0; r < ROWS; ++r)
+          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(scale[r][g]), acc[r]);
+      }
+      // The groups' centring (8 * scale * activation codes) and zeros (zero * activation sums),
+      // 16 groups at a time.
+      __m512 centre[ROWS], zeros[ROWS];
+      for (int64_t r = 0; r < ROWS; ++r) centre[r] = zeros[r] = _mm512_setzero_ps();
+      for (int64_t g = 0; g < G; g += 16) {
+        const __mmask16 lanes = G - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g)) - 1);
+        const __m512 group_codes = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(lanes, codes + m * G + g));
+        const __m512 group_sums = _mm512_maskz_loadu_ps(lanes, sums + m * G + g);
         for (int64_t r = 0; r < ROWS; ++r) {
-          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(so[r][2 * g]), acc[r]);
-          centre[r] += so[r][2 * g] * group_codes;
-          zeros[r] += so[r][2 * g + 1] * group_sum;
+          centre[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes, scale[r] + g), group_codes, centre[r]);
+          zeros[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes, zero[r] + g), group_sums, zeros[r]);
         }
       }
-      for (int64_t r = 0; r < rows; ++r) y[m * N + n0 + r] = a[m] * (hsum(acc[r]) - centre[r]) + zeros[r];
+      for (int64_t r = 0; r < rows; ++r)
+        y[m * N + n0 + r] = a[m] * (hsum(acc[r]) - 8.0f * hsum(centre[r])) + hsum(zeros[r]);
     }
   }
   free(xq); free(a); free(sums); free(codes);
