@@ -256,6 +256,9 @@ def test_int4_vnni_kernel_agrees_with_its_pytorch_reference(group_size):
         assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     x = torch.zeros(2, K)  # an all-zero row: scale 1, codes 0, sums 0: output 0
     assert torch.equal(native.int4_rows(x, weight, scale_zero, group_size), torch.zeros(2, N))
+    with torch.profiler.profile() as profile:  # named in profiles (profile_decode counts it)
+        native.int4_rows(x, weight, scale_zero, group_size)
+    assert "andromeda::int4_rows" in {event.name for event in profile.events()}
 
 
 @needs_vnni

@@ -116,27 +116,37 @@ def unavailable_reason() -> str | None:
 def int8_rows(x: Tensor, weight: Tensor, scale: Tensor, wsum: Tensor) -> Tensor:
     """x (M, K) @ W.T as float32 (M, N) with the kernel: `weight` (N, K) int8 contiguous, `scale`
     (N,) float32, `wsum` (N,) int32 (`int8_row_sums`)."""
-    x = x.float().contiguous()
+    x = _float_rows(x)
     M, K = x.shape
     y = torch.empty(M, weight.shape[0], dtype=torch.float32)
-    with torch.profiler.record_function("andromeda::int8_rows"):  # named in profiles (a ctypes call is not)
-        status = kernels().int8_rows(x.data_ptr(), M, K, weight.data_ptr(), scale.data_ptr(), wsum.data_ptr(),
-                                     weight.shape[0], y.data_ptr())
-    _check(status, "int8", M, K)
+    args = (x.data_ptr(), M, K, weight.data_ptr(), scale.data_ptr(), wsum.data_ptr(), weight.shape[0], y.data_ptr())
+    _check(_call(kernels().int8_rows, args, "andromeda::int8_rows"), "int8", M, K)
     return y
 
 
 def int4_rows(x: Tensor, weight: Tensor, scale_zero: Tensor, group_size: int) -> Tensor:
     """x (M, K) @ W.T as float32 (M, N) with the kernel; `weight` (N, K // 2) uint8 in blocks of
     128 (`to_kernel_layout`), `scale_zero` (N, 2, G) float32."""
-    x = x.float().contiguous()
+    x = _float_rows(x)
     M, K = x.shape
     y = torch.empty(M, weight.shape[0], dtype=torch.float32)
-    with torch.profiler.record_function("andromeda::int4_rows"):
-        status = kernels().int4_rows(x.data_ptr(), M, K, weight.data_ptr(), scale_zero.data_ptr(), weight.shape[0],
-                                     group_size, y.data_ptr())
-    _check(status, f"int4 (group {group_size})", M, K)
+    args = (x.data_ptr(), M, K, weight.data_ptr(), scale_zero.data_ptr(), weight.shape[0], group_size, y.data_ptr())
+    _check(_call(kernels().int4_rows, args, "andromeda::int4_rows"), f"int4 (group {group_size})", M, K)
     return y
+
+
+def _float_rows(x: Tensor) -> Tensor:
+    x = x.float()  # the same tensor when it is float32 already
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def _call(function: ctypes._CFuncPtr, args: tuple, name: str) -> int:
+    """Call a kernel, named in a running torch.profiler (a ctypes call is invisible to it; the
+    record costs microseconds a call, so only while profiling)."""
+    if torch._C._autograd._profiler_enabled():
+        with torch.profiler.record_function(name):
+            return function(*args)
+    return function(*args)
 
 
 def _check(status: int, kind: str, M: int, K: int) -> None:

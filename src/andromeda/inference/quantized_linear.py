@@ -100,11 +100,13 @@ class Int8Linear(nn.Module):
         return module
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._decode_weight is not None and x.numel() <= DECODE_KERNEL_ROWS * self.in_features:
+            # Decoding: straight to the kernel, which takes float32 rows (a few rows: little Python)
+            return _finish(native.int8_rows(x.reshape(-1, self.in_features), self.weight, *self._decode_weight),
+                           self.bias, x)
         x2 = _rows(x, self.scales.dtype)  # (M, K)
         if x2.device.type != "cpu":  # untested: dequantize, then the device's matmul
             y = F.linear(x2, self.dequantized().to(x2.dtype))
-        elif x2.shape[0] <= DECODE_KERNEL_ROWS and self._decode_weight is not None:
-            y = native.int8_rows(x2, self.weight, *self._decode_weight)  # (M, N) float32
         elif x2.shape[0] <= INT8_KERNEL_ROWS and self.in_features % INT8_KERNEL_K_MULTIPLE == 0:
             y = torch._weight_int8pack_mm(x2, self.weight, self.scales)  # (M, N)
         else:
@@ -181,16 +183,17 @@ class Int4Linear(nn.Module):
         return module
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._decode_weight is not None and x.numel() <= DECODE_KERNEL_ROWS * self.in_features:
+            y = native.int4_rows(x.reshape(-1, self.in_features), self.weight, self._decode_weight, self.group_size)
+            return _finish(y, self.bias, x)
         on_cpu = self.weight.device.type == "cpu"
         if on_cpu != self.packed_for_cpu:  # moved across devices since it was packed
             self._set(*self.plain())
         x2 = _rows(x, self.scales_and_zeros.dtype)  # (M, K)
         if not on_cpu:  # untested: dequantize, then the device's matmul
             y = F.linear(x2, self.dequantized().to(x2.dtype))
-        elif self._decode_weight is not None:  # `weight` in the VNNI kernel's layout
-            if x2.shape[0] > DECODE_KERNEL_ROWS:
-                return _finish(_slab_matmul(x2, self.out_features, self._slab, self.bias), None, x)
-            y = native.int4_rows(x2, self.weight, self._decode_weight, self.group_size)  # (M, N) float32
+        elif self._decode_weight is not None:  # `weight` in the VNNI kernel's layout; many rows
+            return _finish(_slab_matmul(x2, self.out_features, self._slab, self.bias), None, x)
         elif x2.shape[0] <= INT4_KERNEL_ROWS:
             y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
             y = y[:, : self.out_features]  # (M, N), without the padding rows
