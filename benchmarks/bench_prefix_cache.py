@@ -5,8 +5,17 @@ starts by default (prefix reuse on), one with `--no-prefix-cache`. C conversatio
 each T turns: every turn sends the whole history so far (earlier user turns and the server's
 replies) plus a new user turn of about USER characters, and streams N greedy new tokens. Reported
 per server: time to first token (request sent to the first streamed chunk) of the first and of the
-last two turns (median over conversations and repeats), the prompt length those turns reach, the
-tokens the server reported as cached, and whether every reply was identical between the two.
+last two turns (median over conversations and repeats), the prompt length the last turn reaches
+and the tokens the server reported as cached of it (usage), and whether every reply was identical
+between the two.
+
+The checkpoints are the models' presets with a `--context`-token context (the architectures'
+relative positions take any length; the demo preset's own 1,024 would stop the history short of
+1,000 tokens), and their output rows for every byte but printable ASCII and newline are zero, so
+greedy replies are text that the next turn sends back byte for byte, as a trained model's replies
+re-encode to the tokens it produced. (Random logits over all 258 ids reply with invalid UTF-8,
+which the client reads as U+FFFD, three bytes: every turn's prefix would end at the reply's first
+such byte, and the whole reply be prefilled again.)
 
     python benchmarks/bench_prefix_cache.py                        # demo preset, 8 x 6 turns
     python benchmarks/bench_prefix_cache.py --models demo 512x8 --repeats 2
@@ -28,7 +37,7 @@ import torch
 
 import common
 from andromeda.checkpoint import save_pretrained
-from andromeda.model import build_transformer
+from andromeda.model import Transformer, build_transformer
 from andromeda.tokenizers import ByteTokenizer
 from bench_serve import MODELS, WORDS, Process, free_port
 
@@ -46,7 +55,7 @@ async def conversation(client, url: str, index: int, args: argparse.Namespace) -
         history += user_turn(index, turn, args.user_chars)
         body = {"prompt": history, "max_tokens": args.new_tokens, "temperature": 0, "stream": True,
                 "ignore_eos": True, "stream_options": {"include_usage": True}}
-        start, first, text, cached = time.perf_counter(), None, [], 0
+        start, first, text, usage = time.perf_counter(), None, [], {}
         async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
             if response.status_code != 200:
                 raise RuntimeError(f"{url}: {response.status_code} {(await response.aread()).decode()}")
@@ -57,10 +66,10 @@ async def conversation(client, url: str, index: int, args: argparse.Namespace) -
                 if chunk.get("choices"):
                     first = first or time.perf_counter()
                     text.append(chunk["choices"][0]["text"])
-                if chunk.get("usage"):
-                    cached = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+                usage = chunk.get("usage") or usage
         reply = "".join(text)
-        turns.append({"ttft": first - start, "prompt_chars": len(history), "cached": cached, "reply": reply})
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+        turns.append({"ttft": first - start, "prompt_tokens": usage["prompt_tokens"], "cached": cached, "reply": reply})
         history += reply
     return turns
 
@@ -72,9 +81,23 @@ async def load(url: str, args: argparse.Namespace) -> list[list[dict]]:
         return await asyncio.gather(*(conversation(client, url, i, args) for i in range(args.conversations)))
 
 
+TEXT_BYTES = [ord("\n"), *range(32, 127)]  # what the replies are made of
+
+
+def text_model(name: str, context: int) -> Transformer:
+    """Model `name` at random with a `context`-token context whose greedy replies are text: every
+    other id's output row is zero, so its logit is 0, below the largest of ~100 random ones."""
+    net = build_transformer(MODELS[name]().replace(max_seq_len=context))
+    keep = torch.zeros(net.config.num_tokens, dtype=torch.bool)
+    keep[TEXT_BYTES] = True
+    with torch.no_grad():
+        net.to_logits.weight[~keep] = 0
+    return net
+
+
 def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> list[list[object]]:
     torch.manual_seed(args.seed)
-    net = build_transformer(MODELS[name]())
+    net = text_model(name, args.context)
     checkpoint = workdir / name
     save_pretrained(net, checkpoint, tokenizer=ByteTokenizer())
     params = net.num_parameters()
@@ -106,10 +129,10 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> list[list
         first = statistics.median(conv[0]["ttft"] for conv in turns)
         last = statistics.median(t["ttft"] for conv in turns for t in conv[-2:])
         cached = statistics.median(conv[-1]["cached"] for conv in turns)
-        chars = statistics.median(conv[-1]["prompt_chars"] for conv in turns)
+        tokens = statistics.median(conv[-1]["prompt_tokens"] for conv in turns)
         last_ttft[label] = last
-        rows.append([f"{name} ({params / 1e6:.1f} M)", label, args.conversations, args.turns, f"{chars:.0f}",
-                     f"{cached:.0f}", f"{first * 1e3:.0f}", f"{last * 1e3:.0f}"])
+        rows.append([f"{name} ({params / 1e6:.1f} M)", label, args.conversations, args.turns,
+                     f"{cached:.0f} of {tokens:.0f}", f"{first * 1e3:.0f}", f"{last * 1e3:.0f}"])
     speedup = last_ttft["--no-prefix-cache"] / last_ttft["prefix reuse"]
     for row in rows:
         row.append(f"{speedup:.1f}x" if row[1] == "prefix reuse" else "1.0x")
@@ -123,7 +146,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--conversations", type=int, default=8)
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--user-chars", type=int, default=60, help="characters (byte tokens) per user turn")
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens per reply")
+    parser.add_argument("--context", type=int, default=2048, help="the checkpoints' context (max_seq_len)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true")
@@ -135,13 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     common.setup_logging(args.verbose)
     print(f"- machine: {common.environment()}")
     print(f"- load: {args.conversations} conversations at once x {args.turns} turns, each turn the whole "
-          f"history + ~{args.user_chars} new characters, {args.new_tokens} greedy new tokens")
+          f"history + ~{args.user_chars} new characters, {args.new_tokens} greedy new tokens; "
+          f"{args.context}-token context")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             rows += bench_model(name, args, Path(tmp))
-    print(common.markdown_table(["model", "server", "conversations", "turns", "last prompt (chars)",
-                                 "cached (last turn)", "TTFT turn 1 ms", "TTFT last 2 turns ms",
+    print(common.markdown_table(["model", "server", "conversations", "turns", "last turn: cached of prompt tokens",
+                                 "TTFT turn 1 ms", "TTFT last 2 turns ms",
                                  "last turns vs off", "same replies"], rows))
     return 0
 

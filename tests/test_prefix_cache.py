@@ -137,7 +137,7 @@ def test_padding_kept_in_reused_prefixes_never_overflows_a_slot():
     whose rest might then not fit the slot's capacity (context + one chunk) is read whole
     instead, and the last turn, filling the context, gets `generate`'s tokens."""
     net = random_net(max_seq_len=48).eval()
-    scheduler = EngineCore(net, ServeConfig(max_batch_size=2, prefill_chunk=16))
+    scheduler = EngineCore(net, ServeConfig(max_batch_size=2, prefill_chunk=32))
     seq = Sequence(tokens(1, 20), 2, GREEDY)
     run(scheduler, seq)
     cached = []

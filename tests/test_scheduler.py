@@ -52,7 +52,7 @@ def answer(plan, token: int = 7) -> StepResult:
 
 def test_prompts_are_read_in_chunks_within_the_budget_and_padded_once():
     s = scheduler(max_batch_size=3, prefill_chunk=8)
-    long, short = Sequence(list(range(20)), 4, GREEDY), Sequence([1, 2, 3], 4, GREEDY)
+    long, short = Sequence(list(range(12)), 4, GREEDY), Sequence([1, 2, 3], 4, GREEDY)
     s.add(long)
     s.add(short)
     plan = s.schedule()
@@ -62,17 +62,65 @@ def test_prompts_are_read_in_chunks_within_the_budget_and_padded_once():
     assert plan.prefill.seqs == [long] and plan.prefill.tokens == [list(range(8))]
     assert plan.prefill.positions == [list(range(8))] and plan.prefill.sample == []
     s.update(plan, answer(plan))
+    # Rests of 4 and 3: both rows (4 x 12 + 4 x 4 = 64 query-key pairs, within 8^2), the short one
+    # left-padded by one.
     plan = s.schedule()
-    assert plan.prefill.seqs == [long] and plan.prefill.tokens == [list(range(8, 16))]
-    s.update(plan, answer(plan))
-    plan = s.schedule()  # rests of 4 and 3: both rows, the short one left-padded by one
-    assert plan.prefill.seqs == [long, short] and plan.prefill.tokens == [[16, 17, 18, 19], [0, 1, 2, 3]]
+    assert plan.prefill.seqs == [long, short] and plan.prefill.tokens == [[8, 9, 10, 11], [0, 1, 2, 3]]
     assert plan.prefill.key_mask == [[True] * 4, [False, True, True, True]]
     assert plan.prefill.positions[1] == [0, 0, 1, 2] and plan.prefill.sample == [0, 1]
     outputs = s.update(plan, answer(plan, token=9))
     assert [(o.seq, o.token) for o in outputs] == [(long, 9), (short, 9)]
     plan = s.schedule()  # now both decode their last token, in slot order
-    assert plan.prefill is None and plan.decode.tokens == [[9], [9]] and plan.decode.positions == [[20], [3]]
+    assert plan.prefill is None and plan.decode.tokens == [[9], [9]] and plan.decode.positions == [[12], [3]]
+
+
+def test_rests_of_prompts_over_long_cached_prefixes_are_read_one_per_call():
+    """Each reads every key its slot holds: batched, both first tokens would wait for the pair."""
+    s = scheduler(max_batch_size=4, prefill_chunk=16)
+    histories = [list(range(100, 140)), list(range(200, 240))]
+    for history in histories:
+        s.add(Sequence(history, 1, GREEDY))
+        while s.has_work:
+            plan = s.schedule()
+            s.update(plan, answer(plan))
+    follow_ups = [Sequence(h + [1, 2, 3, 4], 1, GREEDY) for h in histories]  # 4 new tokens over 40 cached
+    fresh = [Sequence([5, 6, 7, 8], 1, GREEDY), Sequence([9, 10, 11, 12], 1, GREEDY)]
+    for seq in follow_ups:
+        s.add(seq)
+    plan = s.schedule()
+    assert [seq.cached_tokens for seq in follow_ups] == [40, 40]
+    assert plan.prefill.seqs == [follow_ups[0]] and plan.prefill.tokens == [[1, 2, 3, 4]]  # 4 x 44 pairs each
+    s.update(plan, answer(plan))
+    assert s.schedule().prefill.seqs == [follow_ups[1]]
+    for seq in fresh:
+        s.add(seq)
+    assert s.schedule().prefill.seqs == fresh  # 4 x 4 pairs each: together
+
+
+def test_a_prompts_last_chunk_runs_before_the_decode_call_which_then_runs_alone():
+    """A new sequence's first token does not wait for a decode call over the running streams; the
+    decode call follows alone (those streams get their token after the same work as in a mixed
+    step), with the new sequence in it, and is never put off two steps in a row."""
+    s = scheduler(max_batch_size=3, prefill_chunk=4)
+    s.add(running := Sequence([1, 2], 10, GREEDY))
+    plan = s.schedule()
+    s.update(plan, answer(plan))
+    s.add(new := Sequence(list(range(10, 16)), 10, GREEDY))  # 6 tokens: a chunk of 4, then 2
+    plan = s.schedule()  # not its last chunk: the running stream decodes alongside
+    assert plan.decode.seqs == [running] and plan.prefill.seqs == [new] and plan.prefill.sample == []
+    s.update(plan, answer(plan))
+    plan = s.schedule()  # its last chunk, alone: its first token comes out of this step
+    assert plan.decode is None and plan.prefill.seqs == [new] and plan.prefill.sample == [0]
+    s.update(plan, answer(plan))
+    s.add(late := Sequence([20, 21], 10, GREEDY))
+    plan = s.schedule()  # the decode call put off, alone; the late arrival takes its slot, no chunk yet
+    assert plan.prefill is None and plan.decode.seqs == [running, new] and [a.seq for a in plan.admitted] == [late]
+    s.update(plan, answer(plan))
+    plan = s.schedule()
+    assert plan.decode is None and plan.prefill.seqs == [late]
+    s.update(plan, answer(plan))
+    assert s.schedule().decode.seqs == [running, new, late]
+    assert [len(seq.output) for seq in (running, new, late)] == [3, 2, 1]
 
 
 def test_the_free_slot_sharing_the_longest_prefix_is_taken_and_kept():
@@ -109,7 +157,7 @@ def test_a_prefix_the_cache_cannot_keep_is_read_whole():
 
 def test_choices_of_one_prompt_wait_for_its_prefill_and_fork_it():
     cache = FakeCache()
-    s = scheduler(cache, max_batch_size=4, prefill_chunk=8)
+    s = scheduler(cache, max_batch_size=4, prefill_chunk=16)
     prompt = list(range(1, 21))
     choices = [Sequence(list(prompt), 3, GREEDY) for _ in range(3)]
     other = Sequence([50, 51], 3, GREEDY)

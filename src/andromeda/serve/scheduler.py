@@ -18,7 +18,18 @@ vLLM's scheduler without paging). Each `schedule`
 2. plans one batched decode call: one new token for every sequence whose prompt is in the cache;
 3. plans one batched prefill call over the next chunks of the prompts still being read, at most
    `prefill_chunk` positions in all, so a long prompt is read over several steps while the
-   running streams keep decoding (Sarathi's chunked prefill, https://arxiv.org/abs/2308.16369).
+   running streams keep decoding (Sarathi's chunked prefill, https://arxiv.org/abs/2308.16369),
+   and rows beyond the first only within `prefill_chunk`^2 query-key pairs, so the rests of
+   prompts over long reused prefixes are read one per call (`_prefill_shape`).
+
+First tokens first. A step's outputs reach the clients when the whole step ends, and the runner
+makes the decode call before the prefill call. So when this step's chunk ends a prompt (a first
+token comes out of it), the decode call is put off to the next step, which runs it alone: the new
+sequence's first token comes without waiting for a decode call over every other stream, and those
+streams get their token when the mixed step would have given it (after the same chunk and decode
+call, plus one step's bookkeeping), with the new sequence already in that call (SGLang runs
+prefill batches before decode batches for the same reason). A decode call is never put off twice
+in a row.
 
 `update` is the one place that decides a sequence is finished: a stop id (eos among them), a
 stop string (its `TextStream` cuts the text right before it), `max_tokens`, or a row the runner
@@ -261,6 +272,7 @@ class Scheduler:
         self.paused = 0  # how many of them are paused
         self.stats = SchedulerStats()
         self.admitted: list[Sequence] = []  # the sequences the last plan took from the queue
+        self.decode_put_off = False  # the last plan left its decode call to this one (first tokens first)
         self._suspect: set[int] = set()  # slots whose cache a failed step may have left half written
 
     # ------------------------------------------------------------------ bookkeeping
@@ -335,12 +347,17 @@ class Scheduler:
         # layers views of its rows instead of gathered copies.
         decoding = sorted((s for s in self.running if s.status is Status.DECODE and not s.paused),
                           key=lambda s: s.slot)
-        if decoding:
+        if self.decode_put_off and decoding:  # the decode call the last step left, alone
+            self.decode_put_off = False
             plan.decode = self._plan_decode(decoding)
+            return plan
         # (A row whose last chunk was planned waits for its first token: `update`.)
         prefilling = [s for s in self.running if s.status is Status.PREFILL and s.remaining_prompt]
         if prefilling:
             plan.prefill = self._plan_prefill(prefilling)
+        self.decode_put_off = bool(decoding and plan.prefill and plan.prefill.sample)
+        if decoding and not self.decode_put_off:
+            plan.decode = self._plan_decode(decoding)
         return plan
 
     def _admit(self, plan: StepPlan) -> None:
@@ -476,13 +493,29 @@ class Scheduler:
     def _prefill_shape(self, seqs: list[Sequence]) -> tuple[int, list[Sequence]]:
         """The chunk length T and the rows (a prefix of `seqs`, oldest first) of this step's
         prefill call: the choice that reads the most prompt tokens within `prefill_chunk`
-        positions (ties: the fewest positions)."""
+        positions and `prefill_chunk`^2 query-key pairs (ties: the fewest positions).
+
+        A row's chunk attends to every key its slot holds, so the rest of a prompt whose prefix
+        was reused (a conversation's next turn: ~80 new tokens over ~1,000 cached) costs as much
+        as a chunk ten times its length; batched, such rows would all wait for the slowest, each
+        first token later than one at a time (on a CPU, a batch of them costs about the sum)."""
         best = (-1, 0, 0, [])  # (real tokens, -positions, T, rows)
         for T in sorted({min(s.remaining_prompt, self.prefill_tokens) for s in seqs}):
             rows = seqs[: max(1, self.prefill_tokens // T)]
+            rows = rows[: self._rows_within_pairs(rows, T)]
             real = sum(min(s.remaining_prompt, T) for s in rows)
             best = max(best, (real, -len(rows) * T, T, rows), key=lambda b: b[:2])
         return best[2], best[3]
+
+    def _rows_within_pairs(self, rows: list[Sequence], T: int) -> int:
+        """How many of `rows` (at least one) a call of chunk length T takes before its queries
+        times the keys they read (T x (cached + T) a row) pass prefill_chunk^2."""
+        pairs, budget = 0, self.prefill_tokens ** 2
+        for n, seq in enumerate(rows):
+            pairs += T * (seq.computed + T)
+            if n and pairs > budget:
+                return n
+        return len(rows)
 
     # ------------------------------------------------------------------ after the runner
 
