@@ -193,3 +193,10 @@ def fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def cache_root() -> Path:
+    """``$ANDROMEDA_CACHE`` if set, else ``~/.cache/andromeda``: token caches, the Shakespeare
+    corpus, built kernels."""
+    configured = os.environ.get("ANDROMEDA_CACHE")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "andromeda"

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..folders import cache_root
 from ..tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, tokenizer_fingerprint
 from .atomic import create_new, read_json, remove_temporaries, temporary_path, write_json
 from .encoding import (
@@ -69,12 +70,6 @@ FORMAT_VERSION = 2
 CHUNK_BYTES = 8 << 20  # a task: about this many bytes of a .txt/.jsonl file, or of Parquet
 MIN_PARALLEL_BYTES = 1 << 20  # less input than this is tokenised in the calling process
 LOCK_FILE = ".lock"
-
-
-def cache_root() -> Path:
-    """``$ANDROMEDA_CACHE`` if set, else ``~/.cache/andromeda``."""
-    configured = os.environ.get("ANDROMEDA_CACHE")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "andromeda"
 
 
 def token_cache_dir(root: str | Path | None = None) -> Path:

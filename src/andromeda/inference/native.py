@@ -51,6 +51,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..folders import cache_root
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "kernels" / "vnni.c"
@@ -207,19 +209,13 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-def _cache_dir() -> Path:
-    configured = os.environ.get("ANDROMEDA_CACHE")
-    root = Path(configured).expanduser() if configured else Path.home() / ".cache" / "andromeda"
-    return root / "kernels"
-
-
 @cache
 def _built() -> Path:
     """The shared library, compiled once per source and flags (written to a temporary name, then
     renamed, so concurrent first uses never load a half-written file)."""
     source = SOURCE.read_bytes()
     digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
-    folder = _cache_dir()
+    folder = cache_root() / "kernels"
     target = folder / f"vnni-{digest}.so"
     if target.is_file():
         return target

@@ -117,7 +117,7 @@ class Int8Linear(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         # Assigned tensors may be mapped from a file at any offset; the kernel needs alignment.
         self.weight, self.scales = _aligned(self.weight), _aligned(self.scales)
-        self._decode_weight = None  # packed from the old weight: repack if wanted
+        self._decode_weight = None  # derived from the old weight: prepare again if wanted
 
     _decode_weight = None  # (float32 scales, int32 row sums) for `native.int8_rows`, or None
 
@@ -317,7 +317,6 @@ class Int4Linear(nn.Module):
             return
         device = self.weight.device if not self.weight.is_meta else found["weight"].device
         dtype = self.scales_and_zeros.dtype
-        self._decode_weight = None
         self._set(found["weight"].to(device, torch.uint8), found["scales"].to(device, dtype),
                   found["zeros"].to(device, dtype))
         if self.bias is not None:
@@ -387,7 +386,7 @@ def _dequantize_int4(codes: Tensor, scales_and_zeros: Tensor, group_size: int, d
 
 def pack_for_decoding(module: nn.Module) -> int:
     """`pack_for_decoding` on every quantized Linear in `module`; returns how many it prepared
-    for `native`'s kernels (int4 lays out a copy: ~1 ns a weight; int8 only sums rows)."""
+    for `native`'s kernels (int4 re-lays its weight out: ~1 ns a weight; int8 only sums rows)."""
     return sum(layer.pack_for_decoding() for layer in module.modules() if isinstance(layer, QuantizedLinear))
 
 
