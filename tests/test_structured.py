@@ -392,3 +392,29 @@ def test_generate_command_follows_a_regex_or_a_schema_and_refuses_bad_ones(llgui
     assert "--json-schema: cannot read" in capsys.readouterr().err
     assert main([*base, "--regex", "a+", "--speculative", "ngram"]) == 1
     assert "--speculative does not support --regex" in capsys.readouterr().err
+
+
+def test_the_server_compiles_a_new_grammar_off_its_event_loop_and_copies_a_known_one_on_it(llguidance, bpe,
+                                                                                             monkeypatch):
+    """A grammar's first compile (up to seconds) goes to a thread; once compiled, a request's
+    matchers are copies made on the event loop, without a thread hop per request."""
+    import asyncio
+    import types
+
+    from andromeda.serve import prompts
+
+    hops = []
+    real_to_thread = asyncio.to_thread
+    monkeypatch.setattr(prompts.asyncio, "to_thread", lambda f, *a: hops.append(f) or real_to_thread(f, *a))
+    body = CompletionRequest.model_validate({"prompt": "hi", "response_format": {
+        "type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "object", "required": ["z"],
+                                                                         "properties": {"z": {"type": "integer"}}}}}})
+    constraint = body.output_constraint()[0]
+    ctx = types.SimpleNamespace(tokenizer=bpe)
+    assert not structured.grammar_is_compiled(constraint, bpe)
+    first = asyncio.run(prompts.matchers(ctx, body, 2))
+    assert len(hops) == 1 and structured.grammar_is_compiled(constraint, bpe)
+    again = asyncio.run(prompts.matchers(ctx, body, 2))
+    assert len(hops) == 1, "a compiled grammar made a thread hop"
+    assert len(first) == len(again) == 2 and again[0] is not again[1], "each choice has its own matcher"
+    assert torch.equal(again[0].allowed(VOCAB), first[0].allowed(VOCAB))

@@ -272,6 +272,14 @@ def grammar_matcher(constraint: OutputConstraint, tokenizer) -> GrammarMatcher:
     return GrammarMatcher(vocabulary.compiled(constraint).deep_copy(), vocabulary)
 
 
+def grammar_is_compiled(constraint: OutputConstraint, tokenizer) -> bool:
+    """Whether `grammar_matcher(constraint, tokenizer)` would find its grammar compiled already
+    (then making a matcher is a copy of microseconds, not a compile of up to seconds)."""
+    with _vocabularies_lock:
+        vocabulary = _vocabularies.get(tokenizer)
+    return vocabulary is not None and vocabulary.has(constraint)
+
+
 class _Vocabulary:
     """A tokenizer as llguidance sees it, with the grammars compiled for it."""
 
@@ -281,6 +289,10 @@ class _Vocabulary:
         self.words = (self.tokenizer.vocab_size + 31) // 32  # int32 words of one bitmask
         self._compiled: OrderedDict[OutputConstraint, Any] = OrderedDict()
         self._lock = threading.Lock()
+
+    def has(self, constraint: OutputConstraint) -> bool:
+        with self._lock:
+            return constraint in self._compiled
 
     def compiled(self, constraint: OutputConstraint) -> Any:
         """A matcher at the start of `constraint`'s grammar, to deep-copy (LRU-cached)."""

@@ -122,18 +122,21 @@ def sampling(ctx: ServerContext, body: protocol._Generation) -> SamplingParams:
 
 async def matchers(ctx: ServerContext, body: protocol._Generation, count: int) -> list[Any]:
     """One grammar matcher per choice for the constraint the body asks for (`response_format`,
-    `structured_outputs`), compiled off the event loop; [None] * count for free text. A constraint
-    the grammar library cannot take is a 400 naming its field."""
+    `structured_outputs`), compiled off the event loop (a grammar compiled already is only
+    copied: on the loop); [None] * count for free text. A constraint the grammar library cannot
+    take is a 400 naming its field."""
     asked = body.output_constraint()
     if asked is None:
         return [None] * count
     constraint, param = asked
-    from ..inference.structured import grammar_matcher
+    from ..inference.structured import grammar_is_compiled, grammar_matcher
 
     def compile_all() -> list[Any]:
         return [grammar_matcher(constraint, ctx.tokenizer) for _ in range(count)]
 
     try:
+        if grammar_is_compiled(constraint, ctx.tokenizer):
+            return compile_all()
         return await asyncio.to_thread(compile_all)
     except ValueError as error:
         raise APIError(f"invalid '{param}': {error}", param=param, code="invalid_value") from None
