@@ -28,7 +28,11 @@ operator count as that operator (the profiler sees one thread launch it). The pr
 overhead inflates the small ops and Python/dispatch: the "unprofiled ms/step" column is the
 median and the best step without it. With `--compile` (the default; `--no-compile` skips it)
 each scheme also decodes through `generate(compile=True)`'s compiled fixed-shape step, timed
-and profiled by op name (inductor's kernels; hooks and wrappers off), or the reason it fails.
+and profiled by what its graph runs (hooks and wrappers off; Inductor's C++ kernels built to
+record themselves): the weight products (int8/int4: the `andromeda::` kernel ops), SDPA,
+Inductor's fused kernels, other ATen ops, the ops outside the graph, and the rest (Python, the
+guards, the graph's wrapper); or the reason it fails. Its attention reads the whole cache,
+whose capacity is the context plus the steps rounded up to 256: ~256 columns here.
 
     python benchmarks/profile_decode.py --small                  # hidden 512, 4 layers: ~2 min
     python benchmarks/profile_decode.py                          # the 2.5 B default: ~15 min, ~8 GB RAM
@@ -208,17 +212,53 @@ def breakdown(events) -> dict:
             "profiled_ms": [s[0].cpu_time_total / 1e3 for s in ranked]}
 
 
+COMPILED_GRAPH = "## Call CompiledFxGraph"  # the profiler's record around a compiled graph's run
+COMPILED_CATEGORIES = (WEIGHTS, "attention (SDPA)", "fused kernels", "other graph ops", "outside the graph",
+                       "Python/dispatch")
+
+
+def compiled_breakdown(events) -> dict:
+    """The fastest profiled compiled step: ms by kind of the ops the compiled graph runs (its
+    direct children: the products by name, SDPA, Inductor's fused C++ kernels, other ATen ops),
+    the top-level ops outside it (the loop's bookkeeping and sampling), and the rest: Python,
+    the guards and the graph's wrapper."""
+    steps = {id(e): (e, defaultdict(float), defaultdict(float)) for e in events if e.name == PREFIX + STEP}
+    for event in events:
+        parent = event.cpu_parent
+        if parent is None or is_label(event):
+            continue
+        if parent.name.startswith(COMPILED_GRAPH):
+            kind = (WEIGHTS if event.name in WEIGHT_OPS else "attention (SDPA)" if "scaled_dot_product" in event.name
+                    and event.name.startswith("aten::") else "fused kernels" if event.name.startswith("graph_")
+                    else "other graph ops")
+        elif parent.name == PREFIX + STEP and not event.name.startswith("Torch-Compiled Region"):
+            kind = "outside the graph"
+        else:
+            continue
+        _, by_kind, by_op = steps[id(step_of(event))]
+        by_kind[kind] += event.cpu_time_total / 1e3
+        by_op[(kind, event.name[:60])] += event.cpu_time_total / 1e3
+    step, by_kind, by_op = min(steps.values(), key=lambda step: step[0].cpu_time_total)
+    step_ms = step.cpu_time_total / 1e3
+    by_kind["Python/dispatch"] = step_ms - sum(by_kind.values())
+    return {"step_ms": step_ms, "by_label": dict(by_kind), "by_op": dict(by_op)}
+
+
 def measure(net: nn.Module, args: argparse.Namespace, compile: bool) -> dict:
-    """Unprofiled step times, then a profile, of one stream of `net`."""
-    stream = decoder(net, args, compile)
-    step_times(stream, args.warmup)
-    times = step_times(stream, args.timed_steps)
-    if compile:
-        events = profile_steps(stream, args.steps)
-    else:
-        with labels(net):
+    """Unprofiled step times, then a profile, of one stream of `net`. Compiled, Inductor's C++
+    kernels are built to record themselves in a running profiler (a check per kernel otherwise)."""
+    with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}) if compile else contextlib.nullcontext():
+        stream = decoder(net, args, compile)
+        step_times(stream, args.warmup)
+        times = step_times(stream, args.timed_steps)
+        if compile:
             events = profile_steps(stream, args.steps)
-    return {"unprofiled_ms": statistics.median(times) * 1e3, "best_ms": min(times) * 1e3, **breakdown(events)}
+        else:
+            with labels(net):
+                events = profile_steps(stream, args.steps)
+    stream.close()
+    return {"unprofiled_ms": statistics.median(times) * 1e3, "best_ms": min(times) * 1e3,
+            **(compiled_breakdown(events) if compile else breakdown(events))}
 
 
 def profile_scheme(scheme: str, args: argparse.Namespace) -> dict:
@@ -282,6 +322,15 @@ def category_table(results: list[dict]) -> str:
                                   "compiled ms/step (median; best)"], rows)
 
 
+def compiled_table(results: list[dict]) -> str:
+    rows = [[r["scheme"], f"{r['compiled']['unprofiled_ms']:.2f}; {r['compiled']['best_ms']:.2f}",
+             f"{r['compiled']['step_ms']:.2f}",
+             *(share(r["compiled"]["by_label"].get(c, 0.0), r["compiled"]["step_ms"]) for c in COMPILED_CATEGORIES)]
+            for r in results if "compiled" in r]
+    return common.markdown_table(["scheme", "compiled ms/step (median; best)", "profiled ms/step (fastest)",
+                                  *(f"{c} ms (share)" for c in COMPILED_CATEGORIES)], rows)
+
+
 def op_table(result: dict, key: str, top: int) -> str:
     run = result[key]
     ops = sorted(run["by_op"].items(), key=lambda item: -item[1])[:top]
@@ -296,6 +345,9 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
           f"{args.timed_steps} unprofiled; {torch.get_num_threads()} threads")
     print()
     print(category_table(results))
+    if any("compiled" in r for r in results):
+        print("\nThe compiled step, by what its graph runs:\n")
+        print(compiled_table(results))
     for r in results:
         if "compiled_error" in r:
             print(f"- {r['scheme']}: the compiled step failed: {r['compiled_error']}")

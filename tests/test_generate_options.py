@@ -176,8 +176,8 @@ def test_compile_says_it_is_compiling_before_it_compiles(checkpoint, capsys, cap
 
 def test_compile_takes_prepacked_weights_unpacked_and_refuses_quantized_ones(checkpoint, capsys, monkeypatch):
     """On a CPU, bf16 weights load prepacked, which Inductor cannot lower: `--compile` unpacks
-    them first (the compiled step sees plain Linears), the library names the fix, and int8/int4
-    weights, whose kernels run outside any graph, are refused with a reason."""
+    them first (the compiled step sees plain Linears), the library names the fix, and int4
+    weights without their VNNI kernel (groups of 32) are refused with a reason."""
     from andromeda.inference.packed import PackedLinear, packing_supported, prepack
 
     if not packing_supported():
@@ -196,6 +196,7 @@ def test_compile_takes_prepacked_weights_unpacked_and_refuses_quantized_ones(che
     packed = prepack(random_net(dtype=torch.bfloat16))
     with pytest.raises(ValueError, match=r"unpack\(model\) first"):
         generate(packed, [[1, 2]], 2, compile=True)
-    code = cli.main(["generate", "--checkpoint", str(checkpoint), "--device", "cpu", "--quantize", "int8",
-                     "--prompt", PROMPT, "--compile"])
-    assert code != 0 and "Int8Linear layers" in capsys.readouterr().err
+    code = cli.main(["generate", "--checkpoint", str(checkpoint), "--device", "cpu", "--quantize", "int4",
+                     "--group-size", "32", "--prompt", PROMPT, "--compile"])
+    err = capsys.readouterr().err
+    assert code != 0 and "Int4Linear layer" in err and "no VNNI decoding kernel" in err

@@ -25,14 +25,14 @@ the context it was computed with (so the model reads further than the window in 
 layers, as in StreamingLLM); `cache_kv=False` instead recomputes the window alone every step,
 which equals the cached stream only for one-layer models.
 
-Compiled decoding (`compile=True`). Eager decoding launches every small op of every layer from
-Python, about 1,200 kernel launches per token on a GPU. With `compile`, each decode step runs as
-one graph that torch.compile builds once (mode "reduce-overhead": replayed as a CUDA graph on a
-GPU, as gpt-fast does), fed the step's cache bookkeeping from outside (`KVCache.append(...,
-read_all=True)`): the step reads the whole preallocated cache with the unwritten columns masked,
-so its shapes never change. The capacity is rounded up to a multiple of COMPILED_CAPACITY_MULTIPLE
-so that requests of similar lengths share one graph; the prefill stays eager (its length varies).
-Tokens equal eager decoding's (tests/test_generation.py). The first call compiles (tens of seconds).
+Compiled decoding (`compile=True`): each decode step runs as one graph that torch.compile builds
+once (mode "reduce-overhead": replayed as a CUDA graph on a GPU, as gpt-fast does, instead of
+~1,200 launches from Python per token), fed the step's cache bookkeeping from outside
+(`KVCache.append(..., read_all=True)`): it reads the whole preallocated cache, unwritten columns
+masked, so its shapes never change (the capacity is rounded up to COMPILED_CAPACITY_MULTIPLE:
+similar lengths share a graph); the prefill stays eager. int8/int4 layers compile as `native`'s
+kernel ops; on a CPU the step is no faster than eager (its work over the whole capacity offsets
+the Python it saves). Tokens equal eager decoding's. The first call compiles (tens of seconds).
 
 Sampling (`sampling.sample`) applies temperature, top-k, top-p, min-p in that order. Penalties
 (frequency, presence, repetition) come before it, from each row's `TokenCounts`, which exist only
@@ -501,10 +501,10 @@ def _plan(
         eos_token = tokenizer.eos_id if eos_token is None else eos_token
     if compile and not cache_kv:
         raise ValueError("compile=True compiles the KV-cached decode step; it needs cache_kv=True")
-    if compile:
-        check_compilable(net)
     device = net.token_emb.weight.device
     tokens, key_mask = _left_pad(prompts, config, device)
+    if compile:
+        check_compilable(net, rows=tokens.shape[0])
     window = _window(config, tokens.shape[1], seq_len, window, sink_tokens)
     stop_ids = None
     if eos_token is not None:

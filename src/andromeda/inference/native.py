@@ -33,6 +33,13 @@ the flags, in about a second, and loaded with ctypes (a call releases the GIL). 
 loops on PyTorch's own OpenMP runtime (the same libgomp.so.1, already loaded), so
 `torch.set_num_threads` governs it. Where the CPU lacks AVX-512 VNNI or the build fails,
 `kernels()` is None and the callers keep ATen's kernels (`unavailable_reason` says why).
+
+Under torch.compile the products are the custom ops `andromeda::int8_rows` and
+`andromeda::int4_rows` (`torch.library`: a CPU implementation that calls the kernel, a fake one
+that gives the (M, N) float32 shape), so a decode step compiles as one graph (fullgraph) with the
+kernels in it. Eager calls skip the dispatcher: through `torch.ops` a call of a 512 x 256 layer
+took 10.3 us instead of 7.4 us (torch 2.13, one thread, Xeon with AVX-512 VNNI): 0.4 ms a
+token at 2.5 B (129 products). Both ways the profiler shows the kernels under the ops' names.
 """
 
 from __future__ import annotations
@@ -118,22 +125,40 @@ def unavailable_reason() -> str | None:
 def int8_rows(x: Tensor, weight: Tensor, scale: Tensor, wsum: Tensor) -> Tensor:
     """x (M, K) @ W.T as float32 (M, N) with the kernel: `weight` (N, K) int8 contiguous, `scale`
     (N,) float32, `wsum` (N,) int32 (`int8_row_sums`)."""
-    x = _float_rows(x)
-    M, K = x.shape
-    y = torch.empty(M, weight.shape[0], dtype=torch.float32)
-    args = (x.data_ptr(), M, K, weight.data_ptr(), scale.data_ptr(), wsum.data_ptr(), weight.shape[0], y.data_ptr())
-    _check(_call(kernels().int8_rows, args, "andromeda::int8_rows"), "int8", M, K)
-    return y
+    if torch.compiler.is_compiling():  # the op: traced as a node of the graph
+        return torch.ops.andromeda.int8_rows(x.float().contiguous(), weight, scale, wsum)
+    if torch._C._autograd._profiler_enabled():  # named as the op is (recording costs microseconds)
+        with torch.profiler.record_function("andromeda::int8_rows"):
+            return _int8_rows(x, weight, scale, wsum)
+    return _int8_rows(x, weight, scale, wsum)
 
 
 def int4_rows(x: Tensor, weight: Tensor, scale_zero: Tensor, group_size: int) -> Tensor:
     """x (M, K) @ W.T as float32 (M, N) with the kernel; `weight` (N, K // 2) uint8 in blocks of
     128 (`to_kernel_layout`), `scale_zero` (N, 2, G) float32."""
+    if torch.compiler.is_compiling():
+        return torch.ops.andromeda.int4_rows(x.float().contiguous(), weight, scale_zero, group_size)
+    if torch._C._autograd._profiler_enabled():
+        with torch.profiler.record_function("andromeda::int4_rows"):
+            return _int4_rows(x, weight, scale_zero, group_size)
+    return _int4_rows(x, weight, scale_zero, group_size)
+
+
+def _int8_rows(x: Tensor, weight: Tensor, scale: Tensor, wsum: Tensor) -> Tensor:
+    x = _float_rows(x)
+    M, K = x.shape
+    y = torch.empty(M, weight.shape[0], dtype=torch.float32)
+    args = (x.data_ptr(), M, K, weight.data_ptr(), scale.data_ptr(), wsum.data_ptr(), weight.shape[0], y.data_ptr())
+    _check(kernels().int8_rows(*args), "int8", M, K)
+    return y
+
+
+def _int4_rows(x: Tensor, weight: Tensor, scale_zero: Tensor, group_size: int) -> Tensor:
     x = _float_rows(x)
     M, K = x.shape
     y = torch.empty(M, weight.shape[0], dtype=torch.float32)
     args = (x.data_ptr(), M, K, weight.data_ptr(), scale_zero.data_ptr(), weight.shape[0], group_size, y.data_ptr())
-    _check(_call(kernels().int4_rows, args, "andromeda::int4_rows"), f"int4 (group {group_size})", M, K)
+    _check(kernels().int4_rows(*args), f"int4 (group {group_size})", M, K)
     return y
 
 
@@ -142,13 +167,24 @@ def _float_rows(x: Tensor) -> Tensor:
     return x if x.is_contiguous() else x.contiguous()
 
 
-def _call(function: ctypes._CFuncPtr, args: tuple, name: str) -> int:
-    """Call a kernel, named in a running torch.profiler (a ctypes call is invisible to it; the
-    record costs microseconds a call, so only while profiling)."""
-    if torch._C._autograd._profiler_enabled():
-        with torch.profiler.record_function(name):
-            return function(*args)
-    return function(*args)
+# The custom ops torch.compile traces (a ctypes call cannot be traced). Defined with the low-level
+# `torch.library.Library`, whose dispatch costs about half of `torch.library.custom_op`'s (3 us
+# against 6.5 us a call, measured): the compiled step calls them through the dispatcher.
+_LIBRARY = torch.library.Library("andromeda", "DEF")
+_LIBRARY.define("int8_rows(Tensor x, Tensor weight, Tensor scale, Tensor wsum) -> Tensor")
+_LIBRARY.define("int4_rows(Tensor x, Tensor weight, Tensor scale_zero, int group_size) -> Tensor")
+_LIBRARY.impl("int8_rows", _int8_rows, "CPU")
+_LIBRARY.impl("int4_rows", _int4_rows, "CPU")
+
+
+@torch.library.register_fake("andromeda::int8_rows", lib=_LIBRARY)
+def _int8_rows_shape(x: Tensor, weight: Tensor, scale: Tensor, wsum: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+
+
+@torch.library.register_fake("andromeda::int4_rows", lib=_LIBRARY)
+def _int4_rows_shape(x: Tensor, weight: Tensor, scale_zero: Tensor, group_size: int) -> Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
 
 def _check(status: int, kind: str, M: int, K: int) -> None:

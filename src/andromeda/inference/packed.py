@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from ..model.fused import is_plain_linear
 from .quantize import QuantizedLinear
+from .quantized_linear import compile_refusal
 
 DTYPE = torch.bfloat16  # oneDNN packs bf16 weights for bf16 activations only
 # The row count oneDNN chooses the blocked layout for. Decoding is the case packing exists for;
@@ -156,19 +157,21 @@ def inference_only_modules(net: nn.Module) -> list[str]:
     return [name for name, module in net.named_modules() if isinstance(module, INFERENCE_ONLY)]
 
 
-def check_compilable(net: nn.Module) -> None:
-    """Raise ValueError naming the first layer of `net` that torch.compile cannot take: a
-    PackedLinear (Inductor fails to lower its oneDNN op; `unpack` first) or an int8/int4 Linear
-    (its decoding kernels run outside any graph)."""
-    names = inference_only_modules(net)
-    if not names:
-        return
-    layer = net.get_submodule(names[0])
-    if isinstance(layer, PackedLinear):
-        raise ValueError(f"compile=True cannot compile prepacked bf16 layers ({names[0]}): call "
-                         f"andromeda.inference.packed.unpack(model) first (on CPU, eager prepacked decoding is faster)")
-    raise ValueError(f"compile=True cannot compile {type(layer).__name__} layers ({names[0]}): int8/int4 weights "
-                     f"decode with their own kernels, outside torch.compile; decode them without compile")
+def check_compilable(net: nn.Module, rows: int = 1) -> None:
+    """Raise ValueError naming the first layer of `net` that torch.compile cannot take in a decode
+    step of `rows` rows: a PackedLinear (Inductor fails to lower its oneDNN op; `unpack` first)
+    or an int8/int4 Linear without its VNNI decoding kernel (`quantized_linear.compile_refusal`:
+    ATen's int8/int4 paths do not trace)."""
+    for name in inference_only_modules(net):
+        layer = net.get_submodule(name)
+        if isinstance(layer, PackedLinear):
+            raise ValueError(f"compile=True cannot compile prepacked bf16 layers ({name}): call "
+                             f"andromeda.inference.packed.unpack(model) first (on CPU, eager prepacked decoding is "
+                             f"faster)")
+        reason = compile_refusal(layer, rows)
+        if reason is not None:
+            raise ValueError(f"compile=True cannot compile {type(layer).__name__} layer {name}: {reason} "
+                             f"(or decode without compile)")
 
 
 def prepack(module: nn.Module) -> nn.Module:

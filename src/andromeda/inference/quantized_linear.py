@@ -390,6 +390,35 @@ def pack_for_decoding(module: nn.Module) -> int:
     return sum(layer.pack_for_decoding() for layer in module.modules() if isinstance(layer, QuantizedLinear))
 
 
+def compile_refusal(layer: Int8Linear | Int4Linear, rows: int) -> str | None:
+    """Why torch.compile cannot take `layer`'s decode step of `rows` rows, or None. Only the VNNI
+    kernels' path traces (as `native`'s custom ops); ATen's int8/int4 paths check the activations'
+    alignment by address, which Dynamo cannot trace, and so do more rows than DECODE_KERNEL_ROWS."""
+    if layer._decode_weight is None:
+        return f"it has no VNNI decoding kernel: {_no_kernel_reason(layer)}"
+    if rows > DECODE_KERNEL_ROWS:
+        return (f"a batch of {rows} rows is more than its decoding kernel takes ({DECODE_KERNEL_ROWS}); "
+                f"split the batch")
+    return None
+
+
+def _no_kernel_reason(layer: Int8Linear | Int4Linear) -> str:
+    if layer.weight.device.type != "cpu":
+        return f"the kernels run on the CPU, its weight is on {layer.weight.device}"
+    reason = native.unavailable_reason()
+    if reason is not None:
+        return reason
+    if isinstance(layer, Int8Linear) and not native.int8_kernel_applies(layer.in_features):
+        return f"its input width {layer.in_features} is not a multiple of 64"
+    if isinstance(layer, Int4Linear) and not native.int4_kernel_applies(layer.in_features, layer.group_size):
+        fits = native.int4_kernel_applies(layer.in_features, native.BLOCK)
+        fix = "; quantize with group size 128 or 256" if fits else ""
+        return (f"its group size {layer.group_size} is not a multiple of {native.BLOCK} dividing its input width "
+                f"{layer.in_features}{fix}")
+    return ("it is not prepared for decoding: call andromeda.inference.quantize.pack_for_decoding(model) "
+            "(load_for_inference does)")
+
+
 # --------------------------------------------------------------------------- shared helpers
 
 

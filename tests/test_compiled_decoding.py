@@ -1,0 +1,85 @@
+"""Compiled decoding of int8/int4 models: the VNNI kernels as custom ops that torch.compile traces
+(`inference.native`), `generate(compile=True)` on quantized models, and its refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from andromeda.inference import native
+from andromeda.inference import quantized_linear as Q
+from andromeda.inference.generate import generate
+from andromeda.inference.quantize import pack_for_decoding, quantize
+from helpers import random_net
+
+NO_VNNI = native.unavailable_reason()
+needs_vnni = pytest.mark.skipif(NO_VNNI is not None and not NO_VNNI.startswith("building"),
+                                reason=f"VNNI kernels: {NO_VNNI}")
+
+
+def kernel_inputs(scheme: str, M: int = 3, K: int = 256, N: int = 96) -> tuple:
+    torch.manual_seed(0)
+    x = torch.randn(M, K)
+    if scheme == "int8":
+        weight = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+        return x, weight, torch.rand(N) / 100, native.int8_row_sums(weight)
+    codes, group = torch.randint(0, 16, (N, K)), 128
+    weight, scale_zero = native.to_kernel_layout(codes, torch.rand(N, K // group) / 10, torch.randn(N, K // group) / 10)
+    return x, weight, scale_zero, group
+
+
+@needs_vnni
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_kernels_are_custom_ops_with_a_shape_function(scheme):
+    """`torch.ops.andromeda.<scheme>_rows` computes what the direct call does, bit for bit, and
+    passes torch.library's checks of its schema and fake (shape-only) implementation."""
+    args = kernel_inputs(scheme)
+    op = getattr(torch.ops.andromeda, f"{scheme}_rows")
+    direct = getattr(native, f"{scheme}_rows")(*args)
+    assert direct.shape == (3, 96) and torch.equal(op(*args), direct)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def mixed_quantized_net():
+    """A one-block model whose attention is int8 and the rest int4 (group 128, the kernel's),
+    packed for decoding: one small compile covers both ops."""
+    net = random_net(dim=128, dim_head=32, depth=1).eval()
+    quantize(net.blocks[0].attn, "int8")
+    quantize(net, "int4", 128)
+    assert pack_for_decoding(net) == len([m for m in net.modules() if isinstance(m, Q.QuantizedLinear)])
+    return net
+
+
+@needs_vnni
+def test_compiled_quantized_decoding_gives_the_eager_tokens():
+    """compile=True takes int8 and int4 layers whose VNNI kernels run: the step compiles as one
+    graph with the kernels in it (fullgraph), greedy tokens equal eager decoding's, and the
+    profiler names the kernels inside the compiled graph."""
+    net = mixed_quantized_net()
+    prompts = [torch.randint(0, net.config.num_tokens, (n,), generator=torch.Generator().manual_seed(n))
+               for n in (5, 9)]
+    eager = generate(net, prompts, 12, temperature=0)
+    with torch.profiler.profile() as profile:
+        compiled = generate(net, prompts, 12, temperature=0, compile=True)
+    assert torch.equal(compiled, eager)
+    names = {event.name for event in profile.events()}
+    assert {"andromeda::int8_rows", "andromeda::int4_rows"} <= names
+    assert any(name.startswith("Torch-Compiled Region") for name in names)
+
+
+@needs_vnni
+def test_compile_refuses_quantized_layers_without_their_kernel_path():
+    """Only the kernels' path traces: layers the kernel cannot take (int4 groups of 32), layers
+    not packed for decoding and batches over DECODE_KERNEL_ROWS are refused, naming the layer
+    and the reason, before anything is compiled."""
+    small_groups = quantize(random_net(), "int4", 32)
+    pack_for_decoding(small_groups)
+    with pytest.raises(ValueError, match=r"Int4Linear layer blocks\.0\.\w+\.\w+: .*group size 32"):
+        generate(small_groups, [[1, 2]], 2, compile=True)
+    unpacked = quantize(random_net(), "int8")
+    with pytest.raises(ValueError, match=r"Int8Linear layer .*pack_for_decoding\(model\)"):
+        generate(unpacked, [[1, 2]], 2, compile=True)
+    pack_for_decoding(unpacked)
+    rows = Q.DECODE_KERNEL_ROWS + 1
+    with pytest.raises(ValueError, match=f"a batch of {rows} rows .* split the batch"):
+        generate(unpacked, [[1, 2]] * rows, 2, compile=True)
