@@ -28,6 +28,7 @@ device-to-device copy, and bf16-packed (CPU only) is skipped.
     python benchmarks/bench_decode.py --quick      # (a): 64-token prompt, 16 new tokens
     python benchmarks/bench_decode.py --big        # (b): all four schemes, 1024-token prefills (~6 GB RAM)
     python benchmarks/bench_decode.py --big --schemes bf16,bf16-packed --prefill-len 0 --threads 2
+    python benchmarks/bench_decode.py --big --schemes bf16-packed,int8,int4 --prefill-len 0 --compile  # compiled steps
 """
 
 from __future__ import annotations
@@ -176,11 +177,12 @@ class CpuUse:
         return max(0.0, (busy - self.start[0]) - (own - self.start[1])) / (now - self.start[2])
 
 
-def time_stream(net: nn.Module, prompt: torch.Tensor, new_tokens: int, device: torch.device
+def time_stream(net: nn.Module, prompt: torch.Tensor, new_tokens: int, device: torch.device, compile: bool = False
                 ) -> tuple[float, list[float], list[int]]:
-    """(seconds to the first token, seconds of each later step, the greedy tokens)."""
+    """(seconds to the first token, seconds of each later step, the greedy tokens); `compile`: the
+    decode steps through `generate(compile=True)`'s compiled step."""
     stamps, tokens = [time.perf_counter()], []
-    for token in stream(net, prompt, new_tokens, temperature=0):
+    for token in stream(net, prompt, new_tokens, temperature=0, compile=compile):
         common.synchronize(device)
         stamps.append(time.perf_counter())
         tokens.append(int(token[0]))
@@ -234,11 +236,12 @@ def run_scheme(args: argparse.Namespace) -> dict:
         log.info("%s: machine %.0f%% idle; timing", scheme, wait_until_idle(args.wait_idle))
     generator = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, net.config.num_tokens, (1, args.big_prompt_len), generator=generator).to(device)
-    time_stream(net, prompt, 3, device)  # warm-up: kernels chosen, buffers allocated
+    compiled = compiles(args, scheme)
+    time_stream(net, prompt, 3, device, compiled)  # warm-up: kernels chosen (compiled), buffers allocated
     steps, tokens, others = [], None, []
     for _ in range(args.repeats):
         use = CpuUse()
-        _, run_steps, run_tokens = time_stream(net, prompt, args.big_new_tokens, device)
+        _, run_steps, run_tokens = time_stream(net, prompt, args.big_new_tokens, device, compiled)
         others.append(use.others_cores())
         steps += run_steps
         tokens = tokens or run_tokens
@@ -258,7 +261,13 @@ def run_scheme(args: argparse.Namespace) -> dict:
     return {"scheme": scheme, "tok_s": 1 / statistics.median(steps), "steps": len(steps), "streamed": streamed,
             "bandwidth": bandwidth, "prefill_s": prefill_s, "build_s": build_s, "convert_s": convert_s,
             "build_peak": build_peak, "run_peak": run_peak, "tokens": tokens, "others": max(others),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "compiled": compiled}
+
+
+def compiles(args: argparse.Namespace, scheme: str) -> bool:
+    """Whether `--compile` compiles this scheme's decode step: every scheme but prepacked bf16,
+    which Inductor cannot lower (`generate --compile` unpacks it to plain bf16, the "bf16" scheme)."""
+    return args.compile and scheme != "bf16-packed"
 
 
 def bench_big(args: argparse.Namespace) -> None:
@@ -277,6 +286,8 @@ def bench_big(args: argparse.Namespace) -> None:
                  "--bandwidth-gib", str(args.bandwidth_gib), "--wait-idle", str(args.wait_idle)]
     if args.threads is not None:
         forwarded += ["--threads", str(args.threads)]
+    if args.compile:
+        forwarded.append("--compile")
     if args.verbose:
         forwarded.append("--verbose")
     results = []
@@ -304,7 +315,7 @@ def bench_big(args: argparse.Namespace) -> None:
     for r in results:
         bound = r["bandwidth"] / r["streamed"]
         same = "" if reference is None else f"{leading_agreement(torch.tensor(r['tokens']), torch.tensor(reference))}/{len(reference)}"
-        rows.append([r["scheme"], f"{r['tok_s']:.2f}", f"{r['streamed'] / 1e9:.2f}", f"{r['bandwidth'] / 1e9:.1f}",
+        rows.append([r["scheme"] + (", compiled" if r["compiled"] else ""), f"{r['tok_s']:.2f}", f"{r['streamed'] / 1e9:.2f}", f"{r['bandwidth'] / 1e9:.1f}",
                      f"{bound:.2f}", f"**{r['tok_s'] / bound:.0%}**",
                      "-" if r["prefill_s"] is None else f"{r['prefill_s']:.2f}",
                      "-" if r["scheme"] == "bf16" else f"{r['convert_s']:.1f}",
@@ -338,6 +349,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--wait-idle", type=float, default=0.0,
                         help="(b): before timing each scheme wait until the CPUs are this %% idle (0: don't wait)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--compile", action="store_true",
+                        help="(b): decode through generate(compile=True)'s compiled step (not bf16-packed)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true", help="progress on stderr")
     parser.add_argument("--child", choices=SCHEMES, help=argparse.SUPPRESS)  # (b)'s per-scheme process

@@ -10,14 +10,19 @@ does, on Shakespeare's held-out plays (what `andromeda eval` reads by default):
    picks them), `--new-tokens` each: the positions equal to the bf16 cache's. Scoring and
    prefill run attention on the fused kernels (SDPA) whatever the checkpoint's config says.
 2. Speed: one decode step at a context of `--context` tokens (default 8192, held-out text
-   prefilled once per cache), bf16 cache against int8, interleaved (A, B, A, B, ...), medians;
-   after each step the slot is truncated back to the context, so every step reads the same
-   context. Both attention paths: the fused kernel (SDPA) and the reference einsums.
+   prefilled once per cache), bf16 cache against int8 read two ways: dequantized for the model's
+   attention (SDPA, or the reference einsums), and by the int8 decode-attention kernel
+   (`inference.kv_attention`, what `generate` and the server use on the CPU), interleaved (A, B,
+   C, A, B, C, ...), medians; after each step the slot is truncated back to the context, so every
+   step reads the same context. Then the same for attention alone at the 2.5 B default's shape
+   (24 query and 2 key/value heads of 128, 32 layers; random keys, values and queries): the
+   whole decode step's attention, its keys and values written included.
 3. Memory: bytes per token of keys and values for this model and for the 2.5 B default.
 
     python benchmarks/bench_kv_cache.py --checkpoint runs/demo
     python benchmarks/bench_kv_cache.py --max-windows 64 --repeats 10   # a quick estimate
     python benchmarks/bench_kv_cache.py --skip quality --context 16384    # speed only
+    python benchmarks/bench_kv_cache.py --skip quality --threads 2        # speed on 2 threads
 """
 
 from __future__ import annotations
@@ -32,20 +37,32 @@ from andromeda.checkpoint import load_checkpoint_tokenizer, load_train_config, l
 from andromeda.data import TokenStore, cache_root, resolve_data, shakespeare_corpus
 from andromeda.evaluation import evaluate
 from andromeda.inference.generate import decode_one, prefill
+from andromeda.inference.kv_attention import decode_attention_for, unavailable_reason
 from andromeda.model import KVCache
-from andromeda.model.attention import Attention
+from andromeda.model.attention import Attention, AttentionInputs, attend
 
 KINDS = {"bf16": "auto", "int8": "int8"}  # label -> kv_dtype, for a bf16 model
+KERNEL = "int8 kernel"  # an int8 cache read by the decode-attention kernel
+
+
+def new_cache(config: Config, capacity: int, label: str) -> KVCache:
+    """A one-slot bf16 model's cache for `label` (a KINDS label, or KERNEL)."""
+    cache = KVCache(config, 1, capacity, dtype=torch.bfloat16, device="cpu", kv_dtype=KINDS.get(label, "int8"))
+    if label == KERNEL:
+        cache.decode_attention = decode_attention_for(cache)
+        if cache.decode_attention is None:
+            raise SystemExit(f"no int8 decode-attention kernel here: {unavailable_reason()}")
+    return cache
 
 
 @torch.inference_mode()
 def agreement(net, prompts: list[torch.Tensor], new_tokens: int) -> None:
     """Greedy continuations through each cache: how many tokens equal the bf16 cache's."""
     continuations = {}
-    for label, kv in KINDS.items():
+    for label in (*KINDS, KERNEL):
         rows = []
         for prompt in prompts:
-            cache = KVCache(net.config, 1, len(prompt) + new_tokens, dtype=torch.bfloat16, device="cpu", kv_dtype=kv)
+            cache = new_cache(net.config, len(prompt) + new_tokens, label)
             logits = prefill(net, prompt[None], torch.arange(len(prompt))[None], None, cache)
             row = []
             for _ in range(new_tokens):
@@ -53,11 +70,14 @@ def agreement(net, prompts: list[torch.Tensor], new_tokens: int) -> None:
                 logits = decode_one(net, row[-1][:, None], None, cache)
             rows.append(torch.cat(row))
         continuations[label] = torch.stack(rows)  # (prompts, new_tokens)
-    same = continuations["int8"] == continuations["bf16"]
-    prefixes = [int((~row).nonzero()[0]) if (~row).any() else new_tokens for row in same]
-    print(f"\nGreedy, {len(prompts)} prompts x {new_tokens} tokens: int8 KV equals bf16 KV at {int(same.sum())} of "
-          f"{same.numel()} positions ({same.float().mean():.0%}); tokens before the first difference: "
-          f"{', '.join(map(str, prefixes))}")
+    for label in ("int8", KERNEL):
+        same = continuations[label] == continuations["bf16"]
+        prefixes = [int((~row).nonzero()[0]) if (~row).any() else new_tokens for row in same]
+        print(f"\nGreedy, {len(prompts)} prompts x {new_tokens} tokens: {label} KV equals bf16 KV at {int(same.sum())} "
+              f"of {same.numel()} positions ({same.float().mean():.0%}); tokens before the first difference: "
+              f"{', '.join(map(str, prefixes))}")
+    kernel_same = continuations[KERNEL] == continuations["int8"]
+    print(f"int8 kernel equals int8 dequantized at {int(kernel_same.sum())} of {kernel_same.numel()} positions")
 
 
 def quality(net, store: TokenStore, lengths: list[int], args: argparse.Namespace) -> None:
@@ -78,25 +98,65 @@ def speed(net, store: TokenStore, args: argparse.Namespace) -> None:
     if prompt.shape[1] < context:
         raise SystemExit(f"the held-out text has {prompt.shape[1]} tokens, fewer than --context {context}")
     caches = {}
-    for label, kv in KINDS.items():
-        cache = KVCache(net.config, 1, context + 1, dtype=torch.bfloat16, device="cpu", kv_dtype=kv)
-        prefill(net, prompt, torch.arange(context)[None], None, cache)
-        caches[label] = cache
+    for label in (*KINDS, KERNEL):
+        caches[label] = new_cache(net.config, context + 1, label)
+        prefill(net, prompt, torch.arange(context)[None], None, caches[label])
     token = prompt[:, -1:]
 
     def step(cache: KVCache) -> None:
         decode_one(net, token, None, cache)
         cache.truncate(0, context)
 
-    print("| attention | bf16 KV tok/s | int8 KV tok/s | int8 vs bf16 |")
-    print("|---|---|---|---|")
+    print("| attention | bf16 KV tok/s | int8 KV dequantized tok/s | int8 KV kernel tok/s | dequantized vs bf16 | "
+          "kernel vs bf16 |")
+    print("|---|---|---|---|---|---|")
     for name, flash in (("fused (SDPA)", True), ("reference", False)):
-        use_fused_attention(net, flash)
+        use_fused_attention(net, flash)  # the kernel reads the int8 cache either way
         times = common.alternate({label: (lambda c=cache: step(c)) for label, cache in caches.items()},
                                  args.repeats, warmup=2)
         rate = {label: 1 / common.median(seconds) for label, seconds in times.items()}
-        print(f"| {name} | {rate['bf16']:.1f} | {rate['int8']:.1f} | {rate['int8'] / rate['bf16']:.2f}x |",
-              flush=True)
+        print(f"| {name} | {rate['bf16']:.1f} | {rate['int8']:.1f} | {rate[KERNEL]:.1f} | "
+              f"{rate['int8'] / rate['bf16']:.2f}x | {rate[KERNEL] / rate['bf16']:.2f}x |", flush=True)
+    use_fused_attention(net, True)
+
+
+@torch.inference_mode()
+def attention_speed(args: argparse.Namespace) -> None:
+    """One decode step's attention at the 2.5 B default's shape, every layer: the new keys and
+    values written, then attention over the context (random data, bf16; SDPA's fused path)."""
+    config, context = Config(), args.context
+    H, K, D = config.heads, config.attn_kv_heads, config.dim_head
+    generator = torch.Generator().manual_seed(0)
+    caches = {}
+    for label in (*KINDS, KERNEL):
+        cache = caches[label] = new_cache(config, context + 1, label)
+        filled = cache.append(None, None, None, context)
+        for layer in range(config.depth):  # QK-normed keys, as the model's
+            keys = torch.nn.functional.normalize(torch.randn(1, K, context, D, generator=generator), dim=-1) * 4
+            filled.store(layer, keys.to(torch.bfloat16), torch.randn(1, K, context, D, generator=generator).bfloat16())
+    slopes = torch.tensor([2.0 ** (-8 * (h + 1) / H) for h in range(H)])
+    q = torch.randn(1, H, 1, D, generator=generator).bfloat16()
+    new = torch.randn(1, K, 1, D, generator=generator).bfloat16()
+
+    def step(cache: KVCache) -> None:
+        now = cache.append(None, None, None, 1)
+        inputs = AttentionInputs(now.q_pos, now.k_pos, None, slopes, now.k_valid, now)
+        for layer in range(config.depth):
+            if now.decode_attention is not None:
+                now.store(layer, new, new)
+                now.decode_attention(now, layer, q, slopes, 0.1)
+            else:
+                keys, values = now.write(layer, new, new)
+                attend(q, keys, values, inputs, scale=0.1, flash=True)
+        cache.truncate(0, context)
+
+    times = common.alternate({label: (lambda c=cache: step(c)) for label, cache in caches.items()}, args.repeats,
+                             warmup=2)
+    ms = {label: 1000 * common.median(seconds) for label, seconds in times.items()}
+    print("| bf16 KV ms | int8 KV dequantized ms | int8 KV kernel ms | dequantized vs bf16 | kernel vs bf16 |")
+    print("|---|---|---|---|---|")
+    print(f"| {ms['bf16']:.1f} | {ms['int8']:.1f} | {ms[KERNEL]:.1f} | {ms['bf16'] / ms['int8']:.2f}x | "
+          f"{ms['bf16'] / ms[KERNEL]:.2f}x |", flush=True)
 
 
 def use_fused_attention(net, flash: bool) -> None:
@@ -126,7 +186,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--context", type=int, default=8192, help="decode context in tokens")
     parser.add_argument("--repeats", type=int, default=20, help="timed decode steps per cache and path")
-    parser.add_argument("--skip", choices=("quality", "speed"), nargs="*", default=[])
+    parser.add_argument("--skip", choices=("quality", "speed", "attention"), nargs="*", default=[])
     parser.add_argument("--threads", type=int)
     args = parser.parse_args()
     if args.threads:
@@ -155,6 +215,10 @@ def main() -> None:
     if "speed" not in args.skip:
         print(f"\nOne decode step at {args.context:,} tokens of context, batch 1, median of {args.repeats}:\n")
         speed(net, store, args)
+    if "attention" not in args.skip:
+        print(f"\nAttention of one decode step at {args.context:,} tokens of context, the 2.5 B default's shape "
+              f"(24 query / 2 kv heads of 128, 32 layers), median of {args.repeats}:\n")
+        attention_speed(args)
 
 
 if __name__ == "__main__":

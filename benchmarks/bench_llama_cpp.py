@@ -39,6 +39,7 @@ folder (`--gguf-dir`; ~5 GB for the full bf16 model) and deleted after its run.
     python benchmarks/bench_llama_cpp.py --small          # a few minutes (plus the first build)
     python benchmarks/bench_llama_cpp.py                  # the 2.5 B shape: ~15-20 min, 5 GB disk, ~7 GB RAM
     python benchmarks/bench_llama_cpp.py --schemes int4 --llama-bench ~/llama.cpp/build/bin/llama-bench
+    python benchmarks/bench_llama_cpp.py --compile        # ours int8/int4 through `generate --compile`'s step
 """
 
 from __future__ import annotations
@@ -278,16 +279,17 @@ def run_ours(args: argparse.Namespace) -> dict:
     bench_decode.release_freed_memory()
     prompt = torch.randint(0, config.num_tokens, (1, 1), generator=torch.Generator().manual_seed(args.seed))
     device = torch.device("cpu")
-    bench_decode.time_stream(net, prompt, 3, device)  # warm-up: kernels chosen, buffers allocated
+    compiled = args.compile and scheme.ours != "bf16-packed"  # prepacked bf16 does not compile
+    bench_decode.time_stream(net, prompt, 3, device, compiled)  # warm-up: kernels chosen (compiled), buffers
     runs = []  # tok/s of each run, as llama-bench counts them: tokens decoded / their time
     for _ in range(args.repeats):
-        steps = bench_decode.time_stream(net, prompt, args.new_tokens, device)[1]
+        steps = bench_decode.time_stream(net, prompt, args.new_tokens, device, compiled)[1]
         runs.append(len(steps) / sum(steps))
     streamed = bench_decode.streamed_bytes(net)
     del net
     bench_decode.release_freed_memory()
     bandwidth = bench_decode.read_bandwidth(args.bandwidth_gib, device)
-    return {"runs": runs, "streamed": streamed, "bandwidth": bandwidth}
+    return {"runs": runs, "streamed": streamed, "bandwidth": bandwidth, "compiled": compiled}
 
 
 def ours_in_child(scheme: str, args: argparse.Namespace) -> dict:
@@ -295,6 +297,7 @@ def ours_in_child(scheme: str, args: argparse.Namespace) -> dict:
                  "--repeats", str(args.repeats), "--new-tokens", str(args.new_tokens),
                  "--bandwidth-gib", str(args.bandwidth_gib)]
     forwarded += ["--small"] if args.small else []
+    forwarded += ["--compile"] if args.compile else []
     forwarded += ["--layers", str(args.layers)] if args.layers else []
     run = common.run_capped(common.child_command(__file__, *forwarded), cap_bytes=int(args.max_rss_gb * 1e9),
                             timeout_s=args.timeout_s)
@@ -337,7 +340,8 @@ def table_row(result: dict) -> list[str]:
     llama_rate = llama_tok_s * result["llama_bytes"]
     ours_rate = ours_tok_s * ours["streamed"]
     probe = ours["bandwidth"]
-    return [f"{scheme.name} / {scheme.ggml_type}", f"{llama_tok_s:.2f} {spread(llama['samples_ts'])}",
+    name = scheme.name + (", compiled" if ours["compiled"] else "")
+    return [f"{name} / {scheme.ggml_type}", f"{llama_tok_s:.2f} {spread(llama['samples_ts'])}",
             f"{ours_tok_s:.2f} {spread(ours['runs'])}", f"{result['llama_bytes'] / 1e9:.3f}", f"{ours['streamed'] / 1e9:.3f}",
             f"{llama_rate / 1e9:.1f}", f"{ours_rate / 1e9:.1f}", f"{probe / 1e9:.1f}",
             f"{llama_rate / probe:.0%}", f"{ours_rate / probe:.0%}", f"**{ours_rate / llama_rate:.2f}x**"]
@@ -401,6 +405,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-rss-gb", type=float, default=12.0, help="kill our process past this RSS")
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="limit on each run of either side")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", action="store_true",
+                        help="ours decodes through generate(compile=True)'s compiled step (int8, int4)")
     parser.add_argument("--verbose", action="store_true", help="progress on stderr")
     parser.add_argument("--child", choices=SCHEMES, help=argparse.SUPPRESS)  # our side of one scheme
     args = parser.parse_args(argv)

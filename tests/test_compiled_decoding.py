@@ -17,26 +17,31 @@ needs_vnni = pytest.mark.skipif(NO_VNNI is not None and not NO_VNNI.startswith("
                                 reason=f"VNNI kernels: {NO_VNNI}")
 
 
-def kernel_inputs(scheme: str, M: int = 3, K: int = 256, N: int = 96) -> tuple:
+def kernel_inputs(scheme: str, dtype: torch.dtype = torch.float32, M: int = 3, K: int = 256, N: int = 96) -> tuple:
     torch.manual_seed(0)
-    x = torch.randn(M, K)
+    x, bias = torch.randn(M, K).to(dtype), torch.randn(N)
     if scheme == "int8":
         weight = torch.randint(-127, 128, (N, K), dtype=torch.int8)
-        return x, weight, torch.rand(N) / 100, native.int8_row_sums(weight)
+        return x, weight, torch.rand(N) / 100, native.int8_row_sums(weight), bias
     codes, group = torch.randint(0, 16, (N, K)), 128
     weight, scale_zero = native.to_kernel_layout(codes, torch.rand(N, K // group) / 10, torch.randn(N, K // group) / 10)
-    return x, weight, scale_zero, group
+    return x, weight, scale_zero, group, bias
 
 
 @needs_vnni
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_kernels_are_custom_ops_with_a_shape_function(scheme):
+def test_kernels_are_custom_ops_with_a_shape_function(scheme, dtype):
     """`torch.ops.andromeda.<scheme>_rows` computes what the direct call does, bit for bit, and
-    passes torch.library's checks of its schema and fake (shape-only) implementation."""
-    args = kernel_inputs(scheme)
+    passes torch.library's checks of its schema and fake (shape-only) implementation. The
+    kernel's bias and bf16 output are the float32 product plus the bias, rounded as torch rounds."""
+    args = kernel_inputs(scheme, dtype)
     op = getattr(torch.ops.andromeda, f"{scheme}_rows")
     direct = getattr(native, f"{scheme}_rows")(*args)
-    assert direct.shape == (3, 96) and torch.equal(op(*args), direct)
+    assert direct.shape == (3, 96) and direct.dtype == dtype and torch.equal(op(*args), direct)
+    x, *rest, bias = args
+    plain = getattr(native, f"{scheme}_rows")(x.float(), *rest, None)  # float32, no bias
+    assert plain.dtype == torch.float32 and torch.equal(direct, (plain + bias).to(dtype))
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 

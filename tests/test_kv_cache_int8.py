@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from andromeda import KVCache
+from andromeda import Config, KVCache
 from andromeda.checkpoint import save_pretrained
 from andromeda.cli import main
 from andromeda.cli.eval import KV_CACHE_DTYPES as CLI_KV_CACHE_DTYPES
 from andromeda.evaluation import evaluate
-from andromeda.inference.generate import decode_one, prefill
+from andromeda.inference import kv_attention
+from andromeda.inference.generate import decode_one, generate, generation_cache, prefill, prompt_positions
 from andromeda.model.cache import KV_CACHE_DTYPES
 from andromeda.tokenizers import ByteTokenizer
 from helpers import random_net
@@ -205,3 +206,105 @@ def test_generate_serve_and_the_cli_decode_through_an_int8_cache(net, tmp_path, 
     assert main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--device", "cpu", "--prompt", "Hi",
                  "--max-new-tokens", "5", "--temperature", "0", "--kv-cache-dtype", "int8"]) == 0
     assert capsys.readouterr().out.startswith("Hi")
+
+
+# The decode-attention kernel (`inference.kv_attention`): one new position per row, read straight
+# from the int8 entries. Its arithmetic is all float32, so against the dequantize-then-attend path
+# (float32 too, for these models) it differs by rounding only.
+# Skipped only where it cannot run; a failed build fails these tests.
+NO_KERNEL = kv_attention.unavailable_reason()
+needs_kernel = pytest.mark.skipif(NO_KERNEL is not None and not NO_KERNEL.startswith("building"),
+                                  reason=f"no int8 decode-attention kernel: {NO_KERNEL}")
+KERNEL = dict(atol=2e-5, rtol=1e-5)  # float32 rounding, summed over a few hundred keys and two layers
+
+
+def checked_kernel(monkeypatch) -> list[float]:
+    """Make every kernel call also run its PyTorch reference; returns the largest differences."""
+    differences = []
+    call = kv_attention.Int8DecodeAttention.__call__
+
+    def checked(self, step, layer, q, slopes, scale):
+        out = call(self, step, layer, q, slopes, scale)
+        expected = kv_attention.decode_attention_reference(step, layer, q, slopes, scale)
+        differences.append(float((out.float() - expected.float()).abs().max()))
+        return out
+
+    monkeypatch.setattr(kv_attention.Int8DecodeAttention, "__call__", checked)
+    return differences
+
+
+@torch.no_grad()
+def decode_script(net, kernel: bool, ring: dict, jump: int) -> torch.Tensor:
+    """Logits of one mixed script through a 3-slot int8 cache: a left-padded batch prefilled into
+    slots 2 and 0, decoded one position at a time (the kernel's calls) from `jump` positions further
+    on, and a padding token as a fresh slot's first entry (a row that may read no key at all)."""
+    capacity = 28 if ring else 64
+    cache = new_cache(net, "int8", slots=3, capacity=capacity, **ring)
+    if kernel:
+        cache.decode_attention = kv_attention.decode_attention_for(cache)
+        assert cache.decode_attention is not None
+    prompt, mask = tokens(12, seed=11, rows=2), torch.ones(2, 12, dtype=torch.bool)
+    mask[0, :5] = False
+    seen = [net(prompt, prompt_positions(mask, 2, 12, "cpu"), key_mask=mask, cache=cache, slots=[2, 0])[:, -1]]
+    for step in range(30 if ring else 20):
+        positions = cache.next_position[[2, 0]][:, None] + jump
+        seen.append(net(tokens(1, seed=20 + step, rows=2), positions, cache=cache, slots=[2, 0])[:, -1])
+    pad = net(tokens(1, seed=50), key_mask=torch.zeros(1, 1, dtype=torch.bool), cache=cache, slots=[1])[:, -1]
+    return torch.cat([torch.stack(seen, 1).flatten(0, 1), pad])
+
+
+@needs_kernel
+@pytest.mark.parametrize("overrides, ring, jump", [
+    ({}, {}, 0),
+    (dict(heads=20, attn_kv_heads=2, alibi_num_heads=5), {}, 0),  # 10 heads per kv head: heads in lanes
+    (dict(dim_head=17, qk_norm=False, attn_qk_norm=False), {}, 0),  # a partial vector; strided queries
+    (SHORT_XPOS, {}, 400),  # the center moves on: keys hundreds of positions behind, factors ~0
+    ({}, dict(window=16, sink_tokens=2), 0),  # a ring buffer that wraps: gaps in the positions read
+], ids=["tiles", "heads-in-lanes", "odd-head-size", "xpos-center-moves", "ring"])
+def test_decode_kernel_equals_its_reference_and_the_dequantizing_path(overrides, ring, jump, monkeypatch):
+    net = random_net(**overrides).eval()
+    differences = checked_kernel(monkeypatch)
+    through_kernel = decode_script(net, True, ring, jump)
+    decode_calls = 30 if ring else 20  # and the padding token's
+    assert len(differences) == net.config.depth * (decode_calls + 1)  # each, in every layer
+    assert max(differences) < 1e-5
+    torch.testing.assert_close(through_kernel, decode_script(net, False, ring, jump), **KERNEL)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_decode_kernel_splits_a_long_row_across_threads(dtype, tolerance):
+    """Two threads split 2,500 keys into ranges whose softmax sums one pass combines. 12 query
+    heads per kv head of 32 channels: float32 puts the heads in lanes; bf16 reads bf16 scales and
+    queries, writes bf16, and takes its scores from AMX tiles where the CPU has them."""
+    config, generator = Config.from_preset("tiny", heads=24, attn_kv_heads=2, dim_head=32), torch.Generator().manual_seed(3)
+    cache = KVCache(config, 1, 2501, dtype=dtype, device="cpu", kv_dtype="int8")
+    K, H, D = config.attn_kv_heads, config.heads, config.dim_head
+    with torch.no_grad():
+        for count in (2500, 1):
+            step = cache.append(None, None, None, count)
+            for layer in range(config.depth):
+                step.store(layer, *(torch.randn(1, K, count, D, generator=generator).to(dtype) for _ in "kv"))
+        q, slopes = torch.randn(1, H, 1, D, generator=generator).to(dtype), torch.rand(H, generator=generator) / 8
+        kernel, threads = kv_attention.decode_attention_for(cache), torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            out = kernel(step, 1, q, slopes, 0.3)
+        finally:
+            torch.set_num_threads(threads)
+    assert out.dtype == dtype and out.shape == (1, H, 1, D)
+    assert kernel._args.amx == (dtype == torch.bfloat16 and kv_attention._amx_ready())
+    expected = kv_attention.decode_attention_reference(step, 1, q, slopes, 0.3)
+    torch.testing.assert_close(out.float(), expected.float(), atol=tolerance, rtol=tolerance)
+
+
+@needs_kernel
+def test_generate_decodes_through_the_kernel_and_falls_back_without_it(net, monkeypatch):
+    differences = checked_kernel(monkeypatch)
+    prompt = torch.tensor(list(range(20, 44)))
+    ours = generate(net, prompt, 12, temperature=0, kv_cache_dtype="int8")
+    assert differences and max(differences) < 1e-5  # the kernel read the cache
+    monkeypatch.setattr(kv_attention, "_kernel", lambda: None)  # as on a CPU without AVX-512 or a compiler
+    assert generation_cache(net, 1, 8, 4, None, kv_dtype="int8").decode_attention is None
+    assert torch.equal(generate(net, prompt, 12, temperature=0, kv_cache_dtype="int8"), ours)
+    assert kv_attention.decode_attention_for(new_cache(net, "auto")) is None  # not int8: SDPA as before

@@ -297,7 +297,7 @@ def test_vnni_kernels_that_cannot_build_leave_aten_in_charge(monkeypatch, tmp_pa
     """A failed build is a reason, not an error: the layers keep ATen's kernels."""
     monkeypatch.setenv("ANDROMEDA_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a compiler that always fails
-    for cached in (native.kernels, native.unavailable_reason, native._built):
+    for cached in (native.kernels, native.unavailable_reason, native.build_library):
         cached.cache_clear()
     try:
         reason = native.unavailable_reason()
@@ -310,7 +310,7 @@ def test_vnni_kernels_that_cannot_build_leave_aten_in_charge(monkeypatch, tmp_pa
                                                           module.bias.float()), rtol=2**-6, atol=2**-6)
     finally:
         monkeypatch.undo()
-        for cached in (native.kernels, native.unavailable_reason, native._built):
+        for cached in (native.kernels, native.unavailable_reason, native.build_library):
             cached.cache_clear()
 
 

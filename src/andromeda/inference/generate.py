@@ -26,13 +26,12 @@ layers, as in StreamingLLM); `cache_kv=False` instead recomputes the window alon
 which equals the cached stream only for one-layer models.
 
 Compiled decoding (`compile=True`): each decode step runs as one graph that torch.compile builds
-once (mode "reduce-overhead": replayed as a CUDA graph on a GPU, as gpt-fast does, instead of
-~1,200 launches from Python per token), fed the step's cache bookkeeping from outside
-(`KVCache.append(..., read_all=True)`): it reads the whole preallocated cache, unwritten columns
-masked, so its shapes never change (the capacity is rounded up to COMPILED_CAPACITY_MULTIPLE:
-similar lengths share a graph); the prefill stays eager. int8/int4 layers compile as `native`'s
-kernel ops; on a CPU the step is no faster than eager (its work over the whole capacity offsets
-the Python it saves). Tokens equal eager decoding's. The first call compiles (tens of seconds).
+once (mode "reduce-overhead": a CUDA graph on a GPU, as gpt-fast does), fed the step's cache
+bookkeeping from outside (`KVCache.append(..., read_all=True)`): it reads the whole preallocated
+cache, unwritten columns masked, so its shapes never change (capacity rounded up to
+COMPILED_CAPACITY_MULTIPLE: similar lengths share a graph); the prefill stays eager. int8/int4
+layers compile as `native`'s kernel ops, where the step saves most of eager's Python on a CPU.
+Tokens equal eager decoding's. The first call compiles (tens of seconds).
 
 Sampling (`sampling.sample`) applies temperature, top-k, top-p, min-p in that order. Penalties
 (frequency, presence, repetition) come before it, from each row's `TokenCounts`, which exist only
@@ -56,6 +55,7 @@ from torch import Tensor
 from ..choices import KV_CACHE_DTYPES
 from ..model import KVCache, Transformer, check_tokens
 from ..model.cache import check_window
+from .kv_attention import decode_attention_for
 from .packed import check_compilable
 from .sampling import SamplingParams, TokenCounts, apply_logit_bias, filter_logits, penalize, sample
 from .structured import GrammarMatcher, OutputConstraint, accept_tokens, apply_constraints, grammar_matcher
@@ -284,8 +284,7 @@ def prefill(net: Transformer, tokens: Tensor, positions: Tensor, key_mask: Tenso
 
 
 def decode_one(net: Transformer, tokens: Tensor, positions: Tensor | None, cache: KVCache) -> Tensor:
-    """Feed one new (B, 1) token per row, appending to the cache: next logits (B, V).
-    positions None: each slot's next position."""
+    """Append one new (B, 1) token per row (`positions` None: each slot's next): next logits (B, V)."""
     return net(tokens, positions, cache=cache, logits_to_keep=1, validate=False)[:, -1]
 
 
@@ -348,6 +347,8 @@ def generation_cache(net: Transformer, batch: int, prompt_len: int, new: int, wi
     if compiled:
         for tensor in cache.storage:
             torch._dynamo.mark_static_address(tensor)
+    else:  # an int8 cache on the CPU: decode steps read it with the kernel where it runs
+        cache.decode_attention = decode_attention_for(cache)
     return cache
 
 

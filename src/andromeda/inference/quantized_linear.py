@@ -101,9 +101,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self._decode_weight is not None and x.numel() <= DECODE_KERNEL_ROWS * self.in_features:
-            # Decoding: straight to the kernel, which takes float32 rows (a few rows: little Python)
-            return _finish(native.int8_rows(x.reshape(-1, self.in_features), self.weight, *self._decode_weight),
-                           self.bias, x)
+            # Decoding: straight to the kernel, bias and dtype included (a few rows: little Python)
+            y = native.int8_rows(x.reshape(-1, self.in_features), self.weight, *self._decode_weight)
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)  # fp16: from float32
         x2 = _rows(x, self.scales.dtype)  # (M, K)
         if x2.device.type != "cpu":  # untested: dequantize, then the device's matmul
             y = F.linear(x2, self.dequantized().to(x2.dtype))
@@ -119,7 +119,7 @@ class Int8Linear(nn.Module):
         self.weight, self.scales = _aligned(self.weight), _aligned(self.scales)
         self._decode_weight = None  # derived from the old weight: prepare again if wanted
 
-    _decode_weight = None  # (float32 scales, int32 row sums) for `native.int8_rows`, or None
+    _decode_weight = None  # (float32 scales, int32 row sums, float32 bias) for `native.int8_rows`, or None
 
     def pack_for_decoding(self) -> bool:
         """Prepare the VNNI kernel's few-row products (`native`), where it runs here and takes
@@ -130,7 +130,8 @@ class Int8Linear(nn.Module):
                 and native.kernels() is not None):
             return False
         self.weight = self.weight.contiguous()
-        self._decode_weight = (self.scales.float().contiguous(), native.int8_row_sums(self.weight))
+        self._decode_weight = (self.scales.float().contiguous(), native.int8_row_sums(self.weight),
+                               _float_bias(self.bias))
         return True
 
     def _apply(self, fn, recurse: bool = True):
@@ -184,8 +185,9 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self._decode_weight is not None and x.numel() <= DECODE_KERNEL_ROWS * self.in_features:
-            y = native.int4_rows(x.reshape(-1, self.in_features), self.weight, self._decode_weight, self.group_size)
-            return _finish(y, self.bias, x)
+            y = native.int4_rows(x.reshape(-1, self.in_features), self.weight, self._decode_weight, self.group_size,
+                                 self._decode_bias)
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)  # fp16: from float32
         on_cpu = self.weight.device.type == "cpu"
         if on_cpu != self.packed_for_cpu:  # moved across devices since it was packed
             self._set(*self.plain())
@@ -262,6 +264,7 @@ class Int4Linear(nn.Module):
     # The float32 (N, 2, G) scales and zeros of `native.int4_rows` once `pack_for_decoding` has
     # laid `weight` out for it (on CPU, instead of ATen's layout), else None.
     _decode_weight = None
+    _decode_bias = None  # the bias in float32 for the kernel
 
     def pack_for_decoding(self) -> bool:
         """Lay the weight out for `native`'s VNNI kernel in place of ATen's layout, where it runs
@@ -275,6 +278,7 @@ class Int4Linear(nn.Module):
             return False
         weight, scales, zeros = self.plain()
         self.weight, self._decode_weight = native.to_kernel_layout(unpack_nibbles(weight), scales, zeros)
+        self._decode_bias = _float_bias(self.bias)
         return True
 
     def _apply(self, fn, recurse: bool = True):
@@ -436,6 +440,12 @@ def _aligned(t: Tensor) -> Tensor:
     memory-mapped checkpoints need not be.
     """
     return t if t.data_ptr() % ALIGNMENT == 0 else t.clone(memory_format=torch.contiguous_format)
+
+
+def _float_bias(bias: Tensor | None) -> Tensor | None:
+    """A float32 copy of a bias for the decoding kernels (they add it before rounding to bf16, as
+    `_finish` does: the same numbers)."""
+    return None if bias is None else bias.detach().float().contiguous()
 
 
 def _finish(y: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:

@@ -132,9 +132,14 @@ class Attention(nn.Module):
         if inputs.rotary is not None and inputs.xpos is None:
             (q_cos, q_sin), (k_cos, k_sin) = inputs.rotary
             q, k = apply_rotary(q, q_cos, q_sin), apply_rotary(k, k_cos, k_sin)
-        if inputs.cache is not None:
-            k, v = inputs.cache.write(self.layer, k, v)  # (B, K, S, D)
-        out = attend(q, k, v, inputs, scale=self.logit_scale, flash=self.flash)  # (B, H, T, D)
+        step = inputs.cache
+        if step is not None and step.decode_attention is not None:  # the cache's own kernel (cache.py)
+            step.store(self.layer, k, v)
+            out = step.decode_attention(step, self.layer, q, inputs.slopes, self.logit_scale)  # (B, H, 1, D)
+        else:
+            if step is not None:
+                k, v = step.write(self.layer, k, v)  # (B, K, S, D)
+            out = attend(q, k, v, inputs, scale=self.logit_scale, flash=self.flash)  # (B, H, T, D)
         return self.to_out(out.transpose(1, 2).reshape(B, T, H * D))
 
 

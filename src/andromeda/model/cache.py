@@ -45,7 +45,10 @@ depend on the center: moving it rescales nothing, and truncating a slot back bef
 `center - reach` is exact too. Bytes per token: L * K * 2 * (D + 2) for a bf16 compute dtype, vs
 L * K * 2 * 2D in bf16: 16,640 vs 32,768 for the 2.5 B default (32 layers, 2 heads of 128).
 Each read costs a dequantizing pass over the rows read, in every layer (no PyTorch attention
-kernel reads int8), so it saves memory, not time (`benchmarks/bench_kv_cache.py`).
+kernel reads int8). So the cache may own a decode-attention kernel (`decode_attention`, given by
+the inference code that builds it, e.g. `inference.kv_attention`'s int8 kernel on the CPU): a
+call of one new position per row, without autograd, then stores its keys and values and hands
+attention's query to it, which reads the int8 entries as stored (`CacheStep.decode_attention`).
 
 State API. The cache owns its bookkeeping (keys, values, `positions`, `valid`, `lengths`,
 `next_position`, xPos centers and their host-side copies); the model only appends.
@@ -79,7 +82,7 @@ ValueError, changing nothing, what they cannot do exactly:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -93,6 +96,11 @@ from .positions import xpos_max_factor, xpos_reach, xpos_scale
 # What `kv_dtype` may name: "auto" stores keys and values in the compute dtype (`dtype`), "int8"
 # as int8 with a scale per token and head (module docstring).
 INT8_MAX = 127  # symmetric: -127..127, so that -x quantizes to minus what x does
+
+# A decode-attention kernel: (step, layer, queries (B, H, 1, D) rotated and QK-normed, ALiBi slopes
+# (H,) or None, logit scale) -> (B, H, 1, D) in the queries' dtype, reading the layer's keys and
+# values (the new ones stored) as `attention.attend` would.
+DecodeAttention = Callable[["CacheStep", int, Tensor, "Tensor | None", float], Tensor]
 
 
 def resolve_kv_dtype(kv_dtype: str | torch.dtype, dtype: torch.dtype) -> torch.dtype:
@@ -109,9 +117,10 @@ def resolve_kv_dtype(kv_dtype: str | torch.dtype, dtype: torch.dtype) -> torch.d
 class KVCache:
     def __init__(self, config: Config, slots: int, capacity: int, *, dtype: torch.dtype,
                  device: torch.device | str, window: int | None = None, sink_tokens: int = 0,
-                 kv_dtype: str | torch.dtype = "auto") -> None:
+                 kv_dtype: str | torch.dtype = "auto", decode_attention: DecodeAttention | None = None) -> None:
         """`dtype`: the compute dtype (activations' and the keys attention reads); `kv_dtype`:
-        what they are stored in, "auto" (`dtype`) or "int8" (module docstring)."""
+        what they are stored in, "auto" (`dtype`) or "int8" (module docstring);
+        `decode_attention`: a kernel for calls of one new position per row (module docstring)."""
         kv_dtype = resolve_kv_dtype(kv_dtype, dtype)
         if slots < 1 or capacity < 1:
             raise ValueError(f"a KV cache needs at least one slot and one position, got slots={slots}, "
@@ -132,6 +141,10 @@ class KVCache:
         if self.quantized:
             self.k_scale = torch.zeros(shape[:-1] + (1,), dtype=dtype, device=device)
             self.v_scale = torch.zeros(shape[:-1] + (1,), dtype=dtype, device=device)
+        # Each layer's index into the stacked (L, ...) tensors, as a tensor: an indexed write then
+        # goes to the stacked tensor itself, which torch.compile updates in place (through the view
+        # of one layer, its graph copied every layer's whole cache each step).
+        self.layer_ids = [torch.tensor(layer, device=device) for layer in range(config.depth)]
         self.positions = torch.zeros(slots, columns, dtype=torch.long, device=device)  # (N, P)
         self.valid = torch.zeros(slots, columns, dtype=torch.bool, device=device)  # (N, P)
         self.centers = torch.zeros(slots, dtype=torch.float32, device=device)  # (N,) xPos centers
@@ -140,6 +153,7 @@ class KVCache:
         self.capacity = capacity
         self.window, self.sink_tokens = window, sink_tokens
         self.config = config
+        self.decode_attention = decode_attention
         # Host-side copies: which center each slot has (None: not set yet), its next position.
         self._centers: list[int | None] = [None] * slots
         self._next: list[int] = [0] * slots
@@ -344,12 +358,13 @@ class KVCache:
         else:  # a ring buffer is read whole; its columns are not in position order
             read, start, window = self.capacity, None, (self.window, self.sink_tokens)
         k_pos, center = self.positions[rows, :read], self.centers[index][:, None]
+        decode = self.decode_attention if new == 1 and not torch.is_grad_enabled() else None
         factors = None
         if self.quantized and self.reach is not None:  # int8 keys are stored without xPos factors
-            factors = (self._key_factors(positions, center, torch.float32),
-                       self._key_factors(k_pos, center, self.dtype))
+            factors = (1 / self._key_factors(positions, center, torch.float32),
+                       None if decode is not None else self._key_factors(k_pos, center, self.dtype))
         return CacheStep(self, rows, index, columns, start, new, read, positions, k_pos, self.valid[rows, :read],
-                         center, window, factors)
+                         center, window, factors, decode)
 
     def _key_factors(self, positions: Tensor, center: Tensor, dtype: torch.dtype) -> Tensor:
         """The xPos factor of keys at `positions` (B, S) around `center` (B, 1), per channel of the
@@ -454,24 +469,41 @@ class CacheStep:
     k_valid: Tensor  # (B, S) which of them hold real tokens
     center: Tensor  # (B, 1) xPos center of each row
     window: tuple[int, int] | None = None  # (W, S) of a sliding-window cache
-    # An int8 cache of an xPos model: the key factors of the new positions (B, 1, T, R) fp32,
-    # divided out before quantizing, and of the positions read (B, 1, S, R), applied on reading.
+    # An int8 cache of an xPos model: the inverse key factors of the new positions (B, 1, T, R)
+    # fp32, multiplied in before quantizing, and the factors of the positions read (B, 1, S, R),
+    # applied on reading (None when `decode_attention` reads them itself).
     xpos_factors: tuple[Tensor, Tensor] | None = None
+    # The cache's decode-attention kernel where this call may use it (one new position per row, no
+    # autograd), else None: attention then stores with `store` and attends through it.
+    decode_attention: DecodeAttention | None = None
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store the new (B, K, T, D) keys and values of `layer`; return all the rows read:
         (B, K, S, D) each, in the compute dtype."""
+        self.store(layer, k, v)
+        return self.read_layer(layer)
+
+    def store(self, layer: int, k: Tensor, v: Tensor) -> None:
+        """Store the new (B, K, T, D) keys and values of `layer`, as the cache keeps them."""
         cache = self.cache
         if not cache.quantized:
-            self._store(cache.k[layer], k)
-            self._store(cache.v[layer], v)
-            return cache.k[layer][self.rows, :, : self.read], cache.v[layer][self.rows, :, : self.read]
+            self._store(cache.k, layer, k)
+            self._store(cache.v, layer, v)
+            return
         if self.xpos_factors is not None:
-            k = _scale_rotary(k.float(), 1 / self.xpos_factors[0])
-        for stored, scales, new in ((cache.k, cache.k_scale, k), (cache.v, cache.v_scale, v)):
-            quantized, scale = quantize_int8(new, cache.dtype)
-            self._store(stored[layer], quantized)
-            self._store(scales[layer], scale)
+            k = _scale_rotary(k.float(), self.xpos_factors[0])
+        # Keys and values quantized together: half the small ops, which dominate a decode step's store.
+        quantized, scale = quantize_int8(torch.stack((k.float(), v.float())), cache.dtype)  # (2, B, K, T, D or 1)
+        for stored, scales, index in ((cache.k, cache.k_scale, 0), (cache.v, cache.v_scale, 1)):
+            self._store(stored, layer, quantized[index])
+            self._store(scales, layer, scale[index])
+
+    def read_layer(self, layer: int) -> tuple[Tensor, Tensor]:
+        """The keys and values of `layer` the rows read, (B, K, S, D) each in the compute dtype:
+        int8 entries dequantized, with their xPos factors."""
+        cache = self.cache
+        if not cache.quantized:
+            return cache.k[layer][self.rows, :, : self.read], cache.v[layer][self.rows, :, : self.read]
         keys, values = (dequantize_int8(q[layer][self.rows, :, : self.read], s[layer][self.rows, :, : self.read])
                         for q, s in ((cache.k, cache.k_scale), (cache.v, cache.v_scale)))  # (B, K, S, D)
         if self.xpos_factors is not None:
@@ -479,13 +511,14 @@ class CacheStep:
             keys[..., : factors.shape[-1]].mul_(factors)  # in place: `keys` is this call's own copy
         return keys, values
 
-    def _store(self, target: Tensor, new: Tensor) -> None:
-        """Write the new (B, K, T, D or 1) entries into one layer's (N, K, P, D or 1) `target`."""
+    def _store(self, stored: Tensor, layer: int, new: Tensor) -> None:
+        """Write the new (B, K, T, D or 1) entries of `layer` into the stacked (L, N, K, P, D or 1)
+        `stored`."""
         if self.start is not None and isinstance(self.rows, slice):
-            target[self.rows, :, self.start : self.start + self.new] = new
-        else:
-            rows = self.index[:, None]  # (B, 1) against columns (B, T): values (B, T, K, D)
-            target[rows, :, self.columns] = new.transpose(1, 2)
+            stored[layer, self.rows, :, self.start : self.start + self.new] = new
+        else:  # layer, rows (B, 1) and columns (B, T) index together: values (B, T, K, D)
+            indices = [self.cache.layer_ids[layer], self.index[:, None], None, self.columns]
+            torch.ops.aten.index_put_(stored, indices, new.transpose(1, 2))
 
 
 def quantize_int8(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..inference.sampling import TokenCounts, apply_logit_bias, penalize, sample
+from ..inference.kv_attention import decode_attention_for
 from ..inference.proposers import DraftProposer
 from ..inference.speculative import accept_row, check_draft
 from ..inference.structured import apply_bitmask, grammar_bitmask
@@ -49,6 +50,7 @@ class ModelRunner:
         self.cache = KVCache(self.config, config.max_batch_size, capacity, dtype=weight.dtype, device=self.device,
                              kv_dtype=config.kv_cache_dtype,
                              window=config.window, sink_tokens=config.sink_tokens)
+        self.cache.decode_attention = decode_attention_for(self.cache)  # int8 on the CPU: the kernel
         slots = config.max_batch_size
         self._generators: list[torch.Generator | None] = [None] * slots  # sampled rows' own
         self._counts: list[TokenCounts | None] = [None] * slots  # penalized rows': prompt and output tokens

@@ -14,6 +14,10 @@
 // are scaled by the group's scale, and the zeros multiply the exact float sums of the group's
 // activations:
 //   y[m, n] = a * sum_g scale[n, g] * sum_{k in g} xq[m, k] (q[n, k] - 8) + sum_g zero[n, g] * X[m, g].
+//
+// Both kernels take x and write y in float32 or, with `bf16`, in bfloat16 (read exactly; written
+// rounded to nearest even, as torch's conversion), and add a float32 `bias` (N) when it is not
+// NULL: y = x @ W.T + bias in the activations' dtype, with no pass of PyTorch ops around the call.
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -22,6 +26,33 @@
 #define BLOCK 128
 
 static float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+// The activations as float32 rows: x itself, or a new copy of bf16 x (NULL if out of memory).
+static const float *float_rows(const void *x, int64_t count, int bf16, float **copy) {
+  *copy = NULL;
+  if (!bf16) return (const float *)x;
+  float *out = (float *)aligned_alloc(64, (size_t)(count * 4 + 64));
+  if (!out) return NULL;
+  const uint16_t *in = (const uint16_t *)x;
+  for (int64_t i = 0; i < count; i += 16) {  // count is a multiple of 64
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(in + i)));
+    _mm512_store_ps(out + i, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
+  }
+  return *copy = out;
+}
+
+// One output: plus the bias, stored as float32 or as bfloat16 rounded to nearest even.
+static inline void store(void *y, int bf16, int64_t i, float value, const float *bias, int64_t n) {
+  if (bias) value += bias[n];
+  if (!bf16) {
+    ((float *)y)[i] = value;
+    return;
+  }
+  union { float f; uint32_t u; } bits = {value};
+  const uint32_t u = bits.u;
+  ((uint16_t *)y)[i] = (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0u  // NaN, as torch writes it
+                                                      : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
 
 // xq (M, K) int8, a (M), sums (M, G) and codes (M, G): each row's quantized activations, its
 // scale, and per group the float sum of its activations and the integer sum of their codes.
@@ -65,16 +96,19 @@ static inline __m512i block_dot(__m512i dot, const uint8_t *w, __m512i x_low, __
 #define ROWS 4  // output rows computed together: independent dependency chains, shared activation loads
 #define PREFETCH_TILES 2  // how far ahead (in tiles of ROWS rows) the weight is prefetched
 
-int andromeda_int4_rows(const float *x, int64_t M, int64_t K, const uint8_t *weight,
-                        const float *scale_zero, int64_t N, int64_t group, float *y) {
+int andromeda_int4_rows(const void *x_in, int64_t M, int64_t K, int bf16, const uint8_t *weight,
+                        const float *scale_zero, int64_t N, int64_t group, const float *bias, void *y) {
   if (K % BLOCK || group % BLOCK || K % group || M < 1) return 1;
   const int64_t G = K / group, blocks_per_group = group / BLOCK;
+  float *copy;
+  const float *x = float_rows(x_in, M * K, bf16, &copy);
   int8_t *xq = (int8_t *)aligned_alloc(64, (size_t)(M * K + 64));
   float *a = (float *)malloc(sizeof(float) * M);
   float *sums = (float *)malloc(sizeof(float) * M * G);
   int32_t *codes = (int32_t *)malloc(sizeof(int32_t) * M * G);
-  if (!xq || !a || !sums || !codes) { free(xq); free(a); free(sums); free(codes); return 2; }
+  if (!x || !xq || !a || !sums || !codes) { free(copy); free(xq); free(a); free(sums); free(codes); return 2; }
   quantize_rows(x, M, K, group, xq, a, sums, codes);
+  free(copy);
   const int64_t tiles = (N + ROWS - 1) / ROWS;
 #pragma omp parallel for schedule(static)
   for (int64_t tile = 0; tile < tiles; ++tile) {
@@ -121,26 +155,29 @@ int andromeda_int4_rows(const float *x, int64_t M, int64_t K, const uint8_t *wei
         }
       }
       for (int64_t r = 0; r < rows; ++r)
-        y[m * N + n0 + r] = a[m] * (hsum(acc[r]) - 8.0f * hsum(centre[r])) + hsum(zeros[r]);
+        store(y, bf16, m * N + n0 + r, a[m] * (hsum(acc[r]) - 8.0f * hsum(centre[r])) + hsum(zeros[r]), bias, n0 + r);
     }
   }
   free(xq); free(a); free(sums); free(codes);
   return 0;
 }
 
-// y = x @ W.T for an int8 weight W (N, K) stored plainly, row after row, with one scale per row.
+// y = x @ W.T (+ bias) for an int8 weight W (N, K) stored plainly, row after row, with one scale per row.
 // VNNI multiplies unsigned by signed bytes, so the activations go in shifted by 128 (codes
 // 1..255) and the shift comes back out through each row's weight sum:
 //   y[m, n] = a[m] * scale[n] * (sum_k (xq[m, k] + 128) W[n, k] - 128 * wsum[n]).
-int andromeda_int8_rows(const float *x, int64_t M, int64_t K, const int8_t *weight, const float *scale,
-                        const int32_t *wsum, int64_t N, float *y) {
+int andromeda_int8_rows(const void *x_in, int64_t M, int64_t K, int bf16, const int8_t *weight, const float *scale,
+                        const int32_t *wsum, int64_t N, const float *bias, void *y) {
   if (K % 64 || M < 1) return 1;
+  float *copy;
+  const float *x = float_rows(x_in, M * K, bf16, &copy);
   uint8_t *xu = (uint8_t *)aligned_alloc(64, (size_t)(M * K + 64));
   float *a = (float *)malloc(sizeof(float) * M);
   float *sums = (float *)malloc(sizeof(float) * M);
   int32_t *codes = (int32_t *)malloc(sizeof(int32_t) * M);
-  if (!xu || !a || !sums || !codes) { free(xu); free(a); free(sums); free(codes); return 2; }
+  if (!x || !xu || !a || !sums || !codes) { free(copy); free(xu); free(a); free(sums); free(codes); return 2; }
   quantize_rows(x, M, K, K, (int8_t *)xu, a, sums, codes);
+  free(copy);
   const __m512i shift = _mm512_set1_epi8((char)0x80);
   for (int64_t i = 0; i < M * K; i += 64) {  // xq + 128: flipping the sign bit
     _mm512_storeu_si512((void *)(xu + i), _mm512_xor_si512(_mm512_loadu_si512((const void *)(xu + i)), shift));
@@ -166,7 +203,7 @@ int andromeda_int8_rows(const float *x, int64_t M, int64_t K, const int8_t *weig
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t n = n0 + r;
         const int64_t total = (int64_t)_mm512_reduce_add_epi32(dot[r]) - 128 * (int64_t)wsum[n];
-        y[m * N + n] = a[m] * scale[n] * (float)total;
+        store(y, bf16, m * N + n, a[m] * scale[n] * (float)total, bias, n);
       }
     }
   }
