@@ -86,11 +86,11 @@ static void quantize_rows(const float *x, int64_t M, int64_t K, int64_t group, i
 }
 
 // Integer dot products of one block of 128 inputs: codes at `w` (64 bytes), activations at `x`.
-static inline __m512i block_dot(__m512i dot, const uint8_t *w, __m512i x_low, __m512i x_high) {
-  const __m512i low = _mm512_set1_epi8(0x0F);
+// The high nibbles go in unshifted (16 q): their sums, kept apart, are divided by 16 (exactly) once a group.
+static inline void block_dot(__m512i *low_dot, __m512i *high_dot, const uint8_t *w, __m512i x_low, __m512i x_high) {
   const __m512i packed = _mm512_loadu_si512((const void *)w);
-  dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(packed, low), x_low);
-  return _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(packed, 4), low), x_high);
+  *low_dot = _mm512_dpbusd_epi32(*low_dot, _mm512_and_si512(packed, _mm512_set1_epi8(0x0F)), x_low);
+  *high_dot = _mm512_dpbusd_epi32(*high_dot, _mm512_and_si512(packed, _mm512_set1_epi8((char)0xF0)), x_high);
 }
 
 #define ROWS 4  // output rows computed together: independent dependency chains, shared activation loads
@@ -127,17 +127,18 @@ int andromeda_int4_rows(const void *x_in, int64_t M, int64_t K, int bf16, const 
       __m512 acc[ROWS];
       for (int64_t r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_ps();
       for (int64_t g = 0; g < G; ++g) {
-        __m512i dot[ROWS];
-        for (int64_t r = 0; r < ROWS; ++r) dot[r] = _mm512_setzero_si512();
+        __m512i dot[ROWS], high[ROWS];
+        for (int64_t r = 0; r < ROWS; ++r) dot[r] = high[r] = _mm512_setzero_si512();
         for (int64_t b = 0; b < blocks_per_group; ++b) {
           const int64_t k0 = (g * blocks_per_group + b) * BLOCK;
           const __m512i x_low = _mm512_loadu_si512((const void *)(xrow + k0));
           const __m512i x_high = _mm512_loadu_si512((const void *)(xrow + k0 + 64));
           for (int64_t r = 0; r < ROWS; ++r) {
             _mm_prefetch((const char *)(w[r] + k0 / 2 + PREFETCH_TILES * ROWS * (K / 2)), _MM_HINT_T0);
-            dot[r] = block_dot(dot[r], w[r] + k0 / 2, x_low, x_high);
+            block_dot(&dot[r], &high[r], w[r] + k0 / 2, x_low, x_high);
           }
         }
+        for (int64_t r = 0; r < ROWS; ++r) dot[r] = _mm512_add_epi32(dot[r], _mm512_srai_epi32(high[r], 4));
         for (int64_t r = 0; r < ROWS; ++r)
           acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(scale[r][g]), acc[r]);
       }
