@@ -85,6 +85,30 @@ static void quantize_rows(const float *x, int64_t M, int64_t K, int64_t group, i
   }
 }
 
+// The activations of both kernels: `quantize_rows`'s outputs in buffers of their own.
+typedef struct {
+  int8_t *xq;
+  float *a, *sums;
+  int32_t *codes;
+} Activations;
+
+static void release(Activations *q) { free(q->xq); free(q->a); free(q->sums); free(q->codes); }
+
+// x (M, K) float32 or bf16, quantized per row with sums per group; 0, or 2 out of memory.
+static int quantize_input(const void *x_in, int64_t M, int64_t K, int64_t group, int bf16, Activations *q) {
+  const int64_t G = K / group;
+  float *copy;
+  const float *x = float_rows(x_in, M * K, bf16, &copy);
+  q->xq = (int8_t *)aligned_alloc(64, (size_t)(M * K + 64));
+  q->a = (float *)malloc(sizeof(float) * M);
+  q->sums = (float *)malloc(sizeof(float) * M * G);
+  q->codes = (int32_t *)malloc(sizeof(int32_t) * M * G);
+  if (!x || !q->xq || !q->a || !q->sums || !q->codes) { free(copy); release(q); return 2; }
+  quantize_rows(x, M, K, group, q->xq, q->a, q->sums, q->codes);
+  free(copy);
+  return 0;
+}
+
 // Integer dot products of one block of 128 inputs: codes at `w` (64 bytes), activations at `x`.
 // The high nibbles go in unshifted (16 q): their sums, kept apart, are divided by 16 (exactly) once a group.
 static inline void block_dot(__m512i *low_dot, __m512i *high_dot, const uint8_t *w, __m512i x_low, __m512i x_high) {
@@ -100,15 +124,11 @@ int andromeda_int4_rows(const void *x_in, int64_t M, int64_t K, int bf16, const 
                         const float *scale_zero, int64_t N, int64_t group, const float *bias, void *y) {
   if (K % BLOCK || group % BLOCK || K % group || M < 1) return 1;
   const int64_t G = K / group, blocks_per_group = group / BLOCK;
-  float *copy;
-  const float *x = float_rows(x_in, M * K, bf16, &copy);
-  int8_t *xq = (int8_t *)aligned_alloc(64, (size_t)(M * K + 64));
-  float *a = (float *)malloc(sizeof(float) * M);
-  float *sums = (float *)malloc(sizeof(float) * M * G);
-  int32_t *codes = (int32_t *)malloc(sizeof(int32_t) * M * G);
-  if (!x || !xq || !a || !sums || !codes) { free(copy); free(xq); free(a); free(sums); free(codes); return 2; }
-  quantize_rows(x, M, K, group, xq, a, sums, codes);
-  free(copy);
+  Activations q;
+  if (quantize_input(x_in, M, K, group, bf16, &q)) return 2;
+  const int8_t *xq = q.xq;
+  const float *a = q.a, *sums = q.sums;
+  const int32_t *codes = q.codes;
   const int64_t tiles = (N + ROWS - 1) / ROWS;
 #pragma omp parallel for schedule(static)
   for (int64_t tile = 0; tile < tiles; ++tile) {
@@ -159,7 +179,7 @@ int andromeda_int4_rows(const void *x_in, int64_t M, int64_t K, int bf16, const 
         store(y, bf16, m * N + n0 + r, a[m] * (hsum(acc[r]) - 8.0f * hsum(centre[r])) + hsum(zeros[r]), bias, n0 + r);
     }
   }
-  free(xq); free(a); free(sums); free(codes);
+  release(&q);
   return 0;
 }
 
@@ -170,15 +190,10 @@ int andromeda_int4_rows(const void *x_in, int64_t M, int64_t K, int bf16, const 
 int andromeda_int8_rows(const void *x_in, int64_t M, int64_t K, int bf16, const int8_t *weight, const float *scale,
                         const int32_t *wsum, int64_t N, const float *bias, void *y) {
   if (K % 64 || M < 1) return 1;
-  float *copy;
-  const float *x = float_rows(x_in, M * K, bf16, &copy);
-  uint8_t *xu = (uint8_t *)aligned_alloc(64, (size_t)(M * K + 64));
-  float *a = (float *)malloc(sizeof(float) * M);
-  float *sums = (float *)malloc(sizeof(float) * M);
-  int32_t *codes = (int32_t *)malloc(sizeof(int32_t) * M);
-  if (!x || !xu || !a || !sums || !codes) { free(copy); free(xu); free(a); free(sums); free(codes); return 2; }
-  quantize_rows(x, M, K, K, (int8_t *)xu, a, sums, codes);
-  free(copy);
+  Activations q;
+  if (quantize_input(x_in, M, K, K, bf16, &q)) return 2;
+  uint8_t *xu = (uint8_t *)q.xq;
+  const float *a = q.a;
   const __m512i shift = _mm512_set1_epi8((char)0x80);
   for (int64_t i = 0; i < M * K; i += 64) {  // xq + 128: flipping the sign bit
     _mm512_storeu_si512((void *)(xu + i), _mm512_xor_si512(_mm512_loadu_si512((const void *)(xu + i)), shift));
@@ -208,6 +223,6 @@ int andromeda_int8_rows(const void *x_in, int64_t M, int64_t K, int bf16, const 
       }
     }
   }
-  free(xu); free(a); free(sums); free(codes);
+  release(&q);
   return 0;
 }
