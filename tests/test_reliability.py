@@ -29,7 +29,7 @@ from andromeda.checkpoint import (
     write_manifest,
 )
 from andromeda.pause import TEST_PAUSE_ENV
-from helpers import andromeda_command, child_env, default_sigint, run_andromeda
+from helpers import CORPUS_TEXT, andromeda_command, child_env, default_sigint, run_andromeda
 
 DEADLINE_S = 60
 
@@ -50,12 +50,21 @@ def one_line_error(result: subprocess.CompletedProcess, command: str = "train") 
     return errors[0]
 
 
-@pytest.fixture
-def run(tmp_path, corpus):
-    """A finished 4-step run (checkpoints at steps 2 and 4)."""
-    result = run_andromeda(*train_args(tmp_path / "run", corpus, tmp_path / "cache"))
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A finished 4-step run (checkpoints at steps 2 and 4), trained once for the module."""
+    folder = tmp_path_factory.mktemp("finished")
+    corpus = folder / "corpus.txt"
+    corpus.write_text(CORPUS_TEXT)
+    result = run_andromeda(*train_args(folder / "run", corpus, folder / "cache"))
     assert result.returncode == 0, result.stderr
-    return tmp_path / "run"
+    return folder / "run"
+
+
+@pytest.fixture
+def run(finished_run, tmp_path) -> Path:
+    """A copy of the finished run of this test's own (tests damage and resume it)."""
+    return Path(shutil.copytree(finished_run, tmp_path / "run", symlinks=True))
 
 
 class Exploit:
