@@ -262,6 +262,31 @@ def test_int4_vnni_kernel_agrees_with_its_pytorch_reference(group_size):
 
 
 @needs_vnni
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_int4_vnni_kernel_reads_bf16_scales_as_their_float32_values(x_dtype):
+    """A bf16 model's scales and zeros stay bf16 in the kernel's layout (half the bytes): the
+    products are bit for bit those of the same values in float32, over 20 groups (a full and a
+    partial vector of 16); float16 ones become float32, and the kernel refuses other dtypes."""
+    torch.manual_seed(0)
+    N, K, group_size = 37, 2560, 128
+    codes = torch.randint(0, 16, (N, K))
+    scales = (torch.rand(N, K // group_size) * 0.02).bfloat16()
+    zeros = (torch.randn(N, K // group_size) * 0.01).bfloat16()
+    weight, scale_zero = native.to_kernel_layout(codes, scales, zeros)
+    assert scale_zero.dtype == torch.bfloat16 and scale_zero.shape == (N, 2, K // group_size)
+    _, as_float = native.to_kernel_layout(codes, scales.float(), zeros.float())
+    assert as_float.dtype == torch.float32 and torch.equal(as_float, scale_zero.float())
+    x = torch.randn(3, K, dtype=x_dtype)
+    y = native.int4_rows(x, weight, scale_zero, group_size)
+    assert torch.equal(y, native.int4_rows(x, weight, as_float, group_size))
+    ref = native.int4_rows_reference(x, weight, as_float, group_size)
+    assert torch.allclose(y.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+    assert native.to_kernel_layout(codes, scales.half(), zeros.half())[1].dtype == torch.float32
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        native.int4_rows(x, weight, scale_zero.half(), group_size)
+
+
+@needs_vnni
 def test_int4_packed_for_decoding_runs_the_kernel_per_row():
     """After `pack_for_decoding` the weight is in the VNNI kernel's layout (not beside ATen's): up
     to DECODE_KERNEL_ROWS rows run the kernel, each within its own 8-bit quantization's error of

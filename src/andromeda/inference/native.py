@@ -22,7 +22,8 @@ the whole batch. So the project has one hand-written file, `kernels/vnni.c`, for
   sum of the group's activations (X):
   y[m, n] = a[m] * sum_g scale[n, g] * sum_{k in g} xq[m, k] (q[n, k] - 8) + sum_g zero[n, g] X[m, g].
   Centring the codes keeps the activations' rounding error times q - 8 (about +-4), not q (7.5
-  on average): on a tiny random model it cut the logits' error from 4.3% to 1.6% RMS.
+  on average): on a tiny random model it cut the logits' error from 4.3% to 1.6% RMS. Scales
+  and zeros are read in float32 or, a bf16 model's own, in bfloat16 (exact; 6% fewer bytes a row).
 
 Both read x and write y in bf16 or float32 (bf16 rows are exact in float32; the result, plus an
 optional float32 bias, is rounded to bf16 as torch rounds): a decode step's product is one call,
@@ -103,7 +104,7 @@ def kernels() -> Kernels | None:
     int8, int4 = library.andromeda_int8_rows, library.andromeda_int4_rows
     flag = ctypes.c_int
     int8.argtypes = [pointer, size, size, flag, pointer, pointer, pointer, size, pointer, pointer]
-    int4.argtypes = [pointer, size, size, flag, pointer, pointer, size, size, pointer, pointer]
+    int4.argtypes = [pointer, size, size, flag, pointer, pointer, flag, size, size, pointer, pointer]
     int8.restype = int4.restype = ctypes.c_int
     return Kernels(int8, int4)
 
@@ -157,7 +158,7 @@ def int8_rows(x: Tensor, weight: Tensor, scale: Tensor, wsum: Tensor, bias: Tens
 def int4_rows(x: Tensor, weight: Tensor, scale_zero: Tensor, group_size: int, bias: Tensor | None = None) -> Tensor:
     """x (M, K) @ W.T + bias as (M, N) in x's dtype (bf16 or float32; others as float32) with the
     kernel; `weight` (N, K // 2) uint8 in blocks of 128 (`to_kernel_layout`), `scale_zero`
-    (N, 2, G) float32, `bias` (N,) float32 or None."""
+    (N, 2, G) float32 or bfloat16, `bias` (N,) float32 or None."""
     if torch.compiler.is_compiling():
         return torch.ops.andromeda.int4_rows(_rows(x), weight, scale_zero, group_size, bias)
     if torch._C._autograd._profiler_enabled():
@@ -180,8 +181,10 @@ def _int4_rows(x: Tensor, weight: Tensor, scale_zero: Tensor, group_size: int, b
     x = _rows(x)
     M, K = x.shape
     y = x.new_empty(M, weight.shape[0])
-    args = (x.data_ptr(), M, K, x.dtype == torch.bfloat16, weight.data_ptr(), scale_zero.data_ptr(), weight.shape[0],
-            group_size, _pointer(bias), y.data_ptr())
+    if scale_zero.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"the int4 kernel's scales and zeros must be float32 or bfloat16, not {scale_zero.dtype}")
+    args = (x.data_ptr(), M, K, x.dtype == torch.bfloat16, weight.data_ptr(), scale_zero.data_ptr(),
+            scale_zero.dtype == torch.bfloat16, weight.shape[0], group_size, _pointer(bias), y.data_ptr())
     _check(kernels().int4_rows(*args), f"int4 (group {group_size})", M, K)
     return y
 
@@ -244,12 +247,15 @@ def int8_rows_reference(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
 
 def to_kernel_layout(codes: Tensor, scales: Tensor, zeros: Tensor) -> tuple[Tensor, Tensor]:
     """(codes (N, K) in 0..15, scales (N, G), zeros (N, G)) -> the kernel's (weight (N, K // 2)
-    uint8, scale_zero (N, 2, G) float32: each row's scales, then its zeros): in each block of 128
-    inputs, byte j holds input j in its low nibble and input 64 + j in its high one."""
+    uint8, scale_zero (N, 2, G): each row's scales, then its zeros): in each block of 128
+    inputs, byte j holds input j in its low nibble and input 64 + j in its high one. Scales and
+    zeros stay bfloat16 when both are (a bf16 model's: the kernel reads them exactly, and a step
+    reads 6% fewer bytes than in float32), else become float32."""
     N, K = codes.shape
     blocks = codes.to(torch.uint8).view(N, K // BLOCK, 2, BLOCK // 2)
     weight = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(N, K // 2).contiguous()
-    return weight, torch.stack([scales.float(), zeros.float()], dim=1).contiguous()
+    dtype = torch.bfloat16 if scales.dtype == zeros.dtype == torch.bfloat16 else torch.float32
+    return weight, torch.stack([scales.to(dtype), zeros.to(dtype)], dim=1).contiguous()
 
 
 def from_kernel_layout(weight: Tensor) -> Tensor:

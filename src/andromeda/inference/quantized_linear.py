@@ -261,7 +261,7 @@ class Int4Linear(nn.Module):
         self.weight, self.scales_and_zeros = weight, sz
         self.packed_for_cpu = weight.device.type == "cpu"
 
-    # The float32 (N, 2, G) scales and zeros of `native.int4_rows` once `pack_for_decoding` has
+    # The (N, 2, G) scales and zeros (bf16 or float32) of `native.int4_rows` once `pack_for_decoding` has
     # laid `weight` out for it (on CPU, instead of ATen's layout), else None.
     _decode_weight = None
     _decode_bias = None  # the bias in float32 for the kernel

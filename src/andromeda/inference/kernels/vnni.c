@@ -6,7 +6,8 @@
 // Weight layout ("blocks of 128"): row n is K / 2 bytes; each 64-byte block holds 128 weights,
 // the low nibble of byte j weight j of the block and the high nibble weight 64 + j. Codes q are
 // 0..15, weight = (q - 8) * scale + zero per group of `group` inputs (128 or 256), and the kernel
-// reads per row its G scales, then its G zeros (float32, (N, 2, G)).
+// reads per row its G scales, then its G zeros ((N, 2, G), float32 or, with `scales_bf16`, bfloat16:
+// a bf16 model's own scales, half the bytes, read exactly).
 //
 // Per row m the activations are quantized to int8 with one scale a = max|x| / 127; the integer
 // dot products of each group with the centred codes q - 8 (VNNI: unsigned 4-bit codes times
@@ -109,6 +110,20 @@ static int quantize_input(const void *x_in, int64_t M, int64_t K, int64_t group,
   return 0;
 }
 
+// Element i of float32 or (`bf16`) bfloat16 values at p: a bfloat16 is the top half of its float32.
+static inline float scalar_at(const void *p, int64_t i, int bf16) {
+  if (!bf16) return ((const float *)p)[i];
+  union { uint32_t u; float f; } bits = {(uint32_t)((const uint16_t *)p)[i] << 16};
+  return bits.f;
+}
+
+// Elements i.. of the `lanes` of 16 (others 0), as `scalar_at`.
+static inline __m512 vector_at(const void *p, int64_t i, __mmask16 lanes, int bf16) {
+  if (!bf16) return _mm512_maskz_loadu_ps(lanes, (const float *)p + i);
+  const __m256i half = _mm256_maskz_loadu_epi16(lanes, (const uint16_t *)p + i);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
 // Integer dot products of one block of 128 inputs: codes at `w` (64 bytes), activations at `x`.
 // The high nibbles go in unshifted (16 q): their sums, kept apart, are divided by 16 (exactly) once a group.
 static inline void block_dot(__m512i *low_dot, __m512i *high_dot, const uint8_t *w, __m512i x_low, __m512i x_high) {
@@ -121,9 +136,11 @@ static inline void block_dot(__m512i *low_dot, __m512i *high_dot, const uint8_t 
 #define PREFETCH_TILES 2  // how far ahead (in tiles of ROWS rows) the weight is prefetched
 
 int andromeda_int4_rows(const void *x_in, int64_t M, int64_t K, int bf16, const uint8_t *weight,
-                        const float *scale_zero, int64_t N, int64_t group, const float *bias, void *y) {
+                        const void *scale_zero, int scales_bf16, int64_t N, int64_t group, const float *bias,
+                        void *y) {
   if (K % BLOCK || group % BLOCK || K % group || M < 1) return 1;
   const int64_t G = K / group, blocks_per_group = group / BLOCK;
+  const int64_t row_bytes = 2 * G * (scales_bf16 ? 2 : 4);  // one row's scales and zeros
   Activations q;
   if (quantize_input(x_in, M, K, group, bf16, &q)) return 2;
   const int8_t *xq = q.xq;
@@ -135,12 +152,12 @@ int andromeda_int4_rows(const void *x_in, int64_t M, int64_t K, int bf16, const 
     const int64_t n0 = tile * ROWS;
     const int64_t rows = N - n0 < ROWS ? N - n0 : ROWS;
     const uint8_t *w[ROWS];
-    const float *scale[ROWS], *zero[ROWS];
+    const char *scale[ROWS], *zero[ROWS];
     for (int64_t r = 0; r < ROWS; ++r) {  // a short last tile repeats its last row, results dropped
       const int64_t n = n0 + (r < rows ? r : rows - 1);
       w[r] = weight + n * (K / 2);
-      scale[r] = scale_zero + n * G * 2;
-      zero[r] = scale[r] + G;
+      scale[r] = (const char *)scale_zero + n * row_bytes;
+      zero[r] = scale[r] + row_bytes / 2;
     }
     for (int64_t m = 0; m < M; ++m) {
       const int8_t *xrow = xq + m * K;
@@ -160,7 +177,8 @@ int andromeda_int4_rows(const void *x_in, int64_t M, int64_t K, int bf16, const 
         }
         for (int64_t r = 0; r < ROWS; ++r) dot[r] = _mm512_add_epi32(dot[r], _mm512_srai_epi32(high[r], 4));
         for (int64_t r = 0; r < ROWS; ++r)
-          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(scale[r][g]), acc[r]);
+          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(scalar_at(scale[r], g, scales_bf16)),
+                                   acc[r]);
       }
       // The groups' centring (8 * scale * activation codes) and zeros (zero * activation sums),
       // 16 groups at a time.
@@ -171,8 +189,8 @@ int andromeda_int4_rows(const void *x_in, int64_t M, int64_t K, int bf16, const 
         const __m512 group_codes = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(lanes, codes + m * G + g));
         const __m512 group_sums = _mm512_maskz_loadu_ps(lanes, sums + m * G + g);
         for (int64_t r = 0; r < ROWS; ++r) {
-          centre[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes, scale[r] + g), group_codes, centre[r]);
-          zeros[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes, zero[r] + g), group_sums, zeros[r]);
+          centre[r] = _mm512_fmadd_ps(vector_at(scale[r], g, lanes, scales_bf16), group_codes, centre[r]);
+          zeros[r] = _mm512_fmadd_ps(vector_at(zero[r], g, lanes, scales_bf16), group_sums, zeros[r]);
         }
       }
       for (int64_t r = 0; r < rows; ++r)
