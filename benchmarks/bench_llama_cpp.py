@@ -21,7 +21,9 @@ decode step reads: all but the embedding table, of which it reads one row. Effec
 bytes per token x tok/s, and "of probe" divides it by the probe of the same minute (the probe
 swings by 2x within minutes on a shared VM: a fraction is only meaningful next to its peer).
 "per byte" is ours / llama.cpp in tokens/s per byte read, i.e. the ratio of effective GB/s
-(issue #25's goal: >= 1).
+(issue #25's goal: >= 1). `--rounds N` alternates the two sides N times per scheme (llama.cpp,
+ours, llama.cpp, ours, ...) and reports each round's ratio and their median, the medians of all
+runs and probes in the other columns: on this VM one round's ratio swings by +-10%.
 
 The shape: our `Config()` default (hidden 2560, 32 layers, 24 query / 2 kv heads of 128,
 vocabulary 50432) has a GELU MLP 4x wide; the Llama model gets the SwiGLU width, a multiple of
@@ -312,7 +314,7 @@ def ours_in_child(scheme: str, args: argparse.Namespace) -> dict:
 
 
 def compare(scheme: Scheme, binary: Path, config: Config, ff: int, args: argparse.Namespace) -> dict:
-    """llama.cpp on its GGUF (written, run, deleted), then ours in a fresh process."""
+    """llama.cpp on its GGUF (written once), then ours in a fresh process, `--rounds` times."""
     if args.wait_idle:
         log.info("%s: machine %.0f%% idle", scheme.name, bench_decode.wait_until_idle(args.wait_idle))
     with tempfile.TemporaryDirectory(prefix="andromeda-gguf-", dir=args.gguf_dir) as folder:
@@ -321,30 +323,41 @@ def compare(scheme: Scheme, binary: Path, config: Config, ff: int, args: argpars
         write_gguf(path, config, ff, scheme.ggml_type, args.seed)
         log.info("%s: wrote %s (%.2f GB) in %.0f s", scheme.name, path.name, path.stat().st_size / 1e9,
                  time.perf_counter() - start)
-        llama = run_llama_bench(binary, path, args)
-    log.info("%s: llama.cpp %s tok/s; now ours", scheme.name, llama["samples_ts"])
-    ours = ours_in_child(scheme.name, args)
-    log.info("%s: ours %s tok/s, probe %.1f GB/s", scheme.name, ours["runs"], ours["bandwidth"] / 1e9)
-    return {"scheme": scheme, "llama": llama, "llama_bytes": llama_streamed_bytes(config, ff, scheme.ggml_type),
-            "ours": ours}
+        rounds = []
+        for _ in range(args.rounds):
+            llama = run_llama_bench(binary, path, args)
+            log.info("%s: llama.cpp %s tok/s; now ours", scheme.name, llama["samples_ts"])
+            ours = ours_in_child(scheme.name, args)
+            log.info("%s: ours %s tok/s, probe %.1f GB/s", scheme.name, ours["runs"], ours["bandwidth"] / 1e9)
+            rounds.append((llama, ours))
+    return {"scheme": scheme, "rounds": rounds, "llama_bytes": llama_streamed_bytes(config, ff, scheme.ggml_type)}
 
 
 def spread(runs: list[float]) -> str:
     return f"({min(runs):.2f}–{max(runs):.2f})"
 
 
+def per_byte(llama: dict, ours: dict, llama_bytes: int) -> float:
+    """One round's ours / llama.cpp in tokens/s per byte read (medians of runs: one preempted
+    run skews a mean)."""
+    return common.median(ours["runs"]) * ours["streamed"] / (common.median(llama["samples_ts"]) * llama_bytes)
+
+
 def table_row(result: dict) -> list[str]:
-    scheme, llama, ours = result["scheme"], result["llama"], result["ours"]
-    llama_tok_s = common.median(llama["samples_ts"])  # medians of runs: one preempted run skews a mean
-    ours_tok_s = common.median(ours["runs"])
-    llama_rate = llama_tok_s * result["llama_bytes"]
-    ours_rate = ours_tok_s * ours["streamed"]
-    probe = ours["bandwidth"]
-    name = scheme.name + (", compiled" if ours["compiled"] else "")
-    return [f"{name} / {scheme.ggml_type}", f"{llama_tok_s:.2f} {spread(llama['samples_ts'])}",
-            f"{ours_tok_s:.2f} {spread(ours['runs'])}", f"{result['llama_bytes'] / 1e9:.3f}", f"{ours['streamed'] / 1e9:.3f}",
+    scheme, rounds, llama_bytes = result["scheme"], result["rounds"], result["llama_bytes"]
+    llama_runs = [run for llama, _ in rounds for run in llama["samples_ts"]]
+    our_runs = [run for _, ours in rounds for run in ours["runs"]]
+    streamed, compiled = rounds[0][1]["streamed"], rounds[0][1]["compiled"]
+    llama_rate = common.median(llama_runs) * llama_bytes
+    ours_rate = common.median(our_runs) * streamed
+    probe = common.median([ours["bandwidth"] for _, ours in rounds])
+    ratios = [per_byte(llama, ours, llama_bytes) for llama, ours in rounds]
+    name = scheme.name + (", compiled" if compiled else "")
+    return [f"{name} / {scheme.ggml_type}", f"{common.median(llama_runs):.2f} {spread(llama_runs)}",
+            f"{common.median(our_runs):.2f} {spread(our_runs)}", f"{llama_bytes / 1e9:.3f}", f"{streamed / 1e9:.3f}",
             f"{llama_rate / 1e9:.1f}", f"{ours_rate / 1e9:.1f}", f"{probe / 1e9:.1f}",
-            f"{llama_rate / probe:.0%}", f"{ours_rate / probe:.0%}", f"**{ours_rate / llama_rate:.2f}x**"]
+            f"{llama_rate / probe:.0%}", f"{ours_rate / probe:.0%}", ", ".join(f"{r:.2f}" for r in ratios),
+            f"**{common.median(ratios):.2f}x**"]
 
 
 def describe_shapes(config: Config, ff: int) -> None:
@@ -373,7 +386,8 @@ def bench(args: argparse.Namespace) -> int:
     describe_shapes(config, ff)
     print(f"- batch 1, {args.threads} threads, {args.new_tokens} tokens decoded from an empty context "
           f"(llama-bench -p 0 -n {args.new_tokens}, {args.llama_repeats} runs; ours: a 1-token prompt, "
-          f"{args.repeats} runs); tok/s: the median run (range); probe: our process's read bandwidth right after")
+          f"{args.repeats} runs), {args.rounds} round(s) alternating; tok/s: the median run (range); "
+          f"probe: our process's read bandwidth right after")
     rows = []
     for name in args.schemes.split(","):
         result = compare(SCHEMES[name], binary, config, ff, args)
@@ -382,7 +396,7 @@ def bench(args: argparse.Namespace) -> int:
     print(common.markdown_table(
         ["scheme (ours / llama.cpp)", "llama.cpp tok/s (range)", "ours tok/s (range)", "llama.cpp GB/token", "ours GB/token",
          "llama.cpp GB/s", "ours GB/s", "probe GB/s", "llama.cpp of probe", "ours of probe",
-         "ours / llama.cpp per byte"], rows))
+         "per byte, each round", "ours / llama.cpp per byte (median)"], rows))
     return 0
 
 
@@ -396,7 +410,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--build-jobs", type=int, default=1, help="parallel jobs of the llama.cpp build")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of both sides")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per run")
-    parser.add_argument("--repeats", type=int, default=3, help="our decoding runs per scheme")
+    parser.add_argument("--repeats", type=int, default=3, help="our decoding runs per scheme and round")
+    parser.add_argument("--rounds", type=int, default=1, help="llama.cpp then ours, this many times per scheme")
     parser.add_argument("--llama-repeats", type=int, default=5, help="llama-bench's runs per scheme (-r)")
     parser.add_argument("--bandwidth-gib", type=float, default=2.0, help="size of the bandwidth probe")
     parser.add_argument("--wait-idle", type=float, default=0.0,
@@ -413,7 +428,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [s for s in args.schemes.split(",") if s not in SCHEMES]
     if unknown:
         parser.error(f"unknown scheme(s) {unknown}; choose from {', '.join(SCHEMES)}")
-    for name in ("threads", "new_tokens", "repeats", "llama_repeats", "build_jobs"):
+    for name in ("threads", "new_tokens", "repeats", "rounds", "llama_repeats", "build_jobs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.layers is not None and args.layers < 1:
