@@ -28,8 +28,10 @@ $(VENV)/.installed-serve: $(VENV)/.installed
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
+# Two workers, a test file each at a time (module fixtures are built once): every test runs its
+# model and subprocesses on one thread, so a second core halves the suite (6 min against 12.5).
 test: install-test
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 demo: install
 	rm -rf runs/demo
