@@ -348,13 +348,13 @@ def table_row(result: dict) -> list[str]:
     llama_runs = [run for llama, _ in rounds for run in llama["samples_ts"]]
     our_runs = [run for _, ours in rounds for run in ours["runs"]]
     streamed, compiled = rounds[0][1]["streamed"], rounds[0][1]["compiled"]
-    llama_rate = common.median(llama_runs) * llama_bytes
-    ours_rate = common.median(our_runs) * streamed
+    llama_tok_s, ours_tok_s = common.median(llama_runs), common.median(our_runs)
+    llama_rate, ours_rate = llama_tok_s * llama_bytes, ours_tok_s * streamed
     probe = common.median([ours["bandwidth"] for _, ours in rounds])
     ratios = [per_byte(llama, ours, llama_bytes) for llama, ours in rounds]
     name = scheme.name + (", compiled" if compiled else "")
-    return [f"{name} / {scheme.ggml_type}", f"{common.median(llama_runs):.2f} {spread(llama_runs)}",
-            f"{common.median(our_runs):.2f} {spread(our_runs)}", f"{llama_bytes / 1e9:.3f}", f"{streamed / 1e9:.3f}",
+    return [f"{name} / {scheme.ggml_type}", f"{llama_tok_s:.2f} {spread(llama_runs)}",
+            f"{ours_tok_s:.2f} {spread(our_runs)}", f"{llama_bytes / 1e9:.3f}", f"{streamed / 1e9:.3f}",
             f"{llama_rate / 1e9:.1f}", f"{ours_rate / 1e9:.1f}", f"{probe / 1e9:.1f}",
             f"{llama_rate / probe:.0%}", f"{ours_rate / probe:.0%}", ", ".join(f"{r:.2f}" for r in ratios),
             f"**{common.median(ratios):.2f}x**"]
