@@ -3,6 +3,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -88,3 +94,51 @@ def test_compile_refuses_quantized_layers_without_their_kernel_path():
     rows = Q.DECODE_KERNEL_ROWS + 1
     with pytest.raises(ValueError, match=f"a batch of {rows} rows .* split the batch"):
         generate(unpacked, [[1, 2]] * rows, 2, compile=True)
+
+
+@needs_vnni
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_kernel_ops_are_cpp_where_they_build_and_equal_the_ctypes_calls(scheme):
+    """Where a C++ compiler is at hand the ops' CPU implementations are ops.cpp's: for float32,
+    bf16, float16 (read as float32) and non-contiguous rows they give the ctypes calls' results
+    bit for bit, and refuse rows of the wrong width naming the expected shape."""
+    assert native.kernels().cpp_ops, "ops.cpp did not build (g++ and torch's headers are expected here)"
+    op = getattr(torch.ops.andromeda, f"{scheme}_rows")
+    direct = getattr(native, f"_{scheme}_rows")  # the ctypes call (the Python implementation)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        args = kernel_inputs(scheme, dtype)
+        assert torch.equal(op(*args), direct(*args))
+    x, *rest = kernel_inputs(scheme, torch.bfloat16)
+    strided = torch.randn(256, 3, dtype=torch.bfloat16).T  # (3, 256), not contiguous
+    assert torch.equal(op(strided, *rest), direct(strided.contiguous(), *rest))
+    with pytest.raises(RuntimeError, match=r"takes x of shape \(M, 256\)"):
+        op(x[:, :128], *rest)
+
+
+FALLBACK = """
+import json, torch
+from andromeda.inference import native
+import test_compiled_decoding as t
+kernels = native.kernels()
+results = {}
+for scheme in ("int8", "int4"):
+    args = t.kernel_inputs(scheme, torch.bfloat16)
+    op = getattr(torch.ops.andromeda, scheme + "_rows")
+    results[scheme] = op(*args).float().tolist()
+print(json.dumps({"cpp_ops": kernels.cpp_ops, "results": results}))
+"""
+
+
+@needs_vnni
+def test_kernel_ops_fall_back_to_python_where_cpp_does_not_build(tmp_path):
+    """With no working C++ compiler (CXX=false, a fresh kernel cache) the C kernels still build and
+    the ops are registered in Python over them: the same results as the C++ ops in this process."""
+    env = {**os.environ, "CXX": "false", "ANDROMEDA_CACHE": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", FALLBACK], env=env, capture_output=True, text=True, timeout=300,
+                          check=True)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["cpp_ops"] is False and native.kernels().cpp_ops
+    for scheme in ("int8", "int4"):
+        op = getattr(torch.ops.andromeda, f"{scheme}_rows")
+        assert torch.equal(torch.tensor(report["results"][scheme]), op(*kernel_inputs(scheme, torch.bfloat16)).float())

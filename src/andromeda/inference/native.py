@@ -40,11 +40,16 @@ loops on PyTorch's own OpenMP runtime (the same libgomp.so.1, already loaded), s
 `kernels()` is None and the callers keep ATen's kernels (`unavailable_reason` says why).
 
 Under torch.compile the products are the custom ops `andromeda::int8_rows` and
-`andromeda::int4_rows` (`torch.library`: a CPU implementation that calls the kernel, a fake one
-that gives the (M, N) shape in x's dtype), so a decode step compiles as one graph (fullgraph) with the
-kernels in it. Eager calls skip the dispatcher: through `torch.ops` a call of a 512 x 256 layer
-took 10.3 us instead of 7.4 us (torch 2.13, one thread, Xeon with AVX-512 VNNI): 0.4 ms a
-token at 2.5 B (129 products). Both ways the profiler shows the kernels under the ops' names.
+`andromeda::int4_rows` (`torch.library`: a fake implementation that gives the (M, N) shape in x's
+dtype, and a CPU one that calls the kernel), so a decode step compiles as one graph (fullgraph)
+with the kernels in it. The CPU implementations are C++ (`kernels/ops.cpp`, built with vnni.c
+against the installed torch's headers by the system's C++ compiler, ~10 s once, cached like the
+kernels, loaded with `torch.ops.load_library`): a compiled step reaches them through the dispatcher
+with no Python in between. Where that build fails (no C++ compiler, no torch headers) the same ops
+are registered in Python over the ctypes calls, a few microseconds a call slower; `kernels()`
+registers one or the other, so the ops run once it has returned a kernel set. Eager calls take the
+C++ op too where it is built (fewer microseconds a call than ctypes), else ctypes directly. The
+profiler shows the kernels under the ops' names either way.
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "kernels" / "vnni.c"
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fopenmp", "-shared",
          "-fPIC", "-std=c11")
+OPS_SOURCE = Path(__file__).parent / "kernels" / "ops.cpp"
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 BLOCK = 128  # weights per 64-byte block of the kernel's layout; groups are whole blocks
 ACTIVATION_STEPS = 127
@@ -90,11 +96,13 @@ def int8_kernel_applies(in_features: int) -> bool:
 class Kernels:
     int8_rows: ctypes._CFuncPtr
     int4_rows: ctypes._CFuncPtr
+    cpp_ops: bool  # the ops' CPU implementations are ops.cpp's (else Python's, over the ctypes calls)
 
 
 @cache
 def kernels() -> Kernels | None:
-    """The compiled kernels' entry points, or None where they cannot run (`unavailable_reason`)."""
+    """The compiled kernels' entry points, or None where they cannot run (`unavailable_reason`).
+    The first call also registers the ops' CPU implementations: ops.cpp's, else Python's."""
     reason = unavailable_reason()
     if reason is not None:
         log.info("VNNI kernels not used: %s; ATen's int8 and int4 kernels decode instead", reason)
@@ -106,7 +114,22 @@ def kernels() -> Kernels | None:
     int8.argtypes = [pointer, size, size, flag, pointer, pointer, pointer, size, pointer, pointer]
     int4.argtypes = [pointer, size, size, flag, pointer, pointer, flag, size, size, pointer, pointer]
     int8.restype = int4.restype = ctypes.c_int
-    return Kernels(int8, int4)
+    return Kernels(int8, int4, _register_cpu_ops())
+
+
+@cache  # once a process: a kernel registered twice for one op is an error
+def _register_cpu_ops() -> bool:
+    """Register the ops' CPU implementations: ops.cpp's (True) where it builds, else the Python
+    ones over the ctypes calls (False, with the reason logged)."""
+    try:
+        torch.ops.load_library(str(build_ops_library()))
+        return True
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", None) or str(error)
+        log.info("the kernels' C++ ops did not build (%s); their Python ones run instead", detail.strip()[:500])
+    _LIBRARY.impl("int8_rows", _int8_rows, "CPU")
+    _LIBRARY.impl("int4_rows", _int4_rows, "CPU")
+    return False
 
 
 @cache
@@ -149,6 +172,8 @@ def int8_rows(x: Tensor, weight: Tensor, scale: Tensor, wsum: Tensor, bias: Tens
     (`int8_row_sums`), `bias` (N,) float32 or None."""
     if torch.compiler.is_compiling():  # the op: traced as a node of the graph
         return torch.ops.andromeda.int8_rows(_rows(x), weight, scale, wsum, bias)
+    if kernels().cpp_ops:  # the dispatcher to C++: fewer microseconds than ctypes, profiled as the op
+        return torch.ops.andromeda.int8_rows(x, weight, scale, wsum, bias)
     if torch._C._autograd._profiler_enabled():  # named as the op is (recording costs microseconds)
         with torch.profiler.record_function("andromeda::int8_rows"):
             return _int8_rows(x, weight, scale, wsum, bias)
@@ -161,6 +186,8 @@ def int4_rows(x: Tensor, weight: Tensor, scale_zero: Tensor, group_size: int, bi
     (N, 2, G) float32 or bfloat16, `bias` (N,) float32 or None."""
     if torch.compiler.is_compiling():
         return torch.ops.andromeda.int4_rows(_rows(x), weight, scale_zero, group_size, bias)
+    if kernels().cpp_ops:
+        return torch.ops.andromeda.int4_rows(x, weight, scale_zero, group_size, bias)
     if torch._C._autograd._profiler_enabled():
         with torch.profiler.record_function("andromeda::int4_rows"):
             return _int4_rows(x, weight, scale_zero, group_size, bias)
@@ -202,12 +229,11 @@ def _pointer(bias: Tensor | None) -> int | None:
 
 # The custom ops torch.compile traces (a ctypes call cannot be traced). Defined with the low-level
 # `torch.library.Library`, whose dispatch costs about half of `torch.library.custom_op`'s (3 us
-# against 6.5 us a call, measured): the compiled step calls them through the dispatcher.
+# against 6.5 us a call, measured): the compiled step calls them through the dispatcher. Their
+# CPU implementations are registered by `kernels()` (ops.cpp's, or `_int8_rows` and `_int4_rows`).
 _LIBRARY = torch.library.Library("andromeda", "DEF")
 _LIBRARY.define("int8_rows(Tensor x, Tensor weight, Tensor scale, Tensor wsum, Tensor? bias) -> Tensor")
 _LIBRARY.define("int4_rows(Tensor x, Tensor weight, Tensor scale_zero, int group_size, Tensor? bias) -> Tensor")
-_LIBRARY.impl("int8_rows", _int8_rows, "CPU")
-_LIBRARY.impl("int4_rows", _int4_rows, "CPU")
 
 
 @torch.library.register_fake("andromeda::int8_rows", lib=_LIBRARY)
@@ -282,24 +308,64 @@ def compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
+def cxx_compiler() -> str | None:
+    """The C++ compiler of the ops: $CXX, else c++ or g++ on the PATH."""
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
 @cache
 def build_library(source: Path, flags: tuple[str, ...]) -> Path:
     """The shared library of one C file, compiled once per source and flags into
     cache_root()/kernels as <stem>-<hash>.so (written to a temporary name, then renamed, so
     concurrent first uses never load a half-written file)."""
-    digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    def build(partial: Path, scratch: Path) -> None:
+        # Libraries (-l) go after the source: linkers resolve left to right.
+        options = [flag for flag in flags if not flag.startswith("-l")]
+        libraries = [flag for flag in flags if flag.startswith("-l")]
+        _run([compiler(), *options, str(source), "-o", str(partial), *libraries])
+
+    return _cached_build(source.stem, source.read_bytes() + " ".join(flags).encode(), build)
+
+
+@cache
+def build_ops_library() -> Path:
+    """vnni.c and ops.cpp as one shared library of the ops' C++ implementations, compiled against
+    this torch's headers and libraries (its version and C++ ABI are part of the cache key)."""
+    if cxx_compiler() is None:
+        raise OSError("no C++ compiler (set CXX, or install g++)")
+    root = Path(torch.__file__).parent
+    cxx_flags = ("-O2", "-std=c++20", "-fPIC", "-shared", "-fopenmp",
+                 f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
+                 f"-I{root / 'include'}", f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}")
+    libraries = (f"-L{root / 'lib'}", f"-Wl,-rpath,{root / 'lib'}", "-ltorch_cpu", "-lc10")
+    c_flags = tuple(flag for flag in FLAGS if flag != "-shared")
+
+    def build(partial: Path, scratch: Path) -> None:
+        kernels_object = scratch / "vnni.o"
+        _run([compiler(), *c_flags, "-c", str(SOURCE), "-o", str(kernels_object)])
+        _run([cxx_compiler(), *cxx_flags, str(OPS_SOURCE), str(kernels_object), "-o", str(partial), *libraries])
+
+    key = b"\0".join([SOURCE.read_bytes(), OPS_SOURCE.read_bytes(), torch.__version__.encode(),
+                      " ".join(c_flags + cxx_flags + libraries).encode()])
+    return _cached_build(OPS_SOURCE.stem, key, build)
+
+
+def _cached_build(stem: str, key: bytes, build: Callable[[Path, Path], None]) -> Path:
+    """cache_root()/kernels/<stem>-<hash of key>.so, made by build(partial path, scratch folder)
+    where it is not there yet: written to a temporary name, then renamed, so concurrent first uses
+    never load a half-written file."""
     folder = cache_root() / "kernels"
-    target = folder / f"{source.stem}-{digest}.so"
+    target = folder / f"{stem}-{hashlib.sha256(key).hexdigest()[:16]}.so"
     if target.is_file():
         return target
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as scratch:
         partial = Path(scratch) / target.name
-        # Libraries (-l) go after the source: linkers resolve left to right.
-        options = [flag for flag in flags if not flag.startswith("-l")]
-        libraries = [flag for flag in flags if flag.startswith("-l")]
-        subprocess.run([compiler(), *options, str(source), "-o", str(partial), *libraries], check=True,
-                       capture_output=True, text=True, timeout=120)
+        build(partial, Path(scratch))
         os.replace(partial, target)
     log.info("built %s", target)
     return target
+
+
+def _run(command: list[str]) -> None:
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)

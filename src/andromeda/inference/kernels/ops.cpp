@@ -1,0 +1,80 @@
+// The CPU implementations of the custom ops `andromeda::int8_rows` and `andromeda::int4_rows`
+// (schemas defined in andromeda/inference/native.py), in C++ over the kernels of vnni.c.
+//
+// Through the dispatcher a C++ kernel costs a few microseconds a call where a Python one costs
+// about ten (the ctypes call, the tensors' pointers and shapes read in Python), and a compiled
+// decode step makes 129 of these calls at the 2.5 B default. Built by native.py together with
+// vnni.c against the installed torch's headers and loaded with torch.ops.load_library; where the
+// build fails, native.py registers the same ops in Python instead.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+extern "C" {
+int andromeda_int8_rows(const void *x, int64_t M, int64_t K, int bf16, const int8_t *weight, const float *scale,
+                        const int32_t *wsum, int64_t N, const float *bias, void *y);
+int andromeda_int4_rows(const void *x, int64_t M, int64_t K, int bf16, const uint8_t *weight,
+                        const void *scale_zero, int scales_bf16, int64_t N, int64_t group, const float *bias,
+                        void *y);
+}
+
+namespace {
+
+// x as the kernels read it: contiguous (M, K) bf16 or float32 (another floating dtype as float32).
+at::Tensor rows(const at::Tensor &x, int64_t K, const char *kind) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "the ", kind, " kernel takes x of shape (M, ", K, "), not ",
+              x.sizes());
+  at::Tensor r = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  return r.contiguous();
+}
+
+const float *bias_pointer(const std::optional<at::Tensor> &bias, int64_t N, const char *kind) {
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, "the ", kind,
+              " kernel takes a contiguous float32 bias of ", N, " values");
+  return bias->const_data_ptr<float>();
+}
+
+void check(int status, const std::string &kind, int64_t M, int64_t K) {
+  TORCH_CHECK(status == 0, "the ", kind, " kernel refused its arguments (status ", status, "): M=", M, ", K=", K);
+}
+
+at::Tensor int8_rows(const at::Tensor &x_in, const at::Tensor &weight, const at::Tensor &scale, const at::Tensor &wsum,
+                     const std::optional<at::Tensor> &bias) {
+  const int64_t N = weight.size(0), K = weight.size(1);
+  const at::Tensor x = rows(x_in, K, "int8");
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  check(andromeda_int8_rows(x.const_data_ptr(), M, K, x.scalar_type() == at::kBFloat16,
+                            weight.const_data_ptr<int8_t>(), scale.const_data_ptr<float>(),
+                            wsum.const_data_ptr<int32_t>(), N, bias_pointer(bias, N, "int8"), y.mutable_data_ptr()),
+        "int8", M, K);
+  return y;
+}
+
+at::Tensor int4_rows(const at::Tensor &x_in, const at::Tensor &weight, const at::Tensor &scale_zero,
+                     int64_t group_size, const std::optional<at::Tensor> &bias) {
+  const int64_t N = weight.size(0), K = 2 * weight.size(1);
+  TORCH_CHECK_TYPE(scale_zero.scalar_type() == at::kFloat || scale_zero.scalar_type() == at::kBFloat16,
+                   "the int4 kernel's scales and zeros must be float32 or bfloat16, not ", scale_zero.scalar_type());
+  const at::Tensor x = rows(x_in, K, "int4");
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  check(andromeda_int4_rows(x.const_data_ptr(), M, K, x.scalar_type() == at::kBFloat16,
+                            weight.const_data_ptr<uint8_t>(), scale_zero.const_data_ptr(),
+                            scale_zero.scalar_type() == at::kBFloat16, N, group_size, bias_pointer(bias, N, "int4"),
+                            y.mutable_data_ptr()),
+        "int4 (group " + std::to_string(group_size) + ")", M, K);
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(andromeda, CPU, m) {
+  m.impl("int8_rows", &int8_rows);
+  m.impl("int4_rows", &int4_rows);
+}
