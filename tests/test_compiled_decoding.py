@@ -113,6 +113,11 @@ def test_kernel_ops_are_cpp_where_they_build_and_equal_the_ctypes_calls(scheme):
     assert torch.equal(op(strided, *rest), direct(strided.contiguous(), *rest))
     with pytest.raises(RuntimeError, match=r"takes x of shape \(M, 256\)"):
         op(x[:, :128], *rest)
+    if scheme == "int4":  # the weight's rows are whole tiles for scale_zero's rows
+        weight, scale_zero, *more = rest
+        for call in (op, direct):
+            with pytest.raises(ValueError, match="takes a weight of"):
+                call(x, weight, scale_zero[:-4], *more)
 
 
 FALLBACK = """

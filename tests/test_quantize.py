@@ -247,7 +247,13 @@ def test_int4_vnni_kernel_agrees_with_its_pytorch_reference(group_size):
     codes = torch.randint(0, 16, (N, K))
     scales, zeros = torch.rand(N, K // group_size) * 0.02, torch.randn(N, K // group_size) * 0.01
     weight, scale_zero = native.to_kernel_layout(codes, scales, zeros)
-    assert torch.equal(native.from_kernel_layout(weight), codes)
+    assert weight.shape == (204, K // 2)  # whole tiles of 4 rows
+    assert not native.from_kernel_layout(weight, N, 204).any()  # zeros past N
+    tile = weight[4:8].view(K // 128, 4, 64)  # rows 4..7, block by block
+    assert torch.equal(tile[1, 2] & 0xF, codes[6, 128:192].to(torch.uint8))  # row 6, block 1: its low nibbles
+    assert torch.equal(native.from_kernel_layout(weight, 0, N), codes)
+    for start, end in ((0, 1), (5, 11), (200, 203), (7, 8)):
+        assert torch.equal(native.from_kernel_layout(weight, start, end), codes[start:end])
     for rows in (1, 3, 16):
         x = torch.randn(rows, K)
         x[0, :7] *= 40  # an outlier sets row 0's scale

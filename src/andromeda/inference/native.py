@@ -16,7 +16,7 @@ the whole batch. So the project has one hand-written file, `kernels/vnni.c`, for
   (`wsum`, computed once) takes the shift back out:
   y[m, n] = a[m] * scale[n] * (sum_k (xq[m, k] + 128) W[n, k] - 128 * wsum[n]);
 - int4 (`int4_rows`): 4-bit codes q (a code's value is (q - 8) * scale + zero per group) in
-  blocks of 128 inputs (`to_kernel_layout`); per group the integer dot products of the centred
+  blocks of 128 inputs, in tiles of 4 rows whose blocks interleave (`to_kernel_layout`); per group the integer dot products of the centred
   codes with the activations (VNNI: codes unsigned, activations signed, less 8 times the sum of
   the activation codes) are scaled by the group's scale, and its zero multiplies the exact float
   sum of the group's activations (X):
@@ -79,6 +79,7 @@ FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"
 OPS_SOURCE = Path(__file__).parent / "kernels" / "ops.cpp"
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 BLOCK = 128  # weights per 64-byte block of the kernel's layout; groups are whole blocks
+TILE_ROWS = 4  # rows per tile of the int4 layout (vnni.c's ROWS): a tile's blocks interleave
 ACTIVATION_STEPS = 127
 
 
@@ -182,8 +183,8 @@ def int8_rows(x: Tensor, weight: Tensor, scale: Tensor, wsum: Tensor, bias: Tens
 
 def int4_rows(x: Tensor, weight: Tensor, scale_zero: Tensor, group_size: int, bias: Tensor | None = None) -> Tensor:
     """x (M, K) @ W.T + bias as (M, N) in x's dtype (bf16 or float32; others as float32) with the
-    kernel; `weight` (N, K // 2) uint8 in blocks of 128 (`to_kernel_layout`), `scale_zero`
-    (N, 2, G) float32 or bfloat16, `bias` (N,) float32 or None."""
+    kernel; `weight` (N rounded up to TILE_ROWS, K // 2) uint8 and `scale_zero` (N, 2, G) float32 or
+    bfloat16 from `to_kernel_layout`, `bias` (N,) float32 or None."""
     if torch.compiler.is_compiling():
         return torch.ops.andromeda.int4_rows(_rows(x), weight, scale_zero, group_size, bias)
     if kernels().cpp_ops:
@@ -207,11 +208,15 @@ def _int8_rows(x: Tensor, weight: Tensor, scale: Tensor, wsum: Tensor, bias: Ten
 def _int4_rows(x: Tensor, weight: Tensor, scale_zero: Tensor, group_size: int, bias: Tensor | None) -> Tensor:
     x = _rows(x)
     M, K = x.shape
-    y = x.new_empty(M, weight.shape[0])
+    N = scale_zero.shape[0]
+    y = x.new_empty(M, N)
     if scale_zero.dtype not in (torch.float32, torch.bfloat16):
         raise TypeError(f"the int4 kernel's scales and zeros must be float32 or bfloat16, not {scale_zero.dtype}")
+    if weight.shape != (tiled_rows(N), K // 2):
+        raise ValueError(f"the int4 kernel takes a weight of shape {(tiled_rows(N), K // 2)} for {N} rows of "
+                         f"{K} inputs (to_kernel_layout), not {tuple(weight.shape)}")
     args = (x.data_ptr(), M, K, x.dtype == torch.bfloat16, weight.data_ptr(), scale_zero.data_ptr(),
-            scale_zero.dtype == torch.bfloat16, weight.shape[0], group_size, _pointer(bias), y.data_ptr())
+            scale_zero.dtype == torch.bfloat16, N, group_size, _pointer(bias), y.data_ptr())
     _check(kernels().int4_rows(*args), f"int4 (group {group_size})", M, K)
     return y
 
@@ -243,7 +248,7 @@ def _int8_rows_shape(x: Tensor, weight: Tensor, scale: Tensor, wsum: Tensor, bia
 
 @torch.library.register_fake("andromeda::int4_rows", lib=_LIBRARY)
 def _int4_rows_shape(x: Tensor, weight: Tensor, scale_zero: Tensor, group_size: int, bias: Tensor | None) -> Tensor:
-    return x.new_empty(x.shape[0], weight.shape[0])
+    return x.new_empty(x.shape[0], scale_zero.shape[0])
 
 
 def _check(status: int, kind: str, M: int, K: int) -> None:
@@ -271,24 +276,38 @@ def int8_rows_reference(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
     return (a.double() * scale.double() * dots).float()
 
 
+def tiled_rows(rows: int) -> int:
+    """Rows of the int4 layout for `rows` rows: whole tiles of TILE_ROWS."""
+    return -(-rows // TILE_ROWS) * TILE_ROWS
+
+
 def to_kernel_layout(codes: Tensor, scales: Tensor, zeros: Tensor) -> tuple[Tensor, Tensor]:
-    """(codes (N, K) in 0..15, scales (N, G), zeros (N, G)) -> the kernel's (weight (N, K // 2)
-    uint8, scale_zero (N, 2, G): each row's scales, then its zeros): in each block of 128
-    inputs, byte j holds input j in its low nibble and input 64 + j in its high one. Scales and
-    zeros stay bfloat16 when both are (a bf16 model's: the kernel reads them exactly, and a step
-    reads 6% fewer bytes than in float32), else become float32."""
+    """(codes (N, K) in 0..15, scales (N, G), zeros (N, G)) -> the kernel's (weight (N', K // 2)
+    uint8 with N' = `tiled_rows(N)`, scale_zero (N, 2, G): each row's scales, then its zeros). In
+    each block of 128 inputs of a row, byte j holds input j in its low nibble and input 64 + j in
+    its high one; rows go in tiles of TILE_ROWS (rows past N are zeros), and a tile holds its
+    blocks in input order, each as its rows' 64 bytes one after another (the kernel reads a tile
+    as one stream). Scales and zeros stay bfloat16 when both are (a bf16 model's: the kernel reads
+    them exactly, and a step reads 6% fewer bytes than in float32), else become float32."""
     N, K = codes.shape
-    blocks = codes.to(torch.uint8).view(N, K // BLOCK, 2, BLOCK // 2)
-    weight = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(N, K // 2).contiguous()
+    padded = torch.zeros(tiled_rows(N), K, dtype=torch.uint8)
+    padded[:N] = codes
+    blocks = padded.view(-1, K // BLOCK, 2, BLOCK // 2)
+    rows = blocks[:, :, 0] | (blocks[:, :, 1] << 4)  # (N', K // 128, 64): each row's blocks
+    tiles = rows.view(-1, TILE_ROWS, K // BLOCK, BLOCK // 2).transpose(1, 2)  # (tiles, blocks, rows, 64)
     dtype = torch.bfloat16 if scales.dtype == zeros.dtype == torch.bfloat16 else torch.float32
-    return weight, torch.stack([scales.to(dtype), zeros.to(dtype)], dim=1).contiguous()
+    return tiles.reshape(-1, K // 2).contiguous(), torch.stack([scales.to(dtype), zeros.to(dtype)], dim=1).contiguous()
 
 
-def from_kernel_layout(weight: Tensor) -> Tensor:
-    """The kernel's (N, K // 2) bytes -> codes (N, K); the inverse of `to_kernel_layout`'s first half."""
-    N = weight.shape[0]
-    blocks = weight.view(N, -1, BLOCK // 2)
-    return torch.stack([blocks & 0xF, blocks >> 4], dim=2).reshape(N, -1)
+def from_kernel_layout(weight: Tensor, start: int, end: int) -> Tensor:
+    """Codes (end - start, K) of rows start:end from the kernel's bytes (`to_kernel_layout`'s
+    weight): the inverse of its first half, reading only the tiles those rows lie in."""
+    first, last = start // TILE_ROWS, -(-end // TILE_ROWS)
+    tiles = weight[first * TILE_ROWS : last * TILE_ROWS].view(last - first, -1, TILE_ROWS, BLOCK // 2)
+    blocks = tiles.transpose(1, 2)  # (tiles, rows, blocks, 64)
+    codes = torch.stack([blocks & 0xF, blocks >> 4], dim=3)  # (tiles, rows, blocks, 2, 64)
+    offset = start - first * TILE_ROWS
+    return codes.reshape((last - first) * TILE_ROWS, -1)[offset : offset + end - start]
 
 
 def int4_rows_reference(x: Tensor, weight: Tensor, scale_zero: Tensor, group_size: int) -> Tensor:
@@ -296,7 +315,7 @@ def int4_rows_reference(x: Tensor, weight: Tensor, scale_zero: Tensor, group_siz
     xq, a = _quantized_rows(x)
     M, K = xq.shape
     G = K // group_size
-    centred = from_kernel_layout(weight).double() - 8  # (N, K)
+    centred = from_kernel_layout(weight, 0, scale_zero.shape[0]).double() - 8  # (N, K)
     dots = torch.einsum("mgk,ngk->mng", xq.double().view(M, G, group_size), centred.view(-1, G, group_size))
     scale, zero = scale_zero[:, 0].double(), scale_zero[:, 1].double()  # (N, G)
     sums = x.float().view(M, G, group_size).sum(dim=-1).double()  # (M, G)

@@ -208,7 +208,7 @@ class Int4Linear(nn.Module):
         block, form = cpu_int4_layout()
         K, n = self.in_features, end - start
         if self._decode_weight is not None:  # the VNNI kernel's layout: rows whole, as W
-            codes = native.from_kernel_layout(self.weight[start:end])  # (n, K) uint8
+            codes = native.from_kernel_layout(self.weight, start, end)  # (n, K) uint8
             groups = K // self.group_size
             weight = torch.empty(n, groups, self.group_size, dtype=dtype)
             torch.sub(codes.view(torch.int8).view(weight.shape), INT4_OFFSET, out=weight)  # exact
@@ -244,7 +244,7 @@ class Int4Linear(nn.Module):
         """(weight (N, K // 2) uint8, scales (N, G), zeros (N, G)): the state dict's layout."""
         N, K = self.out_features, self.in_features
         if self._decode_weight is not None:
-            weight = pack_nibbles(native.from_kernel_layout(self.weight))
+            weight = pack_nibbles(native.from_kernel_layout(self.weight, 0, N))
         elif self.packed_for_cpu:
             weight = plain_from_cpu(self.weight, N, K)
         else:

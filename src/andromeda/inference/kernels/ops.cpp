@@ -58,9 +58,11 @@ at::Tensor int8_rows(const at::Tensor &x_in, const at::Tensor &weight, const at:
 
 at::Tensor int4_rows(const at::Tensor &x_in, const at::Tensor &weight, const at::Tensor &scale_zero,
                      int64_t group_size, const std::optional<at::Tensor> &bias) {
-  const int64_t N = weight.size(0), K = 2 * weight.size(1);
+  const int64_t N = scale_zero.size(0), K = 2 * weight.size(1), tiled = (N + 3) / 4 * 4;  // vnni.c's tiles of 4
   TORCH_CHECK_TYPE(scale_zero.scalar_type() == at::kFloat || scale_zero.scalar_type() == at::kBFloat16,
                    "the int4 kernel's scales and zeros must be float32 or bfloat16, not ", scale_zero.scalar_type());
+  TORCH_CHECK_VALUE(weight.size(0) == tiled, "the int4 kernel takes a weight of ", tiled, " rows for ", N,
+                    " rows of scales (to_kernel_layout), not ", weight.size(0));
   const at::Tensor x = rows(x_in, K, "int4");
   const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
