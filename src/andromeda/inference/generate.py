@@ -31,6 +31,9 @@ bookkeeping from outside (`KVCache.append(..., read_all=True)`): it reads the wh
 cache, unwritten columns masked, so its shapes never change (capacity rounded up to
 COMPILED_CAPACITY_MULTIPLE: similar lengths share a graph); the prefill stays eager. int8/int4
 layers compile as `native`'s kernel ops, where the step saves most of eager's Python on a CPU.
+On a CPU the graph's wrapper is C++ too (Inductor's `cpp_wrapper`, built apart from the kernels
+and unoptimized, so the build takes no longer: 90 s either way for the 2.5 B int4 default, cold),
+which calls the ops and kernels with no Python between them: 5-7% faster steps there.
 Tokens equal eager decoding's. The first call compiles (tens of seconds).
 
 Sampling (`sampling.sample`) applies temperature, top-k, top-p, min-p in that order. Penalties
@@ -300,10 +303,24 @@ def _forward_step(net: Transformer, tokens: Tensor, step) -> Tensor:
     return net(tokens, cache=step, logits_to_keep=1, validate=False)[:, -1]
 
 
+# Inductor's options for the compiled step on a CPU: a C++ wrapper (no Python between the graph's
+# calls), compiled apart from the kernels and at -O0 (it only makes calls; built with the
+# kernels it takes their -O3 and 2.5x the build time).
+CPU_STEP_OPTIONS = {"cpp_wrapper": True, "cpp_wrapper_build_separate": True,
+                    "aot_inductor.compile_wrapper_opt_level": "O0"}
+
+
 @functools.cache
 def _compiled_step() -> Callable:
-    """The compiled step, made once: torch.compile keeps its graphs per model and shape."""
-    return torch.compile(_forward_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    """The compiled step, made once: torch.compile keeps its graphs per model and shape. On a
+    GPU, mode "reduce-overhead" (CUDA graphs); on a CPU, CPU_STEP_OPTIONS."""
+    on_cpu = torch.compile(_forward_step, fullgraph=True, dynamic=False, options=CPU_STEP_OPTIONS)
+    elsewhere = torch.compile(_forward_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+    def step(net: Transformer, tokens: Tensor, cache_step) -> Tensor:
+        return (on_cpu if tokens.device.type == "cpu" else elsewhere)(net, tokens, cache_step)
+
+    return step
 
 
 def recompute(net: Transformer, tokens: Tensor, positions: Tensor, key_mask: Tensor | None) -> Tensor:
