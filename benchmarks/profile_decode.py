@@ -228,9 +228,9 @@ def compiled_breakdown(events) -> dict:
         if parent is None or is_label(event):
             continue
         if parent.name.startswith(COMPILED_GRAPH):
-            kind = (WEIGHTS if event.name in WEIGHT_OPS else "attention (SDPA)" if "scaled_dot_product" in event.name
-                    and event.name.startswith("aten::") else "fused kernels" if event.name.startswith("graph_")
-                    else "other graph ops")
+            # SDPA: aten::..., or aoti_torch_cpu_... from the C++ wrapper of a compiled CPU step
+            kind = (WEIGHTS if event.name in WEIGHT_OPS else "fused kernels" if event.name.startswith("graph_")
+                    else "attention (SDPA)" if "scaled_dot_product" in event.name else "other graph ops")
         elif parent.name == PREFIX + STEP and not event.name.startswith("Torch-Compiled Region"):
             kind = "outside the graph"
         else:

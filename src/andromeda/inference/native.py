@@ -16,10 +16,10 @@ the whole batch. So the project has one hand-written file, `kernels/vnni.c`, for
   (`wsum`, computed once) takes the shift back out:
   y[m, n] = a[m] * scale[n] * (sum_k (xq[m, k] + 128) W[n, k] - 128 * wsum[n]);
 - int4 (`int4_rows`): 4-bit codes q (a code's value is (q - 8) * scale + zero per group) in
-  blocks of 128 inputs, in tiles of 4 rows whose blocks interleave (`to_kernel_layout`); per group the integer dot products of the centred
-  codes with the activations (VNNI: codes unsigned, activations signed, less 8 times the sum of
-  the activation codes) are scaled by the group's scale, and its zero multiplies the exact float
-  sum of the group's activations (X):
+  blocks of 128 inputs, in tiles of 4 rows whose blocks interleave (`to_kernel_layout`); per
+  group the integer dot products of the centred codes with the activations (VNNI: codes
+  unsigned, activations signed, less 8 times the sum of the activation codes) are scaled by the
+  group's scale, and its zero multiplies the exact float sum of the group's activations (X):
   y[m, n] = a[m] * sum_g scale[n, g] * sum_{k in g} xq[m, k] (q[n, k] - 8) + sum_g zero[n, g] X[m, g].
   Centring the codes keeps the activations' rounding error times q - 8 (about +-4), not q (7.5
   on average): on a tiny random model it cut the logits' error from 4.3% to 1.6% RMS. Scales
