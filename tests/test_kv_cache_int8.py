@@ -308,3 +308,37 @@ def test_generate_decodes_through_the_kernel_and_falls_back_without_it(net, monk
     assert generation_cache(net, 1, 8, 4, None, kv_dtype="int8").decode_attention is None
     assert torch.equal(generate(net, prompt, 12, temperature=0, kv_cache_dtype="int8"), ours)
     assert kv_attention.decode_attention_for(new_cache(net, "auto")) is None  # not int8: SDPA as before
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("overrides", [{}, dict(dim_head=17, qk_norm=False, attn_qk_norm=False, rotary_xpos=False)],
+                         ids=["xpos", "odd-head-size-no-xpos"])
+def test_kv_store_kernel_writes_the_pytorch_paths_entries(dtype, overrides):
+    """A decode step's keys and values through kv_store.c (`Int8DecodeAttention.store`) land as the
+    PyTorch path writes them, bit for bit: codes and scales of two rows in slots 2 and 0 at
+    different columns, keys times their inverse xPos factors, a strided value input, an all-zero
+    head (scale 0, codes 0) and a large one, in float32 and bf16 caches."""
+    config = Config.from_preset("tiny", **overrides)
+    caches = [KVCache(config, 3, 40, dtype=dtype, device="cpu", kv_dtype="int8") for _ in "pk"]
+    caches[1].decode_attention = kv_attention.decode_attention_for(caches[1])
+    assert caches[1].decode_attention is not None
+    K, D, generator = config.attn_kv_heads, config.dim_head, torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        steps = []
+        for cache in caches:
+            cache.append([2], torch.arange(9)[None], None, 9)
+            cache.append([0], torch.arange(4)[None], None, 4)
+            steps.append(cache.append([2, 0], torch.tensor([[9], [4]]), None, 1))
+        assert steps[0].decode_attention is None and steps[1].decode_attention is caches[1].decode_attention
+        assert (steps[1].xpos_factors is not None) == config.rotary_xpos
+        for layer in range(config.depth):
+            k = torch.randn(2, K, 1, D, generator=generator).to(dtype)
+            k[0, 0] = 0.0
+            k[1, -1] *= 1e4
+            v = torch.randn(2, 3 * K, 1, D, generator=generator).to(dtype)[:, K : 2 * K]  # strided
+            for step in steps:
+                step.store(layer, k, v)
+    for stored, expected in zip(caches[1].storage, caches[0].storage):
+        assert torch.equal(stored, expected)
+    assert caches[1].k_scale[:, 2, 0, 9].eq(0).all()  # the zero head: scale 0 (codes 0)

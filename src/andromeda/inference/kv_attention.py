@@ -30,6 +30,11 @@ max is raised lazily (only when a block beats it by e^8), so the weighted values
 are rarely rescaled. `decode_attention_reference` computes the same in PyTorch (float32
 throughout); the tests hold the kernel to it.
 
+The same object stores a decode step's keys and values (`Int8DecodeAttention.store`,
+`kernels/kv_store.c`): quantized exactly as `CacheStep.store`'s PyTorch path quantizes them (keys
+times their inverse xPos factors, absmax scales rounded to the compute dtype, codes rounded half to
+even), bit for bit, in one call a layer where that path takes about twenty small ops.
+
 The kernel reaches the model by injection: `decode_attention_for(cache)` is given to the cache by
 the inference code that builds it (`generate.generation_cache`, the server's runner), and the
 cache hands it to attention for the calls it applies to (`model.cache.DecodeAttention`). Where it
@@ -61,6 +66,7 @@ from .native import build_library, cpu_flags, missing_support
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "kernels" / "attention_int8.c"
+STORE_SOURCE = Path(__file__).parent / "kernels" / "kv_store.c"  # a decode step's keys and values into the cache
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp", "-shared", "-fPIC",
          "-std=gnu11", "-lm")
 AMX_FLAGS = ("-mavx512bf16", "-mamx-tile", "-mamx-bf16")  # tried first; a compiler without them builds the rest
@@ -85,6 +91,15 @@ class _Args(ctypes.Structure):
         ("slopes", ctypes.c_void_p), ("window", ctypes.c_int64), ("sinks", ctypes.c_int64), ("out", ctypes.c_void_p)]
 
 
+class _StoreArgs(ctypes.Structure):  # kv_store.c's StoreArgs
+    _fields_ = [(name, ctypes.c_int64) for name in ("rows", "heads", "dim", "rotary")] + [
+        ("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("bf16_k", ctypes.c_int64), ("bf16_v", ctypes.c_int64)] + [
+        (name, ctypes.c_int64) for name in ("k_row_stride", "k_head_stride", "v_row_stride", "v_head_stride")] + [
+        (name, ctypes.c_void_p) for name in ("factors", "k_out", "v_out", "k_scale", "v_scale")] + [
+        ("bf16_scales", ctypes.c_int64), ("columns", ctypes.c_int64), ("slots", ctypes.c_void_p),
+        ("cols", ctypes.c_void_p)]
+
+
 def decode_attention_for(kv_cache: KVCache) -> Int8DecodeAttention | None:
     """The decode-attention kernel for `kv_cache` (give it as the cache's `decode_attention`), or
     None where the cache is read the PyTorch way: not int8, not on the CPU, a compute dtype the
@@ -104,6 +119,9 @@ class Int8DecodeAttention:
     def __init__(self, amx: bool = True) -> None:
         """amx: a bf16 cache's scores by AMX tiles where the CPU has them (module docstring)."""
         self.amx = amx
+        self._store_step: CacheStep | None = None  # the call `_store_args` was built for
+        self._store_args = _StoreArgs()
+        self._store_alive: tuple = ()
         self._step: CacheStep | None = None
         self._args = _Args()
         self._alive: tuple = ()  # the tensors the argument block points into
@@ -124,6 +142,36 @@ class Int8DecodeAttention:
             raise RuntimeError(f"the int8 decode-attention kernel refused its arguments (status {status}): "
                                f"{H // args.kv_heads} query heads per kv head, head size {D}, {step.read} columns read")
         return out
+
+    def store(self, step: CacheStep, layer: int, k: Tensor, v: Tensor) -> None:
+        """Write `layer`'s new keys and values (B, K, 1, D), quantized with their xPos inverse
+        factors as `CacheStep.store`'s PyTorch path does (kv_store.c, bit for bit), in one call."""
+        if self._store_step is not step:  # what every layer of this call shares
+            factors = None if step.xpos_factors is None else step.xpos_factors[0].contiguous()  # (B, 1, 1, R)
+            slots, columns = step.index.to(torch.long).contiguous(), step.columns[:, 0].to(torch.long).contiguous()
+            kv_cache = step.cache
+            self._store_args = _StoreArgs(
+                rows=len(slots), heads=kv_cache.k.shape[2], dim=kv_cache.k.shape[-1],
+                rotary=0 if factors is None else factors.shape[-1],
+                factors=None if factors is None else factors.data_ptr(),
+                bf16_scales=kv_cache.dtype == torch.bfloat16, columns=kv_cache.k.shape[3],
+                slots=slots.data_ptr(), cols=columns.data_ptr())
+            self._store_step, self._store_alive = step, (factors, slots, columns)
+        args = self._store_args
+        if k.dtype not in KERNEL_DTYPES or k.stride(-1) != 1:
+            k = k.float().contiguous()
+        if v.dtype not in KERNEL_DTYPES or v.stride(-1) != 1:
+            v = v.float().contiguous()
+        args.k, args.bf16_k, args.k_row_stride, args.k_head_stride = (k.data_ptr(), k.dtype == torch.bfloat16,
+                                                                      k.stride(0), k.stride(1))
+        args.v, args.bf16_v, args.v_row_stride, args.v_head_stride = (v.data_ptr(), v.dtype == torch.bfloat16,
+                                                                      v.stride(0), v.stride(1))
+        args.k_out, args.v_out, args.k_scale, args.v_scale = (
+            tensor.data_ptr() + layer * tensor.stride(0) * tensor.element_size() for tensor in step.cache.storage)
+        status = _store_kernel()(ctypes.byref(args))
+        if status:
+            raise RuntimeError(f"the int8 KV store kernel refused its arguments (status {status}): head size "
+                               f"{args.dim}")
 
     def _prepare(self, step: CacheStep, slopes: Tensor | None, heads: int) -> _Args:
         """The argument block with this call's shared fields (built by its first layer)."""
@@ -202,6 +250,15 @@ def _kernel() -> ctypes._CFuncPtr | None:
 
 
 @cache
+def _store_kernel() -> ctypes._CFuncPtr:
+    """kv_store.c's entry point (built with the attention kernel's flags, where that one runs)."""
+    function = ctypes.CDLL(str(build_library(STORE_SOURCE, FLAGS))).andromeda_int8_kv_store
+    function.argtypes = [ctypes.POINTER(_StoreArgs)]
+    function.restype = ctypes.c_int
+    return function
+
+
+@cache
 def _amx_ready() -> bool:
     """Whether the CPU has AMX bf16 tiles and the kernel may use them (Linux grants per process)."""
     flags = cpu_flags() or frozenset()
@@ -226,5 +283,5 @@ def _library_path() -> Path:
 
 @cache
 def unavailable_reason() -> str | None:
-    """Why the kernel cannot run here (no AVX-512, no compiler, a failed build), or None."""
-    return missing_support(CPU_FLAGS, SOURCE, _library_path)
+    """Why the kernels cannot run here (no AVX-512, no compiler, a failed build), or None."""
+    return missing_support(CPU_FLAGS, SOURCE, _library_path) or missing_support(CPU_FLAGS, STORE_SOURCE, _store_kernel)

@@ -47,8 +47,9 @@ L * K * 2 * 2D in bf16: 16,640 vs 32,768 for the 2.5 B default (32 layers, 2 hea
 Each read costs a dequantizing pass over the rows read, in every layer (no PyTorch attention
 kernel reads int8). So the cache may own a decode-attention kernel (`decode_attention`, given by
 the inference code that builds it, e.g. `inference.kv_attention`'s int8 kernel on the CPU): a
-call of one new position per row, without autograd, then stores its keys and values and hands
-attention's query to it, which reads the int8 entries as stored (`CacheStep.decode_attention`).
+call of one new position per row, without autograd, stores its keys and values through it
+(`DecodeAttention.store`, the same entries as the PyTorch path, in one call) and hands attention's
+query to it, which reads the int8 entries as stored (`CacheStep.decode_attention`).
 
 State API. The cache owns its bookkeeping (keys, values, `positions`, `valid`, `lengths`,
 `next_position`, xPos centers and their host-side copies); the model only appends.
@@ -82,9 +83,9 @@ ValueError, changing nothing, what they cannot do exactly:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -97,10 +98,17 @@ from .positions import xpos_max_factor, xpos_reach, xpos_scale
 # as int8 with a scale per token and head (module docstring).
 INT8_MAX = 127  # symmetric: -127..127, so that -x quantizes to minus what x does
 
-# A decode-attention kernel: (step, layer, queries (B, H, 1, D) rotated and QK-normed, ALiBi slopes
-# (H,) or None, logit scale) -> (B, H, 1, D) in the queries' dtype, reading the layer's keys and
-# values (the new ones stored) as `attention.attend` would.
-DecodeAttention = Callable[["CacheStep", int, Tensor, "Tensor | None", float], Tensor]
+
+class DecodeAttention(Protocol):
+    """A decode-attention kernel the cache owns (module docstring), for calls of one new position
+    per row: `store` writes a layer's new keys and values (B, K, 1, D) as `CacheStep.store`'s
+    PyTorch path would; a call (step, layer, queries (B, H, 1, D) rotated and QK-normed, ALiBi
+    slopes (H,) or None, logit scale) returns (B, H, 1, D) in the queries' dtype, reading the
+    layer's keys and values (the new ones stored) as `attention.attend` would."""
+
+    def store(self, step: CacheStep, layer: int, k: Tensor, v: Tensor) -> None: ...
+
+    def __call__(self, step: CacheStep, layer: int, q: Tensor, slopes: Tensor | None, scale: float) -> Tensor: ...
 
 
 def resolve_kv_dtype(kv_dtype: str | torch.dtype, dtype: torch.dtype) -> torch.dtype:
@@ -489,6 +497,9 @@ class CacheStep:
         if not cache.quantized:
             self._store(cache.k, layer, k)
             self._store(cache.v, layer, v)
+            return
+        if self.decode_attention is not None:  # one position per row: the kernel stores as it reads
+            self.decode_attention.store(self, layer, k, v)
             return
         if self.xpos_factors is not None:
             k = _scale_rotary(k.float(), self.xpos_factors[0])
