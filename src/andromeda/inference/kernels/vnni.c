@@ -138,7 +138,7 @@ static inline void block_dot(__m512i *low_dot, __m512i *high_dot, const uint8_t 
 
 #define ROWS 4  // output rows computed together: independent dependency chains, shared activation loads
 #define PREFETCH_TILES 2  // how far ahead (in tiles of ROWS rows) the int8 weight is prefetched
-#define INT4_PREFETCH 4096  // how far ahead (bytes) the int4 tile's stream is prefetched, into L3 (T2)
+#define INT4_PREFETCH 4096  // how far ahead (bytes) the int4 tile's stream is prefetched (T2: into the outer caches)
 
 int andromeda_int4_rows(const void *x_in, int64_t M, int64_t K, int bf16, const uint8_t *weight,
                         const void *scale_zero, int scales_bf16, int64_t N, int64_t group, const float *bias,
