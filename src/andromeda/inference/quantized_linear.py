@@ -207,7 +207,7 @@ class Int4Linear(nn.Module):
         """Rows start:end of the dequantized weight, (end - start, K); start is a block boundary."""
         block, form = cpu_int4_layout()
         K, n = self.in_features, end - start
-        if self._decode_weight is not None:  # the VNNI kernel's layout: rows whole, as W
+        if self._decode_weight is not None:  # the VNNI kernel's layout: rows in interleaved tiles of 4
             codes = native.from_kernel_layout(self.weight, start, end)  # (n, K) uint8
             groups = K // self.group_size
             weight = torch.empty(n, groups, self.group_size, dtype=dtype)
