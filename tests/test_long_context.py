@@ -27,6 +27,7 @@ from andromeda.data import TokenStore
 from andromeda.evaluation import evaluate
 from andromeda.inference.generate import decode_one, generate, generation_cache, prefill, stream
 from andromeda.model import KVCache
+from andromeda.model import attention as attention_module
 from andromeda.model import transformer as transformer_module
 from andromeda.model.positions import XPOS_GAMMA, xpos_blocks, xpos_max_factor, xpos_reach
 from andromeda.tokenizers import ByteTokenizer
@@ -111,6 +112,27 @@ def test_positions_with_a_jump_equal_the_exact_computation():
     x = tokens(2, 400)
     with torch.no_grad():
         ours = net(x, positions)
+    torch.testing.assert_close(ours.double(), exact_logits(net, x, positions), atol=2e-5, rtol=0)
+
+
+def test_a_block_of_one_query_equals_the_exact_computation(monkeypatch):
+    """A jump before the last position leaves that query alone in its xPos block: its 4 query
+    heads run as 4 query rows of each of the 2 key/value heads (`attention._sdpa`)."""
+    net = random_net(**SHORT_XPOS).eval()
+    seen = []
+    grouped = attention_module._sdpa
+
+    def spy(q, k, v, mask, scale):
+        seen.append((q.shape[1], q.shape[2], k.shape[1]))
+        return grouped(q, k, v, mask, scale)
+
+    monkeypatch.setattr(attention_module, "_sdpa", spy)
+    positions = torch.cat((torch.arange(63), torch.tensor([700])))[None].repeat(2, 1)
+    x = tokens(2, 64)
+    with torch.no_grad():
+        ours = net(x, positions)
+    H, K = net.config.heads, net.config.attn_kv_heads
+    assert H > K and (H, 1, K) in seen  # the one-row block took the grouped path
     torch.testing.assert_close(ours.double(), exact_logits(net, x, positions), atol=2e-5, rtol=0)
 
 
