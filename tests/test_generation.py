@@ -18,7 +18,7 @@ from andromeda.inference.generate import (
     stream,
     stream_text,
 )
-from andromeda.inference.sampling import TokenCounts, penalize
+from andromeda.inference.sampling import TokenCounts, greedy_tokens, penalize
 from andromeda.tokenizers import ByteTokenizer
 from helpers import FEATURES, random_net
 
@@ -192,6 +192,22 @@ def test_sampling_frequencies_follow_the_distribution():
     drawn = sample(logits, SamplingParams(), torch.Generator().manual_seed(0))
     freq = torch.bincount(drawn, minlength=4).float() / len(drawn)
     assert torch.allclose(freq, PROBS[0], atol=0.015)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_greedy_tokens_are_the_argmax_ties_and_nans_included(dtype):
+    """`greedy_tokens` (what every greedy path picks with) gives `argmax`'s indices: the first of
+    tied maxima, a NaN before any number, rows of -inf at 0."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 3, (6, 5000), generator=generator).to(dtype)  # many ties per row
+    logits[1, [17, 4000]] = float("nan")
+    logits[2] = -math.inf
+    logits[3, 4999] = 2.5  # the maximum in the last column
+    logits[4, :10] = float("inf")
+    expected = logits.argmax(dim=-1)
+    assert expected.tolist()[1:5] == [17, 0, 4999, 0]
+    assert torch.equal(greedy_tokens(logits), expected)
+    assert torch.equal(greedy_tokens(logits[0]), logits[0].argmax())  # one row (V,)
 
 
 # ----------------------------------------------------------------------------- penalties

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..model import KVCache, Transformer
-from .sampling import SamplingParams, filter_logits
+from .sampling import SamplingParams, filter_logits, greedy_tokens
 
 DEFAULT_MAX_NGRAM = 4  # longest suffix looked up (vLLM's prompt_lookup_max)
 DEFAULT_MIN_NGRAM = 2  # shortest one; a single token matches too often to be worth a verify step
@@ -99,7 +99,7 @@ class DraftProposer:
         tokens, probs = [], []
         for i in range(k):
             if params.greedy:
-                token = int(logits.argmax())
+                token = int(greedy_tokens(logits))
             else:
                 q = filter_logits(logits[None], params).softmax(dim=-1)[0]  # (V,)
                 token = int(torch.multinomial(q, 1, generator=generator))

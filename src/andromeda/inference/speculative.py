@@ -46,7 +46,7 @@ from torch import Tensor
 from ..choices import MAX_SPECULATIVE_TOKENS
 from ..model import KVCache, Transformer, check_tokens
 from .proposers import DraftProposer, NgramProposer
-from .sampling import SamplingParams, TokenCounts, filter_logits, penalize, sample
+from .sampling import SamplingParams, TokenCounts, filter_logits, greedy_tokens, penalize, sample
 
 MIN_ACCEPTANCE = 0.3  # below this share of proposed tokens accepted, a row pauses its proposals
 MAX_PAUSE = 32  # the longest run of plain steps between two tries
@@ -130,7 +130,7 @@ def accept_row(proposal: Sequence[int], logits: Tensor, params: SamplingParams, 
     `accept_sampled` on the filtered distributions. q: the draft's (k, V); None: a point mass."""
     logits = position_logits(logits, proposal, params, counts, row)
     if params.greedy:
-        return accept_greedy(proposal, logits.argmax(dim=-1).tolist())
+        return accept_greedy(proposal, greedy_tokens(logits).tolist())
     p = filter_logits(logits, params).softmax(dim=-1)
     return accept_sampled(proposal, p, q, generator)
 

@@ -6,7 +6,8 @@ Shape letters: B rows of one forward call, T new positions per row, V vocabulary
 the cache's slots, and samples a token for every row the plan marks: each row with its own
 parameters (penalties included, from the slot's own `TokenCounts`) and its own
 `torch.Generator`, seeded from the sequence's seed at admission, so a request draws the same
-tokens alone or in any batch. Greedy rows share one argmax, the op `generate` applies to its row.
+tokens alone or in any batch. Greedy rows share one argmax (`greedy_tokens`), the op `generate`
+applies to its row.
 A row whose sampling raises (e.g. NaN logits) is reported in `StepResult.errors`; the other rows
 go on. The runner decides nothing about sequences: it returns ids, logprobs and errors, and the
 scheduler records them.
@@ -22,7 +23,7 @@ from collections.abc import Sequence as Seq
 import torch
 from torch import Tensor
 
-from ..inference.sampling import TokenCounts, apply_logit_bias, penalize, sample
+from ..inference.sampling import TokenCounts, apply_logit_bias, greedy_tokens, penalize, sample
 from ..inference.kv_attention import decode_attention_for
 from ..inference.proposers import DraftProposer
 from ..inference.speculative import accept_row, check_draft
@@ -191,8 +192,7 @@ class ModelRunner:
         greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
         tokens: list[int | None] = [None] * len(seqs)
         if greedy:  # one argmax for all greedy rows
-            picked = scores[greedy].argmax(dim=-1).tolist() if len(greedy) < len(seqs) else \
-                scores.argmax(dim=-1).tolist()
+            picked = greedy_tokens(scores[greedy] if len(greedy) < len(seqs) else scores).tolist()
             for i, token in zip(greedy, picked):
                 tokens[i] = token
         for i, seq in enumerate(seqs):
