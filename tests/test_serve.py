@@ -638,7 +638,10 @@ def test_sigterm_ends_streams_and_exits_0(small_server):
     assert small_server.process.wait(15) == 0, small_server.output()
     data = [line for line in lines if line.startswith("data: ")]
     assert data[-1] == "data: [DONE]" and "shutting down" in data[-2]
-    with socket.socket() as sock:  # the port is released
+    with socket.socket() as sock:  # the port is released: nothing listens on it
+        # (SO_REUSEADDR: the connection the server closed may still be in TIME_WAIT, which an
+        # ordinary bind counts as the port in use; a listening socket still makes bind fail.)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", small_server.port))
 
 
