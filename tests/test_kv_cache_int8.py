@@ -272,11 +272,13 @@ def test_decode_kernel_equals_its_reference_and_the_dequantizing_path(overrides,
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_decode_kernel_splits_a_long_row_across_threads(dtype, tolerance):
+@pytest.mark.parametrize("dtype, tolerance, amx", [(torch.float32, 1e-5, True), (torch.bfloat16, 2e-2, True),
+                                                   (torch.bfloat16, 2e-2, False)])
+def test_decode_kernel_splits_a_long_row_across_threads(dtype, tolerance, amx):
     """Two threads split 2,500 keys into ranges whose softmax sums one pass combines. 12 query
     heads per kv head of 32 channels: float32 puts the heads in lanes; bf16 reads bf16 scales and
-    queries, writes bf16, and takes its scores from AMX tiles where the CPU has them."""
+    queries, writes bf16, and takes its scores from AMX tiles where the CPU has them, or (amx
+    False: what a CPU without AMX, e.g. AMD's, runs) with the heads in lanes."""
     config, generator = Config.from_preset("tiny", heads=24, attn_kv_heads=2, dim_head=32), torch.Generator().manual_seed(3)
     cache = KVCache(config, 1, 2501, dtype=dtype, device="cpu", kv_dtype="int8")
     K, H, D = config.attn_kv_heads, config.heads, config.dim_head
@@ -286,14 +288,14 @@ def test_decode_kernel_splits_a_long_row_across_threads(dtype, tolerance):
             for layer in range(config.depth):
                 step.store(layer, *(torch.randn(1, K, count, D, generator=generator).to(dtype) for _ in "kv"))
         q, slopes = torch.randn(1, H, 1, D, generator=generator).to(dtype), torch.rand(H, generator=generator) / 8
-        kernel, threads = kv_attention.decode_attention_for(cache), torch.get_num_threads()
+        kernel, threads = kv_attention.Int8DecodeAttention(amx=amx), torch.get_num_threads()
         torch.set_num_threads(2)
         try:
             out = kernel(step, 1, q, slopes, 0.3)
         finally:
             torch.set_num_threads(threads)
     assert out.dtype == dtype and out.shape == (1, H, 1, D)
-    assert kernel._args.amx == (dtype == torch.bfloat16 and kv_attention._amx_ready())
+    assert kernel._args.amx == (amx and dtype == torch.bfloat16 and kv_attention._amx_ready())
     expected = kv_attention.decode_attention_reference(step, 1, q, slopes, 0.3)
     torch.testing.assert_close(out.float(), expected.float(), atol=tolerance, rtol=tolerance)
 
