@@ -223,7 +223,10 @@ def test_kill_9_leaves_no_complete_looking_entry_and_a_rerun_finishes(bpe, tmp_p
     # The test hook, injected (worker processes get it as a plain setting): each tokenizing
     # process stops for good after its 3rd document: b.jsonl's 2nd (one process), or b.jsonl's
     # 3rd (two workers: a.txt and c.txt go to the other one).
-    process = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    temp = tmp_path / "system-temp"  # the process's TMPDIR: a kill must leave nothing there
+    temp.mkdir()
+    process = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
+                               env={**os.environ, "TMPDIR": str(temp)})
     try:
         deadline = time.monotonic() + 120
         while not marker.exists():
@@ -235,6 +238,9 @@ def test_kill_9_leaves_no_complete_looking_entry_and_a_rerun_finishes(bpe, tmp_p
         process.wait()
 
     assert list(cache.rglob("*.tmp")), "b.jsonl's part was being written"
+    assert not list(temp.iterdir())
+    copies = [p for p in cache.glob("tokenizer.*.tmp") if (p / "tokenizer.json").is_file()]
+    assert len(copies) == 1  # the tokenizer's files the workers load, in the cache
     assert not list(cache.glob("corpus-*"))
     complete = _check_no_incomplete_entry(cache)
     assert "b.jsonl" not in complete
@@ -242,7 +248,7 @@ def test_kill_9_leaves_no_complete_looking_entry_and_a_rerun_finishes(bpe, tmp_p
         assert complete == ["a.txt"]
 
     stats = tokenize_corpus(files, tokenizer, cache, num_proc=num_proc, progress=False)
-    assert not list(cache.rglob("*.tmp"))  # the killed writer's leftovers are gone
+    assert not list(cache.rglob("*.tmp"))  # the killed writer's leftovers are gone, the copy too
     assert stats.tokenized_files == 3 - len(complete)  # finished files were not redone
     fresh = TokenStore(files, tokenizer, tmp_path / "fresh")
     assert np.array_equal(TokenStore(files, tokenizer, cache, build=False).tokens, fresh.tokens)
@@ -303,3 +309,25 @@ def test_stale_temporaries_are_removed_by_the_next_build(tmp_path):
         path.write_bytes(b"partial")
     tokenize_corpus([tmp_path / "a.txt"], ByteTokenizer(), cache, progress=False)
     assert not any(p.exists() for p in stale)
+
+
+def test_a_build_leaves_other_tmp_files_in_its_folder_alone(tmp_path):
+    """A cache folder given by hand may hold files that are not the cache's: only names
+    `temporary_path` gives, where the cache writes, are leftovers."""
+    (tmp_path / "a.txt").write_text("text")
+    cache = tmp_path / "cache"
+    (cache / "files").mkdir(parents=True)
+    (cache / "notes").mkdir()
+    theirs = [cache / "draft.tmp", cache / "notes" / "x.bin.123-abc.tmp", cache / "files.tmp",
+              cache / "files" / "plain.tmp"]
+    for path in theirs:
+        path.write_text("keep me")
+    (cache / "backup.tmp").mkdir()
+    (cache / "backup.tmp" / "data.txt").write_text("keep me")
+    stale = cache / "tokenizer.4242-0badcafe.tmp"  # a killed build's tokenizer copy
+    stale.mkdir()
+    (stale / "tokenizer.json").write_text("{}")
+    tokenize_corpus([tmp_path / "a.txt"], ByteTokenizer(), cache, progress=False)
+    assert all(path.read_text() == "keep me" for path in theirs)
+    assert (cache / "backup.tmp" / "data.txt").read_text() == "keep me"
+    assert not stale.exists()

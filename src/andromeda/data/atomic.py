@@ -1,9 +1,10 @@
 """Cache files that are either complete or absent: write under a temporary name, then rename.
 
-A temporary is named ``<final name>.<pid>-<random>.tmp`` and created with mode 0666 less the
-umask (``tempfile.mkstemp`` would make it 0600, unreadable by the rest of a team sharing a
+A temporary is named ``<final name>.<pid>-<random hex>.tmp`` and created with mode 0666 less
+the umask (``tempfile.mkstemp`` would make it 0600, unreadable by the rest of a team sharing a
 cache). Only a process holding the cache folder's build lock writes in it, so when a build
-starts, every ``*.tmp`` file there is a leftover of a killed writer and is removed.
+starts, every temporary there is a leftover of a killed writer and is removed: only names of
+that form, in the folders the cache writes (a cache folder given by hand may hold other files).
 
 Nothing here imports torch or the rest of Andromeda: tokenizer worker processes import it.
 """
@@ -12,11 +13,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
+import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
 TMP_SUFFIX = ".tmp"
+_TEMPORARY = re.compile(r".\.\d+-[0-9a-f]+" + re.escape(TMP_SUFFIX) + "$")  # `temporary_path`'s names
 
 
 def temporary_path(final: Path) -> Path:
@@ -50,13 +55,26 @@ def read_json(path: Path) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def remove_temporaries(directory: Path) -> int:
-    """Delete every ``*.tmp`` file under ``directory``; returns how many. Call only while
-    holding the build lock, when no live process can be writing one."""
+def is_temporary(path: Path) -> bool:
+    """Whether ``path`` has a name `temporary_path` gives."""
+    return _TEMPORARY.search(path.name) is not None
+
+
+def remove_temporaries(directory: Path, subfolders: Iterable[str] = ()) -> int:
+    """Delete the temporaries (`is_temporary`: files, or folders such as a tokenizer's copy)
+    directly in ``directory`` and anywhere below its ``subfolders``; returns how many. Other
+    files, ``*.tmp`` ones included, are left alone. Call only while holding the build lock, when
+    no live process can be writing one."""
+    candidates = [*directory.glob(f"*{TMP_SUFFIX}")]
+    for name in subfolders:
+        candidates += (directory / name).rglob(f"*{TMP_SUFFIX}")
     removed = 0
-    for path in directory.rglob(f"*{TMP_SUFFIX}"):
+    for path in filter(is_temporary, candidates):
         try:
-            path.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
             removed += 1
         except FileNotFoundError:
             pass

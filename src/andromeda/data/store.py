@@ -18,7 +18,8 @@ none of it is cached (``snapshot.py``); a killed run resumes with the parts it f
 file is written under a temporary name and renamed into place, sidecar json after data, so a
 json always describes complete data. Building takes the folder's lock: concurrent processes
 (torchrun ranks, two jobs sharing a cache) wait for the builder, then find its entries, and a
-new builder first deletes the ``*.tmp`` leftovers of killed ones.
+new builder first deletes the temporaries killed ones left (the tokenizer's copy for the workers
+included, which lives in the cache folder too; other ``*.tmp`` files are not ours and stay).
 
 The corpus array is a copy of the parts (so the cache takes twice the tokens' size on disk), a
 single ``np.memmap`` identical to what one pass over the documents would write: the same corpus
@@ -34,7 +35,6 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -70,6 +70,7 @@ FORMAT_VERSION = 2
 CHUNK_BYTES = 8 << 20  # a task: about this many bytes of a .txt/.jsonl file, or of Parquet
 MIN_PARALLEL_BYTES = 1 << 20  # less input than this is tokenised in the calling process
 LOCK_FILE = ".lock"
+CACHE_SUBFOLDERS = ("files",)  # where the cache writes below its folder (`_FileEntry`)
 
 
 def token_cache_dir(root: str | Path | None = None) -> Path:
@@ -135,6 +136,18 @@ def build_lock(directory: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _tokenizer_copy(directory: Path) -> Iterator[Path]:
+    """An empty folder in the cache ``directory`` for the tokenizer's files (what worker processes
+    load), deleted afterwards; a temporary by name, so a build after a kill deletes it too."""
+    path = temporary_path(directory / "tokenizer")
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- per-file entries
@@ -314,7 +327,7 @@ class _Corpus:
         started = time.perf_counter()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         with build_lock(self.cache_dir):
-            removed = remove_temporaries(self.cache_dir)
+            removed = remove_temporaries(self.cache_dir, CACHE_SUBFOLDERS)
             if removed:
                 logger.info("removed %d temporary files of killed tokenizers in %s",
                             removed, self.cache_dir)
@@ -322,7 +335,7 @@ class _Corpus:
                 tokenized, processes = self._tokenize_missing(num_proc, progress, tokenizer_pause)
                 meta = self.read_meta() or self._write_corpus()
             finally:
-                remove_temporaries(self.cache_dir)  # those of workers killed on an error
+                remove_temporaries(self.cache_dir, CACHE_SUBFOLDERS)  # those of workers killed on an error
         stats = TokenizeStats(
             files=len(self.entries), documents=meta["num_documents"], tokens=meta["num_tokens"],
             bytes=meta["num_bytes"], tokenized_files=len(tokenized),
@@ -342,9 +355,9 @@ class _Corpus:
             return {}, 0
         for entry in missing.values():
             entry.snapshot.before_reading()
-        with tempfile.TemporaryDirectory(prefix="andromeda-tokenizer-") as tokenizer_dir:
+        with _tokenizer_copy(self.cache_dir) as tokenizer_dir:
             self.tokenizer.save(tokenizer_dir)
-            encoder, shippable = self._encoder(Path(tokenizer_dir))
+            encoder, shippable = self._encoder(tokenizer_dir)
             plans = {key: entry.plan(self.text_field, encoder.rule) for key, entry in missing.items()}
             counts: dict[str, dict] = {}  # part -> its counts
             waiting: dict[str, int] = {}  # entry key -> parts still to tokenise
@@ -376,7 +389,7 @@ class _Corpus:
                     missing[key].check_unchanged(plans[key])
                     done[key] = missing[key].write_manifest(plans[key], counts)
 
-            settings = {"tokenizer": tokenizer_dir, "dtype": self.dtype.name,
+            settings = {"tokenizer": str(tokenizer_dir), "dtype": self.dtype.name,
                         "eos": self.tokenizer.eos_id, "vocab_size": self.tokenizer.vocab_size,
                         "piece_chars": PIECE_CHARS, "batch_chars": BATCH_CHARS,
                         "tokenizer_pause": tokenizer_pause}  # a plain value: workers are other processes
