@@ -14,6 +14,7 @@ import torch
 
 from andromeda import Andromeda, cli
 from andromeda.checkpoint import save_pretrained
+from andromeda.inference import kv_attention
 from andromeda.inference.generate import generate
 from andromeda.inference.proposers import NgramProposer
 from andromeda.inference.speculative import (
@@ -97,6 +98,27 @@ def test_greedy_with_a_draft_model_equals_generate(penalties):
         out = speculative_generate(net, prompts, 30, temperature=0, draft=draft, stats=stats, **penalties)
         assert torch.equal(out, expected)
         assert stats.proposed > 0 and stats.acceptance_rate >= acceptance, stats
+
+
+NO_KERNEL = kv_attention.unavailable_reason()  # as test_kv_cache_int8: a failed build fails the test
+
+
+@pytest.mark.skipif(NO_KERNEL is not None and not NO_KERNEL.startswith("building"),
+                    reason=f"no int8 decode-attention kernel: {NO_KERNEL}")
+def test_an_int8_cache_reads_steps_without_a_proposal_through_the_kernel(monkeypatch):
+    """With `kv_cache_dtype="int8"` the target's steps of one token (nothing proposed) go through
+    the decode-attention kernel, as `generate`'s do, and the tokens are `generate`'s."""
+    net = random_net().eval()
+    prompts = [p[:20] for p in grounded_prompts(net, 2)]
+    expected = torch.stack([generate(net, torch.tensor(p), 30, temperature=0, kv_cache_dtype="int8")[0]
+                            for p in prompts])
+    calls, kernel = [], kv_attention.Int8DecodeAttention.__call__
+    monkeypatch.setattr(kv_attention.Int8DecodeAttention, "__call__",
+                        lambda self, *args: calls.append(args[2].shape) or kernel(self, *args))
+    stats = SpeculationStats()
+    out = speculative_generate(net, prompts, 30, temperature=0, kv_cache_dtype="int8", stats=stats)
+    assert torch.equal(out, expected)
+    assert calls and stats.accepted > 0, stats  # one-token steps read by the kernel, and speculation too
 
 
 def test_accept_greedy_keeps_the_agreeing_prefix_and_the_targets_next_token():

@@ -45,6 +45,7 @@ from torch import Tensor
 
 from ..choices import MAX_SPECULATIVE_TOKENS
 from ..model import KVCache, Transformer, check_tokens
+from .kv_attention import decode_attention_for
 from .proposers import DraftProposer, NgramProposer
 from .sampling import SamplingParams, TokenCounts, filter_logits, greedy_tokens, penalize, sample
 
@@ -347,6 +348,7 @@ def _decode(plan: _Plan, prompts: list[list[int]]) -> Iterator[list[list[int]]]:
     # Every token but the last is fed; a row padded to a longer row's proposal takes up to k_max more.
     capacity = max(map(len, prompts)) + plan.seq_len - 1 + plan.k_max
     cache = KVCache(net.config, len(prompts), capacity, dtype=weight.dtype, device=weight.device, kv_dtype=plan.kv_dtype)
+    cache.decode_attention = decode_attention_for(cache)  # int8 on the CPU: a step with no proposal
     drafter = DraftProposer(plan.draft, len(prompts), capacity) if plan.draft is not None else None
     min_acceptance = MIN_ACCEPTANCE if plan.adaptive else 0.0
     rows = [_Row(list(ids), len(ids), SpeculationPolicy(plan.k_max, min_acceptance),
