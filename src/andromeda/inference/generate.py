@@ -32,8 +32,8 @@ cache, unwritten columns masked, so its shapes never change (capacity rounded up
 COMPILED_CAPACITY_MULTIPLE: similar lengths share a graph); the prefill stays eager. int8/int4
 layers compile as `native`'s kernel ops, where the step saves most of eager's Python on a CPU.
 On a CPU the graph's wrapper is C++ too (Inductor's `cpp_wrapper`, built apart from the kernels
-and unoptimized, so the build takes no longer: 90 s either way for the 2.5 B int4 default, cold),
-which calls the ops and kernels with no Python between them: 5-7% faster steps there.
+at -O1, `CPU_STEP_OPTIONS`: a cold build of the 2.5 B int4 default about as long as with the
+Python wrapper), which calls the ops and kernels with no Python between them: 5-7% faster steps.
 Tokens equal eager decoding's. The first call compiles (tens of seconds).
 
 Sampling (`sampling.sample`) applies temperature, top-k, top-p, min-p in that order. Penalties
