@@ -322,12 +322,14 @@ def test_a_build_leaves_other_tmp_files_in_its_folder_alone(tmp_path):
               cache / "files" / "plain.tmp"]
     for path in theirs:
         path.write_text("keep me")
-    (cache / "backup.tmp").mkdir()
-    (cache / "backup.tmp" / "data.txt").write_text("keep me")
+    for folder in (cache / "backup.tmp", cache / "backup.77-beef.tmp"):  # not the tokenizer's copy
+        folder.mkdir()
+        (folder / "data.txt").write_text("keep me")
     stale = cache / "tokenizer.4242-0badcafe.tmp"  # a killed build's tokenizer copy
     stale.mkdir()
     (stale / "tokenizer.json").write_text("{}")
     tokenize_corpus([tmp_path / "a.txt"], ByteTokenizer(), cache, progress=False)
     assert all(path.read_text() == "keep me" for path in theirs)
     assert (cache / "backup.tmp" / "data.txt").read_text() == "keep me"
+    assert (cache / "backup.77-beef.tmp" / "data.txt").read_text() == "keep me"
     assert not stale.exists()

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 TMP_SUFFIX = ".tmp"
-_TEMPORARY = re.compile(r".\.\d+-[0-9a-f]+" + re.escape(TMP_SUFFIX) + "$")  # `temporary_path`'s names
+_TEMPORARY = re.compile(r"(.+)\.\d+-[0-9a-f]+" + re.escape(TMP_SUFFIX) + "$")  # `temporary_path`'s: final name
 
 
 def temporary_path(final: Path) -> Path:
@@ -60,21 +60,25 @@ def is_temporary(path: Path) -> bool:
     return _TEMPORARY.search(path.name) is not None
 
 
-def remove_temporaries(directory: Path, subfolders: Iterable[str] = ()) -> int:
-    """Delete the temporaries (`is_temporary`: files, or folders such as a tokenizer's copy)
-    directly in ``directory`` and anywhere below its ``subfolders``; returns how many. Other
-    files, ``*.tmp`` ones included, are left alone. Call only while holding the build lock, when
-    no live process can be writing one."""
+def remove_temporaries(directory: Path, subfolders: Iterable[str] = (), folders: Iterable[str] = ()) -> int:
+    """Delete the temporary files (`is_temporary`) directly in ``directory`` and anywhere below
+    its ``subfolders``, and the temporary folders directly in it whose final name is one of
+    ``folders`` (a tokenizer's copy); returns how many. Everything else, ``*.tmp`` files and
+    folders included, is left alone. Call only while holding the build lock, when no live process
+    can be writing one."""
+    folders = set(folders)
     candidates = [*directory.glob(f"*{TMP_SUFFIX}")]
     for name in subfolders:
         candidates += (directory / name).rglob(f"*{TMP_SUFFIX}")
     removed = 0
     for path in filter(is_temporary, candidates):
         try:
-            if path.is_dir() and not path.is_symlink():
+            if path.is_symlink() or not path.is_dir():
+                path.unlink()
+            elif path.parent == directory and _TEMPORARY.search(path.name).group(1) in folders:
                 shutil.rmtree(path)
             else:
-                path.unlink()
+                continue
             removed += 1
         except FileNotFoundError:
             pass

@@ -71,6 +71,7 @@ CHUNK_BYTES = 8 << 20  # a task: about this many bytes of a .txt/.jsonl file, or
 MIN_PARALLEL_BYTES = 1 << 20  # less input than this is tokenised in the calling process
 LOCK_FILE = ".lock"
 CACHE_SUBFOLDERS = ("files",)  # where the cache writes below its folder (`_FileEntry`)
+TOKENIZER_COPY = "tokenizer"  # the workers' copy of the tokenizer: a temporary folder in the cache
 
 
 def token_cache_dir(root: str | Path | None = None) -> Path:
@@ -142,7 +143,7 @@ def build_lock(directory: Path) -> Iterator[None]:
 def _tokenizer_copy(directory: Path) -> Iterator[Path]:
     """An empty folder in the cache ``directory`` for the tokenizer's files (what worker processes
     load), deleted afterwards; a temporary by name, so a build after a kill deletes it too."""
-    path = temporary_path(directory / "tokenizer")
+    path = temporary_path(directory / TOKENIZER_COPY)
     path.mkdir()
     try:
         yield path
@@ -327,7 +328,7 @@ class _Corpus:
         started = time.perf_counter()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         with build_lock(self.cache_dir):
-            removed = remove_temporaries(self.cache_dir, CACHE_SUBFOLDERS)
+            removed = remove_temporaries(self.cache_dir, CACHE_SUBFOLDERS, [TOKENIZER_COPY])
             if removed:
                 logger.info("removed %d temporary files of killed tokenizers in %s",
                             removed, self.cache_dir)
@@ -335,7 +336,7 @@ class _Corpus:
                 tokenized, processes = self._tokenize_missing(num_proc, progress, tokenizer_pause)
                 meta = self.read_meta() or self._write_corpus()
             finally:
-                remove_temporaries(self.cache_dir, CACHE_SUBFOLDERS)  # those of workers killed on an error
+                remove_temporaries(self.cache_dir, CACHE_SUBFOLDERS, [TOKENIZER_COPY])  # those of workers killed on an error
         stats = TokenizeStats(
             files=len(self.entries), documents=meta["num_documents"], tokens=meta["num_tokens"],
             bytes=meta["num_bytes"], tokenized_files=len(tokenized),
