@@ -130,20 +130,27 @@ for scheme in ("int8", "int4"):
     args = t.kernel_inputs(scheme, torch.bfloat16)
     op = getattr(torch.ops.andromeda, scheme + "_rows")
     results[scheme] = op(*args).float().tolist()
-print(json.dumps({"cpp_ops": kernels.cpp_ops, "results": results}))
+q, k, v = (torch.randn(1, 2, n, 16, generator=torch.Generator().manual_seed(n)) for n in (3, 5, 5))
+mask = torch.zeros(1, 1, 1, 5)
+sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+cache = type("Cache", (), {"k": k, "dtype": torch.float32})()
+print(json.dumps({"cpp_ops": kernels.cpp_ops, "results": results, "decode_sdpa_for": native.decode_sdpa_for(cache),
+                  "decode_sdpa": torch.equal(torch.ops.andromeda.decode_sdpa(q, k, v, mask, 0.3, 192), sdpa)}))
 """
 
 
 @needs_vnni
 def test_kernel_ops_fall_back_to_python_where_cpp_does_not_build(tmp_path):
     """With no working C++ compiler (CXX=false, a fresh kernel cache) the C kernels still build and
-    the ops are registered in Python over them: the same results as the C++ ops in this process."""
+    the ops are registered in Python over them: the same results as the C++ ops in this process;
+    `decode_sdpa` is then PyTorch's SDPA, and caches are given no fused attention."""
     env = {**os.environ, "CXX": "false", "ANDROMEDA_CACHE": str(tmp_path),
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", FALLBACK], env=env, capture_output=True, text=True, timeout=300,
                           check=True)
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["cpp_ops"] is False and native.kernels().cpp_ops
+    assert report["decode_sdpa"] is True and report["decode_sdpa_for"] is None
     for scheme in ("int8", "int4"):
         op = getattr(torch.ops.andromeda, f"{scheme}_rows")
         assert torch.equal(torch.tensor(report["results"][scheme]), op(*kernel_inputs(scheme, torch.bfloat16)).float())

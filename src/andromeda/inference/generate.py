@@ -59,6 +59,7 @@ from ..choices import KV_CACHE_DTYPES
 from ..model import KVCache, Transformer, check_tokens
 from ..model.cache import check_window
 from .kv_attention import decode_attention_for
+from .native import decode_sdpa_for
 from .packed import check_compilable
 from .sampling import SamplingParams, TokenCounts, apply_logit_bias, filter_logits, penalize, sample
 from .structured import GrammarMatcher, OutputConstraint, accept_tokens, apply_constraints, grammar_matcher
@@ -367,6 +368,7 @@ def generation_cache(net: Transformer, batch: int, prompt_len: int, new: int, wi
             torch._dynamo.mark_static_address(tensor)
     else:  # an int8 cache on the CPU: decode steps read it with the kernel where it runs
         cache.decode_attention = decode_attention_for(cache)
+    cache.decode_sdpa = decode_sdpa_for(cache)  # on the CPU: decode steps attend with the fused kernel
     return cache
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..model import KVCache, Transformer
+from .native import decode_sdpa_for
 from .sampling import SamplingParams, filter_logits, greedy_tokens
 
 DEFAULT_MAX_NGRAM = 4  # longest suffix looked up (vLLM's prompt_lookup_max)
@@ -84,6 +85,7 @@ class DraftProposer:
         weight = net.token_emb.weight
         self.net = net
         self.cache = KVCache(net.config, slots, capacity, dtype=weight.dtype, device=weight.device)
+        self.cache.decode_sdpa = decode_sdpa_for(self.cache)  # the draft's one-token steps, on the CPU
         self._cached: list[list[int]] = [[] for _ in range(slots)]  # the ids each slot holds, by position
 
     def reset(self, slot: int) -> None:

@@ -46,6 +46,7 @@ from torch import Tensor
 from ..choices import MAX_SPECULATIVE_TOKENS
 from ..model import KVCache, Transformer, check_tokens
 from .kv_attention import decode_attention_for
+from .native import decode_sdpa_for
 from .proposers import DraftProposer, NgramProposer
 from .sampling import SamplingParams, TokenCounts, filter_logits, greedy_tokens, penalize, sample
 
@@ -349,6 +350,7 @@ def _decode(plan: _Plan, prompts: list[list[int]]) -> Iterator[list[list[int]]]:
     capacity = max(map(len, prompts)) + plan.seq_len - 1 + plan.k_max
     cache = KVCache(net.config, len(prompts), capacity, dtype=weight.dtype, device=weight.device, kv_dtype=plan.kv_dtype)
     cache.decode_attention = decode_attention_for(cache)  # int8 on the CPU: a step with no proposal
+    cache.decode_sdpa = decode_sdpa_for(cache)
     drafter = DraftProposer(plan.draft, len(prompts), capacity) if plan.draft is not None else None
     min_acceptance = MIN_ACCEPTANCE if plan.adaptive else 0.0
     rows = [_Row(list(ids), len(ids), SpeculationPolicy(plan.k_max, min_acceptance),

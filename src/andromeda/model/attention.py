@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Config
-from .cache import CacheStep
+from .cache import CacheStep, DecodeSDPA
 from .positions import alibi_bias, apply_rotary, xpos_fold, xpos_scale
 
 # Query rows per block on the explicit-bias paths: bounds the (B, H, rows, S) scores to a few
@@ -176,27 +176,34 @@ def attend(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, *, scale: f
 
 
 def _attend_one_query(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, scale: float) -> Tensor:
-    """A decoding step: one query row per head, with ALiBi and the mask as one additive bias."""
-    return _sdpa(q, k, v, _bias(inputs, slice(0, 1), q.dtype), scale)
+    """A decoding step: one query row per head, with ALiBi and the mask as one additive bias (and
+    the cache's fused attention, where it owns one)."""
+    fused = inputs.cache.decode_sdpa if inputs.cache is not None else None
+    return _sdpa(q, k, v, _bias(inputs, slice(0, 1), q.dtype), scale, fused)
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, fused: DecodeSDPA | None = None) -> Tensor:
     """Fused attention of q (B, H, T, D) over k, v (B, K, S, D), each key/value head read by
     H // K query heads; mask (B or 1, H or 1, T, S) is added to the scores.
 
     With one query row (a decoding step), the G = H // K query heads that read one key/value head
     become G query rows of that head: the fused kernel runs K heads of G rows instead of H heads of
     one row, a shape the CPU kernel runs 2.7-4x faster (bf16, 24 heads over 2, 256 to 8192 keys),
-    and keys are never repeated.
+    and keys are never repeated. `fused` (the cache's `DecodeSDPA`) then runs instead of PyTorch's.
     """
     B, H, T, D = q.shape
     K, S = k.shape[1], k.shape[2]
-    if T > 1 or H == K:
+    if T > 1 or (H == K and fused is None):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     if mask.shape[1] > 1:  # (B or 1, H, 1, S) -> (B or 1, K, G, S)
         mask = mask.reshape(mask.shape[0], K, H // K, S)
-    out = F.scaled_dot_product_attention(q.reshape(B, K, H // K, D), k, v, attn_mask=mask, scale=scale)
+    attention = fused if fused is not None else _grouped_sdpa
+    out = attention(q.reshape(B, K, H // K, D), k, v, mask, scale)
     return out.reshape(B, H, 1, out.shape[-1])  # (B, K, G, Dv) -> (B, H, 1, Dv)
+
+
+def _grouped_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 def _bias(inputs: AttentionInputs, rows: slice, dtype: torch.dtype) -> Tensor:

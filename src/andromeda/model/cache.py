@@ -49,7 +49,10 @@ kernel reads int8). So the cache may own a decode-attention kernel (`decode_atte
 the inference code that builds it, e.g. `inference.kv_attention`'s int8 kernel on the CPU): a
 call of one new position per row, without autograd, stores its keys and values through it
 (`DecodeAttention.store`, the same entries as the PyTorch path, in one call) and hands attention's
-query to it, which reads the int8 entries as stored (`CacheStep.decode_attention`).
+query to it, which reads the int8 entries as stored (`CacheStep.decode_attention`). Any cache may
+also own a fused attention for such calls (`decode_sdpa`, e.g. `inference.native`'s CPU kernel,
+which at a short context or over a mostly unwritten cache beats PyTorch's SDPA): attention reads
+the keys and values as before and hands them to it with its mask (`CacheStep.decode_sdpa`).
 
 State API. The cache owns its bookkeeping (keys, values, `positions`, `valid`, `lengths`,
 `next_position`, xPos centers and their host-side copies); the model only appends.
@@ -111,6 +114,16 @@ class DecodeAttention(Protocol):
     def __call__(self, step: CacheStep, layer: int, q: Tensor, slopes: Tensor | None, scale: float) -> Tensor: ...
 
 
+class DecodeSDPA(Protocol):
+    """A fused attention the cache may own for calls of one new position per row that read its
+    keys and values in the compute dtype (module docstring): (q (B, K, G, D), the G query heads of
+    each key/value head; k, v (B, K, S, D); additive mask broadcast to (B, K, G, S); logit scale)
+    -> (B, K, G, D), what F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    computes, to rounding."""
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor: ...
+
+
 def resolve_kv_dtype(kv_dtype: str | torch.dtype, dtype: torch.dtype) -> torch.dtype:
     """The dtype keys and values are stored in for `kv_dtype` ("auto", "int8", or a torch dtype
     among those) with compute dtype `dtype`; a ValueError naming the choices otherwise."""
@@ -125,10 +138,13 @@ def resolve_kv_dtype(kv_dtype: str | torch.dtype, dtype: torch.dtype) -> torch.d
 class KVCache:
     def __init__(self, config: Config, slots: int, capacity: int, *, dtype: torch.dtype,
                  device: torch.device | str, window: int | None = None, sink_tokens: int = 0,
-                 kv_dtype: str | torch.dtype = "auto", decode_attention: DecodeAttention | None = None) -> None:
+                 kv_dtype: str | torch.dtype = "auto", decode_attention: DecodeAttention | None = None,
+                 decode_sdpa: DecodeSDPA | None = None) -> None:
         """`dtype`: the compute dtype (activations' and the keys attention reads); `kv_dtype`:
         what they are stored in, "auto" (`dtype`) or "int8" (module docstring);
-        `decode_attention`: a kernel for calls of one new position per row (module docstring)."""
+        `decode_attention`: a kernel for calls of one new position per row that reads the entries
+        as stored; `decode_sdpa`: a fused attention for such calls over the entries as read
+        (module docstring)."""
         kv_dtype = resolve_kv_dtype(kv_dtype, dtype)
         if slots < 1 or capacity < 1:
             raise ValueError(f"a KV cache needs at least one slot and one position, got slots={slots}, "
@@ -162,6 +178,7 @@ class KVCache:
         self.window, self.sink_tokens = window, sink_tokens
         self.config = config
         self.decode_attention = decode_attention
+        self.decode_sdpa = decode_sdpa
         # Host-side copies: which center each slot has (None: not set yet), its next position.
         self._centers: list[int | None] = [None] * slots
         self._next: list[int] = [0] * slots
@@ -372,7 +389,7 @@ class KVCache:
             factors = (1 / self._key_factors(positions, center, torch.float32),
                        None if decode is not None else self._key_factors(k_pos, center, self.dtype))
         return CacheStep(self, rows, index, columns, start, new, read, positions, k_pos, self.valid[rows, :read],
-                         center, window, factors, decode)
+                         center, window, factors, decode, self.decode_sdpa if new == 1 else None)
 
     def _key_factors(self, positions: Tensor, center: Tensor, dtype: torch.dtype) -> Tensor:
         """The xPos factor of keys at `positions` (B, S) around `center` (B, 1), per channel of the
@@ -484,6 +501,9 @@ class CacheStep:
     # The cache's decode-attention kernel where this call may use it (one new position per row, no
     # autograd), else None: attention then stores with `store` and attends through it.
     decode_attention: DecodeAttention | None = None
+    # The cache's fused attention where this call may use it (one new position per row), else None:
+    # attention then reads the keys and values as `read_layer` gives them and attends with it.
+    decode_sdpa: DecodeSDPA | None = None
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store the new (B, K, T, D) keys and values of `layer`; return all the rows read:

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..inference.sampling import TokenCounts, apply_logit_bias, greedy_tokens, penalize, sample
 from ..inference.kv_attention import decode_attention_for
+from ..inference.native import decode_sdpa_for
 from ..inference.proposers import DraftProposer
 from ..inference.speculative import accept_row, check_draft
 from ..inference.structured import apply_bitmask, grammar_bitmask
@@ -52,6 +53,7 @@ class ModelRunner:
                              kv_dtype=config.kv_cache_dtype,
                              window=config.window, sink_tokens=config.sink_tokens)
         self.cache.decode_attention = decode_attention_for(self.cache)  # int8 on the CPU: the kernel
+        self.cache.decode_sdpa = decode_sdpa_for(self.cache)  # on the CPU: one-token steps' fused attention
         slots = config.max_batch_size
         self._generators: list[torch.Generator | None] = [None] * slots  # sampled rows' own
         self._counts: list[TokenCounts | None] = [None] * slots  # penalized rows': prompt and output tokens

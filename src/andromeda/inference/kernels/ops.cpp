@@ -1,5 +1,6 @@
-// The CPU implementations of the custom ops `andromeda::int8_rows` and `andromeda::int4_rows`
-// (schemas defined in andromeda/inference/native.py), in C++ over the kernels of vnni.c.
+// The CPU implementations of the custom ops `andromeda::int8_rows`, `andromeda::int4_rows` and
+// `andromeda::decode_sdpa` (schemas defined in andromeda/inference/native.py), in C++ over the
+// kernels of vnni.c and decode_sdpa.c.
 //
 // Through the dispatcher a C++ kernel costs a few microseconds a call where a Python one costs
 // about ten (the ctypes call, the tensors' pointers and shapes read in Python), and a compiled
@@ -8,6 +9,7 @@
 // build fails, native.py registers the same ops in Python instead.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/scaled_dot_product_attention.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -20,6 +22,21 @@ int andromeda_int8_rows(const void *x, int64_t M, int64_t K, int bf16, const int
 int andromeda_int4_rows(const void *x, int64_t M, int64_t K, int bf16, const uint8_t *weight,
                         const void *scale_zero, int scales_bf16, int64_t N, int64_t group, const float *bias,
                         void *y);
+
+typedef struct {  // decode_sdpa.c's SdpaArgs
+  int64_t B, K, G, S, D;
+  const void *q;
+  int64_t q_b, q_h, q_g;
+  const void *k, *v;
+  int64_t k_b, k_h, k_s, v_b, v_h, v_s;
+  const void *mask;
+  int64_t m_b, m_h, m_g;
+  int64_t bf16;
+  float scale;
+  int64_t limit;
+  void *out;
+} SdpaArgs;
+int andromeda_decode_sdpa(const SdpaArgs *args);
 }
 
 namespace {
@@ -74,9 +91,44 @@ at::Tensor int4_rows(const at::Tensor &x_in, const at::Tensor &weight, const at:
   return y;
 }
 
+// channels (the last dimension) contiguous, as the kernel reads rows
+at::Tensor rows_of(const at::Tensor &t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// softmax(q k^T * scale + mask) v for q (B, K, G, D), k and v (B, K, S, D) and a mask broadcast to
+// (B, K, G, S), all bf16 or all float32: decode_sdpa.c's kernel where every task reads at most
+// `limit` columns, else ATen's SDPA (the same result to rounding).
+at::Tensor decode_sdpa(const at::Tensor &q_in, const at::Tensor &k_in, const at::Tensor &v_in,
+                       const at::Tensor &mask_in, double scale, int64_t limit) {
+  TORCH_CHECK_VALUE(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4 && mask_in.dim() == 4,
+                    "decode_sdpa takes q (B, K, G, D), k and v (B, K, S, D) and a mask (B, K, G, S), not ",
+                    q_in.sizes(), ", ", k_in.sizes(), ", ", v_in.sizes(), " and ", mask_in.sizes());
+  const int64_t B = q_in.size(0), K = q_in.size(1), G = q_in.size(2), D = q_in.size(3), S = k_in.size(2);
+  const auto dtype = q_in.scalar_type();
+  const bool same = k_in.scalar_type() == dtype && v_in.scalar_type() == dtype && mask_in.scalar_type() == dtype;
+  TORCH_CHECK_VALUE(k_in.sizes() == at::IntArrayRef({B, K, S, D}) && v_in.sizes() == k_in.sizes(),
+                    "decode_sdpa: k and v must be (", B, ", ", K, ", S, ", D, "), not ", k_in.sizes(), " and ",
+                    v_in.sizes());
+  if (!same || (dtype != at::kBFloat16 && dtype != at::kFloat))
+    return at::scaled_dot_product_attention(q_in, k_in, v_in, mask_in, 0.0, false, scale);
+  const at::Tensor q = q_in.contiguous(), k = rows_of(k_in), v = rows_of(v_in);
+  const at::Tensor mask = rows_of(mask_in.expand({B, K, G, S}));
+  at::Tensor out = at::empty({B, K, G, D}, q.options());
+  const SdpaArgs args{B, K, G, S, D, q.const_data_ptr(), q.stride(0), q.stride(1), q.stride(2),
+                      k.const_data_ptr(), v.const_data_ptr(), k.stride(0), k.stride(1), k.stride(2),
+                      v.stride(0), v.stride(1), v.stride(2), mask.const_data_ptr(), mask.stride(0),
+                      mask.stride(1), mask.stride(2), dtype == at::kBFloat16, static_cast<float>(scale), limit,
+                      out.mutable_data_ptr()};
+  const int status = andromeda_decode_sdpa(&args);
+  TORCH_CHECK(status != 2, "decode_sdpa: out of memory for its scratch buffers");
+  if (status != 0)  // 1: a shape the kernel does not take; 3: more columns than `limit`
+    return at::scaled_dot_product_attention(q, k_in, v_in, mask_in, 0.0, false, scale);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(andromeda, CPU, m) {
   m.impl("int8_rows", &int8_rows);
   m.impl("int4_rows", &int4_rows);
+  m.impl("decode_sdpa", &decode_sdpa);
 }

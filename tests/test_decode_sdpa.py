@@ -1,0 +1,154 @@
+"""The fused one-query attention of decoding steps on the CPU (`andromeda::decode_sdpa`,
+`inference/kernels/decode_sdpa.c`): held to a float64 computation and to PyTorch's SDPA, its
+skipping of masked columns, its hand-over to SDPA, and its use by `generate` (eager and compiled)."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from andromeda.inference import native
+from andromeda.model import KVCache
+from helpers import random_net
+
+NO_KERNELS = native.unavailable_reason()
+needs_kernels = pytest.mark.skipif(NO_KERNELS is not None and not NO_KERNELS.startswith("building"),
+                                   reason=f"kernels: {NO_KERNELS}")
+generate_module = importlib.import_module("andromeda.inference.generate")
+
+
+def decode_sdpa(*args, limit: int = native.DECODE_SDPA_COLUMNS):
+    assert native.kernels().cpp_ops, "ops.cpp did not build (g++ and torch's headers are expected here)"
+    return torch.ops.andromeda.decode_sdpa(*args, limit)
+
+
+def inputs(dtype, B=2, K=2, G=12, D=128, S=70, capacity=96, seed=0):
+    """q (B, K, G, D); k and v (B, K, S, D) as views of a larger cache (rows strided, as the
+    cache's reads are); an ALiBi-like mask (B, K, G, S) with each row's last columns unwritten."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, K, G, D, generator=generator).to(dtype)
+    k, v = (torch.randn(B, K, capacity, D, generator=generator).to(dtype)[:, :, :S] for _ in range(2))
+    distance = torch.arange(S - 1, -1, -1.0)
+    slopes = torch.linspace(0.05, 0.5, K * G).view(1, K, G, 1)
+    mask = -(slopes * distance).expand(B, K, G, S).clone()
+    for row in range(B):
+        mask[row, :, :, S - 5 * row:] = torch.finfo(dtype).min  # row b has written S - 5b columns
+    return q, k, v, mask.to(dtype)
+
+
+def exact(q, k, v, mask, scale):
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask.double(), scale=scale)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("G, D", [(12, 128), (1, 64), (5, 80), (16, 256)])
+def test_kernel_is_as_close_to_exact_attention_as_sdpa(dtype, G, D):
+    """Against float64 attention the kernel's error is no larger than PyTorch's SDPA's on the same
+    inputs (bf16: both round only their output; float32: a few ulp), for query heads per key/value
+    head from 1 to 16 and head sizes that are and are not multiples of 16."""
+    q, k, v, mask = inputs(dtype, G=G, D=D)
+    ours, sdpa, reference = decode_sdpa(q, k, v, mask, 0.09), F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=0.09), exact(q, k, v, mask, 0.09)
+    assert ours.dtype == dtype and ours.shape == q.shape
+    error, sdpa_error = (ours.double() - reference).abs().max(), (sdpa.double() - reference).abs().max()
+    tolerance = 1e-6 if dtype == torch.float32 else 0.0
+    assert error <= sdpa_error + tolerance, (error, sdpa_error)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_columns_masked_for_every_head_are_never_read(dtype):
+    """A column whose mask is the dtype's lowest value for every query head (unwritten cache
+    entries) is skipped: NaN there leaves the result that of the readable columns alone, where
+    SDPA multiplies it in. A broadcast (1, 1, 1, S) mask and -inf are read the same way."""
+    q, k, v, mask = inputs(dtype, B=1)
+    written = 40
+    mask[..., written:] = torch.finfo(dtype).min
+    k[..., written:, :] = float("nan")
+    v[..., written:, :] = float("nan")
+    ours = decode_sdpa(q, k, v, mask, 0.1)
+    readable = exact(q, k[:, :, :written], v[:, :, :written], mask[..., :written], 0.1)
+    assert torch.isnan(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.1)).any()
+    assert (ours.double() - readable).abs().max() <= (1e-6 if dtype == torch.float32 else 0.02)
+    flat = torch.zeros(1, 1, 1, k.shape[2], dtype=dtype)
+    flat[..., written:] = float("-inf")
+    broadcast = decode_sdpa(q, k, v, flat, 0.1)
+    expected = exact(q, k[:, :, :written], v[:, :, :written], flat[..., :written], 0.1)
+    assert (broadcast.double() - expected).abs().max() <= (1e-6 if dtype == torch.float32 else 0.02)
+
+
+@needs_kernels
+def test_a_head_that_may_read_nothing_averages_every_column_as_sdpa_does():
+    """A query head whose every column is masked (a padding position) averages all the values, as
+    the additive bias makes SDPA do; the other heads of its task still get their own attention."""
+    q, k, v, mask = inputs(torch.float32, B=1)
+    mask[0, 1, 3] = torch.finfo(torch.float32).min
+    ours = decode_sdpa(q, k, v, mask, 0.1)
+    assert torch.allclose(ours[0, 1, 3], v[0, 1].mean(dim=0), atol=1e-6)
+    assert (ours.double() - exact(q, k, v, mask, 0.1)).abs().max() < 1e-5
+
+
+@needs_kernels
+def test_past_its_limits_the_op_hands_over_to_sdpa():
+    """More readable columns than `limit`, more than 16 query heads per key/value head, or a head
+    size over 256: the op returns PyTorch's SDPA, bit for bit. Within them it does not (a float32
+    result that differs in rounding shows the kernel ran)."""
+    q, k, v, mask = inputs(torch.float32, B=1)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.1)
+    assert torch.equal(decode_sdpa(q, k, v, mask, 0.1, limit=k.shape[2] - 1), sdpa)
+    assert not torch.equal(decode_sdpa(q, k, v, mask, 0.1, limit=k.shape[2]), sdpa)
+    for shape in (dict(G=17), dict(D=272)):
+        q, k, v, mask = inputs(torch.float32, B=1, **shape)
+        assert torch.equal(decode_sdpa(q, k, v, mask, 0.1),
+                           F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.1))
+
+
+@needs_kernels
+def test_bad_shapes_are_refused_naming_the_expected_ones():
+    q, k, v, mask = inputs(torch.float32, B=1)
+    with pytest.raises(ValueError, match=r"takes q \(B, K, G, D\)"):
+        decode_sdpa(q[0], k, v, mask, 0.1)
+    with pytest.raises(ValueError, match=r"k and v must be \(1, 2, S, 128\)"):
+        decode_sdpa(q, k[..., :64], v[..., :64], mask, 0.1)
+
+
+@needs_kernels
+def test_decoding_steps_attend_with_the_kernel_and_match_sdpa(monkeypatch):
+    """`generate` gives its cache the fused attention on the CPU; each one-token step of every
+    layer calls it, and a float32 model's logits equal SDPA's to rounding, step after step."""
+    net = random_net(seed=3).eval()
+    prompt = torch.randint(0, net.config.num_tokens, (2, 9), generator=torch.Generator().manual_seed(1))
+    cache = generate_module.generation_cache(net, 2, 9, 6, None)
+    assert cache.decode_sdpa is native.fused_decode_sdpa
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return native.fused_decode_sdpa(*args)
+
+    plain = KVCache(net.config, 2, 16, dtype=torch.float32, device="cpu")
+    fused = KVCache(net.config, 2, 16, dtype=torch.float32, device="cpu", decode_sdpa=counted)
+    tokens = prompt
+    with torch.no_grad():
+        for step in range(4):
+            logits = [net(tokens, cache=c, logits_to_keep=1)[:, -1] for c in (plain, fused)]
+            assert torch.allclose(logits[0], logits[1], atol=1e-5, rtol=1e-5), step
+            tokens = logits[0].argmax(-1, keepdim=True)
+    config = net.config
+    assert len(calls) == 3 * config.depth  # the prefill attends with SDPA, each later step with the kernel
+    assert calls[0] == (2, config.attn_kv_heads, config.heads // config.attn_kv_heads, config.dim_head)
+
+
+@needs_kernels
+def test_compiled_decoding_with_the_kernel_gives_the_eager_tokens():
+    """The op traces into the compiled step (its cache read whole, the unwritten columns masked):
+    the same greedy tokens as eager decoding, where attention reads only the written columns."""
+    net = random_net(seed=5).eval()
+    prompt = torch.randint(0, net.config.num_tokens, (1, 7), generator=torch.Generator().manual_seed(2))
+    eager = generate_module.generate(net, prompt, 12, temperature=0.0)
+    compiled = generate_module.generate(net, prompt, 12, temperature=0.0, compile=True)
+    assert torch.equal(eager, compiled)
