@@ -211,7 +211,7 @@ static void attend(const SdpaArgs *a, int64_t b, int64_t h, const float *masks, 
     const int count = n - c < KEYS ? (int)(n - c) : KEYS;
     for (int i = 0; i < count; ++i)
       for (int64_t d = 0; d < D; d += 16)
-        _mm512_storeu_ps(keys + i * D + d, load16(k, columns[c + i] * a->k_s + d, first(D - d), bf16));
+        _mm512_mask_storeu_ps(keys + i * D + d, first(D - d), load16(k, columns[c + i] * a->k_s + d, first(D - d), bf16));
     __m512 acc[KEYS];
     for (int i = 0; i < KEYS; ++i) acc[i] = _mm512_setzero_ps();
     if (count == KEYS) {
