@@ -103,7 +103,8 @@ class Int8Linear(nn.Module):
         if self._decode_weight is not None and x.numel() <= DECODE_KERNEL_ROWS * self.in_features:
             # Decoding: straight to the kernel, bias and dtype included (a few rows: little Python)
             y = native.int8_rows(x.reshape(-1, self.in_features), self.weight, *self._decode_weight)
-            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)  # fp16: from float32
+            y = y.view(*x.shape[:-1], self.out_features)
+            return y if y.dtype == x.dtype else y.to(x.dtype)  # fp16: from float32 (a no-op `to` costs a dispatch)
         x2 = _rows(x, self.scales.dtype)  # (M, K)
         if x2.device.type != "cpu":  # untested: dequantize, then the device's matmul
             y = F.linear(x2, self.dequantized().to(x2.dtype))
@@ -187,7 +188,8 @@ class Int4Linear(nn.Module):
         if self._decode_weight is not None and x.numel() <= DECODE_KERNEL_ROWS * self.in_features:
             y = native.int4_rows(x.reshape(-1, self.in_features), self.weight, self._decode_weight, self.group_size,
                                  self._decode_bias)
-            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)  # fp16: from float32
+            y = y.view(*x.shape[:-1], self.out_features)
+            return y if y.dtype == x.dtype else y.to(x.dtype)  # fp16: from float32 (a no-op `to` costs a dispatch)
         on_cpu = self.weight.device.type == "cpu"
         if on_cpu != self.packed_for_cpu:  # moved across devices since it was packed
             self._set(*self.plain())

@@ -169,6 +169,8 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     if rot.storage_offset() % 2 or any(stride % 2 for stride in rot.stride()[:-1]):
         rot = rot.contiguous()  # a complex view needs even strides; odd head sizes give odd ones
     pairs = torch.view_as_complex(rot.unflatten(-1, (-1, 2)))  # (B, H, T, R/2)
-    table = torch.complex(cos.float(), sin.float())  # (B or 1, 1, T, R/2)
+    if cos.dtype != torch.float32 or sin.dtype != torch.float32:  # (`.float()` on float32 still costs a dispatch)
+        cos, sin = cos.float(), sin.float()
+    table = torch.complex(cos, sin)  # (B or 1, 1, T, R/2)
     rotated = torch.view_as_real(pairs * table).flatten(-2)  # (B, H, T, R)
     return torch.cat((rotated.to(x.dtype), x[..., rotary_dim:]), dim=-1)
