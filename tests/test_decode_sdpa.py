@@ -179,3 +179,21 @@ def test_kernel_matches_exact_attention_for_any_shape_and_mask(B, K, G, D, S, bf
     # a few float32 ulp (exp, sums over up to 90 keys); in bf16 one ulp of the output's rounding
     tolerance = (2**-18 if dtype == torch.float32 else 2**-8) * max(1.0, reference.abs().max().item())
     assert (ours.double() - reference).abs().max() <= sdpa_error + tolerance
+
+
+@needs_kernels
+def test_steps_under_autograd_keep_sdpa():
+    """The op has no backward: a one-token step with gradients on attends with SDPA (its output
+    then carries a gradient function), as the int8 kernel's steps do."""
+    net = random_net(seed=4)
+    calls = []
+    cache = KVCache(net.config, 1, 8, dtype=torch.float32, device="cpu",
+                    decode_sdpa=lambda *args: calls.append(1) or native.fused_decode_sdpa(*args))
+    tokens = torch.tensor([[3, 5, 7]])
+    with torch.no_grad():
+        net(tokens, cache=cache)
+    logits = net(tokens[:, :1], cache=cache, logits_to_keep=1)
+    assert calls == [] and logits.grad_fn is not None
+    with torch.no_grad():
+        net(tokens[:, :1], cache=cache, logits_to_keep=1)
+    assert len(calls) == net.config.depth

@@ -81,6 +81,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..folders import cache_root
+from ..model.cache import KVCache
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +279,7 @@ def _decode_sdpa_shape(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: flo
 DECODE_SDPA_COLUMNS = 128
 
 
-def decode_sdpa_for(kv_cache) -> Callable[..., Tensor] | None:
+def decode_sdpa_for(kv_cache: KVCache) -> Callable[..., Tensor] | None:
     """The fused one-query attention a KV cache on the CPU is given (`model.cache.DecodeSDPA`):
     `andromeda::decode_sdpa` where ops.cpp built and the compute dtype is bf16 or float32, else None
     (attention keeps PyTorch's SDPA)."""

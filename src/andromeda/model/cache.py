@@ -383,13 +383,14 @@ class KVCache:
         else:  # a ring buffer is read whole; its columns are not in position order
             read, start, window = self.capacity, None, (self.window, self.sink_tokens)
         k_pos, center = self.positions[rows, :read], self.centers[index][:, None]
-        decode = self.decode_attention if new == 1 and not torch.is_grad_enabled() else None
+        decoding = new == 1 and not torch.is_grad_enabled()  # (the kernels have no backward)
+        decode = self.decode_attention if decoding else None
         factors = None
         if self.quantized and self.reach is not None:  # int8 keys are stored without xPos factors
             factors = (1 / self._key_factors(positions, center, torch.float32),
                        None if decode is not None else self._key_factors(k_pos, center, self.dtype))
         return CacheStep(self, rows, index, columns, start, new, read, positions, k_pos, self.valid[rows, :read],
-                         center, window, factors, decode, self.decode_sdpa if new == 1 else None)
+                         center, window, factors, decode, self.decode_sdpa if decoding else None)
 
     def _key_factors(self, positions: Tensor, center: Tensor, dtype: torch.dtype) -> Tensor:
         """The xPos factor of keys at `positions` (B, S) around `center` (B, 1), per channel of the
@@ -501,8 +502,9 @@ class CacheStep:
     # The cache's decode-attention kernel where this call may use it (one new position per row, no
     # autograd), else None: attention then stores with `store` and attends through it.
     decode_attention: DecodeAttention | None = None
-    # The cache's fused attention where this call may use it (one new position per row), else None:
-    # attention then reads the keys and values as `read_layer` gives them and attends with it.
+    # The cache's fused attention where this call may use it (one new position per row, no
+    # autograd), else None: attention then reads the keys and values as `read_layer` gives them
+    # and attends with it.
     decode_sdpa: DecodeSDPA | None = None
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
