@@ -272,10 +272,10 @@ def _decode_sdpa_shape(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: flo
 
 
 # Most key columns a task of `decode_sdpa`'s kernel reads; past it ATen's SDPA (AMX products on a
-# Sapphire Rapids CPU) is faster. Measured on the compiled int4 step of a 32-layer model of width
-# 256 (bf16, 12 query heads per key/value head of 128 channels, 2 threads, a 256-column cache):
-# 3.78 against 4.22 ms a step at 16-64 columns written, 4.51 against 5.43 at 80-128, even at
-# 120-168 (5.14 against 5.17), 5.50 against 5.14 at 160-208.
+# Sapphire Rapids CPU) is faster. `benchmarks/bench_decode_attention.py --threads 2`, the compiled
+# int4 step of a 32-layer model of width 256 (bf16, 12 query heads per key/value head of 128
+# channels, a 256-column cache): 5.06 against 6.09 ms a step at 16-64 keys written, 4.57 against
+# 4.86 at 80-128, 5.27 against 5.28 at 120-168, 6.12 against 6.01 at 160-208.
 DECODE_SDPA_COLUMNS = 128
 
 
