@@ -10,10 +10,11 @@ does, on Shakespeare's held-out plays (what `andromeda eval` reads by default):
    picks them), `--new-tokens` each: the positions equal to the bf16 cache's. Scoring and
    prefill run attention on the fused kernels (SDPA) whatever the checkpoint's config says.
 2. Speed: one decode step at a context of `--context` tokens (default 8192, held-out text
-   prefilled once per cache), bf16 cache against int8 read two ways: dequantized for the model's
-   attention (SDPA, or the reference einsums), and by the int8 decode-attention kernel
-   (`inference.kv_attention`, what `generate` and the server use on the CPU), interleaved (A, B,
-   C, A, B, C, ...), medians; after each step the slot is truncated back to the context, so every
+   prefilled once per cache), a bf16 cache read two ways: by PyTorch's SDPA, and by the fused
+   decode attention (`native.decode_sdpa_for`, what `generate` and the server give a bf16 cache on
+   the CPU); an int8 cache read two ways: dequantized for the model's attention (SDPA, or the
+   reference einsums), and by the int8 decode-attention kernel (`inference.kv_attention`, what
+   `generate` and the server use on the CPU); interleaved (A, B, C, D, A, ...), medians; after each step the slot is truncated back to the context, so every
    step reads the same context. Then the same for attention alone at the 2.5 B default's shape
    (24 query and 2 key/value heads of 128, 32 layers; random keys, values and queries): the
    whole decode step's attention, its keys and values written included.
@@ -38,16 +39,25 @@ from andromeda.data import TokenStore, cache_root, resolve_data, shakespeare_cor
 from andromeda.evaluation import evaluate
 from andromeda.inference.generate import decode_one, prefill
 from andromeda.inference.kv_attention import decode_attention_for, unavailable_reason
+from andromeda.inference.native import decode_sdpa_for
+from andromeda.inference.native import unavailable_reason as native_unavailable
 from andromeda.model import KVCache
 from andromeda.model.attention import Attention, AttentionInputs, attend
 
 KINDS = {"bf16": "auto", "int8": "int8"}  # label -> kv_dtype, for a bf16 model
 KERNEL = "int8 kernel"  # an int8 cache read by the decode-attention kernel
+FUSED = "bf16 fused"  # a bf16 cache given the fused decode attention, as `generate` gives it on the CPU
+SPEED_LABELS = ("bf16", FUSED, "int8", KERNEL)
 
 
 def new_cache(config: Config, capacity: int, label: str) -> KVCache:
-    """A one-slot bf16 model's cache for `label` (a KINDS label, or KERNEL)."""
-    cache = KVCache(config, 1, capacity, dtype=torch.bfloat16, device="cpu", kv_dtype=KINDS.get(label, "int8"))
+    """A one-slot bf16 model's cache for `label` (a KINDS label, KERNEL or FUSED)."""
+    kv_dtype = "auto" if label == FUSED else KINDS.get(label, "int8")
+    cache = KVCache(config, 1, capacity, dtype=torch.bfloat16, device="cpu", kv_dtype=kv_dtype)
+    if label == FUSED:
+        cache.decode_sdpa = decode_sdpa_for(cache)
+        if cache.decode_sdpa is None:
+            raise SystemExit(f"no fused decode attention here: {native_unavailable() or 'ops.cpp did not build'}")
     if label == KERNEL:
         cache.decode_attention = decode_attention_for(cache)
         if cache.decode_attention is None:
@@ -98,7 +108,7 @@ def speed(net, store: TokenStore, args: argparse.Namespace) -> None:
     if prompt.shape[1] < context:
         raise SystemExit(f"the held-out text has {prompt.shape[1]} tokens, fewer than --context {context}")
     caches = {}
-    for label in (*KINDS, KERNEL):
+    for label in SPEED_LABELS:
         caches[label] = new_cache(net.config, context + 1, label)
         prefill(net, prompt, torch.arange(context)[None], None, caches[label])
     token = prompt[:, -1:]
@@ -107,16 +117,17 @@ def speed(net, store: TokenStore, args: argparse.Namespace) -> None:
         decode_one(net, token, None, cache)
         cache.truncate(0, context)
 
-    print("| attention | bf16 KV tok/s | int8 KV dequantized tok/s | int8 KV kernel tok/s | dequantized vs bf16 | "
-          "kernel vs bf16 |")
-    print("|---|---|---|---|---|---|")
+    print("| attention | bf16 KV tok/s | bf16 KV fused tok/s | int8 KV dequantized tok/s | int8 KV kernel tok/s | "
+          "fused vs bf16 | dequantized vs bf16 | kernel vs bf16 | kernel vs fused |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, flash in (("fused (SDPA)", True), ("reference", False)):
         use_fused_attention(net, flash)  # the kernel reads the int8 cache either way
         times = common.alternate({label: (lambda c=cache: step(c)) for label, cache in caches.items()},
                                  args.repeats, warmup=2)
         rate = {label: 1 / common.median(seconds) for label, seconds in times.items()}
-        print(f"| {name} | {rate['bf16']:.1f} | {rate['int8']:.1f} | {rate[KERNEL]:.1f} | "
-              f"{rate['int8'] / rate['bf16']:.2f}x | {rate[KERNEL] / rate['bf16']:.2f}x |", flush=True)
+        print(f"| {name} | {rate['bf16']:.1f} | {rate[FUSED]:.1f} | {rate['int8']:.1f} | {rate[KERNEL]:.1f} | "
+              f"{rate[FUSED] / rate['bf16']:.2f}x | {rate['int8'] / rate['bf16']:.2f}x | "
+              f"{rate[KERNEL] / rate['bf16']:.2f}x | {rate[KERNEL] / rate[FUSED]:.2f}x |", flush=True)
     use_fused_attention(net, True)
 
 
@@ -128,7 +139,7 @@ def attention_speed(args: argparse.Namespace) -> None:
     H, K, D = config.heads, config.attn_kv_heads, config.dim_head
     generator = torch.Generator().manual_seed(0)
     caches = {}
-    for label in (*KINDS, KERNEL):
+    for label in SPEED_LABELS:
         cache = caches[label] = new_cache(config, context + 1, label)
         filled = cache.append(None, None, None, context)
         for layer in range(config.depth):  # QK-normed keys, as the model's
@@ -153,10 +164,11 @@ def attention_speed(args: argparse.Namespace) -> None:
     times = common.alternate({label: (lambda c=cache: step(c)) for label, cache in caches.items()}, args.repeats,
                              warmup=2)
     ms = {label: 1000 * common.median(seconds) for label, seconds in times.items()}
-    print("| bf16 KV ms | int8 KV dequantized ms | int8 KV kernel ms | dequantized vs bf16 | kernel vs bf16 |")
-    print("|---|---|---|---|---|")
-    print(f"| {ms['bf16']:.1f} | {ms['int8']:.1f} | {ms[KERNEL]:.1f} | {ms['bf16'] / ms['int8']:.2f}x | "
-          f"{ms['bf16'] / ms[KERNEL]:.2f}x |", flush=True)
+    print("| bf16 KV ms | bf16 KV fused ms | int8 KV dequantized ms | int8 KV kernel ms | fused vs bf16 | "
+          "dequantized vs bf16 | kernel vs bf16 | kernel vs fused |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| {ms['bf16']:.1f} | {ms[FUSED]:.1f} | {ms['int8']:.1f} | {ms[KERNEL]:.1f} | {ms['bf16'] / ms[FUSED]:.2f}x | "
+          f"{ms['bf16'] / ms['int8']:.2f}x | {ms['bf16'] / ms[KERNEL]:.2f}x | {ms[FUSED] / ms[KERNEL]:.2f}x |", flush=True)
 
 
 def use_fused_attention(net, flash: bool) -> None:

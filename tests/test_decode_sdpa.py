@@ -96,9 +96,10 @@ def test_a_head_that_may_read_nothing_averages_every_column_as_sdpa_does():
 
 @needs_kernels
 def test_past_its_limits_the_op_hands_over_to_sdpa():
-    """More readable columns than `limit`, more than 16 query heads per key/value head, or a head
-    size over 256: the op returns PyTorch's SDPA, bit for bit. Within them it does not (a float32
-    result that differs in rounding shows the kernel ran)."""
+    """On the FMA path (float32 here; bf16 on a CPU without AMX): more readable columns than
+    `limit`, more than 16 query heads per key/value head, or a head size over 256, and the op
+    returns PyTorch's SDPA, bit for bit. Within them it does not (a float32 result that differs in
+    rounding shows the kernel ran). bf16 calls on a CPU with AMX never hand over (tests below)."""
     q, k, v, mask = inputs(torch.float32, B=1)
     sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.1)
     assert torch.equal(decode_sdpa(q, k, v, mask, 0.1, limit=k.shape[2] - 1), sdpa)
@@ -197,3 +198,109 @@ def test_steps_under_autograd_keep_sdpa():
     with torch.no_grad():
         net(tokens[:, :1], cache=cache, logits_to_keep=1)
     assert len(calls) == net.config.depth
+
+
+AMX_CPU = {"amx_tile", "amx_bf16", "avx512_bf16"} <= (native.cpu_flags() or frozenset())
+needs_amx = pytest.mark.skipif(not AMX_CPU or NO_KERNELS is not None, reason="no AMX tiles on this CPU")
+
+
+@needs_amx
+def test_the_amx_path_is_built_where_the_cpu_has_tiles():
+    """On a CPU with AMX (Sapphire Rapids on) ops.cpp's decode_sdpa.c is compiled with the AMX flags
+    and the process gets the tiles: a build that fell back without them would pass every other test
+    here on the FMA path and SDPA."""
+    assert native.decode_sdpa_amx()
+
+
+def long_inputs(B, K, G, D, S, seed, written=None):
+    """Keys and values as strided views of a larger cache, an ALiBi mask with steep slopes (each
+    head's best keys are the last: the running max rises chunk after chunk), and rows with
+    `written` columns written (NaN in the keys and values past them)."""
+    q, k, v, mask = inputs(torch.bfloat16, B=B, K=K, G=G, D=D, S=S, capacity=S + 7, seed=seed)
+    slopes = torch.linspace(0.001, 0.2, K * G).view(1, K, G, 1)
+    mask = -(slopes * torch.arange(S - 1, -1, -1.0)).expand(B, K, G, S).clone()
+    for row, count in enumerate(written or []):
+        mask[row, ..., count:] = torch.finfo(torch.bfloat16).min
+        k[row, :, count:] = float("nan")
+        v[row, :, count:] = float("nan")
+    return q, k, v, mask.bfloat16()
+
+
+def assert_as_close_as_sdpa(ours, q, k, v, mask, scale):
+    """ours against float64 attention over the readable columns, no further than SDPA is (SDPA
+    reads NaN keys and values as 0 here) plus a quarter of a bf16 ulp of the largest output."""
+    clean_k, clean_v = k.nan_to_num(), v.nan_to_num()
+    reference = exact(q, clean_k, clean_v, mask, scale)
+    sdpa = F.scaled_dot_product_attention(q, clean_k, clean_v, attn_mask=mask, scale=scale)
+    error, sdpa_error = ((x.double() - reference).abs().max().item() for x in (ours, sdpa))
+    assert error <= sdpa_error + 2**-10 * max(1.0, reference.abs().max().item()), (error, sdpa_error)
+
+
+@needs_amx
+@pytest.mark.parametrize("B, K, G, D, S, written", [
+    (1, 2, 12, 128, 3000, None),          # the 2.5 B default's heads, twelve chunks
+    (2, 2, 12, 128, 1100, [1100, 517]),   # a row with 583 unwritten (NaN) columns, some whole chunks
+    (1, 1, 16, 256, 700, [693]),          # 16 query heads of 256 channels; the last block part-written
+    (1, 3, 1, 96, 900, None),             # one query head; 96 channels: a pass of two value tiles
+    (3, 1, 5, 32, 333, [333, 1, 300]),    # a row that reads one column
+])
+def test_long_contexts_in_bf16_take_amx_tiles_as_close_to_exact_as_sdpa(B, K, G, D, S, written):
+    """Past the FMA path's limit a bf16 call is computed by AMX tiles where the CPU has them (no
+    hand-over: the result is not SDPA's bit for bit), and is as close to float64 attention as SDPA:
+    chunks whose running max rises, unwritten columns holding NaN never read, part-written blocks,
+    heads of 32 to 256 channels."""
+    q, k, v, mask = long_inputs(B, K, G, D, S, seed=S + D, written=written)
+    ours = decode_sdpa(q, k, v, mask, D**-0.5)
+    assert not torch.isnan(ours).any()
+    assert not torch.equal(ours, F.scaled_dot_product_attention(q, k.nan_to_num(), v.nan_to_num(), attn_mask=mask,
+                                                                 scale=D**-0.5))
+    assert_as_close_as_sdpa(ours, q, k, v, mask, D**-0.5)
+
+
+@needs_amx
+def test_a_task_split_across_threads_combines_its_ranges_exactly():
+    """With fewer (row, kv head) tasks than threads, a long task is split into column ranges, one a
+    thread, combined by their maxima and sums (flash-decoding): the result with two threads is as
+    close to exact attention as with one, and as SDPA."""
+    q, k, v, mask = long_inputs(1, 1, 12, 128, 2500, seed=3, written=[2411])
+    mask[..., :1200] -= 30.0  # the first range's scores far below the second's: its weights rescaled
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = decode_sdpa(q, k, v, mask, 0.09)
+        torch.set_num_threads(2)
+        two = decode_sdpa(q, k, v, mask, 0.09)
+    finally:
+        torch.set_num_threads(threads)
+    for ours in (one, two):
+        assert_as_close_as_sdpa(ours, q, k, v, mask, 0.09)
+    assert (one.float() - two.float()).abs().max() <= 2**-7 * one.float().abs().max()
+
+
+@needs_amx
+def test_a_head_that_may_read_nothing_averages_every_column_at_long_contexts_too():
+    q, k, v, mask = long_inputs(1, 2, 4, 64, 600, seed=5)
+    mask[0, 1, 2] = torch.finfo(torch.bfloat16).min
+    ours = decode_sdpa(q, k, v, mask, 0.1)
+    assert torch.allclose(ours[0, 1, 2].float(), v[0, 1].float().mean(dim=0), atol=2**-8)
+    assert_as_close_as_sdpa(ours, q, k, v, mask, 0.1)
+
+
+@needs_amx
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 2), K=st.integers(1, 2), G=st.integers(1, 16), D=st.sampled_from([32, 64, 96, 128, 160, 256]),
+       S=st.integers(100, 2600), broadcast=st.sampled_from(["none", "heads", "all"]), data=st.data())
+def test_amx_path_matches_exact_attention_for_any_shape_and_mask(B, K, G, D, S, broadcast, data):
+    """Any batch, kv heads, query heads per kv head, head size (a multiple of 32), keys past the FMA
+    path's limit and mask (random columns hidden, unwritten tails of any length, masks broadcast over
+    heads or rows and heads): as close to float64 attention as SDPA."""
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    q, k, v, _ = long_inputs(B, K, G, D, S, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    shape = {"none": (B, K, G, S), "heads": (B, 1, 1, S), "all": (1, 1, 1, S)}[broadcast]
+    mask = torch.randn(shape, generator=generator) * 3
+    hidden = torch.rand(shape, generator=generator) < data.draw(st.sampled_from([0.0, 0.5, 0.97]), label="p")
+    tail = data.draw(st.integers(0, S - 1), label="unwritten")
+    hidden[..., S - tail:] = True
+    mask = mask.masked_fill(hidden, torch.finfo(torch.bfloat16).min).bfloat16()
+    assert_as_close_as_sdpa(decode_sdpa(q, k, v, mask, 0.2), q, k, v, mask, 0.2)

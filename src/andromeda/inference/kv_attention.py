@@ -61,7 +61,7 @@ from torch import Tensor
 from ..model.attention import additive_bias
 from ..model.cache import CacheStep, KVCache
 from ..model.positions import alibi_bias, xpos_scale
-from .native import build_library, cpu_flags, missing_support
+from .native import AMX_FLAGS, build_library, cpu_flags, missing_support
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,6 @@ SOURCE = Path(__file__).parent / "kernels" / "attention_int8.c"
 STORE_SOURCE = Path(__file__).parent / "kernels" / "kv_store.c"  # a decode step's keys and values into the cache
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp", "-shared", "-fPIC",
          "-std=gnu11", "-lm")
-AMX_FLAGS = ("-mavx512bf16", "-mamx-tile", "-mamx-bf16")  # tried first; a compiler without them builds the rest
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
 AMX_CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16")  # bf16 models' scores by AMX tiles
 KERNEL_DTYPES = (torch.bfloat16, torch.float32)  # compute dtypes (and so scale dtypes) the kernel reads

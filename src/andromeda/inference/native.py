@@ -55,11 +55,14 @@ The same library holds a third op, `andromeda::decode_sdpa` (`kernels/decode_sdp
 attention of a decoding step, G query heads per key/value head over its keys and values with an
 additive mask, as F.scaled_dot_product_attention computes it. ATen's CPU flash kernel spends tens
 of microseconds a call whatever the keys (packing, work splitting), which at a short context is
-most of a step's attention, and a compiled step reads its whole cache, mostly unwritten; the op
-reads only the columns some head may attend to, in float32, and hands a call over to ATen's SDPA
-past `DECODE_SDPA_COLUMNS` readable columns (where its AMX products win) or where its shapes do
-not fit. `decode_sdpa_for(cache)` gives it to a CPU cache (`model.cache.DecodeSDPA`); where ops.cpp
-did not build the op is registered as PyTorch's SDPA and no cache is given it.
+most of a step's attention, a compiled step reads its whole cache, mostly unwritten, and at long
+contexts it reads keys and values at about half the memory bandwidth. The op reads only the
+columns some head may attend to: bf16 by AMX tiles where the CPU has them (`decode_sdpa_amx`; its
+file is compiled with the AMX flags where the compiler takes them), at any context; otherwise in
+float32 FMAs, handing a call over to ATen's SDPA past `DECODE_SDPA_COLUMNS` readable columns or
+where its shapes do not fit. `decode_sdpa_for(cache)` gives it to a CPU cache
+(`model.cache.DecodeSDPA`); where ops.cpp did not build the op is registered as PyTorch's SDPA and
+no cache is given it.
 """
 
 from __future__ import annotations
@@ -90,6 +93,9 @@ FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"
          "-fPIC", "-std=c11")
 OPS_SOURCE = Path(__file__).parent / "kernels" / "ops.cpp"
 ATTENTION_SOURCE = Path(__file__).parent / "kernels" / "decode_sdpa.c"  # `decode_sdpa`, built into the ops library
+# AMX tiles (Sapphire Rapids on): tried first for the attention kernels; a compiler without them
+# builds the rest, and the C files leave their AMX paths out.
+AMX_FLAGS = ("-mavx512bf16", "-mamx-tile", "-mamx-bf16")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 BLOCK = 128  # weights per 64-byte block of the kernel's layout; groups are whole blocks
 TILE_ROWS = 4  # rows per tile of the int4 layout (vnni.c's ROWS): a tile's blocks interleave
@@ -271,10 +277,11 @@ def _decode_sdpa_shape(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: flo
     return q.new_empty(q.shape)
 
 
-# Most key columns a task of `decode_sdpa`'s kernel reads; past it ATen's SDPA (AMX products on a
-# Sapphire Rapids CPU) is faster. `benchmarks/bench_decode_attention.py --threads 2`, the compiled
-# int4 step of a 32-layer model of width 256 (bf16, 12 query heads per key/value head of 128
-# channels, a 256-column cache): 5.06 against 6.09 ms a step at 16-64 keys written, 4.57 against
+# Most key columns a task of `decode_sdpa`'s FMA path reads (float32, and bf16 on CPUs without AMX
+# tiles); past it ATen's SDPA is faster. Measured before the AMX path existed, on the bf16 calls it
+# now takes (`benchmarks/bench_decode_attention.py --threads 2`, the compiled int4 step of a
+# 32-layer model of width 256, 12 query heads per key/value head of 128 channels, a 256-column
+# cache, FMA path against SDPA): 5.06 against 6.09 ms a step at 16-64 keys written, 4.57 against
 # 4.86 at 80-128, 5.27 against 5.28 at 120-168, 6.12 against 6.01 at 160-208.
 DECODE_SDPA_COLUMNS = 128
 
@@ -289,14 +296,25 @@ def decode_sdpa_for(kv_cache: KVCache) -> Callable[..., Tensor] | None:
     return fused_decode_sdpa if found is not None and found.cpp_ops else None
 
 
+@cache
+def decode_sdpa_amx() -> bool:
+    """Whether `andromeda::decode_sdpa` computes bf16 calls with AMX tiles here: ops.cpp built,
+    decode_sdpa.c compiled with the AMX flags, and Linux granted this process the tiles (Sapphire
+    Rapids on). Elsewhere bf16 calls take the FMA path up to `DECODE_SDPA_COLUMNS` and SDPA past it."""
+    found = kernels()
+    if found is None or not found.cpp_ops:
+        return False
+    return bool(ctypes.CDLL(str(build_ops_library())).andromeda_decode_sdpa_amx())
+
+
 def fused_decode_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
     """`model.cache.DecodeSDPA` by the op: softmax(q k^T * scale + mask) v (`decode_sdpa_reference`)."""
     return torch.ops.andromeda.decode_sdpa(q, k, v, mask, scale, DECODE_SDPA_COLUMNS)
 
 
 def decode_sdpa_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, limit: int) -> Tensor:
-    """What `andromeda::decode_sdpa` computes (`kernels/decode_sdpa.c`; `limit` only says when the
-    kernel hands over to this): softmax(q k^T * scale + mask) v for q (B, K, G, D), k and v
+    """What `andromeda::decode_sdpa` computes (`kernels/decode_sdpa.c`; `limit` only says when its
+    FMA path hands over to this): softmax(q k^T * scale + mask) v for q (B, K, G, D), k and v
     (B, K, S, D), mask broadcast to (B, K, G, S). Its CPU implementation where ops.cpp did not build."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
@@ -416,12 +434,15 @@ def build_ops_library() -> Path:
 
     def build(partial: Path, scratch: Path) -> None:
         objects = [str(scratch / f"{source.stem}.o") for source in (SOURCE, ATTENTION_SOURCE)]
-        for source, target in zip((SOURCE, ATTENTION_SOURCE), objects):
-            _run([compiler(), *c_flags, "-c", str(source), "-o", target])
+        _run([compiler(), *c_flags, "-c", str(SOURCE), "-o", objects[0]])
+        try:  # decode_sdpa.c's AMX path where the compiler has the flags
+            _run([compiler(), *c_flags, *AMX_FLAGS, "-c", str(ATTENTION_SOURCE), "-o", objects[1]])
+        except subprocess.CalledProcessError:
+            _run([compiler(), *c_flags, "-c", str(ATTENTION_SOURCE), "-o", objects[1]])
         _run([cxx_compiler(), *cxx_flags, str(OPS_SOURCE), *objects, "-o", str(partial), *libraries, "-lm"])
 
     key = b"\0".join([SOURCE.read_bytes(), ATTENTION_SOURCE.read_bytes(), OPS_SOURCE.read_bytes(), kernel_headers(),
-                      torch.__version__.encode(), " ".join(c_flags + cxx_flags + libraries).encode()])
+                      torch.__version__.encode(), " ".join(c_flags + AMX_FLAGS + cxx_flags + libraries).encode()])
     return _cached_build(OPS_SOURCE.stem, key, build)
 
 

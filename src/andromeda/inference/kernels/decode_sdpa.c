@@ -5,25 +5,33 @@
 //   s[g, j] = scale * q[g] . k[j] + mask[g, j]
 //   out[g]  = sum_j softmax_j(s[g]) v[j]
 // which is F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale) on q (B, K, G, D),
-// k and v (B, K, S, D) and an additive mask broadcast to (B, K, G, S). Arithmetic is float32 (bf16
-// inputs are exact in it; the output is rounded to bf16 to nearest even, as torch rounds).
+// k and v (B, K, S, D) and an additive mask broadcast to (B, K, G, S). Sums are float32; the output
+// is rounded to bf16 to nearest even, as torch rounds.
 //
 // Why not ATen's SDPA: for one query row its CPU flash kernel spends tens of microseconds a call
 // packing blocks and splitting work whatever the number of keys, where a decode step at a short
-// context has little to compute; and a compiled step's cache is read whole (its capacity), most of
-// it masked. Here a column whose mask is the lowest finite value (or -inf) for every query head is
-// never read: next to any readable key it weighs exactly 0 (exp underflows), so skipping it changes
-// nothing. A task with a query head that may read no column (a padding row) reads all of them, as
-// SDPA does (every score then rounds to the same value and the row averages its values).
+// context has little to compute; a compiled step's cache is read whole (its capacity), most of it
+// masked; and at long contexts it reads the keys and values at about half the memory bandwidth. Here
+// a column whose mask is the lowest finite value (or -inf) for every query head is never read: next
+// to any readable key it weighs exactly 0 (exp underflows), so skipping it changes nothing. A task
+// with a query head that may read no column (a padding row) reads all of them, as SDPA does (every
+// score then rounds to the same value and the row averages its values).
 //
-// Layout of the work: first a pass over the mask counts each task's readable columns, and a call
-// where one task would read more than `limit` declines (status 3: the caller runs SDPA) having read
-// only its mask. Then one task per (b, h), in parallel on PyTorch's OpenMP runtime: scores with the
-// G <= 16 query heads in the lanes of one vector (the queries transposed once, the keys broadcast
-// channel by channel, KEYS keys at a time); an exact softmax over them; the weighted values with
-// 16 channels in the lanes, as many query heads and channel chunks a pass as fill the registers.
+// Two paths, one task per (b, h) in parallel on PyTorch's OpenMP runtime:
+// - bf16 with AMX tiles (Sapphire Rapids on; `amx` set by the caller once Linux granted them) and a
+//   head size that is a multiple of 32: `attend_amx`, any number of keys, a task split into column
+//   ranges where there are fewer tasks than threads. Both products are tile products; the weights
+//   are rounded to bf16 for the second, as ATen's flash kernel rounds them.
+// - otherwise (float32, CPUs without AMX): first a pass over the mask counts each task's readable
+//   columns, and a call where one task would read more than `limit` declines (status 3: the caller
+//   runs SDPA) having read only its mask. Then `attend`: scores with the G <= 16 query heads in the
+//   lanes of one vector (the queries transposed once, the keys broadcast channel by channel, KEYS
+//   keys at a time); an exact float32 softmax; the weighted values with 16 channels in the lanes, as
+//   many query heads and channel chunks a pass as fill the registers.
+#define _DEFAULT_SOURCE  // syscall (amx.h) under -std=c11
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -44,7 +52,8 @@ typedef struct {
   int64_t m_b, m_h, m_g;
   int64_t bf16;         // q, k, v, mask and out in bfloat16 (else float32)
   float scale;
-  int64_t limit;        // most columns a task reads: more, and the call declines (status 3)
+  int64_t limit;        // most columns a task reads on the FMA path: more, and the call declines (status 3)
+  int64_t amx;          // AMX tiles granted: bf16 calls with D a multiple of 32 take `attend_amx`
   void *out;            // (B, K, G, D), contiguous
 } SdpaArgs;
 
@@ -255,10 +264,280 @@ static void attend(const SdpaArgs *a, int64_t b, int64_t h, const float *masks, 
     weighted_values(a, v, columns, n, scores, inverse, out, 16, 1);
 }
 
+#if defined(__AMX_BF16__) && defined(__AVX512BF16__)
+// Long contexts, bf16, by AMX tiles (`attend_amx`): the products q.k and p.v as TDPBF16PS tile
+// products, so that a step's attention is bound by reading its keys and values, not by FMAs.
+// A task's columns go in chunks of CHUNK with a running max per head (flash attention): each
+// 16-column block's scores come from one tile (16 keys x 16 heads, the keys loaded straight from
+// the cache as the A tile, the queries a B tile of channel pairs), transposed to heads in rows, the
+// mask added; then the chunk's weights exp(s - max), rounded to bf16 as ATen's flash kernel rounds
+// them, are the A tile of the values' product, whose B tiles pair consecutive keys' channels. A
+// (b, h) task is split into ranges of at least MIN_RANGE columns where there are fewer tasks than
+// threads (flash-decoding, Dao et al. 2023), combined by one pass.
+#include "amx.h"
+
+#define CHUNK 256       // columns per softmax chunk (a multiple of 32)
+#define MIN_RANGE 1024  // columns per range at least, where a task is split across threads
+#define MAX_SPLITS 64   // ranges per task at most
+#define AHEAD 32        // columns the keys and values are prefetched ahead (a multiple of 32)
+
+int andromeda_decode_sdpa_amx(void) { return amx_request(); }
+
+// One thread's scratch for `attend_amx`.
+typedef struct {
+  float *scores;    // (HEADS, CHUNK): a chunk's scores, heads in rows
+  uint16_t *p;      // (HEADS, CHUNK) bf16: its weights; rows past G stay 0
+  uint32_t *qb;     // (D / 32, 16, 16): the queries as B tiles (channel pairs x heads, bf16 pairs)
+  uint32_t *vb;     // (4, 16, 16): a block's values as B tiles (key pairs x channels, bf16 pairs)
+  float *tile;      // (16, 16): a block's scores, keys in rows
+  uint16_t *keys;   // (16, D): the keys of a block that ends past the range, zero-padded
+  uint16_t live[CHUNK / 16];  // per block of 16 columns: the columns it reads
+} AmxScratch;
+
+// Task (b, h), columns [c0, c1): its heads' max score m, sum of weights l and weighted values acc
+// (HEADS, D) relative to m. every: read every column (a query head that may read none: as SDPA, it
+// then averages all values), else the columns some head may read.
+static void attend_amx(const SdpaArgs *a, int64_t b, int64_t h, int64_t c0, int64_t c1, int every,
+                       AmxScratch *s, float *m, float *l, float *acc) {
+  const int64_t G = a->G, D = a->D;
+  const uint16_t *q = (const uint16_t *)a->q + b * a->q_b + h * a->q_h;
+  const uint16_t *k = (const uint16_t *)a->k + b * a->k_b + h * a->k_h;
+  const uint16_t *v = (const uint16_t *)a->v + b * a->v_b + h * a->v_h;
+  const uint16_t *mask = (const uint16_t *)a->mask + b * a->m_b + h * a->m_h;
+  const __m512 lowest = _mm512_set1_ps(-3.38953139e38f), minus_inf = _mm512_set1_ps(-INFINITY);
+  // Channel pairs (2i, 2i + 1) of query head g at (i / 16, i % 16, g) of the B tiles.
+  memset(s->qb, 0, (size_t)D / 32 * 1024);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t i = 0; i < D / 2; ++i)
+      s->qb[(i / 16 * 16 + i % 16) * 16 + g] = (uint32_t)q[g * a->q_g + 2 * i] | (uint32_t)q[g * a->q_g + 2 * i + 1] << 16;
+  memset(acc, 0, sizeof(float) * HEADS * D);
+  for (int g = 0; g < HEADS; ++g) m[g] = -INFINITY, l[g] = 0.0f;
+  // Channel pairs of two keys' 32 channels: (x, y) -> x0 y0 x1 y1 ... for channels 0-15, then 16-31.
+  static const uint16_t pairs[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                     8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i pair_low = _mm512_loadu_si512(pairs);
+  const __m512i pair_high = _mm512_add_epi16(pair_low, _mm512_set1_epi16(16));
+
+  for (int64_t j0 = c0; j0 < c1; j0 += CHUNK) {
+    const int64_t n = c1 - j0 < CHUNK ? c1 - j0 : CHUNK, padded = (n + 31) / 32 * 32;
+    __m512 top[HEADS];
+    for (int g = 0; g < HEADS; ++g) top[g] = minus_inf;
+    // Scores, 16 columns a block.
+    for (int64_t jb = 0; jb < padded; jb += 16) {
+      const int64_t j = j0 + jb;
+      const __mmask16 cols = first(n - jb);
+      __m512 rows[HEADS];
+      __mmask16 live = every ? cols : 0;
+      for (int64_t g = 0; g < G; ++g) {
+        rows[g] = load16(mask + g * a->m_g, j, cols, 1);
+        live |= _mm512_mask_cmp_ps_mask(cols, rows[g], lowest, _CMP_GT_OQ);
+      }
+      s->live[jb / 16] = live;
+      if (!live) {
+        for (int64_t g = 0; g < G; ++g) _mm512_storeu_ps(s->scores + g * CHUNK + jb, minus_inf);
+        continue;
+      }
+      // The keys AHEAD columns on into L1: a tile load waits for memory, where a prefetch overlaps
+      // it (1.14x at 8k columns on one core of a Xeon with AMX).
+      for (int64_t i = j + AHEAD; i < j + AHEAD + 16 && i < c1; ++i)
+        for (int64_t c = 0; c < D; c += 32) _mm_prefetch((const char *)(k + i * a->k_s + c), _MM_HINT_T0);
+      const uint16_t *key = k + j * a->k_s;
+      int64_t stride = a->k_s * 2;
+      if (cols != 0xFFFF) {  // the range's last block: its keys copied, zeros past them
+        memset(s->keys, 0, sizeof(uint16_t) * 16 * D);
+        for (int i = 0; i < 16; ++i)
+          if (cols >> i & 1) memcpy(s->keys + i * D, key + i * a->k_s, sizeof(uint16_t) * D);
+        key = s->keys, stride = D * 2;
+      }
+      _tile_zero(0);
+      for (int64_t c = 0; c < D; c += 32) {
+        _tile_loadd(4, key + c, stride);
+        _tile_loadd(5, s->qb + c / 32 * 256, 64);
+        _tile_dpbf16ps(0, 4, 5);
+      }
+      _tile_stored(0, s->tile, 64);
+      __m512 dots[16];
+      for (int i = 0; i < 16; ++i) dots[i] = _mm512_load_ps(s->tile + 16 * i);
+      transpose16(dots);  // dots[g]: head g's 16 columns
+      for (int64_t g = 0; g < G; ++g) {
+        const __m512 score = _mm512_mask_fmadd_ps(dots[g], live, _mm512_set1_ps(a->scale), rows[g]);
+        const __m512 kept = _mm512_mask_mov_ps(minus_inf, live, score);  // unread columns: weight 0
+        _mm512_storeu_ps(s->scores + g * CHUNK + jb, kept);
+        top[g] = _mm512_max_ps(top[g], kept);
+      }
+    }
+    // Weights in bf16 relative to the heads' running max; the sums and values rescaled when it rises.
+    for (int64_t g = 0; g < G; ++g) {
+      const float before = m[g], high = _mm512_reduce_max_ps(top[g]);
+      const float now = high > before ? high : before, base = now == -INFINITY ? 0.0f : now;
+      if (now > before && before != -INFINITY) {
+        const float factor = expf(before - base);
+        l[g] *= factor;
+        for (int64_t d = 0; d < D; d += 16)
+          _mm512_storeu_ps(acc + g * D + d, _mm512_mul_ps(_mm512_loadu_ps(acc + g * D + d), _mm512_set1_ps(factor)));
+      }
+      m[g] = now;
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t jb = 0; jb < padded; jb += 16) {
+        if (!s->live[jb / 16]) {  // weights 0 (a compiled step's unwritten capacity: most of its blocks)
+          _mm256_storeu_si256((__m256i *)(s->p + g * CHUNK + jb), _mm256_setzero_si256());
+          continue;
+        }
+        const __mmask16 cols = first(n - jb);
+        const __m512 e = _mm512_maskz_mov_ps(
+            cols, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(cols, s->scores + g * CHUNK + jb), _mm512_set1_ps(base))));
+        const __m256i weight = (__m256i)_mm512_cvtneps_pbh(e);
+        _mm256_storeu_si256((__m256i *)(s->p + g * CHUNK + jb), weight);
+        sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(weight), 16)));
+      }
+      l[g] += _mm512_reduce_add_ps(sum);
+    }
+    // Weighted values: tiles 0-3 hold 16 heads x 64 channels of acc a pass; per 32 columns, the
+    // weights (16 heads x 32 columns) times the values' B tiles (16 column pairs x 16 channels).
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+      const int tiles = D - d0 >= 64 ? 4 : 2;
+      float *at = acc + d0;  // tile numbers are immediates: no loops over them
+      _tile_loadd(0, at, D * 4);
+      _tile_loadd(1, at + 16, D * 4);
+      if (tiles == 4) {
+        _tile_loadd(2, at + 32, D * 4);
+        _tile_loadd(3, at + 48, D * 4);
+      }
+      for (int64_t jb = 0; jb < padded; jb += 32) {
+        const uint32_t live = (uint32_t)s->live[jb / 16] | (uint32_t)s->live[jb / 16 + 1] << 16;
+        if (!live) continue;
+        for (int r = 0; r < 16; ++r) {
+          const uint16_t *x = v + (j0 + jb + 2 * r) * a->v_s + d0, *y = x + a->v_s;
+          if (jb + AHEAD + 2 * r + 1 < n)  // as the keys: AHEAD columns on, this pass's 128 bytes a row
+            for (int e = 0; e < 64; e += 32) {
+              _mm_prefetch((const char *)(x + AHEAD * a->v_s + e), _MM_HINT_T0);
+              _mm_prefetch((const char *)(y + AHEAD * a->v_s + e), _MM_HINT_T0);
+            }
+          const __mmask32 keep_x = live >> (2 * r) & 1 ? 0xFFFFFFFFu : 0, keep_y = live >> (2 * r + 1) & 1 ? 0xFFFFFFFFu : 0;
+          for (int half = 0; half < tiles / 2; ++half) {
+            const __m512i xs = _mm512_maskz_loadu_epi16(keep_x, x + 32 * half), ys = _mm512_maskz_loadu_epi16(keep_y, y + 32 * half);
+            _mm512_store_si512(s->vb + (2 * half) * 256 + r * 16, _mm512_permutex2var_epi16(xs, pair_low, ys));
+            _mm512_store_si512(s->vb + (2 * half + 1) * 256 + r * 16, _mm512_permutex2var_epi16(xs, pair_high, ys));
+          }
+        }
+        _tile_loadd(4, s->p + jb, CHUNK * 2);
+        _tile_loadd(5, s->vb, 64);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_loadd(6, s->vb + 256, 64);
+        _tile_dpbf16ps(1, 4, 6);
+        if (tiles == 4) {
+          _tile_loadd(5, s->vb + 512, 64);
+          _tile_dpbf16ps(2, 4, 5);
+          _tile_loadd(6, s->vb + 768, 64);
+          _tile_dpbf16ps(3, 4, 6);
+        }
+      }
+      _tile_stored(0, at, D * 4);
+      _tile_stored(1, at + 16, D * 4);
+      if (tiles == 4) {
+        _tile_stored(2, at + 32, D * 4);
+        _tile_stored(3, at + 48, D * 4);
+      }
+    }
+  }
+}
+
+// Whether every query head of task (b, h) may read some column (a scan that stops once all do:
+// in decoding, at the first block).
+static int every_head_reads(const SdpaArgs *a, int64_t b, int64_t h) {
+  const uint16_t *mask = (const uint16_t *)a->mask + b * a->m_b + h * a->m_h;
+  const uint32_t all = (1u << a->G) - 1;
+  uint32_t reading = 0;
+  for (int64_t j = 0; j < a->S && reading != all; j += 16)
+    for (int64_t g = 0; g < a->G; ++g)
+      if (_mm512_mask_cmp_ps_mask(first(a->S - j), load16(mask + g * a->m_g, j, first(a->S - j), 1),
+                                  _mm512_set1_ps(-3.38953139e38f), _CMP_GT_OQ))
+        reading |= 1u << g;
+  return reading == all;
+}
+
+// The whole call by `attend_amx`: tasks split into ranges for idle threads, then combined.
+static int decode_amx(const SdpaArgs *a) {
+  const int64_t tasks = a->B * a->K, S = a->S, D = a->D, G = a->G;
+  const int64_t threads = omp_get_max_threads();
+  int64_t splits = tasks < threads ? (threads + tasks - 1) / tasks : 1;
+  if (splits > S / MIN_RANGE) splits = S / MIN_RANGE > 1 ? S / MIN_RANGE : 1;
+  if (splits > MAX_SPLITS) splits = MAX_SPLITS;
+  const int64_t span = ((S + splits - 1) / splits + CHUNK - 1) / CHUNK * CHUNK;
+  splits = (S + span - 1) / span;
+  const int64_t part = 2 * HEADS + HEADS * D;  // floats a range leaves: m, l, acc
+  float *parts = (float *)aligned_alloc(64, (size_t)(tasks * splits * part) * 4);
+  uint8_t *every = (uint8_t *)malloc((size_t)tasks);
+  if (!parts || !every) {
+    free(parts), free(every);
+    return 2;
+  }
+  for (int64_t t = 0; t < tasks; ++t) every[t] = !every_head_reads(a, t / a->K, t % a->K);
+  const size_t scratch_bytes = (size_t)HEADS * CHUNK * 6 + (size_t)D / 32 * 1024 + 4096 + 1024 + (size_t)32 * D;
+  int failed = 0;
+#pragma omp parallel reduction(| : failed)
+  {
+    char *room = (char *)aligned_alloc(64, (scratch_bytes + 63) / 64 * 64);
+    AmxScratch s;
+    if (room) {
+      memset(room, 0, scratch_bytes);
+      s.scores = (float *)room;
+      s.p = (uint16_t *)(room + HEADS * CHUNK * 4);
+      s.qb = (uint32_t *)(room + HEADS * CHUNK * 6);
+      s.vb = (uint32_t *)((char *)s.qb + D / 32 * 1024);
+      s.tile = (float *)((char *)s.vb + 4096);
+      s.keys = (uint16_t *)((char *)s.tile + 1024);
+      amx_configure(7);
+    }
+#pragma omp for schedule(static)
+    for (int64_t w = 0; w < tasks * splits; ++w) {
+      if (!room) {
+        failed = 1;
+        continue;
+      }
+      const int64_t t = w / splits, from = w % splits * span, to = from + span < S ? from + span : S;
+      float *out = parts + w * part;
+      attend_amx(a, t / a->K, t % a->K, from, to, every[t], &s, out, out + HEADS, out + 2 * HEADS);
+    }
+    if (room) _tile_release();
+    free(room);
+    // Each task's ranges combined: weights exp(m_r - max) on their sums and values.
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+      char *out = (char *)a->out + t * G * D * 2;
+      for (int64_t g = 0; g < G; ++g) {
+        float top = -INFINITY;
+        for (int64_t r = 0; r < splits; ++r) top = fmaxf(top, parts[(t * splits + r) * part + g]);
+        float weights[MAX_SPLITS], total = 0.0f;
+        for (int64_t r = 0; r < splits; ++r) {
+          const float mr = parts[(t * splits + r) * part + g];
+          weights[r] = mr == -INFINITY ? 0.0f : expf(mr - top);
+          total += weights[r] * parts[(t * splits + r) * part + HEADS + g];
+        }
+        for (int64_t d = 0; d < D; d += 16) {
+          __m512 sum = _mm512_setzero_ps();
+          for (int64_t r = 0; r < splits; ++r)
+            sum = _mm512_fmadd_ps(_mm512_set1_ps(weights[r]),
+                                  _mm512_loadu_ps(parts + (t * splits + r) * part + 2 * HEADS + g * D + d), sum);
+          store16(out, g * D + d, _mm512_div_ps(sum, _mm512_set1_ps(total)), 0xFFFF, 1);
+        }
+      }
+    }
+  }
+  free(parts), free(every);
+  return failed ? 2 : 0;
+}
+#else  // built without the AMX flags: never asked for (andromeda_decode_sdpa_amx is 0)
+int andromeda_decode_sdpa_amx(void) { return 0; }
+#define decode_amx(a) 3
+#endif
+
 // 0 on success; 1 for arguments the kernel does not take (G > 16, D > MAX_DIM (256), S < 1); 2 out
-// of memory; 3 declined: some task would read more than `limit` columns (nothing is computed).
+// of memory; 3 declined (FMA path): some task would read more than `limit` columns (nothing is
+// computed).
 int andromeda_decode_sdpa(const SdpaArgs *a) {
   if (a->G < 1 || a->G > HEADS || a->D < 1 || a->D > MAX_DIM || a->S < 1) return 1;
+  if (a->amx && a->bf16 && a->D % 32 == 0) return decode_amx(a);
   const int64_t tasks = a->B * a->K, S = a->S;
   int64_t most = 0;
   for (int64_t t = 0; t < tasks && most <= a->limit; ++t) {

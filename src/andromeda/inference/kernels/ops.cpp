@@ -34,9 +34,11 @@ typedef struct {  // decode_sdpa.c's SdpaArgs
   int64_t bf16;
   float scale;
   int64_t limit;
+  int64_t amx;
   void *out;
 } SdpaArgs;
 int andromeda_decode_sdpa(const SdpaArgs *args);
+int andromeda_decode_sdpa_amx(void);
 }
 
 namespace {
@@ -95,8 +97,9 @@ at::Tensor int4_rows(const at::Tensor &x_in, const at::Tensor &weight, const at:
 at::Tensor rows_of(const at::Tensor &t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 // softmax(q k^T * scale + mask) v for q (B, K, G, D), k and v (B, K, S, D) and a mask broadcast to
-// (B, K, G, S), all bf16 or all float32: decode_sdpa.c's kernel where every task reads at most
-// `limit` columns, else ATen's SDPA (the same result to rounding).
+// (B, K, G, S), all bf16 or all float32: decode_sdpa.c's kernel (bf16 by AMX tiles where this process
+// has them, at any length; else its FMA path where every task reads at most `limit` columns), else
+// ATen's SDPA (the same result to rounding).
 at::Tensor decode_sdpa(const at::Tensor &q_in, const at::Tensor &k_in, const at::Tensor &v_in,
                        const at::Tensor &mask_in, double scale, int64_t limit) {
   TORCH_CHECK_VALUE(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4 && mask_in.dim() == 4,
@@ -110,6 +113,7 @@ at::Tensor decode_sdpa(const at::Tensor &q_in, const at::Tensor &k_in, const at:
                     v_in.sizes());
   if (!same || (dtype != at::kBFloat16 && dtype != at::kFloat))
     return at::scaled_dot_product_attention(q_in, k_in, v_in, mask_in, 0.0, false, scale);
+  static const bool amx = andromeda_decode_sdpa_amx() != 0;  // AMX tiles granted to this process
   const at::Tensor q = q_in.contiguous(), k = rows_of(k_in), v = rows_of(v_in);
   const at::Tensor mask = rows_of(mask_in.expand({B, K, G, S}));
   at::Tensor out = at::empty({B, K, G, D}, q.options());
@@ -117,7 +121,7 @@ at::Tensor decode_sdpa(const at::Tensor &q_in, const at::Tensor &k_in, const at:
                       k.const_data_ptr(), v.const_data_ptr(), k.stride(0), k.stride(1), k.stride(2),
                       v.stride(0), v.stride(1), v.stride(2), mask.const_data_ptr(), mask.stride(0),
                       mask.stride(1), mask.stride(2), dtype == at::kBFloat16, static_cast<float>(scale), limit,
-                      out.mutable_data_ptr()};
+                      amx, out.mutable_data_ptr()};
   const int status = andromeda_decode_sdpa(&args);
   TORCH_CHECK(status != 2, "decode_sdpa: out of memory for its scratch buffers");
   if (status != 0)  // 1: a shape the kernel does not take; 3: more columns than `limit`
