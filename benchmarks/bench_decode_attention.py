@@ -146,7 +146,9 @@ def main() -> None:
           f"the FMA path hands over to SDPA past {native.DECODE_SDPA_COLUMNS} readable keys\n")
     if not args.skip_calls:
         time_calls(args.calls)
-    time_long([int(value) for value in args.long.split(",") if value], args.steps)
+    long_contexts = [int(value) for value in args.long.split(",") if value]
+    if long_contexts:
+        time_long(long_contexts, args.steps)
     contexts = [int(value) for value in args.contexts.split(",") if value]
     if contexts:
         time_steps(args.dim, contexts, args.new_tokens, args.rounds, not args.eager)
