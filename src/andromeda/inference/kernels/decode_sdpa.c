@@ -265,8 +265,9 @@ static void attend(const SdpaArgs *a, int64_t b, int64_t h, const float *masks, 
 }
 
 #if defined(__AMX_BF16__) && defined(__AVX512BF16__)
-// Long contexts, bf16, by AMX tiles (`attend_amx`): the products q.k and p.v as TDPBF16PS tile
-// products, so that a step's attention is bound by reading its keys and values, not by FMAs.
+// bf16 by AMX tiles (`attend_amx`), at any context: the products q.k and p.v as TDPBF16PS tile
+// products, so that a long context's attention is bound by reading its keys and values, not by
+// FMAs (and a short one costs no more than the FMA path).
 // A task's columns go in chunks of CHUNK with a running max per head (flash attention): each
 // 16-column block's scores come from one tile (16 keys x 16 heads, the keys loaded straight from
 // the cache as the A tile, the queries a B tile of channel pairs), transposed to heads in rows, the
