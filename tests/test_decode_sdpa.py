@@ -95,6 +95,30 @@ def test_a_head_that_may_read_nothing_averages_every_column_as_sdpa_does():
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype, S", [(torch.float32, 40), (torch.bfloat16, 40), (torch.bfloat16, 300)])
+def test_a_head_masked_with_minus_inf_everywhere_gets_zero_as_sdpa_does(dtype, S):
+    """A query head whose every column is -inf has no weights at all: PyTorch's SDPA gives it 0
+    (not NaN), and so does the op, on either path; the task's other heads keep their attention."""
+    q, k, v, mask = inputs(dtype, B=1, S=S, capacity=S)
+    mask[0, 1, 3] = float("-inf")
+    ours = decode_sdpa(q, k, v, mask, 0.1)
+    assert torch.equal(ours[0, 1, 3], torch.zeros_like(ours[0, 1, 3]))
+    assert torch.equal(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.1)[0, 1, 3], ours[0, 1, 3])
+    others = torch.ones(ours.shape[:3], dtype=torch.bool)
+    others[0, 1, 3] = False
+    reference = exact(q, k, v, mask, 0.1)
+    assert (ours[others].double() - reference[others]).abs().max() <= (1e-5 if dtype == torch.float32 else 0.02)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_empty_batch_gives_an_empty_result(dtype):
+    q, k, v, mask = inputs(dtype, B=1)
+    ours = decode_sdpa(q[:0], k[:0], v[:0], mask[:0], 0.1)
+    assert ours.shape == (0, *q.shape[1:]) and ours.dtype == dtype
+
+
+@needs_kernels
 def test_past_its_limits_the_op_hands_over_to_sdpa():
     """On the FMA path (float32 here; bf16 on a CPU without AMX): more readable columns than
     `limit`, more than 16 query heads per key/value head, or a head size over 256, and the op

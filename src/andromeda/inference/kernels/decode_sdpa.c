@@ -12,10 +12,13 @@
 // packing blocks and splitting work whatever the number of keys, where a decode step at a short
 // context has little to compute; a compiled step's cache is read whole (its capacity), most of it
 // masked; and at long contexts it reads the keys and values at about half the memory bandwidth. Here
-// a column whose mask is the lowest finite value (or -inf) for every query head is never read: next
-// to any readable key it weighs exactly 0 (exp underflows), so skipping it changes nothing. A task
-// with a query head that may read no column (a padding row) reads all of them, as SDPA does (every
-// score then rounds to the same value and the row averages its values).
+// a column whose mask is the lowest finite value (or -inf) for every query head weighs exactly 0
+// next to any readable key (exp underflows), so it is skipped: its value is never read, nor its key
+// on the FMA path (the AMX path loads the keys of a 16-column block with a readable column whole,
+// and sets the others' scores to -inf, so NaN there never counts). A task with a query head that
+// may read no column (a padding row) reads all of them, as SDPA does (every score then rounds to
+// the same value and the row averages its values); a head whose columns are all -inf gets 0, as
+// SDPA gives it.
 //
 // Two paths, one task per (b, h) in parallel on PyTorch's OpenMP runtime:
 // - bf16 with AMX tiles (Sapphire Rapids on; `amx` set by the caller once Linux granted them) and a
@@ -241,7 +244,10 @@ static void attend(const SdpaArgs *a, int64_t b, int64_t h, const float *masks, 
     }
   }
 
-  // Softmax: the weights in place of the scores (0 in the lanes past G), and their sums.
+  // Softmax: the weights in place of the scores (0 in the lanes past G), and their sums. A head
+  // whose every score is -inf (its columns all masked with -inf) gets weights 0 and the output 0,
+  // as SDPA gives it.
+  top = _mm512_mask_mov_ps(top, _mm512_cmp_ps_mask(top, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ), _mm512_setzero_ps());
   __m512 sum = _mm512_setzero_ps();
   for (int64_t c = 0; c < n; ++c) {
     const __m512 p = _mm512_maskz_mov_ps(heads, exp512(_mm512_sub_ps(_mm512_loadu_ps(scores + c * HEADS), top)));
@@ -249,7 +255,8 @@ static void attend(const SdpaArgs *a, int64_t b, int64_t h, const float *masks, 
     sum = _mm512_add_ps(sum, p);
   }
   float inverse[HEADS];
-  _mm512_storeu_ps(inverse, _mm512_div_ps(_mm512_set1_ps(1.0f), sum));
+  _mm512_storeu_ps(inverse, _mm512_maskz_div_ps(_mm512_cmp_ps_mask(sum, _mm512_setzero_ps(), _CMP_GT_OQ),
+                                                _mm512_set1_ps(1.0f), sum));
 
   // Weighted values (`weighted_values`), with as many query heads and 16-channel chunks as fill
   // the registers for this G.
@@ -515,12 +522,14 @@ static int decode_amx(const SdpaArgs *a) {
           weights[r] = mr == -INFINITY ? 0.0f : expf(mr - top);
           total += weights[r] * parts[(t * splits + r) * part + HEADS + g];
         }
+        // A head whose every score is -inf weighs nothing: 0, as SDPA gives it.
+        const __m512 inverse = _mm512_set1_ps(total > 0.0f ? 1.0f / total : 0.0f);
         for (int64_t d = 0; d < D; d += 16) {
           __m512 sum = _mm512_setzero_ps();
           for (int64_t r = 0; r < splits; ++r)
             sum = _mm512_fmadd_ps(_mm512_set1_ps(weights[r]),
                                   _mm512_loadu_ps(parts + (t * splits + r) * part + 2 * HEADS + g * D + d), sum);
-          store16(out, g * D + d, _mm512_div_ps(sum, _mm512_set1_ps(total)), 0xFFFF, 1);
+          store16(out, g * D + d, _mm512_mul_ps(sum, inverse), 0xFFFF, 1);
         }
       }
     }
@@ -533,11 +542,12 @@ int andromeda_decode_sdpa_amx(void) { return 0; }
 #define decode_amx(a) 3
 #endif
 
-// 0 on success; 1 for arguments the kernel does not take (G > 16, D > MAX_DIM (256), S < 1); 2 out
+// 0 on success; 1 for arguments the kernel does not take (an empty batch, G > 16, D > MAX_DIM (256),
+// S < 1); 2 out
 // of memory; 3 declined (FMA path): some task would read more than `limit` columns (nothing is
 // computed).
 int andromeda_decode_sdpa(const SdpaArgs *a) {
-  if (a->G < 1 || a->G > HEADS || a->D < 1 || a->D > MAX_DIM || a->S < 1) return 1;
+  if (a->B < 1 || a->K < 1 || a->G < 1 || a->G > HEADS || a->D < 1 || a->D > MAX_DIM || a->S < 1) return 1;
   if (a->amx && a->bf16 && a->D % 32 == 0) return decode_amx(a);
   const int64_t tasks = a->B * a->K, S = a->S;
   int64_t most = 0;
