@@ -14,8 +14,10 @@ does, on Shakespeare's held-out plays (what `andromeda eval` reads by default):
    decode attention (`native.decode_sdpa_for`, what `generate` and the server give a bf16 cache on
    the CPU); an int8 cache read two ways: dequantized for the model's attention (SDPA, or the
    reference einsums), and by the int8 decode-attention kernel (`inference.kv_attention`, what
-   `generate` and the server use on the CPU); interleaved (A, B, C, D, A, ...), medians; after each step the slot is truncated back to the context, so every
-   step reads the same context. Then the same for attention alone at the 2.5 B default's shape
+   `generate` and the server use on the CPU); interleaved (A, B, C, D, A, ...), medians (the fused
+   attention stands in for SDPA only: in the reference row the bf16 caches both read through the
+   einsums); after each step the slot is truncated back to the context, so every step reads the
+   same context. Then the same for attention alone at the 2.5 B default's shape
    (24 query and 2 key/value heads of 128, 32 layers; random keys, values and queries): the
    whole decode step's attention, its keys and values written included.
 3. Memory: bytes per token of keys and values for this model and for the 2.5 B default.
