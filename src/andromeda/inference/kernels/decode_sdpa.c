@@ -85,6 +85,20 @@ static inline __mmask16 first(int64_t count) {
   return count >= 16 ? (__mmask16)0xFFFF : count <= 0 ? (__mmask16)0 : (__mmask16)((1u << count) - 1);
 }
 
+// A 64-byte aligned buffer of at least `bytes` held by the calling thread between calls (OpenMP's
+// threads persist): a decoding step's calls allocate nothing. NULL when out of memory.
+static void *thread_buffer(void **buffer, size_t *capacity, size_t bytes) {
+  if (bytes > *capacity) {
+    free(*buffer);
+    *capacity = (bytes + 4095) / 4096 * 4096;
+    *buffer = aligned_alloc(64, *capacity);
+    if (!*buffer) *capacity = 0;
+  }
+  return *buffer;
+}
+static _Thread_local void *task_room;   // a thread's scratch inside the parallel regions
+static _Thread_local size_t task_room_bytes;
+
 // The number of columns task (b, h) reads (every column where one of its query heads may read
 // none), counted up to just past `limit`: a mask pass with no writes, so a call that declines costs
 // one read of its mask.
@@ -294,7 +308,7 @@ int andromeda_decode_sdpa_amx(void) { return amx_request(); }
 // One thread's scratch for `attend_amx`.
 typedef struct {
   float *scores;    // (HEADS, CHUNK): a chunk's scores, heads in rows
-  uint16_t *p;      // (HEADS, CHUNK) bf16: its weights; rows past G stay 0
+  uint16_t *p;      // (HEADS, CHUNK) bf16: its weights; rows past G are 0
   uint32_t *qb;     // (D / 32, 16, 16): the queries as B tiles (channel pairs x heads, bf16 pairs)
   uint32_t *vb;     // (4, 16, 16): a block's values as B tiles (key pairs x channels, bf16 pairs)
   float *tile;      // (16, 16): a block's scores, keys in rows
@@ -318,6 +332,7 @@ static void attend_amx(const SdpaArgs *a, int64_t b, int64_t h, int64_t c0, int6
   for (int64_t g = 0; g < G; ++g)
     for (int64_t i = 0; i < D / 2; ++i)
       s->qb[(i / 16 * 16 + i % 16) * 16 + g] = (uint32_t)q[g * a->q_g + 2 * i] | (uint32_t)q[g * a->q_g + 2 * i + 1] << 16;
+  memset(s->p + G * CHUNK, 0, sizeof(uint16_t) * (HEADS - G) * CHUNK);  // weights of absent heads: 0
   memset(acc, 0, sizeof(float) * HEADS * D);
   for (int g = 0; g < HEADS; ++g) m[g] = -INFINITY, l[g] = 0.0f;
   // Channel pairs of two keys' 32 channels: (x, y) -> x0 y0 x1 y1 ... for channels 0-15, then 16-31.
@@ -464,6 +479,9 @@ static int every_head_reads(const SdpaArgs *a, int64_t b, int64_t h) {
   return reading == all;
 }
 
+static _Thread_local void *call_room;   // the calling thread's state for the whole call (decode_amx)
+static _Thread_local size_t call_room_bytes;
+
 // The whole call by `attend_amx`: tasks split into ranges for idle threads, then combined.
 static int decode_amx(const SdpaArgs *a) {
   const int64_t tasks = a->B * a->K, S = a->S, D = a->D, G = a->G;
@@ -474,21 +492,17 @@ static int decode_amx(const SdpaArgs *a) {
   const int64_t span = ((S + splits - 1) / splits + CHUNK - 1) / CHUNK * CHUNK;
   splits = (S + span - 1) / span;
   const int64_t part = 2 * HEADS + HEADS * D;  // floats a range leaves: m, l, acc
-  float *parts = (float *)aligned_alloc(64, (size_t)(tasks * splits * part) * 4);
-  uint8_t *every = (uint8_t *)malloc((size_t)tasks);
-  if (!parts || !every) {
-    free(parts), free(every);
-    return 2;
-  }
+  float *parts = (float *)thread_buffer(&call_room, &call_room_bytes, (size_t)(tasks * splits * part) * 4 + tasks);
+  if (!parts) return 2;
+  uint8_t *every = (uint8_t *)(parts + tasks * splits * part);
   for (int64_t t = 0; t < tasks; ++t) every[t] = !every_head_reads(a, t / a->K, t % a->K);
   const size_t scratch_bytes = (size_t)HEADS * CHUNK * 6 + (size_t)D / 32 * 1024 + 4096 + 1024 + (size_t)32 * D;
   int failed = 0;
 #pragma omp parallel reduction(| : failed)
   {
-    char *room = (char *)aligned_alloc(64, (scratch_bytes + 63) / 64 * 64);
+    char *room = (char *)thread_buffer(&task_room, &task_room_bytes, scratch_bytes);
     AmxScratch s;
     if (room) {
-      memset(room, 0, scratch_bytes);
       s.scores = (float *)room;
       s.p = (uint16_t *)(room + HEADS * CHUNK * 4);
       s.qb = (uint32_t *)(room + HEADS * CHUNK * 6);
@@ -508,7 +522,6 @@ static int decode_amx(const SdpaArgs *a) {
       attend_amx(a, t / a->K, t % a->K, from, to, every[t], &s, out, out + HEADS, out + 2 * HEADS);
     }
     if (room) _tile_release();
-    free(room);
     // Each task's ranges combined: weights exp(m_r - max) on their sums and values.
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; ++t) {
@@ -534,7 +547,6 @@ static int decode_amx(const SdpaArgs *a) {
       }
     }
   }
-  free(parts), free(every);
   return failed ? 2 : 0;
 }
 #else  // built without the AMX flags: never asked for (andromeda_decode_sdpa_amx is 0)
@@ -563,7 +575,7 @@ int andromeda_decode_sdpa(const SdpaArgs *a) {
   int failed = 0;
 #pragma omp parallel reduction(| : failed)
   {
-    float *scratch = (float *)aligned_alloc(64, (bytes + 63) / 64 * 64);
+    float *scratch = (float *)thread_buffer(&task_room, &task_room_bytes, bytes);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; ++t) {
       if (!scratch) {
@@ -575,7 +587,6 @@ int andromeda_decode_sdpa(const SdpaArgs *a) {
       const int64_t n = readable(a, t / a->K, t % a->K, masks, columns);
       attend(a, t / a->K, t % a->K, masks, columns, n, scores, keys);
     }
-    free(scratch);
   }
   return failed ? 2 : 0;
 }
