@@ -300,6 +300,55 @@ def test_decode_kernel_splits_a_long_row_across_threads(dtype, tolerance, amx):
     torch.testing.assert_close(out.float(), expected.float(), atol=tolerance, rtol=tolerance)
 
 
+needs_amx = pytest.mark.skipif(NO_KERNEL is not None or not kv_attention._amx_ready(),
+                               reason="no AMX tiles here: the int8 kernel's bf16 path takes FMAs")
+
+
+@needs_amx
+@pytest.mark.parametrize("groups, dim, context, window, peak", [
+    (12, 128, 40, None, 1.0),  # one block
+    (12, 128, 3000, None, 1.0),  # ~50 blocks in two threads' ranges, combined
+    (12, 128, 700, None, 20.0),  # peaked weights: most keys' codes 0, the weights of whole blocks underflow
+    (9, 96, 700, None, 1.0),  # a last pass of 32 channels; 9 heads of a tile's 16
+    (16, 32, 300, None, 1.0),
+    (12, 64, 200, 48, 1.0),  # a ring buffer (window 48, 2 sinks): its columns read out of position order
+], ids=["one-block", "long", "peaked", "dim-96", "dim-32", "ring"])
+def test_amx_weighted_values_equal_the_fma_paths(groups, dim, context, window, peak):
+    """Without xPos the AMX path's scores are exact (int8 keys times bf16 queries, float32 sums), so
+    it differs from the FMA path (`amx=False`, as on CPUs without AMX) only in its weighted values:
+    int8 tile products of 16-bit weight codes (two u8 tiles). Its outputs equal the FMA path's but
+    for a last-bit bf16 rounding in a few percent of entries. One 8-bit code per weight fails
+    this: 62-68% of entries differed, by up to 4 ulp. (Outputs near 0 may differ by the codes'
+    rounding, 2^-16 of the largest value.)"""
+    config = Config.from_preset("tiny", heads=2 * groups, attn_kv_heads=2, dim_head=dim, rotary_xpos=False)
+    generator = torch.Generator().manual_seed(context)
+    ring = dict(window=window, sink_tokens=2) if window else {}
+    capacity = window + 40 if window else context + 1  # (a ring takes chunks of up to capacity - window)
+    cache = KVCache(config, 1, capacity, dtype=torch.bfloat16, device="cpu", kv_dtype="int8", **ring)
+    with torch.no_grad():
+        for count in [40] * (context // 40) + [context % 40, 1]:
+            step = cache.append(None, None, None, count) if count else None
+            for layer in range(config.depth if count else 0):
+                step.store(layer, *(torch.randn(1, 2, count, dim, generator=generator).bfloat16() for _ in "kv"))
+        q = (torch.randn(1, 2 * groups, 1, dim, generator=generator) * peak).bfloat16()
+        slopes = torch.rand(2 * groups, generator=generator) / 64
+        outs, threads = [], torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            for amx in (True, False):
+                kernel = kv_attention.Int8DecodeAttention(amx=amx)
+                outs.append(kernel(step, 1, q, slopes, 0.3).float())
+                assert kernel._args.amx == amx
+        finally:
+            torch.set_num_threads(threads)
+    differ = outs[0] != outs[1]
+    assert differ.float().mean() < 0.05
+    # one bf16 ulp at most, or the codes' 2^-16 of the largest value where the output is near 0
+    assert ((outs[0] - outs[1]).abs() <= outs[1].abs() * 2.0 ** -7 + 1e-4).all()
+    expected = kv_attention.decode_attention_reference(step, 1, q, slopes, 0.3).float()
+    torch.testing.assert_close(outs[1], expected, atol=1e-2, rtol=1e-2)  # and the FMA path is right
+
+
 @needs_kernel
 def test_generate_decodes_through_the_kernel_and_falls_back_without_it(net, monkeypatch):
     differences = checked_kernel(monkeypatch)

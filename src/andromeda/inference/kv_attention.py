@@ -24,7 +24,9 @@ the dequantize-then-SDPA path by rounding only (that path rounds keys, factors a
 the compute dtype first); where AMX tiles are there (`AMX_CPU_FLAGS`: Sapphire Rapids on), a bf16
 model with 9 to 16 query heads per kv head and a head size that is a multiple of 32 takes the
 products q.k from them, its queries and keys times factors rounded to bf16 as its SDPA path
-rounds them. Work is split over (rows x kv heads x column ranges), flash-decoding style, with one
+rounds them, and the weighted values: each block's weights coded in 16 bits (two u8 tiles, to
+2^-16 of the block's largest) against the int8 values as stored, summed in int32 (AMX-INT8), the
+same as the float32 path's but for last-bit roundings (tested). Work is split over (rows x kv heads x column ranges), flash-decoding style, with one
 pass combining the ranges' softmax sums, so threads share one row; within a range a head's running
 max is raised lazily (only when a block beats it by e^8), so the weighted values already summed
 are rarely rescaled. `decode_attention_reference` computes the same in PyTorch (float32
@@ -70,11 +72,13 @@ STORE_SOURCE = Path(__file__).parent / "kernels" / "kv_store.c"  # a decode step
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp", "-shared", "-fPIC",
          "-std=gnu11", "-lm")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
-AMX_CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16")  # bf16 models' scores by AMX tiles
+AMX_CPU_FLAGS = ("amx_tile", "amx_bf16", "amx_int8", "avx512_bf16")  # bf16 models: scores and values by AMX tiles
+INT8_AMX_FLAGS = ("-mamx-int8",)  # with native.AMX_FLAGS: the values' products (TDPBUSD)
 KERNEL_DTYPES = (torch.bfloat16, torch.float32)  # compute dtypes (and so scale dtypes) the kernel reads
 AMX_HEADS = 16  # query heads per kv head one tile's columns hold
 LANES_FROM = 8  # more query heads per kv head than this: the kernel computes scores with heads in lanes, or AMX
 CHANNELS = 16  # float32 lanes of one AVX-512 vector: the kernel's query rows are padded to a multiple
+BLOCK_COLUMNS = 64  # readable key columns one softmax block of the kernel holds at most (MAX_BLOCK)
 
 
 class _Args(ctypes.Structure):
@@ -87,7 +91,7 @@ class _Args(ctypes.Structure):
         ("k_scale", ctypes.c_void_p), ("v_scale", ctypes.c_void_p), ("bf16_scales", ctypes.c_int64),
         ("amx", ctypes.c_int64), ("slots", ctypes.c_void_p), ("positions", ctypes.c_void_p), ("valid", ctypes.c_void_p),
         ("q_pos", ctypes.c_void_p), ("centers", ctypes.c_void_p), ("rates", ctypes.c_void_p),
-        ("slopes", ctypes.c_void_p), ("window", ctypes.c_int64), ("sinks", ctypes.c_int64), ("out", ctypes.c_void_p)]
+        ("powers", ctypes.c_void_p), ("powers_rows", ctypes.c_int64), ("slopes", ctypes.c_void_p), ("window", ctypes.c_int64), ("sinks", ctypes.c_int64), ("out", ctypes.c_void_p)]
 
 
 class _StoreArgs(ctypes.Structure):  # kv_store.c's StoreArgs
@@ -182,6 +186,7 @@ class Int8DecodeAttention:
         q_pos = step.q_pos[:, 0].to(torch.long).contiguous()
         centers = step.center.reshape(-1).to(torch.float32).contiguous()
         rates = xpos_rates(config.rotary_dim, config.xpos_scale_base) if config.rotary_xpos else None
+        powers = xpos_powers(config.rotary_dim, config.xpos_scale_base) if config.rotary_xpos else None
         slopes = None if slopes is None else slopes.float().contiguous()
         args = _Args(rows=len(slots), kv_heads=K, groups=heads // K, dim=D, padded_dim=D + -D % CHANNELS,
                      rotary_dim=config.rotary_dim if rates is not None else 0, columns=kv_cache.k.shape[3],
@@ -191,9 +196,10 @@ class Int8DecodeAttention:
                      positions=kv_cache.positions.data_ptr(), valid=kv_cache.valid.data_ptr(),
                      q_pos=q_pos.data_ptr(), centers=centers.data_ptr(),
                      rates=None if rates is None else rates.data_ptr(),
+                     powers=None if powers is None else powers.data_ptr(), powers_rows=BLOCK_COLUMNS,
                      slopes=None if slopes is None else slopes.data_ptr(),
                      window=step.window[0] if step.window else 0, sinks=step.window[1] if step.window else 0)
-        self._step, self._args, self._alive = step, args, (slots, q_pos, centers, rates, slopes)
+        self._step, self._args, self._alive = step, args, (slots, q_pos, centers, rates, powers, slopes)
         return args
 
 
@@ -213,6 +219,15 @@ def xpos_rates(rotary_dim: int, scale_base: float) -> Tensor:
     zeta = xpos_scale(torch.tensor([[scale_base]]), rotary_dim, scale_base, 0).flatten()  # (R/2,) float32
     rates = (-zeta.double().log() / scale_base).repeat_interleave(2)  # pairs: adjacent channels
     return F.pad(rates, (0, -rotary_dim % CHANNELS)).contiguous()  # 0 past R: factors of 1
+
+
+@cache
+def xpos_powers(rotary_dim: int, scale_base: float) -> Tensor:
+    """exp(rate_d * j) for the first BLOCK_COLUMNS offsets j of a block of keys at consecutive
+    positions, (BLOCK_COLUMNS, R rounded up to 16) float32 (powers taken in float64): the keys'
+    factors relative to the block's first, made once per shape instead of in every call."""
+    offsets = torch.arange(BLOCK_COLUMNS, dtype=torch.float64)[:, None]
+    return (offsets * xpos_rates(rotary_dim, scale_base)).exp().float().contiguous()
 
 
 def decode_attention_reference(step: CacheStep, layer: int, q: Tensor, slopes: Tensor | None,
@@ -275,7 +290,7 @@ def _library_path() -> Path:
     """The kernel built with the AMX flags, or without them where the compiler lacks them (the
     C file then leaves its AMX path out)."""
     try:
-        return build_library(SOURCE, FLAGS + AMX_FLAGS)
+        return build_library(SOURCE, FLAGS + AMX_FLAGS + INT8_AMX_FLAGS)
     except subprocess.CalledProcessError:
         return build_library(SOURCE, FLAGS)
 

@@ -9,10 +9,11 @@
 //   s[g, j] = scale * kscale_j * sum_d q[g, d] f_d(p_j) kq_j[d] - slope_g (i - p_j)
 //   out[g]  = sum_j softmax_j(s[g]) vscale_j vq_j
 // in float32, except that a bf16 model with 9 to 16 query heads per kv head and a head size that
-// is a multiple of 32 takes its scores' products from AMX tiles (TDPBF16PS): queries, and keys
-// times factors, rounded to bf16 (as its dequantize-then-SDPA path rounds them), summed in float32.
-// (vdpbf16ps runs at a quarter of an FMA's rate on Sapphire Rapids; values by AMX cost, in tile
-// loads and stores of the accumulators, what they saved.) f_d(p) = zeta_d^-((p - center) / base)
+// is a multiple of 32 takes both products from AMX tiles: the scores' by TDPBF16PS (queries, and
+// keys times factors, rounded to bf16 as its dequantize-then-SDPA path rounds them, summed in
+// float32; vdpbf16ps runs at a quarter of an FMA's rate on Sapphire Rapids), the weighted values'
+// by TDPBUSD (`values_amx`: the weights as 16-bit codes in two u8 tiles, the int8 values as they
+// are stored, summed in int32). f_d(p) = zeta_d^-((p - center) / base)
 // = exp(rate_d (p - center)) is the xPos factor of rotary channel d (1 past the rotary channels):
 // for a block of keys at consecutive positions p0 + j it is f_d(p0) exp(rate_d j), so f_d(p0) goes
 // into the queries once per block and the keys are multiplied by one table of exp(rate_d j); a
@@ -23,8 +24,9 @@
 // Work: each (row, kv head) is split into column ranges (flash-decoding, Dao et al. 2023), each
 // keeping a running max, sum and weighted values per head, combined by one pass. A row that may read
 // no key averages all S columns' values, as the additive-bias path does. A range goes in blocks of
-// 32 to 47 readable columns: scores (`score_tiles` up to 8 heads per kv head, `scores_lanes` above,
-// or `scores_amx`), a softmax over 16 heads a vector, weighted values (`value_tiles`).
+// 48 to 63 readable columns: scores (`score_tiles` up to 8 heads per kv head, `scores_lanes` above,
+// or `scores_amx`), a softmax over 16 heads a vector, weighted values (`value_tiles`, or
+// `values_amx`). The factors' table exp(rate_d j) comes with the arguments (made once per shape).
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -34,8 +36,8 @@
 
 #include "avx512_math.h"
 
-#define BLOCK 32         // keys per softmax block, at least (up to BLOCK + 15: columns come 16 at a time)
-#define MAX_BLOCK (BLOCK + 16)
+#define BLOCK 48         // keys per softmax block, at least (up to BLOCK + 15: columns come 16 at a time)
+#define MAX_BLOCK (BLOCK + 16)  // 64: the keys one tile of AMX weight codes holds
 #define LAZY 8.0f        // a head's running max is raised only when a block beats it by this much
 #define TILE 16          // (key, head) dot products reduced together: one vector of sums
 #define LANES_FROM 8     // more query heads per kv head than this: scores with the heads in lanes
@@ -62,6 +64,8 @@ typedef struct {
   const float *centers;       // (rows,) xPos centers
   const double *rates;        // (rotary_dim rounded up to 16,) ln(1 / zeta_d) / base (0 past rotary_dim),
                               // or NULL without xPos
+  const float *powers;        // (powers_rows, rotary_dim rounded up to 16): exp(rate_d j) for j < powers_rows
+  int64_t powers_rows;        // at least MAX_BLOCK (kv_attention.xpos_powers)
   const float *slopes;        // (kv_heads * groups,) ALiBi slopes, or NULL
   int64_t window, sinks;      // window <= 0: none
   void *out;                  // (rows, kv_heads, groups, dim), contiguous, bf16 or float32
@@ -128,10 +132,14 @@ typedef struct {
   uint32_t *scaled_b;
   const float *powers;     // (MAX_BLOCK, rotary_padded): exp(rate_d j)
   uint16_t *kb;            // AMX: the block's keys in bf16 (MAX_BLOCK, dim)
+  int8_t *vb;              // AMX: the block's values as B tiles (`value_tiles_amx`), 1 KiB each
+  uint32_t *wa;            // AMX: the block's weights as an A tile (16 heads, 64 keys' u8 codes)
+  int32_t *ct;             // AMX: 4 product tiles (16 heads, 16 channels) stored
   const int8_t *keys, *values;
   int64_t scale_base;      // index of column 0 in the scale tensors
   float center;
   int64_t rotary_padded;
+  int64_t end;             // the range's last column + 1
 } Range;
 
 // The factors of position p into `out` (rotary_padded floats; 1 past the rotary channels): the
@@ -216,14 +224,17 @@ static const int8_t zeros[MAX_DIM + 64];  // a key that is all 0: pads a tile
     }                                                                                                        \
   }
 
-#if defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#if defined(__AMX_BF16__) && defined(__AMX_INT8__) && defined(__AVX512BF16__)
 #include "amx.h"
 
 int andromeda_amx_ready(void) { return amx_request(); }
 
-// Tiles 0 (scores, 16 keys x 16 heads, float32), 1 (keys, 16 x 32 channels, bf16), 2 (queries,
-// 16 channel pairs x 16 heads, bf16 pairs).
-static void configure_tiles(void) { amx_configure(3); }
+// Tiles: for the scores 0 (16 keys x 16 heads, float32), 1 and 6 (keys, 16 x 32 channels, bf16),
+// 2 to 5 (queries, 16 channel pairs x 16 heads, bf16 pairs: all four held through a block's
+// groups where D <= 128); for the values 3 and 0 (weights' high and low codes, 16 heads x 64
+// keys, u8), 1 and 2 (values, 16 groups of 4 keys x 16 channels, int8), 4 to 7 (products, 16
+// heads x 16 channels, int32).
+static void configure_tiles(void) { amx_configure(8); }
 
 // B tiles of the queries (transposed, `qt`: (padded_dim, 16) floats) for channels [from, to).
 static void query_tiles(const float *qt, int64_t from, int64_t to, const float *factors, uint32_t *out) {
@@ -233,6 +244,21 @@ static void query_tiles(const float *qt, int64_t from, int64_t to, const float *
     _mm512_store_si512(out + (d / 32 * 16 + d % 32 / 2) * 16,
                        _mm512_or_si512(bf16_bits(even), _mm512_slli_epi32(bf16_bits(odd), 16)));
   }
+}
+
+// One group's 16 keys (bf16 rows of D <= 128 channels at `keys`) against the query tiles 2 to 5,
+// into tile 0; the key tiles alternate between 1 and 6, so that a load need not wait for the
+// product before it.
+static void group_scores(const uint16_t *keys, int64_t D) {
+  _tile_zero(0);
+  _tile_loadd(1, keys, D * 2);
+  if (D > 32) _tile_loadd(6, keys + 32, D * 2);
+  _tile_dpbf16ps(0, 1, 2);
+  if (D > 64) _tile_loadd(1, keys + 64, D * 2);
+  if (D > 32) _tile_dpbf16ps(0, 6, 3);
+  if (D > 96) _tile_loadd(6, keys + 96, D * 2);
+  if (D > 64) _tile_dpbf16ps(0, 1, 4);
+  if (D > 96) _tile_dpbf16ps(0, 6, 5);
 }
 
 // Scores of n keys (all G <= 16 heads) by AMX: the keys in bf16 (times their factors), rows of
@@ -257,13 +283,158 @@ static void scores_amx(const Range *r, const int64_t *cols, const float *factors
         _mm512_storeu_si512(row + c, (__m512i)_mm512_cvtne2ps_pbh(high, low));
       }
     }
-    _tile_zero(0);
-    for (int64_t c = 0; c < D; c += 32) {
-      _tile_loadd(1, r->kb + group * 16 * D + c, D * 2);
-      _tile_loadd(2, r->qb + c / 32 * 256, 64);
-      _tile_dpbf16ps(0, 1, 2);
+    if (D <= 128) {  // the query tiles loaded once a block (the values' tiles take them over after)
+      if (group == 0) {
+        _tile_loadd(2, r->qb, 64);
+        if (D > 32) _tile_loadd(3, r->qb + 256, 64);
+        if (D > 64) _tile_loadd(4, r->qb + 512, 64);
+        if (D > 96) _tile_loadd(5, r->qb + 768, 64);
+      }
+      group_scores(r->kb + group * 16 * D, D);
+    } else {
+      _tile_zero(0);
+      for (int64_t c = 0; c < D; c += 32) {
+        _tile_loadd(1, r->kb + group * 16 * D + c, D * 2);
+        _tile_loadd(2, r->qb + c / 32 * 256, 64);
+        _tile_dpbf16ps(0, 1, 2);
+      }
     }
     _tile_stored(0, scores + group * 256, 64);
+  }
+}
+
+// The weighted values by AMX-INT8 (TDPBUSD: u8 weights times int8 values, summed in int32), where
+// FMAs would convert every value to float and multiply it once per query head: 12 heads' FMAs were
+// the kernel's largest cost. Each head's weights of a block are coded against the block's heaviest
+// in 16 bits, a high and a low byte (c = 255 w / w_max = hi + lo / 256), in two A tiles against
+// the same B tiles; the int32 sums come back as (256 sum_hi + sum_lo) w_max / (255 * 256). One
+// byte alone would err by up to 1/510 of the heaviest weight on every key, as much again as
+// SDPA's bf16 weights on the dequantized cache at 64-key blocks.
+//
+// B tiles of the block's values, written before its scores so that the stores have drained when
+// the tiles load: per pass of 64 channels (a last one of 32 where D % 64 == 32) and i in 0..3,
+// tile 4 pass + i holds in row k the 4 keys 4k .. 4k + 3 (zeros past n) of channels
+// 16 L + 4 i + b, L = 0..3 (the 128-bit lanes of the byte interleaves), b = 0..3; a channel's 4
+// keys side by side. Rows past the block's keys keep earlier bytes: their weights are 0. The
+// loads of each 4 keys prefetch, into L1, the keys and values AHEAD columns on.
+static void value_tiles_amx(const Range *r, const int64_t *cols, int64_t n) {
+  const int64_t D = r->a->dim;
+  for (int64_t k = 0; k < (n + 3) / 4; ++k) {
+    const int8_t *row[4];
+    for (int t = 0; t < 4; ++t) row[t] = 4 * k + t < n ? r->values + cols[4 * k + t] * D : zeros;
+    if (4 * k + 3 < n && cols[4 * k] + AHEAD + 4 <= r->end)  // (interleaved with the work: 1.04x)
+      for (int64_t i = cols[4 * k] + AHEAD; i < cols[4 * k] + AHEAD + 4; ++i)
+        for (int64_t d = 0; d < D; d += 64) {
+          _mm_prefetch((const char *)(r->keys + i * D + d), _MM_HINT_T0);
+          _mm_prefetch((const char *)(r->values + i * D + d), _MM_HINT_T0);
+        }
+    for (int64_t c = 0; c < D; c += 64) {
+      const __mmask64 mask = D - c >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << (D - c)) - 1;
+      __m512i x[4];
+      for (int t = 0; t < 4; ++t) x[t] = _mm512_maskz_loadu_epi8(mask, row[t] + c);
+      const __m512i low01 = _mm512_unpacklo_epi8(x[0], x[1]), high01 = _mm512_unpackhi_epi8(x[0], x[1]);
+      const __m512i low23 = _mm512_unpacklo_epi8(x[2], x[3]), high23 = _mm512_unpackhi_epi8(x[2], x[3]);
+      int8_t *tile = r->vb + c / 64 * 4096 + k * 64;
+      _mm512_store_si512(tile, _mm512_unpacklo_epi16(low01, low23));
+      _mm512_store_si512(tile + 1024, _mm512_unpackhi_epi16(low01, low23));
+      _mm512_store_si512(tile + 2048, _mm512_unpacklo_epi16(high01, high23));
+      _mm512_store_si512(tile + 3072, _mm512_unpackhi_epi16(high01, high23));
+    }
+  }
+}
+
+// The A tiles of the block's weights (`weights[j * 16 + g]`, 16 heads in lanes): row g holds head
+// g's high codes of keys 0..63 (0 past n) at r->wa, its low codes 256 words on; unit[g] is what a
+// high code of 1 weighs. A head whose weights are all 0 gets codes and unit 0.
+static void weight_tiles_amx(const Range *r, const float *weights, int64_t n, float *unit) {
+  __m512 top = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) top = _mm512_max_ps(top, _mm512_load_ps(weights + j * 16));
+  const __mmask16 some = _mm512_cmp_ps_mask(top, _mm512_setzero_ps(), _CMP_GT_OQ);
+  const __m512 to_code = _mm512_maskz_div_ps(some, _mm512_set1_ps(255.0f), top);
+  _mm512_storeu_ps(unit, _mm512_mul_ps(top, _mm512_set1_ps(1.0f / 255.0f)));
+  __m512 high[16], low[16];  // row k, lane g: head g's codes of keys 4k .. 4k + 3, one per byte
+  for (int64_t k = 0; k < 16; ++k) {
+    __m512i h = _mm512_setzero_si512(), l = _mm512_setzero_si512();
+    for (int t = 0; t < 4 && 4 * k + t < n; ++t) {
+      const __m512 code = _mm512_mul_ps(_mm512_load_ps(weights + (4 * k + t) * 16), to_code);  // 0..255
+      const __m512i whole = _mm512_cvttps_epi32(code);
+      const __m512 rest = _mm512_mul_ps(_mm512_sub_ps(code, _mm512_cvtepi32_ps(whole)), _mm512_set1_ps(256.0f));
+      const __m512i part = _mm512_min_epi32(_mm512_cvtps_epi32(rest), _mm512_set1_epi32(255));
+      h = _mm512_or_si512(h, _mm512_slli_epi32(whole, 8 * t));
+      l = _mm512_or_si512(l, _mm512_slli_epi32(part, 8 * t));
+    }
+    high[k] = _mm512_castsi512_ps(h);
+    low[k] = _mm512_castsi512_ps(l);
+  }
+  transpose16(high);
+  transpose16(low);
+  for (int g = 0; g < 16; ++g) {
+    _mm512_store_ps((float *)r->wa + g * 16, high[g]);
+    _mm512_store_ps((float *)r->wa + 256 + g * 16, low[g]);
+  }
+}
+
+// acc[g] += the A tiles' codes times the B tiles' values, in `value_tiles_amx`'s channel order
+// (`natural_order` undoes it once a range is done): pass p's tile i's lane n at
+// acc[g * Dp + 64 p + i * width / 4 + n]. Two tiles at a time, each against both code tiles.
+static void values_amx(const Range *r, const float *unit, float *acc) {
+  const int64_t D = r->a->dim, Dp = r->a->padded_dim, G = r->a->groups;
+  _tile_loadd(3, r->wa, 64);
+  _tile_loadd(0, r->wa + 256, 64);
+  for (int64_t c = 0; c < D; c += 64) {
+    const int64_t quarter = (D - c < 64 ? D - c : 64) / 4;
+    const __mmask16 mask = lanes(quarter);
+    for (int half = 0; half < 2; ++half) {
+      const int8_t *tiles = r->vb + c / 64 * 4096 + half * 2048;
+      _tile_zero(4);
+      _tile_zero(5);
+      _tile_zero(6);
+      _tile_zero(7);
+      _tile_loadd(1, tiles, 64);
+      _tile_dpbusd(4, 3, 1);
+      _tile_dpbusd(5, 0, 1);
+      _tile_loadd(2, tiles + 1024, 64);
+      _tile_dpbusd(6, 3, 2);
+      _tile_dpbusd(7, 0, 2);
+      _tile_stored(4, r->ct, 64);
+      _tile_stored(5, r->ct + 256, 64);
+      _tile_stored(6, r->ct + 512, 64);
+      _tile_stored(7, r->ct + 768, 64);
+      for (int64_t g = 0; g < G; ++g) {
+        const __m512 u = _mm512_set1_ps(unit[g] * (1.0f / 256.0f));
+        for (int i = 0; i < 2; ++i) {
+          float *out = acc + g * Dp + c + (2 * half + i) * quarter;
+          const int32_t *sums = r->ct + i * 512 + g * 16;  // high codes' sums, the low codes' 256 on
+          const __m512i both = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(sums), 8), _mm512_load_si512(sums + 256));
+          _mm512_mask_storeu_ps(out, mask, _mm512_fmadd_ps(_mm512_cvtepi32_ps(both), u, _mm512_maskz_loadu_ps(mask, out)));
+        }
+      }
+    }
+  }
+}
+
+// acc (G, Dp) from `values_amx`'s channel order back to the channels'.
+static void natural_order(const Args *a, float *acc) {
+  const int64_t D = a->dim, Dp = a->padded_dim;
+  for (int64_t g = 0; g < a->groups; ++g) {
+    float *row = acc + g * Dp;
+    int64_t c = 0;
+    for (; c + 64 <= D; c += 64) {  // a 4 x 4 transpose of 128-bit blocks
+      const __m512 v0 = _mm512_load_ps(row + c), v1 = _mm512_load_ps(row + c + 16);
+      const __m512 v2 = _mm512_load_ps(row + c + 32), v3 = _mm512_load_ps(row + c + 48);
+      const __m512 t0 = _mm512_shuffle_f32x4(v0, v1, 0x44), t1 = _mm512_shuffle_f32x4(v0, v1, 0xEE);
+      const __m512 t2 = _mm512_shuffle_f32x4(v2, v3, 0x44), t3 = _mm512_shuffle_f32x4(v2, v3, 0xEE);
+      _mm512_store_ps(row + c, _mm512_shuffle_f32x4(t0, t2, 0x88));
+      _mm512_store_ps(row + c + 16, _mm512_shuffle_f32x4(t0, t2, 0xDD));
+      _mm512_store_ps(row + c + 32, _mm512_shuffle_f32x4(t1, t3, 0x88));
+      _mm512_store_ps(row + c + 48, _mm512_shuffle_f32x4(t1, t3, 0xDD));
+    }
+    if (c < D) {  // a last pass of 32 channels: tile i's lanes 4 L + b at c + 8 i + 4 L + b
+      float part[32];
+      for (int i = 0; i < 4; ++i)
+        for (int n = 0; n < 8; ++n) part[16 * (n / 4) + 4 * i + n % 4] = row[c + 8 * i + n];
+      memcpy(row + c, part, sizeof part);
+    }
   }
 }
 #else  // built without the AMX flags: never asked for (andromeda_amx_ready is 0)
@@ -271,6 +442,10 @@ int andromeda_amx_ready(void) { return 0; }
 #define configure_tiles() ((void)0)
 #define query_tiles(...) ((void)0)
 #define scores_amx(...) ((void)0)
+#define value_tiles_amx(...) ((void)0)
+#define weight_tiles_amx(...) ((void)0)
+#define values_amx(...) ((void)0)
+#define natural_order(...) ((void)0)
 #define _tile_release() ((void)0)
 #endif
 
@@ -366,6 +541,7 @@ static void attend_block(Range *r, const int64_t *cols, int64_t n, float *m, flo
     value_scale[j] = read_scale(a->v_scale, (int)a->bf16_scales, r->scale_base + cols[j]);
     distance[j] = (float)(r->query - position);
   }
+  if (a->amx) value_tiles_amx(r, cols, n);
   const float *key_factors = a->rates ? block_queries(r, cols, n, consecutive, factors) : factors;
   if (a->amx)
     scores_amx(r, cols, key_factors, n, buf);
@@ -407,6 +583,12 @@ static void attend_block(Range *r, const int64_t *cols, int64_t n, float *m, flo
           _mm512_store_ps(acc + g * Dp + d,
                           _mm512_mul_ps(_mm512_load_ps(acc + g * Dp + d), _mm512_set1_ps(rescale[g - g0])));
   }
+  if (a->amx) {
+    float unit[16];
+    weight_tiles_amx(r, buf, n, unit);
+    values_amx(r, unit, acc);
+    return;
+  }
   for (int64_t g0 = 0; g0 < G; g0 += TILE) value_tiles[G - g0 < TILE ? G - g0 : TILE](r, g0, cols, buf, n, acc);
 }
 
@@ -433,7 +615,7 @@ static inline __mmask16 readable(const Args *a, int64_t row, int64_t query, int6
 static inline float *aligned(float *room) { return (float *)(((uintptr_t)room + 63) & ~(uintptr_t)63); }
 
 // Columns [c0, c1) of row b, kv head h, into part: acc (G, padded_dim), m (G), l (G).
-static void attend_range(const Args *a, const float *powers, int64_t b, int64_t h, int64_t c0, int64_t c1,
+static void attend_range(const Args *a, int64_t b, int64_t h, int64_t c0, int64_t c1,
                          float *part) {
   const int64_t G = a->groups, Dp = a->padded_dim, stride = (G + 15) / 16 * 16;
   const int64_t rotary_padded = a->rates ? (a->rotary_dim + 15) / 16 * 16 : 0;
@@ -461,6 +643,9 @@ static void attend_range(const Args *a, const float *powers, int64_t b, int64_t 
   memcpy(scaled_t, plain_t, sizeof(float) * Dp * stride);
   uint32_t plain_b_room[a->amx ? Dp * 8 + 16 : 1], scaled_b_room[a->amx ? Dp * 8 + 16 : 1];
   uint16_t kb_room[a->amx ? MAX_BLOCK * Dp + 32 : 1];
+  int8_t vb_room[a->amx ? (Dp + 63) / 64 * 4096 + 64 : 1];  // B tiles: 4 KiB per 64 channels
+  uint32_t wa_room[a->amx ? 512 + 16 : 1];  // the weights' A tiles: high and low codes
+  int32_t ct_room[a->amx ? 1024 + 16 : 1];
   uint32_t *plain_b = (uint32_t *)aligned((float *)plain_b_room);
   uint32_t *scaled_b = (uint32_t *)aligned((float *)scaled_b_room);
   if (a->amx) {
@@ -469,13 +654,15 @@ static void attend_range(const Args *a, const float *powers, int64_t b, int64_t 
     memcpy(scaled_b, plain_b, sizeof(uint32_t) * Dp * 8);  // its rotary rows are rewritten per block
   }
   Range r = {a, b, h, slot, a->q_pos[b], plain, plain, plain_t, plain_t, scaled, scaled_t, plain_b, plain_b, scaled_b,
-             powers, (uint16_t *)aligned((float *)kb_room), a->k + base * a->dim, a->v + base * a->dim, base,
-             a->centers[b], rotary_padded};
+             a->powers, (uint16_t *)aligned((float *)kb_room), (int8_t *)aligned((float *)vb_room),
+             (uint32_t *)aligned((float *)wa_room), (int32_t *)aligned((float *)ct_room), a->k + base * a->dim,
+             a->v + base * a->dim, base, a->centers[b], rotary_padded, c1};
   int64_t cols[MAX_BLOCK + 8], n = 0;
   const int64_t row = slot * a->columns;
   const __m512i iota = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
   for (int64_t c = c0; c < c1; c += 16) {
-    if (c + AHEAD + 16 <= c1)  // keys and values AHEAD columns on, into L1 (1.17x at 8k on two threads)
+    if (!a->amx && c + AHEAD + 16 <= c1)  // keys and values AHEAD columns on, into L1 (1.17x at 8k on two threads;
+                                         // the AMX path's `value_tiles_amx` spreads them)
       for (int64_t i = c + AHEAD; i < c + AHEAD + 16; ++i)
         for (int64_t d = 0; d < a->dim; d += 64) {
           _mm_prefetch((const char *)(r.keys + i * a->dim + d), _MM_HINT_T0);
@@ -495,7 +682,10 @@ static void attend_range(const Args *a, const float *powers, int64_t b, int64_t 
     }
   }
   if (n) attend_block(&r, cols, n, m, l, acc, buf, factors);
-  if (a->amx) _tile_release();
+  if (a->amx) {
+    _tile_release();
+    natural_order(a, acc);
+  }
 }
 
 // A row that may read no key: the mean of all `read` columns' values (every score is the same
@@ -545,6 +735,20 @@ static void combine(const Args *a, int64_t b, int64_t h, int64_t splits, const f
   }
 }
 
+// The calling thread's scratch of at least `bytes` (grown, never shrunk, kept between calls: a call
+// per layer and decoding step), or NULL.
+static void *thread_buffer(size_t bytes) {
+  static _Thread_local void *buffer;
+  static _Thread_local size_t capacity;
+  if (bytes > capacity) {
+    free(buffer);
+    capacity = (bytes + 4095) / 4096 * 4096;
+    buffer = aligned_alloc(64, capacity);
+    if (!buffer) capacity = 0;
+  }
+  return buffer;
+}
+
 // Ranges per (row, kv head): enough for every thread to have two, none under MIN_SPLIT columns.
 static int64_t split_count(const Args *a) {
   const int64_t threads = omp_get_max_threads(), pairs = a->rows * a->kv_heads;
@@ -555,25 +759,19 @@ static int64_t split_count(const Args *a) {
 // 0 on success; 1 for shapes outside the kernel's limits (the caller keeps its PyTorch path).
 int andromeda_int8_decode_attention(const Args *a) {
   if (a->groups < 1 || a->groups > MAX_HEADS || a->dim < 1 || a->dim > MAX_DIM || a->rotary_dim > a->dim ||
-      a->padded_dim != (a->dim + 15) / 16 * 16 || a->read < 1 || a->read > a->columns)
+      a->padded_dim != (a->dim + 15) / 16 * 16 || a->read < 1 || a->read > a->columns ||
+      (a->rates && (!a->powers || a->powers_rows < MAX_BLOCK)))
     return 1;
   const int64_t splits = split_count(a), pairs = a->rows * a->kv_heads;
-  const int64_t size = part_size(a), rotary_padded = a->rates ? (a->rotary_dim + 15) / 16 * 16 : 0;
-  float *parts = aligned_alloc(64, sizeof(float) * (pairs * splits * size + MAX_BLOCK * rotary_padded + 16));
+  const int64_t size = part_size(a);
+  float *parts = thread_buffer(sizeof(float) * pairs * splits * size);
   if (!parts) return 2;
-  float *powers = parts + pairs * splits * size;  // (MAX_BLOCK, rotary_padded): exp(rate_d j), float64 first
-  for (int64_t d = 0; d < rotary_padded; ++d) {
-    const double step = exp(a->rates[d]);
-    double power = 1.0;
-    for (int64_t j = 0; j < MAX_BLOCK; ++j, power *= step) powers[j * rotary_padded + d] = (float)power;
-  }
 #pragma omp parallel for schedule(static)
   for (int64_t item = 0; item < pairs * splits; ++item) {
     const int64_t pair = item / splits, s = item % splits;
-    attend_range(a, powers, pair / a->kv_heads, pair % a->kv_heads, a->read * s / splits,
-                 a->read * (s + 1) / splits, parts + item * size);
+    attend_range(a, pair / a->kv_heads, pair % a->kv_heads, a->read * s / splits, a->read * (s + 1) / splits,
+                 parts + item * size);
   }
   for (int64_t pair = 0; pair < pairs; ++pair) combine(a, pair / a->kv_heads, pair % a->kv_heads, splits, parts);
-  free(parts);
   return 0;
 }
