@@ -78,7 +78,7 @@ KERNEL_DTYPES = (torch.bfloat16, torch.float32)  # compute dtypes (and so scale 
 AMX_HEADS = 16  # query heads per kv head one tile's columns hold
 LANES_FROM = 8  # more query heads per kv head than this: the kernel computes scores with heads in lanes, or AMX
 CHANNELS = 16  # float32 lanes of one AVX-512 vector: the kernel's query rows are padded to a multiple
-BLOCK_COLUMNS = 64  # readable key columns one softmax block of the kernel holds at most (MAX_BLOCK)
+BLOCK_COLUMNS = 128  # readable key columns one softmax block of the kernel holds at most (MAX_BLOCK)
 
 
 class _Args(ctypes.Structure):

@@ -37,7 +37,8 @@
 #include "avx512_math.h"
 
 #define BLOCK 48         // keys per softmax block, at least (up to BLOCK + 15: columns come 16 at a time)
-#define MAX_BLOCK (BLOCK + 16)  // 64: the keys one tile of AMX weight codes holds
+#define AMX_BLOCK 112    // the same on the AMX path, where a block's weighted values cost 16 tile stores
+#define MAX_BLOCK 128    // AMX_BLOCK + 16: two tiles of weight codes (64 keys each)
 #define LAZY 8.0f        // a head's running max is raised only when a block beats it by this much
 #define TILE 16          // (key, head) dot products reduced together: one vector of sums
 #define LANES_FROM 8     // more query heads per kv head than this: scores with the heads in lanes
@@ -134,7 +135,7 @@ typedef struct {
   uint16_t *kb;            // AMX: the block's keys in bf16 (MAX_BLOCK, dim)
   int8_t *vb;              // AMX: the block's values as B tiles (`value_tiles_amx`), 1 KiB each
   uint32_t *wa;            // AMX: the block's weights as an A tile (16 heads, 64 keys' u8 codes)
-  int32_t *ct;             // AMX: 4 product tiles (16 heads, 16 channels) stored
+  int32_t *ct;             // AMX: product tiles (16 heads, 16 channels) stored, 2 x 2
   const int8_t *keys, *values;
   int64_t scale_base;      // index of column 0 in the scale tensors
   float center;
@@ -306,19 +307,21 @@ static void scores_amx(const Range *r, const int64_t *cols, const float *factors
 // The weighted values by AMX-INT8 (TDPBUSD: u8 weights times int8 values, summed in int32), where
 // FMAs would convert every value to float and multiply it once per query head: 12 heads' FMAs were
 // the kernel's largest cost. Each head's weights of a block are coded against the block's heaviest
-// in 16 bits, a high and a low byte (c = 255 w / w_max = hi + lo / 256), in two A tiles against
-// the same B tiles; the int32 sums come back as (256 sum_hi + sum_lo) w_max / (255 * 256). One
-// byte alone would err by up to 1/510 of the heaviest weight on every key, as much again as
-// SDPA's bf16 weights on the dequantized cache at 64-key blocks.
+// in 16 bits, c = round(65535 w / w_max) = 256 hi + lo, its high and low bytes in two A tiles
+// against the same B tiles; the int32 sums come back as (256 sum_hi + sum_lo) w_max / 65535. One
+// byte alone erred by up to 1/510 of the heaviest weight on every key: more than SDPA's bf16
+// weights on the dequantized cache (tests hold the codes to the float32 path's result). Blocks of
+// up to 128 keys (two tiles of codes into the same sums): 16 tile stores a block, the dearest part.
 //
 // B tiles of the block's values, written before its scores so that the stores have drained when
-// the tiles load: per pass of 64 channels (a last one of 32 where D % 64 == 32) and i in 0..3,
-// tile 4 pass + i holds in row k the 4 keys 4k .. 4k + 3 (zeros past n) of channels
-// 16 L + 4 i + b, L = 0..3 (the 128-bit lanes of the byte interleaves), b = 0..3; a channel's 4
-// keys side by side. Rows past the block's keys keep earlier bytes: their weights are 0. The
-// loads of each 4 keys prefetch, into L1, the keys and values AHEAD columns on.
+// the tiles load: per 64 keys (part), pass of 64 channels (a last one of 32 where D % 64 == 32)
+// and i in 0..3, tile (part * passes + pass) * 4 + i holds in row k the 4 keys 64 part + 4k ..
+// 64 part + 4k + 3 (zeros past n) of channels 16 L + 4 i + b, L = 0..3 (the 128-bit lanes of the
+// byte interleaves), b = 0..3; a channel's 4 keys side by side. Rows past the block's keys keep
+// earlier bytes: their weights are 0. The loads of each 4 keys prefetch, into L1, the keys and
+// values AHEAD columns on.
 static void value_tiles_amx(const Range *r, const int64_t *cols, int64_t n) {
-  const int64_t D = r->a->dim;
+  const int64_t D = r->a->dim, passes = (D + 63) / 64;
   for (int64_t k = 0; k < (n + 3) / 4; ++k) {
     const int8_t *row[4];
     for (int t = 0; t < 4; ++t) row[t] = 4 * k + t < n ? r->values + cols[4 * k + t] * D : zeros;
@@ -334,7 +337,7 @@ static void value_tiles_amx(const Range *r, const int64_t *cols, int64_t n) {
       for (int t = 0; t < 4; ++t) x[t] = _mm512_maskz_loadu_epi8(mask, row[t] + c);
       const __m512i low01 = _mm512_unpacklo_epi8(x[0], x[1]), high01 = _mm512_unpackhi_epi8(x[0], x[1]);
       const __m512i low23 = _mm512_unpacklo_epi8(x[2], x[3]), high23 = _mm512_unpackhi_epi8(x[2], x[3]);
-      int8_t *tile = r->vb + c / 64 * 4096 + k * 64;
+      int8_t *tile = r->vb + ((k / 16 * passes + c / 64) * 4) * 1024 + k % 16 * 64;
       _mm512_store_si512(tile, _mm512_unpacklo_epi16(low01, low23));
       _mm512_store_si512(tile + 1024, _mm512_unpackhi_epi16(low01, low23));
       _mm512_store_si512(tile + 2048, _mm512_unpacklo_epi16(high01, high23));
@@ -343,25 +346,16 @@ static void value_tiles_amx(const Range *r, const int64_t *cols, int64_t n) {
   }
 }
 
-// The A tiles of the block's weights (`weights[j * 16 + g]`, 16 heads in lanes): row g holds head
-// g's high codes of keys 0..63 (0 past n) at r->wa, its low codes 256 words on; unit[g] is what a
-// high code of 1 weighs. A head whose weights are all 0 gets codes and unit 0.
-static void weight_tiles_amx(const Range *r, const float *weights, int64_t n, float *unit) {
-  __m512 top = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n; ++j) top = _mm512_max_ps(top, _mm512_load_ps(weights + j * 16));
-  const __mmask16 some = _mm512_cmp_ps_mask(top, _mm512_setzero_ps(), _CMP_GT_OQ);
-  const __m512 to_code = _mm512_maskz_div_ps(some, _mm512_set1_ps(255.0f), top);
-  _mm512_storeu_ps(unit, _mm512_mul_ps(top, _mm512_set1_ps(1.0f / 255.0f)));
+// The codes of n <= 64 keys' weights (`weights[j * 16 + g]`), times `to_code`, as two A tiles: row
+// g of `tiles` head g's high bytes, 256 words on their low bytes.
+static void code_tiles(const float *weights, int64_t n, __m512 to_code, uint32_t *tiles) {
   __m512 high[16], low[16];  // row k, lane g: head g's codes of keys 4k .. 4k + 3, one per byte
   for (int64_t k = 0; k < 16; ++k) {
     __m512i h = _mm512_setzero_si512(), l = _mm512_setzero_si512();
     for (int t = 0; t < 4 && 4 * k + t < n; ++t) {
-      const __m512 code = _mm512_mul_ps(_mm512_load_ps(weights + (4 * k + t) * 16), to_code);  // 0..255
-      const __m512i whole = _mm512_cvttps_epi32(code);
-      const __m512 rest = _mm512_mul_ps(_mm512_sub_ps(code, _mm512_cvtepi32_ps(whole)), _mm512_set1_ps(256.0f));
-      const __m512i part = _mm512_min_epi32(_mm512_cvtps_epi32(rest), _mm512_set1_epi32(255));
-      h = _mm512_or_si512(h, _mm512_slli_epi32(whole, 8 * t));
-      l = _mm512_or_si512(l, _mm512_slli_epi32(part, 8 * t));
+      const __m512i code = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(weights + (4 * k + t) * 16), to_code));
+      h = _mm512_or_si512(h, _mm512_slli_epi32(_mm512_srli_epi32(code, 8), 8 * t));
+      l = _mm512_or_si512(l, _mm512_slli_epi32(_mm512_and_si512(code, _mm512_set1_epi32(255)), 8 * t));
     }
     high[k] = _mm512_castsi512_ps(h);
     low[k] = _mm512_castsi512_ps(l);
@@ -369,48 +363,67 @@ static void weight_tiles_amx(const Range *r, const float *weights, int64_t n, fl
   transpose16(high);
   transpose16(low);
   for (int g = 0; g < 16; ++g) {
-    _mm512_store_ps((float *)r->wa + g * 16, high[g]);
-    _mm512_store_ps((float *)r->wa + 256 + g * 16, low[g]);
+    _mm512_store_ps((float *)tiles + g * 16, high[g]);
+    _mm512_store_ps((float *)tiles + 256 + g * 16, low[g]);
   }
 }
 
+// The A tiles of the block's weights (`weights[j * 16 + g]`, 16 heads in lanes), per 64 keys
+// (part): row g of tile 2 part holds head g's high codes of keys 64 part .. 64 part + 63 (0 past
+// n), tile 2 part + 1 their low codes, 256 words each from r->wa; unit[g] is what a high code of 1
+// weighs. `top` holds each head's heaviest weight; a head whose weights are all 0 gets codes and
+// unit 0.
+static void weight_tiles_amx(const Range *r, const float *weights, int64_t n, __m512 top, float *unit) {
+  const __mmask16 some = _mm512_cmp_ps_mask(top, _mm512_setzero_ps(), _CMP_GT_OQ);
+  const __m512 to_code = _mm512_maskz_div_ps(some, _mm512_set1_ps(65535.0f), top);
+  _mm512_storeu_ps(unit, _mm512_mul_ps(top, _mm512_set1_ps(256.0f / 65535.0f)));
+  for (int64_t part = 0; part * 64 < n; ++part)
+    code_tiles(weights + part * 64 * 16, n - part * 64, to_code, r->wa + part * 512);
+}
 // acc[g] += the A tiles' codes times the B tiles' values, in `value_tiles_amx`'s channel order
 // (`natural_order` undoes it once a range is done): pass p's tile i's lane n at
-// acc[g * Dp + 64 p + i * width / 4 + n]. Two tiles at a time, each against both code tiles.
-static void values_amx(const Range *r, const float *unit, float *acc) {
-  const int64_t D = r->a->dim, Dp = r->a->padded_dim, G = r->a->groups;
+// acc[g * Dp + 64 p + i * width / 4 + n]. A channel tile at a time, its high and low codes' sums
+// in two product tiles, over both parts of the block; stored, then added while the next channel
+// tile's products run.
+static void flush_sums(const Range *r, const int32_t *sums, const float *unit, float *out, int64_t lanes_used) {
+  const int64_t Dp = r->a->padded_dim;
+  const __mmask16 mask = lanes(lanes_used);
+  for (int64_t g = 0; g < r->a->groups; ++g) {
+    const __m512i both = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(sums + g * 16), 8),
+                                          _mm512_load_si512(sums + 256 + g * 16));  // high codes' sums, low codes'
+    _mm512_mask_storeu_ps(out + g * Dp, mask, _mm512_fmadd_ps(_mm512_cvtepi32_ps(both), _mm512_set1_ps(unit[g] * (1.0f / 256.0f)),
+                                                              _mm512_maskz_loadu_ps(mask, out + g * Dp)));
+  }
+}
+static void values_amx(const Range *r, int64_t n, const float *unit, float *acc) {
+  const int64_t D = r->a->dim, passes = (D + 63) / 64, tiles = passes * 4;
   _tile_loadd(3, r->wa, 64);
   _tile_loadd(0, r->wa + 256, 64);
-  for (int64_t c = 0; c < D; c += 64) {
-    const int64_t quarter = (D - c < 64 ? D - c : 64) / 4;
-    const __mmask16 mask = lanes(quarter);
-    for (int half = 0; half < 2; ++half) {
-      const int8_t *tiles = r->vb + c / 64 * 4096 + half * 2048;
-      _tile_zero(4);
-      _tile_zero(5);
-      _tile_zero(6);
-      _tile_zero(7);
-      _tile_loadd(1, tiles, 64);
-      _tile_dpbusd(4, 3, 1);
-      _tile_dpbusd(5, 0, 1);
-      _tile_loadd(2, tiles + 1024, 64);
-      _tile_dpbusd(6, 3, 2);
-      _tile_dpbusd(7, 0, 2);
-      _tile_stored(4, r->ct, 64);
-      _tile_stored(5, r->ct + 256, 64);
-      _tile_stored(6, r->ct + 512, 64);
-      _tile_stored(7, r->ct + 768, 64);
-      for (int64_t g = 0; g < G; ++g) {
-        const __m512 u = _mm512_set1_ps(unit[g] * (1.0f / 256.0f));
-        for (int i = 0; i < 2; ++i) {
-          float *out = acc + g * Dp + c + (2 * half + i) * quarter;
-          const int32_t *sums = r->ct + i * 512 + g * 16;  // high codes' sums, the low codes' 256 on
-          const __m512i both = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(sums), 8), _mm512_load_si512(sums + 256));
-          _mm512_mask_storeu_ps(out, mask, _mm512_fmadd_ps(_mm512_cvtepi32_ps(both), u, _mm512_maskz_loadu_ps(mask, out)));
-        }
-      }
-    }
+  if (n > 64) {
+    _tile_loadd(6, r->wa + 512, 64);
+    _tile_loadd(7, r->wa + 768, 64);
   }
+  float *previous = NULL;
+  int64_t previous_lanes = 0;
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t c = t / 4 * 64, quarter = (D - c < 64 ? D - c : 64) / 4;
+    int32_t *sums = r->ct + t % 2 * 512;
+    _tile_zero(4);
+    _tile_zero(5);
+    _tile_loadd(1, r->vb + t * 1024, 64);
+    _tile_dpbusd(4, 3, 1);
+    _tile_dpbusd(5, 0, 1);
+    if (n > 64) {
+      _tile_loadd(2, r->vb + (tiles + t) * 1024, 64);
+      _tile_dpbusd(4, 6, 2);
+      _tile_dpbusd(5, 7, 2);
+    }
+    if (previous) flush_sums(r, r->ct + (t + 1) % 2 * 512, unit, previous, previous_lanes);
+    _tile_stored(4, sums, 64);
+    _tile_stored(5, sums + 256, 64);
+    previous = acc + c + t % 4 * quarter, previous_lanes = quarter;
+  }
+  flush_sums(r, r->ct + (tiles + 1) % 2 * 512, unit, previous, previous_lanes);
 }
 
 // acc (G, Dp) from `values_amx`'s channel order back to the channels'.
@@ -444,7 +457,7 @@ int andromeda_amx_ready(void) { return 0; }
 #define scores_amx(...) ((void)0)
 #define value_tiles_amx(...) ((void)0)
 #define weight_tiles_amx(...) ((void)0)
-#define values_amx(...) ((void)0)
+#define values_amx(r, n, unit, acc) ((void)(unit))
 #define natural_order(...) ((void)0)
 #define _tile_release() ((void)0)
 #endif
@@ -549,6 +562,7 @@ static void attend_block(Range *r, const int64_t *cols, int64_t n, float *m, flo
     scores_lanes(r, cols, key_factors, n, buf);
   else
     score_tiles[G](r, 0, cols, key_factors, n, buf);
+  __m512 heaviest = _mm512_setzero_ps();  // each head's heaviest weight p vscale (read by AMX, G <= 16)
   for (int64_t g0 = 0; g0 < G; g0 += 16) {
     const __mmask16 heads = lanes(G - g0);
     const __m512 slope = a->slopes ? _mm512_maskz_loadu_ps(heads, a->slopes + r->h * G + g0) : _mm512_setzero_ps();
@@ -571,7 +585,9 @@ static void attend_block(Range *r, const int64_t *cols, int64_t n, float *m, flo
       float *s = buf + j * stride + g0;
       const __m512 p = exp512(_mm512_sub_ps(_mm512_load_ps(s), top));
       total = _mm512_add_ps(total, p);
-      _mm512_store_ps(s, _mm512_mul_ps(p, _mm512_set1_ps(value_scale[j])));
+      const __m512 w = _mm512_mul_ps(p, _mm512_set1_ps(value_scale[j]));
+      _mm512_store_ps(s, w);
+      heaviest = _mm512_max_ps(heaviest, w);
     }
     _mm512_mask_storeu_ps(l + g0, heads, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(heads, l + g0), alpha, total));
     _mm512_mask_storeu_ps(m + g0, heads, top);
@@ -585,8 +601,8 @@ static void attend_block(Range *r, const int64_t *cols, int64_t n, float *m, flo
   }
   if (a->amx) {
     float unit[16];
-    weight_tiles_amx(r, buf, n, unit);
-    values_amx(r, unit, acc);
+    weight_tiles_amx(r, buf, n, heaviest, unit);
+    values_amx(r, n, unit, acc);
     return;
   }
   for (int64_t g0 = 0; g0 < G; g0 += TILE) value_tiles[G - g0 < TILE ? G - g0 : TILE](r, g0, cols, buf, n, acc);
@@ -643,9 +659,9 @@ static void attend_range(const Args *a, int64_t b, int64_t h, int64_t c0, int64_
   memcpy(scaled_t, plain_t, sizeof(float) * Dp * stride);
   uint32_t plain_b_room[a->amx ? Dp * 8 + 16 : 1], scaled_b_room[a->amx ? Dp * 8 + 16 : 1];
   uint16_t kb_room[a->amx ? MAX_BLOCK * Dp + 32 : 1];
-  int8_t vb_room[a->amx ? (Dp + 63) / 64 * 4096 + 64 : 1];  // B tiles: 4 KiB per 64 channels
-  uint32_t wa_room[a->amx ? 512 + 16 : 1];  // the weights' A tiles: high and low codes
-  int32_t ct_room[a->amx ? 1024 + 16 : 1];
+  int8_t vb_room[a->amx ? 2 * (Dp + 63) / 64 * 4096 + 64 : 1];  // B tiles: 4 KiB per 64 keys and channels
+  uint32_t wa_room[a->amx ? 4 * 256 + 16 : 1];  // the weights' A tiles: high and low codes, 2 x 64 keys
+  int32_t ct_room[a->amx ? 4 * 256 + 16 : 1];   // product tiles stored: high and low codes' sums, twice
   uint32_t *plain_b = (uint32_t *)aligned((float *)plain_b_room);
   uint32_t *scaled_b = (uint32_t *)aligned((float *)scaled_b_room);
   if (a->amx) {
@@ -658,6 +674,7 @@ static void attend_range(const Args *a, int64_t b, int64_t h, int64_t c0, int64_
              (uint32_t *)aligned((float *)wa_room), (int32_t *)aligned((float *)ct_room), a->k + base * a->dim,
              a->v + base * a->dim, base, a->centers[b], rotary_padded, c1};
   int64_t cols[MAX_BLOCK + 8], n = 0;
+  const int64_t block = a->amx ? AMX_BLOCK : BLOCK;
   const int64_t row = slot * a->columns;
   const __m512i iota = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
   for (int64_t c = c0; c < c1; c += 16) {
@@ -676,7 +693,7 @@ static void attend_range(const Args *a, int64_t b, int64_t h, int64_t c0, int64_
       _mm512_storeu_si512(cols + n, _mm512_maskz_compress_epi64(part, columns));
       n += __builtin_popcount(part);
     }
-    if (n >= BLOCK) {
+    if (n >= block) {
       attend_block(&r, cols, n, m, l, acc, buf, factors);
       n = 0;
     }
