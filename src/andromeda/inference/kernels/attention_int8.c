@@ -537,23 +537,59 @@ static const float *block_queries(Range *r, const int64_t *cols, int64_t n, int 
   return r->powers;
 }
 
+// 16 scales from `base` (bfloat16 or float32) as floats.
+static inline __m512 load_scales(const void *base, int64_t bf16, int64_t index, __mmask16 mask) {
+  if (!bf16) return _mm512_maskz_loadu_ps(mask, (const float *)base + index);
+  const __m256i bits = _mm256_maskz_loadu_epi16(mask, (const uint16_t *)base + index);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// The block's columns' key scales (times the logit scale), value scales and distances from the
+// query; whether their positions are consecutive. 16 columns a vector where the columns are (a
+// readable run: the common case), else one by one.
+static int block_columns(const Range *r, const int64_t *cols, int64_t n, float *key_scale, float *value_scale,
+                         float *distance) {
+  const Args *a = r->a;
+  const int64_t row = r->slot * a->columns, first = a->positions[row + cols[0]];
+  int consecutive = 1;
+  if (cols[n - 1] - cols[0] != n - 1) {
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t position = a->positions[row + cols[j]];
+      consecutive &= position == first + j;
+      key_scale[j] = read_scale(a->k_scale, (int)a->bf16_scales, r->scale_base + cols[j]) * a->scale;
+      value_scale[j] = read_scale(a->v_scale, (int)a->bf16_scales, r->scale_base + cols[j]);
+      distance[j] = (float)(r->query - position);
+    }
+    return consecutive;
+  }
+  const __m512i steps = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 mask = lanes(n - j);
+    const int64_t at = r->scale_base + cols[0] + j;
+    _mm512_store_ps(key_scale + j, _mm512_mul_ps(load_scales(a->k_scale, a->bf16_scales, at, mask), _mm512_set1_ps(a->scale)));
+    _mm512_store_ps(value_scale + j, load_scales(a->v_scale, a->bf16_scales, at, mask));
+    for (int half = 0; half < 2; ++half) {
+      const int64_t from = j + 8 * half;
+      const __mmask8 part = (__mmask8)(mask >> (8 * half));
+      const __m512i position = _mm512_maskz_loadu_epi64(part, a->positions + row + cols[0] + from);
+      const __m512i expected = _mm512_add_epi64(steps, _mm512_set1_epi64(first + from));
+      consecutive &= _mm512_mask_cmpneq_epi64_mask(part, position, expected) == 0;
+      _mm256_store_ps(distance + from, _mm512_cvtepi64_ps(_mm512_sub_epi64(_mm512_set1_epi64(r->query), position)));
+    }
+  }
+  return consecutive;
+}
+
 // One block of n readable columns: scores, the running softmax of each head, weighted values.
 // State per head g: running max m[g], sum l[g], and acc[g * padded_dim ...]. The softmax runs on
 // 16 heads a vector, key after key; lanes past G hold whatever, and are never read back.
 static void attend_block(Range *r, const int64_t *cols, int64_t n, float *m, float *l, float *acc, float *buf,
                          float *factors) {
   const Args *a = r->a;
-  const int64_t G = a->groups, Dp = a->padded_dim, row = r->slot * a->columns, stride = (G + 15) / 16 * 16;
-  float key_scale[MAX_BLOCK], value_scale[MAX_BLOCK], distance[MAX_BLOCK];
-  const int64_t first = a->positions[row + cols[0]];
-  int consecutive = 1;
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t position = a->positions[row + cols[j]];
-    consecutive &= position == first + j;
-    key_scale[j] = read_scale(a->k_scale, (int)a->bf16_scales, r->scale_base + cols[j]) * a->scale;
-    value_scale[j] = read_scale(a->v_scale, (int)a->bf16_scales, r->scale_base + cols[j]);
-    distance[j] = (float)(r->query - position);
-  }
+  const int64_t G = a->groups, Dp = a->padded_dim, stride = (G + 15) / 16 * 16;
+  float key_scale[MAX_BLOCK] __attribute__((aligned(64))), value_scale[MAX_BLOCK] __attribute__((aligned(64))),
+      distance[MAX_BLOCK] __attribute__((aligned(64)));
+  const int consecutive = block_columns(r, cols, n, key_scale, value_scale, distance);
   if (a->amx) value_tiles_amx(r, cols, n);
   const float *key_factors = a->rates ? block_queries(r, cols, n, consecutive, factors) : factors;
   if (a->amx)
