@@ -156,15 +156,14 @@ static void exact_factors(const Range *r, int64_t p, float *out) {
 
 static const int8_t zeros[MAX_DIM + 64];  // a key that is all 0: pads a tile
 
-// Dot products of GT heads with JT keys at a time, into scores[j * stride + g0 + g] (stride: G
-// rounded up to 16). Each key's row is written whole (16 lanes, those past GT 0), never masked: a
-// masked store defeats store forwarding to the softmax's loads that follow.
+// Dot products of GT <= 8 heads with JT keys at a time, a head to a row: scores[g * MAX_BLOCK + j]
+// (the softmax then takes 16 keys a vector, `softmax_rows`). Each store writes 16 lanes, JT of them
+// this tile's, the rest overwritten by the next tile's (or past the block's keys).
 // Chunks of 16 channels: the rotary ones (times the factors), the others, and a partial last one.
 #define SCORE_TILE(NAME, GT, JT)                                                                             \
   static void NAME(const Range *r, int64_t g0, const int64_t *cols, const float *factors, int64_t n,         \
                    float *scores) {                                                                          \
     const int64_t D = r->a->dim, G = r->a->groups, Rp = r->rotary_padded, full = D / 16 * 16;                \
-    const int64_t stride = (G + 15) / 16 * 16;                                                               \
     const __mmask16 tail = lanes(D - full);                                                                  \
     for (int64_t j0 = 0; j0 < n; j0 += JT) {                                                                 \
       const int8_t *key[JT];                                                                                 \
@@ -196,30 +195,32 @@ static const int8_t zeros[MAX_DIM + 64];  // a key that is all 0: pads a tile
           for (int g = 0; g < GT; ++g)                                                                       \
             acc[jj * GT + g] = _mm512_fmadd_ps(_mm512_load_ps(q + g * 16), kc, acc[jj * GT + g]);            \
         }                                                                                                    \
-      const __m512 sums = transpose_sum(acc);                                                                \
+      const __m512 sums = transpose_sum(acc); /* lane jj GT + g: key j0 + jj, head g */                     \
       const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);           \
-      for (int jj = 0; jj < JT && j0 + jj < n; ++jj) {                                                       \
-        const __m512i from = _mm512_add_epi32(lane, _mm512_set1_epi32(jj * GT));                             \
-        _mm512_store_ps(scores + (j0 + jj) * stride + g0, _mm512_maskz_permutexvar_ps(lanes(GT), from, sums)); \
+      for (int g = 0; g < GT; ++g) {                                                                         \
+        const __m512i from = _mm512_add_epi32(_mm512_mullo_epi32(lane, _mm512_set1_epi32(GT)), _mm512_set1_epi32(g)); \
+        _mm512_storeu_ps(scores + (g0 + g) * MAX_BLOCK + j0, _mm512_permutexvar_ps(from, sums));              \
       }                                                                                                      \
     }                                                                                                        \
   }
 
-// acc[g0 + g] += sum_j weights[j * stride + g0 + g] * values_j, for GT heads.
+// acc[g0 + g] += sum_j weight(j, g0 + g) * values_j, for GT heads: weights[j * stride + g] with
+// the heads in lanes (G > 8), weights[g * MAX_BLOCK + j] a head to a row (G <= 8, `softmax_rows`).
 #define VALUE_TILE(GT)                                                                                       \
   static void values_##GT(const Range *r, int64_t g0, const int64_t *cols, const float *weights, int64_t n,  \
                           float *acc) {                                                                      \
-    const int64_t D = r->a->dim, Dp = r->a->padded_dim, stride = (r->a->groups + 15) / 16 * 16;              \
+    const int64_t D = r->a->dim, Dp = r->a->padded_dim, rows = r->a->groups <= LANES_FROM;                   \
+    const int64_t stride = rows ? 1 : (r->a->groups + 15) / 16 * 16, head = rows ? MAX_BLOCK : 1;            \
     const int8_t *values = r->values;                                                                        \
     for (int64_t c = 0; c < Dp; c += 16) {                                                                   \
       const __mmask16 mask = lanes(D - c);                                                                   \
       float *out = acc + g0 * Dp + c;                                                                        \
-      const float *w = weights + g0;                                                                         \
+      const float *w = weights + g0 * head;                                                                  \
       __m512 sum[GT];                                                                                        \
       for (int g = 0; g < GT; ++g) sum[g] = _mm512_load_ps(out + g * Dp);                                    \
       for (int64_t j = 0; j < n; ++j) {                                                                      \
         const __m512 vc = load_int8(values + cols[j] * D + c, mask);                                         \
-        for (int g = 0; g < GT; ++g) sum[g] = _mm512_fmadd_ps(_mm512_set1_ps(w[j * stride + g]), vc, sum[g]); \
+        for (int g = 0; g < GT; ++g) sum[g] = _mm512_fmadd_ps(_mm512_set1_ps(w[j * stride + g * head]), vc, sum[g]); \
       }                                                                                                      \
       for (int g = 0; g < GT; ++g) _mm512_store_ps(out + g * Dp, sum[g]);                                    \
     }                                                                                                        \
@@ -580,6 +581,48 @@ static int block_columns(const Range *r, const int64_t *cols, int64_t n, float *
   return consecutive;
 }
 
+// acc's row of head g times alpha (a raised running max), unless alpha is 1.
+static inline void rescale_head(float *acc, int64_t g, int64_t Dp, float alpha) {
+  if (alpha != 1.0f)
+    for (int64_t d = 0; d < Dp; d += 16)
+      _mm512_store_ps(acc + g * Dp + d, _mm512_mul_ps(_mm512_load_ps(acc + g * Dp + d), _mm512_set1_ps(alpha)));
+}
+
+// The running softmax of a block whose scores lie a head to a row (`scores[g * MAX_BLOCK + j]`,
+// G <= 8, as `score_tiles` writes them): 16 keys a vector, where heads in lanes would fill at most
+// half of each (3 heads of 16 on the demo model: 1.2x its attention). The same arithmetic as
+// `attend_block`'s loop, head by head; leaves the weights p vscale_j in place.
+static void softmax_rows(const Range *r, int64_t n, const float *key_scale, const float *value_scale,
+                         const float *distance, float *m, float *l, float *acc, float *scores) {
+  const Args *a = r->a;
+  const int64_t G = a->groups, Dp = a->padded_dim;
+  for (int64_t g = 0; g < G; ++g) {
+    float *s = scores + g * MAX_BLOCK;
+    const __m512 slope = _mm512_set1_ps(a->slopes ? a->slopes[r->h * G + g] : 0.0f);
+    __m512 highest = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < n; j += 16) {
+      const __m512 x = _mm512_fnmadd_ps(slope, _mm512_load_ps(distance + j),
+                                        _mm512_mul_ps(_mm512_loadu_ps(s + j), _mm512_load_ps(key_scale + j)));
+      _mm512_storeu_ps(s + j, x);
+      highest = _mm512_mask_max_ps(highest, lanes(n - j), highest, x);
+    }
+    // Raised only where the block beats the running max by LAZY (FlashAttention-4's lazy
+    // rescaling): elsewhere the weights below are relative to the old max, at most e^LAZY.
+    const float before = m[g], block = _mm512_reduce_max_ps(highest);  // -inf before the first block
+    const float top = block > before + LAZY ? block : before;
+    const float alpha = _mm512_cvtss_f32(exp512(_mm512_set1_ps(before - top)));  // 0 for the first block
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+      const __m512 p = _mm512_maskz_mov_ps(lanes(n - j), exp512(_mm512_sub_ps(_mm512_loadu_ps(s + j), _mm512_set1_ps(top))));
+      total = _mm512_add_ps(total, p);
+      _mm512_storeu_ps(s + j, _mm512_mul_ps(p, _mm512_load_ps(value_scale + j)));
+    }
+    l[g] = l[g] * alpha + _mm512_reduce_add_ps(total);
+    m[g] = top;
+    rescale_head(acc, g, Dp, alpha);
+  }
+}
+
 // One block of n readable columns: scores, the running softmax of each head, weighted values.
 // State per head g: running max m[g], sum l[g], and acc[g * padded_dim ...]. The softmax runs on
 // 16 heads a vector, key after key; lanes past G hold whatever, and are never read back.
@@ -598,6 +641,11 @@ static void attend_block(Range *r, const int64_t *cols, int64_t n, float *m, flo
     scores_lanes(r, cols, key_factors, n, buf);
   else
     score_tiles[G](r, 0, cols, key_factors, n, buf);
+  if (!a->amx && G <= LANES_FROM) {  // scores a head to a row
+    softmax_rows(r, n, key_scale, value_scale, distance, m, l, acc, buf);
+    for (int64_t g0 = 0; g0 < G; g0 += TILE) value_tiles[G - g0 < TILE ? G - g0 : TILE](r, g0, cols, buf, n, acc);
+    return;
+  }
   __m512 heaviest = _mm512_setzero_ps();  // each head's heaviest weight p vscale (read by AMX, G <= 16)
   for (int64_t g0 = 0; g0 < G; g0 += 16) {
     const __mmask16 heads = lanes(G - g0);
@@ -629,11 +677,7 @@ static void attend_block(Range *r, const int64_t *cols, int64_t n, float *m, flo
     _mm512_mask_storeu_ps(m + g0, heads, top);
     float rescale[16];
     _mm512_storeu_ps(rescale, alpha);
-    for (int64_t g = g0; g < G && g < g0 + 16; ++g)
-      if (rescale[g - g0] != 1.0f)
-        for (int64_t d = 0; d < Dp; d += 16)
-          _mm512_store_ps(acc + g * Dp + d,
-                          _mm512_mul_ps(_mm512_load_ps(acc + g * Dp + d), _mm512_set1_ps(rescale[g - g0])));
+    for (int64_t g = g0; g < G && g < g0 + 16; ++g) rescale_head(acc, g, Dp, rescale[g - g0]);
   }
   if (a->amx) {
     float unit[16];
