@@ -24,8 +24,9 @@
 // Work: each (row, kv head) is split into column ranges (flash-decoding, Dao et al. 2023), each
 // keeping a running max, sum and weighted values per head, combined by one pass. A row that may read
 // no key averages all S columns' values, as the additive-bias path does. A range goes in blocks of
-// 48 to 63 readable columns: scores (`score_tiles` up to 8 heads per kv head, `scores_lanes` above,
-// or `scores_amx`), a softmax over 16 heads a vector, weighted values (`value_tiles`, or
+// 48 to 63 readable columns (112 to 127 on the AMX path): scores (`score_tiles` up to 8 heads per
+// kv head, then a softmax over 16 keys a vector, `softmax_rows`; `scores_lanes` above, or
+// `scores_amx`, then a softmax over 16 heads a vector), weighted values (`value_tiles`, or
 // `values_amx`). The factors' table exp(rate_d j) comes with the arguments (made once per shape).
 #include <immintrin.h>
 #include <math.h>
@@ -624,8 +625,9 @@ static void softmax_rows(const Range *r, int64_t n, const float *key_scale, cons
 }
 
 // One block of n readable columns: scores, the running softmax of each head, weighted values.
-// State per head g: running max m[g], sum l[g], and acc[g * padded_dim ...]. The softmax runs on
-// 16 heads a vector, key after key; lanes past G hold whatever, and are never read back.
+// State per head g: running max m[g], sum l[g], and acc[g * padded_dim ...]. Past 8 heads per kv
+// head (or on the AMX path) the softmax runs on 16 heads a vector, key after key; lanes past G
+// hold whatever, and are never read back.
 static void attend_block(Range *r, const int64_t *cols, int64_t n, float *m, float *l, float *acc, float *buf,
                          float *factors) {
   const Args *a = r->a;
