@@ -300,6 +300,33 @@ def test_decode_kernel_splits_a_long_row_across_threads(dtype, tolerance, amx):
     torch.testing.assert_close(out.float(), expected.float(), atol=tolerance, rtol=tolerance)
 
 
+@needs_kernel
+@pytest.mark.parametrize("groups", [1, 3, 8])
+def test_decode_kernel_rescales_across_blocks_as_its_reference(groups):
+    """Up to 8 query heads per kv head (the softmax a head to a row, 16 keys a vector): 1,500 keys
+    in ~30 blocks, with ALiBi slopes steep enough that later blocks beat the running max by more
+    than the lazy margin (rescaling what was summed), on one and two threads (ranges combined)."""
+    config = Config.from_preset("tiny", heads=2 * groups, attn_kv_heads=2, dim_head=32, alibi_num_heads=1)
+    generator = torch.Generator().manual_seed(groups)
+    cache = KVCache(config, 1, 1501, dtype=torch.float32, device="cpu", kv_dtype="int8")
+    with torch.no_grad():
+        for count in (1500, 1):
+            step = cache.append(None, None, None, count)
+            for layer in range(config.depth):
+                step.store(layer, *(torch.randn(1, 2, count, 32, generator=generator) for _ in "kv"))
+        q = torch.randn(1, 2 * groups, 1, 32, generator=generator)
+        slopes = torch.linspace(0.0, 0.2, 2 * groups)  # 0.2 a position: the max rises block after block
+        expected = kv_attention.decode_attention_reference(step, 1, q, slopes, 0.3)
+        threads = torch.get_num_threads()
+        try:
+            for count in (1, 2):
+                torch.set_num_threads(count)
+                out = kv_attention.Int8DecodeAttention()(step, 1, q, slopes, 0.3)
+                torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-5)
+        finally:
+            torch.set_num_threads(threads)
+
+
 needs_amx = pytest.mark.skipif(NO_KERNEL is not None or not kv_attention._amx_ready(),
                                reason="no AMX tiles here: the int8 kernel's bf16 path takes FMAs")
 
