@@ -49,6 +49,7 @@ from torch import nn
 import common
 from andromeda import Config
 from andromeda.inference.generate import stream
+from andromeda.inference.huge_pages import back_with_huge_pages
 from andromeda.inference.packed import PackedLinear, prepack
 from andromeda.inference.quantize import DEFAULT_GROUP_SIZE, quantize
 from andromeda.inference.quantized_linear import pack_for_decoding
@@ -131,6 +132,7 @@ def read_bandwidth(gib: float, device: torch.device, repeats: int = 5) -> float:
     `repeats` float32 sums: a bf16 sum converts every element and was compute-bound on an Intel
     Xeon, reading at 60% of the float32 sum's rate), on a GPU copying one (read + write counted)."""
     data = torch.ones(int(gib * common.GIB) // 2, dtype=torch.bfloat16, device=device)
+    back_with_huge_pages([data])  # in the pages the weights have (`convert`)
     if device.type == "cpu":
         work, nbytes = data.view(torch.float32).sum, data.numel() * data.element_size()
     else:
@@ -149,11 +151,14 @@ def streamed_bytes(net: nn.Module) -> int:
 
 
 def convert(net: nn.Module, scheme: str) -> nn.Module:
+    """`net` in `scheme`, as `load_for_inference` prepares a model to decode: prepacked or
+    quantized, its CPU weights in 2 MiB pages where Linux has them."""
     if scheme == "bf16-packed":
-        return prepack(net)
-    if scheme in ("int8", "int4"):  # as `load_for_inference` prepares a quantized model to decode
+        net = prepack(net)
+    elif scheme in ("int8", "int4"):
         net = quantize(net, scheme, DEFAULT_GROUP_SIZE)
         pack_for_decoding(net)
+    back_with_huge_pages(net)
     return net
 
 

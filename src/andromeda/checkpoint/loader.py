@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..choices import DTYPE_NAMES
 from ..folders import CheckpointError
+from ..inference.huge_pages import back_with_huge_pages
 from ..inference.packed import prepack_if_supported
 from ..inference.quantized_linear import pack_for_decoding
 from ..inference.quantize import (
@@ -190,14 +191,17 @@ def load_for_inference(source: str | Path | ModelSource, *, device: torch.device
     `inference_dtype` chooses, quantized as it loads if asked, in eval mode, with bf16 weights on
     a CPU prepacked for oneDNN (`inference.packed`: the same products, up to 3x faster per decode
     step), and for `decoding` int8 weights also packed for fbgemm's one-row product
-    (`inference.quantized_linear.pack_for_decoding`: about twice as fast a decode step)."""
+    (`inference.quantized_linear.pack_for_decoding`: about twice as fast a decode step); CPU
+    weights in 2 MiB pages where Linux has them (`inference.huge_pages`)."""
     source = open_model_source(source, verify=verify)
     chosen = inference_dtype(source, dtype, device, quantize=quantize, decoding=decoding)
     net = load_transformer(source, device=device, dtype=chosen, verify=verify, quantize=quantize,
                            group_size=group_size)
     if decoding:
         pack_for_decoding(net)
-    return prepack_if_supported(net).eval()
+    net = prepack_if_supported(net).eval()
+    back_with_huge_pages(net)  # CPU weights streamed every token: 2 MiB pages where Linux has them
+    return net
 
 
 # --------------------------------------------------------------------------- tokenizer

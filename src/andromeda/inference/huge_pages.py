@@ -1,0 +1,92 @@
+"""A model's weights backed by 2 MiB pages on Linux, for decoding.
+
+Batch-1 decoding streams every weight from memory once a token (1.25 GB a step for the 2.5 B
+default in int4), through PyTorch's allocations, which Linux backs with 4 KiB pages unless a range
+is advised otherwise (`/sys/kernel/mm/transparent_hugepage/enabled` is "madvise" on many
+distributions, this project's machines included): one TLB entry covers 4 KiB of the stream instead
+of 2 MiB. `back_with_huge_pages` advises the weights' ranges MADV_HUGEPAGE and collapses the pages
+already there with MADV_COLLAPSE (Linux 6.1 on; 0.3 s per GiB here). The bytes, and so every
+result, are the same. Measured on the 2.5 B default, two threads, 4 KiB against 2 MiB pages in one
+process, alternating: int4 1.027x eager and 1.010x compiled, int8 1.023x eager.
+
+Where the kernel lacks the calls, transparent huge pages are off ("never"), the platform is not
+Linux or a tensor is not a plain CPU tensor (oneDNN's prepacked weights are opaque), nothing
+happens: the pages stay as they were.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import sys
+from collections.abc import Iterable
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+MADV_HUGEPAGE = 14  # prefer huge pages for this range (new faults, khugepaged)
+MADV_COLLAPSE = 25  # make the range's pages huge now (Linux 6.1)
+THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+HUGE_PAGE_SIZE = Path("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")
+
+
+def back_with_huge_pages(module: nn.Module | Iterable[Tensor]) -> int:
+    """Ask Linux to back each large CPU tensor of `module` (parameters and buffers: its weights),
+    or the tensors given, with huge pages (module docstring). Returns the bytes now in huge pages;
+    0 where that is not available."""
+    size = huge_page_size()
+    if size is None:
+        return 0
+    tensors = (*module.parameters(), *module.buffers()) if isinstance(module, nn.Module) else tuple(module)
+    madvise = _madvise()
+    collapsed, seen = 0, set()
+    for tensor in tensors:
+        span = _aligned_span(tensor, size)
+        if span is None or span in seen:
+            continue
+        seen.add(span)
+        start, length = span
+        madvise(start, length, MADV_HUGEPAGE)
+        if madvise(start, length, MADV_COLLAPSE) == 0:
+            collapsed += length
+        else:
+            log.debug("MADV_COLLAPSE refused %d bytes (errno %d)", length, ctypes.get_errno())
+    return collapsed
+
+
+@cache
+def huge_page_size() -> int | None:
+    """The transparent huge page size here (2 MiB on x86-64), or None where they cannot be used:
+    not Linux, or `transparent_hugepage/enabled` is "never" or absent."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        if "[never]" in THP_SETTING.read_text():
+            return None
+        return int(HUGE_PAGE_SIZE.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _aligned_span(tensor: Tensor, size: int) -> tuple[int, int] | None:
+    """(start, length) of the whole huge pages inside `tensor`'s storage, or None (no full page,
+    not a plain CPU tensor)."""
+    if tensor.device.type != "cpu" or tensor.layout != torch.strided:
+        return None
+    storage = tensor.untyped_storage()
+    first, nbytes = storage.data_ptr(), storage.nbytes()
+    start, end = -(-first // size) * size, (first + nbytes) // size * size
+    return (start, end - start) if end > start else None
+
+
+@cache
+def _madvise():
+    libc = ctypes.CDLL(None, use_errno=True)
+    function = libc.madvise
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function

@@ -1,0 +1,79 @@
+"""`inference.huge_pages`: a model's weights moved to 2 MiB pages where Linux offers them (checked
+in /proc/self/smaps), bytes unchanged, nothing done where it cannot be, and the inference loader
+doing it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from andromeda.checkpoint import load_for_inference, loader, save_pretrained
+from andromeda.inference import huge_pages
+from helpers import random_net
+
+MIB = 1 << 20
+
+
+def huge_bytes_at(address: int) -> int:
+    """AnonHugePages of the mapping of this process that holds `address` (bytes)."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+                start, end = (int(part, 16) for part in fields[0].split("-"))
+                inside = start <= address < end
+            elif inside and fields[0] == "AnonHugePages:":
+                return int(fields[1]) * 1024
+    return 0
+
+
+def test_large_weights_move_to_huge_pages_unchanged():
+    size = huge_pages.huge_page_size()
+    module = nn.Linear(1024, 2048)  # an 8 MiB weight, a bias of 8 KiB (no whole page: left alone)
+    nn.init.normal_(module.weight, generator=torch.Generator().manual_seed(0))
+    before = module.weight.detach().clone()
+    collapsed = huge_pages.back_with_huge_pages(module)
+    assert torch.equal(module.weight, before)
+    if size is None:  # not Linux, or transparent huge pages are off
+        assert collapsed == 0
+        return
+    whole_pages = huge_pages._aligned_span(module.weight, size)[1]
+    assert whole_pages >= 6 * MIB and huge_pages._aligned_span(module.bias, size) is None
+    if collapsed == 0:
+        import pytest
+        pytest.skip("this kernel refused MADV_COLLAPSE (older than Linux 6.1, or not permitted)")
+    assert collapsed == whole_pages
+    assert huge_bytes_at(module.weight.data_ptr() + whole_pages // 2) >= whole_pages
+
+
+def test_nothing_happens_where_huge_pages_are_unavailable(monkeypatch):
+    calls = []
+    monkeypatch.setattr(huge_pages, "huge_page_size", lambda: None)
+    monkeypatch.setattr(huge_pages, "_madvise", lambda: lambda *args: calls.append(args) or 0)
+    assert huge_pages.back_with_huge_pages(nn.Linear(1024, 2048)) == 0
+    assert calls == []
+
+
+def test_shared_and_meta_tensors_are_advised_once_or_not_at_all(monkeypatch):
+    calls = []
+    monkeypatch.setattr(huge_pages, "huge_page_size", lambda: 2 * MIB)
+    monkeypatch.setattr(huge_pages, "_madvise", lambda: lambda start, length, advice: calls.append(
+        (start, length, advice)) or 0)
+    module = nn.Module()
+    module.a = nn.Parameter(torch.zeros(4 * MIB))
+    module.register_buffer("b", module.a.data[MIB:])  # a view of the same storage: one span
+    with torch.device("meta"):
+        module.c = nn.Parameter(torch.zeros(4 * MIB))
+    assert huge_pages.back_with_huge_pages(module) >= 14 * MIB
+    assert [advice for _, _, advice in calls] == [huge_pages.MADV_HUGEPAGE, huge_pages.MADV_COLLAPSE]
+    start, length, _ = calls[0]
+    assert start % (2 * MIB) == 0 and length % (2 * MIB) == 0
+
+
+def test_the_inference_loader_backs_the_model_it_returns(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(loader, "back_with_huge_pages", lambda module: seen.append(module) or 0)
+    save_pretrained(random_net(), tmp_path / "model")
+    net = load_for_inference(tmp_path / "model")
+    assert seen == [net]
