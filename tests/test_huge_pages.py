@@ -55,7 +55,9 @@ def test_nothing_happens_where_huge_pages_are_unavailable(monkeypatch):
     assert calls == []
 
 
-def test_shared_and_meta_tensors_are_advised_once_or_not_at_all(monkeypatch):
+def test_each_storage_is_advised_once_within_its_bounds(monkeypatch):
+    """Views share one span, meta tensors are skipped, tensors held as plain attributes (the
+    decode kernels' prepared scales) count, and every span lies inside its storage."""
     calls = []
     monkeypatch.setattr(huge_pages, "huge_page_size", lambda: 2 * MIB)
     monkeypatch.setattr(huge_pages, "_madvise", lambda: lambda start, length, advice: calls.append(
@@ -63,12 +65,16 @@ def test_shared_and_meta_tensors_are_advised_once_or_not_at_all(monkeypatch):
     module = nn.Module()
     module.a = nn.Parameter(torch.zeros(4 * MIB))
     module.register_buffer("b", module.a.data[MIB:])  # a view of the same storage: one span
+    module.inner = nn.Module()
+    module.inner.prepared = (torch.zeros(2 * MIB), None)  # as `_decode_weight` holds its tensors
     with torch.device("meta"):
         module.c = nn.Parameter(torch.zeros(4 * MIB))
-    assert huge_pages.back_with_huge_pages(module) >= 14 * MIB
-    assert [advice for _, _, advice in calls] == [huge_pages.MADV_HUGEPAGE, huge_pages.MADV_COLLAPSE]
-    start, length, _ = calls[0]
-    assert start % (2 * MIB) == 0 and length % (2 * MIB) == 0
+    assert huge_pages.back_with_huge_pages(module) >= 20 * MIB
+    assert [advice for _, _, advice in calls] == [huge_pages.MADV_HUGEPAGE, huge_pages.MADV_COLLAPSE] * 2
+    for (start, length, _), tensor in zip(calls[::2], (module.a, module.inner.prepared[0])):
+        storage = tensor.untyped_storage()
+        assert start % (2 * MIB) == 0 and length % (2 * MIB) == 0
+        assert storage.data_ptr() <= start and start + length <= storage.data_ptr() + storage.nbytes()
 
 
 def test_the_inference_loader_backs_the_model_it_returns(tmp_path, monkeypatch):

@@ -303,14 +303,15 @@ def test_decode_kernel_splits_a_long_row_across_threads(dtype, tolerance, amx):
 @needs_kernel
 @pytest.mark.parametrize("groups", [1, 3, 8])
 def test_decode_kernel_rescales_across_blocks_as_its_reference(groups):
-    """Up to 8 query heads per kv head (the softmax a head to a row, 16 keys a vector): 1,500 keys
-    in ~30 blocks, with ALiBi slopes steep enough that later blocks beat the running max by more
-    than the lazy margin (rescaling what was summed), on one and two threads (ranges combined)."""
+    """Up to 8 query heads per kv head (the softmax a head to a row, 16 keys a vector): 2,100 keys
+    in ~40 blocks, with ALiBi slopes steep enough that later blocks beat the running max by more
+    than the lazy margin (rescaling what was summed), on one thread and on two (each row's keys in
+    two ranges, combined)."""
     config = Config.from_preset("tiny", heads=2 * groups, attn_kv_heads=2, dim_head=32, alibi_num_heads=1)
     generator = torch.Generator().manual_seed(groups)
-    cache = KVCache(config, 1, 1501, dtype=torch.float32, device="cpu", kv_dtype="int8")
+    cache = KVCache(config, 1, 2101, dtype=torch.float32, device="cpu", kv_dtype="int8")
     with torch.no_grad():
-        for count in (1500, 1):
+        for count in (2100, 1):
             step = cache.append(None, None, None, count)
             for layer in range(config.depth):
                 step.store(layer, *(torch.randn(1, 2, count, 32, generator=generator) for _ in "kv"))
@@ -341,12 +342,13 @@ needs_amx = pytest.mark.skipif(NO_KERNEL is not None or not kv_attention._amx_re
     (12, 64, 200, 48, 1.0),  # a ring buffer (window 48, 2 sinks): its columns read out of position order
 ], ids=["one-block", "long", "peaked", "dim-96", "dim-32", "ring"])
 def test_amx_weighted_values_equal_the_fma_paths(groups, dim, context, window, peak):
-    """Without xPos the AMX path's scores are exact (int8 keys times bf16 queries, float32 sums), so
-    it differs from the FMA path (`amx=False`, as on CPUs without AMX) only in its weighted values:
-    int8 tile products of 16-bit weight codes (two u8 tiles). Its outputs equal the FMA path's but
-    for a last-bit bf16 rounding in a few percent of entries. One 8-bit code per weight fails
-    this: 62-68% of entries differed, by up to 4 ulp. (Outputs near 0 may differ by the codes'
-    rounding, 2^-16 of the largest value.)"""
+    """Without xPos the AMX path's scores have exact inputs (int8 keys, bf16 queries: products
+    exact, summed in float32 in another order), so it differs from the FMA path (`amx=False`, as
+    on CPUs without AMX) in rounding and in its weighted values: int8 tile products of 16-bit
+    weight codes (two u8 tiles), in blocks of up to 128 keys instead of 64. Its outputs equal the
+    FMA path's but for a last-bit bf16 rounding in a few percent of entries: one ulp, or 1e-4
+    near 0 (the codes' 2^-16 of the largest weight). One 8-bit code per weight fails this: 62-68%
+    of entries differed, by up to 4 ulp."""
     config = Config.from_preset("tiny", heads=2 * groups, attn_kv_heads=2, dim_head=dim, rotary_xpos=False)
     generator = torch.Generator().manual_seed(context)
     ring = dict(window=window, sink_tokens=2) if window else {}

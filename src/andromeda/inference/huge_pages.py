@@ -35,13 +35,14 @@ HUGE_PAGE_SIZE = Path("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")
 
 
 def back_with_huge_pages(module: nn.Module | Iterable[Tensor]) -> int:
-    """Ask Linux to back each large CPU tensor of `module` (parameters and buffers: its weights),
-    or the tensors given, with huge pages (module docstring). Returns the bytes now in huge pages;
-    0 where that is not available."""
+    """Ask Linux to back each large CPU tensor of `module` (parameters, buffers, and tensors its
+    modules hold as plain attributes, such as the int8/int4 decode kernels' prepared scales), or
+    the tensors given, with huge pages (module docstring). Returns the bytes now in huge pages; 0
+    where that is not available."""
     size = huge_page_size()
     if size is None:
         return 0
-    tensors = (*module.parameters(), *module.buffers()) if isinstance(module, nn.Module) else tuple(module)
+    tensors = _module_tensors(module) if isinstance(module, nn.Module) else tuple(module)
     madvise = _madvise()
     collapsed, seen = 0, set()
     for tensor in tensors:
@@ -70,6 +71,17 @@ def huge_page_size() -> int | None:
         return int(HUGE_PAGE_SIZE.read_text())
     except (OSError, ValueError):
         return None
+
+
+def _module_tensors(module: nn.Module) -> list[Tensor]:
+    """Parameters, buffers, and tensors held in plain attributes (alone or in a tuple or list)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    for child in module.modules():
+        for value in vars(child).values():
+            for item in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(item, Tensor):
+                    tensors.append(item)
+    return tensors
 
 
 def _aligned_span(tensor: Tensor, size: int) -> tuple[int, int] | None:

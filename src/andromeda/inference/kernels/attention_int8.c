@@ -373,10 +373,12 @@ static void code_tiles(const float *weights, int64_t n, __m512 to_code, uint32_t
 // The A tiles of the block's weights (`weights[j * 16 + g]`, 16 heads in lanes), per 64 keys
 // (part): row g of tile 2 part holds head g's high codes of keys 64 part .. 64 part + 63 (0 past
 // n), tile 2 part + 1 their low codes, 256 words each from r->wa; unit[g] is what a high code of 1
-// weighs. `top` holds each head's heaviest weight; a head whose weights are all 0 gets codes and
-// unit 0.
+// weighs. `top` holds each head's heaviest weight; a head whose weights are all 0 (or under
+// 1e-30) gets codes 0.
 static void weight_tiles_amx(const Range *r, const float *weights, int64_t n, __m512 top, float *unit) {
-  const __mmask16 some = _mm512_cmp_ps_mask(top, _mm512_setzero_ps(), _CMP_GT_OQ);
+  // A head whose heaviest weight is under 1e-30 of the running max (65535 / top would overflow
+  // past 1.9e-34) adds nothing a float could hold: codes 0.
+  const __mmask16 some = _mm512_cmp_ps_mask(top, _mm512_set1_ps(1e-30f), _CMP_GT_OQ);
   const __m512 to_code = _mm512_maskz_div_ps(some, _mm512_set1_ps(65535.0f), top);
   _mm512_storeu_ps(unit, _mm512_mul_ps(top, _mm512_set1_ps(256.0f / 65535.0f)));
   for (int64_t part = 0; part * 64 < n; ++part)
@@ -859,11 +861,12 @@ static int64_t split_count(const Args *a) {
 int andromeda_int8_decode_attention(const Args *a) {
   if (a->groups < 1 || a->groups > MAX_HEADS || a->dim < 1 || a->dim > MAX_DIM || a->rotary_dim > a->dim ||
       a->padded_dim != (a->dim + 15) / 16 * 16 || a->read < 1 || a->read > a->columns ||
-      (a->rates && (!a->powers || a->powers_rows < MAX_BLOCK)))
+      (a->rates && (!a->powers || a->powers_rows < MAX_BLOCK || (uintptr_t)a->powers % 64)) ||
+      (a->amx && (a->groups > 16 || a->dim % 32)))
     return 1;
   const int64_t splits = split_count(a), pairs = a->rows * a->kv_heads;
   const int64_t size = part_size(a);
-  float *parts = thread_buffer(sizeof(float) * pairs * splits * size);
+  float *parts = thread_buffer(sizeof(float) * (pairs * splits * size + 16));  // (never 0 bytes)
   if (!parts) return 2;
 #pragma omp parallel for schedule(static)
   for (int64_t item = 0; item < pairs * splits; ++item) {
