@@ -340,7 +340,8 @@ needs_amx = pytest.mark.skipif(NO_KERNEL is not None or not kv_attention._amx_re
     (9, 96, 700, None, 1.0),  # a last pass of 32 channels; 9 heads of a tile's 16
     (16, 32, 300, None, 1.0),
     (12, 64, 200, 48, 1.0),  # a ring buffer (window 48, 2 sinks): its columns read out of position order
-], ids=["one-block", "long", "peaked", "dim-96", "dim-32", "ring"])
+    (12, 256, 300, None, 1.0),  # past 128 channels: the scores reload their query tiles per chunk
+], ids=["one-block", "long", "peaked", "dim-96", "dim-32", "ring", "dim-256"])
 def test_amx_weighted_values_equal_the_fma_paths(groups, dim, context, window, peak):
     """Without xPos the AMX path's scores have exact inputs (int8 keys, bf16 queries: products
     exact, summed in float32 in another order), so it differs from the FMA path (`amx=False`, as
@@ -376,6 +377,28 @@ def test_amx_weighted_values_equal_the_fma_paths(groups, dim, context, window, p
     assert ((outs[0] - outs[1]).abs() <= outs[1].abs() * 2.0 ** -7 + 1e-4).all()
     expected = kv_attention.decode_attention_reference(step, 1, q, slopes, 0.3).float()
     torch.testing.assert_close(outs[1], expected, atol=1e-2, rtol=1e-2)  # and the FMA path is right
+
+
+@needs_amx
+def test_amx_path_reads_a_wrapped_xpos_ring_as_the_fma_path():
+    """xPos over a ring buffer that has wrapped (blocks whose positions have a gap take each key's
+    factors exactly): the AMX path agrees with the FMA path to its bf16 roundings of queries and
+    keys times factors, as the long-row test allows."""
+    config = Config.from_preset("tiny", heads=24, attn_kv_heads=2, dim_head=64)
+    generator = torch.Generator().manual_seed(9)
+    cache = KVCache(config, 1, 300 + 40, dtype=torch.bfloat16, device="cpu", kv_dtype="int8", window=300,
+                    sink_tokens=4)
+    with torch.no_grad():
+        for count in [40] * 12 + [1]:  # 481 positions through 340 columns: wrapped
+            step = cache.append(None, None, None, count)
+            for layer in range(config.depth):
+                step.store(layer, *(torch.randn(1, 2, count, 64, generator=generator).bfloat16() for _ in "kv"))
+        assert not bool((cache.positions[0, 1:] > cache.positions[0, :-1]).all())  # out of order: wrapped
+        q, slopes = torch.randn(1, 24, 1, 64, generator=generator).bfloat16(), torch.rand(24, generator=generator) / 8
+        outs = [kv_attention.Int8DecodeAttention(amx=amx)(step, 1, q, slopes, 0.3).float() for amx in (True, False)]
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-2, rtol=2e-2)
+    expected = kv_attention.decode_attention_reference(step, 1, q, slopes, 0.3).float()
+    torch.testing.assert_close(outs[1], expected, atol=1e-2, rtol=1e-2)
 
 
 @needs_kernel
