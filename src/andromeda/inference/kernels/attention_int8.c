@@ -36,6 +36,7 @@
 #include <string.h>
 
 #include "avx512_math.h"
+#include "scratch.h"
 
 #define BLOCK 48         // keys per softmax block, at least (up to BLOCK + 15: columns come 16 at a time)
 #define AMX_BLOCK 112    // the same on the AMX path, where a block's weighted values cost 16 tile stores
@@ -836,19 +837,8 @@ static void combine(const Args *a, int64_t b, int64_t h, int64_t splits, const f
   }
 }
 
-// The calling thread's scratch of at least `bytes` (grown, never shrunk, kept between calls: a call
-// per layer and decoding step), or NULL.
-static void *thread_buffer(size_t bytes) {
-  static _Thread_local void *buffer;
-  static _Thread_local size_t capacity;
-  if (bytes > capacity) {
-    free(buffer);
-    capacity = (bytes + 4095) / 4096 * 4096;
-    buffer = aligned_alloc(64, capacity);
-    if (!buffer) capacity = 0;
-  }
-  return buffer;
-}
+static _Thread_local void *parts_room;  // the calling thread's partial sums, kept between calls
+static _Thread_local size_t parts_room_bytes;
 
 // Ranges per (row, kv head): enough for every thread to have two, none under MIN_SPLIT columns.
 static int64_t split_count(const Args *a) {
@@ -866,7 +856,7 @@ int andromeda_int8_decode_attention(const Args *a) {
     return 1;
   const int64_t splits = split_count(a), pairs = a->rows * a->kv_heads;
   const int64_t size = part_size(a);
-  float *parts = thread_buffer(sizeof(float) * (pairs * splits * size + 16));  // (never 0 bytes)
+  float *parts = thread_buffer(&parts_room, &parts_room_bytes, sizeof(float) * (pairs * splits * size + 16));
   if (!parts) return 2;
 #pragma omp parallel for schedule(static)
   for (int64_t item = 0; item < pairs * splits; ++item) {

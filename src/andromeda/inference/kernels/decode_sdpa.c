@@ -40,6 +40,7 @@
 #include <string.h>
 
 #include "avx512_math.h"
+#include "scratch.h"
 
 #define HEADS 16   // query heads per key/value head at most: one vector's lanes
 #define MAX_DIM 256
@@ -85,17 +86,6 @@ static inline __mmask16 first(int64_t count) {
   return count >= 16 ? (__mmask16)0xFFFF : count <= 0 ? (__mmask16)0 : (__mmask16)((1u << count) - 1);
 }
 
-// A 64-byte aligned buffer of at least `bytes` held by the calling thread between calls (OpenMP's
-// threads persist): a decoding step's calls allocate nothing. NULL when out of memory.
-static void *thread_buffer(void **buffer, size_t *capacity, size_t bytes) {
-  if (bytes > *capacity) {
-    free(*buffer);
-    *capacity = (bytes + 4095) / 4096 * 4096;
-    *buffer = aligned_alloc(64, *capacity);
-    if (!*buffer) *capacity = 0;
-  }
-  return *buffer;
-}
 static _Thread_local void *task_room;   // a thread's scratch inside the parallel regions
 static _Thread_local size_t task_room_bytes;
 
