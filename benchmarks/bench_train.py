@@ -15,10 +15,17 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import os
 import sys
 import time
 
-import torch
+from andromeda.cli import allocate_with_huge_pages
+
+# As the `andromeda` command does, before PyTorch allocates anything (its allocator reads the
+# setting once, and the imports below already allocate); THP_MEM_ALLOC_ENABLE=0 opts out.
+HUGE_PAGES = allocate_with_huge_pages(os.environ)
+
+import torch  # noqa: E402 - after the allocator's setting
 from torch import Tensor, nn
 
 import common
@@ -212,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
              for mode in args.modes}
     print("## Training throughput (`benchmarks/bench_train.py`)\n")
     print(f"- machine: {common.environment()}")
+    print(f"- CPU allocations of 2 MiB or more in huge pages: {'yes' if HUGE_PAGES else 'no'} "
+          f"(THP_MEM_ALLOC_ENABLE, set as the `andromeda` command sets it)")
     print(f"- model: dim {config.dim}, depth {config.depth}, {config.heads} heads of {config.dim_head}, "
           f"{config.attn_kv_heads} kv heads, {config.num_alibi_heads} ALiBi heads, vocab "
           f"{config.num_tokens}, xPos {config.rotary_xpos}, QK-norm {config.use_qk_norm}; "

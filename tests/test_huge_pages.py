@@ -4,6 +4,12 @@ doing it."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 from torch import nn
 
@@ -41,7 +47,6 @@ def test_large_weights_move_to_huge_pages_unchanged():
     whole_pages = huge_pages._aligned_span(module.weight, size)[1]
     assert whole_pages >= 6 * MIB and huge_pages._aligned_span(module.bias, size) is None
     if collapsed == 0:
-        import pytest
         pytest.skip("this kernel refused MADV_COLLAPSE (older than Linux 6.1, or not permitted)")
     assert collapsed == whole_pages
     assert huge_bytes_at(module.weight.data_ptr() + whole_pages // 2) >= whole_pages
@@ -83,3 +88,35 @@ def test_the_inference_loader_backs_the_model_it_returns(tmp_path, monkeypatch):
     save_pretrained(random_net(), tmp_path / "model")
     net = load_for_inference(tmp_path / "model")
     assert seen == [net]
+
+
+CHILD = """
+import os, sys
+from andromeda.cli import allocate_with_huge_pages
+asked = allocate_with_huge_pages(os.environ)
+import torch
+x = torch.ones(64 << 20, dtype=torch.uint8)  # a fresh 64 MiB activation-sized allocation
+sys.path.insert(0, {tests!r})
+from test_huge_pages import huge_bytes_at
+print(asked, huge_bytes_at(x.data_ptr() + (32 << 20)))
+"""
+
+
+@pytest.mark.parametrize("preset", [None, "0"])
+def test_the_command_allocates_in_huge_pages_unless_told_not_to(preset):
+    """`andromeda`'s entry sets THP_MEM_ALLOC_ENABLE before PyTorch loads, so a fresh allocation
+    of the process lands in huge pages; a preset THP_MEM_ALLOC_ENABLE=0 is respected."""
+    env = {key: value for key, value in os.environ.items() if key != "THP_MEM_ALLOC_ENABLE"}
+    if preset is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = preset
+    child = subprocess.run([sys.executable, "-c", CHILD.format(tests=str(Path(__file__).parent))], env=env,
+                           capture_output=True, text=True, timeout=120, check=True)
+    asked, huge = child.stdout.split()
+    if huge_pages.huge_page_size() is None:  # not Linux, or transparent huge pages are off
+        assert (asked, huge) == ("False", "0")
+        return
+    assert asked == str(preset is None)
+    if preset is None:
+        assert int(huge) >= 2 * MIB
+    elif "[madvise]" in huge_pages.THP_SETTING.read_text():  # under "always" every range may be huge
+        assert int(huge) == 0
