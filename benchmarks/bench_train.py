@@ -33,6 +33,7 @@ from andromeda import Andromeda, Config
 from andromeda.config import PRESETS
 from andromeda.parallel.environment import DistEnv
 from andromeda.parallel.parallelize import apply_compile, compile_scope
+from andromeda.train.loss_kernel import use_loss_kernel
 
 log = logging.getLogger("bench_train")
 
@@ -100,6 +101,8 @@ def contestants_for(
         peer = None
     else:
         ours, peer = common.matched_pair(config, device=device, seed=args.seed)
+    if device.type == "cpu" and not args.no_loss_kernel:  # as `andromeda train` does on the CPU
+        use_loss_kernel(ours)
     result = [TrainStep("andromeda", ours, tokens, device, dtype, args)]
     if peer is not None:
         peer_loss = common.x_transformers_loss_model(peer)
@@ -188,6 +191,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="also Andromeda under torch.compile, each block and the whole model")
     parser.add_argument("--profile", action="store_true", help="print the top ops of one step each")
+    parser.add_argument("--no-loss-kernel", action="store_true",
+                        help="the loss's softmax in PyTorch's ops (as before `train.loss_kernel`), not its C kernel")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's peak TFLOP/s for MFU (default: the datasheet's dense bf16 peak for "
                              "known GPUs, else the measured matmul peak)")

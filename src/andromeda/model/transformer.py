@@ -22,7 +22,7 @@ from ..config import Config
 from .attention import Attention, AttentionInputs, XposBlocks, query_head_order, xpos_block_rows
 from .cache import CacheStep, KVCache
 from .fused import Workspace, feed_forward
-from .loss import projected_cross_entropy
+from .loss import SoftmaxCrossEntropy, projected_cross_entropy
 from .positions import alibi_slopes, xpos_blocks, xpos_max_factor, xpos_reach, xpos_tables
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,9 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.depth))
         self.final_norm = nn.LayerNorm(config.dim, eps=config.norm_eps, bias=False)
         self.to_logits = nn.Linear(config.dim, config.num_tokens, bias=False)
+        # The loss's fused softmax over bf16 logits (`loss.SoftmaxCrossEntropy`), where its owner
+        # gives one (the training loop, `train.loss_kernel`); None: PyTorch's ops.
+        self.softmax_cross_entropy: SoftmaxCrossEntropy | None = None
         slopes = alibi_slopes(config.num_alibi_heads, config.heads)
         order = query_head_order(config.heads, config.attn_kv_heads)
         # Plain attributes, not buffers: a meta-device build must not leave them uninitialised,
@@ -177,7 +180,8 @@ class Transformer(nn.Module):
             x = block(x, inputs, workspace)
         x = self.final_norm(x)
         if targets is not None:
-            return projected_cross_entropy(x.flatten(0, 1), self.to_logits, targets.flatten(), reduction)
+            return projected_cross_entropy(x.flatten(0, 1), self.to_logits, targets.flatten(), reduction,
+                                           softmax=self.softmax_cross_entropy)
         if return_hidden:
             return x
         if logits_to_keep is not None:

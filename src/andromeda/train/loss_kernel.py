@@ -1,0 +1,106 @@
+"""The training loss's softmax and gradient over bf16 logits by a small C kernel.
+
+The loss (`model.loss.linear_cross_entropy`) forms each chunk's gradient d loss / d logits =
+(softmax - onehot) * weight while the chunk's logits exist. With PyTorch's ops that is seven
+passes over a float32 copy of a (1024, V) chunk (convert, max, subtract, exp, sum, scale, convert
+back to bf16): 0.55 s of a 3.2 s bf16 training step of `benchmarks/bench_train.py`'s model at one
+thread, more than the chunk's three matrix products' 0.45 s. `kernels/cross_entropy.c` reads the
+bf16 logits where the product wrote them, a row at a time (100 KB for 50k words, in L2): its
+maximum, then e^(x - max) into a float32 scratch row with their sum, then the scaled gradient over
+the logits in bf16 (`model.loss.SoftmaxCrossEntropy`).
+
+`loss_kernel()` gives it where it can run (AVX-512 and a C compiler; built on first use like the
+decoding kernels, `inference.native.build_library`), else None and the loss keeps PyTorch's ops;
+`use_loss_kernel(model)` hands it to a model. It is the custom op `andromeda::softmax_cross_entropy`
+(mutating its logits), so a compiled training step keeps it in its graph.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..inference.native import build_library, missing_support
+from ..model import Transformer
+from ..model.loss import SoftmaxCrossEntropy
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parents[1] / "inference" / "kernels" / "cross_entropy.c"
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp", "-shared", "-fPIC",
+         "-std=gnu11", "-lm")
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
+
+
+def softmax_cross_entropy(logits: Tensor, targets: Tensor, row_weight: Tensor | None) -> Tensor:
+    """`model.loss.SoftmaxCrossEntropy` by the C kernel (module docstring), through its op. A plain
+    function, so a model holding it still deep-copies and pickles."""
+    return _softmax_cross_entropy_op(logits, targets, row_weight)
+
+
+@torch.library.custom_op("andromeda::softmax_cross_entropy", mutates_args=("logits",), device_types="cpu")
+def _softmax_cross_entropy_op(logits: Tensor, targets: Tensor, row_weight: Tensor | None) -> Tensor:
+    if logits.dtype != torch.bfloat16 or logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError(f"logits must be a bf16 (n, V) tensor with contiguous rows, got {logits.dtype} "
+                         f"{tuple(logits.shape)} with strides {logits.stride()}")
+    n = logits.shape[0]
+    targets = targets.to(torch.int64).contiguous()
+    if targets.shape != (n,):
+        raise ValueError(f"targets must be ({n},), got {tuple(targets.shape)}")
+    if row_weight is not None:
+        row_weight = row_weight.to(torch.float32).contiguous()
+    losses = torch.empty(n, dtype=torch.float32)
+    status = _kernel()(logits.data_ptr(), n, logits.shape[1], logits.stride(0), targets.data_ptr(),
+                       None if row_weight is None else row_weight.data_ptr(), losses.data_ptr())
+    if status == 1:
+        raise ValueError(f"a target id is past the vocabulary of {logits.shape[1]} words")
+    if status:
+        raise MemoryError(f"no memory for the loss kernel's scratch row of {logits.shape[1]} floats")
+    return losses
+
+
+@_softmax_cross_entropy_op.register_fake
+def _losses_shape(logits: Tensor, targets: Tensor, row_weight: Tensor | None) -> Tensor:
+    return logits.new_empty(logits.shape[0], dtype=torch.float32)
+
+
+@cache
+def loss_kernel() -> SoftmaxCrossEntropy | None:
+    """The kernel as a `SoftmaxCrossEntropy`, or None where it cannot run (the reason is logged)."""
+    reason = unavailable_reason()
+    if reason is not None:
+        log.info("loss kernel not used: %s; the loss's softmax runs in PyTorch's ops", reason)
+        return None
+    return softmax_cross_entropy
+
+
+def use_loss_kernel(model: nn.Module) -> bool:
+    """Give every `Transformer` in `model` the loss kernel where it can run; returns whether it did.
+    Only bf16 logits on the CPU take it (`model.loss.linear_cross_entropy`)."""
+    kernel = loss_kernel()
+    if kernel is None:
+        return False
+    for module in model.modules():
+        if isinstance(module, Transformer):
+            module.softmax_cross_entropy = kernel
+    return True
+
+
+@cache
+def unavailable_reason() -> str | None:
+    """Why the kernel cannot run here (no AVX-512, no C compiler, a failed build), or None."""
+    return missing_support(CPU_FLAGS, SOURCE, lambda: build_library(SOURCE, FLAGS))
+
+
+@cache
+def _kernel() -> ctypes._CFuncPtr:
+    function = ctypes.CDLL(str(build_library(SOURCE, FLAGS))).andromeda_softmax_cross_entropy
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    function.argtypes = [pointer, size, size, size, pointer, pointer, pointer]
+    function.restype = ctypes.c_int
+    return function
