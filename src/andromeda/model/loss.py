@@ -93,7 +93,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             softmax = None  # the kernel's case: bf16 logits in CPU memory
         total = torch.zeros((), dtype=acc, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = _WeightGradient(weight, acc, compute, transposed=device == "cpu") if want_weight else None
+        grad_weight = _WeightGradient(weight, acc, compute, transposed=device == "cpu" and compute != acc) \
+            if want_weight else None
         # One (chunk, V) buffer holds each chunk's logits, then its softmax, then its gradient:
         # every step is in place, so no (n, V) tensor is allocated (and page-faulted) per chunk.
         buffer = hidden.new_empty((min(chunk, hidden.shape[0]), weight.shape[0]),
@@ -139,10 +140,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 class _WeightGradient:
     """d loss / d weight (V, C), summed over the chunks in `acc` (float32 at least) from products
-    in the compute dtype. On the CPU it is summed transposed, (C, V): h.T @ grad of contiguous
-    operands runs 1.5x as fast as grad.T @ h there (oneDNN, bf16, one thread, 1024 x 50432 x 512),
-    and the backward's scaling pass writes it back in the weight's layout (one (V, C) copy more
-    while it runs). Elsewhere the products take the transposed operand as it is."""
+    in the compute dtype. `transposed` (bf16 products on the CPU) sums it as (C, V): h.T @ grad of
+    contiguous operands runs 1.5x as fast as grad.T @ h there (oneDNN, one thread, 1024 x 50432 x
+    512; in float32 both take the same time), and the backward's scaling pass writes it back in
+    the weight's layout (one (V, C) copy more while it runs). Otherwise the products take the
+    transposed operand as it is and the sum is scaled in place."""
 
     def __init__(self, weight: Tensor, acc: torch.dtype, compute: torch.dtype, *, transposed: bool) -> None:
         V, C = weight.shape
