@@ -61,15 +61,46 @@ def test_without_row_weights_only_the_losses_are_computed():
     torch.testing.assert_close(losses[ok], expected[ok], rtol=1e-5, atol=1e-5)
 
 
-def test_a_target_past_the_vocabulary_is_refused_and_nothing_written():
+@pytest.mark.parametrize("bad", [100, -1])
+def test_a_target_outside_the_vocabulary_is_refused_and_nothing_written(bad):
     logits, targets = random_logits(4, 100, seed=2)
-    targets[1] = 100
+    targets[1] = bad
     before = logits.clone()
-    with pytest.raises(ValueError, match="past the vocabulary of 100"):
+    with pytest.raises(ValueError, match=r"target ids must be in \[0, 100\) or -100"):
         softmax_cross_entropy(logits, targets, torch.ones(4))
     assert torch.equal(logits, before)
+
+
+def test_malformed_inputs_are_refused():
+    logits, targets = random_logits(4, 100, seed=2)
     with pytest.raises(ValueError, match="bf16 .* contiguous rows"):
-        softmax_cross_entropy(before.float(), targets, None)
+        softmax_cross_entropy(logits.float(), targets, None)
+    with pytest.raises(ValueError, match=r"row_weight must be \(4,\)"):
+        softmax_cross_entropy(logits, targets, torch.ones(3))
+    with pytest.raises(ValueError, match="rows must not overlap"):
+        softmax_cross_entropy(logits[:1].expand(4, 100), targets, None)
+
+
+@pytest.mark.parametrize("column", [3, 40, 99])
+def test_a_nan_logit_makes_the_loss_nan(column):
+    """As PyTorch's: a diverged row's loss is NaN wherever the NaN sits (not only in the last
+    vector), so the training loop's non-finite check stops the run."""
+    logits, targets = random_logits(3, 100, seed=4)
+    targets[1] = 7
+    logits[1, column] = float("nan")
+    losses = softmax_cross_entropy(logits, targets, torch.ones(3))
+    assert torch.isnan(losses[1]) and torch.isfinite(losses[0]) and torch.isfinite(losses[2])
+
+
+class Counted:
+    """The kernel, counting its calls: a path that silently skipped it would agree trivially."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, logits, targets, row_weight):
+        self.calls += 1
+        return softmax_cross_entropy(logits, targets, row_weight)
 
 
 def fused_loss(hidden, weight, targets, kernel, *, compiled=False):
@@ -95,7 +126,9 @@ def test_fused_linear_cross_entropy_agrees_with_and_without_the_kernel():
     targets = torch.randint(0, 1000, (200,), generator=generator)
     targets[::7] = -100
     plain = fused_loss(hidden, weight, targets, None)
-    fused = fused_loss(hidden, weight, targets, loss_kernel())
+    counted = Counted()
+    fused = fused_loss(hidden, weight, targets, counted)
+    assert counted.calls == 4  # 200 rows in chunks of 64
     torch.testing.assert_close(fused[0], plain[0], rtol=1e-4, atol=1e-4)
     for a, b in zip(fused[1:], plain[1:]):
         assert (a - b).norm() / b.norm() < 2e-3
@@ -136,10 +169,12 @@ def test_a_model_given_the_kernel_trains_as_it_does_without():
             assert use_loss_kernel(model)
             assert all(m.softmax_cross_entropy is softmax_cross_entropy for m in model.modules()
                        if isinstance(m, Transformer))
+            counted = model.softmax_cross_entropy = Counted()
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(tokens[:, :-1], targets=tokens[:, 1:])
         loss.backward()
         results.append((loss.detach(), model.to_logits.weight.grad.clone()))
+    assert counted.calls == 1
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-4)
     assert (results[1][1] - results[0][1]).norm() / results[0][1].norm() < 2e-3

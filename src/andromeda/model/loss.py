@@ -63,7 +63,7 @@ def linear_cross_entropy(
     matrix products — the fused linear-cross-entropy idea of Liger-Kernel and Apple's CCE.
     Its backward hands those gradients over, so it runs once per graph (no retain_graph reuse).
     `softmax`: a fused kernel for the elementwise part (`SoftmaxCrossEntropy`), used where the
-    logits are bf16 on the CPU (bf16 weights, or under bf16 autocast); else PyTorch's ops on a
+    logits are bf16 on the CPU (bf16 hidden states, or bf16 autocast); else PyTorch's ops on a
     float32 copy of each chunk's logits.
     """
     if reduction not in ("mean", "sum"):
@@ -118,6 +118,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     _matmul_into(grad_hidden[rows], grad, w)  # (n, C)
                 if want_weight:
                     grad_weight.add(grad, h, first=start == 0)
+        if grad_weight is not None:
+            grad_weight.product = None  # freed now, not held until the backward
         # Plain attributes, not save_for_backward: backward scales them (in place, or into the
         # weight's layout) and hands them over, so autograd adopts them as .grad.
         ctx.grads = (grad_hidden, grad_weight)
@@ -152,12 +154,13 @@ class _WeightGradient:
         self.sum = weight.new_empty((C, V) if transposed else (V, C), dtype=acc)
         # A product in the compute dtype is summed into `sum` from a buffer of its own (one, not
         # one a chunk); in `acc` itself it goes straight into `sum`.
-        self.product = None if compute == acc else torch.empty_like(self.sum, dtype=compute)
+        self.direct = compute == acc
+        self.product = None if self.direct else torch.empty_like(self.sum, dtype=compute)
 
     def add(self, grad: Tensor, h: Tensor, *, first: bool) -> None:
         """sum += grad.T @ h for one chunk's gradient of logits (n, V) and its rows h (n, C)."""
         a, b = (h.T.contiguous(), grad) if self.transposed else (grad.T, h)
-        if self.product is None:
+        if self.direct:
             torch.mm(a, b, out=self.sum) if first else self.sum.addmm_(a, b)
         else:
             torch.mm(a, b, out=self.product)

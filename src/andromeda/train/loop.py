@@ -164,7 +164,7 @@ class Trainer:
             model_cfg = model_config(config, self.tokenizer, base)
         self.model_cfg = model_cfg
         self.net, self.train_module, self.autocast = self._build_model(resume_from, model_cfg)
-        if env.device.type == "cpu":  # bf16 logits on the CPU: the loss's softmax by its kernel
+        if env.device.type == "cpu" and self.autocast:  # bf16 logits on the CPU: the loss's softmax by its kernel
             use_loss_kernel(self.net)
         self.params = [p for p in self.net.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.net, config)

@@ -52,13 +52,17 @@ def _softmax_cross_entropy_op(logits: Tensor, targets: Tensor, row_weight: Tenso
     targets = targets.to(torch.int64).contiguous()
     if targets.shape != (n,):
         raise ValueError(f"targets must be ({n},), got {tuple(targets.shape)}")
+    if logits.stride(0) < logits.shape[1]:
+        raise ValueError(f"logits' rows must not overlap: row stride {logits.stride(0)} under {logits.shape[1]} words")
     if row_weight is not None:
+        if row_weight.shape != (n,):
+            raise ValueError(f"row_weight must be ({n},), got {tuple(row_weight.shape)}")
         row_weight = row_weight.to(torch.float32).contiguous()
     losses = torch.empty(n, dtype=torch.float32)
     status = _kernel()(logits.data_ptr(), n, logits.shape[1], logits.stride(0), targets.data_ptr(),
                        None if row_weight is None else row_weight.data_ptr(), losses.data_ptr())
     if status == 1:
-        raise ValueError(f"a target id is past the vocabulary of {logits.shape[1]} words")
+        raise ValueError(f"target ids must be in [0, {logits.shape[1]}) or -100 (ignored)")
     if status:
         raise MemoryError(f"no memory for the loss kernel's scratch row of {logits.shape[1]} floats")
     return losses
@@ -99,6 +103,10 @@ def unavailable_reason() -> str | None:
 
 @cache
 def _kernel() -> ctypes._CFuncPtr:
+    reason = unavailable_reason()
+    if reason is not None:  # a model pickled where the kernel ran, loaded where it cannot
+        raise RuntimeError(f"the loss kernel cannot run here: {reason}; set the model's "
+                           f"softmax_cross_entropy to None to use PyTorch's ops")
     function = ctypes.CDLL(str(build_library(SOURCE, FLAGS))).andromeda_softmax_cross_entropy
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     function.argtypes = [pointer, size, size, size, pointer, pointer, pointer]

@@ -1,7 +1,7 @@
 // The elementwise part of the training loss over bf16 logits, in place (`train.loss_kernel`).
 //
 // For each row r of logits (n rows of V, row stride ld, bf16) with target t = targets[r]:
-//   losses[r] = logsumexp(logits[r]) - logits[r, t]                    (0 for t < 0: an ignored row)
+//   losses[r] = logsumexp(logits[r]) - logits[r, t]                    (0 for t = -100: an ignored row)
 // and, where row_weight is given, the row is overwritten by d loss / d logits, rounded to bf16:
 //   logits[r, j] = (softmax(logits[r])[j] - [j == t]) * row_weight[r]
 // ATen does the same in seven passes over a float32 copy (convert, max, subtract, exp, sum, scale,
@@ -40,13 +40,18 @@ static inline uint16_t float_to_bf16(float x) {
 
 static inline __mmask16 tail(int64_t left) { return left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1); }
 
+// The row's maximum, or NaN where the row holds a NaN (max_ps would drop it, and exp512 maps it to
+// 0): the loss is then NaN, as PyTorch's is, and a diverged run's non-finite check fires.
 static float row_max(const uint16_t *x, int64_t V) {
   __m512 best = _mm512_set1_ps(-INFINITY);
+  __mmask16 nan = 0;
   for (int64_t j = 0; j < V; j += 16) {
     const __mmask16 m = tail(V - j);
-    best = _mm512_mask_max_ps(best, m, best, load_bf16(x + j, m));
+    const __m512 v = load_bf16(x + j, m);
+    nan |= _mm512_mask_cmp_ps_mask(m, v, v, _CMP_UNORD_Q);
+    best = _mm512_mask_max_ps(best, m, best, v);
   }
-  return _mm512_reduce_max_ps(best);
+  return nan ? NAN : _mm512_reduce_max_ps(best);
 }
 
 // sum_j e^(x_j - top); the terms into `e` where it is given.
@@ -70,11 +75,14 @@ static void row_gradient(uint16_t *x, int64_t V, const float *e, float scale) {
   }
 }
 
-// Returns 0, or 1 when a target is past the vocabulary (nothing written), 2 when out of memory.
+#define IGNORE_INDEX (-100)
+
+// Returns 0, or 1 when a target is neither in [0, V) nor IGNORE_INDEX (nothing written), 2 when out
+// of memory.
 int andromeda_softmax_cross_entropy(uint16_t *logits, int64_t n, int64_t V, int64_t ld, const int64_t *targets,
                                     const float *row_weight, float *losses) {
   for (int64_t r = 0; r < n; ++r)
-    if (targets[r] >= V) return 1;
+    if (targets[r] >= V || (targets[r] < 0 && targets[r] != IGNORE_INDEX)) return 1;
   int status = 0;
 #pragma omp parallel
   {
