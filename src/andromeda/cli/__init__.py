@@ -86,8 +86,8 @@ def command_named(argv: Sequence[str]) -> str | None:
 
 
 # PyTorch's CPU allocator backs each allocation of 2 MiB or more with transparent huge pages when
-# THP_MEM_ALLOC_ENABLE=1 is in its environment at its first such allocation (it reads the variable
-# once). Without it every fresh activation, logits chunk or gradient buffer is page-faulted in
+# THP_MEM_ALLOC_ENABLE=1 is in its environment at its first allocation (it reads the variable once,
+# then). Without it every fresh activation, logits chunk or gradient buffer is page-faulted in
 # 4 KiB at a time (glibc hands blocks over 32 MiB back to Linux on free, so that is every step):
 # a bf16 training step of the dim-512 benchmark model at one thread went from 3.58 s to 3.23 s
 # eager and 2.88 s to 2.70 s compiled (`benchmarks/bench_train.py`, Intel Xeon with AMX).

@@ -189,14 +189,9 @@ def _softmax_cross_entropy(logits: Tensor, targets: Tensor, ok: Tensor, row_weig
     return total
 
 
-def _matmul_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool = False) -> None:
-    """out = a @ b (or out += a @ b), with no temporary when the dtypes already agree."""
+def _matmul_into(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """out = a @ b, with no temporary when the dtypes already agree."""
     if a.dtype != out.dtype:
-        if accumulate:
-            out.add_(a @ b)
-        else:
-            out.copy_(a @ b)
-    elif accumulate:
-        out.addmm_(a, b)
+        out.copy_(a @ b)
     else:
         torch.mm(a, b, out=out)
