@@ -33,6 +33,7 @@ from andromeda import Andromeda, Config
 from andromeda.config import PRESETS
 from andromeda.parallel.environment import DistEnv
 from andromeda.parallel.parallelize import apply_compile, compile_scope
+from andromeda.train.attention_kernel import use_attention_kernel
 from andromeda.train.loss_kernel import use_loss_kernel
 
 log = logging.getLogger("bench_train")
@@ -103,6 +104,8 @@ def contestants_for(
         ours, peer = common.matched_pair(config, device=device, seed=args.seed)
     if device.type == "cpu" and not args.no_loss_kernel:  # as `andromeda train` does on the CPU
         use_loss_kernel(ours)
+    if device.type == "cpu" and not args.no_attention_kernel:
+        use_attention_kernel(ours)
     result = [TrainStep("andromeda", ours, tokens, device, dtype, args)]
     if peer is not None:
         peer_loss = common.x_transformers_loss_model(peer)
@@ -193,6 +196,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="print the top ops of one step each")
     parser.add_argument("--no-loss-kernel", action="store_true",
                         help="the loss's softmax in PyTorch's ops (as before `train.loss_kernel`), not its C kernel")
+    parser.add_argument("--no-attention-kernel", action="store_true",
+                        help="attention by PyTorch's SDPA (as before `train.attention_kernel`), not its C kernel")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's peak TFLOP/s for MFU (default: the datasheet's dense bf16 peak for "
                              "known GPUs, else the measured matmul peak)")
@@ -226,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"- machine: {common.environment()}")
     print(f"- CPU allocations of 2 MiB or more in huge pages: {'yes' if HUGE_PAGES else 'no'} "
           f"(THP_MEM_ALLOC_ENABLE, set as the `andromeda` command sets it)")
+    if device.type == "cpu":
+        kernels = [name for name, off in (("loss", args.no_loss_kernel), ("attention", args.no_attention_kernel))
+                   if not off]
+        print(f"- Andromeda's CPU kernels for bf16 steps: {', '.join(kernels) or 'none'} "
+              f"(as `andromeda train` gives them; --no-loss-kernel, --no-attention-kernel)")
     print(f"- model: dim {config.dim}, depth {config.depth}, {config.heads} heads of {config.dim_head}, "
           f"{config.attn_kv_heads} kv heads, {config.num_alibi_heads} ALiBi heads, vocab "
           f"{config.num_tokens}, xPos {config.rotary_xpos}, QK-norm {config.use_qk_norm}; "

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +61,17 @@ def query_head_order(heads: int, kv_heads: int) -> tuple[int, ...]:
     return tuple(r * kv_heads + kv for kv in range(kv_heads) for r in range(groups))
 
 
+class CausalAttention(Protocol):
+    """A fused causal attention for bf16 on the CPU, forward and backward (the training loop's
+    `train.attention_kernel`): q (B, H, T, D), k and v (B, K, T, D) bf16, query head h reading
+    key/value head h // (H / K); query i reads keys j <= i with weights
+    softmax_j(scale q_i . k_j - slopes[h] |positions_i - positions_j|) (positions (B or 1, T),
+    slopes (H,) or None for no ALiBi) -> (B, H, T, D) bf16."""
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, slopes: Tensor | None,
+                 scale: float) -> Tensor: ...
+
+
 @dataclass
 class AttentionInputs:
     """Everything attention needs about positions and masking, computed once per forward for all
@@ -78,6 +90,8 @@ class AttentionInputs:
     window: tuple[int, int] | None = None  # (W, S) of a sliding-window cache
     # Additive biases by (first query row, dtype): built by the first layer, reused by the rest.
     biases: dict[tuple[int, torch.dtype], Tensor] = field(default_factory=dict)
+    # The model owner's fused causal attention for bf16 on the CPU, or None (SDPA).
+    causal_attention: CausalAttention | None = None
 
     @property
     def plain_causal(self) -> bool:
@@ -160,6 +174,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, *, scale: f
     if T == 1 and flash:
         return _attend_one_query(q, k, v, inputs, scale)
     if flash and inputs.plain_causal:
+        if inputs.causal_attention is not None and _bf16_on_cpu(q) and T == k.shape[2]:
+            q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))  # as autocast gives SDPA its inputs
+            return inputs.causal_attention(q, k, v, inputs.k_pos, inputs.slopes, scale)
         if inputs.slopes is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
         return _alibi_as_channels(q, k, v, inputs, scale)
@@ -173,6 +190,15 @@ def attend(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, *, scale: f
             out = _reference_attention(q[:, :, rows], k, v, bias, scale)
         outputs.append(out)
     return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+
+
+def _bf16_on_cpu(q: Tensor) -> bool:
+    """Whether attention on q runs in bf16 on the CPU: bf16 q, or CPU autocast to bf16 (which casts
+    SDPA's inputs: under it QK-norm's learned scales leave q and k in float32)."""
+    if q.device.type != "cpu":
+        return False
+    return q.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu") and
+                                         torch.get_autocast_dtype("cpu") == torch.bfloat16)
 
 
 def _attend_one_query(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, scale: float) -> Tensor:

@@ -1,0 +1,429 @@
+// Causal attention for training, forward and backward, with AVX-512 BF16 (vdpbf16ps): grouped-query
+// heads, ALiBi computed in the kernel, bf16 inputs and outputs, float32 softmax and accumulation.
+//
+// Built and loaded by andromeda/train/attention_kernel.py, which documents the arithmetic and holds
+// the PyTorch reference the tests compare against.
+//
+// Shapes: q (B, H, T, D), k and v (B, K, T, D), query head h reading key/value head h / (H / K);
+// each tensor given by its pointer and its (b, h, t) strides in elements, the last dimension
+// contiguous. Query i reads keys j <= i with weights softmax_j(scale q_i.k_j - slope_h |p_i - p_j|),
+// p the positions (B or 1, T) as float32 (batch stride 0 when shared), slope_h 0 without ALiBi.
+//
+// The work goes in tiles of 64 queries x 64 keys. Every product is one micro-kernel, `gemm`: C (M x
+// N, float32) += A (M x 2P) B (2P x N) in bf16 pairs: A's pair p of row r (two bf16 as one 32-bit
+// word) at a[r * ars + p * aps], B "in pairs" (row p holds N pairs, the VNNI layout vdpbf16ps
+// reads), so A may be read row-major (aps = 1) or column-major (ars = 1) and no tile is
+// transposed: S = Q K^T reads K packed over d, O += P V reads V packed over j, and the backward's
+// dV += P^T dO and dK += dS^T Q read P and dS as pairs of rows interleaved. Keys and values are
+// packed once per call and key/value head; the backward packs each head's queries and output
+// gradient.
+//
+// Forward (flash attention 2): per (b, h, 64-query tile) an online softmax over the key tiles up to
+// the diagonal; out = O / l in bf16 and the row's log-sum-exp lse = m + log l kept for the backward.
+// Backward: per (b, h), dQ in float32 over all key tiles; per key tile dK and dV accumulate over the
+// query tiles from the diagonal down: P = exp(S - lse), dV += P^T dO, dP = dO V^T,
+// dS = scale P (dP - delta) with delta_i = dO_i . O_i, dQ += dS K, dK += dS^T Q. dK and dV of each
+// query head go to float32 partials, summed over each key/value head's group at the end.
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "avx512_math.h"
+#include "scratch.h"
+
+#define TILE 64
+
+typedef struct {
+  int64_t B, H, K, T, D;
+  const uint16_t *q, *k, *v;
+  int64_t q_stride[3], k_stride[3], v_stride[3];
+  const float *positions;  // (B or 1, T)
+  int64_t positions_stride;  // between batch rows: 0 when shared
+  const float *slopes;  // (H,) or NULL
+  float scale;
+  uint16_t *out;  // (B, H, T, D) at out_stride
+  int64_t out_stride[3];
+  float *lse;  // (B, H, T) contiguous
+  uint16_t *packed;  // 2 (forward) or 4 (backward) x B x K x padded T x D bf16
+  // backward only
+  const uint16_t *dout;
+  int64_t dout_stride[3];
+  uint16_t *dq, *dk, *dv;
+  int64_t dq_stride[3], dk_stride[3], dv_stride[3];
+  float *partials;  // 2 x B x H x padded T x D float32: each query head's dK and dV
+} FlashArgs;
+
+static inline int64_t padded(int64_t T) { return (T + TILE - 1) / TILE * TILE; }
+
+static inline uint16_t to_bf16(float value) {
+  union { float f; uint32_t u; } bits = {value};
+  const uint32_t u = bits.u;
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0u : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float from_bf16(uint16_t value) {
+  union { uint32_t u; float f; } bits = {(uint32_t)value << 16};
+  return bits.f;
+}
+
+// 16 floats to 16 bf16, rounded to nearest even (NaN stays NaN), as torch converts.
+static inline __m256i round_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
+
+// ------------------------------------------------------------------------------------ micro-kernel
+
+// C[r][16 v + lane] for R rows and NV vectors of 16 columns, over `pairs` pairs of A and B.
+static inline __attribute__((always_inline)) void tile(const int R, const int NV, const uint32_t *a, int64_t ars,
+                                                       int64_t aps, const uint16_t *b, int64_t ldb, int64_t pairs,
+                                                       float *c, int64_t ldc, int load) {
+  __m512 acc[4][4];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = load ? _mm512_loadu_ps(c + r * ldc + 16 * v) : _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512i bv[4];
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_si512((const void *)(b + p * ldb + 32 * v));
+    for (int r = 0; r < R; ++r) {
+      const __m512i av = _mm512_set1_epi32((int)a[r * ars + p * aps]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)av, (__m512bh)bv[v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);
+}
+
+#define TILE_CASE(R, NV) \
+  case (R) * 8 + (NV): tile(R, NV, a + m * ars, ars, aps, b + 2 * n, ldb, pairs, c + m * ldc + n, ldc, load); break;
+
+// C (M x N) = (load ? C : 0) + A B: A's pairs at a[r * ars + p * aps] (32-bit words), B's pair row p
+// at b + p * ldb (bf16 elements, N pairs), N a multiple of 16, C float32 with row stride ldc.
+static void gemm(int64_t M, int64_t N, int64_t pairs, const uint32_t *a, int64_t ars, int64_t aps,
+                 const uint16_t *b, int64_t ldb, float *c, int64_t ldc, int load) {
+  for (int64_t n = 0; n < N; n += 64) {
+    const int nv = N - n >= 64 ? 4 : (int)((N - n) / 16);
+    for (int64_t m = 0; m < M; m += 4) {
+      const int rows = M - m >= 4 ? 4 : (int)(M - m);
+      switch (rows * 8 + nv) {
+        TILE_CASE(4, 4) TILE_CASE(4, 3) TILE_CASE(4, 2) TILE_CASE(4, 1)
+        TILE_CASE(3, 4) TILE_CASE(3, 3) TILE_CASE(3, 2) TILE_CASE(3, 1)
+        TILE_CASE(2, 4) TILE_CASE(2, 3) TILE_CASE(2, 2) TILE_CASE(2, 1)
+        TILE_CASE(1, 4) TILE_CASE(1, 3) TILE_CASE(1, 2) TILE_CASE(1, 1)
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------ packing
+
+// x (T, D) rows at `stride` into pairs over d: out[d / 2][t][2], T padded with zeros to `Tp`.
+static void pack_over_d(const uint16_t *x, int64_t stride, int64_t T, int64_t Tp, int64_t D, uint16_t *out) {
+  for (int64_t t = 0; t < Tp; ++t)
+    for (int64_t d = 0; d < D; d += 2) {
+      uint32_t pair = 0;
+      if (t < T) memcpy(&pair, x + t * stride + d, 4);
+      memcpy(out + (d / 2 * Tp + t) * 2, &pair, 4);
+    }
+}
+
+// Rows r0, r1 of n bf16 each (n a multiple of 32) interleaved: out[j][2] = (r0[j], r1[j]).
+static inline void interleave(const uint16_t *r0, const uint16_t *r1, int64_t n, uint16_t *out) {
+  static const uint16_t low_index[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                         8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i low = _mm512_loadu_si512((const void *)low_index);
+  const __m512i high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
+  for (int64_t j = 0; j < n; j += 32) {
+    const __m512i a = _mm512_loadu_si512((const void *)(r0 + j)), b = _mm512_loadu_si512((const void *)(r1 + j));
+    _mm512_storeu_si512((void *)(out + 2 * j), _mm512_permutex2var_epi16(a, low, b));
+    _mm512_storeu_si512((void *)(out + 2 * j + 32), _mm512_permutex2var_epi16(a, high, b));
+  }
+}
+
+// x (T, D) rows at `stride` into pairs over t: out[t / 2][d][2], T padded with zeros to `Tp`.
+static void pack_over_t(const uint16_t *x, int64_t stride, int64_t T, int64_t Tp, int64_t D, uint16_t *out,
+                        uint16_t *zeros) {
+  for (int64_t t = 0; t < Tp; t += 2) {
+    const uint16_t *r0 = t < T ? x + t * stride : zeros, *r1 = t + 1 < T ? x + (t + 1) * stride : zeros;
+    if (D % 32 == 0) {
+      interleave(r0, r1, D, out + t * D);
+    } else {
+      for (int64_t d = 0; d < D; ++d) out[t * D + 2 * d] = r0[d], out[t * D + 2 * d + 1] = r1[d];
+    }
+  }
+}
+
+// The packed keys and values of (b, kv): K over d, V over t (and, for the backward, V over d and K over t).
+static uint16_t *packed_at(const FlashArgs *a, int which, int64_t b, int64_t kv) {
+  const int64_t size = padded(a->T) * a->D;
+  const int64_t heads = a->B * a->K;
+  return a->packed + ((int64_t)which * heads + b * a->K + kv) * size;
+}
+
+static void pack_keys_values(const FlashArgs *a, int backward, uint16_t *zeros) {
+  const int64_t Tp = padded(a->T), D = a->D;
+#pragma omp for schedule(static) collapse(2)
+  for (int64_t b = 0; b < a->B; ++b)
+    for (int64_t kv = 0; kv < a->K; ++kv) {
+      const uint16_t *k = a->k + b * a->k_stride[0] + kv * a->k_stride[1];
+      const uint16_t *v = a->v + b * a->v_stride[0] + kv * a->v_stride[1];
+      pack_over_d(k, a->k_stride[2], a->T, Tp, D, packed_at(a, 0, b, kv));
+      pack_over_t(v, a->v_stride[2], a->T, Tp, D, packed_at(a, 1, b, kv), zeros);
+      if (backward) {
+        pack_over_d(v, a->v_stride[2], a->T, Tp, D, packed_at(a, 2, b, kv));
+        pack_over_t(k, a->k_stride[2], a->T, Tp, D, packed_at(a, 3, b, kv), zeros);
+      }
+    }
+}
+
+// ------------------------------------------------------------------------------------ scores
+
+// S (rows x 64, row stride TILE) scaled, with ALiBi, causal mask (-inf above the diagonal and past T).
+static inline void finish_scores(float *s, int64_t rows, int64_t i0, int64_t j0, int64_t T, float scale,
+                                 float slope, const float *pos) {
+  const __m512 lanes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r;
+    const __m512 pi = _mm512_set1_ps(slope != 0.0f ? pos[i] : 0.0f);
+    for (int64_t c = 0; c < TILE; c += 16) {
+      __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + r * TILE + c), _mm512_set1_ps(scale));
+      const int64_t j = j0 + c;
+      if (slope != 0.0f) {
+        __m512 pj;
+        if (j + 16 <= T) {
+          pj = _mm512_loadu_ps(pos + j);
+        } else {
+          const __mmask16 in = j >= T ? 0 : (__mmask16)((1u << (T - j)) - 1);
+          pj = _mm512_maskz_loadu_ps(in, pos + j);
+        }
+        const __m512 distance = _mm512_abs_ps(_mm512_sub_ps(pi, pj));
+        x = _mm512_fnmadd_ps(_mm512_set1_ps(slope), distance, x);
+      }
+      if (j + 15 > i || j + 16 > T) {  // columns past the diagonal or past T
+        const __m512 column = _mm512_add_ps(_mm512_set1_ps((float)j), lanes);
+        const __mmask16 out = _mm512_cmp_ps_mask(column, _mm512_set1_ps((float)(i < T - 1 ? i : T - 1)), _CMP_GT_OQ);
+        x = _mm512_mask_mov_ps(x, out, minus_inf);
+      }
+      _mm512_storeu_ps(s + r * TILE + c, x);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------ forward
+
+typedef struct { float *s, *o, *m, *l; uint16_t *p; } ForwardScratch;
+
+static void forward_tile(const FlashArgs *a, int64_t b, int64_t h, int64_t i0, const ForwardScratch *w) {
+  const int64_t T = a->T, D = a->D, Tp = padded(T), rows = T - i0 < TILE ? T - i0 : TILE;
+  const int64_t kv = h / (a->H / a->K);
+  const uint16_t *q = a->q + b * a->q_stride[0] + h * a->q_stride[1] + i0 * a->q_stride[2];
+  const uint16_t *kd = packed_at(a, 0, b, kv), *vt = packed_at(a, 1, b, kv);
+  const float slope = a->slopes ? a->slopes[h] : 0.0f;
+  const float *pos = a->positions + b * a->positions_stride;
+  for (int64_t r = 0; r < rows; ++r) w->m[r] = -INFINITY, w->l[r] = 0.0f;
+  memset(w->o, 0, (size_t)(TILE * D) * sizeof(float));
+  memset(w->p, 0, (size_t)(TILE * TILE) * sizeof(uint16_t));
+  const int64_t last = (i0 + rows - 1) / TILE;
+  for (int64_t kb = 0; kb <= last; ++kb) {
+    const int64_t j0 = kb * TILE;
+    gemm(rows, TILE, D / 2, (const uint32_t *)q, a->q_stride[2] / 2, 1, kd + j0 * 2, Tp * 2, w->s, TILE, 0);
+    finish_scores(w->s, rows, i0, j0, T, a->scale, slope, pos);
+    for (int64_t r = 0; r < rows; ++r) {
+      float *s = w->s + r * TILE;
+      __m512 top = _mm512_set1_ps(w->m[r]);
+      for (int64_t c = 0; c < TILE; c += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(s + c));
+      const float m = _mm512_reduce_max_ps(top);  // finite: column j0 <= i is always allowed
+      const float alpha = expf(w->m[r] - m);
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t c = 0; c < TILE; c += 32) {
+        const __m512 e0 = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + c), _mm512_set1_ps(m)));
+        const __m512 e1 = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + c + 16), _mm512_set1_ps(m)));
+        sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+        _mm512_storeu_si512((void *)(w->p + r * TILE + c), (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+      }
+      w->l[r] = w->l[r] * alpha + _mm512_reduce_add_ps(sum);
+      w->m[r] = m;
+      if (alpha != 1.0f) {
+        float *o = w->o + r * D;
+        for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), _mm512_set1_ps(alpha)));
+      }
+    }
+    gemm(rows, D, TILE / 2, (const uint32_t *)w->p, TILE / 2, 1, vt + j0 * D, 2 * D, w->o, D, 1);
+  }
+  uint16_t *out = a->out + b * a->out_stride[0] + h * a->out_stride[1] + i0 * a->out_stride[2];
+  float *lse = a->lse + (b * a->H + h) * T + i0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512 inverse = _mm512_set1_ps(1.0f / w->l[r]);
+    for (int64_t d = 0; d < D; d += 16)
+      _mm256_storeu_si256((__m256i *)(out + r * a->out_stride[2] + d),
+                          round_bf16(_mm512_mul_ps(_mm512_loadu_ps(w->o + r * D + d), inverse)));
+    lse[r] = w->m[r] + logf(w->l[r]);
+  }
+}
+
+static _Thread_local void *forward_buffer;
+static _Thread_local size_t forward_capacity;
+
+int andromeda_flash_forward(const FlashArgs *a) {
+  const int64_t D = a->D, tiles = padded(a->T) / TILE;
+  int failed = 0;
+#pragma omp parallel reduction(| : failed)
+  {
+    uint16_t zeros[256] = {0};
+    pack_keys_values(a, 0, zeros);
+    const size_t floats = (size_t)(TILE * TILE + TILE * D + 2 * TILE);
+    float *base = (float *)thread_buffer(&forward_buffer, &forward_capacity, floats * 4 + TILE * TILE * 2 + 64);
+    ForwardScratch w = {0};
+    if (base) w = (ForwardScratch){base, base + TILE * TILE, base + TILE * TILE + TILE * D,
+                                   base + TILE * TILE + TILE * D + TILE, (uint16_t *)(base + floats)};
+    else failed = 1;
+#pragma omp for schedule(dynamic, 1) collapse(3)
+    for (int64_t b = 0; b < a->B; ++b)
+      for (int64_t h = 0; h < a->H; ++h)
+        for (int64_t t = 0; t < tiles; ++t)
+          // the longest tiles (most key tiles) first: dynamic scheduling balances the rest
+          if (base) forward_tile(a, b, h, (tiles - 1 - t) * TILE, &w);
+  }
+  return failed ? 2 : 0;
+}
+
+// ------------------------------------------------------------------------------------ backward
+
+typedef struct {
+  uint16_t *qt, *dot;  // this head's queries and output gradient packed over t: (Tp / 2, D, 2)
+  float *dq, *delta, *lse, *s, *dp;
+  uint16_t *p, *pv, *ds, *dsv;  // P and dS as rows (TILE x TILE) and as interleaved row pairs
+} BackwardScratch;
+
+// P = exp(S - lse) for `rows` valid rows (the rest 0), into w->s in float32, and as bf16 rows and pairs.
+static void probabilities(BackwardScratch *w, int64_t rows, const float *lse) {
+  for (int64_t r = 0; r < TILE; ++r) {
+    float *s = w->s + r * TILE;
+    for (int64_t c = 0; c < TILE; c += 32) {
+      __m512 e0 = _mm512_setzero_ps(), e1 = _mm512_setzero_ps();
+      if (r < rows) {
+        const __m512 shift = _mm512_set1_ps(lse[r]);
+        e0 = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + c), shift));
+        e1 = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + c + 16), shift));
+      }
+      _mm512_storeu_ps(s + c, e0);
+      _mm512_storeu_ps(s + c + 16, e1);
+      _mm512_storeu_si512((void *)(w->p + r * TILE + c), (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+    }
+  }
+  for (int64_t r = 0; r < TILE; r += 2) interleave(w->p + r * TILE, w->p + (r + 1) * TILE, TILE, w->pv + r * TILE);
+}
+
+// dS = scale P (dP - delta) for valid rows (the rest 0), as bf16 rows and pairs.
+static void score_gradients(BackwardScratch *w, int64_t rows, const float *delta, float scale) {
+  for (int64_t r = 0; r < TILE; ++r) {
+    for (int64_t c = 0; c < TILE; c += 32) {
+      __m512 g0 = _mm512_setzero_ps(), g1 = _mm512_setzero_ps();
+      if (r < rows) {
+        const __m512 d = _mm512_set1_ps(delta[r]), sc = _mm512_set1_ps(scale);
+        g0 = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(w->s + r * TILE + c), sc),
+                           _mm512_sub_ps(_mm512_loadu_ps(w->dp + r * TILE + c), d));
+        g1 = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(w->s + r * TILE + c + 16), sc),
+                           _mm512_sub_ps(_mm512_loadu_ps(w->dp + r * TILE + c + 16), d));
+      }
+      _mm512_storeu_si512((void *)(w->ds + r * TILE + c), (__m512i)_mm512_cvtne2ps_pbh(g1, g0));
+    }
+  }
+  for (int64_t r = 0; r < TILE; r += 2) interleave(w->ds + r * TILE, w->ds + (r + 1) * TILE, TILE, w->dsv + r * TILE);
+}
+
+static void backward_head(const FlashArgs *a, int64_t b, int64_t h, BackwardScratch *w, uint16_t *zeros) {
+  const int64_t T = a->T, D = a->D, Tp = padded(T), tiles = Tp / TILE;
+  const int64_t kv = h / (a->H / a->K);
+  const uint16_t *q = a->q + b * a->q_stride[0] + h * a->q_stride[1];
+  const uint16_t *dout = a->dout + b * a->dout_stride[0] + h * a->dout_stride[1];
+  const uint16_t *out = a->out + b * a->out_stride[0] + h * a->out_stride[1];
+  const uint16_t *kd = packed_at(a, 0, b, kv), *vd = packed_at(a, 2, b, kv), *kt = packed_at(a, 3, b, kv);
+  const float slope = a->slopes ? a->slopes[h] : 0.0f;
+  const float *pos = a->positions + b * a->positions_stride;
+  float *dk = a->partials + (b * a->H + h) * Tp * D;
+  float *dv = a->partials + ((a->B + b) * a->H + h) * Tp * D;
+  pack_over_t(q, a->q_stride[2], T, Tp, D, w->qt, zeros);
+  pack_over_t(dout, a->dout_stride[2], T, Tp, D, w->dot, zeros);
+  memcpy(w->lse, a->lse + (b * a->H + h) * T, (size_t)T * sizeof(float));
+  for (int64_t i = 0; i < T; ++i) {  // delta_i = dO_i . O_i
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(dout + i * a->dout_stride[2] + d)));
+      const __m512i y = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(out + i * a->out_stride[2] + d)));
+      sum = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(x, 16)), _mm512_castsi512_ps(_mm512_slli_epi32(y, 16)), sum);
+    }
+    w->delta[i] = _mm512_reduce_add_ps(sum);
+  }
+  memset(w->dq, 0, (size_t)(Tp * D) * sizeof(float));
+  memset(dk, 0, (size_t)(Tp * D) * sizeof(float));
+  memset(dv, 0, (size_t)(Tp * D) * sizeof(float));
+  for (int64_t kb = 0; kb < tiles; ++kb) {
+    const int64_t j0 = kb * TILE;
+    for (int64_t qb = kb; qb < tiles; ++qb) {
+      const int64_t i0 = qb * TILE, rows = T - i0 < TILE ? T - i0 : TILE;
+      const uint16_t *qi = q + i0 * a->q_stride[2], *doi = dout + i0 * a->dout_stride[2];
+      gemm(rows, TILE, D / 2, (const uint32_t *)qi, a->q_stride[2] / 2, 1, kd + j0 * 2, Tp * 2, w->s, TILE, 0);
+      finish_scores(w->s, rows, i0, j0, T, a->scale, slope, pos);
+      probabilities(w, rows, w->lse + i0);
+      // dV (keys x D) += P^T dO: A = P^T read from the row pairs, B = dO over t
+      gemm(TILE, D, TILE / 2, (const uint32_t *)w->pv, 1, TILE, w->dot + i0 * D, 2 * D, dv + j0 * D, D, 1);
+      gemm(rows, TILE, D / 2, (const uint32_t *)doi, a->dout_stride[2] / 2, 1, vd + j0 * 2, Tp * 2, w->dp, TILE, 0);
+      score_gradients(w, rows, w->delta + i0, a->scale);
+      gemm(rows, D, TILE / 2, (const uint32_t *)w->ds, TILE / 2, 1, kt + j0 * D, 2 * D, w->dq + i0 * D, D, 1);
+      gemm(TILE, D, TILE / 2, (const uint32_t *)w->dsv, 1, TILE, w->qt + i0 * D, 2 * D, dk + j0 * D, D, 1);
+    }
+  }
+  uint16_t *dq = a->dq + b * a->dq_stride[0] + h * a->dq_stride[1];
+  for (int64_t i = 0; i < T; ++i)
+    for (int64_t d = 0; d < D; d += 16)
+      _mm256_storeu_si256((__m256i *)(dq + i * a->dq_stride[2] + d), round_bf16(_mm512_loadu_ps(w->dq + i * D + d)));
+}
+
+static _Thread_local void *backward_buffer;
+static _Thread_local size_t backward_capacity;
+
+int andromeda_flash_backward(const FlashArgs *a) {
+  const int64_t T = a->T, D = a->D, Tp = padded(T), G = a->H / a->K;
+  int failed = 0;
+#pragma omp parallel reduction(| : failed)
+  {
+    uint16_t zeros[256] = {0};
+    pack_keys_values(a, 1, zeros);
+    // floats: dq (Tp D), delta, lse (Tp each), s, dp (TILE^2 each); bf16: qt, dot (Tp D each), 4 x TILE^2
+    const size_t floats = (size_t)(Tp * D + 2 * Tp + 2 * TILE * TILE);
+    const size_t halves = (size_t)(2 * Tp * D + 4 * TILE * TILE);
+    float *base = (float *)thread_buffer(&backward_buffer, &backward_capacity, floats * 4 + halves * 2 + 64);
+    BackwardScratch w = {0};
+    if (base) {
+      w.dq = base, w.delta = base + Tp * D, w.lse = w.delta + Tp, w.s = w.lse + Tp, w.dp = w.s + TILE * TILE;
+      uint16_t *half = (uint16_t *)(base + floats);
+      w.qt = half, w.dot = half + Tp * D, w.p = half + 2 * Tp * D;
+      w.pv = w.p + TILE * TILE, w.ds = w.pv + TILE * TILE, w.dsv = w.ds + TILE * TILE;
+    } else {
+      failed = 1;
+    }
+#pragma omp for schedule(dynamic, 1) collapse(2)
+    for (int64_t b = 0; b < a->B; ++b)
+      for (int64_t h = 0; h < a->H; ++h)
+        if (base) backward_head(a, b, h, &w, zeros);
+    // each key/value head's gradients: the sum of its group's partials, in bf16
+#pragma omp for schedule(static) collapse(3)
+    for (int64_t b = 0; b < a->B; ++b)
+      for (int64_t kv = 0; kv < a->K; ++kv)
+        for (int64_t t = 0; t < T; ++t)
+          for (int which = 0; which < 2; ++which) {
+            uint16_t *target = which == 0 ? a->dk + b * a->dk_stride[0] + kv * a->dk_stride[1] + t * a->dk_stride[2]
+                                          : a->dv + b * a->dv_stride[0] + kv * a->dv_stride[1] + t * a->dv_stride[2];
+            for (int64_t d = 0; d < D; d += 16) {
+              __m512 sum = _mm512_setzero_ps();
+              for (int64_t g = 0; g < G; ++g) {
+                const int64_t h = kv * G + g;
+                sum = _mm512_add_ps(sum, _mm512_loadu_ps(a->partials + (((which * a->B + b) * a->H + h) * Tp + t) * D + d));
+              }
+              _mm256_storeu_si256((__m256i *)(target + d), round_bf16(sum));
+            }
+          }
+  }
+  return failed ? 2 : 0;
+}

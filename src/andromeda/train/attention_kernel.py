@@ -1,0 +1,253 @@
+"""Causal attention for bf16 training on the CPU, forward and backward, by a small C kernel.
+
+A bf16 training step of `benchmarks/bench_train.py`'s model spends more in attention than in any
+other op but the matrix products: PyTorch's CPU flash attention runs its 64-row blocks through
+one small GEMM call each, and the model's ALiBi rides along as two extra key channels (a head of
+64 becomes one of 66). `kernels/flash_attention.c` is the same algorithm (flash attention 2: an
+online softmax over 64 x 64 tiles forward, the probabilities recomputed from the saved
+log-sum-exp backward) with every tile's product done in registers by AVX-512 BF16's vdpbf16ps
+(bf16 pairs, float32 sums), ALiBi computed in the kernel from the positions, and the grouped
+key/value heads read in place:
+
+    out_i = sum_{j <= i} softmax_j(scale q_i . k_j - slope_h |p_i - p_j|) v_j
+
+for q (B, H, T, D), k and v (B, K, T, D) in bf16, query head h reading key/value head
+h // (H / K) (SDPA's `enable_gqa`), p the positions (B or 1, T), slope_h 0 for heads without
+ALiBi. Softmax, sums and gradients are float32; the probabilities and score gradients enter their
+products rounded to bf16, as in flash attention's CUDA kernels. `reference_attention` is the
+same function in float32 PyTorch ops, which the tests hold the kernel to.
+
+`attention_kernel()` gives it where it can run (AVX-512 BF16 and a C compiler; built on first use
+like the other kernels, `inference.native.build_library`), else None; `use_attention_kernel(model)`
+hands it to a model (`model.attention.CausalAttention`), which uses it for bf16 causal attention
+without a cache or padding on the CPU. It is the custom op `andromeda::causal_attention` with its
+backward registered, so compiled training steps keep it in their graph.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..inference.native import build_library, missing_support
+from ..model import Transformer
+from ..model.attention import CausalAttention
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parents[1] / "inference" / "kernels" / "flash_attention.c"
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-fopenmp",
+         "-shared", "-fPIC", "-std=gnu11", "-lm")
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
+TILE = 64  # the kernel's tile of queries and of keys; sequences are padded to a multiple in its buffers
+MAX_HEAD = 256
+
+
+def head_size_supported(dim_head: int) -> bool:
+    """Whether the kernel takes heads of this size: a multiple of 16 (its vectors), at most 256."""
+    return dim_head % 16 == 0 and 0 < dim_head <= MAX_HEAD
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, slopes: Tensor | None,
+                     scale: float) -> Tensor:
+    """`model.attention.CausalAttention` by the C kernel (module docstring), through its op. A plain
+    function, so a model holding it still deep-copies and pickles."""
+    out, _ = _attention_op(q, k, v, positions, slopes, scale)
+    return out
+
+
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, slopes: Tensor | None,
+                        scale: float) -> Tensor:
+    """The kernel's function in float32 PyTorch ops, (B, H, T, D) in q's dtype, for the tests."""
+    B, H, T, D = q.shape
+    G = H // k.shape[1]
+    k, v = k.float().repeat_interleave(G, dim=1), v.float().repeat_interleave(G, dim=1)
+    scores = q.float() @ k.transpose(-1, -2) * scale  # (B, H, T, T)
+    if slopes is not None:
+        distance = (positions[:, :, None] - positions[:, None, :]).abs().float()  # (B or 1, T, T)
+        scores = scores - slopes.float()[None, :, None, None] * distance[:, None]
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    return (scores.softmax(dim=-1) @ v).to(q.dtype)
+
+
+class _Args(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int64) for name in ("B", "H", "K", "T", "D")] + [
+        ("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p),
+        ("q_stride", ctypes.c_int64 * 3), ("k_stride", ctypes.c_int64 * 3), ("v_stride", ctypes.c_int64 * 3),
+        ("positions", ctypes.c_void_p), ("positions_stride", ctypes.c_int64),
+        ("slopes", ctypes.c_void_p), ("scale", ctypes.c_float),
+        ("out", ctypes.c_void_p), ("out_stride", ctypes.c_int64 * 3),
+        ("lse", ctypes.c_void_p), ("packed", ctypes.c_void_p),
+        ("dout", ctypes.c_void_p), ("dout_stride", ctypes.c_int64 * 3),
+        ("dq", ctypes.c_void_p), ("dk", ctypes.c_void_p), ("dv", ctypes.c_void_p),
+        ("dq_stride", ctypes.c_int64 * 3), ("dk_stride", ctypes.c_int64 * 3), ("dv_stride", ctypes.c_int64 * 3),
+        ("partials", ctypes.c_void_p),
+    ]
+
+
+def _strides(x: Tensor) -> ctypes.Array:
+    return (ctypes.c_int64 * 3)(*x.stride()[:3])
+
+
+def _operand(x: Tensor, name: str) -> Tensor:
+    """x with its last dimension contiguous and even strides (the kernel reads bf16 pairs)."""
+    if x.stride(-1) != 1 or any(s % 2 for s in x.stride()[:3]) or x.storage_offset() % 2:
+        x = x.contiguous()
+    return x
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, slopes: Tensor | None) -> None:
+    if any(x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dim() != 4 for x in (q, k, v)):
+        raise ValueError(f"q, k and v must be bf16 CPU tensors of 4 dimensions, got {q.dtype} {tuple(q.shape)}, "
+                         f"{k.dtype} {tuple(k.shape)}, {v.dtype} {tuple(v.shape)}")
+    B, H, T, D = q.shape
+    K = k.shape[1]
+    if k.shape != (B, K, T, D) or v.shape != k.shape or K == 0 or H % K:
+        raise ValueError(f"k and v must be (B, K, T, D) = ({B}, K, {T}, {D}) with K dividing {H} query heads, "
+                         f"got {tuple(k.shape)} and {tuple(v.shape)}")
+    if not head_size_supported(D):
+        raise ValueError(f"the attention kernel takes heads of a multiple of 16 up to {MAX_HEAD}, got {D}")
+    if positions.dim() != 2 or positions.shape[0] not in (1, B) or positions.shape[1] != T:
+        raise ValueError(f"positions must be (1, {T}) or ({B}, {T}), got {tuple(positions.shape)}")
+    if slopes is not None and slopes.shape != (H,):
+        raise ValueError(f"slopes must be ({H},), got {tuple(slopes.shape)}")
+
+
+def _common(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, slopes: Tensor | None, scale: float,
+            keep: list[Tensor]) -> _Args:
+    B, H, T, D = q.shape
+    positions = positions.to(torch.float32).contiguous()
+    keep.append(positions)
+    if slopes is not None:
+        slopes = slopes.to(torch.float32).contiguous()
+        keep.append(slopes)
+    return _Args(B=B, H=H, K=k.shape[1], T=T, D=D, q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(),
+                 q_stride=_strides(q), k_stride=_strides(k), v_stride=_strides(v),
+                 positions=positions.data_ptr(), positions_stride=T if positions.shape[0] > 1 else 0,
+                 slopes=None if slopes is None else slopes.data_ptr(), scale=scale)
+
+
+def _padded(T: int) -> int:
+    return -(-T // TILE) * TILE
+
+
+def _run(function: ctypes._CFuncPtr, args: _Args) -> None:
+    if function(ctypes.byref(args)) != 0:
+        raise MemoryError("no memory for the attention kernel's per-thread scratch")
+
+
+@torch.library.custom_op("andromeda::causal_attention", mutates_args=(), device_types="cpu")
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, slopes: Tensor | None,
+                  scale: float) -> tuple[Tensor, Tensor]:
+    _check(q, k, v, positions, slopes)
+    q, k, v = _operand(q, "q"), _operand(k, "k"), _operand(v, "v")
+    B, H, T, D = q.shape
+    keep: list[Tensor] = []
+    args = _common(q, k, v, positions, slopes, scale, keep)
+    out = q.new_empty(B, T, H, D).transpose(1, 2)  # (B, H, T, D) whose (B, T, H * D) view is free
+    lse = q.new_empty(B, H, T, dtype=torch.float32)
+    packed = q.new_empty(2 * B * k.shape[1] * _padded(T) * D)
+    args.out, args.out_stride, args.lse, args.packed = out.data_ptr(), _strides(out), lse.data_ptr(), packed.data_ptr()
+    _run(_kernels()[0], args)
+    return out, lse
+
+
+@_attention_op.register_fake
+def _attention_shape(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, slopes: Tensor | None,
+                     scale: float) -> tuple[Tensor, Tensor]:
+    B, H, T, D = q.shape
+    return q.new_empty(B, T, H, D).transpose(1, 2), q.new_empty(B, H, T, dtype=torch.float32)
+
+
+@torch.library.custom_op("andromeda::causal_attention_backward", mutates_args=(), device_types="cpu")
+def _attention_backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                           positions: Tensor, slopes: Tensor | None, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    q, k, v = _operand(q, "q"), _operand(k, "k"), _operand(v, "v")
+    grad, out = _operand(grad.to(torch.bfloat16), "grad"), _operand(out, "out")
+    B, H, T, D = q.shape
+    K = k.shape[1]
+    keep: list[Tensor] = []
+    args = _common(q, k, v, positions, slopes, scale, keep)
+    dq = q.new_empty(B, T, H, D).transpose(1, 2)
+    dk, dv = k.new_empty(B, T, K, D).transpose(1, 2), v.new_empty(B, T, K, D).transpose(1, 2)
+    packed = q.new_empty(4 * B * K * _padded(T) * D)
+    partials = q.new_empty(2 * B * H * _padded(T) * D, dtype=torch.float32)
+    args.out, args.out_stride, args.lse, args.packed = out.data_ptr(), _strides(out), lse.data_ptr(), packed.data_ptr()
+    args.dout, args.dout_stride = grad.data_ptr(), _strides(grad)
+    args.dq, args.dk, args.dv = dq.data_ptr(), dk.data_ptr(), dv.data_ptr()
+    args.dq_stride, args.dk_stride, args.dv_stride = _strides(dq), _strides(dk), _strides(dv)
+    args.partials = partials.data_ptr()
+    _run(_kernels()[1], args)
+    return dq, dk, dv
+
+
+@_attention_backward_op.register_fake
+def _attention_backward_shape(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                              positions: Tensor, slopes: Tensor | None, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    B, H, T, D = q.shape
+    K = k.shape[1]
+    return (q.new_empty(B, T, H, D).transpose(1, 2), k.new_empty(B, T, K, D).transpose(1, 2),
+            v.new_empty(B, T, K, D).transpose(1, 2))
+
+
+def _save(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
+    q, k, v, positions, slopes, scale = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], positions, slopes)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad: Tensor, grad_lse: Tensor | None) -> tuple:
+    q, k, v, out, lse, positions, slopes = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(grad, q, k, v, out, lse, positions, slopes, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_save)
+
+
+@cache
+def attention_kernel() -> CausalAttention | None:
+    """The kernel as a `CausalAttention`, or None where it cannot run (the reason is logged)."""
+    reason = unavailable_reason()
+    if reason is not None:
+        log.info("attention kernel not used: %s; attention runs in PyTorch's SDPA", reason)
+        return None
+    return causal_attention
+
+
+def use_attention_kernel(model: nn.Module) -> bool:
+    """Give every `Transformer` in `model` whose head size the kernel takes the attention kernel,
+    where it can run; returns whether any took it. Only bf16 attention on the CPU uses it."""
+    kernel = attention_kernel()
+    given = False
+    for module in model.modules():
+        if kernel is not None and isinstance(module, Transformer) and head_size_supported(module.config.dim_head):
+            module.causal_attention = kernel
+            given = True
+    return given
+
+
+@cache
+def unavailable_reason() -> str | None:
+    """Why the kernel cannot run here (no AVX-512 BF16, no C compiler, a failed build), or None."""
+    return missing_support(CPU_FLAGS, SOURCE, lambda: build_library(SOURCE, FLAGS))
+
+
+@cache
+def _kernels() -> tuple[ctypes._CFuncPtr, ctypes._CFuncPtr]:
+    reason = unavailable_reason()
+    if reason is not None:  # a model pickled where the kernel ran, loaded where it cannot
+        raise RuntimeError(f"the attention kernel cannot run here: {reason}; set the model's "
+                           f"causal_attention to None to use PyTorch's SDPA")
+    library = ctypes.CDLL(str(build_library(SOURCE, FLAGS)))
+    functions = library.andromeda_flash_forward, library.andromeda_flash_backward
+    for function in functions:
+        function.argtypes = [ctypes.POINTER(_Args)]
+        function.restype = ctypes.c_int
+    return functions

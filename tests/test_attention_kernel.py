@@ -1,0 +1,202 @@
+"""`train.attention_kernel`: causal attention forward and backward by its C kernel, against float32
+PyTorch (`reference_attention`) and bf16 SDPA, alone, compiled, as the op's registrations claim
+(`torch.library.opcheck`), and in a model the training loop hands it to."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from andromeda import Config
+from andromeda.model import Transformer, build_transformer
+from andromeda.model import attention as attention_module
+from andromeda.train import attention_kernel as kernel_module
+from andromeda.train.attention_kernel import (attention_kernel, causal_attention, reference_attention,
+                                              use_attention_kernel)
+from helpers import tiny_train_config
+
+pytestmark = pytest.mark.skipif(attention_kernel() is None, reason=f"attention kernel unavailable: "
+                                f"{kernel_module.unavailable_reason()}")
+
+
+def inputs(B, H, K, T, D, seed, alibi=True, batch_positions=False):
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, heads, T, D, generator=generator).bfloat16() for heads in (H, K, K))
+    if batch_positions:  # a row's own increasing positions, gaps included
+        positions = torch.randint(0, 3 * T, (B, T), generator=generator).sort(dim=-1).values.float()
+    else:
+        positions = torch.arange(T, dtype=torch.float32)[None]
+    slopes = None
+    if alibi:
+        slopes = torch.rand(H, generator=generator) * 0.5
+        slopes[H // 2:] = 0  # heads without ALiBi
+    return q, k, v, positions, slopes
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.float() - expected).norm() / expected.norm()).item()
+
+
+def gradients(function, q, k, v, grad, *extra):
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    out = function(q, k, v, *extra)
+    return (out, *torch.autograd.grad(out, (q, k, v), grad))
+
+
+@pytest.mark.parametrize("B, H, K, T, D, alibi, batch_positions", [
+    (1, 2, 1, 64, 64, True, False),  # one tile
+    (2, 4, 2, 100, 64, True, False),  # a partial tile
+    (1, 4, 2, 130, 32, False, False),  # no ALiBi; three tiles
+    (2, 8, 2, 257, 128, True, False),  # the default's head size; one row past a tile
+    (1, 2, 2, 5, 16, True, False),  # fewer keys than a vector
+    (2, 4, 1, 70, 48, True, True),  # a head off the 32-bf16 vector; positions per batch row
+])
+def test_kernel_agrees_with_float32_attention_as_closely_as_bf16_sdpa(B, H, K, T, D, alibi, batch_positions):
+    """Output and the three input gradients against float32 PyTorch, within 1.5x of the error of
+    bf16 SDPA (its inputs and ALiBi bias rounded to bf16 as the model's fallback runs it) plus a
+    bf16 step."""
+    q, k, v, positions, slopes = inputs(B, H, K, T, D, seed=T + D, alibi=alibi, batch_positions=batch_positions)
+    scale = D**-0.5
+    grad = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(1)).bfloat16()
+    ours = gradients(causal_attention, q, k, v, grad, positions, slopes, scale)
+    exact = gradients(reference_attention, q.float(), k.float(), v.float(), grad.float(), positions, slopes, scale)
+
+    def sdpa(q, k, v):
+        distance = (positions[:, :, None] - positions[:, None, :]).abs()
+        bias = torch.zeros(H) if slopes is None else slopes
+        mask = -bias[None, :, None, None] * distance[:, None]
+        mask = mask.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).bfloat16()
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+    bf16 = gradients(sdpa, q, k, v, grad)
+    for name, got, want, peer in zip(("out", "dq", "dk", "dv"), ours, exact, bf16):
+        assert got.dtype == torch.bfloat16 and got.shape == want.shape
+        assert relative_error(got, want) < 1.5 * relative_error(peer, want) + 4e-3, name
+
+
+def test_strided_inputs_and_gradients_as_the_model_gives_them():
+    """q, k, v as views of one fused projection (B, T, H + 2K, D) and a transposed output gradient:
+    the same results as contiguous copies."""
+    B, H, K, T, D = 2, 4, 2, 96, 32
+    qkv = torch.randn(B, T, H + 2 * K, D).bfloat16().transpose(1, 2)
+    q, k, v = qkv.split((H, K, K), dim=1)
+    positions = torch.arange(T, dtype=torch.float32)[None]
+    slopes = torch.tensor([0.25, 0.0625, 0.0, 0.0])
+    grad = torch.randn(B, T, H, D).bfloat16().transpose(1, 2)
+    strided = gradients(causal_attention, q, k, v, grad, positions, slopes, 0.2)
+    plain = gradients(causal_attention, q.contiguous(), k.contiguous(), v.contiguous(), grad.contiguous(),
+                      positions, slopes, 0.2)
+    for a, b in zip(strided, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_the_ops_registrations_hold():
+    """Schema, fake (meta) implementation, autograd registration and dispatch agree (`opcheck`)."""
+    q, k, v, positions, slopes = inputs(1, 4, 2, 70, 32, seed=3)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    torch.library.opcheck(kernel_module._attention_op, (q, k, v, positions, slopes, 0.2))
+    torch.library.opcheck(kernel_module._attention_op, (q, k, v, positions, None, 0.2))
+
+
+def test_compiled_fullgraph_gives_the_eager_results():
+    q, k, v, positions, slopes = inputs(2, 4, 2, 80, 64, seed=4)
+    grad = torch.randn(2, 4, 80, 64).bfloat16()
+
+    def step(q, k, v):
+        return causal_attention(q, k, v, positions, slopes, 0.125)
+
+    eager = gradients(step, q, k, v, grad)
+    compiled = gradients(torch.compile(step, fullgraph=True), q, k, v, grad)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda q, k, v: (q.float(), k, v), "bf16 CPU tensors"),
+    (lambda q, k, v: (q, k[:, :, :-1], v), "k and v must be"),
+    (lambda q, k, v: (q[:, :3], k, v), "dividing"),
+    (lambda q, k, v: (q[..., :40], k[..., :40], v[..., :40]), "multiple of 16"),
+])
+def test_bad_inputs_are_refused_with_the_expected_form(change, message):
+    q, k, v, positions, slopes = inputs(1, 4, 2, 20, 64, seed=5, alibi=False)
+    with pytest.raises(ValueError, match=message):
+        causal_attention(*change(q, k, v), positions, slopes, 0.1)
+    with pytest.raises(ValueError, match="positions must be"):
+        causal_attention(q, k, v, positions[:, :-1], slopes, 0.1)
+    with pytest.raises(ValueError, match="slopes must be"):
+        causal_attention(q, k, v, positions, torch.ones(3), 0.1)
+
+
+class Counted:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return causal_attention(*args)
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_a_model_given_the_kernel_computes_what_it_does_with_sdpa(autocast):
+    """`use_attention_kernel` gives a model the kernel; its bf16 loss and gradients (under autocast,
+    where QK-norm's scales leave q and k in float32, and with bf16 weights) agree with SDPA's."""
+    config = Config.from_preset("tiny", max_seq_len=128, dim_head=32)
+    torch.manual_seed(0)
+    model = build_transformer(config)
+    if not autocast:
+        model = model.bfloat16()
+    tokens = torch.randint(0, config.num_tokens, (2, 97))
+    results = []
+    for kernel in (False, True):
+        if kernel:
+            assert use_attention_kernel(model)
+            assert all(m.causal_attention is causal_attention for m in model.modules() if isinstance(m, Transformer))
+            counted = model.causal_attention = Counted()
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(tokens[:, :-1], targets=tokens[:, 1:])
+        loss.backward()
+        results.append((loss.detach().float(), [p.grad.float().clone() for p in model.parameters()]))
+    assert counted.calls == config.depth
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=2e-3, atol=2e-3)
+    total = sum(g.norm() ** 2 for g in results[0][1]) ** 0.5
+    difference = sum((a - b).norm() ** 2 for a, b in zip(results[1][1], results[0][1])) ** 0.5
+    assert difference / total < 3e-2
+
+
+def test_float32_attention_and_decoding_keep_sdpa():
+    """The kernel is for bf16 causal attention without a cache on the CPU: float32 forwards and a
+    KV-cached generation never call it."""
+    config = Config.from_preset("tiny", max_seq_len=64)
+    model = build_transformer(config)
+    assert use_attention_kernel(model)
+    counted = model.causal_attention = Counted()
+    tokens = torch.randint(0, config.num_tokens, (1, 20))
+    model(tokens)
+    assert counted.calls == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(tokens)
+    assert counted.calls == config.depth
+
+
+def test_a_bf16_training_run_on_the_cpu_attends_by_the_kernel(tmp_path, corpus, monkeypatch):
+    """`train` hands the kernel to its model, and a --bf16 run's steps go through it in every
+    layer, learning as it does."""
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return causal_attention(*args)
+
+    monkeypatch.setattr(kernel_module, "attention_kernel", lambda: counted)
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", None)  # SDPA would fail
+    result = train(tiny_train_config(tmp_path, corpus, bf16=True, eval_every=100, max_steps=4))
+    assert result.step == 4 and result.train_loss is not None and result.train_loss < 5.0
+    assert sum(shape[0] == 4 and shape[2] == 32 for shape in calls) >= 4 * 2  # 4 steps x 2 layers
+
+
+def train(config):
+    from andromeda.train import train as run
+
+    return run(config)
