@@ -50,6 +50,7 @@ import common
 from andromeda import Config
 from andromeda.inference.generate import stream
 from andromeda.inference.huge_pages import back_with_huge_pages
+from andromeda.inference.bf16_linear import use_bf16_rows
 from andromeda.inference.packed import PackedLinear, prepack
 from andromeda.inference.quantize import DEFAULT_GROUP_SIZE, quantize
 from andromeda.inference.quantized_linear import pack_for_decoding
@@ -123,8 +124,8 @@ def bench_peer(args: argparse.Namespace) -> None:
           f"{peer_rate:.2f}", f"{ours_rate / peer_rate:.1f}x"]]))
 
 
-SCHEMES = ("bf16", "bf16-packed", "int8", "int4")
-CPU_ONLY = ("bf16-packed",)
+SCHEMES = ("bf16", "bf16-packed", "bf16-rows", "int8", "int4")
+CPU_ONLY = ("bf16-packed", "bf16-rows")
 
 
 def read_bandwidth(gib: float, device: torch.device, repeats: int = 5) -> float:
@@ -155,6 +156,9 @@ def convert(net: nn.Module, scheme: str) -> nn.Module:
     quantized, its CPU weights in 2 MiB pages where Linux has them."""
     if scheme == "bf16-packed":
         net = prepack(net)
+    elif scheme == "bf16-rows" and not use_bf16_rows(net):
+        raise SystemExit("bf16-rows: the bf16 rows kernel does not run here (it needs AVX-512 BF16 and the ops "
+                         "library, `andromeda.inference.native.bf16_rows_kernel`)")
     elif scheme in ("int8", "int4"):
         net = quantize(net, scheme, DEFAULT_GROUP_SIZE)
         pack_for_decoding(net)

@@ -8,7 +8,9 @@ matching weight scheme, then that process measures its read bandwidth (a 2-threa
 `bench_decode.read_bandwidth`: best of 5 float32 sums of a multi-GiB tensor). One table:
 
     scheme               llama.cpp   ours
-    bf16                 BF16        bf16 prepacked for oneDNN (`andromeda.inference.packed`)
+    bf16                 BF16        bf16 read by the rows kernel (`andromeda.inference.bf16_linear`),
+                                     as `load_for_inference` prepares it; prepacked for oneDNN
+                                     (`andromeda.inference.packed`) where that kernel does not run
     int8                 Q8_0        int8, one scale per row (`andromeda.inference.quantize`)
     int4                 Q4_0        int4, group 128
 
@@ -65,6 +67,7 @@ import torch
 import bench_decode
 import common
 from andromeda import Config
+from andromeda.inference.native import bf16_rows_kernel
 from andromeda.model import build_transformer
 
 log = logging.getLogger("bench_llama_cpp")
@@ -82,7 +85,9 @@ class Scheme:
     ours: str  # bench_decode's scheme
 
 
-SCHEMES = {s.name: s for s in (Scheme("bf16", "BF16", "bf16-packed"), Scheme("int8", "Q8_0", "int8"),
+# bf16: as `load_for_inference` prepares it (`inference.bf16_linear.prepare_bf16`): the rows kernel
+# where it runs, else prepacked for oneDNN (chosen in the child, `our_scheme`).
+SCHEMES = {s.name: s for s in (Scheme("bf16", "BF16", "bf16-rows"), Scheme("int8", "Q8_0", "int8"),
                                Scheme("int4", "Q4_0", "int4"))}
 
 
@@ -277,11 +282,12 @@ def run_ours(args: argparse.Namespace) -> dict:
     scheme = SCHEMES[args.child]
     torch.manual_seed(args.seed)
     config = our_config(args.small, args.layers)
-    net = bench_decode.convert(build_transformer(config, dtype=torch.bfloat16).eval(), scheme.ours)
+    ours = our_scheme(scheme)
+    net = bench_decode.convert(build_transformer(config, dtype=torch.bfloat16).eval(), ours)
     bench_decode.release_freed_memory()
     prompt = torch.randint(0, config.num_tokens, (1, 1), generator=torch.Generator().manual_seed(args.seed))
     device = torch.device("cpu")
-    compiled = args.compile and scheme.ours != "bf16-packed"  # prepacked bf16 does not compile
+    compiled = args.compile and ours != "bf16-packed"  # prepacked bf16 does not compile
     bench_decode.time_stream(net, prompt, 3, device, compiled)  # warm-up: kernels chosen (compiled), buffers
     runs = []  # tok/s of each run, as llama-bench counts them: tokens decoded / their time
     for _ in range(args.repeats):
@@ -291,7 +297,14 @@ def run_ours(args: argparse.Namespace) -> dict:
     del net
     bench_decode.release_freed_memory()
     bandwidth = bench_decode.read_bandwidth(args.bandwidth_gib, device)
-    return {"runs": runs, "streamed": streamed, "bandwidth": bandwidth, "compiled": compiled}
+    return {"runs": runs, "streamed": streamed, "bandwidth": bandwidth, "compiled": compiled, "ours": ours}
+
+
+def our_scheme(scheme: Scheme) -> str:
+    """bench_decode's scheme for ours: bf16 rows falls back to prepacked where its kernel does not run."""
+    if scheme.ours == "bf16-rows" and not bf16_rows_kernel():
+        return "bf16-packed"
+    return scheme.ours
 
 
 def ours_in_child(scheme: str, args: argparse.Namespace) -> dict:
@@ -352,7 +365,7 @@ def table_row(result: dict) -> list[str]:
     llama_rate, ours_rate = llama_tok_s * llama_bytes, ours_tok_s * streamed
     probe = common.median([ours["bandwidth"] for _, ours in rounds])
     ratios = [per_byte(llama, ours, llama_bytes) for llama, ours in rounds]
-    name = scheme.name + (", compiled" if compiled else "")
+    name = rounds[0][1].get("ours", scheme.ours) + (", compiled" if compiled else "")
     return [f"{name} / {scheme.ggml_type}", f"{llama_tok_s:.2f} {spread(llama_runs)}",
             f"{ours_tok_s:.2f} {spread(our_runs)}", f"{llama_bytes / 1e9:.3f}", f"{streamed / 1e9:.3f}",
             f"{llama_rate / 1e9:.1f}", f"{ours_rate / 1e9:.1f}", f"{probe / 1e9:.1f}",

@@ -28,7 +28,7 @@ from torch import Tensor
 from ..choices import DTYPE_NAMES
 from ..folders import CheckpointError
 from ..inference.huge_pages import back_with_huge_pages
-from ..inference.packed import prepack_if_supported
+from ..inference.bf16_linear import prepare_bf16
 from ..inference.quantized_linear import pack_for_decoding
 from ..inference.quantize import (
     DEFAULT_GROUP_SIZE,
@@ -189,8 +189,9 @@ def load_for_inference(source: str | Path | ModelSource, *, device: torch.device
                        group_size: int = DEFAULT_GROUP_SIZE, verify: bool = True, decoding: bool = True) -> Transformer:
     """The model of `source` as generate, eval, serve and lm-eval run it: in the dtype
     `inference_dtype` chooses, quantized as it loads if asked, in eval mode, with bf16 weights on
-    a CPU prepacked for oneDNN (`inference.packed`: the same products, up to 3x faster per decode
-    step), and for `decoding` int8 weights also packed for fbgemm's one-row product
+    a CPU read by the bf16 rows kernel where it runs, else prepacked for oneDNN
+    (`inference.bf16_linear.prepare_bf16`: the same products to float32 rounding, up to 3x faster
+    per decode step than F.linear), and for `decoding` int8 weights also packed for fbgemm's one-row product
     (`inference.quantized_linear.pack_for_decoding`: about twice as fast a decode step); CPU
     weights in 2 MiB pages where Linux has them (`inference.huge_pages`)."""
     source = open_model_source(source, verify=verify)
@@ -199,7 +200,7 @@ def load_for_inference(source: str | Path | ModelSource, *, device: torch.device
                            group_size=group_size)
     if decoding:
         pack_for_decoding(net)
-    net = prepack_if_supported(net).eval()
+    net = prepare_bf16(net).eval()
     back_with_huge_pages(net)  # CPU weights streamed every token: 2 MiB pages where Linux has them
     return net
 

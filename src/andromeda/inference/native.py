@@ -93,6 +93,8 @@ FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"
          "-fPIC", "-std=c11")
 OPS_SOURCE = Path(__file__).parent / "kernels" / "ops.cpp"
 ATTENTION_SOURCE = Path(__file__).parent / "kernels" / "decode_sdpa.c"  # `decode_sdpa`, built into the ops library
+BF16_SOURCE = Path(__file__).parent / "kernels" / "bf16_rows.c"  # `bf16_rows`, built into the ops library
+BF16_FLAGS = ("-mavx512bf16",)
 # AMX tiles (Sapphire Rapids on): tried first for the attention kernels; a compiler without them
 # builds the rest, and the C files leave their AMX paths out.
 AMX_FLAGS = ("-mavx512bf16", "-mamx-tile", "-mamx-bf16")
@@ -150,6 +152,7 @@ def _register_cpu_ops() -> bool:
     _LIBRARY.impl("int8_rows", _int8_rows, "CPU")
     _LIBRARY.impl("int4_rows", _int4_rows, "CPU")
     _LIBRARY.impl("decode_sdpa", decode_sdpa_reference, "CPU")
+    _LIBRARY.impl("bf16_rows", bf16_rows_reference, "CPU")
     return False
 
 
@@ -260,6 +263,7 @@ _LIBRARY = torch.library.Library("andromeda", "DEF")
 _LIBRARY.define("int8_rows(Tensor x, Tensor weight, Tensor scale, Tensor wsum, Tensor? bias) -> Tensor")
 _LIBRARY.define("int4_rows(Tensor x, Tensor weight, Tensor scale_zero, int group_size, Tensor? bias) -> Tensor")
 _LIBRARY.define("decode_sdpa(Tensor q, Tensor k, Tensor v, Tensor mask, float scale, int limit) -> Tensor")
+_LIBRARY.define("bf16_rows(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 
 
 @torch.library.register_fake("andromeda::int8_rows", lib=_LIBRARY)
@@ -270,6 +274,11 @@ def _int8_rows_shape(x: Tensor, weight: Tensor, scale: Tensor, wsum: Tensor, bia
 @torch.library.register_fake("andromeda::int4_rows", lib=_LIBRARY)
 def _int4_rows_shape(x: Tensor, weight: Tensor, scale_zero: Tensor, group_size: int, bias: Tensor | None) -> Tensor:
     return x.new_empty(x.shape[0], scale_zero.shape[0])
+
+
+@torch.library.register_fake("andromeda::bf16_rows", lib=_LIBRARY)
+def _bf16_rows_shape(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=x.dtype if x.dtype == torch.bfloat16 else torch.float32)
 
 
 @torch.library.register_fake("andromeda::decode_sdpa", lib=_LIBRARY)
@@ -305,6 +314,31 @@ def decode_sdpa_amx() -> bool:
     if found is None or not found.cpp_ops:
         return False
     return bool(ctypes.CDLL(str(build_ops_library())).andromeda_decode_sdpa_amx())
+
+
+@cache
+def bf16_rows_kernel() -> bool:
+    """Whether `andromeda::bf16_rows` runs bf16_rows.c's kernel here: ops.cpp built, the file compiled
+    with AVX-512 BF16, and this CPU has it (Cooper Lake, Sapphire Rapids and later; AMD Zen 4 on)."""
+    found = kernels()
+    flags = cpu_flags() or frozenset()
+    if found is None or not found.cpp_ops or "avx512_bf16" not in flags:
+        return False
+    return bool(ctypes.CDLL(str(build_ops_library())).andromeda_bf16_rows_built())
+
+
+def bf16_rows(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x (M, K) @ W.T + bias for a bf16 weight W (N, K) as stored (K a multiple of 32), by the op:
+    (M, N) in x's dtype for bf16 or float32 x (others as float32); x rounded to bf16, float32 sums,
+    `bias` (N,) float32 or None (`bf16_rows_reference`)."""
+    return torch.ops.andromeda.bf16_rows(_rows(x), weight, bias)
+
+
+def bf16_rows_reference(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The bf16 kernel's result in PyTorch: x rounded to bf16, the product and bias in float32, in
+    x's dtype (bf16) or float32."""
+    y = F.linear(x.to(torch.bfloat16).float(), weight.float(), None if bias is None else bias.float())
+    return y.to(torch.bfloat16) if x.dtype == torch.bfloat16 else y
 
 
 def fused_decode_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
@@ -421,7 +455,7 @@ def kernel_headers() -> bytes:
 
 @cache
 def build_ops_library() -> Path:
-    """vnni.c, decode_sdpa.c and ops.cpp as one shared library of the ops' C++ implementations, compiled against
+    """vnni.c, decode_sdpa.c, bf16_rows.c and ops.cpp as one shared library of the ops' C++ implementations, compiled against
     this torch's headers and libraries (its version and C++ ABI are part of the cache key)."""
     if cxx_compiler() is None:
         raise OSError("no C++ compiler (set CXX, or install g++)")
@@ -433,16 +467,19 @@ def build_ops_library() -> Path:
     c_flags = tuple(flag for flag in FLAGS if flag != "-shared")
 
     def build(partial: Path, scratch: Path) -> None:
-        objects = [str(scratch / f"{source.stem}.o") for source in (SOURCE, ATTENTION_SOURCE)]
+        objects = [str(scratch / f"{source.stem}.o") for source in (SOURCE, ATTENTION_SOURCE, BF16_SOURCE)]
         _run([compiler(), *c_flags, "-c", str(SOURCE), "-o", objects[0]])
-        try:  # decode_sdpa.c's AMX path where the compiler has the flags
-            _run([compiler(), *c_flags, *AMX_FLAGS, "-c", str(ATTENTION_SOURCE), "-o", objects[1]])
-        except subprocess.CalledProcessError:
-            _run([compiler(), *c_flags, "-c", str(ATTENTION_SOURCE), "-o", objects[1]])
+        # decode_sdpa.c's AMX path and bf16_rows.c's kernel where the compiler has the flags
+        for source, extra, target in ((ATTENTION_SOURCE, AMX_FLAGS, objects[1]), (BF16_SOURCE, BF16_FLAGS, objects[2])):
+            try:
+                _run([compiler(), *c_flags, *extra, "-c", str(source), "-o", target])
+            except subprocess.CalledProcessError:
+                _run([compiler(), *c_flags, "-c", str(source), "-o", target])
         _run([cxx_compiler(), *cxx_flags, str(OPS_SOURCE), *objects, "-o", str(partial), *libraries, "-lm"])
 
-    key = b"\0".join([SOURCE.read_bytes(), ATTENTION_SOURCE.read_bytes(), OPS_SOURCE.read_bytes(), kernel_headers(),
-                      torch.__version__.encode(), " ".join(c_flags + AMX_FLAGS + cxx_flags + libraries).encode()])
+    key = b"\0".join([SOURCE.read_bytes(), ATTENTION_SOURCE.read_bytes(), BF16_SOURCE.read_bytes(),
+                      OPS_SOURCE.read_bytes(), kernel_headers(), torch.__version__.encode(),
+                      " ".join(c_flags + AMX_FLAGS + BF16_FLAGS + cxx_flags + libraries).encode()])
     return _cached_build(OPS_SOURCE.stem, key, build)
 
 

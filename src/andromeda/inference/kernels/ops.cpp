@@ -1,6 +1,6 @@
-// The CPU implementations of the custom ops `andromeda::int8_rows`, `andromeda::int4_rows` and
-// `andromeda::decode_sdpa` (schemas defined in andromeda/inference/native.py), in C++ over the
-// kernels of vnni.c and decode_sdpa.c.
+// The CPU implementations of the custom ops `andromeda::int8_rows`, `andromeda::int4_rows`,
+// `andromeda::bf16_rows` and `andromeda::decode_sdpa` (schemas defined in
+// andromeda/inference/native.py), in C++ over the kernels of vnni.c, bf16_rows.c and decode_sdpa.c.
 //
 // Through the dispatcher a C++ kernel costs a few microseconds a call where a Python one costs
 // about ten (the ctypes call, the tensors' pointers and shapes read in Python), and a compiled
@@ -22,6 +22,8 @@ int andromeda_int8_rows(const void *x, int64_t M, int64_t K, int bf16, const int
 int andromeda_int4_rows(const void *x, int64_t M, int64_t K, int bf16, const uint8_t *weight,
                         const void *scale_zero, int scales_bf16, int64_t N, int64_t group, const float *bias,
                         void *y);
+int andromeda_bf16_rows(const void *x, int64_t M, int64_t K, int x_bf16, const uint16_t *weight, int64_t N,
+                        const float *bias, void *y, int y_bf16);
 
 typedef struct {  // decode_sdpa.c's SdpaArgs
   int64_t B, K, G, S, D;
@@ -93,6 +95,21 @@ at::Tensor int4_rows(const at::Tensor &x_in, const at::Tensor &weight, const at:
   return y;
 }
 
+at::Tensor bf16_rows(const at::Tensor &x_in, const at::Tensor &weight, const std::optional<at::Tensor> &bias) {
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.is_contiguous(),
+                    "the bf16 kernel takes a contiguous bf16 (N, K) weight, not ", weight.scalar_type(), " ",
+                    weight.sizes());
+  const int64_t N = weight.size(0), K = weight.size(1);
+  const at::Tensor x = rows(x_in, K, "bf16");
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const bool x_bf16 = x.scalar_type() == at::kBFloat16;
+  check(andromeda_bf16_rows(x.const_data_ptr(), M, K, x_bf16, reinterpret_cast<const uint16_t *>(weight.const_data_ptr()),
+                            N, bias_pointer(bias, N, "bf16"), y.mutable_data_ptr(), x_bf16),
+        "bf16", M, K);
+  return y;
+}
+
 // channels (the last dimension) contiguous, as the kernel reads rows
 at::Tensor rows_of(const at::Tensor &t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
@@ -134,5 +151,6 @@ at::Tensor decode_sdpa(const at::Tensor &q_in, const at::Tensor &k_in, const at:
 TORCH_LIBRARY_IMPL(andromeda, CPU, m) {
   m.impl("int8_rows", &int8_rows);
   m.impl("int4_rows", &int4_rows);
+  m.impl("bf16_rows", &bf16_rows);
   m.impl("decode_sdpa", &decode_sdpa);
 }

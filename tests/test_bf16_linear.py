@@ -1,0 +1,140 @@
+"""`inference.bf16_linear`: bf16 Linears whose decoding products go through the rows kernel
+(`native.bf16_rows`), against PyTorch's float32 product, F.linear, a plain model, and compiled."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from andromeda.inference import native
+from andromeda.inference.bf16_linear import DECODE_ROWS, Bf16RowsLinear, prepare_bf16, use_bf16_rows
+from andromeda.inference.generate import generate
+from andromeda.inference.packed import PackedLinear
+from helpers import random_net
+
+pytestmark = pytest.mark.skipif(not native.bf16_rows_kernel(),
+                                reason="the bf16 rows kernel does not run here (AVX-512 BF16, the ops library)")
+
+
+@pytest.mark.parametrize("M, K, N", [(1, 32, 7), (3, 2560, 258), (5, 96, 64), (17, 128, 33)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_is_the_float32_product_of_bf16_rows(M, K, N, bias, dtype):
+    """Float32 results to float32 rounding of the sums; bf16 results the float32 one rounded (a
+    last-place step apart where the sums' order tips the rounding)."""
+    generator = torch.Generator().manual_seed(M * K + N)
+    x = torch.randn(M, K, generator=generator).to(dtype)
+    weight = torch.randn(N, K, generator=generator).bfloat16()
+    b = torch.randn(N, generator=generator) if bias else None
+    got = native.bf16_rows(x, weight, b)
+    expected = native.bf16_rows_reference(x, weight, b)
+    assert got.dtype == expected.dtype == dtype and got.shape == (M, N)
+    exact = F.linear(x.bfloat16().double(), weight.double(), None if b is None else b.double())
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-4 * exact.abs().max().item())
+    else:
+        step = exact.abs().clamp_min(1e-3) * 2**-7  # one bf16 step
+        assert ((got.double() - exact).abs() <= step).all()
+
+
+def test_the_ops_registrations_hold():
+    x, weight = torch.randn(3, 64).bfloat16(), torch.randn(40, 64).bfloat16()
+    torch.library.opcheck(torch.ops.andromeda.bf16_rows.default, (x, weight, None))
+    torch.library.opcheck(torch.ops.andromeda.bf16_rows.default, (x.float(), weight, torch.randn(40)))
+
+
+def test_bad_weights_are_refused_with_the_expected_form():
+    x = torch.randn(2, 64).bfloat16()
+    with pytest.raises(ValueError, match="contiguous bf16"):
+        native.bf16_rows(x, torch.randn(8, 64), None)
+    with pytest.raises(RuntimeError, match="K=48"):
+        native.bf16_rows(x[:, :48], torch.randn(8, 48).bfloat16(), None)
+    with pytest.raises(RuntimeError, match="x of shape"):
+        native.bf16_rows(x, torch.randn(8, 32).bfloat16(), None)
+
+
+def layer(bias: bool, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    linear = nn.Linear(96, 40, bias=bias, dtype=torch.bfloat16)
+    with torch.no_grad():
+        linear.bias.normal_() if bias else None
+    return linear
+
+
+class Counting:
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        real = native.bf16_rows
+
+        def counted(*args):
+            self.calls += 1
+            return real(*args)
+
+        monkeypatch.setattr(native, "bf16_rows", counted)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_module_sends_decoding_rows_to_the_kernel_and_the_rest_to_f_linear(bias, monkeypatch):
+    plain = layer(bias)
+    rows = Bf16RowsLinear.from_linear(plain)
+    assert rows.weight is plain.weight
+    counting = Counting(monkeypatch)
+    with torch.no_grad():
+        few = torch.randn(2, 3, 96).bfloat16()  # 6 rows: the kernel
+        torch.testing.assert_close(rows(few), plain(few), rtol=2**-7, atol=1e-2)
+        assert counting.calls == 1
+        many = torch.randn(DECODE_ROWS + 1, 96).bfloat16()  # a prefill: F.linear, bit for bit
+        assert torch.equal(rows(many), plain(many))
+        assert counting.calls == 1
+    x = torch.randn(2, 96).bfloat16().requires_grad_()  # gradients wanted: F.linear, gradients flow
+    rows(x).sum().backward()
+    expected = x.detach().requires_grad_()
+    plain(expected).sum().backward()
+    assert counting.calls == 1 and torch.equal(x.grad, expected.grad)
+
+
+def test_a_model_decodes_through_the_kernel_as_the_plain_model_does(monkeypatch):
+    """Every Linear swapped, sharing its parameters: the state dict is the plain model's, copies
+    and pickles work, logits agree to bf16 rounding, greedy tokens are the plain model's, and the
+    compiled decode step gives the eager one's tokens."""
+    plain = random_net(dtype=torch.bfloat16).eval()
+    net = copy.deepcopy(plain)
+    linears = sum(type(m) is nn.Linear for m in net.modules())
+    assert use_bf16_rows(net) == linears > 0
+    assert not any(type(m) is nn.Linear for m in net.modules())
+    assert net.state_dict().keys() == plain.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), plain.state_dict().values()))
+    assert isinstance(pickle.loads(pickle.dumps(net)).to_logits, Bf16RowsLinear)
+    tokens = torch.randint(0, 256, (1, 12))
+    with torch.no_grad(), monkeypatch.context() as patch:
+        counting = Counting(patch)
+        got = net(tokens[:, :1])
+        assert counting.calls == linears
+        torch.testing.assert_close(got.float(), plain(tokens[:, :1]).float(), rtol=0.02, atol=0.05)
+    expected = generate(plain, tokens[:, :4], 16, temperature=0)
+    assert torch.equal(generate(net, tokens[:, :4], 16, temperature=0), expected)
+    assert torch.equal(generate(net, tokens[:, :4], 16, temperature=0, compile=True), expected)
+
+
+def test_prepare_bf16_leaves_what_the_kernel_cannot_take_to_onednn():
+    """Linears with K off the kernel's 32-weight vectors stay nn.Linear for the kernel and are
+    prepacked instead; fp32 models are left alone."""
+    net = nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 64)).bfloat16()
+    prepare_bf16(net)
+    assert isinstance(net[0], Bf16RowsLinear) and isinstance(net[1], PackedLinear)
+    fp32 = nn.Sequential(nn.Linear(64, 48))
+    assert use_bf16_rows(fp32) == 0 and type(prepare_bf16(fp32)[0]) is nn.Linear
+
+
+def test_load_for_inference_reads_bf16_weights_by_the_kernel(tmp_path):
+    from andromeda.checkpoint import load_for_inference, save_pretrained
+    from andromeda.tokenizers import ByteTokenizer
+
+    save_pretrained(random_net(), tmp_path / "ckpt", tokenizer=ByteTokenizer())
+    net = load_for_inference(tmp_path / "ckpt", dtype="bf16")
+    assert isinstance(net.blocks[0].attn.to_qkv, Bf16RowsLinear) and isinstance(net.to_logits, Bf16RowsLinear)
