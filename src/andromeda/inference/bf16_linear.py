@@ -6,7 +6,7 @@ A decode step reads every weight once, so its speed is the memory bandwidth's. o
 product for one row reaches it only with the weight packed in its blocked layout
 (`inference.packed`), and a packed weight is an opaque tensor Inductor cannot lower: a prepacked
 model decodes eagerly, paying Python and dispatch between its ~130 products a token. The kernel
-(`kernels/bf16_rows.c`, AVX-512 BF16) streams the plain (N, K) weight, four rows side by side,
+(`kernels/bf16_rows.c`, AVX-512 BF16) streams the plain (N, K) weight, eight rows side by side,
 one vdpbf16ps per 32 weights, float32 sums: the same products to float32 rounding, at the
 bandwidth, from the weight nn.Linear holds -- so a model keeps its ordinary parameters (state
 dict, copies, `.to()` as nn.Linear's) and its decode step compiles (`generate --compile`), the op
@@ -30,7 +30,7 @@ from . import native
 from .packed import DTYPE, prepack_if_supported
 
 # Rows up to which the kernel computes a product: decoding, a batch of decoding rows, a speculative
-# verify step. It re-reads each 4-row tile of the weight from cache once per 4 activation rows, so
+# verify step. It re-reads each 8-row tile of the weight from cache once per 2 activation rows, so
 # its time grows with the rows, where oneDNN's (the weight reordered once a call) barely does.
 DECODE_ROWS = 16
 K_MULTIPLE = 32  # the kernel's 64-byte vectors of 32 bf16 weights
