@@ -8,8 +8,9 @@ script shows the error), so every peer step recomputes the whole prefix.
 
 (b) `--big`: the 2.5 B default model at batch 1 against the memory-bandwidth bound (issue #13),
 one row per weight scheme: bf16 through the default F.linear (on CPU, oneDNN reorders each
-weight on every call), bf16 prepacked for oneDNN once (`andromeda.inference.packed`), and the
-weight-only int8 and int4 (group 128) of `andromeda.inference.quantize`. A decode step must read
+weight on every call), bf16 prepacked for oneDNN once (`andromeda.inference.packed`), bf16 read
+as stored by the rows kernel (`andromeda.inference.bf16_linear`, what `load_for_inference` gives
+where AVX-512 BF16 runs it; "bf16-rows"), and the weight-only int8 and int4 (group 128) of `andromeda.inference.quantize`. A decode step must read
 every weight once (all but the embedding table, of which it reads one row), so
 tokens/s <= bandwidth / streamed weight bytes. Each scheme runs in a fresh process of this
 script: the same seeded bf16 model is built, converted (timed), then decodes greedily (tok/s from
@@ -26,9 +27,10 @@ device-to-device copy, and bf16-packed (CPU only) is skipped.
 
     python benchmarks/bench_decode.py              # (a): 256-token prompt, 128 new tokens
     python benchmarks/bench_decode.py --quick      # (a): 64-token prompt, 16 new tokens
-    python benchmarks/bench_decode.py --big        # (b): all four schemes, 1024-token prefills (~6 GB RAM)
+    python benchmarks/bench_decode.py --big        # (b): all five schemes, 1024-token prefills (~6 GB RAM)
     python benchmarks/bench_decode.py --big --schemes bf16,bf16-packed --prefill-len 0 --threads 2
     python benchmarks/bench_decode.py --big --schemes bf16-packed,int8,int4 --prefill-len 0 --compile  # compiled steps
+    python benchmarks/bench_decode.py --big --schemes bf16-packed,bf16-rows --compile   # bf16: oneDNN against the kernel
 """
 
 from __future__ import annotations

@@ -51,6 +51,8 @@ def gradients(function, q, k, v, grad, *extra):
     (2, 8, 2, 257, 128, True, False),  # the default's head size; one row past a tile
     (1, 2, 2, 5, 16, True, False),  # fewer keys than a vector
     (2, 4, 1, 70, 48, True, True),  # a head off the 32-bf16 vector; positions per batch row
+    (1, 2, 1, 66, 80, True, False),  # a head of a full 64-column block and a partial one
+    (1, 2, 2, 40, 256, True, False),  # the largest head
 ])
 def test_kernel_agrees_with_float32_attention_as_closely_as_bf16_sdpa(B, H, K, T, D, alibi, batch_positions):
     """Output and the three input gradients against float32 PyTorch, within 1.5x of the error of
@@ -165,19 +167,43 @@ def test_a_model_given_the_kernel_computes_what_it_does_with_sdpa(autocast):
     assert difference / total < 3e-2
 
 
-def test_float32_attention_and_decoding_keep_sdpa():
-    """The kernel is for bf16 causal attention without a cache on the CPU: float32 forwards and a
-    KV-cached generation never call it."""
+def test_float32_attention_padding_and_decoding_steps_keep_sdpa():
+    """The kernel is for bf16 causal attention on the CPU where every query reads all keys before
+    it: float32 forwards, padded batches and a KV cache's decode steps never call it; a bf16
+    forward and a fresh cache's prefill do, and generation gives the tokens it gives without it."""
+    from andromeda.inference.generate import generate
+
     config = Config.from_preset("tiny", max_seq_len=64)
-    model = build_transformer(config)
+    torch.manual_seed(0)
+    model = build_transformer(config, dtype=torch.bfloat16).eval()
+    tokens = torch.randint(0, config.num_tokens, (2, 20))
+    with torch.no_grad():
+        expected = generate(model, tokens, 8, temperature=0)
     assert use_attention_kernel(model)
     counted = model.causal_attention = Counted()
-    tokens = torch.randint(0, config.num_tokens, (1, 20))
-    model(tokens)
-    assert counted.calls == 0
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad():
+        model.float()(tokens)
+        assert counted.calls == 0
+        model.bfloat16()(tokens, key_mask=torch.arange(20)[None].expand(2, 20) >= torch.tensor([[0], [3]]))
+        assert counted.calls == 0
         model(tokens)
-    assert counted.calls == config.depth
+        assert counted.calls == config.depth
+        got = generate(model, tokens, 8, temperature=0)
+    assert counted.calls == 2 * config.depth  # the prefill; the 7 decode steps read their cache by SDPA
+    assert torch.equal(got, expected)
+
+
+def test_a_nan_score_makes_its_rows_and_their_gradients_nan():
+    """As in float32 attention: a NaN key reaches the output of every query reading it (and of
+    none before it) and the gradients through those rows, where exp and the vector max would
+    drop it."""
+    q, k, v, positions, slopes = inputs(1, 2, 1, 80, 32, seed=6)
+    k[0, 0, 70, 3] = float("nan")
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out = causal_attention(q, k, v, positions, slopes, 0.2)
+    assert out[:, :, 70:].isnan().all() and not out[:, :, :70].isnan().any()
+    dq, dk, dv = torch.autograd.grad(out.float().nan_to_num(0.0).sum() + out[:, :, 75].float().sum(), (q, k, v))
+    assert dq[:, :, 75].isnan().all() and dk.isnan().any() and dv.isnan().any()
 
 
 def test_a_bf16_training_run_on_the_cpu_attends_by_the_kernel(tmp_path, corpus, monkeypatch):

@@ -138,3 +138,40 @@ def test_load_for_inference_reads_bf16_weights_by_the_kernel(tmp_path):
     save_pretrained(random_net(), tmp_path / "ckpt", tokenizer=ByteTokenizer())
     net = load_for_inference(tmp_path / "ckpt", dtype="bf16")
     assert isinstance(net.blocks[0].attn.to_qkv, Bf16RowsLinear) and isinstance(net.to_logits, Bf16RowsLinear)
+
+
+def test_a_pickled_model_runs_in_a_fresh_process_and_where_the_kernel_does_not(tmp_path, monkeypatch):
+    """Unpickled in a new process (nothing registered the op yet), a Bf16RowsLinear computes what it
+    did; unpickled where the kernel does not run, it takes F.linear."""
+    import subprocess
+    import sys
+
+    plain = layer(bias=True)
+    rows = Bf16RowsLinear.from_linear(plain)
+    x = torch.randn(3, 96).bfloat16()
+    with torch.no_grad():
+        expected = rows(x)
+    torch.save({"module": rows, "x": x}, tmp_path / "layer.pt")
+    script = ("import sys, torch\n"
+              "saved = torch.load(sys.argv[1], weights_only=False)\n"
+              "with torch.no_grad():\n"
+              "    torch.save(saved['module'](saved['x']), sys.argv[2])\n")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "layer.pt"), str(tmp_path / "out.pt")],
+                   check=True, timeout=120)
+    assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
+    monkeypatch.setattr(native, "bf16_rows_kernel", lambda: False)
+    elsewhere = pickle.loads(pickle.dumps(rows))
+    with torch.no_grad():
+        assert not elsewhere._kernel and torch.equal(elsewhere(x), plain(x))
+
+
+def test_empty_input_and_trainable_bias_take_f_linear(monkeypatch):
+    plain = layer(bias=True)
+    rows = Bf16RowsLinear.from_linear(plain)
+    counting = Counting(monkeypatch)
+    with torch.no_grad():
+        assert rows(torch.empty(0, 96, dtype=torch.bfloat16)).shape == (0, 40)
+    rows.weight.requires_grad_(False)  # a frozen weight, a trainable bias: gradients wanted
+    x = torch.randn(2, 96).bfloat16()
+    rows(x).sum().backward()
+    assert counting.calls == 0 and rows.bias.grad is not None

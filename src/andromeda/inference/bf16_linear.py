@@ -40,21 +40,34 @@ class Bf16RowsLinear(nn.Linear):
     """nn.Linear (bf16 weight) whose few-row products without gradient on the CPU go through the
     bf16 rows kernel (module docstring); everything else is nn.Linear's own forward."""
 
+    # Whether the kernel runs in this process (`native.bf16_rows_kernel`), set where the module is
+    # made or unpickled: a model prepared on one machine and loaded on another takes F.linear there.
+    _kernel = False
+
     def forward(self, x: Tensor) -> Tensor:
-        if (x.device.type == "cpu" and x.numel() <= DECODE_ROWS * self.in_features and self.weight.dtype == DTYPE
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+        if (self._kernel and x.device.type == "cpu" and 0 < x.numel() <= DECODE_ROWS * self.in_features
+                and self.weight.dtype == DTYPE and not (torch.is_grad_enabled() and self._wants_gradients(x))):
             bias = None if self.bias is None else self.bias.float()
             y = native.bf16_rows(x.reshape(-1, self.in_features), self.weight, bias)
             y = y.view(*x.shape[:-1], self.out_features)
             return y if y.dtype == x.dtype else y.to(x.dtype)
         return F.linear(x, self.weight, self.bias)
 
+    def _wants_gradients(self, x: Tensor) -> bool:
+        return x.requires_grad or self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
+
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Bf16RowsLinear:
-        """The same layer, sharing `linear`'s weight and bias."""
+        """The same layer, sharing `linear`'s weight and bias (and its training flag)."""
         module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         module.weight, module.bias = linear.weight, linear.bias
+        module.train(linear.training)
+        module._kernel = native.bf16_rows_kernel()
         return module
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._kernel = native.bf16_rows_kernel()
 
 
 def kernel_takes(linear: nn.Module) -> bool:

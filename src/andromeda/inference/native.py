@@ -321,8 +321,7 @@ def bf16_rows_kernel() -> bool:
     """Whether `andromeda::bf16_rows` runs bf16_rows.c's kernel here: ops.cpp built, the file compiled
     with AVX-512 BF16, and this CPU has it (Cooper Lake, Sapphire Rapids and later; AMD Zen 4 on)."""
     found = kernels()
-    flags = cpu_flags() or frozenset()
-    if found is None or not found.cpp_ops or "avx512_bf16" not in flags:
+    if found is None or not found.cpp_ops:
         return False
     return bool(ctypes.CDLL(str(build_ops_library())).andromeda_bf16_rows_built())
 
@@ -330,8 +329,19 @@ def bf16_rows_kernel() -> bool:
 def bf16_rows(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x (M, K) @ W.T + bias for a bf16 weight W (N, K) as stored (K a multiple of 32), by the op:
     (M, N) in x's dtype for bf16 or float32 x (others as float32); x rounded to bf16, float32 sums,
-    `bias` (N,) float32 or None (`bf16_rows_reference`)."""
+    `bias` (N,) float32 or None (`bf16_rows_reference`). Where the kernel does not run, the op is
+    that reference."""
+    if not torch.compiler.is_compiling():  # traced: `bf16_rows_kernel()` registered it when the module was made
+        _bf16_rows_registered()
     return torch.ops.andromeda.bf16_rows(_rows(x), weight, bias)
+
+
+@cache
+def _bf16_rows_registered() -> None:
+    """The op's CPU implementation registered: ops.cpp's or Python's by `kernels()`, or, where the
+    VNNI kernels do not run at all, the reference."""
+    if kernels() is None:
+        _LIBRARY.impl("bf16_rows", bf16_rows_reference, "CPU")
 
 
 def bf16_rows_reference(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -20,7 +20,9 @@ same function in float32 PyTorch ops, which the tests hold the kernel to.
 `attention_kernel()` gives it where it can run (AVX-512 BF16 and a C compiler; built on first use
 like the other kernels, `inference.native.build_library`), else None; `use_attention_kernel(model)`
 hands it to a model (`model.attention.CausalAttention`), which uses it for bf16 causal attention
-without a cache or padding on the CPU. It is the custom op `andromeda::causal_attention` with its
+on the CPU where every query reads all keys before it and no padding (training and evaluation
+steps, and the prefill of a fresh KV cache; a decode step's one query keeps its own path). A NaN
+score makes its row's output, and the gradients through that row, NaN. It is the custom op `andromeda::causal_attention` with its
 backward registered, so compiled training steps keep it in their graph.
 """
 
@@ -95,7 +97,7 @@ def _strides(x: Tensor) -> ctypes.Array:
     return (ctypes.c_int64 * 3)(*x.stride()[:3])
 
 
-def _operand(x: Tensor, name: str) -> Tensor:
+def _operand(x: Tensor) -> Tensor:
     """x with its last dimension contiguous and even strides (the kernel reads bf16 pairs)."""
     if x.stride(-1) != 1 or any(s % 2 for s in x.stride()[:3]) or x.storage_offset() % 2:
         x = x.contiguous()
@@ -146,7 +148,7 @@ def _run(function: ctypes._CFuncPtr, args: _Args) -> None:
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, slopes: Tensor | None,
                   scale: float) -> tuple[Tensor, Tensor]:
     _check(q, k, v, positions, slopes)
-    q, k, v = _operand(q, "q"), _operand(k, "k"), _operand(v, "v")
+    q, k, v = _operand(q), _operand(k), _operand(v)
     B, H, T, D = q.shape
     keep: list[Tensor] = []
     args = _common(q, k, v, positions, slopes, scale, keep)
@@ -168,8 +170,9 @@ def _attention_shape(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, slopes:
 @torch.library.custom_op("andromeda::causal_attention_backward", mutates_args=(), device_types="cpu")
 def _attention_backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                            positions: Tensor, slopes: Tensor | None, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    q, k, v = _operand(q, "q"), _operand(k, "k"), _operand(v, "v")
-    grad, out = _operand(grad.to(torch.bfloat16), "grad"), _operand(out, "out")
+    q, k, v = _operand(q), _operand(k), _operand(v)
+    grad, out = _operand(grad.to(torch.bfloat16)), _operand(out)
+    lse = lse.to(torch.float32).contiguous()  # read as (B, H, T)
     B, H, T, D = q.shape
     K = k.shape[1]
     keep: list[Tensor] = []

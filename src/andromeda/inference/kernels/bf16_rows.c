@@ -13,10 +13,11 @@
 #include <stdlib.h>
 
 // 1 where this file was compiled with AVX-512 BF16 (native.py compiles it without the flag where
-// the compiler lacks it: then the kernel refuses every call).
+// the compiler lacks it) and this CPU has it; elsewhere the kernel refuses every call (status 3,
+// which ops.cpp answers with ATen's product), so a model prepared on one machine runs on another.
 int andromeda_bf16_rows_built(void) {
 #ifdef __AVX512BF16__
-  return 1;
+  return __builtin_cpu_supports("avx512bf16") ? 1 : 0;
 #else
   return 0;
 #endif
@@ -65,6 +66,9 @@ static inline __attribute__((always_inline)) void rows_dot(const int R, const in
 // memory; 3 where the file was compiled without AVX-512 BF16.
 int andromeda_bf16_rows(const void *x_in, int64_t M, int64_t K, int x_bf16, const uint16_t *weight, int64_t N,
                         const float *bias, void *y, int y_bf16) {
+  static int runs = -1;  // the CPU check, once (a benign race: every thread writes the same value)
+  if (runs < 0) runs = andromeda_bf16_rows_built();
+  if (!runs) return 3;
   if (K % 32 || M < 1) return 1;
   uint16_t *copy = NULL;
   const uint16_t *x = (const uint16_t *)x_in;

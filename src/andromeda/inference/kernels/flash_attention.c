@@ -58,17 +58,6 @@ typedef struct {
 
 static inline int64_t padded(int64_t T) { return (T + TILE - 1) / TILE * TILE; }
 
-static inline uint16_t to_bf16(float value) {
-  union { float f; uint32_t u; } bits = {value};
-  const uint32_t u = bits.u;
-  return (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0u : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
-static inline float from_bf16(uint16_t value) {
-  union { uint32_t u; float f; } bits = {(uint32_t)value << 16};
-  return bits.f;
-}
-
 // 16 floats to 16 bf16, rounded to nearest even (NaN stays NaN), as torch converts.
 static inline __m256i round_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
 
@@ -167,8 +156,8 @@ static void pack_keys_values(const FlashArgs *a, int backward, uint16_t *zeros) 
       const uint16_t *k = a->k + b * a->k_stride[0] + kv * a->k_stride[1];
       const uint16_t *v = a->v + b * a->v_stride[0] + kv * a->v_stride[1];
       pack_over_d(k, a->k_stride[2], a->T, Tp, D, packed_at(a, 0, b, kv));
-      pack_over_t(v, a->v_stride[2], a->T, Tp, D, packed_at(a, 1, b, kv), zeros);
-      if (backward) {
+      if (!backward) pack_over_t(v, a->v_stride[2], a->T, Tp, D, packed_at(a, 1, b, kv), zeros);  // O += P V
+      if (backward) {  // dP = dO V^T, dQ += dS K
         pack_over_d(v, a->v_stride[2], a->T, Tp, D, packed_at(a, 2, b, kv));
         pack_over_t(k, a->k_stride[2], a->T, Tp, D, packed_at(a, 3, b, kv), zeros);
       }
@@ -232,16 +221,19 @@ static void forward_tile(const FlashArgs *a, int64_t b, int64_t h, int64_t i0, c
       float *s = w->s + r * TILE;
       __m512 top = _mm512_set1_ps(w->m[r]);
       for (int64_t c = 0; c < TILE; c += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(s + c));
-      const float m = _mm512_reduce_max_ps(top);  // finite: column j0 <= i is always allowed
+      const float m = _mm512_reduce_max_ps(top);  // column j0 <= i is always allowed: not -inf
       const float alpha = expf(w->m[r] - m);
       __m512 sum = _mm512_setzero_ps();
+      __mmask16 nan = 0;  // exp512 and the vector max drop NaN: a NaN score makes the row's sum NaN
       for (int64_t c = 0; c < TILE; c += 32) {
-        const __m512 e0 = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + c), _mm512_set1_ps(m)));
-        const __m512 e1 = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + c + 16), _mm512_set1_ps(m)));
+        const __m512 x0 = _mm512_loadu_ps(s + c), x1 = _mm512_loadu_ps(s + c + 16);
+        nan |= _mm512_cmp_ps_mask(x0, x0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(x1, x1, _CMP_UNORD_Q);
+        const __m512 e0 = exp512(_mm512_sub_ps(x0, _mm512_set1_ps(m)));
+        const __m512 e1 = exp512(_mm512_sub_ps(x1, _mm512_set1_ps(m)));
         sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
         _mm512_storeu_si512((void *)(w->p + r * TILE + c), (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
       }
-      w->l[r] = w->l[r] * alpha + _mm512_reduce_add_ps(sum);
+      w->l[r] = nan ? NAN : w->l[r] * alpha + _mm512_reduce_add_ps(sum);  // NaN stays: out and lse NaN
       w->m[r] = m;
       if (alpha != 1.0f) {
         float *o = w->o + r * D;
@@ -277,11 +269,11 @@ int andromeda_flash_forward(const FlashArgs *a) {
     if (base) w = (ForwardScratch){base, base + TILE * TILE, base + TILE * TILE + TILE * D,
                                    base + TILE * TILE + TILE * D + TILE, (uint16_t *)(base + floats)};
     else failed = 1;
+    // the longest tiles (most key tiles) first: dynamic scheduling balances the rest
 #pragma omp for schedule(dynamic, 1) collapse(3)
-    for (int64_t b = 0; b < a->B; ++b)
-      for (int64_t h = 0; h < a->H; ++h)
-        for (int64_t t = 0; t < tiles; ++t)
-          // the longest tiles (most key tiles) first: dynamic scheduling balances the rest
+    for (int64_t t = 0; t < tiles; ++t)
+      for (int64_t b = 0; b < a->B; ++b)
+        for (int64_t h = 0; h < a->H; ++h)
           if (base) forward_tile(a, b, h, (tiles - 1 - t) * TILE, &w);
   }
   return failed ? 2 : 0;
@@ -295,13 +287,16 @@ typedef struct {
   uint16_t *p, *pv, *ds, *dsv;  // P and dS as rows (TILE x TILE) and as interleaved row pairs
 } BackwardScratch;
 
-// P = exp(S - lse) for `rows` valid rows (the rest 0), into w->s in float32, and as bf16 rows and pairs.
+// P = exp(S - lse) for `rows` valid rows (the rest 0; all NaN where the forward's row was), into
+// w->s in float32, and as bf16 rows and pairs.
 static void probabilities(BackwardScratch *w, int64_t rows, const float *lse) {
   for (int64_t r = 0; r < TILE; ++r) {
     float *s = w->s + r * TILE;
     for (int64_t c = 0; c < TILE; c += 32) {
       __m512 e0 = _mm512_setzero_ps(), e1 = _mm512_setzero_ps();
-      if (r < rows) {
+      if (r < rows && isnan(lse[r])) {
+        e0 = e1 = _mm512_set1_ps(NAN);
+      } else if (r < rows) {
         const __m512 shift = _mm512_set1_ps(lse[r]);
         e0 = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + c), shift));
         e1 = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + c + 16), shift));

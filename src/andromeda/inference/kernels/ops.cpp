@@ -9,6 +9,7 @@
 // build fails, native.py registers the same ops in Python instead.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/linear.h>
 #include <ATen/ops/scaled_dot_product_attention.h>
 #include <torch/library.h>
 
@@ -104,9 +105,16 @@ at::Tensor bf16_rows(const at::Tensor &x_in, const at::Tensor &weight, const std
   const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
   const bool x_bf16 = x.scalar_type() == at::kBFloat16;
-  check(andromeda_bf16_rows(x.const_data_ptr(), M, K, x_bf16, reinterpret_cast<const uint16_t *>(weight.const_data_ptr()),
-                            N, bias_pointer(bias, N, "bf16"), y.mutable_data_ptr(), x_bf16),
-        "bf16", M, K);
+  const int status = andromeda_bf16_rows(x.const_data_ptr(), M, K, x_bf16,
+                                         reinterpret_cast<const uint16_t *>(weight.const_data_ptr()), N,
+                                         bias_pointer(bias, N, "bf16"), y.mutable_data_ptr(), x_bf16);
+  if (status == 3) {  // this CPU lacks AVX-512 BF16: the same product by ATen (native.bf16_rows_reference)
+    const at::Tensor exact = x.to(at::kBFloat16).to(at::kFloat);
+    const at::Tensor product = bias.has_value() ? at::linear(exact, weight.to(at::kFloat), *bias)
+                                                : at::linear(exact, weight.to(at::kFloat));
+    return x_bf16 ? product.to(at::kBFloat16) : product;
+  }
+  check(status, "bf16", M, K);
   return y;
 }
 
