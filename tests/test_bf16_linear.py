@@ -168,6 +168,7 @@ def test_a_pickled_model_runs_in_a_fresh_process_and_where_the_kernel_does_not(t
 def test_empty_input_and_trainable_bias_take_f_linear(monkeypatch):
     plain = layer(bias=True)
     rows = Bf16RowsLinear.from_linear(plain)
+    assert native.bf16_rows(torch.empty(0, 96).bfloat16(), rows.weight).shape == (0, 40)  # the op takes none
     counting = Counting(monkeypatch)
     with torch.no_grad():
         assert rows(torch.empty(0, 96, dtype=torch.bfloat16)).shape == (0, 40)

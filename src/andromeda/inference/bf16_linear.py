@@ -40,9 +40,11 @@ class Bf16RowsLinear(nn.Linear):
     """nn.Linear (bf16 weight) whose few-row products without gradient on the CPU go through the
     bf16 rows kernel (module docstring); everything else is nn.Linear's own forward."""
 
-    # Whether the kernel runs in this process (`native.bf16_rows_kernel`), set where the module is
-    # made or unpickled: a model prepared on one machine and loaded on another takes F.linear there.
-    _kernel = False
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Whether the kernel runs in this process (`native.bf16_rows_kernel`), set where the module
+        # is made or unpickled: a model prepared on one machine and loaded on another takes F.linear.
+        self._kernel = native.bf16_rows_kernel()
 
     def forward(self, x: Tensor) -> Tensor:
         if (self._kernel and x.device.type == "cpu" and 0 < x.numel() <= DECODE_ROWS * self.in_features
@@ -62,7 +64,6 @@ class Bf16RowsLinear(nn.Linear):
         module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         module.weight, module.bias = linear.weight, linear.bias
         module.train(linear.training)
-        module._kernel = native.bf16_rows_kernel()
         return module
 
     def __setstate__(self, state: dict) -> None:

@@ -152,7 +152,6 @@ def _register_cpu_ops() -> bool:
     _LIBRARY.impl("int8_rows", _int8_rows, "CPU")
     _LIBRARY.impl("int4_rows", _int4_rows, "CPU")
     _LIBRARY.impl("decode_sdpa", decode_sdpa_reference, "CPU")
-    _LIBRARY.impl("bf16_rows", bf16_rows_reference, "CPU")
     return False
 
 
@@ -330,18 +329,9 @@ def bf16_rows(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x (M, K) @ W.T + bias for a bf16 weight W (N, K) as stored (K a multiple of 32), by the op:
     (M, N) in x's dtype for bf16 or float32 x (others as float32); x rounded to bf16, float32 sums,
     `bias` (N,) float32 or None (`bf16_rows_reference`). Where the kernel does not run, the op is
-    that reference."""
-    if not torch.compiler.is_compiling():  # traced: `bf16_rows_kernel()` registered it when the module was made
-        _bf16_rows_registered()
+    that reference (registered for every backend at import; ops.cpp's CPU kernel, once `kernels()`
+    has loaded it, takes precedence)."""
     return torch.ops.andromeda.bf16_rows(_rows(x), weight, bias)
-
-
-@cache
-def _bf16_rows_registered() -> None:
-    """The op's CPU implementation registered: ops.cpp's or Python's by `kernels()`, or, where the
-    VNNI kernels do not run at all, the reference."""
-    if kernels() is None:
-        _LIBRARY.impl("bf16_rows", bf16_rows_reference, "CPU")
 
 
 def bf16_rows_reference(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -349,6 +339,9 @@ def bf16_rows_reference(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tenso
     x's dtype (bf16) or float32."""
     y = F.linear(x.to(torch.bfloat16).float(), weight.float(), None if bias is None else bias.float())
     return y.to(torch.bfloat16) if x.dtype == torch.bfloat16 else y
+
+
+_LIBRARY.impl("bf16_rows", bf16_rows_reference, "CompositeExplicitAutograd")
 
 
 def fused_decode_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
@@ -483,7 +476,9 @@ def build_ops_library() -> Path:
         for source, extra, target in ((ATTENTION_SOURCE, AMX_FLAGS, objects[1]), (BF16_SOURCE, BF16_FLAGS, objects[2])):
             try:
                 _run([compiler(), *c_flags, *extra, "-c", str(source), "-o", target])
-            except subprocess.CalledProcessError:
+            except subprocess.CalledProcessError as error:
+                log.info("%s built without %s (%s): its kernel will refuse calls", source.name, " ".join(extra),
+                         (error.stderr or "").strip()[:300])
                 _run([compiler(), *c_flags, "-c", str(source), "-o", target])
         _run([cxx_compiler(), *cxx_flags, str(OPS_SOURCE), *objects, "-o", str(partial), *libraries, "-lm"])
 

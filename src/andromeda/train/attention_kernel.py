@@ -179,7 +179,7 @@ def _attention_backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     args = _common(q, k, v, positions, slopes, scale, keep)
     dq = q.new_empty(B, T, H, D).transpose(1, 2)
     dk, dv = k.new_empty(B, T, K, D).transpose(1, 2), v.new_empty(B, T, K, D).transpose(1, 2)
-    packed = q.new_empty(4 * B * K * _padded(T) * D)
+    packed = q.new_empty(3 * B * K * _padded(T) * D)
     partials = q.new_empty(2 * B * H * _padded(T) * D, dtype=torch.float32)
     args.out, args.out_stride, args.lse, args.packed = out.data_ptr(), _strides(out), lse.data_ptr(), packed.data_ptr()
     args.dout, args.dout_stride = grad.data_ptr(), _strides(grad)

@@ -62,14 +62,12 @@ static inline __attribute__((always_inline)) void rows_dot(const int R, const in
 }
 
 // y (M, N) = x (M, K) @ W.T + bias: x bf16 (`x_bf16`) or float32, W (N, K) bf16 contiguous, bias
-// float32 (N) or NULL, y bf16 (`y_bf16`) or float32. 0; 1 for K not a multiple of 32; 2 out of
-// memory; 3 where the file was compiled without AVX-512 BF16.
+// float32 (N) or NULL, y bf16 (`y_bf16`) or float32. 0; 1 for K not a multiple of 32 or no rows; 2
+// out of memory; 3 where this CPU lacks AVX-512 BF16 or the file was compiled without it.
 int andromeda_bf16_rows(const void *x_in, int64_t M, int64_t K, int x_bf16, const uint16_t *weight, int64_t N,
                         const float *bias, void *y, int y_bf16) {
-  static int runs = -1;  // the CPU check, once (a benign race: every thread writes the same value)
-  if (runs < 0) runs = andromeda_bf16_rows_built();
-  if (!runs) return 3;
   if (K % 32 || M < 1) return 1;
+  if (!__builtin_cpu_supports("avx512bf16")) return 3;
   uint16_t *copy = NULL;
   const uint16_t *x = (const uint16_t *)x_in;
   if (!x_bf16) {

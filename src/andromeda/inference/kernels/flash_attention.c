@@ -47,7 +47,7 @@ typedef struct {
   uint16_t *out;  // (B, H, T, D) at out_stride
   int64_t out_stride[3];
   float *lse;  // (B, H, T) contiguous
-  uint16_t *packed;  // 2 (forward) or 4 (backward) x B x K x padded T x D bf16
+  uint16_t *packed;  // 2 (forward) or 3 (backward) x B x K x padded T x D bf16: `packed_at`
   // backward only
   const uint16_t *dout;
   int64_t dout_stride[3];
@@ -141,7 +141,8 @@ static void pack_over_t(const uint16_t *x, int64_t stride, int64_t T, int64_t Tp
   }
 }
 
-// The packed keys and values of (b, kv): K over d, V over t (and, for the backward, V over d and K over t).
+// The packed keys and values of (b, kv), slot `which`: forward 0 = K over d, 1 = V over t;
+// backward 0 = K over d, 1 = V over d, 2 = K over t.
 static uint16_t *packed_at(const FlashArgs *a, int which, int64_t b, int64_t kv) {
   const int64_t size = padded(a->T) * a->D;
   const int64_t heads = a->B * a->K;
@@ -155,11 +156,12 @@ static void pack_keys_values(const FlashArgs *a, int backward, uint16_t *zeros) 
     for (int64_t kv = 0; kv < a->K; ++kv) {
       const uint16_t *k = a->k + b * a->k_stride[0] + kv * a->k_stride[1];
       const uint16_t *v = a->v + b * a->v_stride[0] + kv * a->v_stride[1];
-      pack_over_d(k, a->k_stride[2], a->T, Tp, D, packed_at(a, 0, b, kv));
-      if (!backward) pack_over_t(v, a->v_stride[2], a->T, Tp, D, packed_at(a, 1, b, kv), zeros);  // O += P V
-      if (backward) {  // dP = dO V^T, dQ += dS K
-        pack_over_d(v, a->v_stride[2], a->T, Tp, D, packed_at(a, 2, b, kv));
-        pack_over_t(k, a->k_stride[2], a->T, Tp, D, packed_at(a, 3, b, kv), zeros);
+      pack_over_d(k, a->k_stride[2], a->T, Tp, D, packed_at(a, 0, b, kv));  // S = Q K^T
+      if (!backward) {
+        pack_over_t(v, a->v_stride[2], a->T, Tp, D, packed_at(a, 1, b, kv), zeros);  // O += P V
+      } else {
+        pack_over_d(v, a->v_stride[2], a->T, Tp, D, packed_at(a, 1, b, kv));  // dP = dO V^T
+        pack_over_t(k, a->k_stride[2], a->T, Tp, D, packed_at(a, 2, b, kv), zeros);  // dQ += dS K
       }
     }
 }
@@ -221,8 +223,8 @@ static void forward_tile(const FlashArgs *a, int64_t b, int64_t h, int64_t i0, c
       float *s = w->s + r * TILE;
       __m512 top = _mm512_set1_ps(w->m[r]);
       for (int64_t c = 0; c < TILE; c += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(s + c));
-      const float m = _mm512_reduce_max_ps(top);  // column j0 <= i is always allowed: not -inf
-      const float alpha = expf(w->m[r] - m);
+      const float m = _mm512_reduce_max_ps(top);  // column j0 <= i is always allowed
+      const float alpha = w->m[r] == -INFINITY ? 0.0f : expf(w->m[r] - m);  // (m is -inf only for -inf inputs)
       __m512 sum = _mm512_setzero_ps();
       __mmask16 nan = 0;  // exp512 and the vector max drop NaN: a NaN score makes the row's sum NaN
       for (int64_t c = 0; c < TILE; c += 32) {
@@ -294,8 +296,10 @@ static void probabilities(BackwardScratch *w, int64_t rows, const float *lse) {
     float *s = w->s + r * TILE;
     for (int64_t c = 0; c < TILE; c += 32) {
       __m512 e0 = _mm512_setzero_ps(), e1 = _mm512_setzero_ps();
-      if (r < rows && isnan(lse[r])) {
-        e0 = e1 = _mm512_set1_ps(NAN);
+      if (r < rows && isnan(lse[r])) {  // NaN on the columns the row reads (masked ones stay 0)
+        const __m512 x0 = _mm512_loadu_ps(s + c), x1 = _mm512_loadu_ps(s + c + 16), none = _mm512_set1_ps(-INFINITY);
+        e0 = _mm512_mask_mov_ps(e0, _mm512_cmp_ps_mask(x0, none, _CMP_NEQ_UQ), _mm512_set1_ps(NAN));
+        e1 = _mm512_mask_mov_ps(e1, _mm512_cmp_ps_mask(x1, none, _CMP_NEQ_UQ), _mm512_set1_ps(NAN));
       } else if (r < rows) {
         const __m512 shift = _mm512_set1_ps(lse[r]);
         e0 = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + c), shift));
@@ -333,7 +337,7 @@ static void backward_head(const FlashArgs *a, int64_t b, int64_t h, BackwardScra
   const uint16_t *q = a->q + b * a->q_stride[0] + h * a->q_stride[1];
   const uint16_t *dout = a->dout + b * a->dout_stride[0] + h * a->dout_stride[1];
   const uint16_t *out = a->out + b * a->out_stride[0] + h * a->out_stride[1];
-  const uint16_t *kd = packed_at(a, 0, b, kv), *vd = packed_at(a, 2, b, kv), *kt = packed_at(a, 3, b, kv);
+  const uint16_t *kd = packed_at(a, 0, b, kv), *vd = packed_at(a, 1, b, kv), *kt = packed_at(a, 2, b, kv);
   const float slope = a->slopes ? a->slopes[h] : 0.0f;
   const float *pos = a->positions + b * a->positions_stride;
   float *dk = a->partials + (b * a->H + h) * Tp * D;

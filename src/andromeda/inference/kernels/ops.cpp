@@ -104,6 +104,7 @@ at::Tensor bf16_rows(const at::Tensor &x_in, const at::Tensor &weight, const std
   const at::Tensor x = rows(x_in, K, "bf16");
   const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0) return y;
   const bool x_bf16 = x.scalar_type() == at::kBFloat16;
   const int status = andromeda_bf16_rows(x.const_data_ptr(), M, K, x_bf16,
                                          reinterpret_cast<const uint16_t *>(weight.const_data_ptr()), N,

@@ -1,0 +1,91 @@
+"""Training attention alone: the CPU kernel (`andromeda.train.attention_kernel`) against SDPA.
+
+One layer's causal attention, forward and backward, bf16, at `bench_train.py`'s shape (batch 4,
+8 query heads of 64, 2 key/value heads, 1024 tokens, 4 heads with ALiBi): the kernel (ALiBi in
+it) against ATen's CPU flash attention as the model calls it without the kernel (ALiBi as two
+extra key channels, a head of 66: `model.attention._alibi_as_channels`) and, for reference, plain
+causal SDPA at 64 channels with no ALiBi at all. Rounds alternate the three; each prints the best
+of `--repeats` calls and the real causal work done per second (4 B H T^2 D / 2 FLOPs forward,
+2.5x that backward).
+
+    python benchmarks/bench_attention.py                 # one thread, the bench_train shape
+    python benchmarks/bench_attention.py --threads 2 --seq-len 4096 --batch 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+import common
+from andromeda.model.attention import _append_alibi_channels
+from andromeda.train import attention_kernel as kernel_module
+
+
+def timed(function, grad: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """Best forward and best backward seconds of `function()` over `repeats` calls."""
+    forward = backward = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = function()
+        middle = time.perf_counter()
+        out.backward(grad)
+        forward, backward = min(forward, middle - start), min(backward, time.perf_counter() - middle)
+    return forward, backward
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--alibi-heads", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--dim-head", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if kernel_module.attention_kernel() is None:
+        raise SystemExit(f"the attention kernel does not run here: {kernel_module.unavailable_reason()}")
+    B, H, K, T, D = args.batch, args.heads, args.kv_heads, args.seq_len, args.dim_head
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, n, T, D, generator=generator).bfloat16().requires_grad_() for n in (H, K, K))
+    grad = torch.randn(B, H, T, D, generator=generator).bfloat16()
+    positions = torch.arange(T)[None]
+    slopes = torch.zeros(H)
+    slopes[: args.alibi_heads] = 2.0 ** -torch.arange(1, args.alibi_heads + 1, dtype=torch.float32)
+    scale = D**-0.5
+
+    def kernel():
+        return kernel_module.causal_attention(q, k, v, positions, slopes, scale)
+
+    def sdpa_alibi():  # the model's path without the kernel
+        qa, ka, va = _append_alibi_channels(q, k, v, slopes, positions, T // 2, scale, parts=2)
+        out = F.scaled_dot_product_attention(qa, ka, va, is_causal=True, scale=1.0, enable_gqa=True)
+        return out[..., :D]
+
+    def sdpa_plain():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+
+    work = 4 * B * H * T * T * D / 2
+    print("## Training attention, one layer (`benchmarks/bench_attention.py`)\n")
+    print(f"- machine: {common.environment()}")
+    print(f"- batch {B}, {H} query / {K} key-value heads of {D}, {T} tokens, {args.alibi_heads} ALiBi heads, bf16; "
+          f"best of {args.repeats} calls per round\n")
+    print("| round | path | forward ms | GFLOP/s | backward ms | GFLOP/s |")
+    print("|---|---|---|---|---|---|")
+    for round_ in range(1, args.rounds + 1):
+        for name, function in (("kernel", kernel), ("SDPA + 2 ALiBi channels (the model without the kernel)",
+                                                     sdpa_alibi), ("SDPA, no ALiBi", sdpa_plain)):
+            forward, backward = timed(function, grad, args.repeats)
+            print(f"| {round_} | {name} | {forward * 1e3:.1f} | {work / forward / 1e9:.0f} | {backward * 1e3:.1f} | "
+                  f"{2.5 * work / backward / 1e9:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
