@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..model.fused import is_plain_linear
 from . import native
-from .packed import DTYPE, prepack_if_supported
+from .packed import DTYPE, _replace, prepack_if_supported
 
 # Rows up to which the kernel computes a product: decoding, a batch of decoding rows, a speculative
 # verify step. It re-reads each 8-row tile of the weight from cache once per 2 activation rows, so
@@ -88,9 +88,7 @@ def use_bf16_rows(module: nn.Module) -> int:
         return 0
     names = [name for name, child in module.named_modules() if kernel_takes(child)]
     for name in names:
-        parent_name, _, attr = name.rpartition(".")
-        parent = module.get_submodule(parent_name)
-        setattr(parent, attr, Bf16RowsLinear.from_linear(getattr(parent, attr)))
+        _replace(module, name, Bf16RowsLinear.from_linear)
     return len(names)
 
 
