@@ -1,5 +1,5 @@
-"""bf16 products of a few rows: the rows kernel (`andromeda.inference.bf16_linear`) against
-oneDNN's prepacked product (`andromeda.inference.packed`) and plain F.linear.
+"""bf16 products of a few rows: the rows kernel (`andromeda.inference.bf16_linear`, the weight in row
+tiles) against oneDNN's prepacked product (`andromeda.inference.packed`) and plain F.linear.
 
 The 2.5 B default's feed-forward weights (2560 x 10240 and 10240 x 2560, bf16, `--pairs` pairs:
 629 MB at 6, more than any cache), x of 1 to 32 rows; each round times the three paths one after
@@ -40,6 +40,7 @@ def main() -> None:
     weights = [torch.randn(shape, generator=generator).bfloat16()
                for _ in range(args.pairs) for shape in ((10240, 2560), (2560, 10240))]
     packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]
+    tiles = [native.to_row_tiles(w) for w in weights]
 
     def median_ms(function) -> float:
         times = []
@@ -58,7 +59,7 @@ def main() -> None:
     for round_ in range(1, args.rounds + 1):
         for rows in args.rows:
             x = {k: torch.randn(rows, k, generator=generator).bfloat16() for k in (2560, 10240)}
-            kernel = median_ms(lambda: [native.bf16_rows(x[w.shape[1]], w) for w in weights])
+            kernel = median_ms(lambda: [native.bf16_rows(x[w.shape[1]], t, w.shape[0]) for w, t in zip(weights, tiles)])
             onednn = median_ms(lambda: [torch.ops.mkldnn._linear_pointwise(x[w.shape[1]], p, None, "none", [None], "")
                                         for w, p in zip(weights, packed)])
             plain = median_ms(lambda: [F.linear(x[w.shape[1]], w) for w in weights])

@@ -52,7 +52,7 @@ import common
 from andromeda import Config
 from andromeda.inference.generate import stream
 from andromeda.inference.huge_pages import back_with_huge_pages
-from andromeda.inference.bf16_linear import use_bf16_rows
+from andromeda.inference.bf16_linear import Bf16RowsLinear, use_bf16_rows
 from andromeda.inference.packed import PackedLinear, prepack
 from andromeda.inference.quantize import DEFAULT_GROUP_SIZE, quantize
 from andromeda.inference.quantized_linear import pack_for_decoding
@@ -147,10 +147,12 @@ def read_bandwidth(gib: float, device: torch.device, repeats: int = 5) -> float:
 
 def streamed_bytes(net: nn.Module) -> int:
     """Bytes a decode step reads: every parameter and buffer but the embedding tables (one row
-    each), with a PackedLinear's packed weight counted at its dense size."""
+    each), with a PackedLinear's packed weight and a Bf16RowsLinear's row tiles (attributes, not
+    buffers) counted at their dense size."""
     total = sum(t.numel() * t.element_size() for name, t in [*net.named_parameters(), *net.named_buffers()]
                 if not name.startswith(("token_emb.", "pos_emb.")))
-    return total + sum(m.in_features * m.out_features * 2 for m in net.modules() if isinstance(m, PackedLinear))
+    return total + sum(m.in_features * m.out_features * 2 for m in net.modules()
+                       if isinstance(m, (PackedLinear, Bf16RowsLinear)))
 
 
 def convert(net: nn.Module, scheme: str) -> nn.Module:

@@ -57,6 +57,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import bench_decode
 import common
+from andromeda.inference.bf16_linear import Bf16RowsLinear
 from andromeda.inference.packed import PackedLinear
 from andromeda.inference.quantized_linear import Int4Linear, Int8Linear
 from andromeda.model import attention as attention_module
@@ -74,11 +75,12 @@ STEP = "step"
 WEIGHTS = "weight products"
 WEIGHT_OPS = {"aten::linear", "aten::addmm", "aten::mm", "aten::matmul", "mkldnn::_linear_pointwise",
               "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int4pack_mm",
-              "andromeda::int8_rows", "andromeda::int4_rows"}  # the VNNI kernels (inference/native.py)
+              "andromeda::int8_rows", "andromeda::int4_rows",  # the VNNI kernels (inference/native.py)
+              "andromeda::bf16_rows"}  # the bf16 rows kernel
 # Innermost label wins: a Linear inside Attention is a weight product, the rest of Attention is
 # "attention".
 MODULE_LABELS: tuple[tuple[tuple[type, ...], str], ...] = (
-    ((nn.Linear, PackedLinear, Int8Linear, Int4Linear), WEIGHTS),
+    ((nn.Linear, PackedLinear, Bf16RowsLinear, Int8Linear, Int4Linear), WEIGHTS),
     ((nn.LayerNorm,), "norms"),
     ((nn.Embedding,), "embedding"),
     ((attention_module.Attention,), "attention"),

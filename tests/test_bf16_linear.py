@@ -31,8 +31,9 @@ def test_kernel_is_the_float32_product_of_bf16_rows(M, K, N, bias, dtype):
     x = torch.randn(M, K, generator=generator).to(dtype)
     weight = torch.randn(N, K, generator=generator).bfloat16()
     b = torch.randn(N, generator=generator) if bias else None
-    got = native.bf16_rows(x, weight, b)
-    expected = native.bf16_rows_reference(x, weight, b)
+    tiles = native.to_row_tiles(weight)
+    got = native.bf16_rows(x, tiles, N, b)
+    expected = native.bf16_rows_reference(x, tiles, N, b)
     assert got.dtype == expected.dtype == dtype and got.shape == (M, N)
     exact = F.linear(x.bfloat16().double(), weight.double(), None if b is None else b.double())
     if dtype == torch.float32:
@@ -42,20 +43,43 @@ def test_kernel_is_the_float32_product_of_bf16_rows(M, K, N, bias, dtype):
         assert ((got.double() - exact).abs() <= step).all()
 
 
+@pytest.mark.parametrize("N", [1, 4, 7, 41])
+def test_row_tiles_hold_the_plain_weight(N):
+    """Tiles of 4 rows, each 64-byte block of a tile its rows' blocks in turn, rows past N zeros; read
+    back whole or from any rows (int8's 64-value blocks and bf16's 32 alike)."""
+    for dtype, per_block, tile in ((torch.bfloat16, 32, 4), (torch.int8, 64, 8), (torch.int8, 64, 4)):
+        weight = torch.randint(-100, 100, (N, 3 * per_block)).to(dtype)
+        tiles = native.to_row_tiles(weight, tile=tile)
+        rows = native.tiled_rows(N, tile)
+        assert tiles.shape == (rows, 3 * per_block) and rows % tile == 0 and rows - N < tile and tiles.is_contiguous()
+        stream = tiles.view(-1, 3, tile, per_block)  # (tiles, blocks, rows, values)
+        padded = torch.cat([weight, weight.new_zeros(rows - N, 3 * per_block)])
+        for row in range(rows):  # row r's block b is tile r // tile's block b, at place r % tile
+            assert torch.equal(stream[row // tile, 2, row % tile], padded[row, 2 * per_block:])
+        assert torch.equal(native.from_row_tiles(tiles, 0, N, tile=tile), weight)
+        for start, end in ((0, 1), (N // 2, N), (max(N - 3, 0), N)):
+            assert torch.equal(native.from_row_tiles(tiles, start, end, tile=tile), weight[start:end])
+        assert not native.from_row_tiles(tiles, N, rows, tile=tile).any()
+    with pytest.raises(ValueError, match="64-byte blocks"):
+        native.to_row_tiles(torch.zeros(4, 48, dtype=torch.bfloat16))
+
+
 def test_the_ops_registrations_hold():
-    x, weight = torch.randn(3, 64).bfloat16(), torch.randn(40, 64).bfloat16()
-    torch.library.opcheck(torch.ops.andromeda.bf16_rows.default, (x, weight, None))
-    torch.library.opcheck(torch.ops.andromeda.bf16_rows.default, (x.float(), weight, torch.randn(40)))
+    x, tiles = torch.randn(3, 64).bfloat16(), native.to_row_tiles(torch.randn(40, 64).bfloat16())
+    torch.library.opcheck(torch.ops.andromeda.bf16_rows.default, (x, tiles, 40, None))
+    torch.library.opcheck(torch.ops.andromeda.bf16_rows.default, (x.float(), tiles, 39, torch.randn(39)))
 
 
 def test_bad_weights_are_refused_with_the_expected_form():
     x = torch.randn(2, 64).bfloat16()
-    with pytest.raises(ValueError, match="contiguous bf16"):
-        native.bf16_rows(x, torch.randn(8, 64), None)
+    with pytest.raises(ValueError, match="bf16 weight"):
+        native.bf16_rows(x, torch.randn(8, 64), 8, None)
+    with pytest.raises(ValueError, match="12 rows for 9 rows"):
+        native.bf16_rows(x, native.to_row_tiles(torch.randn(8, 64).bfloat16()), 9, None)
     with pytest.raises(RuntimeError, match="K=48"):
-        native.bf16_rows(x[:, :48], torch.randn(8, 48).bfloat16(), None)
+        native.bf16_rows(x[:, :48], torch.randn(8, 48).bfloat16(), 8, None)
     with pytest.raises(RuntimeError, match="x of shape"):
-        native.bf16_rows(x, torch.randn(8, 32).bfloat16(), None)
+        native.bf16_rows(x, torch.randn(8, 32).bfloat16(), 8, None)
 
 
 def layer(bias: bool, seed: int = 0) -> nn.Linear:
@@ -82,7 +106,7 @@ class Counting:
 def test_module_sends_decoding_rows_to_the_kernel_and_the_rest_to_f_linear(bias, monkeypatch):
     plain = layer(bias)
     rows = Bf16RowsLinear.from_linear(plain)
-    assert rows.weight is plain.weight
+    assert torch.equal(rows.dense_weight(), plain.weight) and rows.dense_weight().data_ptr() != plain.weight.data_ptr()
     counting = Counting(monkeypatch)
     with torch.no_grad():
         few = torch.randn(2, 3, 96).bfloat16()  # 6 rows: the kernel
@@ -91,15 +115,51 @@ def test_module_sends_decoding_rows_to_the_kernel_and_the_rest_to_f_linear(bias,
         many = torch.randn(DECODE_ROWS + 1, 96).bfloat16()  # a prefill: F.linear, bit for bit
         assert torch.equal(rows(many), plain(many))
         assert counting.calls == 1
-    x = torch.randn(2, 96).bfloat16().requires_grad_()  # gradients wanted: F.linear, gradients flow
+    x = torch.randn(2, 96).bfloat16().requires_grad_()  # gradients wanted by x: F.linear, they flow
     rows(x).sum().backward()
     expected = x.detach().requires_grad_()
     plain(expected).sum().backward()
     assert counting.calls == 1 and torch.equal(x.grad, expected.grad)
 
 
+def test_many_rows_go_a_slab_at_a_time_as_f_linear(monkeypatch):
+    """A prefill reads the weight back from its tiles a slab of ~4 MB at a time: F.linear's result."""
+    from andromeda.inference import quantized_linear
+
+    monkeypatch.setattr(quantized_linear, "DEQUANT_WEIGHTS", 64 * 96)  # slabs of 64 rows: 3 of them here
+    torch.manual_seed(3)
+    plain = nn.Linear(96, 150, dtype=torch.bfloat16)
+    rows = Bf16RowsLinear.from_linear(plain)
+    x = torch.randn(2, 20, 96).bfloat16()
+    with torch.no_grad():
+        torch.testing.assert_close(rows(x), plain(x), rtol=0, atol=0)
+        assert torch.equal(rows.float()(x.float()), plain.float()(x.float()))  # other dtypes: the same path
+
+
+def test_state_dict_copies_and_unpacking_give_the_plain_layer():
+    from andromeda.inference.packed import inference_only_modules, unpack
+
+    plain = layer(bias=True)
+    rows = Bf16RowsLinear.from_linear(plain)
+    state = rows.state_dict()
+    assert list(state) == ["weight", "bias"] and torch.equal(state["weight"], plain.weight)
+    other = Bf16RowsLinear.from_linear(layer(bias=True, seed=1))
+    other.load_state_dict(state)
+    assert torch.equal(other.dense_weight(), plain.weight)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        other.load_state_dict({"weight": torch.zeros(41, 96, dtype=torch.bfloat16), "bias": state["bias"]})
+    assert torch.equal(other.dense_weight(), plain.weight)  # a refused load changes nothing
+    assert torch.equal(copy.deepcopy(rows).dense_weight(), plain.weight)
+    net = nn.Sequential(rows)
+    assert inference_only_modules(net) == ["0"]
+    unpack(net, row_tiles=False)
+    assert net[0] is rows
+    unpack(net)
+    assert type(net[0]) is nn.Linear and torch.equal(net[0].weight, plain.weight) and torch.equal(net[0].bias, plain.bias)
+
+
 def test_a_model_decodes_through_the_kernel_as_the_plain_model_does(monkeypatch):
-    """Every Linear swapped, sharing its parameters: the state dict is the plain model's, copies
+    """Every Linear swapped, its weight in row tiles: the state dict is the plain model's, copies
     and pickles work, logits agree to bf16 rounding, greedy tokens are the plain model's, and the
     compiled decode step gives the eager one's tokens."""
     plain = random_net(dtype=torch.bfloat16).eval()
@@ -165,14 +225,11 @@ def test_a_pickled_model_runs_in_a_fresh_process_and_where_the_kernel_does_not(t
         assert not elsewhere._kernel and torch.equal(elsewhere(x), plain(x))
 
 
-def test_empty_input_and_trainable_bias_take_f_linear(monkeypatch):
+def test_empty_input_takes_f_linear(monkeypatch):
     plain = layer(bias=True)
     rows = Bf16RowsLinear.from_linear(plain)
-    assert native.bf16_rows(torch.empty(0, 96).bfloat16(), rows.weight).shape == (0, 40)  # the op takes none
+    assert native.bf16_rows(torch.empty(0, 96).bfloat16(), rows._tiles, 40).shape == (0, 40)  # the op takes none
     counting = Counting(monkeypatch)
     with torch.no_grad():
         assert rows(torch.empty(0, 96, dtype=torch.bfloat16)).shape == (0, 40)
-    rows.weight.requires_grad_(False)  # a frozen weight, a trainable bias: gradients wanted
-    x = torch.randn(2, 96).bfloat16()
-    rows(x).sum().backward()
-    assert counting.calls == 0 and rows.bias.grad is not None
+    assert counting.calls == 0

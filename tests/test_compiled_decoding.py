@@ -28,7 +28,8 @@ def kernel_inputs(scheme: str, dtype: torch.dtype = torch.float32, M: int = 3, K
     x, bias = torch.randn(M, K).to(dtype), torch.randn(N)
     if scheme == "int8":
         weight = torch.randint(-127, 128, (N, K), dtype=torch.int8)
-        return x, weight, torch.rand(N) / 100, native.int8_row_sums(weight), bias
+        return (x, native.to_row_tiles(weight, tile=native.INT8_TILE_ROWS), torch.rand(N) / 100,
+                native.int8_row_sums(weight), bias)
     codes, group = torch.randint(0, 16, (N, K)), 128
     weight, scale_zero = native.to_kernel_layout(codes, torch.rand(N, K // group) / 10, torch.randn(N, K // group) / 10)
     return x, weight, scale_zero, group, bias
@@ -113,11 +114,14 @@ def test_kernel_ops_are_cpp_where_they_build_and_equal_the_ctypes_calls(scheme):
     assert torch.equal(op(strided, *rest), direct(strided.contiguous(), *rest))
     with pytest.raises(RuntimeError, match=r"takes x of shape \(M, 256\)"):
         op(x[:, :128], *rest)
-    if scheme == "int4":  # the weight's rows are whole tiles for scale_zero's rows
-        weight, scale_zero, *more = rest
-        for call in (op, direct):
-            with pytest.raises(ValueError, match="takes a weight of"):
-                call(x, weight, scale_zero[:-4], *more)
+    # the weight's rows are whole tiles for the rows of the scales (int4: scale_zero; int8: scale, wsum)
+    weight, *more = rest
+    # (int8: 8 fewer rows, as its tiles are 8 rows)
+    shorter = [more[0][:-4], *more[1:]] if scheme == "int4" else [more[0][:-8], more[1][:-8], *more[2:]]
+    rows = 92 if scheme == "int4" else 88
+    for call in (op, direct):
+        with pytest.raises(ValueError, match=f"takes a contiguous weight of {rows} rows( of 128| of 256)? for {rows} rows"):
+            call(x, weight, *shorter)
 
 
 FALLBACK = """

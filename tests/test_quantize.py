@@ -160,19 +160,23 @@ def test_vnni_kernels_build_where_the_cpu_has_vnni():
 @needs_vnni
 def test_int8_vnni_kernel_agrees_with_its_pytorch_reference():
     """The C kernel against `int8_rows_reference` (the same arithmetic in PyTorch, float64 sums):
-    equal to float32 rounding, for 1..16 rows and a width that is not a multiple of its 4-row tiles."""
+    equal to float32 rounding, for 1..16 rows (in passes of 2, and a part pass) and a width that is
+    not a multiple of its 8-row tiles. The kernel reads the row tiles; a plain weight is refused."""
     torch.manual_seed(0)
     N, K = 203, 320
     weight = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    tiles, sums = native.to_row_tiles(weight, tile=native.INT8_TILE_ROWS), native.int8_row_sums(weight)
     scale = torch.rand(N) * 0.01
-    for rows in (1, 3, 16):
+    for rows in (1, 3, 6, 16):
         x = torch.randn(rows, K)
         x[0, :5] *= 40  # an outlier sets row 0's scale
-        y = native.int8_rows(x, weight, scale, native.int8_row_sums(weight))
+        y = native.int8_rows(x, tiles, scale, sums)
         ref = native.int8_rows_reference(x, weight, scale)
         assert torch.allclose(y, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
-    zero = native.int8_rows(torch.zeros(2, K), weight, scale, native.int8_row_sums(weight))
+    zero = native.int8_rows(torch.zeros(2, K), tiles, scale, sums)
     assert torch.equal(zero, torch.zeros(2, N))  # all-zero rows: scale 1, codes 0
+    with pytest.raises(ValueError, match="208 rows( of 320)? for 203 rows"):
+        native.int8_rows(torch.zeros(2, K), weight, scale, sums)
 
 
 @needs_vnni

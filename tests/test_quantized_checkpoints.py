@@ -123,7 +123,7 @@ def test_quantized_weights_refuse_training_parallelism_and_other_requests(int8, 
                      "--max-steps", "1", "--no-progress"]) == 1
     assert "holds int8-quantized weights, made for inference: they cannot be used for --init-from" in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoints").exists()
-    with pytest.raises(ValueError, match="quantized or prepacked weights cannot be trained or parallelized"):
+    with pytest.raises(ValueError, match="quantized, prepacked or row-tiled weights cannot be trained or parallelized"):
         parallelize(load_transformer(int8), "ddp", DistEnv())
     with pytest.raises(ValueError, match="already int8-quantized; drop --quantize"):
         load_transformer(int8, quantize="int4", group_size=32)

@@ -191,8 +191,8 @@ def load_for_inference(source: str | Path | ModelSource, *, device: torch.device
     `inference_dtype` chooses, quantized as it loads if asked, in eval mode, with bf16 weights on
     a CPU read by the bf16 rows kernel where it runs, else prepacked for oneDNN
     (`inference.bf16_linear.prepare_bf16`: the same products to float32 rounding, up to 3x faster
-    per decode step than F.linear), and for `decoding` int8 weights also packed for fbgemm's one-row product
-    (`inference.quantized_linear.pack_for_decoding`: about twice as fast a decode step); CPU
+    per decode step than F.linear), and for `decoding` int8 and int4 weights laid out for the VNNI
+    kernels' few-row products (`inference.quantized_linear.pack_for_decoding`); CPU
     weights in 2 MiB pages where Linux has them (`inference.huge_pages`)."""
     source = open_model_source(source, verify=verify)
     chosen = inference_dtype(source, dtype, device, quantize=quantize, decoding=decoding)

@@ -126,7 +126,9 @@ def run(args: argparse.Namespace) -> int:
     if args.compile:  # before the first compile, which takes a while
         from ..inference.packed import unpack
 
-        unpack(net)  # plain Linears: Inductor cannot lower prepacked ones (quantized ones are refused)
+        # plain Linears: Inductor cannot lower prepacked ones (row-tiled ones compile; quantized ones
+        # without their kernels are refused)
+        unpack(net, row_tiles=False)
         logger.info(COMPILING)
     for i in range(args.num_samples):
         seed = args.seed + i

@@ -1,4 +1,4 @@
-"""bf16 Linears whose decoding products read the weight as stored, by `native.bf16_rows`.
+"""bf16 Linears whose decoding products read the weight in row tiles, by `native.bf16_rows`.
 
 Shape letters: M rows of activations (batch x positions), K input features, N output features.
 
@@ -6,17 +6,25 @@ A decode step reads every weight once, so its speed is the memory bandwidth's. o
 product for one row reaches it only with the weight packed in its blocked layout
 (`inference.packed`), and a packed weight is an opaque tensor Inductor cannot lower: a prepacked
 model decodes eagerly, paying Python and dispatch between its ~130 products a token. The kernel
-(`kernels/bf16_rows.c`, AVX-512 BF16) streams the plain (N, K) weight, eight rows side by side,
-one vdpbf16ps per 32 weights, float32 sums: the same products to float32 rounding, at the
-bandwidth, from the weight nn.Linear holds -- so a model keeps its ordinary parameters (state
-dict, copies, `.to()` as nn.Linear's) and its decode step compiles (`generate --compile`), the op
-traced as one node.
+(`kernels/bf16_rows.c`, AVX-512 BF16) streams the weight in the row-tile layout
+(`native.to_row_tiles`: 4 rows a tile, their 64-byte blocks interleaved, so a tile is one stream
+the hardware prefetchers follow), one vdpbf16ps per 32 weights, float32 sums: the same products to
+float32 rounding, at the bandwidth, from an ordinary tensor -- so its decode step compiles
+(`generate --compile`), the op traced as one node. On an AMD EPYC (Zen 4, 2 threads) row tiles
+read at the machine's float32-sum probe where plain rows read side by side (this kernel's earlier
+form, which read nn.Linear's own weight) reached 75-85% of it.
 
-`Bf16RowsLinear` is an nn.Linear whose forward sends up to DECODE_ROWS rows of a CPU product
-without gradient to the op and the rest (a prefill, a training step, another device) to F.linear.
+`Bf16RowsLinear` computes F.linear(x, W, bias) with W held only in row tiles: up to DECODE_ROWS
+rows of a CPU product without gradient go to the op, more rows (a prefill) to F.linear a slab of W
+at a time, each slab read back from the tiles (a copy of 4 MB), and other devices or dtypes, or x
+wanting gradients, take the same path.
+Like a prepacked layer it is for inference (its weight does not train; `inference_only_modules`
+names it) and the checkpoint is unchanged: `state_dict()` gives the plain bf16 `weight` and
+`bias`, `load_state_dict` tiles what it loads, copies and pickles carry the tiles.
 `prepare_bf16(model)` swaps a model's plain bf16 CPU Linears for it where the kernel runs (a CPU
 with AVX-512 BF16 and the ops library built, `native.bf16_rows_kernel`), else prepacks them for
-oneDNN (`packed.prepack_if_supported`): what `checkpoint.load_for_inference` does.
+oneDNN (`packed.prepack_if_supported`): what `checkpoint.load_for_inference` does; `to_linear`
+and `packed.unpack` give nn.Linears back.
 """
 
 from __future__ import annotations
@@ -27,48 +35,96 @@ from torch import Tensor, nn
 
 from ..model.fused import is_plain_linear
 from . import native
-from .packed import DTYPE, _replace, prepack_if_supported
+from .quantized_linear import _slab_matmul
 
+DTYPE = torch.bfloat16
 # Rows up to which the kernel computes a product: decoding, a batch of decoding rows, a speculative
-# verify step. It re-reads each 8-row tile of the weight from cache once per 2 activation rows, so
-# its time grows with the rows, where oneDNN's (the weight reordered once a call) barely does.
+# verify step. It re-reads each tile of the weight from cache once per 4 activation rows, so its
+# time grows with the rows, where oneDNN's (the weight reordered once a call) barely does.
 DECODE_ROWS = 16
-K_MULTIPLE = 32  # the kernel's 64-byte vectors of 32 bf16 weights
+K_MULTIPLE = 32  # the kernel's 64-byte vectors of 32 bf16 weights: the tiles' blocks, whatever their dtype
 
 
-class Bf16RowsLinear(nn.Linear):
-    """nn.Linear (bf16 weight) whose few-row products without gradient on the CPU go through the
-    bf16 rows kernel (module docstring); everything else is nn.Linear's own forward."""
+class Bf16RowsLinear(nn.Module):
+    """F.linear(x, W, bias) for x (..., K) -> (..., N), with the bf16 weight W kept in the row-tile
+    layout (module docstring). Built from an nn.Linear by `from_linear`, or by `use_bf16_rows`."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, tiles: Tensor, out_features: int, bias: Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = tiles.shape[1], out_features
+        self._tiles = tiles  # a plain attribute: the state dict holds the plain weight instead
+        self.register_buffer("bias", bias)
         # Whether the kernel runs in this process (`native.bf16_rows_kernel`), set where the module
         # is made or unpickled: a model prepared on one machine and loaded on another takes F.linear.
         self._kernel = native.bf16_rows_kernel()
 
-    def forward(self, x: Tensor) -> Tensor:
-        if (self._kernel and x.device.type == "cpu" and 0 < x.numel() <= DECODE_ROWS * self.in_features
-                and self.weight.dtype == DTYPE and not (torch.is_grad_enabled() and self._wants_gradients(x))):
-            bias = None if self.bias is None else self.bias.float()
-            y = native.bf16_rows(x.reshape(-1, self.in_features), self.weight, bias)
-            y = y.view(*x.shape[:-1], self.out_features)
-            return y if y.dtype == x.dtype else y.to(x.dtype)
-        return F.linear(x, self.weight, self.bias)
-
-    def _wants_gradients(self, x: Tensor) -> bool:
-        return x.requires_grad or self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
-
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Bf16RowsLinear:
-        """The same layer, sharing `linear`'s weight and bias (and its training flag)."""
-        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-        module.weight, module.bias = linear.weight, linear.bias
-        module.train(linear.training)
-        return module
+        """The same layer with its weight in row tiles (a copy) and its bias shared."""
+        if not kernel_takes(linear):
+            raise ValueError(f"the bf16 rows kernel takes a plain nn.Linear with a contiguous bf16 CPU weight of "
+                             f"rows of whole {K_MULTIPLE}-weight vectors (and a bf16 bias), not {linear}")
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(native.to_row_tiles(linear.weight.detach(), K_MULTIPLE), linear.out_features, bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tiles = self._tiles
+        if (self._kernel and x.device.type == tiles.device.type == "cpu" and tiles.dtype == DTYPE
+                and 0 < x.numel() <= DECODE_ROWS * self.in_features
+                and not (torch.is_grad_enabled() and x.requires_grad)):  # the op has no backward
+            bias = None if self.bias is None else self.bias.float()
+            y = native.bf16_rows(x.reshape(-1, self.in_features), tiles, self.out_features, bias)
+            y = y.view(*x.shape[:-1], self.out_features)
+            return y if y.dtype == x.dtype else y.to(x.dtype)
+        x2 = x.reshape(-1, self.in_features)
+        y = _slab_matmul(x2, self.out_features, self._slab, self.bias)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _slab(self, start: int, end: int, dtype: torch.dtype) -> tuple[Tensor, None]:
+        return native.from_row_tiles(self._tiles, start, end, K_MULTIPLE).to(dtype), None
+
+    def dense_weight(self) -> Tensor:
+        """The (N, K) weight in the plain layout, in a fresh tensor."""
+        return native.from_row_tiles(self._tiles, 0, self.out_features, K_MULTIPLE)
+
+    def to_linear(self) -> nn.Linear:
+        """An nn.Linear with this module's weight and bias."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(self.dense_weight())
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.clone())
+        return linear
+
+    def _apply(self, fn, recurse: bool = True):
+        self._tiles = fn(self._tiles)  # moves and conversions apply to the tiles as to a buffer
+        return super()._apply(fn, recurse)
+
+    # The state dict holds the plain weight, as nn.Linear's does (see the module docstring).
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        destination[prefix + "weight"] = self.dense_weight()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        # nn.Module loads the weight into a plain stand-in (its checks, messages, casting and
+        # `assign` semantics), then the stand-in is tiled and dropped.
+        errors = len(error_msgs)
+        self.register_buffer("weight", torch.empty(self.out_features, self.in_features, dtype=self._tiles.dtype,
+                                                   device=self._tiles.device))
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+        finally:
+            plain = self._buffers.pop("weight")
+        if prefix + "weight" in state_dict and len(error_msgs) == errors:
+            self._tiles = native.to_row_tiles(plain.contiguous(), K_MULTIPLE)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._kernel = native.bf16_rows_kernel()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 def kernel_takes(linear: nn.Module) -> bool:
@@ -83,7 +139,11 @@ def kernel_takes(linear: nn.Module) -> bool:
 
 def use_bf16_rows(module: nn.Module) -> int:
     """Swap every plain nn.Linear in `module` the kernel takes (`kernel_takes`) for a
-    Bf16RowsLinear sharing its parameters, in place, where the kernel runs here; returns how many."""
+    Bf16RowsLinear with its weight in row tiles, in place, one layer at a time (each plain weight is
+    freed once its layer is swapped, if nothing else holds it), where the kernel runs here; returns
+    how many."""
+    from .packed import _replace
+
     if not native.bf16_rows_kernel():
         return 0
     names = [name for name, child in module.named_modules() if kernel_takes(child)]
@@ -95,5 +155,7 @@ def use_bf16_rows(module: nn.Module) -> int:
 def prepare_bf16(module: nn.Module) -> nn.Module:
     """`module`'s bf16 CPU Linears made ready to decode, in place: read by the rows kernel where it
     runs (`use_bf16_rows`), else prepacked for oneDNN where that applies; returns `module`."""
+    from .packed import prepack_if_supported
+
     use_bf16_rows(module)
     return prepack_if_supported(module)

@@ -11,12 +11,12 @@ the whole batch. So the project has one hand-written file, `kernels/vnni.c`, for
 
 - each activation row is quantized to int8 with one scale a = max|x| / 127 (round half to even),
   so a row's result never depends on the others in its batch;
-- int8 (`int8_rows`): the weight in its plain (N, K) layout, one scale per row; VNNI multiplies
-  unsigned by signed bytes, so the activations go in shifted by 128 and each row's weight sum
-  (`wsum`, computed once) takes the shift back out:
+- int8 (`int8_rows`): the weight in the row-tile layout (`to_row_tiles`), one scale per row; VNNI
+  multiplies unsigned by signed bytes, so the activations go in shifted by 128 and each row's
+  weight sum (`wsum`, computed once) takes the shift back out:
   y[m, n] = a[m] * scale[n] * (sum_k (xq[m, k] + 128) W[n, k] - 128 * wsum[n]);
 - int4 (`int4_rows`): 4-bit codes q (a code's value is (q - 8) * scale + zero per group) in
-  blocks of 128 inputs, in tiles of 4 rows whose blocks interleave (`to_kernel_layout`); per
+  blocks of 128 inputs (64 bytes), in row tiles (`to_kernel_layout`); per
   group the integer dot products of the centred codes with the activations (VNNI: codes
   unsigned, activations signed, less 8 times the sum of the activation codes) are scaled by the
   group's scale, and its zero multiplies the exact float sum of the group's activations (X):
@@ -24,6 +24,12 @@ the whole batch. So the project has one hand-written file, `kernels/vnni.c`, for
   Centring the codes keeps the activations' rounding error times q - 8 (about +-4), not q (7.5
   on average): on a tiny random model it cut the logits' error from 4.3% to 1.6% RMS. Scales
   and zeros are read in float32 or, a bf16 model's own, in bfloat16 (exact; 6% fewer bytes a row).
+
+The row-tile layout (`to_row_tiles`, also the bf16 kernel's): rows in tiles (of 4, 8 for int8), rows
+past N zeros, a tile's 64-byte blocks in input order, each block as its rows' 64 bytes one after
+another, so a kernel reads each tile as one stream front to back. On an AMD EPYC (Zen 4, 2
+threads) that reads at the machine's float32-sum probe, where 8-16 plain rows read side by side
+(one stream each) reached 75-85% of it in its fast minutes.
 
 Both read x and write y in bf16 or float32 (bf16 rows are exact in float32; the result, plus an
 optional float32 bias, is rounded to bf16 as torch rounds): a decode step's product is one call,
@@ -100,7 +106,9 @@ BF16_FLAGS = ("-mavx512bf16",)
 AMX_FLAGS = ("-mavx512bf16", "-mamx-tile", "-mamx-bf16")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 BLOCK = 128  # weights per 64-byte block of the kernel's layout; groups are whole blocks
-TILE_ROWS = 4  # rows per tile of the int4 layout (vnni.c's ROWS): a tile's blocks interleave
+TILE_ROWS = 4  # rows per tile of the row-tile layout of int4 and bf16 (vnni.c's and bf16_rows.c's ROWS)
+INT8_TILE_ROWS = 8  # of int8 (vnni.c's INT8_ROWS)
+TILE_BLOCK_BYTES = 64  # a tile's blocks: one vector load of each row
 ACTIVATION_STEPS = 127
 
 
@@ -191,8 +199,8 @@ def cpu_flags() -> frozenset[str] | None:
 
 def int8_rows(x: Tensor, weight: Tensor, scale: Tensor, wsum: Tensor, bias: Tensor | None = None) -> Tensor:
     """x (M, K) @ W.T + bias as (M, N) in x's dtype (bf16 or float32; others as float32) with the
-    kernel: `weight` (N, K) int8 contiguous, `scale` (N,) float32, `wsum` (N,) int32
-    (`int8_row_sums`), `bias` (N,) float32 or None."""
+    kernel: `weight` the int8 (N, K) weight in row tiles of INT8_TILE_ROWS (`to_row_tiles`), `scale` (N,)
+    float32, `wsum` (N,) int32 (`int8_row_sums` of the plain weight), `bias` (N,) float32 or None."""
     if torch.compiler.is_compiling():  # the op: traced as a node of the graph
         return torch.ops.andromeda.int8_rows(_rows(x), weight, scale, wsum, bias)
     if kernels().cpp_ops:  # the dispatcher to C++: fewer microseconds than ctypes, profiled as the op
@@ -220,9 +228,11 @@ def int4_rows(x: Tensor, weight: Tensor, scale_zero: Tensor, group_size: int, bi
 def _int8_rows(x: Tensor, weight: Tensor, scale: Tensor, wsum: Tensor, bias: Tensor | None) -> Tensor:
     x = _rows(x)
     M, K = x.shape
-    y = x.new_empty(M, weight.shape[0])
+    N = scale.shape[0]
+    _check_tiles(weight, N, K, "int8", tile=INT8_TILE_ROWS)
+    y = x.new_empty(M, N)
     args = (x.data_ptr(), M, K, x.dtype == torch.bfloat16, weight.data_ptr(), scale.data_ptr(), wsum.data_ptr(),
-            weight.shape[0], _pointer(bias), y.data_ptr())
+            N, _pointer(bias), y.data_ptr())
     _check(kernels().int8_rows(*args), "int8", M, K)
     return y
 
@@ -234,13 +244,18 @@ def _int4_rows(x: Tensor, weight: Tensor, scale_zero: Tensor, group_size: int, b
     y = x.new_empty(M, N)
     if scale_zero.dtype not in (torch.float32, torch.bfloat16):
         raise TypeError(f"the int4 kernel's scales and zeros must be float32 or bfloat16, not {scale_zero.dtype}")
-    if weight.shape != (tiled_rows(N), K // 2):
-        raise ValueError(f"the int4 kernel takes a weight of shape {(tiled_rows(N), K // 2)} for {N} rows of "
-                         f"{K} inputs (to_kernel_layout), not {tuple(weight.shape)}")
+    _check_tiles(weight, N, K // 2, "int4", "to_kernel_layout")
     args = (x.data_ptr(), M, K, x.dtype == torch.bfloat16, weight.data_ptr(), scale_zero.data_ptr(),
             scale_zero.dtype == torch.bfloat16, N, group_size, _pointer(bias), y.data_ptr())
     _check(kernels().int4_rows(*args), f"int4 (group {group_size})", M, K)
     return y
+
+
+def _check_tiles(weight: Tensor, N: int, width: int, kind: str, made_by: str = "to_row_tiles",
+                 tile: int = TILE_ROWS) -> None:
+    if weight.shape != (tiled_rows(N, tile), width) or not weight.is_contiguous():
+        raise ValueError(f"the {kind} kernel takes a contiguous weight of {tiled_rows(N, tile)} rows of {width} for "
+                         f"{N} rows ({made_by}), not {list(weight.shape)}")
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -262,12 +277,12 @@ _LIBRARY = torch.library.Library("andromeda", "DEF")
 _LIBRARY.define("int8_rows(Tensor x, Tensor weight, Tensor scale, Tensor wsum, Tensor? bias) -> Tensor")
 _LIBRARY.define("int4_rows(Tensor x, Tensor weight, Tensor scale_zero, int group_size, Tensor? bias) -> Tensor")
 _LIBRARY.define("decode_sdpa(Tensor q, Tensor k, Tensor v, Tensor mask, float scale, int limit) -> Tensor")
-_LIBRARY.define("bf16_rows(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+_LIBRARY.define("bf16_rows(Tensor x, Tensor weight, int n, Tensor? bias) -> Tensor")
 
 
 @torch.library.register_fake("andromeda::int8_rows", lib=_LIBRARY)
 def _int8_rows_shape(x: Tensor, weight: Tensor, scale: Tensor, wsum: Tensor, bias: Tensor | None) -> Tensor:
-    return x.new_empty(x.shape[0], weight.shape[0])
+    return x.new_empty(x.shape[0], scale.shape[0])
 
 
 @torch.library.register_fake("andromeda::int4_rows", lib=_LIBRARY)
@@ -276,8 +291,8 @@ def _int4_rows_shape(x: Tensor, weight: Tensor, scale_zero: Tensor, group_size: 
 
 
 @torch.library.register_fake("andromeda::bf16_rows", lib=_LIBRARY)
-def _bf16_rows_shape(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return x.new_empty(x.shape[0], weight.shape[0], dtype=x.dtype if x.dtype == torch.bfloat16 else torch.float32)
+def _bf16_rows_shape(x: Tensor, weight: Tensor, n: int, bias: Tensor | None) -> Tensor:
+    return x.new_empty(x.shape[0], n, dtype=x.dtype if x.dtype == torch.bfloat16 else torch.float32)
 
 
 @torch.library.register_fake("andromeda::decode_sdpa", lib=_LIBRARY)
@@ -325,18 +340,19 @@ def bf16_rows_kernel() -> bool:
     return bool(ctypes.CDLL(str(build_ops_library())).andromeda_bf16_rows_built())
 
 
-def bf16_rows(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x (M, K) @ W.T + bias for a bf16 weight W (N, K) as stored (K a multiple of 32), by the op:
-    (M, N) in x's dtype for bf16 or float32 x (others as float32); x rounded to bf16, float32 sums,
-    `bias` (N,) float32 or None (`bf16_rows_reference`). Where the kernel does not run, the op is
-    that reference (registered for every backend at import; ops.cpp's CPU kernel, once `kernels()`
-    has loaded it, takes precedence)."""
-    return torch.ops.andromeda.bf16_rows(_rows(x), weight, bias)
+def bf16_rows(x: Tensor, tiles: Tensor, n: int, bias: Tensor | None = None) -> Tensor:
+    """x (M, K) @ W.T + bias for a bf16 weight W (n, K) in the row-tile layout (`to_row_tiles`; K a
+    multiple of 32), by the op: (M, n) in x's dtype for bf16 or float32 x (others as float32); x
+    rounded to bf16, float32 sums, `bias` (n,) float32 or None (`bf16_rows_reference`). Where the
+    kernel does not run, the op is that reference (registered for every backend at import;
+    ops.cpp's CPU kernel, once `kernels()` has loaded it, takes precedence)."""
+    return torch.ops.andromeda.bf16_rows(_rows(x), tiles, n, bias)
 
 
-def bf16_rows_reference(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def bf16_rows_reference(x: Tensor, tiles: Tensor, n: int, bias: Tensor | None) -> Tensor:
     """The bf16 kernel's result in PyTorch: x rounded to bf16, the product and bias in float32, in
     x's dtype (bf16) or float32."""
+    weight = from_row_tiles(tiles, 0, n)
     y = F.linear(x.to(torch.bfloat16).float(), weight.float(), None if bias is None else bias.float())
     return y.to(torch.bfloat16) if x.dtype == torch.bfloat16 else y
 
@@ -375,44 +391,69 @@ def _quantized_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def int8_rows_reference(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
-    """What `int8_rows` computes, in PyTorch (float64 sums: the integer part is exact)."""
+    """What `int8_rows` computes, in PyTorch (float64 sums: the integer part is exact), for the
+    plain (N, K) weight."""
     xq, a = _quantized_rows(x)
     dots = xq.double() @ weight.double().T  # (M, N)
     return (a.double() * scale.double() * dots).float()
 
 
-def tiled_rows(rows: int) -> int:
-    """Rows of the int4 layout for `rows` rows: whole tiles of TILE_ROWS."""
-    return -(-rows // TILE_ROWS) * TILE_ROWS
+def tiled_rows(rows: int, tile: int = TILE_ROWS) -> int:
+    """Rows of the row-tile layout for `rows` rows: whole tiles of `tile` rows."""
+    return -(-rows // tile) * tile
+
+
+def to_row_tiles(weight: Tensor, per_block: int | None = None, tile: int = TILE_ROWS) -> Tensor:
+    """A (N, W) weight (rows of whole 64-byte blocks) in the row-tile layout, as a new contiguous
+    (`tiled_rows(N, tile)`, W) tensor of its dtype: rows in tiles of `tile` rows (the rows past N
+    zeros), a tile's blocks in input order, each as its rows' 64 bytes one after another.
+    `per_block`: values a block, where not 64 bytes' worth of the dtype (tiles converted to another
+    dtype keep theirs)."""
+    N, width = weight.shape
+    per_block = per_block or TILE_BLOCK_BYTES // weight.element_size()
+    if width % per_block:
+        raise ValueError(f"row tiles take rows of whole {TILE_BLOCK_BYTES}-byte blocks ({per_block} "
+                         f"{weight.dtype} values), not {width}")
+    padded = weight.contiguous()
+    if N % tile:
+        padded = weight.new_zeros(tiled_rows(N, tile), width)
+        padded[:N] = weight
+    tiles = padded.view(-1, tile, width // per_block, per_block).transpose(1, 2)  # (tiles, blocks, rows, 64 B)
+    return tiles.reshape(-1, width)  # a copy: the blocks interleave
+
+
+def from_row_tiles(tiles: Tensor, start: int, end: int, per_block: int | None = None, tile: int = TILE_ROWS) -> Tensor:
+    """Rows start:end (end - start, W) of a weight from its row tiles (`to_row_tiles`, with the same
+    `per_block` and `tile`), reading only the tiles those rows lie in."""
+    width = tiles.shape[1]
+    per_block = per_block or TILE_BLOCK_BYTES // tiles.element_size()
+    first, last = start // tile, -(-end // tile)
+    blocks = tiles[first * tile : last * tile].view(last - first, width // per_block, tile, per_block)
+    rows = blocks.transpose(1, 2).reshape((last - first) * tile, width)  # a copy: the blocks interleave
+    offset = start - first * tile
+    return rows[offset : offset + end - start]
 
 
 def to_kernel_layout(codes: Tensor, scales: Tensor, zeros: Tensor) -> tuple[Tensor, Tensor]:
     """(codes (N, K) in 0..15, scales (N, G), zeros (N, G)) -> the kernel's (weight (N', K // 2)
     uint8 with N' = `tiled_rows(N)`, scale_zero (N, 2, G): each row's scales, then its zeros). In
-    each block of 128 inputs of a row, byte j holds input j in its low nibble and input 64 + j in
-    its high one; rows go in tiles of TILE_ROWS (rows past N are zeros), and a tile holds its
-    blocks in input order, each as its rows' 64 bytes one after another (the kernel reads a tile
-    as one stream). Scales and zeros stay bfloat16 when both are (a bf16 model's: the kernel reads
-    them exactly, and a step reads 6% fewer bytes than in float32), else become float32."""
+    each block of 128 inputs of a row (64 bytes), byte j holds input j in its low nibble and input
+    64 + j in its high one; the rows' bytes are in the row-tile layout (`to_row_tiles`: the kernel
+    reads a tile as one stream). Scales and zeros stay bfloat16 when both are (a bf16 model's: the
+    kernel reads them exactly, and a step reads 6% fewer bytes than in float32), else become float32."""
     N, K = codes.shape
-    padded = torch.zeros(tiled_rows(N), K, dtype=torch.uint8)
-    padded[:N] = codes
-    blocks = padded.view(-1, K // BLOCK, 2, BLOCK // 2)
-    rows = blocks[:, :, 0] | (blocks[:, :, 1] << 4)  # (N', K // 128, 64): each row's blocks
-    tiles = rows.view(-1, TILE_ROWS, K // BLOCK, BLOCK // 2).transpose(1, 2)  # (tiles, blocks, rows, 64)
+    blocks = codes.to(torch.uint8).view(N, K // BLOCK, 2, BLOCK // 2)
+    rows = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).view(N, K // 2)  # each row's blocks of 64 bytes
     dtype = torch.bfloat16 if scales.dtype == zeros.dtype == torch.bfloat16 else torch.float32
-    return tiles.reshape(-1, K // 2).contiguous(), torch.stack([scales.to(dtype), zeros.to(dtype)], dim=1).contiguous()
+    return to_row_tiles(rows), torch.stack([scales.to(dtype), zeros.to(dtype)], dim=1).contiguous()
 
 
 def from_kernel_layout(weight: Tensor, start: int, end: int) -> Tensor:
     """Codes (end - start, K) of rows start:end from the kernel's bytes (`to_kernel_layout`'s
     weight): the inverse of its first half, reading only the tiles those rows lie in."""
-    first, last = start // TILE_ROWS, -(-end // TILE_ROWS)
-    tiles = weight[first * TILE_ROWS : last * TILE_ROWS].view(last - first, -1, TILE_ROWS, BLOCK // 2)
-    blocks = tiles.transpose(1, 2)  # (tiles, rows, blocks, 64)
-    codes = torch.stack([blocks & 0xF, blocks >> 4], dim=3)  # (tiles, rows, blocks, 2, 64)
-    offset = start - first * TILE_ROWS
-    return codes.reshape((last - first) * TILE_ROWS, -1)[offset : offset + end - start]
+    rows = from_row_tiles(weight, start, end)  # (n, K // 2)
+    blocks = rows.view(end - start, -1, BLOCK // 2)
+    return torch.stack([blocks & 0xF, blocks >> 4], dim=2).reshape(end - start, -1)
 
 
 def int4_rows_reference(x: Tensor, weight: Tensor, scale_zero: Tensor, group_size: int) -> Tensor:

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ..model.fused import is_plain_linear
+from .bf16_linear import Bf16RowsLinear
 from .quantize import QuantizedLinear
 from .quantized_linear import compile_refusal
 
@@ -149,11 +150,11 @@ class PackedLinear(nn.Module):
 
 
 # Modules that compute a Linear's forward but cannot be trained: training code can refuse them.
-INFERENCE_ONLY = (PackedLinear, *QuantizedLinear)
+INFERENCE_ONLY = (PackedLinear, Bf16RowsLinear, *QuantizedLinear)
 
 
 def inference_only_modules(net: nn.Module) -> list[str]:
-    """Names of the modules in `net` that cannot train (prepacked or quantized Linears)."""
+    """Names of the modules in `net` that cannot train (prepacked, row-tiled or quantized Linears)."""
     return [name for name, module in net.named_modules() if isinstance(module, INFERENCE_ONLY)]
 
 
@@ -164,6 +165,8 @@ def check_compilable(net: nn.Module, rows: int = 1) -> None:
     ATen's int8/int4 paths do not trace)."""
     for name in inference_only_modules(net):
         layer = net.get_submodule(name)
+        if isinstance(layer, Bf16RowsLinear):  # its op traces
+            continue
         if isinstance(layer, PackedLinear):
             raise ValueError(f"compile=True cannot compile prepacked bf16 layers ({name}): call "
                              f"andromeda.inference.packed.unpack(model) first (on CPU, eager prepacked decoding is "
@@ -204,12 +207,15 @@ def prepack_if_supported(module: nn.Module) -> nn.Module:
     return prepack(module) if can_prepack(module) else module
 
 
-def unpack(module: nn.Module) -> nn.Module:
-    """Replace every PackedLinear inside `module` by an nn.Linear with its weight, in place, and
-    return `module`: for training or moving the model to another device or dtype."""
-    names = [name for name, child in module.named_modules() if isinstance(child, PackedLinear)]
+def unpack(module: nn.Module, *, row_tiles: bool = True) -> nn.Module:
+    """Replace every PackedLinear and (with `row_tiles`) Bf16RowsLinear inside `module` by an
+    nn.Linear with its weight, in place, and return `module`: for training or moving the model to
+    another device or dtype. `row_tiles=False` keeps the row-tiled layers: for torch.compile, which
+    takes them and not prepacked ones."""
+    kinds = (PackedLinear, Bf16RowsLinear) if row_tiles else PackedLinear
+    names = [name for name, child in module.named_modules() if isinstance(child, kinds)]
     for name in names:
-        _replace(module, name, lambda packed: packed.to_linear())
+        _replace(module, name, lambda layer: layer.to_linear())
     return module
 
 

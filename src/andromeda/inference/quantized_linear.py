@@ -7,9 +7,10 @@ G = K // group_size groups per output row.
   Kernel: `torch._weight_int8pack_mm` (ATen, AVX-512/AVX2), which streams the int8 weight and
   converts every weight to fp32 in registers: compute-bound at about half the memory bandwidth.
   Once `pack_for_decoding` has run (`load_for_inference` does it for decoding), a few rows go
-  through `native`'s AVX-512 VNNI kernel instead, which reads the same int8 weight: activations
-  quantized per row to 8 bits (as llama.cpp's Q8_0 does, in blocks of 32), integer dot products,
-  at about the memory bandwidth; packing only sums each row's codes.
+  through `native`'s AVX-512 VNNI kernel instead, with the weight laid out for it in row tiles
+  (`native.to_row_tiles`, in place of the plain layout; more rows read slabs back from it):
+  activations quantized per row to 8 bits (as llama.cpp's Q8_0 does, in blocks of 32), integer
+  dot products, at about the memory bandwidth.
 - int4: asymmetric, one scale and zero per group of `group_size` inputs of a row:
   w[n, k] = (q[n, k] - 8) * scales[n, k // g] + zeros[n, k // g], q in [0, 15] -- the
   convention of ATen's "tinygemm" kernels. Kernel: `torch._weight_int4pack_mm_for_cpu` on the
@@ -108,45 +109,70 @@ class Int8Linear(nn.Module):
         x2 = _rows(x, self.scales.dtype)  # (M, K)
         if x2.device.type != "cpu":  # untested: dequantize, then the device's matmul
             y = F.linear(x2, self.dequantized().to(x2.dtype))
-        elif x2.shape[0] <= INT8_KERNEL_ROWS and self.in_features % INT8_KERNEL_K_MULTIPLE == 0:
+        elif (self._decode_weight is None and x2.shape[0] <= INT8_KERNEL_ROWS
+              and self.in_features % INT8_KERNEL_K_MULTIPLE == 0):
             y = torch._weight_int8pack_mm(x2, self.weight, self.scales)  # (M, N)
         else:
             return _finish(_slab_matmul(x2, self.out_features, self._slab, self.bias), None, x)
         return _finish(y, self.bias, x)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._unpack()  # the state dict's weight is plain: load it into a plain buffer
         super()._load_from_state_dict(*args, **kwargs)
         # Assigned tensors may be mapped from a file at any offset; the kernel needs alignment.
         self.weight, self.scales = _aligned(self.weight), _aligned(self.scales)
-        self._decode_weight = None  # derived from the old weight: prepare again if wanted
 
-    _decode_weight = None  # (float32 scales, int32 row sums, float32 bias) for `native.int8_rows`, or None
+    # (float32 scales, int32 row sums, float32 bias) for `native.int8_rows` once `pack_for_decoding`
+    # has laid `weight` out in row tiles for it, else None (`weight` plain).
+    _decode_weight = None
 
     def pack_for_decoding(self) -> bool:
-        """Prepare the VNNI kernel's few-row products (`native`), where it runs here and takes
-        this width; returns whether it did. It reads `weight` as it is; this keeps only the
-        row scales in float32 and each row's code sum (N numbers each). Not in the state dict;
-        dropped when a state dict is loaded or the module moves."""
+        """Lay the weight out in row tiles for the VNNI kernel's few-row products (`native`) in place
+        of the plain layout, where the kernel runs here and takes this width; returns whether it
+        did. It also keeps the row scales in float32 and each row's code sum (N numbers each). The
+        state dict is unchanged; loading one or moving the module restores the plain layout."""
+        if self._decode_weight is not None:
+            return True
         if not (self.weight.device.type == "cpu" and native.int8_kernel_applies(self.in_features)
                 and native.kernels() is not None):
             return False
-        self.weight = self.weight.contiguous()
-        self._decode_weight = (self.scales.float().contiguous(), native.int8_row_sums(self.weight),
-                               _float_bias(self.bias))
+        plain = self.weight.contiguous()
+        self._decode_weight = (self.scales.float().contiguous(), native.int8_row_sums(plain), _float_bias(self.bias))
+        self.weight = native.to_row_tiles(plain, tile=native.INT8_TILE_ROWS)
         return True
 
+    def _unpack(self) -> None:
+        """Back to the plain layout (and no decoding state), if `pack_for_decoding` had run."""
+        if self._decode_weight is not None:
+            self.weight = self.plain_weight()
+            self._decode_weight = None
+
     def _apply(self, fn, recurse: bool = True):
-        self._decode_weight = None  # a move or dtype change: derived state would be stale
+        self._unpack()  # a move or dtype change: plain, and no derived state to go stale
         return super()._apply(fn, recurse)
+
+    def plain_weight(self) -> Tensor:
+        """The (N, K) int8 codes in their plain layout (the state dict's)."""
+        return self._weight_rows(0, self.out_features)
+
+    def _weight_rows(self, start: int, end: int) -> Tensor:
+        if self._decode_weight is None:
+            return self.weight[start:end]
+        return native.from_row_tiles(self.weight, start, end, tile=native.INT8_TILE_ROWS)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._decode_weight is not None:
+            destination[prefix + "weight"] = self.plain_weight()
 
     def _slab(self, start: int, end: int, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
         # The scale is per output row, so it multiplies the product instead of the weight:
         # one conversion pass over the slab (int8 -> bf16 is exact), no multiply.
-        return self.weight[start:end].to(dtype), self.scales[start:end]
+        return self._weight_rows(start, end).to(dtype), self.scales[start:end]
 
     def dequantized(self) -> Tensor:
         """The weight this module represents, (N, K) float32 (exact: q * scale needs 16 bits)."""
-        return self.weight.float() * self.scales.float()[:, None]
+        return self.plain_weight().float() * self.scales.float()[:, None]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -209,7 +235,7 @@ class Int4Linear(nn.Module):
         """Rows start:end of the dequantized weight, (end - start, K); start is a block boundary."""
         block, form = cpu_int4_layout()
         K, n = self.in_features, end - start
-        if self._decode_weight is not None:  # the VNNI kernel's layout: rows in interleaved tiles of 4
+        if self._decode_weight is not None:  # the VNNI kernel's layout: row tiles
             codes = native.from_kernel_layout(self.weight, start, end)  # (n, K) uint8
             groups = K // self.group_size
             weight = torch.empty(n, groups, self.group_size, dtype=dtype)

@@ -134,7 +134,7 @@ def parallelize(
     frozen = inference_only_modules(net)
     if frozen:
         raise ValueError(f"the model holds inference-only layers ({frozen[0]}: {type(net.get_submodule(frozen[0])).__name__}"
-                         f"{' and more' if len(frozen) > 1 else ''}): quantized or prepacked weights cannot be "
+                         f"{' and more' if len(frozen) > 1 else ''}): quantized, prepacked or row-tiled weights cannot be "
                          f"trained or parallelized; load the full-precision checkpoint")
     if compile == "model" and env.distributed and mode == "fsdp":
         raise ValueError("FSDP shards each block: compile the blocks (compile='blocks'), not the whole model")

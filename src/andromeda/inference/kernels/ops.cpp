@@ -65,9 +65,19 @@ void check(int status, const std::string &kind, int64_t M, int64_t K) {
   TORCH_CHECK(status == 0, "the ", kind, " kernel refused its arguments (status ", status, "): M=", M, ", K=", K);
 }
 
+// The row-tile layout (native.to_row_tiles) holds N rows in whole tiles of `tile` rows: vnni.c's and
+// bf16_rows.c's ROWS (4), vnni.c's INT8_ROWS (8).
+void check_tiles(const at::Tensor &weight, int64_t N, const std::string &kind, int64_t tile = 4) {
+  const int64_t tiled = (N + tile - 1) / tile * tile;
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) == tiled && weight.is_contiguous(), "the ", kind,
+                    " kernel takes a contiguous weight of ", tiled, " rows for ", N, " rows (to_row_tiles), not ",
+                    weight.sizes());
+}
+
 at::Tensor int8_rows(const at::Tensor &x_in, const at::Tensor &weight, const at::Tensor &scale, const at::Tensor &wsum,
                      const std::optional<at::Tensor> &bias) {
-  const int64_t N = weight.size(0), K = weight.size(1);
+  const int64_t N = scale.size(0), K = weight.size(1);
+  check_tiles(weight, N, "int8", 8);
   const at::Tensor x = rows(x_in, K, "int8");
   const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
@@ -80,11 +90,10 @@ at::Tensor int8_rows(const at::Tensor &x_in, const at::Tensor &weight, const at:
 
 at::Tensor int4_rows(const at::Tensor &x_in, const at::Tensor &weight, const at::Tensor &scale_zero,
                      int64_t group_size, const std::optional<at::Tensor> &bias) {
-  const int64_t N = scale_zero.size(0), K = 2 * weight.size(1), tiled = (N + 3) / 4 * 4;  // vnni.c's tiles of 4
+  const int64_t N = scale_zero.size(0), K = 2 * weight.size(1);
   TORCH_CHECK_TYPE(scale_zero.scalar_type() == at::kFloat || scale_zero.scalar_type() == at::kBFloat16,
                    "the int4 kernel's scales and zeros must be float32 or bfloat16, not ", scale_zero.scalar_type());
-  TORCH_CHECK_VALUE(weight.size(0) == tiled, "the int4 kernel takes a weight of ", tiled, " rows for ", N,
-                    " rows of scales (to_kernel_layout), not ", weight.size(0));
+  check_tiles(weight, N, "int4");
   const at::Tensor x = rows(x_in, K, "int4");
   const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
@@ -96,11 +105,12 @@ at::Tensor int4_rows(const at::Tensor &x_in, const at::Tensor &weight, const at:
   return y;
 }
 
-at::Tensor bf16_rows(const at::Tensor &x_in, const at::Tensor &weight, const std::optional<at::Tensor> &bias) {
-  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.is_contiguous(),
-                    "the bf16 kernel takes a contiguous bf16 (N, K) weight, not ", weight.scalar_type(), " ",
-                    weight.sizes());
-  const int64_t N = weight.size(0), K = weight.size(1);
+at::Tensor bf16_rows(const at::Tensor &x_in, const at::Tensor &weight, int64_t N,
+                     const std::optional<at::Tensor> &bias) {
+  TORCH_CHECK_VALUE(weight.scalar_type() == at::kBFloat16, "the bf16 kernel takes a bf16 weight, not ",
+                    weight.scalar_type());
+  check_tiles(weight, N, "bf16");
+  const int64_t K = weight.size(1);
   const at::Tensor x = rows(x_in, K, "bf16");
   const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
@@ -110,9 +120,11 @@ at::Tensor bf16_rows(const at::Tensor &x_in, const at::Tensor &weight, const std
                                          reinterpret_cast<const uint16_t *>(weight.const_data_ptr()), N,
                                          bias_pointer(bias, N, "bf16"), y.mutable_data_ptr(), x_bf16);
   if (status == 3) {  // this CPU lacks AVX-512 BF16: the same product by ATen (native.bf16_rows_reference)
+    TORCH_CHECK_VALUE(K % 32 == 0, "the bf16 kernel takes rows of whole 32-weight blocks, not K=", K);
+    const at::Tensor plain = weight.view({-1, K / 32, 4, 32}).transpose(1, 2).reshape({-1, K}).slice(0, 0, N);
     const at::Tensor exact = x.to(at::kBFloat16).to(at::kFloat);
-    const at::Tensor product = bias.has_value() ? at::linear(exact, weight.to(at::kFloat), *bias)
-                                                : at::linear(exact, weight.to(at::kFloat));
+    const at::Tensor product = bias.has_value() ? at::linear(exact, plain.to(at::kFloat), *bias)
+                                                : at::linear(exact, plain.to(at::kFloat));
     return x_bf16 ? product.to(at::kBFloat16) : product;
   }
   check(status, "bf16", M, K);

@@ -3,12 +3,13 @@
 // Built and loaded by andromeda/inference/native.py; the arithmetic is documented there, next to
 // its PyTorch reference (`int4_rows_reference`), which the tests hold this file to.
 //
-// Weight layout ("blocks of 128" in tiles of 4 rows): each 64-byte block holds 128 weights of a
-// row, the low nibble of byte j weight j of the block and the high nibble weight 64 + j; the rows
-// go in tiles of ROWS = 4 (the rows past N, up to a whole tile, hold zeros), and a tile's bytes
-// are its blocks in input order, each as its 4 rows' 64 bytes in row order: one tile is one
-// stream of ROWS * K / 2 bytes that the kernel reads front to back (on Sapphire Rapids 5-7%
-// faster at two threads than 4 rows read side by side, each from its own place). Codes q are
+// Both weights are in row tiles (`native.to_row_tiles`): the rows go in tiles of ROWS = 4 (int4) or
+// INT8_ROWS = 8 (the rows past N, up to a whole tile, hold zeros), and a tile's bytes are its
+// 64-byte blocks in input order, each as its rows' 64 bytes in row order: one tile is one stream that the kernel reads
+// front to back (on Sapphire Rapids 5-7% faster at two threads than 4 rows read side by side,
+// each from its own place; on an AMD EPYC Zen 4 up to 1.3x faster than 8-16 rows side by side).
+// int4 ("blocks of 128"): each 64-byte block holds 128 weights of a row, the low nibble of byte j
+// weight j of the block and the high nibble weight 64 + j. Codes q are
 // 0..15, weight = (q - 8) * scale + zero per group of `group` inputs (128 or 256), and the kernel
 // reads per row its G scales, then its G zeros ((N, 2, G), float32 or, with `scales_bf16`, bfloat16:
 // a bf16 model's own scales, half the bytes, read exactly).
@@ -136,12 +137,13 @@ static inline void block_dot(__m512i *low_dot, __m512i *high_dot, const uint8_t 
   *high_dot = _mm512_dpbusd_epi32(*high_dot, _mm512_and_si512(packed, _mm512_set1_epi8((char)0xF0)), x_high);
 }
 
-#define ROWS 4  // output rows computed together: independent dependency chains, shared activation loads
-// Rows of the int8 weight read side by side. On an AMD EPYC (Zen 4, 2 threads, a float32-sum probe
-// of ~60 GB/s) 16 rows read 40-44 GB/s, 8 rows 32-38 and 4 rows (with a software prefetch two
-// tiles ahead, as this kernel had) 26-31: the row's epilogue (a horizontal sum) weighs on rows of
-// a few 64-byte vectors, and more streams keep more loads in flight. The prefetch did not help.
-#define INT8_ROWS 16
+#define ROWS 4  // rows of a tile (both layouts): independent dependency chains, shared activation loads
+// Rows of an int8 tile, and activation rows whose sums stay in registers (2 x 8 of 32; more take
+// passes). Measured on an AMD EPYC (Zen 4, 2 threads), 2.5 B layer shapes, int8 read GB/s at 1 / 4
+// / 16 activation rows: tiles of 8 x 2 rows 40.6 / 24.3 / 12.6, of 16 x 1 41.6 / 22.8 / 9.6, of 4 x 4
+// 36.9 / 20.4 / 12.2; 16 plain rows side by side (this kernel before) 31.1 / 19.6 / 8.7.
+#define INT8_ROWS 8
+#define INT8_M 2
 #define INT4_PREFETCH 4096  // how far ahead (bytes) the int4 tile's stream is prefetched (T2: into the outer caches)
 
 int andromeda_int4_rows(const void *x_in, int64_t M, int64_t K, int bf16, const uint8_t *weight,
@@ -210,9 +212,30 @@ int andromeda_int4_rows(const void *x_in, int64_t M, int64_t K, int bf16, const 
   return 0;
 }
 
-// y = x @ W.T (+ bias) for an int8 weight W (N, K) stored plainly, row after row, with one scale per row.
-// VNNI multiplies unsigned by signed bytes, so the activations go in shifted by 128 (codes
-// 1..255) and the shift comes back out through each row's weight sum:
+// One int8 tile (`w`: INT8_ROWS rows of K in the row-tile layout) against `m` rows of shifted activation
+// codes at `x`: the integer sums, out[i][r] = sum_k x[i, k] W[r, k].
+static inline __attribute__((always_inline)) void int8_tile_dot(const int m, const int8_t *w, const uint8_t *x,
+                                                                int64_t K, int32_t out[INT8_M][INT8_ROWS]) {
+  __m512i dot[INT8_M][INT8_ROWS];
+  for (int i = 0; i < m; ++i)
+    for (int r = 0; r < INT8_ROWS; ++r) dot[i][r] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < K; k += 64) {
+    __m512i wv[INT8_ROWS];
+    for (int r = 0; r < INT8_ROWS; ++r) wv[r] = _mm512_loadu_si512((const void *)(w + k * INT8_ROWS + r * 64));
+    for (int i = 0; i < m; ++i) {
+      const __m512i xv = _mm512_loadu_si512((const void *)(x + i * K + k));
+      for (int r = 0; r < INT8_ROWS; ++r) dot[i][r] = _mm512_dpbusd_epi32(dot[i][r], xv, wv[r]);
+    }
+  }
+  for (int i = 0; i < m; ++i)
+    for (int r = 0; r < INT8_ROWS; ++r) out[i][r] = _mm512_reduce_add_epi32(dot[i][r]);
+}
+
+// y = x @ W.T (+ bias) for an int8 weight W (N, K) with one scale per row, in the row-tile layout
+// (`native.to_row_tiles` with tiles of INT8_ROWS rows, N rounded up with zero rows, a tile's 64-byte
+// blocks in input order, each as its rows' 64 bytes one after another), read a tile as one stream.
+// VNNI multiplies unsigned by signed bytes, so the activations go in shifted by 128 (codes 1..255)
+// and the shift comes back out through each row's weight sum:
 //   y[m, n] = a[m] * scale[n] * (sum_k (xq[m, k] + 128) W[n, k] - 128 * wsum[n]).
 int andromeda_int8_rows(const void *x_in, int64_t M, int64_t K, int bf16, const int8_t *weight, const float *scale,
                         const int32_t *wsum, int64_t N, const float *bias, void *y) {
@@ -230,22 +253,20 @@ int andromeda_int8_rows(const void *x_in, int64_t M, int64_t K, int bf16, const 
   for (int64_t tile = 0; tile < tiles; ++tile) {
     const int64_t n0 = tile * INT8_ROWS;
     const int64_t rows = N - n0 < INT8_ROWS ? N - n0 : INT8_ROWS;
-    const int8_t *w[INT8_ROWS];
-    for (int64_t r = 0; r < INT8_ROWS; ++r) w[r] = weight + (n0 + (r < rows ? r : rows - 1)) * K;
-    for (int64_t m = 0; m < M; ++m) {
-      const uint8_t *xrow = xu + m * K;
-      __m512i dot[INT8_ROWS];
-      for (int64_t r = 0; r < INT8_ROWS; ++r) dot[r] = _mm512_setzero_si512();
-      for (int64_t k = 0; k < K; k += 64) {
-        const __m512i xv = _mm512_loadu_si512((const void *)(xrow + k));
-        for (int64_t r = 0; r < INT8_ROWS; ++r)
-          dot[r] = _mm512_dpbusd_epi32(dot[r], xv, _mm512_loadu_si512((const void *)(w[r] + k)));
+    const int8_t *w = weight + n0 * K;
+    for (int64_t m0 = 0; m0 < M; m0 += INT8_M) {
+      const int m = M - m0 < INT8_M ? (int)(M - m0) : INT8_M;
+      int32_t dots[INT8_M][INT8_ROWS];
+      switch (m) {  // constant trip counts: sums in registers
+        case 1: int8_tile_dot(1, w, xu + m0 * K, K, dots); break;
+        default: int8_tile_dot(2, w, xu + m0 * K, K, dots); break;
       }
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t n = n0 + r;
-        const int64_t total = (int64_t)_mm512_reduce_add_epi32(dot[r]) - 128 * (int64_t)wsum[n];
-        store(y, bf16, m * N + n, a[m] * scale[n] * (float)total, bias, n);
-      }
+      for (int i = 0; i < m; ++i)
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t n = n0 + r;
+          const int64_t total = (int64_t)dots[i][r] - 128 * (int64_t)wsum[n];
+          store(y, bf16, (m0 + i) * N + n, a[m0 + i] * scale[n] * (float)total, bias, n);
+        }
     }
   }
   release(&q);
