@@ -12,7 +12,7 @@ Each operator the step launches from Python (a top-level ATen op) is charged to 
 labelled region around it; the regions come from forward hooks on the modules and from wrappers
 around a few functions, applied from outside for the profile only:
 
-    weight products   every Linear (nn.Linear, PackedLinear, Int8Linear, Int4Linear), logits
+    weight products   every Linear (nn.Linear, PackedLinear, Bf16RowsLinear, Int8Linear, Int4Linear), logits
                       included, and the matrix-product ops by name wherever they run (the
                       feed-forward calls F.linear on its weights, not its Linear modules)
     attention         `attend` (the bias and SDPA), the KV cache write, and the rest of Attention

@@ -21,7 +21,9 @@ pytestmark = pytest.mark.skipif(not native.bf16_rows_kernel(),
                                 reason="the bf16 rows kernel does not run here (AVX-512 BF16, the ops library)")
 
 
-@pytest.mark.parametrize("M, K, N", [(1, 32, 7), (3, 2560, 258), (5, 96, 64), (17, 128, 33)])
+# one activation row reads tiles of 4 alone; more read pairs of tiles, 2 activation rows a pass (a
+# last tile alone, a pair whose second tile is partial, an odd last row)
+@pytest.mark.parametrize("M, K, N", [(1, 32, 7), (3, 2560, 258), (5, 96, 64), (17, 128, 33), (2, 64, 7), (3, 96, 13)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_kernel_is_the_float32_product_of_bf16_rows(M, K, N, bias, dtype):
@@ -41,27 +43,6 @@ def test_kernel_is_the_float32_product_of_bf16_rows(M, K, N, bias, dtype):
     else:
         step = exact.abs().clamp_min(1e-3) * 2**-7  # one bf16 step
         assert ((got.double() - exact).abs() <= step).all()
-
-
-@pytest.mark.parametrize("N", [1, 4, 7, 41])
-def test_row_tiles_hold_the_plain_weight(N):
-    """Tiles of 4 rows, each 64-byte block of a tile its rows' blocks in turn, rows past N zeros; read
-    back whole or from any rows (int8's 64-value blocks and bf16's 32 alike)."""
-    for dtype, per_block, tile in ((torch.bfloat16, 32, 4), (torch.int8, 64, 8), (torch.int8, 64, 4)):
-        weight = torch.randint(-100, 100, (N, 3 * per_block)).to(dtype)
-        tiles = native.to_row_tiles(weight, tile=tile)
-        rows = native.tiled_rows(N, tile)
-        assert tiles.shape == (rows, 3 * per_block) and rows % tile == 0 and rows - N < tile and tiles.is_contiguous()
-        stream = tiles.view(-1, 3, tile, per_block)  # (tiles, blocks, rows, values)
-        padded = torch.cat([weight, weight.new_zeros(rows - N, 3 * per_block)])
-        for row in range(rows):  # row r's block b is tile r // tile's block b, at place r % tile
-            assert torch.equal(stream[row // tile, 2, row % tile], padded[row, 2 * per_block:])
-        assert torch.equal(native.from_row_tiles(tiles, 0, N, tile=tile), weight)
-        for start, end in ((0, 1), (N // 2, N), (max(N - 3, 0), N)):
-            assert torch.equal(native.from_row_tiles(tiles, start, end, tile=tile), weight[start:end])
-        assert not native.from_row_tiles(tiles, N, rows, tile=tile).any()
-    with pytest.raises(ValueError, match="64-byte blocks"):
-        native.to_row_tiles(torch.zeros(4, 48, dtype=torch.bfloat16))
 
 
 def test_the_ops_registrations_hold():
@@ -233,3 +214,19 @@ def test_empty_input_takes_f_linear(monkeypatch):
     with torch.no_grad():
         assert rows(torch.empty(0, 96, dtype=torch.bfloat16)).shape == (0, 40)
     assert counting.calls == 0
+
+
+def test_quantize_takes_row_tiled_layers_as_their_plain_linears():
+    """A model loaded for decoding (its bf16 Linears row-tiled) quantizes to what the plain model
+    quantizes to: every layer converted, none skipped, the same codes."""
+    from andromeda.inference.quantize import dequantize_weight, quantization_of, quantize
+
+    plain = random_net(dtype=torch.bfloat16).eval()
+    tiled = copy.deepcopy(plain)
+    assert use_bf16_rows(tiled) > 0
+    assert torch.equal(dequantize_weight(tiled.to_logits), plain.to_logits.weight)
+    quantize(plain, "int8")
+    quantize(tiled, "int8")
+    assert quantization_of(tiled) == ("int8", None)
+    assert tiled.state_dict().keys() == plain.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(tiled.state_dict().values(), plain.state_dict().values()))

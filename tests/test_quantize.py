@@ -207,6 +207,52 @@ def test_int8_packed_for_decoding_quantizes_each_row_alone(in_features):
     assert not Int8Linear.from_linear(linear(72, 64)).pack_for_decoding()  # rows of whole 64-byte vectors only
 
 
+@pytest.mark.parametrize("N", [1, 4, 7, 41])
+def test_row_tiles_hold_the_plain_weight(N):
+    """Tiles of 4 rows, each 64-byte block of a tile its rows' blocks in turn, rows past N zeros; read
+    back whole or from any rows (int8's 64-value blocks and bf16's 32 alike)."""
+    for dtype, per_block, tile in ((torch.bfloat16, 32, 4), (torch.int8, 64, 8), (torch.int8, 64, 4)):
+        weight = torch.randint(-100, 100, (N, 3 * per_block)).to(dtype)
+        tiles = native.to_row_tiles(weight, tile=tile)
+        rows = native.tiled_rows(N, tile)
+        assert tiles.shape == (rows, 3 * per_block) and rows % tile == 0 and rows - N < tile and tiles.is_contiguous()
+        stream = tiles.view(-1, 3, tile, per_block)  # (tiles, blocks, rows, values)
+        padded = torch.cat([weight, weight.new_zeros(rows - N, 3 * per_block)])
+        for row in range(rows):  # row r's block b is tile r // tile's block b, at place r % tile
+            assert torch.equal(stream[row // tile, 2, row % tile], padded[row, 2 * per_block:])
+        assert torch.equal(native.from_row_tiles(tiles, 0, N, tile=tile), weight)
+        for start, end in ((0, 1), (N // 2, N), (max(N - 3, 0), N)):
+            assert torch.equal(native.from_row_tiles(tiles, start, end, tile=tile), weight[start:end])
+        assert not native.from_row_tiles(tiles, N, rows, tile=tile).any()
+    with pytest.raises(ValueError, match="64-byte blocks"):
+        native.to_row_tiles(torch.zeros(4, 48, dtype=torch.bfloat16))
+
+
+@needs_vnni
+def test_int8_row_tiles_hold_the_plain_weight_everywhere_it_is_read():
+    """pack_for_decoding lays an int8 weight out in row tiles of 8 (203 rows: the last tile padded);
+    the state dict, dequantized(), the slabs of a prefill and a move give the plain weight back, and
+    the kernel's rows agree with the plain weight's reference."""
+    module = Int8Linear.from_linear(linear(128, 203))
+    plain, before = module.weight.clone(), module.state_dict()
+    w = dequantize_weight(module)
+    assert module.pack_for_decoding() and module.pack_for_decoding()  # a second call changes nothing
+    assert module.weight.shape == (native.tiled_rows(203, native.INT8_TILE_ROWS), 128)
+    assert torch.equal(native.from_row_tiles(module.weight, 0, 203, tile=native.INT8_TILE_ROWS), plain)
+    assert all(torch.equal(module.state_dict()[k], before[k]) for k in before)
+    assert torch.equal(dequantize_weight(module), w)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        y = module(x).float()
+        ref = native.int8_rows_reference(x.float(), plain, module.scales.float()) + module.bias.float()
+        assert torch.allclose(y, ref, rtol=2**-7, atol=1e-3)
+        many = torch.randn(Q.DECODE_KERNEL_ROWS + 3, 128, dtype=torch.bfloat16)
+        assert torch.allclose(module(many).float(), F.linear(many.float(), w.float(), module.bias.float()),
+                              rtol=2**-6, atol=2**-6)
+    module.to(torch.float32)
+    assert module._decode_weight is None and torch.equal(module.weight, plain)
+
+
 @needs_vnni
 def test_int8_decoding_state_is_dropped_when_the_weight_changes():
     """What `pack_for_decoding` derives is not in the state dict and is gone after loading other

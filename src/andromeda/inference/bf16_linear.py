@@ -39,8 +39,8 @@ from .quantized_linear import _slab_matmul
 
 DTYPE = torch.bfloat16
 # Rows up to which the kernel computes a product: decoding, a batch of decoding rows, a speculative
-# verify step. It re-reads each tile of the weight from cache once per 4 activation rows, so its
-# time grows with the rows, where oneDNN's (the weight reordered once a call) barely does.
+# verify step. It re-reads each pair of tiles from cache once per 2 activation rows, so its time
+# grows with the rows, where oneDNN's (the weight reordered once a call) barely does.
 DECODE_ROWS = 16
 K_MULTIPLE = 32  # the kernel's 64-byte vectors of 32 bf16 weights: the tiles' blocks, whatever their dtype
 

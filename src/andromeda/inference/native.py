@@ -109,6 +109,7 @@ BLOCK = 128  # weights per 64-byte block of the kernel's layout; groups are whol
 TILE_ROWS = 4  # rows per tile of the row-tile layout of int4 and bf16 (vnni.c's and bf16_rows.c's ROWS)
 INT8_TILE_ROWS = 8  # of int8 (vnni.c's INT8_ROWS)
 TILE_BLOCK_BYTES = 64  # a tile's blocks: one vector load of each row
+BF16_BLOCK = 32  # bf16 weights a block: the bf16 kernel's tiles, whatever dtype they are converted to
 ACTIVATION_STEPS = 127
 
 
@@ -352,7 +353,7 @@ def bf16_rows(x: Tensor, tiles: Tensor, n: int, bias: Tensor | None = None) -> T
 def bf16_rows_reference(x: Tensor, tiles: Tensor, n: int, bias: Tensor | None) -> Tensor:
     """The bf16 kernel's result in PyTorch: x rounded to bf16, the product and bias in float32, in
     x's dtype (bf16) or float32."""
-    weight = from_row_tiles(tiles, 0, n)
+    weight = from_row_tiles(tiles, 0, n, BF16_BLOCK)
     y = F.linear(x.to(torch.bfloat16).float(), weight.float(), None if bias is None else bias.float())
     return y.to(torch.bfloat16) if x.dtype == torch.bfloat16 else y
 
@@ -419,7 +420,8 @@ def to_row_tiles(weight: Tensor, per_block: int | None = None, tile: int = TILE_
         padded = weight.new_zeros(tiled_rows(N, tile), width)
         padded[:N] = weight
     tiles = padded.view(-1, tile, width // per_block, per_block).transpose(1, 2)  # (tiles, blocks, rows, 64 B)
-    return tiles.reshape(-1, width)  # a copy: the blocks interleave
+    tiles = tiles.reshape(-1, width)  # a copy where the blocks interleave (rows of more than one block)
+    return tiles.clone() if tiles.data_ptr() == weight.data_ptr() else tiles
 
 
 def from_row_tiles(tiles: Tensor, start: int, end: int, per_block: int | None = None, tile: int = TILE_ROWS) -> Tensor:
@@ -429,9 +431,10 @@ def from_row_tiles(tiles: Tensor, start: int, end: int, per_block: int | None = 
     per_block = per_block or TILE_BLOCK_BYTES // tiles.element_size()
     first, last = start // tile, -(-end // tile)
     blocks = tiles[first * tile : last * tile].view(last - first, width // per_block, tile, per_block)
-    rows = blocks.transpose(1, 2).reshape((last - first) * tile, width)  # a copy: the blocks interleave
+    rows = blocks.transpose(1, 2).reshape((last - first) * tile, width)  # a copy where blocks interleave
     offset = start - first * tile
-    return rows[offset : offset + end - start]
+    rows = rows[offset : offset + end - start]
+    return rows.clone() if width == per_block else rows  # one block a row: `rows` is a view of the tiles
 
 
 def to_kernel_layout(codes: Tensor, scales: Tensor, zeros: Tensor) -> tuple[Tensor, Tensor]:

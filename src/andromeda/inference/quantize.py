@@ -40,15 +40,15 @@ from .quantized_linear import (
 
 
 def quantize(module: nn.Module, scheme: str, group_size: int = DEFAULT_GROUP_SIZE) -> nn.Module:
-    """Replace every nn.Linear inside `module` (a Transformer, an Andromeda, any module) by its
-    int8 or int4 version, in place, and return `module`.
+    """Replace every nn.Linear inside `module` (a Transformer, an Andromeda, any module; prepacked or
+    row-tiled bf16 Linears too) by its int8 or int4 version, in place, and return `module`.
 
     Every layer is checked before any is replaced, so a bad group size leaves the model as it
     was. Biases are kept. Each Linear is freed as soon as it is replaced (if nothing else holds
     it), so peak memory is the model plus a few fp32 copies of its largest layer.
     """
     check_scheme(scheme, group_size)
-    names = [name for name, child in module.named_modules() if isinstance(child, nn.Linear)]
+    names = [name for name, child in module.named_modules() if _dense_linear(child)]
     if scheme == "int4":
         for name in names:
             check_int4_width(name, module.get_submodule(name).in_features, group_size)
@@ -56,6 +56,8 @@ def quantize(module: nn.Module, scheme: str, group_size: int = DEFAULT_GROUP_SIZ
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name)
         linear = getattr(parent, attr)
+        if not isinstance(linear, nn.Linear):  # prepacked or row-tiled bf16: its plain Linear first
+            linear = linear.to_linear()
         if scheme == "int8":
             setattr(parent, attr, Int8Linear.from_linear(linear))
         else:
@@ -71,9 +73,17 @@ def quantization_of(module: nn.Module) -> tuple[str, int | None] | None:
              for m in module.modules() if isinstance(m, QuantizedLinear)}
     if len(found) > 1:
         raise ValueError(f"the model mixes quantization schemes {sorted(found)}; quantize it with one")
-    if found and any(isinstance(m, nn.Linear) for m in module.modules()):
+    if found and any(_dense_linear(m) for m in module.modules()):
         raise ValueError("the model is only partly quantized (some nn.Linear layers remain)")
     return found.pop() if found else None
+
+
+def _dense_linear(module: nn.Module) -> bool:
+    """An nn.Linear, or a bf16 Linear laid out for decoding (`packed.PackedLinear`,
+    `bf16_linear.Bf16RowsLinear`: both give their plain weight by `dense_weight` and an nn.Linear by
+    `to_linear`)."""
+    return isinstance(module, nn.Linear) or (callable(getattr(module, "to_linear", None))
+                                             and callable(getattr(module, "dense_weight", None)))
 
 
 def check_scheme(scheme: str, group_size: int = DEFAULT_GROUP_SIZE) -> None:
@@ -97,6 +107,8 @@ def dequantize_weight(module: nn.Module) -> Tensor:
     quantized one's in float32 (where its value is exact)."""
     if isinstance(module, nn.Linear):
         return module.weight.detach()
+    if _dense_linear(module):
+        return module.dense_weight()
     if isinstance(module, QuantizedLinear):
         return module.dequantized()
     raise TypeError(f"expected an nn.Linear or a quantized Linear, got {type(module).__name__}")

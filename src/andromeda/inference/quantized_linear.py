@@ -418,7 +418,7 @@ def _dequantize_int4(codes: Tensor, scales_and_zeros: Tensor, group_size: int, d
 
 def pack_for_decoding(module: nn.Module) -> int:
     """`pack_for_decoding` on every quantized Linear in `module`; returns how many it prepared
-    for `native`'s kernels (int4 re-lays its weight out: ~1 ns a weight; int8 only sums rows)."""
+    for `native`'s kernels (each re-lays its weight out in row tiles, in place: ~1 ns a weight)."""
     return sum(layer.pack_for_decoding() for layer in module.modules() if isinstance(layer, QuantizedLinear))
 
 
