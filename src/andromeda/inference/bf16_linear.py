@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ..model.fused import is_plain_linear
 from . import native
+from .laid_out import LaidOutLinear
 from .quantized_linear import _slab_matmul
 
 DTYPE = torch.bfloat16
@@ -45,7 +46,7 @@ DECODE_ROWS = 16
 K_MULTIPLE = 32  # the kernel's 64-byte vectors of 32 bf16 weights: the tiles' blocks, whatever their dtype
 
 
-class Bf16RowsLinear(nn.Module):
+class Bf16RowsLinear(LaidOutLinear):
     """F.linear(x, W, bias) for x (..., K) -> (..., N), with the bf16 weight W kept in the row-tile
     layout (module docstring). Built from an nn.Linear by `from_linear`, or by `use_bf16_rows`."""
 
@@ -87,45 +88,19 @@ class Bf16RowsLinear(nn.Module):
         """The (N, K) weight in the plain layout, in a fresh tensor."""
         return native.from_row_tiles(self._tiles, 0, self.out_features, K_MULTIPLE)
 
-    def to_linear(self) -> nn.Linear:
-        """An nn.Linear with this module's weight and bias."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        linear.weight = nn.Parameter(self.dense_weight())
-        if self.bias is not None:
-            linear.bias = nn.Parameter(self.bias.clone())
-        return linear
-
     def _apply(self, fn, recurse: bool = True):
         self._tiles = fn(self._tiles)  # moves and conversions apply to the tiles as to a buffer
         return super()._apply(fn, recurse)
 
-    # The state dict holds the plain weight, as nn.Linear's does (see the module docstring).
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        destination[prefix + "weight"] = self.dense_weight()
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+    def _store_dense(self, weight: Tensor) -> None:
+        self._tiles = native.to_row_tiles(weight.contiguous(), K_MULTIPLE)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs) -> None:
-        # nn.Module loads the weight into a plain stand-in (its checks, messages, casting and
-        # `assign` semantics), then the stand-in is tiled and dropped.
-        errors = len(error_msgs)
-        self.register_buffer("weight", torch.empty(self.out_features, self.in_features, dtype=self._tiles.dtype,
-                                                   device=self._tiles.device))
-        try:
-            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                          unexpected_keys, error_msgs)
-        finally:
-            plain = self._buffers.pop("weight")
-        if prefix + "weight" in state_dict and len(error_msgs) == errors:
-            self._tiles = native.to_row_tiles(plain.contiguous(), K_MULTIPLE)
+    def _stand_in(self) -> Tensor:
+        return torch.empty(self.out_features, self.in_features, dtype=self._tiles.dtype, device=self._tiles.device)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._kernel = native.bf16_rows_kernel()
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
 
 def kernel_takes(linear: nn.Module) -> bool:
     """Whether `linear` is a plain nn.Linear the kernel can read: a contiguous bf16 CPU weight whose

@@ -26,9 +26,9 @@ The packed weight is an opaque oneDNN tensor, and that decides what a PackedLine
   `.float()`, `.to("meta")` raise and name `unpack`; moves to CPU and bf16 are no-ops. (The
   error comes at the first PackedLinear: nn.Module converts child by child, so modules before
   it, such as the embedding, have been converted already. Unpack first.)
-- Checkpoints are unchanged: `state_dict()` gives the dense bf16 `weight` (unpacked exactly,
-  one fresh copy per layer) and `bias`, `load_state_dict` packs what it loads, and copying or
-  pickling goes through the dense weight.
+- Checkpoints are unchanged (`laid_out.LaidOutLinear`): `state_dict()` gives the dense bf16
+  `weight` (unpacked exactly, one fresh copy per layer) and `bias`, `load_state_dict` packs what it
+  loads, and copying or pickling goes through the dense weight.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from ..model.fused import is_plain_linear
 from .bf16_linear import Bf16RowsLinear
+from .laid_out import LaidOutLinear
 from .quantize import QuantizedLinear
 from .quantized_linear import compile_refusal
 
@@ -59,7 +60,7 @@ def packing_supported() -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(LaidOutLinear):
     """F.linear(x, W, bias) for bf16 x (..., K) -> (..., N), with W kept only in oneDNN's packed
     layout. Built from an nn.Linear by `from_linear`, or by `prepack` for a whole model."""
 
@@ -92,15 +93,6 @@ class PackedLinear(nn.Module):
         """The (N, K) bf16 weight, unpacked exactly into a fresh tensor."""
         return self._packed.to_dense()
 
-    def to_linear(self) -> nn.Linear:
-        """An nn.Linear with this module's weight and bias (bf16, CPU)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device="meta", dtype=DTYPE)
-        linear.weight = nn.Parameter(self.dense_weight())
-        if self.bias is not None:
-            linear.bias = nn.Parameter(self.bias.clone())
-        return linear
-
     def _apply(self, fn, recurse: bool = True):
         # Module.to/.float/.cuda/.to_empty call this with a per-tensor function; a bf16 CPU probe
         # shows where it would send the weight. The packed weight can only stay.
@@ -115,26 +107,13 @@ class PackedLinear(nn.Module):
                              f"first, or load the checkpoint into a model built there")
         return super()._apply(fn, recurse)
 
-    # The state dict holds the dense weight, as nn.Linear's does (see the module docstring).
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        destination[prefix + "weight"] = self.dense_weight()
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs) -> None:
-        # nn.Module loads the weight into a dense stand-in (its checks, messages, casting and
-        # `assign` semantics), then the stand-in is packed and dropped.
-        errors = len(error_msgs)
-        self.register_buffer("weight", torch.empty(self.out_features, self.in_features, dtype=DTYPE))
-        try:
-            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                          unexpected_keys, error_msgs)
-        finally:
-            dense = self._buffers.pop("weight")
-        if prefix + "weight" in state_dict and len(error_msgs) == errors:
-            self._packed = _pack(dense.to(DTYPE))
+    def _store_dense(self, weight: Tensor) -> None:
+        self._packed = _pack(weight.to(DTYPE))
         if self.bias is not None:
             self.bias = self.bias.to(DTYPE)
+
+    def _stand_in(self) -> Tensor:
+        return torch.empty(self.out_features, self.in_features, dtype=DTYPE)
 
     # Copies and pickles carry the dense weight and pack it again.
     def __getstate__(self) -> dict:
@@ -144,10 +123,6 @@ class PackedLinear(nn.Module):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__({**state, "_packed": _pack(state["_packed"])})
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
 
 # Modules that compute a Linear's forward but cannot be trained: training code can refuse them.
 INFERENCE_ONLY = (PackedLinear, Bf16RowsLinear, *QuantizedLinear)

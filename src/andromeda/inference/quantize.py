@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ..choices import DEFAULT_GROUP_SIZE, INT4_GROUP_SIZES, SCHEMES
 from ..config import Config
 from ..weights import SafetensorsFile
+from .laid_out import LaidOutLinear
 from .quantized_linear import (
     ALIGNMENT,
     DECODE_KERNEL_ROWS,
@@ -79,11 +80,9 @@ def quantization_of(module: nn.Module) -> tuple[str, int | None] | None:
 
 
 def _dense_linear(module: nn.Module) -> bool:
-    """An nn.Linear, or a bf16 Linear laid out for decoding (`packed.PackedLinear`,
-    `bf16_linear.Bf16RowsLinear`: both give their plain weight by `dense_weight` and an nn.Linear by
-    `to_linear`)."""
-    return isinstance(module, nn.Linear) or (callable(getattr(module, "to_linear", None))
-                                             and callable(getattr(module, "dense_weight", None)))
+    """An nn.Linear, or a bf16 Linear laid out for a kernel (`laid_out.LaidOutLinear`: prepacked or
+    row-tiled; its plain weight by `dense_weight`, an nn.Linear by `to_linear`)."""
+    return isinstance(module, (nn.Linear, LaidOutLinear))
 
 
 def check_scheme(scheme: str, group_size: int = DEFAULT_GROUP_SIZE) -> None:
