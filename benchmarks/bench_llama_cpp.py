@@ -85,7 +85,7 @@ class Scheme:
     ours: str  # bench_decode's scheme
 
 
-# bf16: as `load_for_inference` prepares it (`inference.bf16_linear.prepare_bf16`): the rows kernel
+# bf16: as `load_for_inference` prepares it (`inference.packed.prepare_bf16`): the rows kernel
 # where it runs, else prepacked for oneDNN (chosen in the child, `our_scheme`).
 SCHEMES = {s.name: s for s in (Scheme("bf16", "BF16", "bf16-rows"), Scheme("int8", "Q8_0", "int8"),
                                Scheme("int4", "Q4_0", "int4"))}

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from andromeda.inference import native
-from andromeda.inference.bf16_linear import DECODE_ROWS, Bf16RowsLinear, prepare_bf16, use_bf16_rows
+from andromeda.inference.bf16_linear import DECODE_ROWS, Bf16RowsLinear, use_bf16_rows
 from andromeda.inference.generate import generate
-from andromeda.inference.packed import PackedLinear
+from andromeda.inference.packed import PackedLinear, prepare_bf16
 from helpers import random_net
 
 pytestmark = pytest.mark.skipif(not native.bf16_rows_kernel(),

@@ -28,8 +28,7 @@ from torch import Tensor
 from ..choices import DTYPE_NAMES
 from ..folders import CheckpointError
 from ..inference.huge_pages import back_with_huge_pages
-from ..inference.bf16_linear import prepare_bf16
-from ..inference.packed import prepack_if_supported
+from ..inference.packed import prepack_if_supported, prepare_bf16
 from ..inference.quantized_linear import pack_for_decoding
 from ..inference.quantize import (
     DEFAULT_GROUP_SIZE,
@@ -191,7 +190,7 @@ def load_for_inference(source: str | Path | ModelSource, *, device: torch.device
     """The model of `source` as generate, eval, serve and lm-eval run it: in the dtype
     `inference_dtype` chooses, quantized as it loads if asked, in eval mode, with bf16 weights on
     a CPU read by the bf16 rows kernel where it runs and the model is for `decoding`, else prepacked for oneDNN
-    (`inference.bf16_linear.prepare_bf16`: the same products to float32 rounding, up to 3x faster
+    (`inference.packed.prepare_bf16`: the same products to float32 rounding, up to 3x faster
     per decode step than F.linear), and for `decoding` int8 and int4 weights laid out for the VNNI
     kernels' few-row products (`inference.quantized_linear.pack_for_decoding`); CPU
     weights in 2 MiB pages where Linux has them (`inference.huge_pages`)."""

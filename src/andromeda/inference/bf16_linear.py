@@ -21,9 +21,9 @@ wanting gradients, take the same path.
 Like a prepacked layer it is for inference (its weight does not train; `inference_only_modules`
 names it) and the checkpoint is unchanged: `state_dict()` gives the plain bf16 `weight` and
 `bias`, `load_state_dict` tiles what it loads, copies and pickles carry the tiles.
-`prepare_bf16(model)` swaps a model's plain bf16 CPU Linears for it where the kernel runs (a CPU
-with AVX-512 BF16 and the ops library built, `native.bf16_rows_kernel`), else prepacks them for
-oneDNN (`packed.prepack_if_supported`): what `checkpoint.load_for_inference` does; `to_linear`
+`use_bf16_rows(model)` swaps a model's plain bf16 CPU Linears for it where the kernel runs (a CPU
+with AVX-512 BF16 and the ops library built, `native.bf16_rows_kernel`); `packed.prepare_bf16`
+does that, else prepacks them for oneDNN: what `checkpoint.load_for_inference` does; `to_linear`
 and `packed.unpack` give nn.Linears back.
 """
 
@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..model.fused import is_plain_linear
 from . import native
-from .laid_out import LaidOutLinear
+from .laid_out import LaidOutLinear, replace_module
 from .quantized_linear import _slab_matmul
 
 DTYPE = torch.bfloat16
@@ -117,20 +117,9 @@ def use_bf16_rows(module: nn.Module) -> int:
     Bf16RowsLinear with its weight in row tiles, in place, one layer at a time (each plain weight is
     freed once its layer is swapped, if nothing else holds it), where the kernel runs here; returns
     how many."""
-    from .packed import _replace
-
     if not native.bf16_rows_kernel():
         return 0
     names = [name for name, child in module.named_modules() if kernel_takes(child)]
     for name in names:
-        _replace(module, name, Bf16RowsLinear.from_linear)
+        replace_module(module, name, Bf16RowsLinear.from_linear)
     return len(names)
-
-
-def prepare_bf16(module: nn.Module) -> nn.Module:
-    """`module`'s bf16 CPU Linears made ready to decode, in place: read by the rows kernel where it
-    runs (`use_bf16_rows`), else prepacked for oneDNN where that applies; returns `module`."""
-    from .packed import prepack_if_supported
-
-    use_bf16_rows(module)
-    return prepack_if_supported(module)

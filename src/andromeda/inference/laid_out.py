@@ -65,4 +65,11 @@ class LaidOutLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-__all__ = ["LaidOutLinear"]
+def replace_module(module: nn.Module, name: str, make) -> None:
+    """Set the submodule `name` of `module` to make(that submodule), in place."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = module.get_submodule(parent_name)
+    setattr(parent, attr, make(getattr(parent, attr)))
+
+
+__all__ = ["LaidOutLinear", "replace_module"]

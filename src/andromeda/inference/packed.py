@@ -37,8 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from ..model.fused import is_plain_linear
-from .bf16_linear import Bf16RowsLinear
-from .laid_out import LaidOutLinear
+from .bf16_linear import Bf16RowsLinear, use_bf16_rows
+from .laid_out import LaidOutLinear, replace_module
 from .quantize import QuantizedLinear
 from .quantized_linear import compile_refusal
 
@@ -172,7 +172,7 @@ def prepack(module: nn.Module) -> nn.Module:
             raise ValueError(f"cannot prepack layer {name!r}: {reason}")
         names.append(name)
     for name in names:  # by name, so no list holds on to the replaced Linears
-        _replace(module, name, lambda linear: PackedLinear.from_linear(linear))
+        replace_module(module, name, lambda linear: PackedLinear.from_linear(linear))
     return module
 
 
@@ -180,6 +180,14 @@ def prepack_if_supported(module: nn.Module) -> nn.Module:
     """`prepack(module)` where it applies (`can_prepack`: bf16 weights on a CPU with oneDNN's bf16
     kernels), else `module` unchanged; returns it. What generate, eval and serve load models with."""
     return prepack(module) if can_prepack(module) else module
+
+
+def prepare_bf16(module: nn.Module) -> nn.Module:
+    """`module`'s bf16 CPU Linears made ready to decode, in place: read by the rows kernel where it
+    runs (`bf16_linear.use_bf16_rows`), else prepacked for oneDNN where that applies; returns
+    `module`. What `checkpoint.load_for_inference` does for decoding."""
+    use_bf16_rows(module)
+    return prepack_if_supported(module)
 
 
 def unpack(module: nn.Module, *, row_tiles: bool = True) -> nn.Module:
@@ -190,7 +198,7 @@ def unpack(module: nn.Module, *, row_tiles: bool = True) -> nn.Module:
     kinds = (PackedLinear, Bf16RowsLinear) if row_tiles else PackedLinear
     names = [name for name, child in module.named_modules() if isinstance(child, kinds)]
     for name in names:
-        _replace(module, name, lambda layer: layer.to_linear())
+        replace_module(module, name, lambda layer: layer.to_linear())
     return module
 
 
@@ -216,10 +224,3 @@ def _unpackable_reason(linear: nn.Linear) -> str | None:
     if linear.bias is not None and linear.bias.dtype != DTYPE:
         return f"its bias is {linear.bias.dtype}; convert the model first: model.to(torch.bfloat16)"
     return None
-
-
-def _replace(module: nn.Module, name: str, make) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = module.get_submodule(parent_name)
-    setattr(parent, attr, make(getattr(parent, attr)))
-
