@@ -52,6 +52,21 @@ def test_large_weights_move_to_huge_pages_unchanged():
     assert huge_bytes_at(module.weight.data_ptr() + whole_pages // 2) >= whole_pages
 
 
+def test_row_tiles_are_written_into_huge_pages():
+    """A kernel's layout made at load (`native.to_row_tiles`) lands in 2 MiB pages as it is written,
+    with no collapse afterwards; the bytes are the layout's."""
+    from andromeda.inference import native
+
+    weight = torch.randn(4096, 2048, generator=torch.Generator().manual_seed(0)).bfloat16()  # 16 MiB
+    tiles = native.to_row_tiles(weight)
+    assert torch.equal(native.from_row_tiles(tiles, 0, 4096), weight)
+    size = huge_pages.huge_page_size()
+    if size is None:
+        pytest.skip("transparent huge pages are off or not Linux")
+    start, length = huge_pages._aligned_span(tiles, size)
+    assert huge_bytes_at(start + length // 2) >= length - 2 * size
+
+
 def test_nothing_happens_where_huge_pages_are_unavailable(monkeypatch):
     calls = []
     monkeypatch.setattr(huge_pages, "huge_page_size", lambda: None)

@@ -59,6 +59,18 @@ def back_with_huge_pages(module: nn.Module | Iterable[Tensor]) -> int:
     return collapsed
 
 
+def empty_in_huge_pages(*shape: int, dtype: torch.dtype) -> Tensor:
+    """torch.empty(shape, dtype=dtype) on the CPU, its range advised MADV_HUGEPAGE before anything
+    touches it, where huge pages are available: a weight written into it (a kernel's layout made
+    at load) faults in 2 MiB pages straight away, ~3x faster than 4 KiB pages collapsed after."""
+    tensor = torch.empty(*shape, dtype=dtype)
+    size = huge_page_size()
+    span = None if size is None else _aligned_span(tensor, size)
+    if span is not None:
+        _madvise()(span[0], span[1], MADV_HUGEPAGE)
+    return tensor
+
+
 @cache
 def huge_page_size() -> int | None:
     """The transparent huge page size here (2 MiB on x86-64), or None where they cannot be used:

@@ -91,6 +91,7 @@ from torch import Tensor
 
 from ..folders import cache_root
 from ..model.cache import KVCache
+from .huge_pages import empty_in_huge_pages
 
 log = logging.getLogger(__name__)
 
@@ -419,9 +420,13 @@ def to_row_tiles(weight: Tensor, per_block: int | None = None, tile: int = TILE_
     if N % tile:
         padded = weight.new_zeros(tiled_rows(N, tile), width)
         padded[:N] = weight
-    tiles = padded.view(-1, tile, width // per_block, per_block).transpose(1, 2)  # (tiles, blocks, rows, 64 B)
-    tiles = tiles.reshape(-1, width)  # a copy where the blocks interleave (rows of more than one block)
-    return tiles.clone() if tiles.data_ptr() == weight.data_ptr() else tiles
+    blocks = padded.view(-1, tile, width // per_block, per_block).transpose(1, 2)  # (tiles, blocks, rows, 64 B)
+    if weight.device.type == "cpu":  # the stream a kernel reads, in 2 MiB pages where Linux has them
+        tiles = empty_in_huge_pages(padded.shape[0], width, dtype=weight.dtype)
+    else:
+        tiles = torch.empty(padded.shape[0], width, dtype=weight.dtype, device=weight.device)
+    tiles.view(blocks.shape).copy_(blocks)
+    return tiles
 
 
 def from_row_tiles(tiles: Tensor, start: int, end: int, per_block: int | None = None, tile: int = TILE_ROWS) -> Tensor:
