@@ -102,6 +102,7 @@ class Bf16RowsLinear(LaidOutLinear):
         super().__setstate__(state)
         self._kernel = native.bf16_rows_kernel()
 
+
 def kernel_takes(linear: nn.Module) -> bool:
     """Whether `linear` is a plain nn.Linear the kernel can read: a contiguous bf16 CPU weight whose
     rows are whole vectors (K a multiple of 32)."""
