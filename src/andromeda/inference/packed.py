@@ -124,6 +124,7 @@ class PackedLinear(LaidOutLinear):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__({**state, "_packed": _pack(state["_packed"])})
 
+
 # Modules that compute a Linear's forward but cannot be trained: training code can refuse them.
 INFERENCE_ONLY = (PackedLinear, Bf16RowsLinear, *QuantizedLinear)
 
