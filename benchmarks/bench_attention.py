@@ -64,6 +64,8 @@ def main() -> None:
     def kernel():
         return kernel_module.causal_attention(q, k, v, positions, slopes, scale)
 
+    amx = kernel_module.amx_tiles() and D % kernel_module.AMX_HEAD_MULTIPLE == 0
+
     def sdpa_alibi():  # the model's path without the kernel
         qa, ka, va = _append_alibi_channels(q, k, v, slopes, positions, T // 2, scale, parts=2)
         out = F.scaled_dot_product_attention(qa, ka, va, is_causal=True, scale=1.0, enable_gqa=True)
@@ -80,9 +82,19 @@ def main() -> None:
     print("| round | path | forward ms | GFLOP/s | backward ms | GFLOP/s |")
     print("|---|---|---|---|---|---|")
     for round_ in range(1, args.rounds + 1):
-        for name, function in (("kernel", kernel), ("SDPA + 2 ALiBi channels (the model without the kernel)",
-                                                     sdpa_alibi), ("SDPA, no ALiBi", sdpa_plain)):
-            forward, backward = timed(function, grad, args.repeats)
+        paths = [("kernel, AMX tiles" if amx else "kernel", kernel)]
+        if amx:  # the AVX-512 BF16 products the kernel takes on CPUs without AMX tiles, forward and backward
+            paths.append(("kernel, vdpbf16ps (no AMX)", None))
+        paths += [("SDPA + 2 ALiBi channels (the model without the kernel)", sdpa_alibi), ("SDPA, no ALiBi", sdpa_plain)]
+        for name, function in paths:
+            if function is None:
+                tiles, kernel_module.amx_tiles = kernel_module.amx_tiles, lambda: False
+                try:
+                    forward, backward = timed(kernel, grad, args.repeats)
+                finally:
+                    kernel_module.amx_tiles = tiles
+            else:
+                forward, backward = timed(function, grad, args.repeats)
             print(f"| {round_} | {name} | {forward * 1e3:.1f} | {work / forward / 1e9:.0f} | {backward * 1e3:.1f} | "
                   f"{2.5 * work / backward / 1e9:.0f} |")
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from andromeda import Config
+from andromeda.inference import native
 from andromeda.model import Transformer, build_transformer
 from andromeda.model import attention as attention_module
 from andromeda.train import attention_kernel as kernel_module
@@ -75,6 +76,42 @@ def test_kernel_agrees_with_float32_attention_as_closely_as_bf16_sdpa(B, H, K, T
     for name, got, want, peer in zip(("out", "dq", "dk", "dv"), ours, exact, bf16):
         assert got.dtype == torch.bfloat16 and got.shape == want.shape
         assert relative_error(got, want) < 1.5 * relative_error(peer, want) + 4e-3, name
+
+
+AMX_CPU = {"amx_tile", "amx_bf16"} <= (native.cpu_flags() or frozenset())
+needs_amx = pytest.mark.skipif(not AMX_CPU, reason="no AMX tiles on this CPU")
+
+
+@needs_amx
+def test_the_amx_path_is_built_and_taken_where_the_cpu_has_tiles():
+    """Where the CPU lists AMX tiles the kernel's products run on them (a build that fell back to
+    vdpbf16ps alone would pass every other test here)."""
+    assert kernel_module.amx_tiles()
+
+
+@needs_amx
+@pytest.mark.parametrize("B, H, K, T, D, alibi, batch_positions", [
+    (1, 2, 1, 64, 64, True, False),
+    (2, 4, 2, 100, 64, True, True),  # a partial tile, positions per row
+    (1, 4, 2, 193, 32, False, False),
+    (1, 4, 1, 130, 128, True, False),
+    (1, 2, 2, 5, 256, True, False),  # fewer queries than a tile row
+])
+def test_amx_products_give_the_vdpbf16ps_results(B, H, K, T, D, alibi, batch_positions, monkeypatch):
+    """The AMX path (backward transposed) against the AVX-512 BF16 path on the same inputs: the
+    same products in another order and layout: equal but for float32 summation order (a bf16 step
+    where a probability or score gradient rounds the other way; measured <= 2e-4 relative), and as
+    close to float32 attention."""
+    q, k, v, positions, slopes = inputs(B, H, K, T, D, seed=7 * T + D, alibi=alibi, batch_positions=batch_positions)
+    grad = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(2)).bfloat16()
+    scale = D**-0.5
+    amx = gradients(causal_attention, q, k, v, grad, positions, slopes, scale)
+    monkeypatch.setattr(kernel_module, "amx_tiles", lambda: False)
+    vector = gradients(causal_attention, q, k, v, grad, positions, slopes, scale)
+    exact = gradients(reference_attention, q.float(), k.float(), v.float(), grad.float(), positions, slopes, scale)
+    for name, a, b, want in zip(("out", "dq", "dk", "dv"), amx, vector, exact):
+        assert relative_error(a, b.float()) < 2e-3, name
+        assert relative_error(a, want) < 1.1 * relative_error(b, want) + 2e-4, name
 
 
 def test_strided_inputs_and_gradients_as_the_model_gives_them():

@@ -7,7 +7,9 @@ one small GEMM call each, and the model's ALiBi rides along as two extra key cha
 online softmax over 64 x 64 tiles forward, the probabilities recomputed from the saved
 log-sum-exp backward) with every tile's product done in registers by AVX-512 BF16's vdpbf16ps
 (bf16 pairs, float32 sums), ALiBi computed in the kernel from the positions, and the grouped
-key/value heads read in place:
+key/value heads read in place. Where the CPU has AMX tiles (Sapphire Rapids on) and the head size is
+a multiple of 32, the tiles' products are AMX's (`amx_tiles()`), the backward worked transposed so
+that every product's left operand is a row-major matrix, as AMX reads it:
 
     out_i = sum_{j <= i} softmax_j(scale q_i . k_j - slope_h |p_i - p_j|) v_j
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import subprocess
 from functools import cache
 from pathlib import Path
 
@@ -45,6 +48,8 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parents[1] / "inference" / "kernels" / "flash_attention.c"
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-fopenmp",
          "-shared", "-fPIC", "-std=gnu11", "-lm")
+AMX_FLAGS = ("-mamx-tile", "-mamx-bf16")  # tried first: a compiler without them builds the AVX-512 BF16 path alone
+AMX_HEAD_MULTIPLE = 32  # AMX products take heads of a multiple of 32 (a tile row: 32 bf16); others keep vdpbf16ps
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
 TILE = 64  # the kernel's tile of queries and of keys; sequences are padded to a multiple in its buffers
 MAX_HEAD = 256
@@ -89,7 +94,7 @@ class _Args(ctypes.Structure):
         ("dout", ctypes.c_void_p), ("dout_stride", ctypes.c_int64 * 3),
         ("dq", ctypes.c_void_p), ("dk", ctypes.c_void_p), ("dv", ctypes.c_void_p),
         ("dq_stride", ctypes.c_int64 * 3), ("dk_stride", ctypes.c_int64 * 3), ("dv_stride", ctypes.c_int64 * 3),
-        ("partials", ctypes.c_void_p),
+        ("partials", ctypes.c_void_p), ("amx", ctypes.c_int64),
     ]
 
 
@@ -132,7 +137,8 @@ def _common(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, slopes: Tensor |
     return _Args(B=B, H=H, K=k.shape[1], T=T, D=D, q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(),
                  q_stride=_strides(q), k_stride=_strides(k), v_stride=_strides(v),
                  positions=positions.data_ptr(), positions_stride=T if positions.shape[0] > 1 else 0,
-                 slopes=None if slopes is None else slopes.data_ptr(), scale=scale)
+                 slopes=None if slopes is None else slopes.data_ptr(), scale=scale,
+                 amx=int(D % AMX_HEAD_MULTIPLE == 0 and amx_tiles()))
 
 
 def _padded(T: int) -> int:
@@ -239,7 +245,24 @@ def use_attention_kernel(model: nn.Module) -> bool:
 @cache
 def unavailable_reason() -> str | None:
     """Why the kernel cannot run here (no AVX-512 BF16, no C compiler, a failed build), or None."""
-    return missing_support(CPU_FLAGS, SOURCE, lambda: build_library(SOURCE, FLAGS))
+    return missing_support(CPU_FLAGS, SOURCE, _library_path)
+
+
+@cache
+def _library_path() -> Path:
+    """The kernel's library, with its AMX path where the compiler has the flags."""
+    try:
+        return build_library(SOURCE, FLAGS + AMX_FLAGS)
+    except (OSError, subprocess.CalledProcessError) as error:
+        log.info("attention kernel built without AMX (%s)", error)
+        return build_library(SOURCE, FLAGS)
+
+
+@cache
+def amx_tiles() -> bool:
+    """Whether the kernel's products run on AMX tiles here (Sapphire Rapids on, for heads of a
+    multiple of 32): built with them and granted them by Linux; else AVX-512 BF16's vdpbf16ps."""
+    return unavailable_reason() is None and bool(ctypes.CDLL(str(_library_path())).andromeda_flash_amx())
 
 
 @cache
@@ -248,7 +271,7 @@ def _kernels() -> tuple[ctypes._CFuncPtr, ctypes._CFuncPtr]:
     if reason is not None:  # a model pickled where the kernel ran, loaded where it cannot
         raise RuntimeError(f"the attention kernel cannot run here: {reason}; set the model's "
                            f"causal_attention to None to use PyTorch's SDPA")
-    library = ctypes.CDLL(str(build_library(SOURCE, FLAGS)))
+    library = ctypes.CDLL(str(_library_path()))
     functions = library.andromeda_flash_forward, library.andromeda_flash_backward
     for function in functions:
         function.argtypes = [ctypes.POINTER(_Args)]

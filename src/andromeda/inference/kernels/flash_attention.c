@@ -33,6 +33,12 @@
 
 #include "avx512_math.h"
 #include "scratch.h"
+#ifdef __AMX_BF16__
+#include "amx.h"
+#define HAVE_AMX 1
+#else
+#define HAVE_AMX 0
+#endif
 
 #define TILE 64
 
@@ -54,7 +60,17 @@ typedef struct {
   uint16_t *dq, *dk, *dv;
   int64_t dq_stride[3], dk_stride[3], dv_stride[3];
   float *partials;  // 2 x B x H x padded T x D float32: each query head's dK and dV
+  int64_t amx;  // 1: the products by AMX tiles (`andromeda_flash_amx()` granted them, D % 32 == 0)
 } FlashArgs;
+
+// 1 where this library was built with AMX and Linux granted this process the tiles.
+int andromeda_flash_amx(void) {
+#if HAVE_AMX
+  return amx_request();
+#else
+  return 0;
+#endif
+}
 
 static inline int64_t padded(int64_t T) { return (T + TILE - 1) / TILE * TILE; }
 
@@ -103,6 +119,48 @@ static void gemm(int64_t M, int64_t N, int64_t pairs, const uint32_t *a, int64_t
   }
 }
 
+
+#if HAVE_AMX
+// C (M x N) = (load ? C : 0) + A B by AMX tiles: A (M x 2 pairs bf16) row-major at lda elements, B
+// `pairs` rows of N bf16 pairs at ldb elements, C float32 at row stride ldc; M and N multiples of 32,
+// pairs of 16. The calling thread's tiles configured by `amx_configure(8)`: a 32 x 32 block of C in
+// tiles 0-3, A's two 16-row slices in 4-5, B's two 16-column slices in 6-7.
+static void amx_gemm(int64_t M, int64_t N, int64_t pairs, const uint16_t *a, int64_t lda, const uint16_t *b,
+                     int64_t ldb, float *c, int64_t ldc, int load) {
+  const int64_t cs = ldc * 4, as = lda * 2, bs = ldb * 2;
+  for (int64_t m = 0; m < M; m += 32)
+    for (int64_t n = 0; n < N; n += 32) {
+      float *c0 = c + m * ldc + n, *c1 = c0 + 16 * ldc;
+      if (load) {
+        _tile_loadd(0, c0, cs);
+        _tile_loadd(1, c0 + 16, cs);
+        _tile_loadd(2, c1, cs);
+        _tile_loadd(3, c1 + 16, cs);
+      } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      }
+      for (int64_t p = 0; p < pairs; p += 16) {
+        const uint16_t *a0 = a + m * lda + 2 * p, *b0 = b + p * ldb + 2 * n;
+        _tile_loadd(4, a0, as);
+        _tile_loadd(5, a0 + 16 * lda, as);
+        _tile_loadd(6, b0, bs);
+        _tile_loadd(7, b0 + 32, bs);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, c0, cs);
+      _tile_stored(1, c0 + 16, cs);
+      _tile_stored(2, c1, cs);
+      _tile_stored(3, c1 + 16, cs);
+    }
+}
+#endif
+
 // ------------------------------------------------------------------------------------ packing
 
 // x (T, D) rows at `stride` into pairs over d: out[d / 2][t][2], T padded with zeros to `Tp`.
@@ -141,8 +199,23 @@ static void pack_over_t(const uint16_t *x, int64_t stride, int64_t T, int64_t Tp
   }
 }
 
+// x (T, D) rows at `stride` as rows of D, T padded with zero rows to Tp.
+static void pack_rows(const uint16_t *x, int64_t stride, int64_t T, int64_t Tp, int64_t D, uint16_t *out) {
+  for (int64_t t = 0; t < Tp; ++t) {
+    if (t < T) memcpy(out + t * D, x + t * stride, (size_t)D * 2);
+    else memset(out + t * D, 0, (size_t)D * 2);
+  }
+}
+
+// x (T, D) rows at `stride` transposed: out[d][t], rows of Tp, T padded with zeros.
+static void pack_transposed(const uint16_t *x, int64_t stride, int64_t T, int64_t Tp, int64_t D, uint16_t *out) {
+  for (int64_t t = 0; t < Tp; ++t)
+    for (int64_t d = 0; d < D; ++d) out[d * Tp + t] = t < T ? x[t * stride + d] : 0;
+}
+
 // The packed keys and values of (b, kv), slot `which`: forward 0 = K over d, 1 = V over t;
-// backward 0 = K over d, 1 = V over d, 2 = K over t.
+// backward 0 = K over d, 1 = V over d, 2 = K over t; the AMX backward 0 = K rows, 1 = V rows,
+// 2 = K transposed (D x padded T).
 static uint16_t *packed_at(const FlashArgs *a, int which, int64_t b, int64_t kv) {
   const int64_t size = padded(a->T) * a->D;
   const int64_t heads = a->B * a->K;
@@ -156,10 +229,15 @@ static void pack_keys_values(const FlashArgs *a, int backward, uint16_t *zeros) 
     for (int64_t kv = 0; kv < a->K; ++kv) {
       const uint16_t *k = a->k + b * a->k_stride[0] + kv * a->k_stride[1];
       const uint16_t *v = a->v + b * a->v_stride[0] + kv * a->v_stride[1];
-      pack_over_d(k, a->k_stride[2], a->T, Tp, D, packed_at(a, 0, b, kv));  // S = Q K^T
       if (!backward) {
+        pack_over_d(k, a->k_stride[2], a->T, Tp, D, packed_at(a, 0, b, kv));  // S = Q K^T
         pack_over_t(v, a->v_stride[2], a->T, Tp, D, packed_at(a, 1, b, kv), zeros);  // O += P V
+      } else if (a->amx) {
+        pack_rows(k, a->k_stride[2], a->T, Tp, D, packed_at(a, 0, b, kv));  // S^T = K Q^T
+        pack_rows(v, a->v_stride[2], a->T, Tp, D, packed_at(a, 1, b, kv));  // dP^T = V dO^T
+        pack_transposed(k, a->k_stride[2], a->T, Tp, D, packed_at(a, 2, b, kv));  // dQ^T += K^T dS^T
       } else {
+        pack_over_d(k, a->k_stride[2], a->T, Tp, D, packed_at(a, 0, b, kv));  // S = Q K^T
         pack_over_d(v, a->v_stride[2], a->T, Tp, D, packed_at(a, 1, b, kv));  // dP = dO V^T
         pack_over_t(k, a->k_stride[2], a->T, Tp, D, packed_at(a, 2, b, kv), zeros);  // dQ += dS K
       }
@@ -202,7 +280,7 @@ static inline void finish_scores(float *s, int64_t rows, int64_t i0, int64_t j0,
 
 // ------------------------------------------------------------------------------------ forward
 
-typedef struct { float *s, *o, *m, *l; uint16_t *p; } ForwardScratch;
+typedef struct { float *s, *o, *m, *l; uint16_t *p, *q; } ForwardScratch;  // q: a tail tile's queries, padded
 
 static void forward_tile(const FlashArgs *a, int64_t b, int64_t h, int64_t i0, const ForwardScratch *w) {
   const int64_t T = a->T, D = a->D, Tp = padded(T), rows = T - i0 < TILE ? T - i0 : TILE;
@@ -215,9 +293,18 @@ static void forward_tile(const FlashArgs *a, int64_t b, int64_t h, int64_t i0, c
   memset(w->o, 0, (size_t)(TILE * D) * sizeof(float));
   memset(w->p, 0, (size_t)(TILE * TILE) * sizeof(uint16_t));
   const int64_t last = (i0 + rows - 1) / TILE;
+#if HAVE_AMX
+  const uint16_t *qa = q;  // AMX products read whole tiles: a tail tile's queries padded with zero rows
+  int64_t lda = a->q_stride[2];
+  if (a->amx && rows < TILE) pack_rows(q, a->q_stride[2], rows, TILE, D, w->q), qa = w->q, lda = D;
+#endif
   for (int64_t kb = 0; kb <= last; ++kb) {
     const int64_t j0 = kb * TILE;
-    gemm(rows, TILE, D / 2, (const uint32_t *)q, a->q_stride[2] / 2, 1, kd + j0 * 2, Tp * 2, w->s, TILE, 0);
+#if HAVE_AMX
+    if (a->amx) amx_gemm(TILE, TILE, D / 2, qa, lda, kd + j0 * 2, Tp * 2, w->s, TILE, 0);
+    else
+#endif
+      gemm(rows, TILE, D / 2, (const uint32_t *)q, a->q_stride[2] / 2, 1, kd + j0 * 2, Tp * 2, w->s, TILE, 0);
     finish_scores(w->s, rows, i0, j0, T, a->scale, slope, pos);
     for (int64_t r = 0; r < rows; ++r) {
       float *s = w->s + r * TILE;
@@ -242,7 +329,11 @@ static void forward_tile(const FlashArgs *a, int64_t b, int64_t h, int64_t i0, c
         for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), _mm512_set1_ps(alpha)));
       }
     }
-    gemm(rows, D, TILE / 2, (const uint32_t *)w->p, TILE / 2, 1, vt + j0 * D, 2 * D, w->o, D, 1);
+#if HAVE_AMX
+    if (a->amx) amx_gemm(TILE, D, TILE / 2, w->p, TILE, vt + j0 * D, 2 * D, w->o, D, 1);
+    else
+#endif
+      gemm(rows, D, TILE / 2, (const uint32_t *)w->p, TILE / 2, 1, vt + j0 * D, 2 * D, w->o, D, 1);
   }
   uint16_t *out = a->out + b * a->out_stride[0] + h * a->out_stride[1] + i0 * a->out_stride[2];
   float *lse = a->lse + (b * a->H + h) * T + i0;
@@ -266,17 +357,24 @@ int andromeda_flash_forward(const FlashArgs *a) {
     uint16_t zeros[256] = {0};
     pack_keys_values(a, 0, zeros);
     const size_t floats = (size_t)(TILE * TILE + TILE * D + 2 * TILE);
-    float *base = (float *)thread_buffer(&forward_buffer, &forward_capacity, floats * 4 + TILE * TILE * 2 + 64);
+    float *base = (float *)thread_buffer(&forward_buffer, &forward_capacity, floats * 4 + (TILE * TILE + TILE * D) * 2 + 64);
     ForwardScratch w = {0};
     if (base) w = (ForwardScratch){base, base + TILE * TILE, base + TILE * TILE + TILE * D,
-                                   base + TILE * TILE + TILE * D + TILE, (uint16_t *)(base + floats)};
+                                   base + TILE * TILE + TILE * D + TILE, (uint16_t *)(base + floats),
+                                   (uint16_t *)(base + floats) + TILE * TILE};
     else failed = 1;
+#if HAVE_AMX
+    if (a->amx) amx_configure(8);
+#endif
     // the longest tiles (most key tiles) first: dynamic scheduling balances the rest
 #pragma omp for schedule(dynamic, 1) collapse(3)
     for (int64_t t = 0; t < tiles; ++t)
       for (int64_t b = 0; b < a->B; ++b)
         for (int64_t h = 0; h < a->H; ++h)
           if (base) forward_tile(a, b, h, (tiles - 1 - t) * TILE, &w);
+#if HAVE_AMX
+    if (a->amx) _tile_release();
+#endif
   }
   return failed ? 2 : 0;
 }
@@ -285,8 +383,9 @@ int andromeda_flash_forward(const FlashArgs *a) {
 
 typedef struct {
   uint16_t *qt, *dot;  // this head's queries and output gradient packed over t: (Tp / 2, D, 2)
-  float *dq, *delta, *lse, *s, *dp;
-  uint16_t *p, *pv, *ds, *dsv;  // P and dS as rows (TILE x TILE) and as interleaved row pairs
+  uint16_t *qd, *dod;  // AMX: the same packed over d, (D / 2, Tp, 2)
+  float *dq, *delta, *lse, *s, *dp;  // AMX: dq transposed (D x Tp); delta and lse padded with zeros
+  uint16_t *p, *pv, *ds, *dsv;  // P and dS as rows (TILE x TILE) and as interleaved row pairs (AMX: P^T, dS^T)
 } BackwardScratch;
 
 // P = exp(S - lse) for `rows` valid rows (the rest 0; all NaN where the forward's row was), into
@@ -331,21 +430,13 @@ static void score_gradients(BackwardScratch *w, int64_t rows, const float *delta
   for (int64_t r = 0; r < TILE; r += 2) interleave(w->ds + r * TILE, w->ds + (r + 1) * TILE, TILE, w->dsv + r * TILE);
 }
 
-static void backward_head(const FlashArgs *a, int64_t b, int64_t h, BackwardScratch *w, uint16_t *zeros) {
-  const int64_t T = a->T, D = a->D, Tp = padded(T), tiles = Tp / TILE;
-  const int64_t kv = h / (a->H / a->K);
-  const uint16_t *q = a->q + b * a->q_stride[0] + h * a->q_stride[1];
+// The head's log-sum-exp from the forward and delta_i = dO_i . O_i, into w->lse and w->delta.
+static void row_statistics(const FlashArgs *a, int64_t b, int64_t h, BackwardScratch *w) {
+  const int64_t T = a->T, D = a->D;
   const uint16_t *dout = a->dout + b * a->dout_stride[0] + h * a->dout_stride[1];
   const uint16_t *out = a->out + b * a->out_stride[0] + h * a->out_stride[1];
-  const uint16_t *kd = packed_at(a, 0, b, kv), *vd = packed_at(a, 1, b, kv), *kt = packed_at(a, 2, b, kv);
-  const float slope = a->slopes ? a->slopes[h] : 0.0f;
-  const float *pos = a->positions + b * a->positions_stride;
-  float *dk = a->partials + (b * a->H + h) * Tp * D;
-  float *dv = a->partials + ((a->B + b) * a->H + h) * Tp * D;
-  pack_over_t(q, a->q_stride[2], T, Tp, D, w->qt, zeros);
-  pack_over_t(dout, a->dout_stride[2], T, Tp, D, w->dot, zeros);
   memcpy(w->lse, a->lse + (b * a->H + h) * T, (size_t)T * sizeof(float));
-  for (int64_t i = 0; i < T; ++i) {  // delta_i = dO_i . O_i
+  for (int64_t i = 0; i < T; ++i) {
     __m512 sum = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d += 16) {
       const __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(dout + i * a->dout_stride[2] + d)));
@@ -354,6 +445,21 @@ static void backward_head(const FlashArgs *a, int64_t b, int64_t h, BackwardScra
     }
     w->delta[i] = _mm512_reduce_add_ps(sum);
   }
+}
+
+static void backward_head(const FlashArgs *a, int64_t b, int64_t h, BackwardScratch *w, uint16_t *zeros) {
+  const int64_t T = a->T, D = a->D, Tp = padded(T), tiles = Tp / TILE;
+  const int64_t kv = h / (a->H / a->K);
+  const uint16_t *q = a->q + b * a->q_stride[0] + h * a->q_stride[1];
+  const uint16_t *dout = a->dout + b * a->dout_stride[0] + h * a->dout_stride[1];
+  const uint16_t *kd = packed_at(a, 0, b, kv), *vd = packed_at(a, 1, b, kv), *kt = packed_at(a, 2, b, kv);
+  const float slope = a->slopes ? a->slopes[h] : 0.0f;
+  const float *pos = a->positions + b * a->positions_stride;
+  float *dk = a->partials + (b * a->H + h) * Tp * D;
+  float *dv = a->partials + ((a->B + b) * a->H + h) * Tp * D;
+  pack_over_t(q, a->q_stride[2], T, Tp, D, w->qt, zeros);
+  pack_over_t(dout, a->dout_stride[2], T, Tp, D, w->dot, zeros);
+  row_statistics(a, b, h, w);
   memset(w->dq, 0, (size_t)(Tp * D) * sizeof(float));
   memset(dk, 0, (size_t)(Tp * D) * sizeof(float));
   memset(dv, 0, (size_t)(Tp * D) * sizeof(float));
@@ -379,6 +485,114 @@ static void backward_head(const FlashArgs *a, int64_t b, int64_t h, BackwardScra
       _mm256_storeu_si256((__m256i *)(dq + i * a->dq_stride[2] + d), round_bf16(_mm512_loadu_ps(w->dq + i * D + d)));
 }
 
+#if HAVE_AMX
+// S^T (TILE keys from j0 x TILE queries from i0, row stride TILE) scaled, with ALiBi, and -inf where
+// the query is before the key or past T.
+static inline void finish_scores_transposed(float *s, int64_t j0, int64_t i0, int64_t T, float scale, float slope,
+                                            const float *pos) {
+  const __m512 lanes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
+  for (int64_t r = 0; r < TILE; ++r) {
+    const int64_t j = j0 + r;
+    const __m512 pj = _mm512_set1_ps(slope != 0.0f && j < T ? pos[j] : 0.0f);
+    for (int64_t c = 0; c < TILE; c += 16) {
+      const int64_t i = i0 + c;
+      __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + r * TILE + c), _mm512_set1_ps(scale));
+      if (slope != 0.0f) {
+        const __mmask16 in = i >= T ? 0 : i + 16 <= T ? (__mmask16)0xFFFF : (__mmask16)((1u << (T - i)) - 1);
+        const __m512 distance = _mm512_abs_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(in, pos + i), pj));
+        x = _mm512_fnmadd_ps(_mm512_set1_ps(slope), distance, x);
+      }
+      if (i < j || i + 16 > T) {  // queries before the key or past T
+        const __m512 column = _mm512_add_ps(_mm512_set1_ps((float)i), lanes);
+        const __mmask16 out = _mm512_cmp_ps_mask(column, _mm512_set1_ps((float)j), _CMP_LT_OQ) |
+                              _mm512_cmp_ps_mask(column, _mm512_set1_ps((float)(T - 1)), _CMP_GT_OQ);
+        x = _mm512_mask_mov_ps(x, out, minus_inf);
+      }
+      _mm512_storeu_ps(s + r * TILE + c, x);
+    }
+  }
+}
+
+// P^T = exp(S^T - lse) by column (NaN on the entries a NaN row of the forward reads), in w->s in
+// float32 and as bf16 rows in w->p.
+static void probabilities_transposed(BackwardScratch *w, const float *lse) {
+  const __m512 none = _mm512_set1_ps(-INFINITY), nan = _mm512_set1_ps(NAN);
+  for (int64_t r = 0; r < TILE; ++r) {
+    float *s = w->s + r * TILE;
+    for (int64_t c = 0; c < TILE; c += 32) {
+      const __m512 x0 = _mm512_loadu_ps(s + c), x1 = _mm512_loadu_ps(s + c + 16);
+      const __m512 l0 = _mm512_loadu_ps(lse + c), l1 = _mm512_loadu_ps(lse + c + 16);
+      __m512 e0 = exp512(_mm512_sub_ps(x0, l0)), e1 = exp512(_mm512_sub_ps(x1, l1));
+      e0 = _mm512_mask_mov_ps(e0, _mm512_cmp_ps_mask(l0, l0, _CMP_UNORD_Q) & _mm512_cmp_ps_mask(x0, none, _CMP_NEQ_UQ), nan);
+      e1 = _mm512_mask_mov_ps(e1, _mm512_cmp_ps_mask(l1, l1, _CMP_UNORD_Q) & _mm512_cmp_ps_mask(x1, none, _CMP_NEQ_UQ), nan);
+      _mm512_storeu_ps(s + c, e0);
+      _mm512_storeu_ps(s + c + 16, e1);
+      _mm512_storeu_si512((void *)(w->p + r * TILE + c), (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+    }
+  }
+}
+
+// dS^T = scale P^T (dP^T - delta) by column, as bf16 rows (w->ds) and interleaved row pairs (w->dsv).
+static void score_gradients_transposed(BackwardScratch *w, const float *delta, float scale) {
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t r = 0; r < TILE; ++r)
+    for (int64_t c = 0; c < TILE; c += 32) {
+      const float *p = w->s + r * TILE + c, *dp = w->dp + r * TILE + c;
+      const __m512 g0 = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(p), sc),
+                                      _mm512_sub_ps(_mm512_loadu_ps(dp), _mm512_loadu_ps(delta + c)));
+      const __m512 g1 = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(p + 16), sc),
+                                      _mm512_sub_ps(_mm512_loadu_ps(dp + 16), _mm512_loadu_ps(delta + c + 16)));
+      _mm512_storeu_si512((void *)(w->ds + r * TILE + c), (__m512i)_mm512_cvtne2ps_pbh(g1, g0));
+    }
+  for (int64_t r = 0; r < TILE; r += 2) interleave(w->ds + r * TILE, w->ds + (r + 1) * TILE, TILE, w->dsv + r * TILE);
+}
+
+// backward_head by AMX tiles, transposed (the file's header): each product's A a row-major matrix.
+static void backward_head_amx(const FlashArgs *a, int64_t b, int64_t h, BackwardScratch *w, uint16_t *zeros) {
+  const int64_t T = a->T, D = a->D, Tp = padded(T), tiles = Tp / TILE;
+  const int64_t kv = h / (a->H / a->K);
+  const uint16_t *q = a->q + b * a->q_stride[0] + h * a->q_stride[1];
+  const uint16_t *dout = a->dout + b * a->dout_stride[0] + h * a->dout_stride[1];
+  const uint16_t *kr = packed_at(a, 0, b, kv), *vr = packed_at(a, 1, b, kv), *kt = packed_at(a, 2, b, kv);
+  const float slope = a->slopes ? a->slopes[h] : 0.0f;
+  const float *pos = a->positions + b * a->positions_stride;
+  float *dk = a->partials + (b * a->H + h) * Tp * D;
+  float *dv = a->partials + ((a->B + b) * a->H + h) * Tp * D;
+  pack_over_d(q, a->q_stride[2], T, Tp, D, w->qd);
+  pack_over_d(dout, a->dout_stride[2], T, Tp, D, w->dod);
+  pack_over_t(q, a->q_stride[2], T, Tp, D, w->qt, zeros);
+  pack_over_t(dout, a->dout_stride[2], T, Tp, D, w->dot, zeros);
+  row_statistics(a, b, h, w);
+  memset(w->lse + T, 0, (size_t)(Tp - T) * sizeof(float));
+  memset(w->delta + T, 0, (size_t)(Tp - T) * sizeof(float));
+  memset(w->dq, 0, (size_t)(Tp * D) * sizeof(float));
+  memset(dk, 0, (size_t)(Tp * D) * sizeof(float));
+  memset(dv, 0, (size_t)(Tp * D) * sizeof(float));
+  for (int64_t kb = 0; kb < tiles; ++kb) {
+    const int64_t j0 = kb * TILE;
+    for (int64_t qb = kb; qb < tiles; ++qb) {
+      const int64_t i0 = qb * TILE;
+      amx_gemm(TILE, TILE, D / 2, kr + j0 * D, D, w->qd + 2 * i0, 2 * Tp, w->s, TILE, 0);
+      finish_scores_transposed(w->s, j0, i0, T, a->scale, slope, pos);
+      probabilities_transposed(w, w->lse + i0);
+      amx_gemm(TILE, D, TILE / 2, w->p, TILE, w->dot + i0 * D, 2 * D, dv + j0 * D, D, 1);  // dV += P^T dO
+      amx_gemm(TILE, TILE, D / 2, vr + j0 * D, D, w->dod + 2 * i0, 2 * Tp, w->dp, TILE, 0);  // dP^T = V dO^T
+      score_gradients_transposed(w, w->delta + i0, a->scale);
+      amx_gemm(TILE, D, TILE / 2, w->ds, TILE, w->qt + i0 * D, 2 * D, dk + j0 * D, D, 1);  // dK += dS^T Q
+      amx_gemm(D, TILE, TILE / 2, kt + j0, Tp, w->dsv, 2 * TILE, w->dq + i0, Tp, 1);  // dQ^T += K^T dS^T
+    }
+  }
+  uint16_t *dq = a->dq + b * a->dq_stride[0] + h * a->dq_stride[1];
+  const __m512i down = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32((int)Tp));
+  for (int64_t i = 0; i < T; ++i)  // dQ^T back to rows
+    for (int64_t d = 0; d < D; d += 16)
+      _mm256_storeu_si256((__m256i *)(dq + i * a->dq_stride[2] + d),
+                          round_bf16(_mm512_i32gather_ps(down, w->dq + d * Tp + i, 4)));
+}
+#endif
+
 static _Thread_local void *backward_buffer;
 static _Thread_local size_t backward_capacity;
 
@@ -389,9 +603,10 @@ int andromeda_flash_backward(const FlashArgs *a) {
   {
     uint16_t zeros[256] = {0};
     pack_keys_values(a, 1, zeros);
-    // floats: dq (Tp D), delta, lse (Tp each), s, dp (TILE^2 each); bf16: qt, dot (Tp D each), 4 x TILE^2
+    // floats: dq (Tp D), delta, lse (Tp each), s, dp (TILE^2 each); bf16: qt, dot (and for AMX qd, dod;
+    // Tp D each), 4 x TILE^2
     const size_t floats = (size_t)(Tp * D + 2 * Tp + 2 * TILE * TILE);
-    const size_t halves = (size_t)(2 * Tp * D + 4 * TILE * TILE);
+    const size_t halves = (size_t)((a->amx ? 4 : 2) * Tp * D + 4 * TILE * TILE);
     float *base = (float *)thread_buffer(&backward_buffer, &backward_capacity, floats * 4 + halves * 2 + 64);
     BackwardScratch w = {0};
     if (base) {
@@ -399,13 +614,28 @@ int andromeda_flash_backward(const FlashArgs *a) {
       uint16_t *half = (uint16_t *)(base + floats);
       w.qt = half, w.dot = half + Tp * D, w.p = half + 2 * Tp * D;
       w.pv = w.p + TILE * TILE, w.ds = w.pv + TILE * TILE, w.dsv = w.ds + TILE * TILE;
+      if (a->amx) w.qd = w.dsv + TILE * TILE, w.dod = w.qd + Tp * D;
     } else {
       failed = 1;
     }
+#if HAVE_AMX
+    if (a->amx) amx_configure(8);
+#endif
 #pragma omp for schedule(dynamic, 1) collapse(2)
     for (int64_t b = 0; b < a->B; ++b)
-      for (int64_t h = 0; h < a->H; ++h)
-        if (base) backward_head(a, b, h, &w, zeros);
+      for (int64_t h = 0; h < a->H; ++h) {
+        if (!base) continue;
+#if HAVE_AMX
+        if (a->amx) {
+          backward_head_amx(a, b, h, &w, zeros);
+          continue;
+        }
+#endif
+        backward_head(a, b, h, &w, zeros);
+      }
+#if HAVE_AMX
+    if (a->amx) _tile_release();
+#endif
     // each key/value head's gradients: the sum of its group's partials, in bf16
 #pragma omp for schedule(static) collapse(3)
     for (int64_t b = 0; b < a->B; ++b)
