@@ -163,8 +163,20 @@ static void amx_gemm(int64_t M, int64_t N, int64_t pairs, const uint16_t *a, int
 
 // ------------------------------------------------------------------------------------ packing
 
-// x (T, D) rows at `stride` into pairs over d: out[d / 2][t][2], T padded with zeros to `Tp`.
+// x (T, D) rows at `stride` into pairs over d: out[d / 2][t][2], T padded with zeros to `Tp`: a
+// transpose of 32-bit pairs, 16 x 16 at a time where D is a multiple of 32.
 static void pack_over_d(const uint16_t *x, int64_t stride, int64_t T, int64_t Tp, int64_t D, uint16_t *out) {
+  if (D % 32 == 0) {
+    for (int64_t t0 = 0; t0 < Tp; t0 += 16)
+      for (int64_t w0 = 0; w0 < D / 2; w0 += 16) {
+        __m512 r[16];
+        for (int i = 0; i < 16; ++i)
+          r[i] = t0 + i < T ? _mm512_loadu_ps((const float *)(x + (t0 + i) * stride) + w0) : _mm512_setzero_ps();
+        transpose16(r);
+        for (int w = 0; w < 16; ++w) _mm512_storeu_ps((float *)out + (w0 + w) * Tp + t0, r[w]);
+      }
+    return;
+  }
   for (int64_t t = 0; t < Tp; ++t)
     for (int64_t d = 0; d < D; d += 2) {
       uint32_t pair = 0;
@@ -584,12 +596,14 @@ static void backward_head_amx(const FlashArgs *a, int64_t b, int64_t h, Backward
     }
   }
   uint16_t *dq = a->dq + b * a->dq_stride[0] + h * a->dq_stride[1];
-  const __m512i down = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                          _mm512_set1_epi32((int)Tp));
-  for (int64_t i = 0; i < T; ++i)  // dQ^T back to rows
-    for (int64_t d = 0; d < D; d += 16)
-      _mm256_storeu_si256((__m256i *)(dq + i * a->dq_stride[2] + d),
-                          round_bf16(_mm512_i32gather_ps(down, w->dq + d * Tp + i, 4)));
+  for (int64_t i0 = 0; i0 < T; i0 += 16)  // dQ^T back to rows, 16 x 16 at a time
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      __m512 r[16];
+      for (int d = 0; d < 16; ++d) r[d] = _mm512_loadu_ps(w->dq + (d0 + d) * Tp + i0);
+      transpose16(r);
+      for (int i = 0; i < 16 && i0 + i < T; ++i)
+        _mm256_storeu_si256((__m256i *)(dq + (i0 + i) * a->dq_stride[2] + d0), round_bf16(r[i]));
+    }
 }
 #endif
 
