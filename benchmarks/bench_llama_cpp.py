@@ -8,9 +8,10 @@ matching weight scheme, then that process measures its read bandwidth (a 2-threa
 `bench_decode.read_bandwidth`: best of 5 float32 sums of a multi-GiB tensor). One table:
 
     scheme               llama.cpp   ours
-    bf16                 BF16        bf16 read by the rows kernel (`andromeda.inference.bf16_linear`),
-                                     as `load_for_inference` prepares it; prepacked for oneDNN
-                                     (`andromeda.inference.packed`) where that kernel does not run
+    bf16                 BF16        bf16 as `generate` decodes it: read by the rows kernel
+                                     (`andromeda.inference.bf16_linear`) where it beats oneDNN (CPUs
+                                     without AMX; with --compile wherever it runs), else prepacked for
+                                     oneDNN (`andromeda.inference.packed`)
     int8                 Q8_0        int8, one scale per row (`andromeda.inference.quantize`)
     int4                 Q4_0        int4, group 128
 
@@ -67,6 +68,7 @@ import torch
 import bench_decode
 import common
 from andromeda import Config
+from andromeda.inference.bf16_linear import rows_kernel_preferred
 from andromeda.inference.native import bf16_rows_kernel
 from andromeda.model import build_transformer
 
@@ -85,8 +87,8 @@ class Scheme:
     ours: str  # bench_decode's scheme
 
 
-# bf16: as `load_for_inference` prepares it (`inference.packed.prepare_bf16`): the rows kernel
-# where it runs, else prepacked for oneDNN (chosen in the child, `our_scheme`).
+# bf16: as `generate` decodes it (`inference.packed.prepare_bf16`, `our_scheme`): the rows kernel where
+# it beats oneDNN (or, compiled, wherever it runs), else prepacked for oneDNN.
 SCHEMES = {s.name: s for s in (Scheme("bf16", "BF16", "bf16-rows"), Scheme("int8", "Q8_0", "int8"),
                                Scheme("int4", "Q4_0", "int4"))}
 
@@ -282,7 +284,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     scheme = SCHEMES[args.child]
     torch.manual_seed(args.seed)
     config = our_config(args.small, args.layers)
-    ours = our_scheme(scheme)
+    ours = our_scheme(scheme, args.compile)
     net = bench_decode.convert(build_transformer(config, dtype=torch.bfloat16).eval(), ours)
     bench_decode.release_freed_memory()
     prompt = torch.randint(0, config.num_tokens, (1, 1), generator=torch.Generator().manual_seed(args.seed))
@@ -300,9 +302,10 @@ def run_ours(args: argparse.Namespace) -> dict:
     return {"runs": runs, "streamed": streamed, "bandwidth": bandwidth, "compiled": compiled, "ours": ours}
 
 
-def our_scheme(scheme: Scheme) -> str:
-    """bench_decode's scheme for ours: bf16 rows falls back to prepacked where its kernel does not run."""
-    if scheme.ours == "bf16-rows" and not bf16_rows_kernel():
+def our_scheme(scheme: Scheme, compiled: bool) -> str:
+    """bench_decode's scheme for ours, bf16 as `generate` decodes: compiled, by the rows kernel where it
+    runs; eager, by it where it beats oneDNN (`rows_kernel_preferred`), else prepacked."""
+    if scheme.ours == "bf16-rows" and not (bf16_rows_kernel() if compiled else rows_kernel_preferred()):
         return "bf16-packed"
     return scheme.ours
 

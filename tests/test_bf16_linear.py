@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from andromeda.inference import native
-from andromeda.inference.bf16_linear import DECODE_ROWS, Bf16RowsLinear, use_bf16_rows
+from andromeda.inference.bf16_linear import DECODE_ROWS, Bf16RowsLinear, rows_kernel_preferred, use_bf16_rows
 from andromeda.inference.generate import generate
 from andromeda.inference.packed import PackedLinear, prepare_bf16
 from helpers import random_net
@@ -162,9 +162,16 @@ def test_a_model_decodes_through_the_kernel_as_the_plain_model_does(monkeypatch)
     assert torch.equal(generate(net, tokens[:, :4], 16, temperature=0, compile=True), expected)
 
 
-def test_prepare_bf16_leaves_what_the_kernel_cannot_take_to_onednn():
+def without_amx(monkeypatch):
+    """This CPU's flags less AMX's: where the rows kernel beats oneDNN (`rows_kernel_preferred`)."""
+    flags = native.cpu_flags() - {"amx_bf16", "amx_tile", "amx_int8"}
+    monkeypatch.setattr(native, "cpu_flags", lambda: flags)
+
+
+def test_prepare_bf16_leaves_what_the_kernel_cannot_take_to_onednn(monkeypatch):
     """Linears with K off the kernel's 32-weight vectors stay nn.Linear for the kernel and are
     prepacked instead; fp32 models are left alone."""
+    without_amx(monkeypatch)
     net = nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 64)).bfloat16()
     prepare_bf16(net)
     assert isinstance(net[0], Bf16RowsLinear) and isinstance(net[1], PackedLinear)
@@ -172,10 +179,21 @@ def test_prepare_bf16_leaves_what_the_kernel_cannot_take_to_onednn():
     assert use_bf16_rows(fp32) == 0 and type(prepare_bf16(fp32)[0]) is nn.Linear
 
 
-def test_load_for_inference_reads_bf16_weights_by_the_kernel(tmp_path):
+def test_prepare_bf16_keeps_onednn_where_the_cpu_has_amx_tiles(monkeypatch):
+    """With AMX, oneDNN's prepacked product outruns the kernel at every row count (module
+    `rows_kernel_preferred`): decoding models keep it; `use_bf16_rows` still swaps when asked."""
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16", "amx_tile"}))
+    assert not rows_kernel_preferred()
+    net = prepare_bf16(nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 64)).bfloat16())
+    assert all(isinstance(layer, PackedLinear) for layer in net)
+    assert use_bf16_rows(nn.Sequential(nn.Linear(64, 48)).bfloat16()) == 1
+
+
+def test_load_for_inference_reads_bf16_weights_by_the_kernel(tmp_path, monkeypatch):
     from andromeda.checkpoint import load_for_inference, save_pretrained
     from andromeda.tokenizers import ByteTokenizer
 
+    without_amx(monkeypatch)
     save_pretrained(random_net(), tmp_path / "ckpt", tokenizer=ByteTokenizer())
     net = load_for_inference(tmp_path / "ckpt", dtype="bf16")
     assert isinstance(net.blocks[0].attn.to_qkv, Bf16RowsLinear) and isinstance(net.to_logits, Bf16RowsLinear)

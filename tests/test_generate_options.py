@@ -175,9 +175,12 @@ def test_compile_says_it_is_compiling_before_it_compiles(checkpoint, capsys, cap
 
 
 def test_compile_takes_prepacked_weights_unpacked_and_refuses_quantized_ones(checkpoint, capsys, monkeypatch):
-    """On a CPU, bf16 weights load prepacked, which Inductor cannot lower: `--compile` unpacks
-    them first (the compiled step sees plain Linears), the library names the fix, and int4
-    weights without their VNNI kernel (groups of 32) are refused with a reason."""
+    """On a CPU, bf16 weights may load prepacked, which Inductor cannot lower: `--compile` unpacks
+    them first (the compiled step sees the rows kernel's Linears where it runs, else plain ones),
+    the library names the fix, and int4 weights without their VNNI kernel (groups of 32) are
+    refused with a reason."""
+    from andromeda.inference.bf16_linear import Bf16RowsLinear
+    from andromeda.inference.native import bf16_rows_kernel
     from andromeda.inference.packed import PackedLinear, packing_supported, prepack
 
     if not packing_supported():
@@ -186,13 +189,14 @@ def test_compile_takes_prepacked_weights_unpacked_and_refuses_quantized_ones(che
 
     def eager_step():
         def step(net, tokens, cache_step):
-            seen.append(any(isinstance(m, PackedLinear) for m in net.modules()))
+            seen.append({type(m) for m in net.modules()})
             return generate_module._forward_step(net, tokens, cache_step)
         return step
 
     monkeypatch.setattr(generate_module, "_compiled_step", eager_step)
     run_generate(capsys, checkpoint, "--prompt", PROMPT, "--temperature", "0", "--compile", "--dtype", "bf16")
-    assert seen and not any(seen)
+    assert seen and not any(PackedLinear in kinds for kinds in seen)
+    assert all((Bf16RowsLinear in kinds) == bf16_rows_kernel() for kinds in seen)
     packed = prepack(random_net(dtype=torch.bfloat16))
     with pytest.raises(ValueError, match=r"unpack\(model\) first"):
         generate(packed, [[1, 2]], 2, compile=True)

@@ -160,10 +160,10 @@ def test_gradients_and_conversions_are_refused():
 
 def test_generate_prepacks_bf16_weights_and_gives_the_same_text(tmp_path, capsys):
     """`andromeda generate --dtype bf16` on a CPU prepares every Linear once: for the bf16 rows
-    kernel where it runs (`inference.bf16_linear`), else packed for oneDNN (the same products as
-    F.linear, bit for bit); its text equals generating with the plain bf16 model."""
-    from andromeda.inference.bf16_linear import Bf16RowsLinear
-    from andromeda.inference.native import bf16_rows_kernel
+    kernel where it beats oneDNN (`inference.bf16_linear.rows_kernel_preferred`), else packed for
+    oneDNN (the same products as F.linear, bit for bit); its text equals generating with the plain
+    bf16 model."""
+    from andromeda.inference.bf16_linear import Bf16RowsLinear, rows_kernel_preferred
 
     from andromeda import cli
     from andromeda.checkpoint import load_transformer, open_model_source, save_pretrained
@@ -178,7 +178,7 @@ def test_generate_prepacks_bf16_weights_and_gives_the_same_text(tmp_path, capsys
     add_arguments(parser)
     args = parser.parse_args(["--checkpoint", str(tmp_path / "ckpt"), "--dtype", "bf16"])
     loaded = load_from_args(open_model_source(args.checkpoint), args, torch.device("cpu"))
-    prepared = Bf16RowsLinear if bf16_rows_kernel() else PackedLinear
+    prepared = Bf16RowsLinear if rows_kernel_preferred() else PackedLinear
     assert isinstance(loaded.blocks[0].attn.to_qkv, prepared) and isinstance(loaded.to_logits, prepared)
     plain = load_transformer(tmp_path / "ckpt", dtype=torch.bfloat16)
     expected = "To be" + "".join(stream_text(plain, tokenizer, "To be", 24, temperature=0))

@@ -189,7 +189,8 @@ def load_for_inference(source: str | Path | ModelSource, *, device: torch.device
                        group_size: int = DEFAULT_GROUP_SIZE, verify: bool = True, decoding: bool = True) -> Transformer:
     """The model of `source` as generate, eval, serve and lm-eval run it: in the dtype
     `inference_dtype` chooses, quantized as it loads if asked, in eval mode, with bf16 weights on
-    a CPU read by the bf16 rows kernel where it runs and the model is for `decoding`, else prepacked for oneDNN
+    a CPU read by the bf16 rows kernel where it beats oneDNN (no AMX tiles) and the model is for
+    `decoding`, else prepacked for oneDNN
     (`inference.packed.prepare_bf16`: the same products to float32 rounding, up to 3x faster
     per decode step than F.linear), and for `decoding` int8 and int4 weights laid out for the VNNI
     kernels' few-row products (`inference.quantized_linear.pack_for_decoding`); CPU
@@ -200,7 +201,7 @@ def load_for_inference(source: str | Path | ModelSource, *, device: torch.device
                            group_size=group_size)
     if decoding:
         pack_for_decoding(net)
-    # bf16: the rows kernel for decoding; scoring (all rows at once) keeps oneDNN's prepacked weights,
+    # bf16: the rows kernel for decoding where it beats oneDNN; scoring (all rows at once) keeps oneDNN's prepacked weights,
     # which a many-row product reads as they are (the rows kernel's Linear reads slabs back from tiles)
     net = (prepare_bf16(net) if decoding else prepack_if_supported(net)).eval()
     back_with_huge_pages(net)  # CPU weights streamed every token: 2 MiB pages where Linux has them

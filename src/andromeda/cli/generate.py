@@ -124,11 +124,12 @@ def run(args: argparse.Namespace) -> int:
 
         draft = load_for_inference(draft_source, device=device, dtype=args.dtype, verify=args.verify)
     if args.compile:  # before the first compile, which takes a while
+        from ..inference.bf16_linear import use_bf16_rows
         from ..inference.packed import unpack
 
-        # plain Linears: Inductor cannot lower prepacked ones (row-tiled ones compile; quantized ones
-        # without their kernels are refused)
-        unpack(net, row_tiles=False)
+        # Inductor cannot lower prepacked Linears (row-tiled ones compile; quantized ones without their
+        # kernels are refused): bf16 ones read by the rows kernel where it runs, else plain
+        use_bf16_rows(unpack(net, row_tiles=False))
         logger.info(COMPILING)
     for i in range(args.num_samples):
         seed = args.seed + i

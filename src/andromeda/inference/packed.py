@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ..model.fused import is_plain_linear
-from .bf16_linear import Bf16RowsLinear, use_bf16_rows
+from .bf16_linear import Bf16RowsLinear, rows_kernel_preferred, use_bf16_rows
 from .laid_out import LaidOutLinear, replace_module
 from .quantize import QuantizedLinear
 from .quantized_linear import compile_refusal
@@ -185,9 +185,11 @@ def prepack_if_supported(module: nn.Module) -> nn.Module:
 
 def prepare_bf16(module: nn.Module) -> nn.Module:
     """`module`'s bf16 CPU Linears made ready to decode, in place: read by the rows kernel where it
-    runs (`bf16_linear.use_bf16_rows`), else prepacked for oneDNN where that applies; returns
-    `module`. What `checkpoint.load_for_inference` does for decoding."""
-    use_bf16_rows(module)
+    beats oneDNN (`bf16_linear.rows_kernel_preferred`: it runs and the CPU has no AMX tiles), else
+    prepacked for oneDNN where that applies; returns `module`. What `checkpoint.load_for_inference`
+    does for decoding."""
+    if rows_kernel_preferred():
+        use_bf16_rows(module)
     return prepack_if_supported(module)
 
 
