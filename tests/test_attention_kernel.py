@@ -96,12 +96,14 @@ def test_the_amx_path_is_built_and_taken_where_the_cpu_has_tiles():
     (1, 4, 2, 193, 32, False, False),
     (1, 4, 1, 130, 128, True, False),
     (1, 2, 2, 5, 256, True, False),  # fewer queries than a tile row
+    (1, 2, 1, 70, 96, True, False),  # heads off 64 columns: C blocks of 32 only
+    (1, 2, 1, 33, 160, False, False),
 ])
 def test_amx_products_give_the_vdpbf16ps_results(B, H, K, T, D, alibi, batch_positions, monkeypatch):
     """The AMX path (backward transposed) against the AVX-512 BF16 path on the same inputs: the
     same products in another order and layout: equal but for float32 summation order (a bf16 step
-    where a probability or score gradient rounds the other way; measured <= 2e-4 relative), and as
-    close to float32 attention."""
+    where a probability or score gradient rounds the other way; measured <= 2e-4 relative, held
+    to 2e-3), and as close to float32 attention."""
     q, k, v, positions, slopes = inputs(B, H, K, T, D, seed=7 * T + D, alibi=alibi, batch_positions=batch_positions)
     grad = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(2)).bfloat16()
     scale = D**-0.5

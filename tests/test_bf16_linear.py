@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from andromeda.inference import native
+from andromeda.inference import bf16_linear, native
 from andromeda.inference.bf16_linear import DECODE_ROWS, Bf16RowsLinear, rows_kernel_preferred, use_bf16_rows
 from andromeda.inference.generate import generate
 from andromeda.inference.packed import PackedLinear, prepare_bf16
@@ -163,9 +163,8 @@ def test_a_model_decodes_through_the_kernel_as_the_plain_model_does(monkeypatch)
 
 
 def without_amx(monkeypatch):
-    """This CPU's flags less AMX's: where the rows kernel beats oneDNN (`rows_kernel_preferred`)."""
-    flags = native.cpu_flags() - {"amx_bf16", "amx_tile", "amx_int8"}
-    monkeypatch.setattr(native, "cpu_flags", lambda: flags)
+    """As on a CPU without AMX tiles, where the rows kernel beats oneDNN (`rows_kernel_preferred`)."""
+    monkeypatch.setattr(bf16_linear, "_amx_tiles", lambda: False)
 
 
 def test_prepare_bf16_leaves_what_the_kernel_cannot_take_to_onednn(monkeypatch):
@@ -182,7 +181,7 @@ def test_prepare_bf16_leaves_what_the_kernel_cannot_take_to_onednn(monkeypatch):
 def test_prepare_bf16_keeps_onednn_where_the_cpu_has_amx_tiles(monkeypatch):
     """With AMX, oneDNN's prepacked product outruns the kernel at every row count (module
     `rows_kernel_preferred`): decoding models keep it; `use_bf16_rows` still swaps when asked."""
-    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16", "amx_tile"}))
+    monkeypatch.setattr(bf16_linear, "_amx_tiles", lambda: True)
     assert not rows_kernel_preferred()
     net = prepare_bf16(nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 64)).bfloat16())
     assert all(isinstance(layer, PackedLinear) for layer in net)

@@ -122,7 +122,16 @@ def rows_kernel_preferred() -> bool:
     several on the tiles: `benchmarks/bench_bf16_rows.py` on an Intel Xeon, 2 threads, gave the
     kernel 0.88x oneDNN's speed at 1 row, 0.82x at 2, 0.29x at 16 (on an AMD EPYC without AMX,
     1.3x at 1 row and 1.5x at 2)."""
-    return native.bf16_rows_kernel() and "amx_bf16" not in (native.cpu_flags() or frozenset())
+    if not native.bf16_rows_kernel():
+        return False
+    from .packed import packing_supported  # (packed imports this module)
+
+    return not (_amx_tiles() and packing_supported())
+
+
+def _amx_tiles() -> bool:
+    """Whether the CPU lists AMX's bf16 tiles (which oneDNN's bf16 products then use)."""
+    return {"amx_bf16", "amx_tile"} <= (native.cpu_flags() or frozenset())
 
 
 def use_bf16_rows(module: nn.Module) -> int:

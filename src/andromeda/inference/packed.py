@@ -145,8 +145,9 @@ def check_compilable(net: nn.Module, rows: int = 1) -> None:
             continue
         if isinstance(layer, PackedLinear):
             raise ValueError(f"compile=True cannot compile prepacked bf16 layers ({name}): call "
-                             f"andromeda.inference.packed.unpack(model) first (on CPU, eager prepacked decoding is "
-                             f"faster)")
+                             f"andromeda.inference.packed.unpack(model) first, then "
+                             f"andromeda.inference.bf16_linear.use_bf16_rows(model) for the rows kernel's "
+                             f"compiled step where it runs (as `generate --compile` does)")
         reason = compile_refusal(layer, rows)
         if reason is not None:
             raise ValueError(f"compile=True cannot compile {type(layer).__name__} layer {name}: {reason} "

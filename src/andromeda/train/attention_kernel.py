@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..inference.native import build_library, missing_support
+from ..inference.native import build_library, cpu_flags, missing_support
 from ..model import Transformer
 from ..model.attention import CausalAttention
 
@@ -254,7 +254,8 @@ def _library_path() -> Path:
     try:
         return build_library(SOURCE, FLAGS + AMX_FLAGS)
     except (OSError, subprocess.CalledProcessError) as error:
-        log.info("attention kernel built without AMX (%s)", error)
+        detail = getattr(error, "stderr", None) or str(error)
+        log.info("attention kernel built without AMX: %s", detail.strip()[:300])
         return build_library(SOURCE, FLAGS)
 
 
@@ -262,7 +263,9 @@ def _library_path() -> Path:
 def amx_tiles() -> bool:
     """Whether the kernel's products run on AMX tiles here (Sapphire Rapids on, for heads of a
     multiple of 32): built with them and granted them by Linux; else AVX-512 BF16's vdpbf16ps."""
-    return unavailable_reason() is None and bool(ctypes.CDLL(str(_library_path())).andromeda_flash_amx())
+    if not {"amx_tile", "amx_bf16"} <= (cpu_flags() or frozenset()) or unavailable_reason() is not None:
+        return False
+    return bool(ctypes.CDLL(str(_library_path())).andromeda_flash_amx())
 
 
 @cache

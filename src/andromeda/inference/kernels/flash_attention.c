@@ -9,7 +9,7 @@
 // contiguous. Query i reads keys j <= i with weights softmax_j(scale q_i.k_j - slope_h |p_i - p_j|),
 // p the positions (B or 1, T) as float32 (batch stride 0 when shared), slope_h 0 without ALiBi.
 //
-// The work goes in tiles of 64 queries x 64 keys. Every product is one micro-kernel, `gemm`: C (M x
+// The work goes in tiles of 64 queries x 64 keys. Without AMX every product is one micro-kernel, `gemm`: C (M x
 // N, float32) += A (M x 2P) B (2P x N) in bf16 pairs: A's pair p of row r (two bf16 as one 32-bit
 // word) at a[r * ars + p * aps], B "in pairs" (row p holds N pairs, the VNNI layout vdpbf16ps
 // reads), so A may be read row-major (aps = 1) or column-major (ars = 1) and no tile is
@@ -361,7 +361,15 @@ static void forward_tile(const FlashArgs *a, int64_t b, int64_t h, int64_t i0, c
 static _Thread_local void *forward_buffer;
 static _Thread_local size_t forward_capacity;
 
-int andromeda_flash_forward(const FlashArgs *a) {
+// The caller's arguments with `amx` kept only where this build has the AMX path and D fits it.
+static FlashArgs checked(const FlashArgs *a) {
+  FlashArgs args = *a;
+  args.amx = HAVE_AMX && a->amx && a->D % 32 == 0;
+  return args;
+}
+
+int andromeda_flash_forward(const FlashArgs *caller) {
+  const FlashArgs args = checked(caller), *a = &args;
   const int64_t D = a->D, tiles = padded(a->T) / TILE;
   int failed = 0;
 #pragma omp parallel reduction(| : failed)
@@ -610,7 +618,8 @@ static void backward_head_amx(const FlashArgs *a, int64_t b, int64_t h, Backward
 static _Thread_local void *backward_buffer;
 static _Thread_local size_t backward_capacity;
 
-int andromeda_flash_backward(const FlashArgs *a) {
+int andromeda_flash_backward(const FlashArgs *caller) {
+  const FlashArgs args = checked(caller), *a = &args;
   const int64_t T = a->T, D = a->D, Tp = padded(T), G = a->H / a->K;
   int failed = 0;
 #pragma omp parallel reduction(| : failed)
