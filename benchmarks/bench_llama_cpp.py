@@ -68,8 +68,8 @@ import torch
 import bench_decode
 import common
 from andromeda import Config
-from andromeda.inference.bf16_linear import rows_kernel_preferred
 from andromeda.inference.native import bf16_rows_kernel
+from andromeda.inference.packed import rows_kernel_preferred
 from andromeda.model import build_transformer
 
 log = logging.getLogger("bench_llama_cpp")

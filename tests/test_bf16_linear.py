@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from andromeda.inference import bf16_linear, native
-from andromeda.inference.bf16_linear import DECODE_ROWS, Bf16RowsLinear, rows_kernel_preferred, use_bf16_rows
+from andromeda.inference import native, packed
+from andromeda.inference.bf16_linear import DECODE_ROWS, Bf16RowsLinear, use_bf16_rows
 from andromeda.inference.generate import generate
-from andromeda.inference.packed import PackedLinear, prepare_bf16
+from andromeda.inference.packed import PackedLinear, prepare_bf16, rows_kernel_preferred
 from helpers import random_net
 
 pytestmark = pytest.mark.skipif(not native.bf16_rows_kernel(),
@@ -164,7 +164,7 @@ def test_a_model_decodes_through_the_kernel_as_the_plain_model_does(monkeypatch)
 
 def without_amx(monkeypatch):
     """As on a CPU without AMX tiles, where the rows kernel beats oneDNN (`rows_kernel_preferred`)."""
-    monkeypatch.setattr(bf16_linear, "_amx_tiles", lambda: False)
+    monkeypatch.setattr(packed, "_amx_tiles", lambda: False)
 
 
 def test_prepare_bf16_leaves_what_the_kernel_cannot_take_to_onednn(monkeypatch):
@@ -181,7 +181,7 @@ def test_prepare_bf16_leaves_what_the_kernel_cannot_take_to_onednn(monkeypatch):
 def test_prepare_bf16_keeps_onednn_where_the_cpu_has_amx_tiles(monkeypatch):
     """With AMX, oneDNN's prepacked product outruns the kernel at every row count (module
     `rows_kernel_preferred`): decoding models keep it; `use_bf16_rows` still swaps when asked."""
-    monkeypatch.setattr(bf16_linear, "_amx_tiles", lambda: True)
+    monkeypatch.setattr(packed, "_amx_tiles", lambda: True)
     assert not rows_kernel_preferred()
     net = prepare_bf16(nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 64)).bfloat16())
     assert all(isinstance(layer, PackedLinear) for layer in net)

@@ -160,10 +160,11 @@ def test_gradients_and_conversions_are_refused():
 
 def test_generate_prepacks_bf16_weights_and_gives_the_same_text(tmp_path, capsys):
     """`andromeda generate --dtype bf16` on a CPU prepares every Linear once: for the bf16 rows
-    kernel where it beats oneDNN (`inference.bf16_linear.rows_kernel_preferred`), else packed for
+    kernel where it beats oneDNN (`inference.packed.rows_kernel_preferred`), else packed for
     oneDNN (the same products as F.linear, bit for bit); its text equals generating with the plain
     bf16 model."""
-    from andromeda.inference.bf16_linear import Bf16RowsLinear, rows_kernel_preferred
+    from andromeda.inference.bf16_linear import Bf16RowsLinear
+    from andromeda.inference.packed import rows_kernel_preferred
 
     from andromeda import cli
     from andromeda.checkpoint import load_transformer, open_model_source, save_pretrained

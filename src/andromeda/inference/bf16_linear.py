@@ -23,7 +23,7 @@ names it) and the checkpoint is unchanged: `state_dict()` gives the plain bf16 `
 `bias`, `load_state_dict` tiles what it loads, copies and pickles carry the tiles.
 `use_bf16_rows(model)` swaps a model's plain bf16 CPU Linears for it where the kernel runs (a CPU
 with AVX-512 BF16 and the ops library built, `native.bf16_rows_kernel`); `packed.prepare_bf16`
-does that where the kernel beats oneDNN (`rows_kernel_preferred`: CPUs without AMX tiles), else
+does that where the kernel beats oneDNN (`packed.rows_kernel_preferred`: CPUs without AMX tiles), else
 prepacks them for oneDNN: what `checkpoint.load_for_inference` does; `generate --compile` takes
 the kernel wherever it runs (prepacked weights do not compile); `to_linear` and `packed.unpack`
 give nn.Linears back.
@@ -113,25 +113,6 @@ def kernel_takes(linear: nn.Module) -> bool:
     w = linear.weight
     return (w.device.type == "cpu" and w.dtype == DTYPE and w.is_contiguous() and linear.in_features % K_MULTIPLE == 0
             and (linear.bias is None or linear.bias.dtype == DTYPE))
-
-
-def rows_kernel_preferred() -> bool:
-    """Whether decoding reads bf16 weights by the rows kernel rather than oneDNN's prepacked product
-    (`packed.prepare_bf16`): where the kernel runs and the CPU has no AMX tiles. With AMX (Sapphire
-    Rapids on) oneDNN's product reads a prepacked weight at the bandwidth at one row and computes
-    several on the tiles: `benchmarks/bench_bf16_rows.py` on an Intel Xeon, 2 threads, gave the
-    kernel 0.88x oneDNN's speed at 1 row, 0.82x at 2, 0.29x at 16 (on an AMD EPYC without AMX,
-    1.3x at 1 row and 1.5x at 2)."""
-    if not native.bf16_rows_kernel():
-        return False
-    from .packed import packing_supported  # (packed imports this module)
-
-    return not (_amx_tiles() and packing_supported())
-
-
-def _amx_tiles() -> bool:
-    """Whether the CPU lists AMX's bf16 tiles (which oneDNN's bf16 products then use)."""
-    return {"amx_bf16", "amx_tile"} <= (native.cpu_flags() or frozenset())
 
 
 def use_bf16_rows(module: nn.Module) -> int:

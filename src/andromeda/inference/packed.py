@@ -37,7 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from ..model.fused import is_plain_linear
-from .bf16_linear import Bf16RowsLinear, rows_kernel_preferred, use_bf16_rows
+from . import native
+from .bf16_linear import Bf16RowsLinear, use_bf16_rows
 from .laid_out import LaidOutLinear, replace_module
 from .quantize import QuantizedLinear
 from .quantized_linear import compile_refusal
@@ -184,9 +185,24 @@ def prepack_if_supported(module: nn.Module) -> nn.Module:
     return prepack(module) if can_prepack(module) else module
 
 
+def rows_kernel_preferred() -> bool:
+    """Whether decoding reads bf16 weights by the rows kernel rather than oneDNN's prepacked product
+    (`prepare_bf16`): where the kernel runs and the CPU has no AMX tiles. With AMX (Sapphire
+    Rapids on) oneDNN's product reads a prepacked weight at the bandwidth at one row and computes
+    several on the tiles: `benchmarks/bench_bf16_rows.py` on an Intel Xeon, 2 threads, gave the
+    kernel 0.88x oneDNN's speed at 1 row, 0.82x at 2, 0.29x at 16 (on an AMD EPYC without AMX,
+    1.3x at 1 row and 1.5x at 2)."""
+    return native.bf16_rows_kernel() and not (_amx_tiles() and packing_supported())
+
+
+def _amx_tiles() -> bool:
+    """Whether the CPU lists AMX's bf16 tiles (which oneDNN's bf16 products then use)."""
+    return {"amx_bf16", "amx_tile"} <= (native.cpu_flags() or frozenset())
+
+
 def prepare_bf16(module: nn.Module) -> nn.Module:
     """`module`'s bf16 CPU Linears made ready to decode, in place: read by the rows kernel where it
-    beats oneDNN (`bf16_linear.rows_kernel_preferred`: it runs and the CPU has no AMX tiles), else
+    beats oneDNN (`rows_kernel_preferred`: it runs and the CPU has no AMX tiles), else
     prepacked for oneDNN where that applies; returns `module`. What `checkpoint.load_for_inference`
     does for decoding."""
     if rows_kernel_preferred():

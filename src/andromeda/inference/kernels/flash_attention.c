@@ -467,22 +467,40 @@ static void row_statistics(const FlashArgs *a, int64_t b, int64_t h, BackwardScr
   }
 }
 
+// What both backwards read and write for query head h of batch row b.
+typedef struct {
+  const uint16_t *q, *dout;  // the head's queries and output gradient
+  const uint16_t *packed[3];  // its key/value head's packings (`packed_at`)
+  float slope;
+  const float *pos;
+  float *dk, *dv;  // its float32 partials, (Tp, D) each
+} HeadView;
+
+// The head's view, with its queries and output gradient packed over t, its row statistics, and its
+// gradient sums zeroed.
+static HeadView backward_prologue(const FlashArgs *a, int64_t b, int64_t h, BackwardScratch *w, uint16_t *zeros) {
+  const int64_t T = a->T, D = a->D, Tp = padded(T), kv = h / (a->H / a->K);
+  HeadView v = {a->q + b * a->q_stride[0] + h * a->q_stride[1], a->dout + b * a->dout_stride[0] + h * a->dout_stride[1],
+                {packed_at(a, 0, b, kv), packed_at(a, 1, b, kv), packed_at(a, 2, b, kv)},
+                a->slopes ? a->slopes[h] : 0.0f, a->positions + b * a->positions_stride,
+                a->partials + (b * a->H + h) * Tp * D, a->partials + ((a->B + b) * a->H + h) * Tp * D};
+  pack_over_t(v.q, a->q_stride[2], T, Tp, D, w->qt, zeros);
+  pack_over_t(v.dout, a->dout_stride[2], T, Tp, D, w->dot, zeros);
+  row_statistics(a, b, h, w);
+  memset(w->lse + T, 0, (size_t)(Tp - T) * sizeof(float));  // padding rows (AMX reads whole tiles)
+  memset(w->delta + T, 0, (size_t)(Tp - T) * sizeof(float));
+  memset(w->dq, 0, (size_t)(Tp * D) * sizeof(float));
+  memset(v.dk, 0, (size_t)(Tp * D) * sizeof(float));
+  memset(v.dv, 0, (size_t)(Tp * D) * sizeof(float));
+  return v;
+}
+
 static void backward_head(const FlashArgs *a, int64_t b, int64_t h, BackwardScratch *w, uint16_t *zeros) {
   const int64_t T = a->T, D = a->D, Tp = padded(T), tiles = Tp / TILE;
-  const int64_t kv = h / (a->H / a->K);
-  const uint16_t *q = a->q + b * a->q_stride[0] + h * a->q_stride[1];
-  const uint16_t *dout = a->dout + b * a->dout_stride[0] + h * a->dout_stride[1];
-  const uint16_t *kd = packed_at(a, 0, b, kv), *vd = packed_at(a, 1, b, kv), *kt = packed_at(a, 2, b, kv);
-  const float slope = a->slopes ? a->slopes[h] : 0.0f;
-  const float *pos = a->positions + b * a->positions_stride;
-  float *dk = a->partials + (b * a->H + h) * Tp * D;
-  float *dv = a->partials + ((a->B + b) * a->H + h) * Tp * D;
-  pack_over_t(q, a->q_stride[2], T, Tp, D, w->qt, zeros);
-  pack_over_t(dout, a->dout_stride[2], T, Tp, D, w->dot, zeros);
-  row_statistics(a, b, h, w);
-  memset(w->dq, 0, (size_t)(Tp * D) * sizeof(float));
-  memset(dk, 0, (size_t)(Tp * D) * sizeof(float));
-  memset(dv, 0, (size_t)(Tp * D) * sizeof(float));
+  const HeadView v = backward_prologue(a, b, h, w, zeros);
+  const uint16_t *q = v.q, *dout = v.dout, *kd = v.packed[0], *vd = v.packed[1], *kt = v.packed[2];
+  const float slope = v.slope, *pos = v.pos;
+  float *dk = v.dk, *dv = v.dv;
   for (int64_t kb = 0; kb < tiles; ++kb) {
     const int64_t j0 = kb * TILE;
     for (int64_t qb = kb; qb < tiles; ++qb) {
@@ -571,30 +589,17 @@ static void score_gradients_transposed(BackwardScratch *w, const float *delta, f
 // backward_head by AMX tiles, transposed (the file's header): each product's A a row-major matrix.
 static void backward_head_amx(const FlashArgs *a, int64_t b, int64_t h, BackwardScratch *w, uint16_t *zeros) {
   const int64_t T = a->T, D = a->D, Tp = padded(T), tiles = Tp / TILE;
-  const int64_t kv = h / (a->H / a->K);
-  const uint16_t *q = a->q + b * a->q_stride[0] + h * a->q_stride[1];
-  const uint16_t *dout = a->dout + b * a->dout_stride[0] + h * a->dout_stride[1];
-  const uint16_t *kr = packed_at(a, 0, b, kv), *vr = packed_at(a, 1, b, kv), *kt = packed_at(a, 2, b, kv);
-  const float slope = a->slopes ? a->slopes[h] : 0.0f;
-  const float *pos = a->positions + b * a->positions_stride;
-  float *dk = a->partials + (b * a->H + h) * Tp * D;
-  float *dv = a->partials + ((a->B + b) * a->H + h) * Tp * D;
-  pack_over_d(q, a->q_stride[2], T, Tp, D, w->qd);
-  pack_over_d(dout, a->dout_stride[2], T, Tp, D, w->dod);
-  pack_over_t(q, a->q_stride[2], T, Tp, D, w->qt, zeros);
-  pack_over_t(dout, a->dout_stride[2], T, Tp, D, w->dot, zeros);
-  row_statistics(a, b, h, w);
-  memset(w->lse + T, 0, (size_t)(Tp - T) * sizeof(float));
-  memset(w->delta + T, 0, (size_t)(Tp - T) * sizeof(float));
-  memset(w->dq, 0, (size_t)(Tp * D) * sizeof(float));
-  memset(dk, 0, (size_t)(Tp * D) * sizeof(float));
-  memset(dv, 0, (size_t)(Tp * D) * sizeof(float));
+  const HeadView v = backward_prologue(a, b, h, w, zeros);
+  const uint16_t *kr = v.packed[0], *vr = v.packed[1], *kt = v.packed[2];
+  float *dk = v.dk, *dv = v.dv;
+  pack_over_d(v.q, a->q_stride[2], T, Tp, D, w->qd);
+  pack_over_d(v.dout, a->dout_stride[2], T, Tp, D, w->dod);
   for (int64_t kb = 0; kb < tiles; ++kb) {
     const int64_t j0 = kb * TILE;
     for (int64_t qb = kb; qb < tiles; ++qb) {
       const int64_t i0 = qb * TILE;
       amx_gemm(TILE, TILE, D / 2, kr + j0 * D, D, w->qd + 2 * i0, 2 * Tp, w->s, TILE, 0);
-      finish_scores_transposed(w->s, j0, i0, T, a->scale, slope, pos);
+      finish_scores_transposed(w->s, j0, i0, T, a->scale, v.slope, v.pos);
       probabilities_transposed(w, w->lse + i0);
       amx_gemm(TILE, D, TILE / 2, w->p, TILE, w->dot + i0 * D, 2 * D, dv + j0 * D, D, 1);  // dV += P^T dO
       amx_gemm(TILE, TILE, D / 2, vr + j0 * D, D, w->dod + 2 * i0, 2 * Tp, w->dp, TILE, 0);  // dP^T = V dO^T
