@@ -232,7 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"- CPU allocations of 2 MiB or more in huge pages: {'yes' if HUGE_PAGES else 'no'} "
           f"(THP_MEM_ALLOC_ENABLE, set as the `andromeda` command sets it)")
     if device.type == "cpu":
-        kernels = [name for name, off in (("loss", args.no_loss_kernel), ("attention", args.no_attention_kernel))
+        from andromeda.train.attention_kernel import AMX_HEAD_MULTIPLE, amx_tiles
+
+        attention = ("attention (AMX tiles)" if amx_tiles() and config.dim_head % AMX_HEAD_MULTIPLE == 0
+                     else "attention")
+        kernels = [name for name, off in (("loss", args.no_loss_kernel), (attention, args.no_attention_kernel))
                    if not off]
         print(f"- Andromeda's CPU kernels for bf16 steps: {', '.join(kernels) or 'none'} "
               f"(as `andromeda train` gives them; --no-loss-kernel, --no-attention-kernel)")
