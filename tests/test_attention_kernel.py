@@ -78,8 +78,7 @@ def test_kernel_agrees_with_float32_attention_as_closely_as_bf16_sdpa(B, H, K, T
         assert relative_error(got, want) < 1.5 * relative_error(peer, want) + 4e-3, name
 
 
-AMX_CPU = {"amx_tile", "amx_bf16"} <= (native.cpu_flags() or frozenset())
-needs_amx = pytest.mark.skipif(not AMX_CPU, reason="no AMX tiles on this CPU")
+needs_amx = pytest.mark.skipif(not native.cpu_has(native.AMX_BF16_FLAGS), reason="no AMX tiles on this CPU")
 
 
 @needs_amx

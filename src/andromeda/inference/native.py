@@ -190,6 +190,14 @@ def missing_support(cpu_features: Sequence[str], source: Path, build: Callable[[
     return None
 
 
+AMX_BF16_FLAGS = ("amx_tile", "amx_bf16")  # AMX's bf16 tile products (Sapphire Rapids on)
+
+
+def cpu_has(features: Sequence[str]) -> bool:
+    """Whether the CPU lists every one of `features` (/proc/cpuinfo; False where unknown)."""
+    return set(features) <= (cpu_flags() or frozenset())
+
+
 @cache
 def cpu_flags() -> frozenset[str] | None:
     """The CPU's feature flags (/proc/cpuinfo), or None where they are unknown."""

@@ -196,8 +196,8 @@ def rows_kernel_preferred() -> bool:
 
 
 def _amx_tiles() -> bool:
-    """Whether the CPU lists AMX's bf16 tiles (which oneDNN's bf16 products then use)."""
-    return {"amx_bf16", "amx_tile"} <= (native.cpu_flags() or frozenset())
+    """Whether the CPU has AMX's bf16 tiles (which oneDNN's bf16 products then use)."""
+    return native.cpu_has(native.AMX_BF16_FLAGS)
 
 
 def prepare_bf16(module: nn.Module) -> nn.Module:

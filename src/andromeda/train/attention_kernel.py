@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..inference.native import build_library, cpu_flags, missing_support
+from ..inference.native import AMX_BF16_FLAGS, build_library, cpu_has, missing_support
 from ..model import Transformer
 from ..model.attention import CausalAttention
 
@@ -263,7 +263,7 @@ def _library_path() -> Path:
 def amx_tiles() -> bool:
     """Whether the kernel's products run on AMX tiles here (Sapphire Rapids on, for heads of a
     multiple of 32): built with them and granted them by Linux; else AVX-512 BF16's vdpbf16ps."""
-    if not {"amx_tile", "amx_bf16"} <= (cpu_flags() or frozenset()) or unavailable_reason() is not None:
+    if not cpu_has(AMX_BF16_FLAGS) or unavailable_reason() is not None:
         return False
     return bool(ctypes.CDLL(str(_library_path())).andromeda_flash_amx())
 
