@@ -318,6 +318,26 @@ def test_int4_vnni_kernel_agrees_with_its_pytorch_reference(group_size):
 
 
 @needs_vnni
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_int4_vnni_kernel_takes_rows_of_more_groups_than_it_converts_at_once(scale_dtype):
+    """The kernel turns a tile's scales into float32 64 groups at a time: rows of 81 groups (a
+    whole pass and a partial one, whose last vector of 16 is partial too) agree with the reference,
+    for 1 and 5 activation rows and a short last tile."""
+    torch.manual_seed(0)
+    N, group_size = 9, 128
+    K = group_size * 81
+    codes = torch.randint(0, 16, (N, K))
+    scales = (torch.rand(N, K // group_size) * 0.02).to(scale_dtype)
+    zeros = (torch.randn(N, K // group_size) * 0.01).to(scale_dtype)
+    weight, scale_zero = native.to_kernel_layout(codes, scales, zeros)
+    for rows in (1, 5):
+        x = torch.randn(rows, K)
+        y = native.int4_rows(x, weight, scale_zero, group_size)
+        ref = native.int4_rows_reference(x, weight, scale_zero.float(), group_size)
+        assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@needs_vnni
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 def test_int4_vnni_kernel_reads_bf16_scales_as_their_float32_values(x_dtype):
     """A bf16 model's scales and zeros stay bf16 in the kernel's layout (half the bytes): the
