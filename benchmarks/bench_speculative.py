@@ -1,7 +1,8 @@
 """Speculative decoding (`andromeda.inference.speculative`): what a verify step costs, and what it buys.
 
 (a) `scale`: speculation at scale. On the 2.5 B default config (random weights, bf16; on a CPU
-prepacked for oneDNN as `andromeda generate` loads bf16), with `--context` tokens in the KV
+prepacked for oneDNN as `andromeda generate` loads bf16; `--scheme int8|int4`: quantized as
+`--quantize` loads it, a verify's rows through the VNNI kernels), with `--context` tokens in the KV
 cache, one verify forward of K + 1 positions (logits at every one of them) against one decode
 step of one position, interleaved, medians; the cache is cut back after each call. Speculation
 pays where the verify step costs little more than a decode step (decode is bandwidth-bound: both
@@ -20,6 +21,7 @@ speed-up against plain decoding.
 
     python benchmarks/bench_speculative.py scale --small           # a quick check (~1 GB)
     python benchmarks/bench_speculative.py scale                   # the 2.5 B default (~6 GB RAM)
+    python benchmarks/bench_speculative.py scale --scheme int4     # its verify step through the int4 kernel
     python benchmarks/bench_speculative.py e2e --checkpoint runs/demo --new-tokens 200
     python benchmarks/bench_speculative.py draft --draft-seconds 300
     python benchmarks/bench_speculative.py all
@@ -44,6 +46,8 @@ from andromeda.checkpoint import latest_checkpoint, load_checkpoint_tokenizer, l
 from andromeda.data import cache_root, shakespeare_corpus
 from andromeda.inference.generate import decode_one, generate
 from andromeda.inference.packed import prepack_if_supported
+from andromeda.inference.quantize import DEFAULT_GROUP_SIZE, quantize
+from andromeda.inference.quantized_linear import pack_for_decoding
 from andromeda.inference.speculative import SpeculationStats, speculative_generate, verify
 from andromeda.model import KVCache, build_transformer
 
@@ -66,7 +70,12 @@ def parameters(config: Config) -> int:
 def scale(args: argparse.Namespace) -> None:
     config = Config(dim=512, depth=8, heads=4, alibi_num_heads=2) if args.small else Config()
     torch.manual_seed(0)
-    net = prepack_if_supported(build_transformer(config, dtype=torch.bfloat16).eval())
+    net = build_transformer(config, dtype=torch.bfloat16).eval()
+    if args.scheme == "bf16":
+        net = prepack_if_supported(net)
+    else:  # as `--quantize` loads it: the kernels' layouts (VNNI CPUs), a verify's K + 1 rows through them
+        net = quantize(net, args.scheme, DEFAULT_GROUP_SIZE)
+        pack_for_decoding(net)
     k = args.k
     cache = KVCache(config, 1, args.context + k + 1, dtype=torch.bfloat16, device="cpu")
     context = torch.randint(0, config.num_tokens, (1, args.context))
@@ -87,7 +96,7 @@ def scale(args: argparse.Namespace) -> None:
     step, check = common.median(times["decode"]), common.median(times["verify"])
     ratio = check / step
     size = "512 x 8" if args.small else "2.5 B default"
-    print(f"## Speculation at scale: {size} ({parameters(config) / 1e9:.2f} B parameters), bf16, "
+    print(f"## Speculation at scale: {size} ({parameters(config) / 1e9:.2f} B parameters), {args.scheme}, "
           f"{args.context} tokens of context, K = {k}\n")
     print(common.markdown_table(
         ["step", "median ms", "vs decode"],
@@ -201,6 +210,8 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="scale: a 512 x 8 model instead of the 2.5 B default")
     parser.add_argument("--context", type=int, default=512, help="scale: tokens in the cache (default 512)")
     parser.add_argument("-k", type=int, default=4, help="tokens proposed per step (default 4)")
+    parser.add_argument("--scheme", choices=["bf16", "int8", "int4"], default="bf16",
+                        help="scale: the weights (bf16 prepacked as `generate` loads it, or quantized, group 128)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per contestant (default 5)")
     parser.add_argument("--checkpoint", default="runs/demo", help="e2e, draft: the target (default runs/demo)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], help="e2e, draft: cast the weights (default as saved)")
