@@ -61,9 +61,14 @@ INT8_MAX = 127  # symmetric: -127..127, so negating a weight negates its code
 INT8_KERNEL_ROWS = 16
 INT4_KERNEL_ROWS = 64
 # Rows up to which `native`'s kernels run once `pack_for_decoding` has: decoding, a batch of
-# decoding rows, a speculative verify step. They quantize activations per row and re-read each
-# weight row from cache for every activation row, so their cost grows with the rows too.
-DECODE_KERNEL_ROWS = 16
+# decoding rows, a speculative verify step, a short prompt. They quantize activations per row and
+# re-read each weight row from cache for every activation row (int4: up to three rows share its
+# unpacked codes), so their cost grows with the rows; the slabs' cost is a dequantizing pass and a
+# bf16 matmul whose weight oneDNN reorders anew. Measured on an Intel Xeon (Emerald Rapids, AMX, 2
+# threads; eight layers of the 2.5 B default): the kernels take 0.34x (int4) and 0.63x (int8) of the
+# slabs' time at 64 rows; they cross over near 180 and 140 rows. CPUs without AMX have slower bf16
+# matmuls for the slabs, so their crossovers lie no lower.
+DECODE_KERNEL_ROWS = 64
 # torch 2.13's int8 kernel reads K in steps of 16 with aligned loads and silently returns garbage
 # for other widths (K = 72, 136), so narrower-stepped layers take the dequantizing path.
 INT8_KERNEL_K_MULTIPLE = 16
