@@ -12,8 +12,13 @@ the limit belongs (the kernel/slabs column crossing 1) and what rows cost the ke
 row (its time grows with the rows: each is quantized and multiplied alone, int4's unpacked codes
 shared by up to three rows).
 
+`--prompt-tokens N ...` then times the whole 2.5 B default (random weights, each scheme) reading a
+prompt of each length (one forward, the logits of its last position) both ways: what the limit means
+for the time to a chat turn's first token.
+
     python benchmarks/bench_quantized_rows.py                        # 2 threads, rows 1 3 5 16 64 128 192
     python benchmarks/bench_quantized_rows.py --schemes int4 --rows 1 2 3 4 5 8 --rounds 3
+    python benchmarks/bench_quantized_rows.py --rows 1 --prompt-tokens 24 48   # + the 2.5 B's prompts (~8 GB)
 """
 
 from __future__ import annotations
@@ -27,9 +32,12 @@ import torch
 from torch import nn
 
 import common
+from andromeda import Config
 from andromeda.inference import native
 from andromeda.inference import quantized_linear
+from andromeda.inference.huge_pages import back_with_huge_pages
 from andromeda.inference.quantize import DEFAULT_GROUP_SIZE, quantize
+from andromeda.model import build_transformer
 
 SHAPES = ((2560, 3584), (3072, 2560), (2560, 10240), (10240, 2560))  # (in, out): qkv, out, ff in, ff out
 
@@ -66,6 +74,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--prompt-tokens", type=int, nargs="*", default=[],
+                        help="also the 2.5 B default reading prompts of these lengths, kernel against slabs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if native.kernels() is None:
@@ -98,6 +108,34 @@ def main() -> None:
         del layers
     print(common.markdown_table(["scheme", "rows", "kernel ms", "slabs ms", "kernel / slabs",
                                  "kernel GB/s of weights", "kernel vs 1 row"], rows_out))
+    if args.prompt_tokens:
+        prompts(args, generator)
+
+
+def prompts(args: argparse.Namespace, generator: torch.Generator) -> None:
+    """The 2.5 B default reading each prompt, through the kernels and through the slabs."""
+    rows_out = []
+    for scheme in args.schemes.split(","):
+        torch.manual_seed(0)
+        net = build_transformer(Config.from_preset("default"), dtype=torch.bfloat16).eval()
+        net = quantize(net, scheme, DEFAULT_GROUP_SIZE)
+        quantized_linear.pack_for_decoding(net)
+        back_with_huge_pages(net)
+        for tokens in args.prompt_tokens:
+            prompt = torch.randint(0, net.config.num_tokens, (1, tokens), generator=generator)
+            times: dict[str, list[float]] = {"kernel": [], "slabs": []}
+            with torch.inference_mode():
+                for _ in range(args.rounds + 1):  # the first round warms both paths up, untimed
+                    for path, limit in (("kernel", 10**9), ("slabs", 0)):
+                        with kernel_rows(limit):
+                            start = time.perf_counter()
+                            net(prompt, logits_to_keep=1)
+                            times[path].append(time.perf_counter() - start)
+            k, s = min(times["kernel"][1:]), min(times["slabs"][1:])
+            rows_out.append([scheme, tokens, f"{k:.3f}", f"{s:.3f}", f"**{s / k:.2f}x**"])
+        del net
+    print(f"\nThe 2.5 B default reading a prompt (one forward; best of {args.rounds} rounds after one untimed):\n")
+    print(common.markdown_table(["scheme", "prompt tokens", "kernels s", "slabs s", "kernels faster by"], rows_out))
 
 
 if __name__ == "__main__":

@@ -338,6 +338,34 @@ def test_int4_vnni_kernel_takes_rows_of_more_groups_than_it_converts_at_once(sca
 
 
 @needs_vnni
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_int4_dequantize_gives_each_weight_bit_for_bit(scale_dtype):
+    """The library's one-pass dequantizing (a prefill's slabs) gives (q - 8) * scale + zero as
+    PyTorch computes it in float32, and its rounding to bf16, bit for bit: for rows from a tile
+    boundary to any end (a short last tile, none), groups of 128 and 256; a start inside a tile and
+    other dtypes are refused."""
+    torch.manual_seed(0)
+    N, K = 203, 1024
+    for group_size in (128, 256):
+        codes = torch.randint(0, 16, (N, K))
+        scales = (torch.rand(N, K // group_size) * 0.02).to(scale_dtype)
+        zeros = (torch.randn(N, K // group_size) * 0.01).to(scale_dtype)
+        weight, scale_zero = native.to_kernel_layout(codes, scales, zeros)
+        expected = ((codes.float() - 8) * scales.float().repeat_interleave(group_size, dim=1)
+                    + zeros.float().repeat_interleave(group_size, dim=1))
+        for start, end in ((0, N), (4, 8), (64, 203), (200, 203), (8, 8)):
+            for dtype in (torch.float32, torch.bfloat16):
+                got = native.int4_dequantize(weight, scale_zero, group_size, start, end, dtype)
+                assert got.dtype == dtype and torch.equal(got, expected[start:end].to(dtype))
+                assert torch.equal(got, native.int4_dequantize_reference(weight, scale_zero, group_size, start, end,
+                                                                         dtype))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        native.int4_dequantize(weight, scale_zero, 256, 2, 10, torch.float32)
+    with pytest.raises(TypeError, match="bfloat16 or float32"):
+        native.int4_dequantize(weight, scale_zero, 256, 0, 4, torch.float16)
+
+
+@needs_vnni
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 def test_int4_vnni_kernel_reads_bf16_scales_as_their_float32_values(x_dtype):
     """A bf16 model's scales and zeros stay bf16 in the kernel's layout (half the bytes): the

@@ -128,6 +128,7 @@ def int8_kernel_applies(in_features: int) -> bool:
 class Kernels:
     int8_rows: ctypes._CFuncPtr
     int4_rows: ctypes._CFuncPtr
+    int4_dequantize: ctypes._CFuncPtr
     cpp_ops: bool  # the ops' CPU implementations are ops.cpp's (else Python's, over the ctypes calls)
 
 
@@ -145,8 +146,10 @@ def kernels() -> Kernels | None:
     flag = ctypes.c_int
     int8.argtypes = [pointer, size, size, flag, pointer, pointer, pointer, size, pointer, pointer]
     int4.argtypes = [pointer, size, size, flag, pointer, pointer, flag, size, size, pointer, pointer]
-    int8.restype = int4.restype = ctypes.c_int
-    return Kernels(int8, int4, _register_cpu_ops())
+    dequantize = library.andromeda_int4_dequantize
+    dequantize.argtypes = [pointer, pointer, flag, size, size, size, size, flag, pointer]
+    int8.restype = int4.restype = dequantize.restype = ctypes.c_int
+    return Kernels(int8, int4, dequantize, _register_cpu_ops())
 
 
 @cache  # once a process: a kernel registered twice for one op is an error
@@ -233,6 +236,36 @@ def int4_rows(x: Tensor, weight: Tensor, scale_zero: Tensor, group_size: int, bi
         with torch.profiler.record_function("andromeda::int4_rows"):
             return _int4_rows(x, weight, scale_zero, group_size, bias)
     return _int4_rows(x, weight, scale_zero, group_size, bias)
+
+
+def int4_dequantize(weight: Tensor, scale_zero: Tensor, group_size: int, start: int, end: int,
+                    dtype: torch.dtype) -> Tensor:
+    """Rows start:end (end - start, K) of the weight an int4 layer's `to_kernel_layout` tensors hold,
+    in `dtype` (bf16 or float32), by the kernels' library in one pass; `start` a multiple of
+    TILE_ROWS. Each weight is (q - 8) * scale + zero in float32 (`int4_dequantize_reference`)."""
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise TypeError(f"int4 weights dequantize to bfloat16 or float32, not {dtype}")
+    if scale_zero.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"the int4 kernel's scales and zeros must be float32 or bfloat16, not {scale_zero.dtype}")
+    N, K = scale_zero.shape[0], weight.shape[1] * 2
+    _check_tiles(weight, N, K // 2, "int4", "to_kernel_layout")
+    if not 0 <= start <= end <= N or start % TILE_ROWS:
+        raise ValueError(f"rows {start}:{end} of {N}: the start must be a multiple of {TILE_ROWS}")
+    out = torch.empty(end - start, K, dtype=dtype)
+    status = kernels().int4_dequantize(weight.data_ptr(), scale_zero.data_ptr(), scale_zero.dtype == torch.bfloat16,
+                                       K, group_size, start, end, dtype == torch.bfloat16, out.data_ptr())
+    _check(status, f"int4 dequantizing (group {group_size})", end - start, K)
+    return out
+
+
+def int4_dequantize_reference(weight: Tensor, scale_zero: Tensor, group_size: int, start: int, end: int,
+                              dtype: torch.dtype) -> Tensor:
+    """What `int4_dequantize` computes, in PyTorch."""
+    if start == end:
+        return torch.empty(0, weight.shape[1] * 2, dtype=dtype)
+    codes = from_kernel_layout(weight, start, end).float() - 8  # (n, K)
+    scale, zero = (scale_zero[start:end, i].float().repeat_interleave(group_size, dim=1) for i in (0, 1))
+    return (codes * scale + zero).to(dtype)
 
 
 def _int8_rows(x: Tensor, weight: Tensor, scale: Tensor, wsum: Tensor, bias: Tensor | None) -> Tensor:

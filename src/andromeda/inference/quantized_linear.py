@@ -65,9 +65,9 @@ INT4_KERNEL_ROWS = 64
 # re-read each weight row from cache for every activation row (int4: up to three rows share its
 # unpacked codes), so their cost grows with the rows; the slabs' cost is a dequantizing pass and a
 # bf16 matmul whose weight oneDNN reorders anew. Measured on an Intel Xeon (Emerald Rapids, AMX, 2
-# threads; eight layers of the 2.5 B default): the kernels take 0.34x (int4) and 0.63x (int8) of the
-# slabs' time at 64 rows; they cross over near 180 and 140 rows. CPUs without AMX have slower bf16
-# matmuls for the slabs, so their crossovers lie no lower.
+# threads; `benchmarks/bench_quantized_rows.py`): at 64 rows the kernels take 0.71x (int8) and
+# 0.94x (int4) of the slabs' time; they cross over near 130 and 70 rows. CPUs without AMX have
+# slower bf16 matmuls for the slabs, so their crossovers lie no lower.
 DECODE_KERNEL_ROWS = 64
 # torch 2.13's int8 kernel reads K in steps of 16 with aligned loads and silently returns garbage
 # for other widths (K = 72, 136), so narrower-stepped layers take the dequantizing path.
@@ -240,16 +240,11 @@ class Int4Linear(nn.Module):
         """Rows start:end of the dequantized weight, (end - start, K); start is a block boundary."""
         block, form = cpu_int4_layout()
         K, n = self.in_features, end - start
-        if self._decode_weight is not None:  # the VNNI kernel's layout: row tiles
-            codes = native.from_kernel_layout(self.weight, start, end)  # (n, K) uint8
-            groups = K // self.group_size
-            weight = torch.empty(n, groups, self.group_size, dtype=dtype)
-            torch.sub(codes.view(torch.int8).view(weight.shape), INT4_OFFSET, out=weight)  # exact
-            sz = self.scales_and_zeros[:, start:end].transpose(0, 1)  # (n, G, 2)
-            # Two roundings (an addcmul broadcasting along the rows' last dimension is 3x slower
-            # than the pair): within one unit in the last place of `dtype` of the kernel's value.
-            weight.mul_(sz[..., 0:1]).add_(sz[..., 1:2])
-            return weight.view(n, K), None
+        if self._decode_weight is not None:  # the VNNI kernel's layout: row tiles, read by its library
+            if dtype in (torch.bfloat16, torch.float32):  # in float32, rounded once; 2.5x faster than PyTorch's passes
+                return native.int4_dequantize(self.weight, self._decode_weight, self.group_size, start, end, dtype), None
+            return native.int4_dequantize(self.weight, self._decode_weight, self.group_size, start, end,
+                                          torch.float32).to(dtype), None
         if form != "halves" or n % block:  # a partial last block: the general path
             codes = unpack_cpu_rows(self.weight, start, end, K)  # (n, K) uint8
             return _dequantize_int4(codes, self.scales_and_zeros[:, start:end], self.group_size, dtype), None

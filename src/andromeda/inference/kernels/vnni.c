@@ -324,3 +324,46 @@ int andromeda_int8_rows(const void *x_in, int64_t M, int64_t K, int bf16, const 
   release(&q);
   return 0;
 }
+
+// Rows start..end - 1 of an int4 weight in the kernel's layout (`weight`, `scale_zero` as
+// `andromeda_int4_rows` takes them; start a multiple of ROWS) dequantized into `out`, (end - start,
+// K) row-major: each weight (q - 8) * scale + zero in float32 (a product, then a sum, each rounded:
+// as PyTorch computes it), written as float32 or (`bf16_out`) rounded to bfloat16 (nearest even).
+// The slabs a prefill's many rows multiply through a bf16 matmul: one pass, at memory speed.
+int andromeda_int4_dequantize(const uint8_t *weight, const void *scale_zero, int scales_bf16, int64_t K,
+                              int64_t group, int64_t start, int64_t end, int bf16_out, void *out) {
+  if (K % BLOCK || group % BLOCK || K % group || start % ROWS || end < start) return 1;
+  const int64_t G = K / group, row_bytes = 2 * G * (scales_bf16 ? 2 : 4);
+  const int64_t first = start / ROWS, last = (end + ROWS - 1) / ROWS;
+#pragma omp parallel for schedule(static)
+  for (int64_t tile = first; tile < last; ++tile) {
+    const uint8_t *w = weight + tile * ROWS * (K / 2);
+    for (int64_t r = 0; r < ROWS && tile * ROWS + r < end; ++r) {
+      const int64_t n = tile * ROWS + r;
+      const char *scale = (const char *)scale_zero + n * row_bytes, *zero = scale + row_bytes / 2;
+      for (int64_t kb = 0; kb < K / BLOCK; ++kb) {
+        const int64_t g = kb * BLOCK / group;
+        const __m512 s = _mm512_set1_ps(scalar_at(scale, g, scales_bf16)), z = _mm512_set1_ps(scalar_at(zero, g, scales_bf16));
+        const __m512i packed = _mm512_loadu_si512((const void *)(w + (kb * ROWS + r) * 64));
+        const __m512i nibble = _mm512_set1_epi8(0x0F);
+        const __m512i halves[2] = {_mm512_and_si512(packed, nibble), _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble)};
+        for (int h = 0; h < 2; ++h)
+          for (int part = 0; part < 4; ++part) {  // 16 codes at a time: weights kb * 128 + 64 h + 16 part..
+            const __m512i codes = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(halves[h], part));
+            const __m512 centred = _mm512_cvtepi32_ps(_mm512_sub_epi32(codes, _mm512_set1_epi32(8)));
+            const __m512 value = _mm512_add_ps(_mm512_mul_ps(centred, s), z);
+            const int64_t at = (n - start) * K + kb * BLOCK + 64 * h + 16 * part;
+            if (!bf16_out) {
+              _mm512_storeu_ps((float *)out + at, value);
+              continue;
+            }
+            const __m512i bits = _mm512_castps_si512(value);  // round to nearest even (finite values)
+            const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+            const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+            _mm256_storeu_si256((__m256i *)((uint16_t *)out + at), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+          }
+      }
+    }
+  }
+  return 0;
+}
