@@ -1,4 +1,5 @@
-// Products of a few rows x (M, K) float32 with int4 and int8 weights W (N, K), with AVX-512 VNNI.
+// Products of a few rows x (M, K) float32 with int4 and int8 weights W (N, K), with AVX-512 VNNI;
+// and the int4 weights dequantized, the slabs of a prefill's many rows (`andromeda_int4_dequantize`).
 //
 // Built and loaded by andromeda/inference/native.py; the arithmetic is documented there, next to
 // its PyTorch reference (`int4_rows_reference`), which the tests hold this file to.
