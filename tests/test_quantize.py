@@ -338,6 +338,24 @@ def test_int4_vnni_kernel_takes_rows_of_more_groups_than_it_converts_at_once(sca
 
 
 @needs_vnni
+def test_int8_dequantize_reads_the_row_tiles_back_exactly():
+    """The library's one-pass read of int8 row tiles (a prefill's slabs) gives the plain codes as
+    float32 and bf16 exactly, for rows from a tile boundary to any end; a start inside a tile and
+    other dtypes are refused."""
+    torch.manual_seed(0)
+    plain = torch.randint(-127, 128, (203, 192), dtype=torch.int8)
+    tiles = native.to_row_tiles(plain, tile=native.INT8_TILE_ROWS)
+    for start, end in ((0, 203), (8, 16), (64, 203), (200, 203), (16, 16)):
+        for dtype in (torch.float32, torch.bfloat16):
+            got = native.int8_dequantize(tiles, start, end, dtype)
+            assert got.dtype == dtype and torch.equal(got, plain[start:end].to(dtype))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        native.int8_dequantize(tiles, 4, 10, torch.float32)
+    with pytest.raises(TypeError, match="bfloat16 or float32"):
+        native.int8_dequantize(tiles, 0, 8, torch.float16)
+
+
+@needs_vnni
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
 def test_int4_dequantize_gives_each_weight_bit_for_bit(scale_dtype):
     """The library's one-pass dequantizing (a prefill's slabs) gives (q - 8) * scale + zero as

@@ -129,6 +129,7 @@ class Kernels:
     int8_rows: ctypes._CFuncPtr
     int4_rows: ctypes._CFuncPtr
     int4_dequantize: ctypes._CFuncPtr
+    int8_dequantize: ctypes._CFuncPtr
     cpp_ops: bool  # the ops' CPU implementations are ops.cpp's (else Python's, over the ctypes calls)
 
 
@@ -148,8 +149,10 @@ def kernels() -> Kernels | None:
     int4.argtypes = [pointer, size, size, flag, pointer, pointer, flag, size, size, pointer, pointer]
     dequantize = library.andromeda_int4_dequantize
     dequantize.argtypes = [pointer, pointer, flag, size, size, size, size, flag, pointer]
-    int8.restype = int4.restype = dequantize.restype = ctypes.c_int
-    return Kernels(int8, int4, dequantize, _register_cpu_ops())
+    dequantize8 = library.andromeda_int8_dequantize
+    dequantize8.argtypes = [pointer, size, size, size, flag, pointer]
+    int8.restype = int4.restype = dequantize.restype = dequantize8.restype = ctypes.c_int
+    return Kernels(int8, int4, dequantize, dequantize8, _register_cpu_ops())
 
 
 @cache  # once a process: a kernel registered twice for one op is an error
@@ -255,6 +258,24 @@ def int4_dequantize(weight: Tensor, scale_zero: Tensor, group_size: int, start: 
     status = kernels().int4_dequantize(weight.data_ptr(), scale_zero.data_ptr(), scale_zero.dtype == torch.bfloat16,
                                        K, group_size, start, end, dtype == torch.bfloat16, out.data_ptr())
     _check(status, f"int4 dequantizing (group {group_size})", end - start, K)
+    return out
+
+
+def int8_dequantize(weight: Tensor, start: int, end: int, dtype: torch.dtype) -> Tensor:
+    """Rows start:end (end - start, K) of an int8 weight in row tiles of INT8_TILE_ROWS
+    (`to_row_tiles`), as `dtype` (bf16 or float32: exact), in one pass by the kernels' library;
+    `start` a multiple of INT8_TILE_ROWS. What `from_row_tiles(...).to(dtype)` gives."""
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise TypeError(f"int8 weights dequantize to bfloat16 or float32, not {dtype}")
+    if weight.dtype != torch.int8 or not weight.is_contiguous() or weight.shape[0] % INT8_TILE_ROWS:
+        raise ValueError(f"expected an int8 weight in row tiles of {INT8_TILE_ROWS} (to_row_tiles), "
+                         f"got {weight.dtype} {tuple(weight.shape)}")
+    K = weight.shape[1]
+    if not 0 <= start <= end <= weight.shape[0] or start % INT8_TILE_ROWS:
+        raise ValueError(f"rows {start}:{end} of {weight.shape[0]}: the start must be a multiple of {INT8_TILE_ROWS}")
+    out = torch.empty(end - start, K, dtype=dtype)
+    status = kernels().int8_dequantize(weight.data_ptr(), K, start, end, dtype == torch.bfloat16, out.data_ptr())
+    _check(status, "int8 dequantizing", end - start, K)
     return out
 
 

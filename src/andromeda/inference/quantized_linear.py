@@ -172,7 +172,10 @@ class Int8Linear(nn.Module):
 
     def _slab(self, start: int, end: int, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
         # The scale is per output row, so it multiplies the product instead of the weight:
-        # one conversion pass over the slab (int8 -> bf16 is exact), no multiply.
+        # one conversion pass over the slab (int8 -> bf16 is exact), no multiply; from the row
+        # tiles by the kernels' library where it laid them out.
+        if self._decode_weight is not None and dtype in (torch.bfloat16, torch.float32):
+            return native.int8_dequantize(self.weight, start, end, dtype), self.scales[start:end]
         return self._weight_rows(start, end).to(dtype), self.scales[start:end]
 
     def dequantized(self) -> Tensor:

@@ -368,3 +368,31 @@ int andromeda_int4_dequantize(const uint8_t *weight, const void *scale_zero, int
   }
   return 0;
 }
+
+// Rows start..end - 1 of an int8 weight in row tiles of INT8_ROWS (start a multiple of INT8_ROWS)
+// into `out`, (end - start, K) row-major, as float32 or (`bf16_out`) bfloat16: exact either way
+// (codes of 8 bits). The slabs of a prefill's many rows, in one pass.
+int andromeda_int8_dequantize(const int8_t *weight, int64_t K, int64_t start, int64_t end, int bf16_out, void *out) {
+  if (K % 64 || start % INT8_ROWS || end < start) return 1;
+  const int64_t first = start / INT8_ROWS, last = (end + INT8_ROWS - 1) / INT8_ROWS;
+#pragma omp parallel for schedule(static)
+  for (int64_t tile = first; tile < last; ++tile) {
+    const int8_t *w = weight + tile * INT8_ROWS * K;
+    for (int64_t r = 0; r < INT8_ROWS && tile * INT8_ROWS + r < end; ++r) {
+      const int64_t row = tile * INT8_ROWS + r - start;
+      for (int64_t k = 0; k < K; k += 64) {
+        const __m512i codes = _mm512_loadu_si512((const void *)(w + k * INT8_ROWS + r * 64));
+        for (int part = 0; part < 4; ++part) {
+          const __m512 value = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(codes, part)));
+          const int64_t at = row * K + k + 16 * part;
+          if (bf16_out)  // an integer of 8 bits is exact in bf16: its top 16 bits
+            _mm256_storeu_si256((__m256i *)((uint16_t *)out + at),
+                                _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(value), 16)));
+          else
+            _mm512_storeu_ps((float *)out + at, value);
+        }
+      }
+    }
+  }
+  return 0;
+}
