@@ -102,7 +102,8 @@ def test_compile_refuses_quantized_layers_without_their_kernel_path():
 def test_kernel_ops_are_cpp_where_they_build_and_equal_the_ctypes_calls(scheme):
     """Where a C++ compiler is at hand the ops' CPU implementations are ops.cpp's: for float32,
     bf16, float16 (read as float32) and non-contiguous rows they give the ctypes calls' results
-    bit for bit, and refuse rows of the wrong width naming the expected shape."""
+    bit for bit, and refuse rows of the wrong width naming the expected shape (int4: and scales of
+    another group size than the call's)."""
     assert native.kernels().cpp_ops, "ops.cpp did not build (g++ and torch's headers are expected here)"
     op = getattr(torch.ops.andromeda, f"{scheme}_rows")
     direct = getattr(native, f"_{scheme}_rows")  # the ctypes call (the Python implementation)
@@ -122,6 +123,12 @@ def test_kernel_ops_are_cpp_where_they_build_and_equal_the_ctypes_calls(scheme):
     for call in (op, direct):
         with pytest.raises(ValueError, match=f"takes a contiguous weight of {rows} rows( of 128| of 256)? for {rows} rows"):
             call(x, weight, *shorter)
+    if scheme == "int4":  # scales and zeros of another group size than the call's: refused, not read past
+        scale_zero, group, bias = more
+        for call in (op, direct):
+            for wrong in (64, 0):
+                with pytest.raises(ValueError, match=r"scales and zeros of shape \(N, 2, K / group\)|shape \(96, 2"):
+                    call(x, weight, scale_zero, wrong, bias)
 
 
 FALLBACK = """

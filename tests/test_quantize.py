@@ -1,6 +1,7 @@
 """Weight-only int8/int4 quantization: the stored codes, the kernels, the model, checkpoints, errors."""
 
 import copy
+import subprocess
 
 import pytest
 import torch
@@ -338,6 +339,31 @@ def test_int4_vnni_kernel_takes_rows_of_more_groups_than_it_converts_at_once(sca
 
 
 @needs_vnni
+def test_the_kernels_c_file_builds_without_optimisation(tmp_path):
+    """Intrinsics that take an immediate get a constant, not a loop variable that only -O3's
+    unrolling makes constant: the C file builds at -O0 too (clang requires it at every level)."""
+    flags = [flag for flag in native.FLAGS if not flag.startswith("-O")]
+    result = subprocess.run([native.compiler(), "-O0", *flags, str(native.SOURCE), "-o", str(tmp_path / "k.so")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@needs_vnni
+@pytest.mark.parametrize("scheme,dtype", [("int8", torch.float32), ("int4", torch.float32), ("int4", torch.float16)])
+def test_packed_layers_take_many_rows_of_other_dtypes_through_their_slabs(scheme, dtype):
+    """More rows than the kernels take, in float32 or float16, read the slabs back from the
+    kernels' layout (dequantized in float32 for float16) and agree with the dequantized weight."""
+    module = (Int8Linear.from_linear(linear(256, 72, dtype=dtype)) if scheme == "int8"
+              else Int4Linear.from_linear(linear(256, 72, dtype=dtype), 128))
+    assert module.pack_for_decoding()
+    x = torch.randn(Q.DECODE_KERNEL_ROWS + 5, 256, dtype=dtype)
+    with torch.inference_mode():
+        y = module(x)
+    ref = F.linear(x.float(), dequantize_weight(module).float(), module.bias.float())
+    assert y.dtype == dtype and torch.allclose(y.float(), ref, rtol=2**-9, atol=2**-9 * ref.abs().max().item())
+
+
+@needs_vnni
 def test_int8_dequantize_reads_the_row_tiles_back_exactly():
     """The library's one-pass read of int8 row tiles (a prefill's slabs) gives the plain codes as
     float32 and bf16 exactly, for rows from a tile boundary to any end; a start inside a tile and
@@ -379,6 +405,8 @@ def test_int4_dequantize_gives_each_weight_bit_for_bit(scale_dtype):
                                                                          dtype))
     with pytest.raises(ValueError, match="multiple of 4"):
         native.int4_dequantize(weight, scale_zero, 256, 2, 10, torch.float32)
+    with pytest.raises(ValueError, match="scales and zeros of shape"):  # the scales are for groups of 256
+        native.int4_dequantize(weight, scale_zero, 128, 0, 4, torch.float32)
     with pytest.raises(TypeError, match="bfloat16 or float32"):
         native.int4_dequantize(weight, scale_zero, 256, 0, 4, torch.float16)
 
@@ -430,7 +458,7 @@ def test_int4_packed_for_decoding_runs_the_kernel_per_row():
     assert ((y.float() - ref).abs() <= bound).all()
     for row in range(0, Q.DECODE_KERNEL_ROWS, 5):
         assert torch.equal(module(x[row : row + 1])[0], y[row])
-    for rows in (Q.DECODE_KERNEL_ROWS + 1, Q.INT4_KERNEL_ROWS + 1):  # slabs from the kernel's layout
+    for rows in (Q.DECODE_KERNEL_ROWS + 1, 2 * Q.DECODE_KERNEL_ROWS + 3):  # slabs from the kernel's layout
         x_many = torch.randn(rows, 256, dtype=torch.bfloat16)
         assert torch.allclose(module(x_many).float(), F.linear(x_many.float(), w, b), rtol=2**-6, atol=2**-6)
     module.to(torch.float32)

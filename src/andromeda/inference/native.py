@@ -96,8 +96,10 @@ from .huge_pages import empty_in_huge_pages
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "kernels" / "vnni.c"
+# -ffp-contract=off: a product then a sum written apart stay two roundings (the dequantizers'
+# weights are PyTorch's bit for bit; GNU C and clang would fuse them); written FMAs are kept.
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-fopenmp", "-shared",
-         "-fPIC", "-std=c11")
+         "-fPIC", "-std=c11", "-ffp-contract=off")
 OPS_SOURCE = Path(__file__).parent / "kernels" / "ops.cpp"
 ATTENTION_SOURCE = Path(__file__).parent / "kernels" / "decode_sdpa.c"  # `decode_sdpa`, built into the ops library
 BF16_SOURCE = Path(__file__).parent / "kernels" / "bf16_rows.c"  # `bf16_rows`, built into the ops library
@@ -251,6 +253,7 @@ def int4_dequantize(weight: Tensor, scale_zero: Tensor, group_size: int, start: 
     if scale_zero.dtype not in (torch.float32, torch.bfloat16):
         raise TypeError(f"the int4 kernel's scales and zeros must be float32 or bfloat16, not {scale_zero.dtype}")
     N, K = scale_zero.shape[0], weight.shape[1] * 2
+    _check_scales(scale_zero, N, K, group_size)
     _check_tiles(weight, N, K // 2, "int4", "to_kernel_layout")
     if not 0 <= start <= end <= N or start % TILE_ROWS:
         raise ValueError(f"rows {start}:{end} of {N}: the start must be a multiple of {TILE_ROWS}")
@@ -309,6 +312,7 @@ def _int4_rows(x: Tensor, weight: Tensor, scale_zero: Tensor, group_size: int, b
     if scale_zero.dtype not in (torch.float32, torch.bfloat16):
         raise TypeError(f"the int4 kernel's scales and zeros must be float32 or bfloat16, not {scale_zero.dtype}")
     _check_tiles(weight, N, K // 2, "int4", "to_kernel_layout")
+    _check_scales(scale_zero, N, K, group_size)
     args = (x.data_ptr(), M, K, x.dtype == torch.bfloat16, weight.data_ptr(), scale_zero.data_ptr(),
             scale_zero.dtype == torch.bfloat16, N, group_size, _pointer(bias), y.data_ptr())
     _check(kernels().int4_rows(*args), f"int4 (group {group_size})", M, K)
@@ -320,6 +324,13 @@ def _check_tiles(weight: Tensor, N: int, width: int, kind: str, made_by: str = "
     if weight.shape != (tiled_rows(N, tile), width) or not weight.is_contiguous():
         raise ValueError(f"the {kind} kernel takes a contiguous weight of {tiled_rows(N, tile)} rows of {width} for "
                          f"{N} rows ({made_by}), not {list(weight.shape)}")
+
+
+def _check_scales(scale_zero: Tensor, N: int, K: int, group_size: int) -> None:
+    """The int4 scales and zeros must be `to_kernel_layout`'s for this group size: (N, 2, K // group)."""
+    if group_size <= 0 or K % group_size or scale_zero.shape != (N, 2, K // group_size) or not scale_zero.is_contiguous():
+        raise ValueError(f"expected contiguous scales and zeros of shape (N, 2, K / group) = {(N, 2, K // max(group_size, 1))} "
+                         f"for group size {group_size} and K = {K} (to_kernel_layout), got {tuple(scale_zero.shape)}")
 
 
 def _rows(x: Tensor) -> Tensor:

@@ -23,7 +23,8 @@ G = K // group_size groups per output row.
 The kernels win for a few rows (decoding; see INT8_KERNEL_ROWS); for a prefill they are 2-4x
 slower than a bf16 matmul, so there the weight is dequantized a 4 MB slab at a time and multiplied
 by oneDNN: nothing weight-sized is kept or allocated per call, and the cost over bf16 is the
-dequantizing pass (a conversion for int8, a few elementwise passes for int4).
+dequantizing pass (a conversion for int8; for int4 a few elementwise passes, or, from the kernels'
+layout, one pass in C: `native.int4_dequantize`).
 
 Scales and zeros are stored in the model's dtype, rounded so the stored grid still covers each
 row's (or group's) range: every weight is then within scale / 2 of its quantized value.
@@ -66,8 +67,8 @@ INT4_KERNEL_ROWS = 64
 # unpacked codes), so their cost grows with the rows; the slabs' cost is a dequantizing pass and a
 # bf16 matmul whose weight oneDNN reorders anew. Measured on an Intel Xeon (Emerald Rapids, AMX, 2
 # threads; `benchmarks/bench_quantized_rows.py`): at 64 rows the kernels take 0.71x (int8) and
-# 0.94x (int4) of the slabs' time; they cross over near 130 and 70 rows. CPUs without AMX have
-# slower bf16 matmuls for the slabs, so their crossovers lie no lower.
+# 0.94x (int4) of the slabs' time; they cross over near 130 and 70 rows. Not measured on CPUs
+# without AMX: their bf16 matmuls (the slabs) are slower, which should move the crossovers up.
 DECODE_KERNEL_ROWS = 64
 # torch 2.13's int8 kernel reads K in steps of 16 with aligned loads and silently returns garbage
 # for other widths (K = 72, 136), so narrower-stepped layers take the dequantizing path.

@@ -94,6 +94,10 @@ at::Tensor int4_rows(const at::Tensor &x_in, const at::Tensor &weight, const at:
   TORCH_CHECK_TYPE(scale_zero.scalar_type() == at::kFloat || scale_zero.scalar_type() == at::kBFloat16,
                    "the int4 kernel's scales and zeros must be float32 or bfloat16, not ", scale_zero.scalar_type());
   check_tiles(weight, N, "int4");
+  TORCH_CHECK_VALUE(group_size > 0 && K % group_size == 0 && scale_zero.dim() == 3 && scale_zero.size(1) == 2 &&
+                        scale_zero.size(2) == K / group_size && scale_zero.is_contiguous(),
+                    "expected contiguous scales and zeros of shape (", N, ", 2, K / group) for group size ",
+                    group_size, " and K = ", K, " (to_kernel_layout), got ", scale_zero.sizes());
   const at::Tensor x = rows(x_in, K, "int4");
   const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, N}, x.options());

@@ -1,5 +1,6 @@
 // Products of a few rows x (M, K) float32 with int4 and int8 weights W (N, K), with AVX-512 VNNI;
-// and the int4 weights dequantized, the slabs of a prefill's many rows (`andromeda_int4_dequantize`).
+// and both weights read back dequantized, the slabs of a prefill's many rows (`andromeda_int4_dequantize`,
+// `andromeda_int8_dequantize`). Built with -ffp-contract=off: a product then a sum stay two roundings.
 //
 // Built and loaded by andromeda/inference/native.py; the arithmetic is documented there, next to
 // its PyTorch reference (`int4_rows_reference`), which the tests hold this file to.
@@ -240,7 +241,7 @@ static inline __attribute__((always_inline)) void int4_tile(const int mp, const 
 int andromeda_int4_rows(const void *x_in, int64_t M, int64_t K, int bf16, const uint8_t *weight,
                         const void *scale_zero, int scales_bf16, int64_t N, int64_t group, const float *bias,
                         void *y) {
-  if (K % BLOCK || group % BLOCK || K % group || M < 1) return 1;
+  if (group <= 0 || K % BLOCK || group % BLOCK || K % group || M < 1) return 1;
   const int64_t G = K / group;
   Activations q;
   if (quantize_input(x_in, M, K, group, bf16, &q)) return 2;
@@ -333,7 +334,7 @@ int andromeda_int8_rows(const void *x_in, int64_t M, int64_t K, int bf16, const 
 // The slabs a prefill's many rows multiply through a bf16 matmul: one pass, at memory speed.
 int andromeda_int4_dequantize(const uint8_t *weight, const void *scale_zero, int scales_bf16, int64_t K,
                               int64_t group, int64_t start, int64_t end, int bf16_out, void *out) {
-  if (K % BLOCK || group % BLOCK || K % group || start % ROWS || end < start) return 1;
+  if (group <= 0 || K % BLOCK || group % BLOCK || K % group || start % ROWS || end < start) return 1;
   const int64_t G = K / group, row_bytes = 2 * G * (scales_bf16 ? 2 : 4);
   const int64_t first = start / ROWS, last = (end + ROWS - 1) / ROWS;
 #pragma omp parallel for schedule(static)
@@ -347,10 +348,12 @@ int andromeda_int4_dequantize(const uint8_t *weight, const void *scale_zero, int
         const __m512 s = _mm512_set1_ps(scalar_at(scale, g, scales_bf16)), z = _mm512_set1_ps(scalar_at(zero, g, scales_bf16));
         const __m512i packed = _mm512_loadu_si512((const void *)(w + (kb * ROWS + r) * 64));
         const __m512i nibble = _mm512_set1_epi8(0x0F);
-        const __m512i halves[2] = {_mm512_and_si512(packed, nibble), _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble)};
+        uint8_t block[BLOCK] __attribute__((aligned(64)));  // the 128 codes in input order
+        _mm512_store_si512((void *)block, _mm512_and_si512(packed, nibble));
+        _mm512_store_si512((void *)(block + 64), _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble));
         for (int h = 0; h < 2; ++h)
           for (int part = 0; part < 4; ++part) {  // 16 codes at a time: weights kb * 128 + 64 h + 16 part..
-            const __m512i codes = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(halves[h], part));
+            const __m512i codes = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(block + 64 * h + 16 * part)));
             const __m512 centred = _mm512_cvtepi32_ps(_mm512_sub_epi32(codes, _mm512_set1_epi32(8)));
             const __m512 value = _mm512_add_ps(_mm512_mul_ps(centred, s), z);
             const int64_t at = (n - start) * K + kb * BLOCK + 64 * h + 16 * part;
@@ -381,9 +384,10 @@ int andromeda_int8_dequantize(const int8_t *weight, int64_t K, int64_t start, in
     for (int64_t r = 0; r < INT8_ROWS && tile * INT8_ROWS + r < end; ++r) {
       const int64_t row = tile * INT8_ROWS + r - start;
       for (int64_t k = 0; k < K; k += 64) {
-        const __m512i codes = _mm512_loadu_si512((const void *)(w + k * INT8_ROWS + r * 64));
+        const int8_t *codes = w + k * INT8_ROWS + r * 64;
         for (int part = 0; part < 4; ++part) {
-          const __m512 value = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(codes, part)));
+          const __m128i sixteen = _mm_loadu_si128((const __m128i *)(codes + 16 * part));
+          const __m512 value = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sixteen));
           const int64_t at = row * K + k + 16 * part;
           if (bf16_out)  // an integer of 8 bits is exact in bf16: its top 16 bits
             _mm256_storeu_si256((__m256i *)((uint16_t *)out + at),
