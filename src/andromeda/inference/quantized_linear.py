@@ -66,8 +66,8 @@ INT4_KERNEL_ROWS = 64
 # re-read each weight row from cache for every activation row (int4: up to three rows share its
 # unpacked codes), so their cost grows with the rows; the slabs' cost is a dequantizing pass and a
 # bf16 matmul whose weight oneDNN reorders anew. Measured on an Intel Xeon (Emerald Rapids, AMX, 2
-# threads; `benchmarks/bench_quantized_rows.py`): at 64 rows the kernels take 0.71x (int8) and
-# 0.94x (int4) of the slabs' time; they cross over near 130 and 70 rows. Not measured on CPUs
+# threads; `benchmarks/bench_quantized_rows.py`): at 64 rows the kernels take 0.68x (int8) and
+# 0.85x (int4) of the slabs' time; they cross over near 110 and 80 rows. Not measured on CPUs
 # without AMX: their bf16 matmuls (the slabs) are slower, which should move the crossovers up.
 DECODE_KERNEL_ROWS = 64
 # torch 2.13's int8 kernel reads K in steps of 16 with aligned loads and silently returns garbage
