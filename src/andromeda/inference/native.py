@@ -250,8 +250,6 @@ def int4_dequantize(weight: Tensor, scale_zero: Tensor, group_size: int, start: 
     TILE_ROWS. Each weight is (q - 8) * scale + zero in float32 (`int4_dequantize_reference`)."""
     if dtype not in (torch.bfloat16, torch.float32):
         raise TypeError(f"int4 weights dequantize to bfloat16 or float32, not {dtype}")
-    if scale_zero.dtype not in (torch.float32, torch.bfloat16):
-        raise TypeError(f"the int4 kernel's scales and zeros must be float32 or bfloat16, not {scale_zero.dtype}")
     N, K = scale_zero.shape[0], weight.shape[1] * 2
     _check_scales(scale_zero, N, K, group_size)
     _check_tiles(weight, N, K // 2, "int4", "to_kernel_layout")
@@ -309,8 +307,6 @@ def _int4_rows(x: Tensor, weight: Tensor, scale_zero: Tensor, group_size: int, b
     M, K = x.shape
     N = scale_zero.shape[0]
     y = x.new_empty(M, N)
-    if scale_zero.dtype not in (torch.float32, torch.bfloat16):
-        raise TypeError(f"the int4 kernel's scales and zeros must be float32 or bfloat16, not {scale_zero.dtype}")
     _check_tiles(weight, N, K // 2, "int4", "to_kernel_layout")
     _check_scales(scale_zero, N, K, group_size)
     args = (x.data_ptr(), M, K, x.dtype == torch.bfloat16, weight.data_ptr(), scale_zero.data_ptr(),
@@ -327,7 +323,10 @@ def _check_tiles(weight: Tensor, N: int, width: int, kind: str, made_by: str = "
 
 
 def _check_scales(scale_zero: Tensor, N: int, K: int, group_size: int) -> None:
-    """The int4 scales and zeros must be `to_kernel_layout`'s for this group size: (N, 2, K // group)."""
+    """The int4 scales and zeros must be `to_kernel_layout`'s for this group size: (N, 2, K // group),
+    float32 or bfloat16."""
+    if scale_zero.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"the int4 kernel's scales and zeros must be float32 or bfloat16, not {scale_zero.dtype}")
     if group_size <= 0 or K % group_size or scale_zero.shape != (N, 2, K // group_size) or not scale_zero.is_contiguous():
         raise ValueError(f"expected contiguous scales and zeros of shape (N, 2, K / group) = {(N, 2, K // max(group_size, 1))} "
                          f"for group size {group_size} and K = {K} (to_kernel_layout), got {tuple(scale_zero.shape)}")
