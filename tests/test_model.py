@@ -340,3 +340,28 @@ def test_qk_norm_equals_f_normalize_and_keeps_the_dtype_under_autocast(dtype, de
         out = attention_module.l2_normalize(x.bfloat16())
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, F.normalize(x.bfloat16(), dim=-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_weight_gradient_summed_transposed_comes_back_in_the_weights_layout(dtype):
+    """bf16 products on the CPU sum the logits' weight gradient as (C, V); it is written back as
+    (V, C) in blocks of its rows: the same numbers as one transposed pass, and the plain (V, C) sum's
+    to the products' rounding, over a width that is not a multiple of the block."""
+    from andromeda.model.loss import TRANSPOSE_BLOCK, _WeightGradient
+
+    generator = torch.Generator().manual_seed(0)
+    width = 2 * TRANSPOSE_BLOCK + 22
+    weight = torch.randn(300, width, generator=generator)
+    sums = {layout: _WeightGradient(weight, torch.float32, torch.bfloat16, transposed=layout)
+            for layout in (False, True)}
+    for i in range(3):  # three chunks of rows
+        grad = torch.randn(40, 300, generator=generator).bfloat16()
+        rows = torch.randn(40, width, generator=generator).bfloat16()
+        for s in sums.values():
+            s.add(grad, rows, first=i == 0)
+    scale = torch.tensor(0.37)
+    expected = (sums[True].sum.T * scale).to(dtype)
+    out = sums[True].scaled(scale, dtype)
+    assert out.shape == weight.shape and out.is_contiguous() and out.dtype == dtype
+    assert torch.equal(out, expected)
+    torch.testing.assert_close(out.float(), sums[False].scaled(scale, torch.float32), rtol=2e-2, atol=2e-2)
