@@ -343,25 +343,32 @@ def test_qk_norm_equals_f_normalize_and_keeps_the_dtype_under_autocast(dtype, de
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_weight_gradient_summed_transposed_comes_back_in_the_weights_layout(dtype):
-    """bf16 products on the CPU sum the logits' weight gradient as (C, V); it is written back as
-    (V, C) in blocks of its rows: the same numbers as one transposed pass, and the plain (V, C) sum's
-    to the products' rounding, over a width that is not a multiple of the block."""
-    from andromeda.model.loss import TRANSPOSE_BLOCK, _WeightGradient
+@pytest.mark.parametrize("block_rows", [None, 7])
+def test_a_weight_gradient_summed_transposed_comes_back_in_the_weights_layout(dtype, block_rows, monkeypatch):
+    """bf16 products on the CPU sum the logits' weight gradient as (C, V), each chunk's product
+    added through a float32 buffer of a few rows, and write it back as (V, C) in blocks of rows:
+    the same numbers as whole-tensor adds and one transposed pass, and the plain (V, C) sum's to the
+    products' rounding, over widths that are not multiples of the blocks."""
+    from andromeda.model import loss
 
+    vocab, width = 300, 2 * loss.TRANSPOSE_BLOCK + 22
+    if block_rows is not None:  # several blocks of 7 rows and a short last one, not one block
+        monkeypatch.setattr(loss, "ADD_BLOCK_BYTES", block_rows * vocab * 4)
     generator = torch.Generator().manual_seed(0)
-    width = 2 * TRANSPOSE_BLOCK + 22
-    weight = torch.randn(300, width, generator=generator)
-    sums = {layout: _WeightGradient(weight, torch.float32, torch.bfloat16, transposed=layout)
+    weight = torch.randn(vocab, width, generator=generator)
+    sums = {layout: loss._WeightGradient(weight, torch.float32, torch.bfloat16, transposed=layout)
             for layout in (False, True)}
+    assert sums[True].block.shape[0] == (block_rows or width)
+    expected_sum = torch.zeros(width, vocab)
     for i in range(3):  # three chunks of rows
-        grad = torch.randn(40, 300, generator=generator).bfloat16()
+        grad = torch.randn(40, vocab, generator=generator).bfloat16()
         rows = torch.randn(40, width, generator=generator).bfloat16()
         for s in sums.values():
             s.add(grad, rows, first=i == 0)
+        expected_sum += (rows.T.contiguous() @ grad).float()
+    assert torch.equal(sums[True].sum, expected_sum)
     scale = torch.tensor(0.37)
-    expected = (sums[True].sum.T * scale).to(dtype)
     out = sums[True].scaled(scale, dtype)
     assert out.shape == weight.shape and out.is_contiguous() and out.dtype == dtype
-    assert torch.equal(out, expected)
+    assert torch.equal(out, (expected_sum.T * scale).to(dtype))
     torch.testing.assert_close(out.float(), sums[False].scaled(scale, torch.float32), rtol=2e-2, atol=2e-2)
