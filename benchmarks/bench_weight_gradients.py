@@ -5,10 +5,12 @@ product takes the transposed first operand as it is, and on an Intel Xeon with A
 runs at ~600 GFLOP/s where a product of contiguous operands runs at 850-1,050: the feed-forward's
 lean backward (`model.fused`) therefore transposes the narrow operand first (W2: dy.T made
 contiguous; W1: the (in, out) product x.T @ dy, read back transposed), and the loss's logits
-weight gradient (`model.loss`) is summed as (C, V) from contiguous operands and written back
-transposed in blocks of rows. This times each product both ways at a model's shapes, and the
-logits' write-back in one pass against the blocks, alternating the two forms `--repeats` times
-(best of each): where the forms win or lose on a CPU (not measured on an AMD EPYC yet).
+weight gradient (`model.loss`) is summed as (C, V) from contiguous operands, each chunk's bf16
+product added through a float32 buffer of a few rows, and written back transposed in blocks of
+rows. This times each product both ways at a model's shapes, a chunk's product and sum with the
+whole-tensor add_ against the blocks, and the write-back in one pass against the blocks,
+alternating the two forms `--repeats` times (best of each): where the forms win or lose on a CPU
+(not measured on an AMD EPYC yet).
 
     python benchmarks/bench_weight_gradients.py                       # dim 512 and the 2.5 B's width
     python benchmarks/bench_weight_gradients.py --widths 2560 --rows 4096 --threads 1
@@ -27,7 +29,7 @@ HUGE_PAGES = allocate_with_huge_pages(os.environ)  # as `andromeda train` alloca
 import torch  # noqa: E402 - after the allocator's setting
 
 import common  # noqa: E402
-from andromeda.model.loss import TRANSPOSE_BLOCK  # noqa: E402
+from andromeda.model.loss import _WeightGradient  # noqa: E402
 
 VOCAB = 50432
 
@@ -72,17 +74,32 @@ def main(argv: list[str] | None = None) -> int:
             table.append([width, f"{name} ({out_features} x {in_features})", f"{t_before * 1e3:.1f} ms "
                           f"({flops / t_before / 1e9:,.0f} GFLOP/s)", f"{t_now * 1e3:.1f} ms "
                           f"({flops / t_now / 1e9:,.0f} GFLOP/s)", f"**{t_before / t_now:.2f}x**"])
-        summed = torch.randn(width, VOCAB, generator=generator)  # the logits' (C, V) gradient sum
+        # The logits' weight gradient as the loss sums it: (C, V) float32 from bf16 chunk products.
+        chunk_grad = torch.randn(args.logit_rows, VOCAB, generator=generator).bfloat16()
+        chunk_rows = torch.randn(args.logit_rows, width, generator=generator).bfloat16()
+        summed = _WeightGradient(torch.empty(VOCAB, width), torch.float32, torch.bfloat16, transposed=True)
+        summed.add(chunk_grad, chunk_rows, first=True)
+        block = summed.block
+
+        def add_whole() -> None:  # as before: add_ of the bf16 product converts all of it first
+            summed.block = None
+            summed.add(chunk_grad, chunk_rows, first=False)
+
+        def add_in_blocks() -> None:
+            summed.block = block
+            summed.add(chunk_grad, chunk_rows, first=False)
+
+        t_before, t_now = paired(add_whole, add_in_blocks, args.repeats)
+        table.append([width, f"a loss chunk's product ({args.logit_rows} rows) summed into the logits' "
+                      f"gradient ({width} x {VOCAB}, fp32)", f"{t_before * 1e3:.1f} ms", f"{t_now * 1e3:.1f} ms",
+                      f"**{t_before / t_now:.2f}x**"])
         scale = torch.tensor(0.5)
 
-        def one_pass() -> torch.Tensor:
-            return torch.mul(summed.T, scale, out=summed.new_empty((VOCAB, width)))
+        def one_pass() -> torch.Tensor:  # as before
+            return torch.mul(summed.sum.T, scale, out=summed.sum.new_empty((VOCAB, width)))
 
         def in_blocks() -> torch.Tensor:
-            out = summed.new_empty((VOCAB, width))
-            for c0 in range(0, width, TRANSPOSE_BLOCK):
-                torch.mul(summed[c0:c0 + TRANSPOSE_BLOCK].T, scale, out=out[:, c0:c0 + TRANSPOSE_BLOCK])
-            return out
+            return summed.scaled(scale, torch.float32)
 
         assert torch.equal(one_pass(), in_blocks())
         t_before, t_now = paired(one_pass, in_blocks, args.repeats)
