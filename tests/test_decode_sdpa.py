@@ -252,12 +252,18 @@ def long_inputs(B, K, G, D, S, seed, written=None):
 
 def assert_as_close_as_sdpa(ours, q, k, v, mask, scale):
     """ours against float64 attention over the readable columns, no further than SDPA is (SDPA
-    reads NaN keys and values as 0 here) plus an eighth of a bf16 ulp (2^-10) at the largest output."""
+    reads NaN keys and values as 0 here) plus what the AMX path's rounding of its softmax weights
+    to bf16 (as ATen's flash kernel rounds them) can add: each weight p moves by at most 2^-9 p, an
+    output by at most 2^-9 sum(p |v|). (An eighth of a bf16 ulp instead held for most draws, not
+    for 14 readable columns of large values: 0.0047 against SDPA's 0.0031.)"""
     clean_k, clean_v = k.nan_to_num(), v.nan_to_num()
     reference = exact(q, clean_k, clean_v, mask, scale)
     sdpa = F.scaled_dot_product_attention(q, clean_k, clean_v, attn_mask=mask, scale=scale)
     error, sdpa_error = ((x.double() - reference).abs().max().item() for x in (ours, sdpa))
-    assert error <= sdpa_error + 2**-10 * max(1.0, reference.abs().max().item()), (error, sdpa_error)
+    scores = (q.double() @ clean_k.double().transpose(-1, -2)) * scale + mask.double()
+    weights = torch.softmax(scores, dim=-1).nan_to_num()  # rows with no readable column: SDPA's NaN
+    weight_rounding = 2**-9 * (weights @ clean_v.double().abs()).max().item()
+    assert error <= sdpa_error + weight_rounding, (error, sdpa_error, weight_rounding)
 
 
 @needs_amx
