@@ -95,10 +95,12 @@ class _FeedForward(torch.autograd.Function):
         buffer = ctx.workspace.get("ff", h.shape, h.dtype, h.device)  # (N, F)
         grad_w2 = grad_b2 = grad_w1 = grad_b1 = grad_x = None
         # bf16 on the CPU: oneDNN's product with a transposed first operand (the weight gradients'
-        # dy.T @ x form) runs at ~600 GFLOP/s on AMX where the same product of contiguous operands
-        # runs at 850-1,050, so the narrow (N, C) operand is transposed first (a small copy) and
-        # W1's gradient comes out as the transpose of a (C, F) product. At the 2.5 B default's width,
-        # 4 x 1024 rows, one thread: 358 -> 204 ms (W2) and 355 -> 306 ms (W1) a layer.
+        # dy.T @ x form) runs at ~550-650 GFLOP/s on AMX where the same product of contiguous
+        # operands runs at 750-1,050, so W2's narrow dy (N, C) is transposed first (a small copy):
+        # 1.2x at dim 512, 1.6x at the 2.5 B default's width (4 x 1024 rows, one thread;
+        # benchmarks/bench_weight_gradients.py). For W1 the copy would be of the wide (N, F)
+        # operand or of the (F, C) result: 1.1x at dim 512 but 0.9x at the 2.5 B's width, so its
+        # product stays as it is.
         contiguous_first = h.dtype == torch.bfloat16 and h.device.type == "cpu"
         if need_w2:
             torch._C._nn.gelu(h, out=buffer)  # GELU's output again
@@ -109,13 +111,10 @@ class _FeedForward(torch.autograd.Function):
             torch.mm(dy, w2, out=buffer)  # d loss / d GELU output, over GELU's output
             torch.ops.aten.gelu_backward.grad_input(buffer, h, grad_input=buffer)  # d loss / d h
             if need_w1:
-                grad_w1 = (x2.T.contiguous() @ buffer).T if contiguous_first else buffer.T @ x2  # (F, C)
+                grad_w1 = buffer.T @ x2  # (F, C)
             if need_b1:
                 grad_b1 = buffer.sum(0)
             if need_x:
                 grad_x = (buffer @ w1).view(grad_y.shape[:-1] + (w1.shape[1],))
         grads = (grad_x, grad_w1, grad_b1, grad_w2, grad_b2)
-        # In each input's dtype and contiguous (W1's may be a transposed view): as autograd keeps a
-        # parameter's gradient, in one pass.
-        return (*(g if g is None else g.to(dtype, memory_format=torch.contiguous_format)
-                  for g, dtype in zip(grads, ctx.dtypes)), None)
+        return (*(g if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)), None)
