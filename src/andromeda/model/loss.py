@@ -121,7 +121,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if want_weight:
                     grad_weight.add(grad, h, first=start == 0)
         if grad_weight is not None:
-            grad_weight.product = None  # freed now, not held until the backward
+            grad_weight.product = grad_weight.block = None  # freed now, not held until the backward
         # Plain attributes, not save_for_backward: backward scales them (in place, or into the
         # weight's layout) and hands them over, so autograd adopts them as .grad.
         ctx.grads = (grad_hidden, grad_weight)
