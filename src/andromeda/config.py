@@ -147,10 +147,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(num_tokens=258, max_seq_len=1024, dim=64, depth=2, dim_head=16, heads=4,
                  alibi_num_heads=2, attn_kv_heads=2),
     # Sized for `make demo`: 8 minutes on 2 CPU cores. A smaller model that takes more steps
-    # beats a larger one there, and at 128 tokens the explicit attention path trains faster than
-    # the fused CPU kernel (README, "Train, evaluate, generate").
+    # beats a larger one there (README, "Train, evaluate, generate").
     "demo": dict(num_tokens=258, max_seq_len=1024, dim=192, depth=4, dim_head=32, heads=6,
-                 alibi_num_heads=3, attn_kv_heads=2, attn_flash=False),
+                 alibi_num_heads=3, attn_kv_heads=2),
     "1b": dict(_PUBLISHED, num_tokens=25000, max_seq_len=4192, dim=2048, depth=16, heads=8,
                alibi_num_heads=4),
     "3b": dict(_PUBLISHED, dim=3072, depth=24, heads=12, alibi_num_heads=6),

@@ -39,6 +39,8 @@ QUERY_CHUNK = 512
 # The ALiBi key channel j - c is split as a multiple of this plus a remainder below it, so both
 # parts are integers bf16 represents exactly (8 significant bits).
 ALIBI_SPLIT = 256
+# QK-norm's floor under a head's length (F.normalize's default).
+NORM_EPS = 1e-12
 # CUDA's fused attention kernels take head sizes that are multiples of this.
 CUDA_HEAD_MULTIPLE = 8
 # Query rows per block on the xPos-block path shrink as keys grow, so a block's (rows, S) mask
@@ -72,6 +74,18 @@ class CausalAttention(Protocol):
                  scale: float) -> Tensor: ...
 
 
+class AttentionPrologue(Protocol):
+    """QK-norm, its learned scales and rotary xPos for bf16 on the CPU in one pass each way (the
+    training loop's `train.attention_kernel`): qkv (B, T, H + 2K, D) bf16, the scales (H, 1, D) and
+    (K, 1, D) float32, `AttentionInputs.rotary`'s tables -> q (B, H, T, D), k and v (B, K, T, D)
+    bf16: what `Attention.forward` computes with `l2_normalize(x, eps)`, the scales and
+    `apply_rotary`, rounded to bf16 as the fused causal attention takes them."""
+
+    def __call__(self, qkv: Tensor, q_scale: Tensor, k_scale: Tensor,
+                 rotary: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]], eps: float
+                 ) -> tuple[Tensor, Tensor, Tensor]: ...
+
+
 @dataclass
 class AttentionInputs:
     """Everything attention needs about positions and masking, computed once per forward for all
@@ -92,6 +106,8 @@ class AttentionInputs:
     biases: dict[tuple[int, torch.dtype], Tensor] = field(default_factory=dict)
     # The model owner's fused causal attention for bf16 on the CPU, or None (SDPA).
     causal_attention: CausalAttention | None = None
+    # The model owner's fused QK-norm and rotary xPos for it, or None (PyTorch's ops).
+    attention_prologue: AttentionPrologue | None = None
 
     @property
     def plain_causal(self) -> bool:
@@ -137,15 +153,18 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, inputs: AttentionInputs) -> Tensor:
         B, T, _ = x.shape
         H, K, D = self.heads, self.kv_heads, self.dim_head
-        qkv = self.to_qkv(x).view(B, T, H + 2 * K, D).transpose(1, 2)  # (B, H + 2K, T, D)
-        q, k, v = qkv.split((H, K, K), dim=1)  # (B, H, T, D), (B, K, T, D), (B, K, T, D)
-        if self.qk_norm:
-            q, k = l2_normalize(q), l2_normalize(k)
-            if self.q_scale is not None:
-                q, k = q * self.q_scale, k * self.k_scale
-        if inputs.rotary is not None and inputs.xpos is None:
-            (q_cos, q_sin), (k_cos, k_sin) = inputs.rotary
-            q, k = apply_rotary(q, q_cos, q_sin), apply_rotary(k, k_cos, k_sin)
+        qkv = self.to_qkv(x).view(B, T, H + 2 * K, D)
+        if self._fused_prologue(qkv, inputs):  # the same heads, in bf16 for the fused attention
+            q, k, v = inputs.attention_prologue(qkv, self.q_scale, self.k_scale, inputs.rotary, NORM_EPS)
+        else:
+            q, k, v = qkv.transpose(1, 2).split((H, K, K), dim=1)  # (B, H, T, D), (B, K, T, D), (B, K, T, D)
+            if self.qk_norm:
+                q, k = l2_normalize(q, NORM_EPS), l2_normalize(k, NORM_EPS)
+                if self.q_scale is not None:
+                    q, k = q * self.q_scale, k * self.k_scale
+            if inputs.rotary is not None and inputs.xpos is None:
+                (q_cos, q_sin), (k_cos, k_sin) = inputs.rotary
+                q, k = apply_rotary(q, q_cos, q_sin), apply_rotary(k, k_cos, k_sin)
         step = inputs.cache
         if step is not None and step.decode_attention is not None:  # the cache's own kernel (cache.py)
             step.store(self.layer, k, v)
@@ -157,7 +176,17 @@ class Attention(nn.Module):
         return self.to_out(out.transpose(1, 2).reshape(B, T, H * D))
 
 
-def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
+    def _fused_prologue(self, qkv: Tensor, inputs: AttentionInputs) -> bool:
+        """Whether `inputs.attention_prologue` computes this layer's heads: where the fused causal
+        attention will read them (bf16 on the CPU, no cache), with QK-norm's float32 scales (CPU
+        autocast) and one xPos center."""
+        return (inputs.attention_prologue is not None and inputs.causal_attention is not None and self.flash
+                and inputs.cache is None and inputs.plain_causal and inputs.rotary is not None
+                and self.q_scale is not None and self.q_scale.dtype == torch.float32
+                and qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu")
+
+
+def l2_normalize(x: Tensor, eps: float = NORM_EPS) -> Tensor:
     """x / max(||x||, eps) along the last dimension, in x's dtype: F.normalize, bit for bit in fp32
     and bf16, except that CUDA autocast runs F.normalize's norm in fp32 and so returns fp32 for
     bf16 input, doubling the traffic of QK-norm, rotary and attention's inputs. Here only the

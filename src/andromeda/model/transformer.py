@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from ..config import Config
-from .attention import Attention, AttentionInputs, CausalAttention, XposBlocks, query_head_order, xpos_block_rows
+from .attention import (Attention, AttentionInputs, AttentionPrologue, CausalAttention, XposBlocks, query_head_order,
+                        xpos_block_rows)
 from .cache import CacheStep, KVCache
 from .fused import Workspace, feed_forward
 from .loss import SoftmaxCrossEntropy, projected_cross_entropy
@@ -78,6 +79,8 @@ class Transformer(nn.Module):
         # Causal attention for bf16 on the CPU (`attention.CausalAttention`), where its owner gives
         # one (the training loop, `train.attention_kernel`); None: PyTorch's SDPA.
         self.causal_attention: CausalAttention | None = None
+        # Its QK-norm and rotary xPos in one pass (`attention.AttentionPrologue`), given with it.
+        self.attention_prologue: AttentionPrologue | None = None
         slopes = alibi_slopes(config.num_alibi_heads, config.heads)
         order = query_head_order(config.heads, config.attn_kv_heads)
         # Plain attributes, not buffers: a meta-device build must not leave them uninitialised,
@@ -223,7 +226,7 @@ class Transformer(nn.Module):
                                  max_factor=xpos_max_factor(dtype))
         window = step.window if step is not None else None
         return AttentionInputs(q_pos, k_pos, rotary, self._slopes_tensor(device), k_valid, step, blocks, window,
-                               causal_attention=self.causal_attention)
+                               causal_attention=self.causal_attention, attention_prologue=self.attention_prologue)
 
     def _slopes_tensor(self, device: torch.device) -> Tensor | None:
         if self._slopes is None:

@@ -684,3 +684,152 @@ int andromeda_flash_backward(const FlashArgs *caller) {
   }
   return failed ? 2 : 0;
 }
+
+// ------------------------------------------------------------------------------------ prologue
+// The heads attention reads, from the fused projection's output: QK-norm, its learned scales and
+// the rotary xPos rotation in one pass forward and one backward (model.attention's l2_normalize,
+// the scales and positions.apply_rotary take a dozen passes each way over float32 copies).
+// qkv (B, T, H + 2K, D) bf16 contiguous; a query or key head x (D channels) becomes
+//   u = bf16(x / bf16(max(|x|, eps))),  y = u * scale (float32),  z = bf16(rotate(y))
+// rotating the first R channels in adjacent pairs (even + i odd) by the position's table (cos, sin);
+// values are copied. Outputs q (B, T, H, D), k and v (B, T, K, D), contiguous.
+// Backward: dy = the rotation's transpose of dz, dscale += dy u (summed over b, t), du = dy scale,
+// dx = (du - x^ (x^ . du)) / |x| with x^ = x / |x| (du / eps where |x| < eps), all in float32.
+
+typedef struct {
+  int64_t B, T, H, K, D, R;  // R: rotated channels per head, a multiple of 16, at most D
+  const uint16_t *qkv;
+  const float *q_scale, *k_scale;  // (H, D), (K, D)
+  const float *q_cos, *q_sin, *k_cos, *k_sin;  // (B or 1, T, R / 2)
+  int64_t table_stride;  // between batch rows of the tables: 0 when shared
+  float eps;
+  uint16_t *q, *k, *v;  // forward's outputs
+  const uint16_t *dq, *dk, *dv;  // backward's inputs at their (b, h, t) strides
+  int64_t dq_stride[3], dk_stride[3], dv_stride[3];
+  uint16_t *dqkv;  // backward's output, qkv's layout
+  float *dscale;  // (H + K, D): the scales' gradients, added to (the caller zeroes it)
+} PrologueArgs;
+
+static inline __m512 load_bf16(const uint16_t *x) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
+}
+
+static inline __m512 widen(__m256i x) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+}
+
+// The 8 pairs' table entries from c, each twice: (c0, c0, c1, c1, ...).
+static inline __m512 pairs_of(const float *c) {
+  const __m512i twice = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  return _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(_mm256_loadu_ps(c)));
+}
+
+// (e, o) pairs times (cos + i sin): e cos - o sin, e sin + o cos; sign -1 rotates back.
+static inline __m512 rotate(__m512 y, const float *cos, const float *sin, float sign) {
+  const __m512 even_negative = _mm512_set_ps(1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1);
+  const __m512 s = _mm512_mul_ps(_mm512_mul_ps(pairs_of(sin), even_negative), _mm512_set1_ps(sign));
+  return _mm512_fmadd_ps(y, pairs_of(cos), _mm512_mul_ps(_mm512_permute_ps(y, 0xB1), s));
+}
+
+// |x| of one head, clamped to eps from below (NaN stays NaN, as torch's clamp_min).
+static inline float head_norm(const uint16_t *x, int64_t D, float eps) {
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t c = 0; c < D; c += 16) {
+    const __m512 v = load_bf16(x + c);
+    sum = _mm512_fmadd_ps(v, v, sum);
+  }
+  const float norm = sqrtf(_mm512_reduce_add_ps(sum));
+  return norm < eps ? eps : norm;
+}
+
+static void prologue_head(const PrologueArgs *a, const uint16_t *x, const float *scale, const float *cos,
+                          const float *sin, uint16_t *out) {
+  const float norm = head_norm(x, a->D, a->eps);
+  const __m512 divisor = widen(round_bf16(_mm512_set1_ps(norm)));  // l2_normalize divides by bf16(norm)
+  for (int64_t c = 0; c < a->D; c += 16) {
+    const __m512 u = widen(round_bf16(_mm512_div_ps(load_bf16(x + c), divisor)));
+    __m512 y = _mm512_mul_ps(u, _mm512_loadu_ps(scale + c));
+    if (c < a->R) y = rotate(y, cos + c / 2, sin + c / 2, 1.0f);
+    _mm256_storeu_si256((__m256i *)(out + c), round_bf16(y));
+  }
+}
+
+void andromeda_prologue_forward(const PrologueArgs *a) {
+  const int64_t H = a->H, K = a->K, D = a->D, heads = H + 2 * K, half = a->R / 2;
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < a->B * a->T; ++row) {
+    const int64_t b = row / a->T, t = row % a->T;
+    const uint16_t *x = a->qkv + row * heads * D;
+    const int64_t table = b * a->table_stride + t * half;
+    for (int64_t h = 0; h < H; ++h)
+      prologue_head(a, x + h * D, a->q_scale + h * D, a->q_cos + table, a->q_sin + table, a->q + (row * H + h) * D);
+    for (int64_t h = 0; h < K; ++h)
+      prologue_head(a, x + (H + h) * D, a->k_scale + h * D, a->k_cos + table, a->k_sin + table,
+                    a->k + (row * K + h) * D);
+    memcpy(a->v + row * K * D, x + (H + K) * D, (size_t)(K * D) * 2);
+  }
+}
+
+static void prologue_head_backward(const PrologueArgs *a, const uint16_t *x, const float *scale, const float *cos,
+                                   const float *sin, const uint16_t *dz, uint16_t *dx, float *dscale) {
+  const int64_t D = a->D;
+  const float length = head_norm(x, D, 0.0f), norm = length < a->eps ? a->eps : length;
+  const __m512 divisor = widen(round_bf16(_mm512_set1_ps(norm))), inverse = _mm512_set1_ps(1.0f / norm);
+  float du[256];
+  __m512 dot = _mm512_setzero_ps();
+  for (int64_t c = 0; c < D; c += 16) {
+    const __m512 xv = load_bf16(x + c);
+    __m512 dy = load_bf16(dz + c);
+    if (c < a->R) dy = rotate(dy, cos + c / 2, sin + c / 2, -1.0f);
+    const __m512 u = widen(round_bf16(_mm512_div_ps(xv, divisor)));
+    _mm512_storeu_ps(dscale + c, _mm512_fmadd_ps(dy, u, _mm512_loadu_ps(dscale + c)));
+    const __m512 g = _mm512_mul_ps(dy, _mm512_loadu_ps(scale + c));
+    _mm512_storeu_ps(du + c, g);
+    dot = _mm512_fmadd_ps(g, _mm512_mul_ps(xv, inverse), dot);
+  }
+  // below eps the forward divided by the constant eps: no projection
+  const __m512 along = _mm512_set1_ps(length < a->eps ? 0.0f : _mm512_reduce_add_ps(dot));
+  for (int64_t c = 0; c < D; c += 16) {
+    const __m512 xhat = _mm512_mul_ps(load_bf16(x + c), inverse);
+    const __m512 g = _mm512_fnmadd_ps(xhat, along, _mm512_loadu_ps(du + c));
+    _mm256_storeu_si256((__m256i *)(dx + c), round_bf16(_mm512_mul_ps(g, inverse)));
+  }
+}
+
+static _Thread_local void *prologue_buffer;
+static _Thread_local size_t prologue_capacity;
+
+int andromeda_prologue_backward(const PrologueArgs *a) {
+  const int64_t H = a->H, K = a->K, D = a->D, heads = H + 2 * K, half = a->R / 2;
+  int failed = 0;
+#pragma omp parallel reduction(| : failed)
+  {
+    float *dscale = (float *)thread_buffer(&prologue_buffer, &prologue_capacity, (size_t)((H + K) * D) * 4);
+    if (dscale) memset(dscale, 0, (size_t)((H + K) * D) * 4);
+    else failed = 1;
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < a->B * a->T; ++row) {
+      if (!dscale) continue;
+      const int64_t b = row / a->T, t = row % a->T;
+      const uint16_t *x = a->qkv + row * heads * D;
+      uint16_t *dx = a->dqkv + row * heads * D;
+      const int64_t table = b * a->table_stride + t * half;
+      for (int64_t h = 0; h < H; ++h)
+        prologue_head_backward(a, x + h * D, a->q_scale + h * D, a->q_cos + table, a->q_sin + table,
+                               a->dq + b * a->dq_stride[0] + h * a->dq_stride[1] + t * a->dq_stride[2],
+                               dx + h * D, dscale + h * D);
+      for (int64_t h = 0; h < K; ++h)
+        prologue_head_backward(a, x + (H + h) * D, a->k_scale + h * D, a->k_cos + table, a->k_sin + table,
+                               a->dk + b * a->dk_stride[0] + h * a->dk_stride[1] + t * a->dk_stride[2],
+                               dx + (H + h) * D, dscale + (H + h) * D);
+      for (int64_t h = 0; h < K; ++h)
+        memcpy(dx + (H + K + h) * D, a->dv + b * a->dv_stride[0] + h * a->dv_stride[1] + t * a->dv_stride[2],
+               (size_t)D * 2);
+    }
+    if (dscale) {
+#pragma omp critical
+      for (int64_t i = 0; i < (H + K) * D; ++i) a->dscale[i] += dscale[i];
+    }
+  }
+  return failed ? 2 : 0;
+}
