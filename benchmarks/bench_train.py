@@ -32,8 +32,7 @@ from torch import Tensor, nn
 import common
 from andromeda import Andromeda, Config
 from andromeda.config import PRESETS
-from andromeda.parallel.environment import DistEnv
-from andromeda.parallel.parallelize import apply_compile, compile_scope
+from andromeda.parallel.parallelize import TRAIN_COMPILE_SCOPE, apply_compile
 from andromeda.train.attention_kernel import use_attention_kernel
 from andromeda.train.loss_kernel import use_loss_kernel
 
@@ -113,11 +112,10 @@ def contestants_for(
         peer_loss = common.x_transformers_loss_model(peer)
         result.append(TrainStep("x-transformers", peer_loss, tokens, device, dtype, args))
     if args.compile:  # both scopes `andromeda train --compile` chooses from, applied as it applies them
-        chosen = compile_scope(DistEnv(device=device), bf16=dtype is not None)
         for scope, label in (("blocks", "each block compiled"), ("model", "whole model compiled")):
             compiled = copy.deepcopy(ours)
             apply_compile(compiled.Andromeda, scope)
-            name = f"andromeda, {label}" + (" (train --compile)" if scope == chosen else "")
+            name = f"andromeda, {label}" + (" (train --compile)" if scope == TRAIN_COMPILE_SCOPE else "")
             result.append(TrainStep(name, compiled, tokens, device, dtype, args))
     return result
 

@@ -76,19 +76,14 @@ def apply_activation_checkpointing(net: Transformer) -> None:
 COMPILE_SCOPES = ("blocks", "model")
 
 
-def compile_scope(env: DistEnv, bf16: bool) -> str:
-    """What `train --compile` compiles: the whole model for one process under bf16 autocast, each
-    block otherwise.
-
-    Measured on CPU (Intel Xeon with AMX, one thread; dim 512, depth 8, 4 x 1024 tokens; the
-    three models interleaved, CPU time per step): under bf16 the whole model runs 1.19-1.22x as
-    fast as eager and the blocks 1.07x, since one graph also fuses the loss's casts and softmax
-    passes over the (rows, vocabulary) logits, a sixth of an eager bf16 step; in fp32, where the
-    matrix products are 70% of the step, the blocks 1.00-1.04x and the whole model 0.95-0.99x.
-    Several processes compile each block, as torchtitan does: FSDP's units are the blocks, and
-    DDP's bucketed gradient hooks would split one graph anyway.
-    """
-    return "model" if bf16 and not env.distributed else "blocks"
+# What `train --compile` compiles: each block, in every mode and process count (torchtitan's way:
+# FSDP's units are the blocks, and DDP's bucketed gradient hooks would split one graph anyway).
+# Measured on CPU (Intel Xeon with AMX, one thread, 4 x 1024 tokens, bf16 autocast; eager and both
+# scopes interleaved, `benchmarks/bench_train.py --compile`): each block 1.00x eager at dim 512 and
+# 0.99x at the 2.5 B default's width (two layers); the whole model, loss included, 0.97x and 0.81x.
+# The whole model once ran 1.2x eager, before the eager step got its C kernels (the loss's softmax,
+# attention and its QK-norm/rotary prologue), which a compiled graph keeps as opaque ops anyway.
+TRAIN_COMPILE_SCOPE = "blocks"
 
 
 def apply_compile(net: Transformer, scope: str) -> None:
@@ -127,7 +122,7 @@ def parallelize(
     bf16, the one difference from single-process autocast.) gloo all-gathers bf16 on the CPU as
     NCCL does on GPUs.
 
-    `compile` ("blocks" or "model", see `apply_compile` and `compile_scope`) applies torch.compile;
+    `compile` ("blocks" or "model", see `apply_compile` and `TRAIN_COMPILE_SCOPE`) applies torch.compile;
     "model" only where `net` is not sharded (FSDP's hooks sit on the blocks).
     """
     _check_mode(mode, env)

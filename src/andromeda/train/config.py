@@ -109,8 +109,8 @@ class TrainConfig:
     bf16: bool | None = option(None, "bfloat16 autocast over fp32 weights and AdamW (with --parallel fsdp the blocks "
                                      "also gather their weights in bf16); default: on for CUDA, off on CPU; "
                                      "--no-bf16 turns it off")
-    compile: bool = option(False, "torch.compile, applied from outside the model: the whole model for one process "
-                                  "under bf16, each block otherwise (the faster scope, measured on CPU)")
+    compile: bool = option(False, "torch.compile of each block, applied from outside the model (on CPU about "
+                                  "level with eager, whose bf16 step runs C kernels)")
     activation_checkpointing: bool = option(False, "recompute each block's activations in backward to save memory")
     parallel: str = option("none", "how the processes torchrun starts share the work: ddp (replicas) or fsdp "
                                    "(sharded weights, gradients and optimizer state); ignored by one process",

@@ -58,10 +58,10 @@ from ..parallel.environment import (
     resolve_device,
 )
 from ..parallel.parallelize import (
+    TRAIN_COMPILE_SCOPE,
     apply_activation_checkpointing,
     build_parallel_model,
     check_parallel_setup,
-    compile_scope,
 )
 from ..tokenizers import Tokenizer, build_tokenizer
 from .chat import run_chat_template
@@ -272,8 +272,8 @@ class Trainer:
         return net, train_module, config.bf16
 
     def _compile_scope(self) -> str | None:
-        """What --compile compiles (`compile_scope`), or None without it."""
-        return compile_scope(self.env, self.config.bf16) if self.config.compile else None
+        """What --compile compiles (`TRAIN_COMPILE_SCOPE`), or None without it."""
+        return TRAIN_COMPILE_SCOPE if self.config.compile else None
 
     def _initialise(self, device: torch.device) -> Transformer:
         """A fresh model in fp32 (master weights), seeded by the run's seed."""
@@ -315,8 +315,8 @@ class Trainer:
             logger.info("%s over %d processes: %d sequences per process per step, in %d micro-steps",
                         config.parallel, env.world_size, config.batch_size // env.world_size, config.grad_accum)
         if config.compile:
-            logger.info("--compile: torch.compile of %s; the first step (and the first evaluation) compile for "
-                        "tens of seconds", "the whole model" if self._compile_scope() == "model" else "each block")
+            logger.info("--compile: torch.compile of each block; the first step (and the first evaluation) compile "
+                        "for tens of seconds")
         if config.max_steps is not None and config.warmup_steps >= config.max_steps:
             logger.warning("warmup_steps (%d) >= max_steps (%d): the learning rate never decays",
                            config.warmup_steps, config.max_steps)
