@@ -8,8 +8,14 @@ causal SDPA at 64 channels with no ALiBi at all. Rounds alternate the three; eac
 of `--repeats` calls and the real causal work done per second (4 B H T^2 D / 2 FLOPs forward,
 2.5x that backward).
 
+Then attention's prologue, the heads attention reads from the fused projection's output (QK-norm,
+its learned scales, rotary xPos on the first half of each head): the kernel
+(`attention_kernel.attention_prologue`) against the model's PyTorch ops under CPU autocast, as a
+training step runs them without it (`model.attention.l2_normalize`, the scales, `apply_rotary`).
+
     python benchmarks/bench_attention.py                 # one thread, the bench_train shape
     python benchmarks/bench_attention.py --threads 2 --seq-len 4096 --batch 1
+    python benchmarks/bench_attention.py --heads 24 --alibi-heads 12 --dim-head 128   # the 2.5 B default's heads
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 import common
-from andromeda.model.attention import _append_alibi_channels
+from andromeda.model.attention import NORM_EPS, _append_alibi_channels, l2_normalize
+from andromeda.model.positions import apply_rotary, xpos_tables
 from andromeda.train import attention_kernel as kernel_module
 
 
@@ -97,6 +104,47 @@ def main() -> None:
                 forward, backward = timed(function, grad, args.repeats)
             print(f"| {round_} | {name} | {forward * 1e3:.1f} | {work / forward / 1e9:.0f} | {backward * 1e3:.1f} | "
                   f"{2.5 * work / backward / 1e9:.0f} |")
+    prologue(args)
+
+
+def prologue(args: argparse.Namespace) -> None:
+    """The prologue kernel against the model's ops: best forward and backward of each, per round."""
+    B, H, K, T, D = args.batch, args.heads, args.kv_heads, args.seq_len, args.dim_head
+    generator = torch.Generator().manual_seed(1)
+    qkv = torch.randn(B, T, H + 2 * K, D, generator=generator).bfloat16().requires_grad_()
+    q_scale = (torch.rand(H, 1, D, generator=generator) + D**0.25).requires_grad_()
+    k_scale = (torch.rand(K, 1, D, generator=generator) + D**0.25).requires_grad_()
+    rotary = xpos_tables(torch.arange(T)[None], D // 2, 10000.0, 512.0, T // 2)
+    grads = [torch.randn(B, n, T, D, generator=generator).bfloat16() for n in (H, K, K)]
+
+    def kernel():
+        return kernel_module.attention_prologue(qkv, q_scale, k_scale, rotary, NORM_EPS)
+
+    def model_ops():  # Attention.forward without the kernel, and the cast the fused attention takes
+        q, k, v = qkv.transpose(1, 2).split((H, K, K), dim=1)
+        q, k = l2_normalize(q) * q_scale, l2_normalize(k) * k_scale
+        (q_cos, q_sin), (k_cos, k_sin) = rotary
+        q, k = apply_rotary(q, q_cos, q_sin), apply_rotary(k, k_cos, k_sin)
+        return [x.to(torch.bfloat16) for x in (q, k, v)]
+
+    def timed_heads(function) -> tuple[float, float]:
+        forward = backward = float("inf")
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = function()
+            middle = time.perf_counter()
+            torch.autograd.backward(out, grads)
+            forward, backward = min(forward, middle - start), min(backward, time.perf_counter() - middle)
+        return forward, backward
+
+    print(f"\nAttention's prologue (QK-norm, its scales, rotary xPos on {D // 2} channels), one layer, autocast bf16:\n")
+    print("| round | path | forward ms | backward ms | forward + backward |")
+    print("|---|---|---|---|---|")
+    for round_ in range(1, args.rounds + 1):
+        for name, function in (("kernel (`attention_prologue`)", kernel), ("the model's PyTorch ops", model_ops)):
+            forward, backward = timed_heads(function)
+            print(f"| {round_} | {name} | {forward * 1e3:.1f} | {backward * 1e3:.1f} | {(forward + backward) * 1e3:.1f} |")
 
 
 if __name__ == "__main__":

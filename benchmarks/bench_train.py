@@ -32,6 +32,7 @@ from torch import Tensor, nn
 import common
 from andromeda import Andromeda, Config
 from andromeda.config import PRESETS
+from andromeda.model import Transformer
 from andromeda.parallel.parallelize import TRAIN_COMPILE_SCOPE, apply_compile
 from andromeda.train.attention_kernel import use_attention_kernel
 from andromeda.train.loss_kernel import use_loss_kernel
@@ -107,6 +108,10 @@ def contestants_for(
         use_loss_kernel(ours)
     if device.type == "cpu" and not args.no_attention_kernel:
         use_attention_kernel(ours)
+        if args.no_attention_prologue:
+            for module in ours.modules():
+                if isinstance(module, Transformer):
+                    module.attention_prologue = None
     result = [TrainStep("andromeda", ours, tokens, device, dtype, args)]
     if peer is not None:
         peer_loss = common.x_transformers_loss_model(peer)
@@ -202,6 +207,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the loss's softmax in PyTorch's ops (as before `train.loss_kernel`), not its C kernel")
     parser.add_argument("--no-attention-kernel", action="store_true",
                         help="attention by PyTorch's SDPA (as before `train.attention_kernel`), not its C kernel")
+    parser.add_argument("--no-attention-prologue", action="store_true",
+                        help="QK-norm and rotary xPos in PyTorch's ops (as before `attention_kernel.attention_prologue`), "
+                             "not its C kernel")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's peak TFLOP/s for MFU (default: the datasheet's dense bf16 peak for "
                              "known GPUs, else the measured matmul peak)")
@@ -236,14 +244,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"- CPU allocations of 2 MiB or more in huge pages: {'yes' if HUGE_PAGES else 'no'} "
           f"(THP_MEM_ALLOC_ENABLE, set as the `andromeda` command sets it)")
     if device.type == "cpu":
-        from andromeda.train.attention_kernel import AMX_HEAD_MULTIPLE, amx_tiles
+        from andromeda.train.attention_kernel import AMX_HEAD_MULTIPLE, amx_tiles, prologue_fits
 
         attention = ("attention (AMX tiles)" if amx_tiles() and config.dim_head % AMX_HEAD_MULTIPLE == 0
                      else "attention")
-        kernels = [name for name, off in (("loss", args.no_loss_kernel), (attention, args.no_attention_kernel))
-                   if not off]
-        print(f"- Andromeda's CPU kernels for bf16 steps: {', '.join(kernels) or 'none'} "
-              f"(as `andromeda train` gives them; --no-loss-kernel, --no-attention-kernel)")
+        prologue = "its prologue (QK-norm, rotary xPos)" if prologue_fits(config.dim_head, config.rotary_dim) else None
+        kernels = [name for name, off in (("loss", args.no_loss_kernel), (attention, args.no_attention_kernel),
+                                          (prologue, args.no_attention_kernel or args.no_attention_prologue))
+                   if name and not off]
+        print(f"- Andromeda's CPU kernels for bf16 steps: {', '.join(kernels) or 'none'} (as `andromeda train` "
+              f"gives them; --no-loss-kernel, --no-attention-kernel, --no-attention-prologue)")
     print(f"- model: dim {config.dim}, depth {config.depth}, {config.heads} heads of {config.dim_head}, "
           f"{config.attn_kv_heads} kv heads, {config.num_alibi_heads} ALiBi heads, vocab "
           f"{config.num_tokens}, xPos {config.rotary_xpos}, QK-norm {config.use_qk_norm}; "
