@@ -32,12 +32,13 @@ The same library computes attention's prologue (`attention_prologue`, `model.att
 AttentionPrologue`): from the fused projection's output (B, T, H + 2K, D), QK-norm, its learned
 per-channel scales and the rotary xPos rotation in one pass forward and one backward, where
 PyTorch's ops take a dozen passes each way over float32 copies (the scales are float32 under
-autocast): 50 -> 7 ms a layer at dim 512 and 360 -> 21 ms at the 2.5 B default's width (4 x 1024
-tokens, one thread, Intel AMX). The forward gives the ops' bf16 results (a last-bit difference in a
-few elements, the rotation's products in another order); the backward rounds to bf16 once where
-the ops round four times, so its gradients are closer to exact ones. `use_attention_kernel` gives
-it with the attention where the model's heads and rotated channels are multiples of 16
-(`prologue_fits`); the model uses it where the fused attention reads its heads.
+autocast): forward and backward 31-37 -> 4 ms a layer at dim 512 and 310-340 -> 19-20 ms at the
+2.5 B default's width (4 x 1024 tokens, one thread, Intel AMX; `benchmarks/bench_attention.py`).
+The forward gives the ops' bf16 results (a last-bit difference in a few elements, the rotation's
+products in another order); the backward rounds to bf16 once where the ops round four times, so
+its gradients are closer to exact ones. `use_attention_kernel` gives it with the attention where
+the model's heads and rotated channels are multiples of 16 (`prologue_fits`); the model uses it
+where the fused attention reads its heads.
 """
 
 from __future__ import annotations
