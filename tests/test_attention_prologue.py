@@ -191,3 +191,33 @@ def test_a_model_given_the_kernel_takes_the_prologue_where_it_fits():
     other = build_transformer(Config.from_preset("tiny", max_seq_len=128))  # heads of 16: 8 rotated channels
     assert use_attention_kernel(other) and other.causal_attention is not None
     assert all(m.attention_prologue is None for m in other.modules() if isinstance(m, Transformer))
+
+
+def test_a_bf16_training_run_takes_the_prologue_and_trains_as_without(tmp_path, corpus, monkeypatch):
+    """`train --bf16 --activation-checkpointing` on the CPU hands the prologue to a model whose heads
+    it takes: every layer's forward and its recomputation go through it, and the run's losses are
+    those of the same run on the model's own ops."""
+    from andromeda.train import train
+    from helpers import tiny_train_config
+
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return attention_prologue(*args)
+
+    def run(name):
+        config = tiny_train_config(tmp_path, corpus, out=str(tmp_path / name), bf16=True, activation_checkpointing=True,
+                                   model_overrides={"max_seq_len": 64, "dim_head": 32}, eval_every=100, max_steps=4)
+        return train(config)
+
+    monkeypatch.setattr(kernel_module, "prologue_fits", lambda dim_head, rotary_dim: False)
+    plain = run("plain")
+    assert calls == []
+    monkeypatch.undo()
+    monkeypatch.setattr(kernel_module, "attention_prologue", counted)
+    fused = run("fused")
+    # 4 steps x 2 layers, each forward and its recomputation; then the run's evaluations
+    assert calls.count((4, 32, 4 + 2 * 2, 32)) == 4 * 2 * 2 and len(calls) > 16
+    assert fused.step == plain.step == 4
+    assert fused.train_loss == pytest.approx(plain.train_loss, rel=2e-2) and fused.train_loss < 5.0
