@@ -31,7 +31,10 @@ def problem(B, T, H, K, D, R, per_row, seed, scale_base=64.0):
     else:
         positions, center = torch.arange(T)[None], T // 2
     rotary = xpos_tables(positions, R, 10000.0, scale_base, center)
-    grads = tuple(torch.randn(B, heads, T, D, generator=generator).bfloat16() for heads in (H, K, K))
+    if per_row:  # as the attention kernel's backward gives them: (B, T, heads, D) memory, transposed
+        grads = tuple(torch.randn(B, T, heads, D, generator=generator).bfloat16().transpose(1, 2) for heads in (H, K, K))
+    else:
+        grads = tuple(torch.randn(B, heads, T, D, generator=generator).bfloat16() for heads in (H, K, K))
     return qkv, q_scale, k_scale, rotary, grads
 
 
@@ -78,7 +81,7 @@ def relative_error(got, expected):
 
 @pytest.mark.parametrize("B, T, H, K, D, R, per_row", [
     (2, 70, 4, 2, 32, 16, False),  # the demo's heads
-    (1, 33, 8, 2, 64, 32, True),  # the training benchmark's heads; positions and centers per row
+    (1, 33, 8, 2, 64, 32, True),  # the training benchmark's heads; positions, centers per row; strided gradients
     (2, 17, 24, 2, 128, 64, False),  # the 2.5 B default's
     (1, 9, 2, 1, 256, 256, False),  # the largest head, rotated whole
     (3, 5, 3, 1, 48, 16, True),  # a head off 32 channels
@@ -148,6 +151,12 @@ def test_bad_inputs_are_refused_with_the_expected_form():
     with pytest.raises(ValueError, match="multiple of 16"):  # 12 rotated channels
         attention_prologue(qkv, q_scale, k_scale, ((q_cos[..., :6], q_sin[..., :6]), (k_cos[..., :6], k_sin[..., :6])),
                            NORM_EPS)
+    with pytest.raises(ValueError, match=r"takes qkv \(B, T, H \+ 2K, D\)"):
+        attention_prologue(qkv.flatten(2), q_scale, k_scale, rotary, NORM_EPS)
+    with pytest.raises(ValueError, match="float32 scales"):
+        attention_prologue(qkv, q_scale.bfloat16(), k_scale, rotary, NORM_EPS)
+    with pytest.raises(ValueError, match="rotary tables"):  # a table one position short
+        attention_prologue(qkv, q_scale, k_scale, ((q_cos[:, :, 1:], q_sin), (k_cos, k_sin)), NORM_EPS)
 
 
 class Counted:
@@ -211,11 +220,11 @@ def test_a_bf16_training_run_takes_the_prologue_and_trains_as_without(tmp_path, 
                                    model_overrides={"max_seq_len": 64, "dim_head": 32}, eval_every=100, max_steps=4)
         return train(config)
 
-    monkeypatch.setattr(kernel_module, "prologue_fits", lambda dim_head, rotary_dim: False)
-    plain = run("plain")
-    assert calls == []
-    monkeypatch.undo()
     monkeypatch.setattr(kernel_module, "attention_prologue", counted)
+    with monkeypatch.context() as patch:
+        patch.setattr(kernel_module, "prologue_fits", lambda dim_head, rotary_dim: False)
+        plain = run("plain")
+    assert calls == []
     fused = run("fused")
     # 4 steps x 2 layers, each forward and its recomputation; then the run's evaluations
     assert calls.count((4, 32, 4 + 2 * 2, 32)) == 4 * 2 * 2 and len(calls) > 16

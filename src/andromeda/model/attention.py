@@ -175,15 +175,15 @@ class Attention(nn.Module):
             out = attend(q, k, v, inputs, scale=self.logit_scale, flash=self.flash)  # (B, H, T, D)
         return self.to_out(out.transpose(1, 2).reshape(B, T, H * D))
 
-
     def _fused_prologue(self, qkv: Tensor, inputs: AttentionInputs) -> bool:
         """Whether `inputs.attention_prologue` computes this layer's heads: where the fused causal
-        attention will read them (bf16 on the CPU, no cache), with QK-norm's float32 scales (CPU
-        autocast) and one xPos center."""
+        attention will read them (bf16 CPU autocast, more than one query, no cache), with QK-norm's
+        float32 scales and one xPos center."""
         return (inputs.attention_prologue is not None and inputs.causal_attention is not None and self.flash
-                and inputs.cache is None and inputs.plain_causal and inputs.rotary is not None
+                and inputs.cache is None and inputs.plain_causal and inputs.rotary is not None and qkv.shape[1] > 1
                 and self.q_scale is not None and self.q_scale.dtype == torch.float32
-                and qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu")
+                and qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu"
+                and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
 
 
 def l2_normalize(x: Tensor, eps: float = NORM_EPS) -> Tensor:

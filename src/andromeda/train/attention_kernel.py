@@ -263,6 +263,9 @@ def attention_prologue(qkv: Tensor, q_scale: Tensor, k_scale: Tensor,
 
 def _prologue_common(qkv: Tensor, q_scale: Tensor, k_scale: Tensor, tables: tuple[Tensor, ...], eps: float,
                      keep: list[Tensor]) -> _PrologueArgs:
+    if qkv.dim() != 4 or q_scale.dim() != 3 or k_scale.dim() != 3:
+        raise ValueError(f"the attention prologue takes qkv (B, T, H + 2K, D) and scales (H, 1, D) and (K, 1, D), got "
+                         f"{tuple(qkv.shape)}, {tuple(q_scale.shape)} and {tuple(k_scale.shape)}")
     B, T, heads, D = qkv.shape
     H, K = q_scale.shape[0], k_scale.shape[0]
     R = 2 * tables[0].shape[-1]
@@ -271,10 +274,16 @@ def _prologue_common(qkv: Tensor, q_scale: Tensor, k_scale: Tensor, tables: tupl
         raise ValueError(f"the attention prologue takes a contiguous bf16 qkv (B, T, H + 2K, D) with scales (H, 1, D) "
                          f"and (K, 1, D) and heads and rotated channels of a multiple of 16, got qkv {qkv.dtype} "
                          f"{tuple(qkv.shape)}, scales {tuple(q_scale.shape)} {tuple(k_scale.shape)}, {R} rotated")
-    scales = [s.to(torch.float32).contiguous() for s in (q_scale, k_scale)]
-    shared = tables[0].shape[0] == 1
-    flat = [t.to(torch.float32).expand(1 if shared else B, 1, T, R // 2).reshape(-1, T, R // 2).contiguous()
-            for t in tables]
+    if q_scale.dtype != torch.float32 or k_scale.dtype != torch.float32:
+        raise ValueError(f"the attention prologue takes float32 scales (as CPU autocast leaves them), got "
+                         f"{q_scale.dtype} and {k_scale.dtype}")
+    if any(t.shape not in ((1, 1, T, R // 2), (B, 1, T, R // 2)) or t.dtype != torch.float32 for t in tables):
+        raise ValueError(f"the attention prologue's rotary tables must be float32 (1 or {B}, 1, {T}, R / 2) with one "
+                         f"R, got {[(t.dtype, tuple(t.shape)) for t in tables]}")
+    scales = [s.contiguous() for s in (q_scale, k_scale)]
+    shared = all(t.shape[0] == 1 for t in tables)
+    rows = 1 if shared else B
+    flat = [t.expand(rows, 1, T, R // 2).reshape(rows, T, R // 2).contiguous() for t in tables]
     keep += scales + flat
     return _PrologueArgs(B=B, T=T, H=H, K=K, D=D, R=R, qkv=qkv.data_ptr(), q_scale=scales[0].data_ptr(),
                          k_scale=scales[1].data_ptr(), q_cos=flat[0].data_ptr(), q_sin=flat[1].data_ptr(),

@@ -796,20 +796,22 @@ static void prologue_head_backward(const PrologueArgs *a, const uint16_t *x, con
   }
 }
 
-static _Thread_local void *prologue_buffer;
-static _Thread_local size_t prologue_capacity;
-
+// The scales' gradients: each thread sums its rows into its own slice of `partials` (threads x
+// (H + K) x D), then the slices are added in thread order, so a run's sums do not depend on which
+// thread finishes first. 2 where `partials` could not be allocated.
 int andromeda_prologue_backward(const PrologueArgs *a) {
-  const int64_t H = a->H, K = a->K, D = a->D, heads = H + 2 * K, half = a->R / 2;
-  int failed = 0;
-#pragma omp parallel reduction(| : failed)
+  const int64_t H = a->H, K = a->K, D = a->D, heads = H + 2 * K, half = a->R / 2, n = (H + K) * D;
+  const int threads = omp_get_max_threads();
+  float *partials = (float *)calloc((size_t)threads * (size_t)n, sizeof(float));
+  if (!partials) return 2;
+  int team = 1;
+#pragma omp parallel
   {
-    float *dscale = (float *)thread_buffer(&prologue_buffer, &prologue_capacity, (size_t)((H + K) * D) * 4);
-    if (dscale) memset(dscale, 0, (size_t)((H + K) * D) * 4);
-    else failed = 1;
+#pragma omp single
+    team = omp_get_num_threads();
+    float *dscale = partials + (size_t)omp_get_thread_num() * (size_t)n;
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < a->B * a->T; ++row) {
-      if (!dscale) continue;
       const int64_t b = row / a->T, t = row % a->T;
       const uint16_t *x = a->qkv + row * heads * D;
       uint16_t *dx = a->dqkv + row * heads * D;
@@ -826,10 +828,9 @@ int andromeda_prologue_backward(const PrologueArgs *a) {
         memcpy(dx + (H + K + h) * D, a->dv + b * a->dv_stride[0] + h * a->dv_stride[1] + t * a->dv_stride[2],
                (size_t)D * 2);
     }
-    if (dscale) {
-#pragma omp critical
-      for (int64_t i = 0; i < (H + K) * D; ++i) a->dscale[i] += dscale[i];
-    }
   }
-  return failed ? 2 : 0;
+  for (int thread = 0; thread < team && thread < threads; ++thread)
+    for (int64_t i = 0; i < n; ++i) a->dscale[i] += partials[(size_t)thread * (size_t)n + i];
+  free(partials);
+  return 0;
 }
