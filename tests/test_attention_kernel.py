@@ -15,7 +15,7 @@ from andromeda.model import attention as attention_module
 from andromeda.train import attention_kernel as kernel_module
 from andromeda.train.attention_kernel import (attention_kernel, causal_attention, reference_attention,
                                               use_attention_kernel)
-from helpers import tiny_train_config
+from helpers import Counted, tiny_train_config
 
 pytestmark = pytest.mark.skipif(attention_kernel() is None, reason=f"attention kernel unavailable: "
                                 f"{kernel_module.unavailable_reason()}")
@@ -168,15 +168,6 @@ def test_bad_inputs_are_refused_with_the_expected_form(change, message):
         causal_attention(q, k, v, positions, torch.ones(3), 0.1)
 
 
-class Counted:
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, *args):
-        self.calls += 1
-        return causal_attention(*args)
-
-
 @pytest.mark.parametrize("autocast", [True, False])
 def test_a_model_given_the_kernel_computes_what_it_does_with_sdpa(autocast):
     """`use_attention_kernel` gives a model the kernel; its bf16 loss and gradients (under autocast,
@@ -192,7 +183,7 @@ def test_a_model_given_the_kernel_computes_what_it_does_with_sdpa(autocast):
         if kernel:
             assert use_attention_kernel(model)
             assert all(m.causal_attention is causal_attention for m in model.modules() if isinstance(m, Transformer))
-            counted = model.causal_attention = Counted()
+            counted = model.causal_attention = Counted(causal_attention)
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = model(tokens[:, :-1], targets=tokens[:, 1:])
@@ -218,7 +209,7 @@ def test_float32_attention_padding_and_decoding_steps_keep_sdpa():
     with torch.no_grad():
         expected = model(tokens).float()
     assert use_attention_kernel(model)
-    counted = model.causal_attention = Counted()
+    counted = model.causal_attention = Counted(causal_attention)
     with torch.no_grad():
         model.float()(tokens)
         assert counted.calls == 0

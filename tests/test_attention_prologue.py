@@ -14,6 +14,7 @@ from andromeda.model.attention import NORM_EPS, l2_normalize
 from andromeda.model.positions import apply_rotary, xpos_tables
 from andromeda.train import attention_kernel as kernel_module
 from andromeda.train.attention_kernel import attention_kernel, attention_prologue, use_attention_kernel
+from helpers import Counted, tiny_train_config
 
 pytestmark = pytest.mark.skipif(attention_kernel() is None, reason=f"attention kernel unavailable: "
                                 f"{kernel_module.unavailable_reason()}")
@@ -159,15 +160,6 @@ def test_bad_inputs_are_refused_with_the_expected_form():
         attention_prologue(qkv, q_scale, k_scale, ((q_cos[:, :, 1:], q_sin), (k_cos, k_sin)), NORM_EPS)
 
 
-class Counted:
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, *args):
-        self.calls += 1
-        return attention_prologue(*args)
-
-
 def test_a_model_given_the_kernel_takes_the_prologue_where_it_fits():
     """`use_attention_kernel` gives the prologue with the attention to a model whose heads it takes;
     an autocast step calls it in every layer and its loss and gradients are the model's own ops'
@@ -179,7 +171,7 @@ def test_a_model_given_the_kernel_takes_the_prologue_where_it_fits():
     tokens = torch.randint(0, config.num_tokens, (2, 97))
     assert use_attention_kernel(model) and model.attention_prologue is attention_prologue
     results = []
-    for prologue in (None, Counted()):
+    for prologue in (None, Counted(attention_prologue)):
         model.attention_prologue = prologue
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -192,7 +184,7 @@ def test_a_model_given_the_kernel_takes_the_prologue_where_it_fits():
     difference = sum((a - b).norm() ** 2 for a, b in zip(results[1][1], results[0][1])) ** 0.5
     assert difference / total < 1e-2
 
-    counted = model.attention_prologue = Counted()
+    counted = model.attention_prologue = Counted(attention_prologue)
     with torch.no_grad():
         model.bfloat16()(tokens)
     assert counted.calls == 0
@@ -207,7 +199,6 @@ def test_a_bf16_training_run_takes_the_prologue_and_trains_as_without(tmp_path, 
     it takes: every layer's forward and its recomputation go through it, and the run's losses are
     those of the same run on the model's own ops."""
     from andromeda.train import train
-    from helpers import tiny_train_config
 
     calls = []
 

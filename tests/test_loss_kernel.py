@@ -12,7 +12,7 @@ from andromeda.model import Transformer, build_transformer, linear_cross_entropy
 from andromeda.model.loss import _softmax_cross_entropy
 from andromeda.train import loss_kernel as loss_kernel_module
 from andromeda.train.loss_kernel import loss_kernel, softmax_cross_entropy, use_loss_kernel
-from helpers import tiny_train_config
+from helpers import Counted, tiny_train_config
 
 pytestmark = pytest.mark.skipif(loss_kernel() is None, reason=f"loss kernel unavailable: "
                                 f"{loss_kernel_module.unavailable_reason()}")
@@ -92,17 +92,6 @@ def test_a_nan_logit_makes_the_loss_nan(column):
     assert torch.isnan(losses[1]) and torch.isfinite(losses[0]) and torch.isfinite(losses[2])
 
 
-class Counted:
-    """The kernel, counting its calls: a path that silently skipped it would agree trivially."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, logits, targets, row_weight):
-        self.calls += 1
-        return softmax_cross_entropy(logits, targets, row_weight)
-
-
 def fused_loss(hidden, weight, targets, kernel, *, compiled=False):
     hidden = hidden.clone().requires_grad_()
     weight = weight.clone().requires_grad_()
@@ -126,7 +115,7 @@ def test_fused_linear_cross_entropy_agrees_with_and_without_the_kernel():
     targets = torch.randint(0, 1000, (200,), generator=generator)
     targets[::7] = -100
     plain = fused_loss(hidden, weight, targets, None)
-    counted = Counted()
+    counted = Counted(softmax_cross_entropy)
     fused = fused_loss(hidden, weight, targets, counted)
     assert counted.calls == 4  # 200 rows in chunks of 64
     torch.testing.assert_close(fused[0], plain[0], rtol=1e-4, atol=1e-4)
@@ -169,7 +158,7 @@ def test_a_model_given_the_kernel_trains_as_it_does_without():
             assert use_loss_kernel(model)
             assert all(m.softmax_cross_entropy is softmax_cross_entropy for m in model.modules()
                        if isinstance(m, Transformer))
-            counted = model.softmax_cross_entropy = Counted()
+            counted = model.softmax_cross_entropy = Counted(softmax_cross_entropy)
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(tokens[:, :-1], targets=tokens[:, 1:])
