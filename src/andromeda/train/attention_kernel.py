@@ -32,7 +32,7 @@ The same library computes attention's prologue (`attention_prologue`, `model.att
 AttentionPrologue`): from the fused projection's output (B, T, H + 2K, D), QK-norm, its learned
 per-channel scales and the rotary xPos rotation in one pass forward and one backward, where
 PyTorch's ops take a dozen passes each way over float32 copies (the scales are float32 under
-autocast): forward and backward 31-37 -> 4 ms a layer at dim 512 and 310-340 -> 19-20 ms at the
+autocast): forward and backward 26-37 -> 3-4 ms a layer at dim 512 and 240-340 -> 16-20 ms at the
 2.5 B default's width (4 x 1024 tokens, one thread, Intel AMX; `benchmarks/bench_attention.py`).
 The forward gives the ops' bf16 results (a last-bit difference in a few elements, the rotation's
 products in another order); the backward rounds to bf16 once where the ops round four times, so
