@@ -4,7 +4,8 @@ A weight's gradient is dy.T @ x over a step's rows (dy (N, out), x (N, in)). one
 product takes the transposed first operand as it is, and on an Intel Xeon with AMX that form
 runs at ~550-650 GFLOP/s where a product of contiguous operands runs at 750-1,050: the
 feed-forward's lean backward (`model.fused`) therefore makes W2's narrow operand dy.T contiguous
-first (W1's alternative, the (in, out) product x.T @ dy read back transposed, is timed too: 1.1x
+first, as `fused.projection` does for the attention's projections from CONTIGUOUS_FIRST_MIN weights
+on (W1's alternative, the (in, out) product x.T @ dy read back transposed, is timed too: 1.1x
 at dim 512, 0.9x at the 2.5 B's width, so the model keeps W1's product as it is), and the loss's logits
 weight gradient (`model.loss`) is summed as (C, V) from contiguous operands, each chunk's bf16
 product added through a float32 buffer of a few rows, and written back transposed in blocks of
@@ -30,6 +31,7 @@ HUGE_PAGES = allocate_with_huge_pages(os.environ)  # as `andromeda train` alloca
 import torch  # noqa: E402 - after the allocator's setting
 
 import common  # noqa: E402
+from andromeda.model.fused import CONTIGUOUS_FIRST_MIN  # noqa: E402
 from andromeda.model.loss import _WeightGradient  # noqa: E402
 
 VOCAB = 50432
@@ -43,8 +45,12 @@ def paired(before, now, repeats: int) -> tuple[float, float]:
 
 
 def products(width: int) -> list[tuple[str, int, int]]:
-    """(name, out, in) of the feed-forward's two weight gradients (GELU MLP 4x wide)."""
-    return [("feed-forward W2", width, 4 * width), ("feed-forward W1", 4 * width, width)]
+    """(name, out, in) of the feed-forward's two weight gradients (GELU MLP 4x wide) and the
+    attention's two projections (bench_train's heads at dim 512: 8 of 64; else heads of 128 as
+    the published presets have, width // 128 + 4 of them at 2560 as the default: 24 query heads)."""
+    heads, dim_head = (8, 64) if width == 512 else ((24, 128) if width == 2560 else (width // 128, 128))
+    return [("feed-forward W2", width, 4 * width), ("feed-forward W1", 4 * width, width),
+            ("attention qkv", (heads + 4) * dim_head, width), ("attention out", width, heads * dim_head)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             dy = torch.randn(args.rows, out_features, generator=generator).bfloat16()
             x = torch.randn(args.rows, in_features, generator=generator).bfloat16()
             before = lambda: dy.T @ x  # noqa: E731
-            if name.endswith("W2"):  # the form the model uses: the narrow operand dy made contiguous
-                now = lambda: dy.T.contiguous() @ x  # noqa: E731
+            if name.endswith("W2") or name.startswith("attention"):  # dy made contiguous first: what the
+                now = lambda: dy.T.contiguous() @ x  # noqa: E731 - model uses for W2 and large projections
             else:  # not used (no gain): the (in, out) product of contiguous operands, read back transposed
                 now = lambda: (x.T.contiguous() @ dy).T.to(torch.float32, memory_format=torch.contiguous_format)  # noqa: E731
                 before_fp32 = before
@@ -72,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.testing.assert_close(now().float(), before().float(), rtol=2e-2, atol=2e-1)
             t_before, t_now = paired(before, now, args.repeats)
             flops = 2 * args.rows * out_features * in_features
+            if name.startswith("attention"):
+                used = out_features * in_features >= CONTIGUOUS_FIRST_MIN
+                name += " (the model takes 'now')" if used else " (below CONTIGUOUS_FIRST_MIN: the model keeps 'before')"
             table.append([width, f"{name} ({out_features} x {in_features})", f"{t_before * 1e3:.1f} ms "
                           f"({flops / t_before / 1e9:,.0f} GFLOP/s)", f"{t_now * 1e3:.1f} ms "
                           f"({flops / t_now / 1e9:,.0f} GFLOP/s)", f"**{t_before / t_now:.2f}x**"])

@@ -91,3 +91,68 @@ def test_layers_of_one_forward_share_a_workspace_that_dies_with_the_graph(monkey
     loss.backward()
     del loss
     assert made[0]() is None
+
+
+def test_large_projections_under_bf16_autocast_compute_what_autocast_linear_does(monkeypatch):
+    """`projection`: a bias-free Linear of CONTIGUOUS_FIRST_MIN weights or more, trained under CPU
+    bf16 autocast, gives nn.Linear's output and input gradient bit for bit and its weight gradient
+    to bf16 rounding (the same product of a contiguous dy.T); smaller weights, no autocast, no grad,
+    a frozen weight and a bias keep the module's own call."""
+    from andromeda.model import fused
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 64, bias=False)
+    x = torch.randn(3, 50, 96, requires_grad=True)
+    grad = torch.randn(3, 50, 64)
+
+    def run(function):
+        x.grad = linear.weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = function(x, linear)
+        y.backward(grad)
+        return y, x.grad.clone(), linear.weight.grad.clone(), type(y.grad_fn).__name__
+
+    monkeypatch.setattr(fused, "CONTIGUOUS_FIRST_MIN", linear.weight.numel())
+    y, grad_x, grad_w, node = run(fused.projection)
+    y0, grad_x0, grad_w0, node0 = run(lambda x, module: module(x))
+    assert "_Projection" in node and "_Projection" not in node0
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y0)
+    assert grad_x.dtype == grad_x0.dtype == torch.float32 and torch.equal(grad_x, grad_x0)
+    assert grad_w.dtype == torch.float32
+    torch.testing.assert_close(grad_w, grad_w0, rtol=2**-7, atol=1e-6)
+
+    monkeypatch.setattr(fused, "CONTIGUOUS_FIRST_MIN", linear.weight.numel() + 1)  # one entry too small
+    assert "_Projection" not in run(fused.projection)[3]
+    monkeypatch.setattr(fused, "CONTIGUOUS_FIRST_MIN", 1)
+    assert "_Projection" not in type(fused.projection(x, linear).grad_fn).__name__  # no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            assert fused.projection(x, linear).grad_fn is None
+        linear.weight.requires_grad_(False)
+        assert "_Projection" not in type(fused.projection(x, linear).grad_fn).__name__
+        linear.weight.requires_grad_(True)
+        biased = torch.nn.Linear(96, 64)
+        assert "_Projection" not in type(fused.projection(x, biased).grad_fn).__name__
+
+
+def test_a_model_with_large_attention_projections_trains_as_with_linear_calls(monkeypatch):
+    """The attention's two projections through `projection` (threshold lowered so a small model
+    takes it): under autocast the loss is the same and the gradients agree to bf16 rounding."""
+    from andromeda.model import fused
+
+    model = Andromeda.from_config("tiny", max_seq_len=64).Andromeda
+    tokens = torch.randint(0, model.config.num_tokens, (2, 33))
+    calls, apply = [], fused._Projection.apply
+    monkeypatch.setattr(fused._Projection, "apply", lambda *args: calls.append(1) or apply(*args))
+    results = []
+    for threshold in (1 << 40, 1):
+        monkeypatch.setattr(fused, "CONTIGUOUS_FIRST_MIN", threshold)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(tokens[:, :-1], targets=tokens[:, 1:])
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert len(calls) == 2 * model.config.depth  # the second pass: each layer's two projections
+    assert torch.equal(results[0][0], results[1][0])
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=2e-2, atol=1e-5, msg=name)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ..config import Config
 from .cache import CacheStep, DecodeSDPA
+from .fused import projection
 from .positions import alibi_bias, apply_rotary, xpos_fold, xpos_scale
 
 # Query rows per block on the explicit-bias paths: bounds the (B, H, rows, S) scores to a few
@@ -153,7 +154,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, inputs: AttentionInputs) -> Tensor:
         B, T, _ = x.shape
         H, K, D = self.heads, self.kv_heads, self.dim_head
-        qkv = self.to_qkv(x).view(B, T, H + 2 * K, D)
+        qkv = projection(x, self.to_qkv).view(B, T, H + 2 * K, D)
         if self._fused_prologue(qkv, inputs):  # the same heads, in bf16 for the fused attention
             q, k, v = inputs.attention_prologue(qkv, self.q_scale, self.k_scale, inputs.rotary, NORM_EPS)
         else:
@@ -173,7 +174,7 @@ class Attention(nn.Module):
             if step is not None:
                 k, v = step.write(self.layer, k, v)  # (B, K, S, D)
             out = attend(q, k, v, inputs, scale=self.logit_scale, flash=self.flash)  # (B, H, T, D)
-        return self.to_out(out.transpose(1, 2).reshape(B, T, H * D))
+        return projection(out.transpose(1, 2).reshape(B, T, H * D), self.to_out)
 
     def _fused_prologue(self, qkv: Tensor, inputs: AttentionInputs) -> bool:
         """Whether `inputs.attention_prologue` computes this layer's heads: where the fused causal

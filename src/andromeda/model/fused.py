@@ -47,6 +47,53 @@ def is_plain_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear
 
 
+# bf16 weight gradients on the CPU: oneDNN's dy.T @ x, the transposed first operand taken as it is,
+# runs slower than the same product with dy.T made contiguous first for large weights, faster for
+# small ones (one thread, 4 x 1024 rows, Intel AMX: the 2.5 B's attention projections, 9.2 M and
+# 7.9 M entries, 1.37x; dim 512's, 0.4 M and 0.26 M, 0.8x;
+# `benchmarks/bench_weight_gradients.py`). Bias-free projections from this many weights on take
+# the contiguous form (`projection`).
+CONTIGUOUS_FIRST_MIN = 1 << 21
+
+
+def projection(x: Tensor, module: nn.Module) -> Tensor:
+    """module(x) for a bias-free projection; under bf16 CPU autocast, training a plain nn.Linear of
+    at least CONTIGUOUS_FIRST_MIN weights, the same product with its weight gradient formed from a
+    contiguous dy.T (`_Projection`). Anything else, and while torch.compile traces, calls the module."""
+    if (is_plain_linear(module) and module.bias is None and module.weight.numel() >= CONTIGUOUS_FIRST_MIN
+            and module.weight.requires_grad and torch.is_grad_enabled() and x.device.type == "cpu"
+            and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and not torch.compiler.is_compiling()):
+        return _Projection.apply(x, module.weight)
+    return module(x)
+
+
+class _Projection(torch.autograd.Function):
+    """x @ weight.T as CPU autocast computes it (both cast to bf16, the casts kept for backward),
+    with the weight's gradient as dy.T.contiguous() @ x."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
+        with torch.autocast("cpu", enabled=False):
+            xc, wc = x.to(torch.bfloat16), weight.to(torch.bfloat16)
+            y = F.linear(xc, wc)
+        ctx.save_for_backward(xc, wc)
+        ctx.dtypes = (x.dtype, weight.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        xc, wc = ctx.saved_tensors
+        dy = grad_y.to(torch.bfloat16)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (dy @ wc).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            dy2 = dy.reshape(-1, dy.shape[-1])
+            grad_w = (dy2.T.contiguous() @ xc.reshape(-1, xc.shape[-1])).to(ctx.dtypes[1])
+        return grad_x, grad_w
+
+
 def feed_forward(x: Tensor, proj_in: nn.Module, proj_out: nn.Module, workspace: Workspace) -> Tensor:
     """proj_out(gelu(proj_in(x))) for x (..., C).
 
