@@ -50,7 +50,7 @@ def is_plain_linear(module: nn.Module) -> bool:
 # bf16 weight gradients on the CPU: oneDNN's dy.T @ x, the transposed first operand taken as it is,
 # runs slower than the same product with dy.T made contiguous first for large weights, faster for
 # small ones (one thread, 4 x 1024 rows, Intel AMX: the 2.5 B's attention projections, 9.2 M and
-# 7.9 M entries, 1.37x; dim 512's, 0.4 M and 0.26 M, 0.8x;
+# 7.9 M entries, 1.42x and 1.25x; dim 512's, 0.4 M and 0.26 M, 0.82x and 0.91x;
 # `benchmarks/bench_weight_gradients.py`). Bias-free projections from this many weights on take
 # the contiguous form (`projection`).
 CONTIGUOUS_FIRST_MIN = 1 << 21
