@@ -5,8 +5,9 @@ product takes the transposed first operand as it is, and on an Intel Xeon with A
 runs at ~550-650 GFLOP/s where a product of contiguous operands runs at 750-1,050: the
 feed-forward's lean backward (`model.fused`) therefore makes W2's narrow operand dy.T contiguous
 first, as `fused.projection` does for the attention's projections from CONTIGUOUS_FIRST_MIN weights
-on (W1's alternative, the (in, out) product x.T @ dy read back transposed, is timed too: 1.1x
-at dim 512, 0.9x at the 2.5 B's width, so the model keeps W1's product as it is), and the loss's logits
+on; W1's is formed as the (in, out) product x.T @ dy of the narrow x made contiguous, written back
+transposed into float32 in blocks of rows (`fused.transposed`; read back in one pass it was 1.1x
+at dim 512 and 0.9-1.1x at the 2.5 B's width); and the loss's logits
 weight gradient (`model.loss`) is summed as (C, V) from contiguous operands, each chunk's bf16
 product added through a float32 buffer of a few rows, and written back transposed in blocks of
 rows. This times each product both ways at a model's shapes, a chunk's product and sum with the
@@ -31,7 +32,7 @@ HUGE_PAGES = allocate_with_huge_pages(os.environ)  # as `andromeda train` alloca
 import torch  # noqa: E402 - after the allocator's setting
 
 import common  # noqa: E402
-from andromeda.model.fused import CONTIGUOUS_FIRST_MIN  # noqa: E402
+from andromeda.model.fused import CONTIGUOUS_FIRST_MIN, transposed  # noqa: E402
 from andromeda.model.loss import _WeightGradient  # noqa: E402
 
 VOCAB = 50432
@@ -71,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             before = lambda: dy.T @ x  # noqa: E731
             if name.endswith("W2") or name.startswith("attention"):  # dy made contiguous first: what the
                 now = lambda: dy.T.contiguous() @ x  # noqa: E731 - model uses for W2 and large projections
-            else:  # not used (no gain): the (in, out) product of contiguous operands, read back transposed
-                now = lambda: (x.T.contiguous() @ dy).T.to(torch.float32, memory_format=torch.contiguous_format)  # noqa: E731
+            else:  # W1: the (in, out) product of contiguous operands, written back transposed in blocks
+                now = lambda: transposed(x.T.contiguous() @ dy, torch.float32)  # noqa: E731
                 before_fp32 = before
                 before = lambda: before_fp32().to(torch.float32)  # noqa: E731 - as autograd converts it
             torch.testing.assert_close(now().float(), before().float(), rtol=2e-2, atol=2e-1)
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"- machine: {common.environment()}; 2 MiB allocations in huge "
           f"pages: {'yes' if HUGE_PAGES else 'no'}")
     print(f"- {args.rows} rows; best of {args.repeats} alternating runs each; 'before' is dy.T @ x as it is (and the "
-          f"logits' gradient transposed in one pass), 'now' the form the model uses on the CPU (for W1 the alternative it does not use)\n")
+          f"logits' gradient transposed in one pass), 'now' the form the model uses on the CPU (W1's both into float32, as autograd gives it)\n")
     print(common.markdown_table(["width", "product", "before", "now", "speed-up"], table))
     return 0
 

@@ -55,6 +55,50 @@ def test_feed_forward_under_bf16_autocast_matches_autocast_linear_layers():
         torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
 
 
+def test_transposed_writes_in_blocks_what_one_transposed_pass_writes():
+    """`transposed`: over several blocks of rows and a short last one, bit-equal to src.T converted
+    (and, with a scale, to src.T * scale), contiguous in the new dtype."""
+    from andromeda.model import fused
+
+    src = torch.randn(2 * fused.TRANSPOSE_BLOCK + 22, 37).bfloat16()
+    out = fused.transposed(src, torch.float32)
+    assert out.dtype == torch.float32 and out.is_contiguous() and torch.equal(out, src.T.float())
+    scale = torch.tensor(0.37)
+    assert torch.equal(fused.transposed(src.float(), torch.bfloat16, scale), (src.float().T * scale).bfloat16())
+
+
+def test_w1_gradient_under_bf16_on_the_cpu_is_the_transposed_product_written_back(monkeypatch):
+    """Under CPU bf16 autocast W1's gradient is formed as (C, F) = x.T @ dh and written back (F, C)
+    in float32 (`transposed`, counted): the float64 product of the same bf16 operands to one bf16
+    rounding, over a width of several blocks; the other gradients as the plain autocast ops'."""
+    from andromeda.model import fused
+    from helpers import Counted
+
+    counted = Counted(fused.transposed)
+    monkeypatch.setattr(fused, "transposed", counted)
+    torch.manual_seed(0)
+    C, Fw = 2 * fused.TRANSPOSE_BLOCK + 22, 96
+    x = torch.randn(3, 11, C, requires_grad=True)
+    w1, b1 = torch.randn(Fw, C, requires_grad=True), torch.randn(Fw, requires_grad=True)
+    w2, b2 = torch.randn(C, Fw, requires_grad=True), torch.randn(C, requires_grad=True)
+    grad_y = torch.randn(3, 11, C).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lean = feed_forward(x, w1, b1, w2, b2, Workspace())
+        plain = plain_feed_forward(x, w1, b1, w2, b2)
+    grads = torch.autograd.grad(lean, (x, w1, b1, w2, b2), grad_y)
+    assert counted.calls == 1
+    gw1 = grads[1]
+    assert gw1.dtype == torch.float32 and gw1.shape == (Fw, C) and gw1.is_contiguous()
+    # the reference from the same bf16 operands: x and d loss / d h as the backward forms them
+    xb, hb = x.detach().reshape(-1, C).bfloat16(), F.linear(x.detach().reshape(-1, C).bfloat16(), w1.bfloat16(), b1.bfloat16())
+    d_act = (grad_y.reshape(-1, C) @ w2.detach().bfloat16())
+    d_h = torch.ops.aten.gelu_backward(d_act, hb)
+    exact = d_h.double().T @ xb.double()
+    torch.testing.assert_close(gw1.double(), exact, rtol=2**-8, atol=1e-6)
+    for a, b in zip(grads, torch.autograd.grad(plain, (x, w1, b1, w2, b2), grad_y)):
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=2e-2)
+
+
 def test_no_grad_runs_the_plain_ops_and_leaves_the_workspace_empty():
     inputs, workspace = ff_inputs(), Workspace()
     with torch.no_grad():

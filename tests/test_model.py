@@ -349,9 +349,9 @@ def test_a_weight_gradient_summed_transposed_comes_back_in_the_weights_layout(dt
     added through a float32 buffer of a few rows, and write it back as (V, C) in blocks of rows:
     the same numbers as whole-tensor adds and one transposed pass, and the plain (V, C) sum's to the
     products' rounding, over widths that are not multiples of the blocks."""
-    from andromeda.model import loss
+    from andromeda.model import fused, loss
 
-    vocab, width = 300, 2 * loss.TRANSPOSE_BLOCK + 22
+    vocab, width = 300, 2 * fused.TRANSPOSE_BLOCK + 22
     if block_rows is not None:  # several blocks of 7 rows and a short last one, not one block
         monkeypatch.setattr(loss, "ADD_BLOCK_BYTES", block_rows * vocab * 4)
     generator = torch.Generator().manual_seed(0)

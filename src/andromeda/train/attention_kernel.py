@@ -8,8 +8,9 @@ online softmax over 64 x 64 tiles forward, the probabilities recomputed from the
 log-sum-exp backward) with every tile's product done in registers by AVX-512 BF16's vdpbf16ps
 (bf16 pairs, float32 sums), ALiBi computed in the kernel from the positions, and the grouped
 key/value heads read in place. Where the CPU has AMX tiles (Sapphire Rapids on) and the head size is
-a multiple of 32, the tiles' products are AMX's (`amx_tiles()`), the backward worked transposed so
-that every product's left operand is a row-major matrix, as AMX reads it:
+a multiple of 32, the tiles' products are AMX's (`amx_tiles()`), forward and backward worked
+transposed (S^T = K Q^T) so that every product's left operand is a row-major matrix, as AMX reads
+it, and the online softmax's maxima and sums run down vectors of 16 queries:
 
     out_i = sum_{j <= i} softmax_j(scale q_i . k_j - slope_h |p_i - p_j|) v_j
 

@@ -20,6 +20,8 @@
 //
 // Forward (flash attention 2): per (b, h, 64-query tile) an online softmax over the key tiles up to
 // the diagonal; out = O / l in bf16 and the row's log-sum-exp lse = m + log l kept for the backward.
+// With AMX tiles the forward runs transposed (S^T = K Q^T, O^T += V^T P^T: `forward_tile_amx`), so
+// the softmax's per-query maxima and sums run down vectors of 16 queries.
 // Backward: per (b, h), dQ in float32 over all key tiles; per key tile dK and dV accumulate over the
 // query tiles from the diagonal down: P = exp(S - lse), dV += P^T dO, dP = dO V^T,
 // dS = scale P (dP - delta) with delta_i = dO_i . O_i, dQ += dS K, dK += dS^T Q. dK and dV of each
@@ -220,12 +222,33 @@ static void pack_rows(const uint16_t *x, int64_t stride, int64_t T, int64_t Tp, 
 }
 
 // x (T, D) rows at `stride` transposed: out[d][t], rows of Tp, T padded with zeros.
+// Where D is a multiple of 32: 16 rows x 16 pairs transposed as 32-bit words, each word column's
+// pairs (d, d + 1) then split into rows d and d + 1.
 static void pack_transposed(const uint16_t *x, int64_t stride, int64_t T, int64_t Tp, int64_t D, uint16_t *out) {
+  if (D % 32 == 0 && Tp % 16 == 0) {
+    static const uint16_t split_index[32] = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
+                                             1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+    const __m512i split = _mm512_loadu_si512((const void *)split_index);
+    for (int64_t t0 = 0; t0 < Tp; t0 += 16)
+      for (int64_t w0 = 0; w0 < D / 2; w0 += 16) {
+        __m512 r[16];
+        for (int i = 0; i < 16; ++i)
+          r[i] = t0 + i < T ? _mm512_loadu_ps((const float *)(x + (t0 + i) * stride) + w0) : _mm512_setzero_ps();
+        transpose16(r);
+        for (int w = 0; w < 16; ++w) {
+          const __m512i halves = _mm512_permutexvar_epi16(split, _mm512_castps_si512(r[w]));
+          _mm256_storeu_si256((__m256i *)(out + 2 * (w0 + w) * Tp + t0), _mm512_castsi512_si256(halves));
+          _mm256_storeu_si256((__m256i *)(out + (2 * (w0 + w) + 1) * Tp + t0), _mm512_extracti64x4_epi64(halves, 1));
+        }
+      }
+    return;
+  }
   for (int64_t t = 0; t < Tp; ++t)
     for (int64_t d = 0; d < D; ++d) out[d * Tp + t] = t < T ? x[t * stride + d] : 0;
 }
 
-// The packed keys and values of (b, kv), slot `which`: forward 0 = K over d, 1 = V over t;
+// The packed keys and values of (b, kv), slot `which`: forward 0 = K over d, 1 = V over t (the AMX
+// forward 0 = K rows, 1 = V transposed);
 // backward 0 = K over d, 1 = V over d, 2 = K over t; the AMX backward 0 = K rows, 1 = V rows,
 // 2 = K transposed (D x padded T).
 static uint16_t *packed_at(const FlashArgs *a, int which, int64_t b, int64_t kv) {
@@ -241,7 +264,10 @@ static void pack_keys_values(const FlashArgs *a, int backward, uint16_t *zeros) 
     for (int64_t kv = 0; kv < a->K; ++kv) {
       const uint16_t *k = a->k + b * a->k_stride[0] + kv * a->k_stride[1];
       const uint16_t *v = a->v + b * a->v_stride[0] + kv * a->v_stride[1];
-      if (!backward) {
+      if (!backward && a->amx) {
+        pack_rows(k, a->k_stride[2], a->T, Tp, D, packed_at(a, 0, b, kv));  // S^T = K Q^T
+        pack_transposed(v, a->v_stride[2], a->T, Tp, D, packed_at(a, 1, b, kv));  // O^T += V^T P^T
+      } else if (!backward) {
         pack_over_d(k, a->k_stride[2], a->T, Tp, D, packed_at(a, 0, b, kv));  // S = Q K^T
         pack_over_t(v, a->v_stride[2], a->T, Tp, D, packed_at(a, 1, b, kv), zeros);  // O += P V
       } else if (a->amx) {
@@ -290,9 +316,42 @@ static inline void finish_scores(float *s, int64_t rows, int64_t i0, int64_t j0,
   }
 }
 
+#if HAVE_AMX
+// S^T (TILE keys from j0 x TILE queries from i0, row stride TILE) scaled, with ALiBi, and -inf where
+// the query is before the key or past T.
+static inline void finish_scores_transposed(float *s, int64_t j0, int64_t i0, int64_t T, float scale, float slope,
+                                            const float *pos) {
+  const __m512 lanes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
+  for (int64_t r = 0; r < TILE; ++r) {
+    const int64_t j = j0 + r;
+    const __m512 pj = _mm512_set1_ps(slope != 0.0f && j < T ? pos[j] : 0.0f);
+    for (int64_t c = 0; c < TILE; c += 16) {
+      const int64_t i = i0 + c;
+      __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + r * TILE + c), _mm512_set1_ps(scale));
+      if (slope != 0.0f) {
+        const __mmask16 in = i >= T ? 0 : i + 16 <= T ? (__mmask16)0xFFFF : (__mmask16)((1u << (T - i)) - 1);
+        const __m512 distance = _mm512_abs_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(in, pos + i), pj));
+        x = _mm512_fnmadd_ps(_mm512_set1_ps(slope), distance, x);
+      }
+      if (i < j || i + 16 > T) {  // queries before the key or past T
+        const __m512 column = _mm512_add_ps(_mm512_set1_ps((float)i), lanes);
+        const __mmask16 out = _mm512_cmp_ps_mask(column, _mm512_set1_ps((float)j), _CMP_LT_OQ) |
+                              _mm512_cmp_ps_mask(column, _mm512_set1_ps((float)(T - 1)), _CMP_GT_OQ);
+        x = _mm512_mask_mov_ps(x, out, minus_inf);
+      }
+      _mm512_storeu_ps(s + r * TILE + c, x);
+    }
+  }
+}
+#endif
+
 // ------------------------------------------------------------------------------------ forward
 
-typedef struct { float *s, *o, *m, *l; uint16_t *p, *q; } ForwardScratch;  // q: a tail tile's queries, padded
+typedef struct {
+  float *s, *o, *m, *l;
+  uint16_t *p, *q;  // the AMX path: P^T as interleaved row pairs in p, the tile's queries packed over d in q
+} ForwardScratch;
 
 static void forward_tile(const FlashArgs *a, int64_t b, int64_t h, int64_t i0, const ForwardScratch *w) {
   const int64_t T = a->T, D = a->D, Tp = padded(T), rows = T - i0 < TILE ? T - i0 : TILE;
@@ -303,20 +362,10 @@ static void forward_tile(const FlashArgs *a, int64_t b, int64_t h, int64_t i0, c
   const float *pos = a->positions + b * a->positions_stride;
   for (int64_t r = 0; r < rows; ++r) w->m[r] = -INFINITY, w->l[r] = 0.0f;
   memset(w->o, 0, (size_t)(TILE * D) * sizeof(float));
-  memset(w->p, 0, (size_t)(TILE * TILE) * sizeof(uint16_t));
   const int64_t last = (i0 + rows - 1) / TILE;
-#if HAVE_AMX
-  const uint16_t *qa = q;  // AMX products read whole tiles: a tail tile's queries padded with zero rows
-  int64_t lda = a->q_stride[2];
-  if (a->amx && rows < TILE) pack_rows(q, a->q_stride[2], rows, TILE, D, w->q), qa = w->q, lda = D;
-#endif
   for (int64_t kb = 0; kb <= last; ++kb) {
     const int64_t j0 = kb * TILE;
-#if HAVE_AMX
-    if (a->amx) amx_gemm(TILE, TILE, D / 2, qa, lda, kd + j0 * 2, Tp * 2, w->s, TILE, 0);
-    else
-#endif
-      gemm(rows, TILE, D / 2, (const uint32_t *)q, a->q_stride[2] / 2, 1, kd + j0 * 2, Tp * 2, w->s, TILE, 0);
+    gemm(rows, TILE, D / 2, (const uint32_t *)q, a->q_stride[2] / 2, 1, kd + j0 * 2, Tp * 2, w->s, TILE, 0);
     finish_scores(w->s, rows, i0, j0, T, a->scale, slope, pos);
     for (int64_t r = 0; r < rows; ++r) {
       float *s = w->s + r * TILE;
@@ -341,11 +390,7 @@ static void forward_tile(const FlashArgs *a, int64_t b, int64_t h, int64_t i0, c
         for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), _mm512_set1_ps(alpha)));
       }
     }
-#if HAVE_AMX
-    if (a->amx) amx_gemm(TILE, D, TILE / 2, w->p, TILE, vt + j0 * D, 2 * D, w->o, D, 1);
-    else
-#endif
-      gemm(rows, D, TILE / 2, (const uint32_t *)w->p, TILE / 2, 1, vt + j0 * D, 2 * D, w->o, D, 1);
+    gemm(rows, D, TILE / 2, (const uint32_t *)w->p, TILE / 2, 1, vt + j0 * D, 2 * D, w->o, D, 1);
   }
   uint16_t *out = a->out + b * a->out_stride[0] + h * a->out_stride[1] + i0 * a->out_stride[2];
   float *lse = a->lse + (b * a->H + h) * T + i0;
@@ -357,6 +402,90 @@ static void forward_tile(const FlashArgs *a, int64_t b, int64_t h, int64_t i0, c
     lse[r] = w->m[r] + logf(w->l[r]);
   }
 }
+
+#if HAVE_AMX
+// forward_tile by AMX tiles, transposed as the backward is: S^T = K Q^T (keys x queries), so each
+// vector holds 16 queries and the online softmax's maxima, sums and rescalings are vector operations
+// down the key rows (no reduction across a vector, no scalar exp), and O^T (D x queries) += V^T P^T.
+// The row maxima, exponentials and sums are the same float32 operations as forward_tile's, in
+// another order of summation.
+static void forward_tile_amx(const FlashArgs *a, int64_t b, int64_t h, int64_t i0, const ForwardScratch *w) {
+  const int64_t T = a->T, D = a->D, Tp = padded(T), rows = T - i0 < TILE ? T - i0 : TILE;
+  const int64_t kv = h / (a->H / a->K);
+  const uint16_t *kr = packed_at(a, 0, b, kv), *vt = packed_at(a, 1, b, kv);
+  const float slope = a->slopes ? a->slopes[h] : 0.0f;
+  const float *pos = a->positions + b * a->positions_stride;
+  const __m512 minus_inf = _mm512_set1_ps(-INFINITY), zero = _mm512_setzero_ps();
+  static const uint16_t pair_index[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                          8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i pairs = _mm512_loadu_si512((const void *)pair_index);
+  pack_over_d(a->q + b * a->q_stride[0] + h * a->q_stride[1] + i0 * a->q_stride[2], a->q_stride[2], rows, TILE, D, w->q);
+  for (int64_t c = 0; c < TILE; c += 16) _mm512_storeu_ps(w->m + c, minus_inf), _mm512_storeu_ps(w->l + c, zero);
+  memset(w->o, 0, (size_t)(TILE * D) * sizeof(float));
+  __mmask16 nan[TILE / 16] = {0};  // exp512 and the vector max drop NaN: a NaN score makes the query's sum NaN
+  const int64_t last = (i0 + rows - 1) / TILE;
+  for (int64_t kb = 0; kb <= last; ++kb) {
+    const int64_t j0 = kb * TILE;
+    amx_gemm(TILE, TILE, D / 2, kr + j0 * D, D, w->q, 2 * TILE, w->s, TILE, 0);
+    finish_scores_transposed(w->s, j0, i0, T, a->scale, slope, pos);
+    // per group of 16 queries g: the new maxima (four independent chains, down the 64 key rows)
+    __m512 top[TILE / 16], shift[TILE / 16], alpha[TILE / 16], sum[TILE / 16];
+    for (int g = 0; g < TILE / 16; ++g) top[g] = _mm512_loadu_ps(w->m + 16 * g);
+    for (int64_t r = 0; r < TILE; ++r)
+      for (int g = 0; g < TILE / 16; ++g) {
+        const __m512 x = _mm512_loadu_ps(w->s + r * TILE + 16 * g);
+        nan[g] = _kor_mask16(nan[g], _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q));
+        top[g] = _mm512_max_ps(x, top[g]);  // a NaN x keeps top
+      }
+    __mmask16 rescale = 0;
+    for (int g = 0; g < TILE / 16; ++g) {
+      // queries with no key yet (all -inf: past T, or -inf scores) shift by 0: their exps are 0
+      shift[g] = _mm512_mask_mov_ps(top[g], _mm512_cmp_ps_mask(top[g], minus_inf, _CMP_EQ_OQ), zero);
+      alpha[g] = exp512(_mm512_sub_ps(_mm512_loadu_ps(w->m + 16 * g), shift[g]));  // 0 where m was -inf
+      rescale |= _mm512_cmp_ps_mask(alpha[g], _mm512_set1_ps(1.0f), _CMP_NEQ_UQ);
+      sum[g] = zero;
+    }
+    // P^T written as the product reads it: rows r and r + 1 interleaved, (r / 2, query, 2)
+    for (int64_t r = 0; r < TILE; r += 2)
+      for (int g = 0; g < TILE / 16; ++g) {
+        const __m512 e0 = exp512(_mm512_sub_ps(_mm512_loadu_ps(w->s + r * TILE + 16 * g), shift[g]));
+        const __m512 e1 = exp512(_mm512_sub_ps(_mm512_loadu_ps(w->s + (r + 1) * TILE + 16 * g), shift[g]));
+        sum[g] = _mm512_add_ps(sum[g], _mm512_add_ps(e0, e1));
+        const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);  // row r's 16, then row r + 1's
+        _mm512_storeu_si512((void *)(w->p + r * TILE + 32 * g), _mm512_permutexvar_epi16(pairs, both));
+      }
+    for (int g = 0; g < TILE / 16; ++g) {
+      _mm512_storeu_ps(w->l + 16 * g, _mm512_fmadd_ps(_mm512_loadu_ps(w->l + 16 * g), alpha[g], sum[g]));
+      _mm512_storeu_ps(w->m + 16 * g, top[g]);
+    }
+    if (rescale && kb > 0)
+      for (int64_t d = 0; d < D; ++d)
+        for (int64_t g = 0; g < TILE / 16; ++g) {
+          float *o = w->o + d * TILE + 16 * g;
+          _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_loadu_ps(o), alpha[g]));
+        }
+    amx_gemm(D, TILE, TILE / 2, vt + j0, Tp, w->p, 2 * TILE, w->o, TILE, 1);  // O^T += V^T P^T
+  }
+  uint16_t *out = a->out + b * a->out_stride[0] + h * a->out_stride[1] + i0 * a->out_stride[2];
+  float *lse = a->lse + (b * a->H + h) * T + i0;
+  for (int64_t g = 0; g < TILE / 16 && 16 * g < rows; ++g) {
+    const int64_t c = 16 * g;
+    const __m512 l = _mm512_mask_mov_ps(_mm512_loadu_ps(w->l + c), nan[g], _mm512_set1_ps(NAN));
+    const __m512 inverse = _mm512_div_ps(_mm512_set1_ps(1.0f), l);
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {  // O^T / l back to rows, 16 x 16 at a time
+      __m512 r[16];
+      for (int d = 0; d < 16; ++d) r[d] = _mm512_mul_ps(_mm512_loadu_ps(w->o + (d0 + d) * TILE + c), inverse);
+      transpose16(r);
+      for (int i = 0; i < 16 && c + i < rows; ++i)
+        _mm256_storeu_si256((__m256i *)(out + (c + i) * a->out_stride[2] + d0), round_bf16(r[i]));
+    }
+    float lv[16], mv[16];
+    _mm512_storeu_ps(lv, l);
+    _mm512_storeu_ps(mv, _mm512_loadu_ps(w->m + c));
+    for (int i = 0; i < 16 && c + i < rows; ++i) lse[c + i] = mv[i] + logf(lv[i]);
+  }
+}
+#endif
 
 static _Thread_local void *forward_buffer;
 static _Thread_local size_t forward_capacity;
@@ -376,6 +505,7 @@ int andromeda_flash_forward(const FlashArgs *caller) {
   {
     uint16_t zeros[256] = {0};
     pack_keys_values(a, 0, zeros);
+    // floats: s (TILE^2), o (TILE D), m, l (TILE each); bf16: p (TILE^2), q (TILE D)
     const size_t floats = (size_t)(TILE * TILE + TILE * D + 2 * TILE);
     float *base = (float *)thread_buffer(&forward_buffer, &forward_capacity, floats * 4 + (TILE * TILE + TILE * D) * 2 + 64);
     ForwardScratch w = {0};
@@ -391,7 +521,15 @@ int andromeda_flash_forward(const FlashArgs *caller) {
     for (int64_t t = 0; t < tiles; ++t)
       for (int64_t b = 0; b < a->B; ++b)
         for (int64_t h = 0; h < a->H; ++h)
-          if (base) forward_tile(a, b, h, (tiles - 1 - t) * TILE, &w);
+          if (base) {
+#if HAVE_AMX
+            if (a->amx) {
+              forward_tile_amx(a, b, h, (tiles - 1 - t) * TILE, &w);
+              continue;
+            }
+#endif
+            forward_tile(a, b, h, (tiles - 1 - t) * TILE, &w);
+          }
 #if HAVE_AMX
     if (a->amx) _tile_release();
 #endif
@@ -524,34 +662,6 @@ static void backward_head(const FlashArgs *a, int64_t b, int64_t h, BackwardScra
 }
 
 #if HAVE_AMX
-// S^T (TILE keys from j0 x TILE queries from i0, row stride TILE) scaled, with ALiBi, and -inf where
-// the query is before the key or past T.
-static inline void finish_scores_transposed(float *s, int64_t j0, int64_t i0, int64_t T, float scale, float slope,
-                                            const float *pos) {
-  const __m512 lanes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
-  for (int64_t r = 0; r < TILE; ++r) {
-    const int64_t j = j0 + r;
-    const __m512 pj = _mm512_set1_ps(slope != 0.0f && j < T ? pos[j] : 0.0f);
-    for (int64_t c = 0; c < TILE; c += 16) {
-      const int64_t i = i0 + c;
-      __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + r * TILE + c), _mm512_set1_ps(scale));
-      if (slope != 0.0f) {
-        const __mmask16 in = i >= T ? 0 : i + 16 <= T ? (__mmask16)0xFFFF : (__mmask16)((1u << (T - i)) - 1);
-        const __m512 distance = _mm512_abs_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(in, pos + i), pj));
-        x = _mm512_fnmadd_ps(_mm512_set1_ps(slope), distance, x);
-      }
-      if (i < j || i + 16 > T) {  // queries before the key or past T
-        const __m512 column = _mm512_add_ps(_mm512_set1_ps((float)i), lanes);
-        const __mmask16 out = _mm512_cmp_ps_mask(column, _mm512_set1_ps((float)j), _CMP_LT_OQ) |
-                              _mm512_cmp_ps_mask(column, _mm512_set1_ps((float)(T - 1)), _CMP_GT_OQ);
-        x = _mm512_mask_mov_ps(x, out, minus_inf);
-      }
-      _mm512_storeu_ps(s + r * TILE + c, x);
-    }
-  }
-}
-
 // P^T = exp(S^T - lse) by column (NaN on the entries a NaN row of the forward reads), in w->s in
 // float32 and as bf16 rows in w->p.
 static void probabilities_transposed(BackwardScratch *w, const float *lse) {
