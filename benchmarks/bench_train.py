@@ -5,7 +5,7 @@ process, interleaved A, B, A, B; plus model FLOP utilisation against a measured 
     python benchmarks/bench_train.py              # dim 512, depth 8, 4 x 1024 tokens, fp32 + bf16
     python benchmarks/bench_train.py --quick      # depth 2, 2 x 256 tokens: a smoke test
     python benchmarks/bench_train.py --compile    # also Andromeda compiled each block, and whole
-    python benchmarks/bench_train.py --profile    # also the top ops of one step of each model
+    python benchmarks/bench_train.py --profile    # also the top ops of one step of each model, and the step by category
     python benchmarks/bench_train.py --device cuda --config default --seq-len 8192 --batch 1 \
         --no-peer --peak-tflops 989               # GPU MFU of the seed model (H100 bf16 dense)
 """
@@ -168,8 +168,30 @@ def run_mode(
     return rows, contestants
 
 
+# Where a step's time goes, by op name (first match; self time, so nothing counts twice).
+STEP_CATEGORIES = (
+    ("matrix products", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
+    ("attention (kernels or SDPA)", ("causal_attention", "attention_prologue", "scaled_dot_product", "flash_attention")),
+    ("loss softmax", ("softmax_cross_entropy", "log_softmax", "nll_loss")),
+    ("optimizer", ("adam",)),
+    ("conversions and copies", ("aten::copy_", "aten::to", "aten::_to_copy", "aten::contiguous", "aten::clone")),
+    ("norms", ("layer_norm",)),
+    ("GELU", ("gelu",)),
+    ("adds, multiplies, fills", ("aten::add", "aten::mul", "aten::fill_", "aten::zero_", "aten::sum")),
+)
+
+
+def step_breakdown(averages, total_us: float) -> list[list[str]]:
+    """Rows (category, ms, share of the step's self time) from a profile's key averages."""
+    spent = {name: 0.0 for name, _ in STEP_CATEGORIES} | {"other": 0.0}
+    for event in averages:
+        category = next((name for name, keys in STEP_CATEGORIES if any(k in event.key for k in keys)), "other")
+        spent[category] += event.self_cpu_time_total
+    return [[name, f"{us / 1e3:,.0f} ms", f"{100 * us / total_us:.1f}%"] for name, us in spent.items()]
+
+
 def profile_step(contestant: TrainStep, mode: str, device: torch.device) -> None:
-    """Print the ops that took the most time in one training step."""
+    """Print the ops that took the most time in one training step, and the step by category."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -177,9 +199,14 @@ def profile_step(contestant: TrainStep, mode: str, device: torch.device) -> None
         contestant()
         common.synchronize(device)
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    averages = prof.key_averages()
     print(f"\nTop ops, one {mode} step of {contestant.name}:\n```")
-    print(prof.key_averages().table(sort_by=sort_by, row_limit=15, max_name_column_width=50))
+    print(averages.table(sort_by=sort_by, row_limit=15, max_name_column_width=50))
     print("```")
+    if device.type == "cpu":
+        total = sum(event.self_cpu_time_total for event in averages)
+        print(f"\nThe same step by category of op (self CPU time, {total / 1e6:.2f} s in all):\n")
+        print(common.markdown_table(["ops", "time", "share"], step_breakdown(averages, total)))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -202,7 +229,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-peer", action="store_true", help="measure Andromeda only")
     parser.add_argument("--compile", action="store_true",
                         help="also Andromeda under torch.compile, each block and the whole model")
-    parser.add_argument("--profile", action="store_true", help="print the top ops of one step each")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the top ops of one step each, and the step by category of op")
     parser.add_argument("--no-loss-kernel", action="store_true",
                         help="the loss's softmax in PyTorch's ops (as before `train.loss_kernel`), not its C kernel")
     parser.add_argument("--no-attention-kernel", action="store_true",
