@@ -36,6 +36,7 @@ from andromeda.model import Transformer
 from andromeda.parallel.parallelize import TRAIN_COMPILE_SCOPE, apply_compile
 from andromeda.train.attention_kernel import use_attention_kernel
 from andromeda.train.loss_kernel import use_loss_kernel
+from andromeda.train.norm_kernel import use_norm_kernel
 
 log = logging.getLogger("bench_train")
 
@@ -112,6 +113,8 @@ def contestants_for(
             for module in ours.modules():
                 if isinstance(module, Transformer):
                     module.attention_prologue = None
+    if device.type == "cpu" and not args.no_norm_kernel:
+        use_norm_kernel(ours)
     result = [TrainStep("andromeda", ours, tokens, device, dtype, args)]
     if peer is not None:
         peer_loss = common.x_transformers_loss_model(peer)
@@ -235,6 +238,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the loss's softmax in PyTorch's ops (as before `train.loss_kernel`), not its C kernel")
     parser.add_argument("--no-attention-kernel", action="store_true",
                         help="attention by PyTorch's SDPA (as before `train.attention_kernel`), not its C kernel")
+    parser.add_argument("--no-norm-kernel", action="store_true",
+                        help="keep PyTorch's LayerNorm and autocast's conversions around it")
     parser.add_argument("--no-attention-prologue", action="store_true",
                         help="QK-norm and rotary xPos in PyTorch's ops (as before `attention_kernel.attention_prologue`), "
                              "not its C kernel")
@@ -278,10 +283,11 @@ def main(argv: list[str] | None = None) -> int:
                      else "attention")
         prologue = "its prologue (QK-norm, rotary xPos)" if prologue_fits(config.dim_head, config.rotary_dim) else None
         kernels = [name for name, off in (("loss", args.no_loss_kernel), (attention, args.no_attention_kernel),
-                                          (prologue, args.no_attention_kernel or args.no_attention_prologue))
+                                          (prologue, args.no_attention_kernel or args.no_attention_prologue),
+                                          ("LayerNorm to bf16", args.no_norm_kernel))
                    if name and not off]
         print(f"- Andromeda's CPU kernels for bf16 steps: {', '.join(kernels) or 'none'} (as `andromeda train` "
-              f"gives them; --no-loss-kernel, --no-attention-kernel, --no-attention-prologue)")
+              f"gives them; --no-loss-kernel, --no-attention-kernel, --no-attention-prologue, --no-norm-kernel)")
     print(f"- model: dim {config.dim}, depth {config.depth}, {config.heads} heads of {config.dim_head}, "
           f"{config.attn_kv_heads} kv heads, {config.num_alibi_heads} ALiBi heads, vocab "
           f"{config.num_tokens}, xPos {config.rotary_xpos}, QK-norm {config.use_qk_norm}; "

@@ -6,7 +6,7 @@ processes or the command line.
     cache.py        the per-slot KV cache
     fused.py        the feed-forward's lean backward and its shared workspace
     loss.py         the chunked fused linear cross-entropy
-    transformer.py  FeedForward, Block, Transformer; build_transformer, check_tokens
+    transformer.py  LayerNorm, FeedForward, Block, Transformer; build_transformer, check_tokens
 """
 
 from .cache import KVCache

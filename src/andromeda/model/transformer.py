@@ -2,7 +2,7 @@
 
 Shape letters: B batch, T positions, C model width, V vocabulary.
 
-Reads top-down: FeedForward, Block, then Transformer, then its construction (`build_transformer`)
+Reads top-down: LayerNorm, FeedForward, Block, then Transformer, then its construction (`build_transformer`)
 and the token checks. Attention and positions live in attention.py and positions.py, the KV
 cache in cache.py, the loss in loss.py. Sampling and the cache's lifecycle belong to
 `andromeda.inference`; nothing here knows about training, checkpoints or processes.
@@ -14,6 +14,7 @@ import logging
 import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +30,32 @@ from .positions import alibi_slopes, xpos_blocks, xpos_max_factor, xpos_reach, x
 logger = logging.getLogger(__name__)
 
 INIT_STD = 0.02  # GPT-2's initialisation of weights and embeddings (Radford et al. 2019)
+
+
+class NormToBF16(Protocol):
+    """LayerNorm without bias of float32 rows (..., C) by a float32 weight (C,), rounded to bf16,
+    for bf16 autocast on the CPU (the training loop's `train.norm_kernel`): what autocast's float32
+    F.layer_norm and the bf16 conversion its consumers make compute together, in one pass each way."""
+
+    def __call__(self, x: Tensor, weight: Tensor, eps: float) -> Tensor: ...
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm without bias, whose owner may give it `to_bf16` (a `NormToBF16`): used for
+    float32 input and weight under bf16 CPU autocast, where every consumer of the norm takes bf16;
+    it then returns bf16 where nn.LayerNorm returns float32. Not while torch.compile traces
+    (Inductor fuses the norm and the conversions itself)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__(dim, eps=eps, bias=False)
+        self.to_bf16: NormToBF16 | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (self.to_bf16 is not None and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+                and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not torch.compiler.is_compiling()):
+            return self.to_bf16(x, self.weight, self.eps)
+        return super().forward(x)
 
 
 class FeedForward(nn.Module):
@@ -52,9 +79,9 @@ class Block(nn.Module):
 
     def __init__(self, config: Config, layer: int) -> None:
         super().__init__()
-        self.attn_norm = nn.LayerNorm(config.dim, eps=config.norm_eps, bias=False)
+        self.attn_norm = LayerNorm(config.dim, config.norm_eps)
         self.attn = Attention(config, layer)
-        self.ff_norm = nn.LayerNorm(config.dim, eps=config.norm_eps, bias=False)
+        self.ff_norm = LayerNorm(config.dim, config.norm_eps)
         self.ff = FeedForward(config)
 
     def forward(self, x: Tensor, inputs: AttentionInputs, workspace: Workspace) -> Tensor:
@@ -71,7 +98,7 @@ class Transformer(nn.Module):
         self.token_emb = nn.Embedding(config.num_tokens, config.dim)
         self.pos_emb = nn.Embedding(config.max_seq_len, config.dim) if config.use_abs_pos_emb else None
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.depth))
-        self.final_norm = nn.LayerNorm(config.dim, eps=config.norm_eps, bias=False)
+        self.final_norm = LayerNorm(config.dim, config.norm_eps)
         self.to_logits = nn.Linear(config.dim, config.num_tokens, bias=False)
         # The loss's fused softmax over bf16 logits (`loss.SoftmaxCrossEntropy`), where its owner
         # gives one (the training loop, `train.loss_kernel`); None: PyTorch's ops.
