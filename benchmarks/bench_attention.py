@@ -21,7 +21,6 @@ training step runs them without it (`model.attention.l2_normalize`, the scales, 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
@@ -30,18 +29,6 @@ import common
 from andromeda.model.attention import NORM_EPS, _append_alibi_channels, l2_normalize
 from andromeda.model.positions import apply_rotary, xpos_tables
 from andromeda.train import attention_kernel as kernel_module
-
-
-def timed(function, grad: torch.Tensor, repeats: int) -> tuple[float, float]:
-    """Best forward and best backward seconds of `function()` over `repeats` calls."""
-    forward = backward = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = function()
-        middle = time.perf_counter()
-        out.backward(grad)
-        forward, backward = min(forward, middle - start), min(backward, time.perf_counter() - middle)
-    return forward, backward
 
 
 def main() -> None:
@@ -97,11 +84,11 @@ def main() -> None:
             if function is None:
                 tiles, kernel_module.amx_tiles = kernel_module.amx_tiles, lambda: False
                 try:
-                    forward, backward = timed(kernel, grad, args.repeats)
+                    forward, backward = common.time_forward_backward(kernel, grad, args.repeats)
                 finally:
                     kernel_module.amx_tiles = tiles
             else:
-                forward, backward = timed(function, grad, args.repeats)
+                forward, backward = common.time_forward_backward(function, grad, args.repeats)
             print(f"| {round_} | {name} | {forward * 1e3:.1f} | {work / forward / 1e9:.0f} | {backward * 1e3:.1f} | "
                   f"{2.5 * work / backward / 1e9:.0f} |")
     prologue(args)
@@ -127,23 +114,12 @@ def prologue(args: argparse.Namespace) -> None:
         q, k = apply_rotary(q, q_cos, q_sin), apply_rotary(k, k_cos, k_sin)
         return [x.to(torch.bfloat16) for x in (q, k, v)]
 
-    def timed_heads(function) -> tuple[float, float]:
-        forward = backward = float("inf")
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = function()
-            middle = time.perf_counter()
-            torch.autograd.backward(out, grads)
-            forward, backward = min(forward, middle - start), min(backward, time.perf_counter() - middle)
-        return forward, backward
-
     print(f"\nAttention's prologue (QK-norm, its scales, rotary xPos on {D // 2} channels), one layer, autocast bf16:\n")
     print("| round | path | forward ms | backward ms | forward + backward |")
     print("|---|---|---|---|---|")
     for round_ in range(1, args.rounds + 1):
         for name, function in (("kernel (`attention_prologue`)", kernel), ("the model's PyTorch ops", model_ops)):
-            forward, backward = timed_heads(function)
+            forward, backward = common.time_forward_backward(function, grads, args.repeats, torch.bfloat16)
             print(f"| {round_} | {name} | {forward * 1e3:.1f} | {backward * 1e3:.1f} | {(forward + backward) * 1e3:.1f} |")
 
 

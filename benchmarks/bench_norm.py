@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 from andromeda.cli import allocate_with_huge_pages
 
@@ -28,20 +27,6 @@ import common  # noqa: E402
 from andromeda.train.norm_kernel import layer_norm_bf16, unavailable_reason  # noqa: E402
 
 EPS = 1e-5
-
-
-def timed(function, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, repeats: int) -> tuple[float, float]:
-    """Best forward and best backward seconds of function(x, weight) under autocast."""
-    forward = backward = float("inf")
-    for _ in range(repeats):
-        x.grad = weight.grad = None
-        start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = function(x, weight)
-        middle = time.perf_counter()
-        out.backward(grad)
-        forward, backward = min(forward, middle - start), min(backward, time.perf_counter() - middle)
-    return forward, backward
 
 
 def main() -> None:
@@ -70,7 +55,8 @@ def main() -> None:
         grad = torch.randn(args.rows, width, generator=generator).bfloat16()
         for round_ in range(1, args.rounds + 1):
             for name, function in paths.items():
-                forward, backward = timed(function, x, weight, grad, args.repeats)
+                forward, backward = common.time_forward_backward(lambda f=function: f(x, weight), grad, args.repeats,
+                                                                 torch.bfloat16)
                 rows.append([width, round_, name, f"{forward * 1e3:.2f}", f"{backward * 1e3:.2f}",
                              f"{(forward + backward) * 1e3:.2f}"])
     print("## A block's LayerNorm, bf16 training on the CPU (`benchmarks/bench_norm.py`)\n")

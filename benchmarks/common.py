@@ -64,6 +64,22 @@ def time_call(fn: Callable[[], object], device: torch.device | str = "cpu") -> f
     return time.perf_counter() - start
 
 
+def time_forward_backward(function: Callable[[], object], grads: object, repeats: int,
+                          autocast_dtype: torch.dtype | None = None) -> tuple[float, float]:
+    """Best forward and best backward seconds over `repeats` calls of `function()` (on the CPU, under
+    autocast to `autocast_dtype` where given) and `torch.autograd.backward` of its output(s) with
+    `grads`."""
+    forward = backward = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = function()
+        middle = time.perf_counter()
+        torch.autograd.backward(out, grads)
+        forward, backward = min(forward, middle - start), min(backward, time.perf_counter() - middle)
+    return forward, backward
+
+
 def alternate(
     contestants: Mapping[str, Callable[[], object]],
     repeats: int,

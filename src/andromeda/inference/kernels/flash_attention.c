@@ -165,6 +165,14 @@ static void amx_gemm(int64_t M, int64_t N, int64_t pairs, const uint16_t *a, int
 
 // ------------------------------------------------------------------------------------ packing
 
+// 32-bit words w0..w0 + 15 (bf16 pairs) of rows t0..t0 + 15 of x (rows at `stride`, zeros from row T
+// on), transposed: r[w] holds word w0 + w of the 16 rows.
+static inline void words_transposed(const uint16_t *x, int64_t stride, int64_t T, int64_t t0, int64_t w0, __m512 r[16]) {
+  for (int i = 0; i < 16; ++i)
+    r[i] = t0 + i < T ? _mm512_loadu_ps((const float *)(x + (t0 + i) * stride) + w0) : _mm512_setzero_ps();
+  transpose16(r);
+}
+
 // x (T, D) rows at `stride` into pairs over d: out[d / 2][t][2], T padded with zeros to `Tp`: a
 // transpose of 32-bit pairs, 16 x 16 at a time where D is a multiple of 32.
 static void pack_over_d(const uint16_t *x, int64_t stride, int64_t T, int64_t Tp, int64_t D, uint16_t *out) {
@@ -172,9 +180,7 @@ static void pack_over_d(const uint16_t *x, int64_t stride, int64_t T, int64_t Tp
     for (int64_t t0 = 0; t0 < Tp; t0 += 16)
       for (int64_t w0 = 0; w0 < D / 2; w0 += 16) {
         __m512 r[16];
-        for (int i = 0; i < 16; ++i)
-          r[i] = t0 + i < T ? _mm512_loadu_ps((const float *)(x + (t0 + i) * stride) + w0) : _mm512_setzero_ps();
-        transpose16(r);
+        words_transposed(x, stride, T, t0, w0, r);
         for (int w = 0; w < 16; ++w) _mm512_storeu_ps((float *)out + (w0 + w) * Tp + t0, r[w]);
       }
     return;
@@ -232,9 +238,7 @@ static void pack_transposed(const uint16_t *x, int64_t stride, int64_t T, int64_
     for (int64_t t0 = 0; t0 < Tp; t0 += 16)
       for (int64_t w0 = 0; w0 < D / 2; w0 += 16) {
         __m512 r[16];
-        for (int i = 0; i < 16; ++i)
-          r[i] = t0 + i < T ? _mm512_loadu_ps((const float *)(x + (t0 + i) * stride) + w0) : _mm512_setzero_ps();
-        transpose16(r);
+        words_transposed(x, stride, T, t0, w0, r);
         for (int w = 0; w < 16; ++w) {
           const __m512i halves = _mm512_permutexvar_epi16(split, _mm512_castps_si512(r[w]));
           _mm256_storeu_si256((__m256i *)(out + 2 * (w0 + w) * Tp + t0), _mm512_castsi512_si256(halves));
@@ -911,15 +915,11 @@ static void prologue_head_backward(const PrologueArgs *a, const uint16_t *x, con
 // thread finishes first. 2 where `partials` could not be allocated.
 int andromeda_prologue_backward(const PrologueArgs *a) {
   const int64_t H = a->H, K = a->K, D = a->D, heads = H + 2 * K, half = a->R / 2, n = (H + K) * D;
-  const int threads = omp_get_max_threads();
-  float *partials = (float *)calloc((size_t)threads * (size_t)n, sizeof(float));
-  if (!partials) return 2;
-  int team = 1;
+  Partials partials = partials_open(n);
+  if (!partials.rows) return 2;
 #pragma omp parallel
   {
-#pragma omp single
-    team = omp_get_num_threads();
-    float *dscale = partials + (size_t)omp_get_thread_num() * (size_t)n;
+    float *dscale = partial_row(&partials);
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < a->B * a->T; ++row) {
       const int64_t b = row / a->T, t = row % a->T;
@@ -939,8 +939,6 @@ int andromeda_prologue_backward(const PrologueArgs *a) {
                (size_t)D * 2);
     }
   }
-  for (int thread = 0; thread < team && thread < threads; ++thread)
-    for (int64_t i = 0; i < n; ++i) a->dscale[i] += partials[(size_t)thread * (size_t)n + i];
-  free(partials);
+  partials_add(&partials, a->dscale);
   return 0;
 }

@@ -10,12 +10,14 @@
 //                           dx = rstd (g - mean(g) - xhat mean(g xhat)) in float32,
 //                           dw = sum over rows of dy xhat.
 // Rows are split over the OpenMP threads (static schedule); dw's sums go to one row of partials
-// per thread, added in thread order at the end (the same result for the same thread count).
+// per thread, added in thread order at the end (`scratch.h`: the same result for the same thread count).
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
+
+#include "scratch.h"
 
 static inline __mmask16 tail(int64_t left) { return left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1); }
 
@@ -63,15 +65,11 @@ int andromeda_layer_norm_forward(const float *x, const float *w, int64_t rows, i
 
 int andromeda_layer_norm_backward(const uint16_t *dy, const float *x, const float *w, const float *mean,
                                   const float *rstd, int64_t rows, int64_t C, float *dx, float *dw) {
-  const int threads = omp_get_max_threads();
-  float *partials = (float *)calloc((size_t)threads * (size_t)C, sizeof(float));
-  if (!partials) return 2;
-  int team = 1;
+  Partials partials = partials_open(C);
+  if (!partials.rows) return 2;
 #pragma omp parallel
   {
-#pragma omp single
-    team = omp_get_num_threads();
-    float *dw_thread = partials + (size_t)omp_get_thread_num() * (size_t)C;
+    float *dw_thread = partial_row(&partials);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const float *xr = x + r * C;
@@ -98,8 +96,6 @@ int andromeda_layer_norm_backward(const uint16_t *dy, const float *x, const floa
       }
     }
   }
-  for (int thread = 0; thread < team && thread < threads; ++thread)
-    for (int64_t c = 0; c < C; ++c) dw[c] += partials[(size_t)thread * (size_t)C + c];
-  free(partials);
+  partials_add(&partials, dw);
   return 0;
 }
