@@ -120,6 +120,25 @@ def assert_loss_plot(path: Path) -> None:
     assert len(colours) > 20, "the plot has almost no colours: nothing was drawn"
 
 
+def autocast_step(model, tokens):
+    """One bf16 CPU autocast loss and backward of `model` on `tokens` (B, T + 1): the loss and every
+    parameter's gradient."""
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(tokens[:, :-1], targets=tokens[:, 1:])
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def assert_same_step(got, expected):
+    """Two `autocast_step` results agree to bf16 rounding: the loss to 1e-3, the gradients as a whole
+    to 1% of their norm."""
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-3, atol=1e-3)
+    total = sum(g.norm() ** 2 for g in expected[1]) ** 0.5
+    difference = sum((a - b).norm() ** 2 for a, b in zip(got[1], expected[1])) ** 0.5
+    assert difference / total < 1e-2
+
+
 class Counted:
     """`function`, counting its calls: a path that silently skipped a kernel would agree trivially."""
 
