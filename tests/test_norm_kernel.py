@@ -138,8 +138,9 @@ def test_a_model_given_the_kernel_computes_what_it_does_with_torchs_norms():
 
 
 def test_a_bf16_training_run_takes_the_kernel_and_trains_as_without(tmp_path, corpus, monkeypatch):
-    """`train --bf16` on the CPU hands the kernel to its model: every norm of every step goes through
-    it, and the run's loss is that of the same run on PyTorch's norms."""
+    """`train --bf16 --activation-checkpointing` on the CPU hands the kernel to its model: every norm of
+    every step (and of its recomputation) goes through it, and the run's loss is that of the same run
+    on PyTorch's norms."""
     from andromeda.train import train
 
     calls = []
@@ -150,7 +151,7 @@ def test_a_bf16_training_run_takes_the_kernel_and_trains_as_without(tmp_path, co
 
     def run(name):
         return train(tiny_train_config(tmp_path, corpus, out=str(tmp_path / name), bf16=True, eval_every=100,
-                                       max_steps=4))
+                                       activation_checkpointing=True, max_steps=4))
 
     with monkeypatch.context() as patch:
         patch.setattr(kernel_module, "norm_kernel", lambda: None)
@@ -158,6 +159,7 @@ def test_a_bf16_training_run_takes_the_kernel_and_trains_as_without(tmp_path, co
     assert calls == []
     monkeypatch.setattr(kernel_module, "norm_kernel", lambda: counted)
     fused = run("fused")
-    assert calls.count((4, 32, 64)) >= 4 * 5  # 4 steps x (2 layers x 2 norms + the final norm)
+    # 4 steps x (2 layers x 2 norms, forward and recomputation, + the final norm)
+    assert calls.count((4, 32, 64)) == 4 * (2 * 2 * 2 + 1)
     assert fused.step == plain.step == 4
     assert fused.train_loss == pytest.approx(plain.train_loss, rel=2e-2) and fused.train_loss < 5.0
