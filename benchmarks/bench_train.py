@@ -6,6 +6,7 @@ process, interleaved A, B, A, B; plus model FLOP utilisation against a measured 
     python benchmarks/bench_train.py --quick      # depth 2, 2 x 256 tokens: a smoke test
     python benchmarks/bench_train.py --compile    # also Andromeda compiled each block, and whole
     python benchmarks/bench_train.py --profile    # also the top ops of one step of each model, and the step by category
+    python benchmarks/bench_train.py --no-peer --modes bf16 --without norm-kernel   # what a CPU kernel is worth to a step
     python benchmarks/bench_train.py --device cuda --config default --seq-len 8192 --batch 1 \
         --no-peer --peak-tflops 989               # GPU MFU of the seed model (H100 bf16 dense)
 """
@@ -33,6 +34,7 @@ import common
 from andromeda import Andromeda, Config
 from andromeda.config import PRESETS
 from andromeda.model import Transformer
+from andromeda.model.transformer import LayerNorm
 from andromeda.parallel.parallelize import TRAIN_COMPILE_SCOPE, apply_compile
 from andromeda.train.attention_kernel import use_attention_kernel
 from andromeda.train.loss_kernel import use_loss_kernel
@@ -94,6 +96,23 @@ class TrainStep:
         return loss
 
 
+def _without(model: nn.Module, kind: type[nn.Module], attribute: str) -> None:
+    for module in model.modules():
+        if isinstance(module, kind):
+            setattr(module, attribute, None)
+
+
+# --without NAME: a copy of Andromeda without one CPU kernel, its steps interleaved with the others'
+# (what the kernel is worth to a step, in one sitting). name -> (label, what the copy loses).
+ABLATIONS: dict[str, tuple[str, Callable[[nn.Module], None]]] = {
+    "loss-kernel": ("the loss kernel", lambda m: _without(m, Transformer, "softmax_cross_entropy")),
+    "attention-kernel": ("the attention kernels", lambda m: (_without(m, Transformer, "causal_attention"),
+                                                           _without(m, Transformer, "attention_prologue"))),
+    "attention-prologue": ("the attention prologue", lambda m: _without(m, Transformer, "attention_prologue")),
+    "norm-kernel": ("the LayerNorm kernel", lambda m: _without(m, LayerNorm, "to_bf16")),
+}
+
+
 def contestants_for(
     config: Config, mode: str, tokens: Tensor, args: argparse.Namespace, device: torch.device
 ) -> list[TrainStep]:
@@ -119,6 +138,11 @@ def contestants_for(
     if peer is not None:
         peer_loss = common.x_transformers_loss_model(peer)
         result.append(TrainStep("x-transformers", peer_loss, tokens, device, dtype, args))
+    for name in args.without:
+        label, remove = ABLATIONS[name]
+        ablated = copy.deepcopy(ours)
+        remove(ablated)
+        result.append(TrainStep(f"andromeda without {label}", ablated, tokens, device, dtype, args))
     if args.compile:  # both scopes `andromeda train --compile` chooses from, applied as it applies them
         for scope, label in (("blocks", "each block compiled"), ("model", "whole model compiled")):
             compiled = copy.deepcopy(ours)
@@ -155,7 +179,7 @@ def run_mode(
     flops_per_token = common.model_flops_per_token(config, args.seq_len)
     peer = "x-transformers" if "x-transformers" in wall else None
     rows = []
-    eager_cpu = min(contestants[0].cpu_seconds[-args.steps:])  # plain Andromeda comes first
+    eager_cpu = min(contestants[0].cpu_seconds[-args.steps:])  # plain Andromeda, eager, comes first
     for c in contestants:
         seconds, best = common.median(wall[c.name]), min(wall[c.name])
         cpu = min(c.cpu_seconds[-args.steps:])  # the timed calls are the last ones
@@ -238,6 +262,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the loss's softmax in PyTorch's ops (as before `train.loss_kernel`), not its C kernel")
     parser.add_argument("--no-attention-kernel", action="store_true",
                         help="attention by PyTorch's SDPA (as before `train.attention_kernel`), not its C kernel")
+    parser.add_argument("--without", nargs="+", choices=sorted(ABLATIONS), default=[],
+                        help="also a copy of Andromeda without each named CPU kernel, steps interleaved "
+                             "(the kernel's effect on a step in one sitting; a copy of the model each)")
     parser.add_argument("--no-norm-kernel", action="store_true",
                         help="keep PyTorch's LayerNorm and autocast's conversions around it")
     parser.add_argument("--no-attention-prologue", action="store_true",
@@ -330,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(common.markdown_table(
         ["mode", "model", "step (median)", "step (best)", "tokens/s", "MFU",
-         "CPU time (best; speed vs eager; MFU)", "speed vs x-transformers (median / best)", "first-step loss"], rows))
+         "CPU time (best; speed vs the first row; MFU)", "speed vs x-transformers (median / best)", "first-step loss"], rows))
     print("\ntokens/s and MFU use the median step. On a loaded machine the best-step ratio is the "
           "steadier one: a burst of outside load lengthens some steps, never shortens one. At one "
           "thread the CPU time per step is steadier still (time the step had the core; with more "
