@@ -71,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
             x = torch.randn(args.rows, in_features, generator=generator).bfloat16()
             before = lambda: dy.T @ x  # noqa: E731
             if name.endswith("W2") or name.startswith("attention"):  # dy made contiguous first: what the
-                now = lambda: dy.T.contiguous() @ x  # noqa: E731 - model uses for W2 and large projections
+                now = lambda: transposed(dy, dy.dtype) @ x  # noqa: E731 - model uses for W2 and large projections
             else:  # W1: the (in, out) product of contiguous operands, written back transposed in blocks
-                now = lambda: transposed(x.T.contiguous() @ dy, torch.float32)  # noqa: E731
+                now = lambda: transposed(transposed(x, x.dtype) @ dy, torch.float32)  # noqa: E731
                 before_fp32 = before
                 before = lambda: before_fp32().to(torch.float32)  # noqa: E731 - as autograd converts it
             torch.testing.assert_close(now().float(), before().float(), rtol=2e-2, atol=2e-1)

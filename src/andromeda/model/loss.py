@@ -166,7 +166,7 @@ class _WeightGradient:
 
     def add(self, grad: Tensor, h: Tensor, *, first: bool) -> None:
         """sum += grad.T @ h for one chunk's gradient of logits (n, V) and its rows h (n, C)."""
-        a, b = (h.T.contiguous(), grad) if self.transposed else (grad.T, h)
+        a, b = (transposed(h, h.dtype), grad) if self.transposed else (grad.T, h)
         if self.direct:
             torch.mm(a, b, out=self.sum) if first else self.sum.addmm_(a, b)
         else:
