@@ -208,16 +208,17 @@ STEP_CATEGORIES = (
 )
 
 
-def step_breakdown(averages, total_us: float) -> list[list[str]]:
-    """Rows (category, ms, share of the step's self time) from a profile's key averages."""
+def step_breakdown(averages) -> dict[str, float]:
+    """Self CPU microseconds per category (STEP_CATEGORIES, then "other") from a profile's key averages."""
     spent = {name: 0.0 for name, _ in STEP_CATEGORIES} | {"other": 0.0}
     for event in averages:
         category = next((name for name, keys in STEP_CATEGORIES if any(k in event.key for k in keys)), "other")
         spent[category] += event.self_cpu_time_total
-    return [[name, f"{us / 1e3:,.0f} ms", f"{100 * us / total_us:.1f}%"] for name, us in spent.items()]
+    return spent
 
 
-def profile_step(contestant: TrainStep, mode: str, device: torch.device) -> None:
+def profile_step(contestant: TrainStep, mode: str, device: torch.device, config: Config,
+                 args: argparse.Namespace) -> None:
     """Print the ops that took the most time in one training step, and the step by category."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -231,9 +232,20 @@ def profile_step(contestant: TrainStep, mode: str, device: torch.device) -> None
     print(averages.table(sort_by=sort_by, row_limit=15, max_name_column_width=50))
     print("```")
     if device.type == "cpu":
-        total = sum(event.self_cpu_time_total for event in averages)
+        spent = step_breakdown(averages)
+        total = sum(spent.values())
         print(f"\nThe same step by category of op (self CPU time, {total / 1e6:.2f} s in all):\n")
-        print(common.markdown_table(["ops", "time", "share"], step_breakdown(averages, total)))
+        print(common.markdown_table(["ops", "time", "share"], [[name, f"{us / 1e3:,.0f} ms", f"{100 * us / total:.1f}%"]
+                                                               for name, us in spent.items()]))
+        if contestant.name == "andromeda" and spent["matrix products"]:
+            # The products' own rate in this step, and the step's model FLOP/s against it: a utilisation
+            # that a VM's peak moving between measurements does not move.
+            tokens = args.batch * args.seq_len
+            products = 6 * common.matmul_parameters(config) * tokens / (spent["matrix products"] / 1e6)
+            step = common.model_flops_per_token(config, args.seq_len) * tokens / (total / 1e6)
+            print(f"\nIn this step the matrix products (6 N FLOPs a token) ran at {products / 1e9:,.0f} GFLOP/s; the "
+                  f"step's model FLOPs over its self CPU time, {step / 1e9:,.0f} GFLOP/s, are **{100 * step / products:.1f}%** "
+                  f"of that rate.")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -368,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         for mode, contestants in measured:
             for contestant in contestants:
-                profile_step(contestant, mode, device)
+                profile_step(contestant, mode, device, config, args)
     return 0
 
 
