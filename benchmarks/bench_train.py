@@ -195,7 +195,8 @@ def run_mode(
     return rows, contestants
 
 
-# Where a step's time goes, by op name (first match; self time, so nothing counts twice).
+# Where a step's time goes, by op name (first match, any case; self time, so nothing counts twice). SDPA's own
+# products (bmm) count as matrix products.
 STEP_CATEGORIES = (
     ("matrix products", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
     ("attention (kernels or SDPA)", ("causal_attention", "attention_prologue", "scaled_dot_product", "flash_attention")),
@@ -212,7 +213,8 @@ def step_breakdown(averages) -> dict[str, float]:
     """Self CPU microseconds per category (STEP_CATEGORIES, then "other") from a profile's key averages."""
     spent = {name: 0.0 for name, _ in STEP_CATEGORIES} | {"other": 0.0}
     for event in averages:
-        category = next((name for name, keys in STEP_CATEGORIES if any(k in event.key for k in keys)), "other")
+        key = event.key.lower()
+        category = next((name for name, keys in STEP_CATEGORIES if any(k.lower() in key for k in keys)), "other")
         spent[category] += event.self_cpu_time_total
     return spent
 

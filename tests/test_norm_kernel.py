@@ -163,3 +163,25 @@ def test_a_bf16_training_run_takes_the_kernel_and_trains_as_without(tmp_path, co
     assert calls.count((4, 32, 64)) == 4 * (2 * 2 * 2 + 1)
     assert fused.step == plain.step == 4
     assert fused.train_loss == pytest.approx(plain.train_loss, rel=2e-2) and fused.train_loss < 5.0
+
+
+def test_a_strided_weight_and_another_default_dtype_give_the_same_results():
+    """The backward keeps its contiguous copy of a strided weight alive while the kernel reads it (a
+    copy of 8 MB, which a freed block would hand back to Linux), and the ops' outputs are float32
+    whatever torch's default dtype (a review found both wrong)."""
+    x, weight, grad = problem((2, 1 << 21), seed=7)
+    strided = torch.stack([weight, torch.full_like(weight, 1e30)], dim=1)[:, 0]  # every other float
+    assert not strided.is_contiguous()
+    a = gradients(lambda x, w: layer_norm_bf16(x, w, EPS), x, strided, grad)
+    b = gradients(lambda x, w: layer_norm_bf16(x, w, EPS), x, weight, grad)
+    for got, want in zip(a, b):
+        assert torch.equal(got, want)
+    torch.set_default_dtype(torch.float64)
+    try:
+        y, mean, rstd = kernel_module._norm_op(x, weight, EPS)
+        dx, dw = kernel_module._norm_backward_op(grad, x, weight, mean, rstd)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert mean.dtype == rstd.dtype == dx.dtype == dw.dtype == torch.float32
+    torch.testing.assert_close(mean, x.mean(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, b[1], rtol=0, atol=0)

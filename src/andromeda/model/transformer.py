@@ -183,7 +183,8 @@ class Transformer(nn.Module):
         targets: (B, T) next-token ids (-100 ignored) -> the cross-entropy instead of logits,
             its `reduction` "mean" or "sum", computed without holding all (B, T, V) logits.
         logits_to_keep: project only the last n positions: logits (B, n, V).
-        return_hidden: the final-normed hidden states (B, T, C) instead of logits.
+        return_hidden: the final-normed hidden states (B, T, C) instead of logits (bf16 under bf16 CPU
+            autocast where the norms were given a `NormToBF16`).
         validate: check token ids and shapes (False skips them, for ids the library produced).
         """
         if validate:

@@ -68,7 +68,7 @@ def _norm_op(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Ten
     C = x.shape[-1]
     rows = x.numel() // C if C else 0
     y = torch.empty(x.shape, dtype=torch.bfloat16)
-    mean, rstd = torch.empty(rows), torch.empty(rows)
+    mean, rstd = torch.empty(rows, dtype=torch.float32), torch.empty(rows, dtype=torch.float32)
     if rows and C:
         _kernels()[0](*_pointers(x, weight), rows, C, eps, *_pointers(y, mean, rstd))
     return y, mean, rstd
@@ -77,24 +77,24 @@ def _norm_op(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Ten
 @_norm_op.register_fake
 def _norm_shape(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return x.new_empty(x.shape, dtype=torch.bfloat16), x.new_empty(rows), x.new_empty(rows)
+    return (x.new_empty(x.shape, dtype=torch.bfloat16), x.new_empty(rows, dtype=torch.float32),
+            x.new_empty(rows, dtype=torch.float32))
 
 
 @torch.library.custom_op("andromeda::layer_norm_bf16_backward", mutates_args=(), device_types="cpu")
 def _norm_backward_op(grad: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
-    grad, x = grad.to(torch.bfloat16).contiguous(), x.contiguous()
+    grad, x, weight = grad.to(torch.bfloat16).contiguous(), x.contiguous(), weight.contiguous()
     C = x.shape[-1]
     rows = x.numel() // C if C else 0
-    dx, dw = torch.empty(x.shape), torch.zeros(C)
-    if rows and C and _kernels()[1](*_pointers(grad, x, weight.contiguous(), mean, rstd), rows, C,
-                                    *_pointers(dx, dw)) != 0:
+    dx, dw = torch.empty(x.shape, dtype=torch.float32), torch.zeros(C, dtype=torch.float32)
+    if rows and C and _kernels()[1](*_pointers(grad, x, weight, mean, rstd), rows, C, *_pointers(dx, dw)) != 0:
         raise MemoryError("no memory for the LayerNorm kernel's per-thread weight-gradient rows")
     return dx, dw
 
 
 @_norm_backward_op.register_fake
 def _norm_backward_shape(grad: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
-    return x.new_empty(x.shape), x.new_empty(x.shape[-1])
+    return x.new_empty(x.shape, dtype=torch.float32), x.new_empty(x.shape[-1], dtype=torch.float32)
 
 
 def _save(ctx, inputs: tuple, output: tuple[Tensor, Tensor, Tensor]) -> None:

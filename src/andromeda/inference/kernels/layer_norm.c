@@ -25,7 +25,7 @@ static inline __m512 load_bf16(const uint16_t *p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 
-// float32 -> bf16, rounded to nearest even; NaN becomes 0x7FC0, as torch converts.
+// float32 -> bf16, rounded to nearest even; NaN stays NaN (as 0x7FC0).
 static inline __m256i to_bf16(__m512 x) {
   const __m512i bits = _mm512_castps_si512(x);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
