@@ -6,7 +6,7 @@ process, interleaved A, B, A, B; plus model FLOP utilisation against a measured 
     python benchmarks/bench_train.py --quick      # depth 2, 2 x 256 tokens: a smoke test
     python benchmarks/bench_train.py --compile    # also Andromeda compiled each block, and whole
     python benchmarks/bench_train.py --profile    # also the top ops of one step of each model, and the step by category
-    python benchmarks/bench_train.py --no-peer --modes bf16 --without norm-kernel   # what a CPU kernel is worth to a step
+    python benchmarks/bench_train.py --no-peer --modes bf16 --without norm-kernel   # a CPU kernel's worth
     python benchmarks/bench_train.py --device cuda --config default --seq-len 8192 --batch 1 \
         --no-peer --peak-tflops 989               # GPU MFU of the seed model (H100 bf16 dense)
 """
@@ -199,7 +199,8 @@ def run_mode(
 # products (bmm) count as matrix products.
 STEP_CATEGORIES = (
     ("matrix products", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
-    ("attention (kernels or SDPA)", ("causal_attention", "attention_prologue", "scaled_dot_product", "flash_attention")),
+    ("attention (kernels or SDPA)",
+     ("causal_attention", "attention_prologue", "scaled_dot_product", "flash_attention")),
     ("loss softmax", ("softmax_cross_entropy", "log_softmax", "nll_loss")),
     ("optimizer", ("adam",)),
     ("conversions and copies", ("aten::copy_", "aten::to", "aten::_to_copy", "aten::contiguous", "aten::clone")),
@@ -245,9 +246,9 @@ def profile_step(contestant: TrainStep, mode: str, device: torch.device, config:
             tokens = args.batch * args.seq_len
             products = 6 * common.matmul_parameters(config) * tokens / (spent["matrix products"] / 1e6)
             step = common.model_flops_per_token(config, args.seq_len) * tokens / (total / 1e6)
-            print(f"\nIn this step the matrix products (6 N FLOPs a token) ran at {products / 1e9:,.0f} GFLOP/s; the "
-                  f"step's model FLOPs over its self CPU time, {step / 1e9:,.0f} GFLOP/s, are **{100 * step / products:.1f}%** "
-                  f"of that rate.")
+            print(f"\nIn this step the matrix products (6 N FLOPs a token) ran at {products / 1e9:,.0f} GFLOP/s; "
+                  f"the step's model FLOPs over its self CPU time, {step / 1e9:,.0f} GFLOP/s, are "
+                  f"**{100 * step / products:.1f}%** of that rate.")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

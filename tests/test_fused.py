@@ -91,7 +91,8 @@ def test_w1_gradient_under_bf16_on_the_cpu_is_the_transposed_product_written_bac
     gw1 = grads[1]
     assert gw1.dtype == torch.float32 and gw1.shape == (Fw, C) and gw1.is_contiguous()
     # the reference from the same bf16 operands: x and d loss / d h as the backward forms them
-    xb, hb = x.detach().reshape(-1, C).bfloat16(), F.linear(x.detach().reshape(-1, C).bfloat16(), w1.bfloat16(), b1.bfloat16())
+    xb = x.detach().reshape(-1, C).bfloat16()
+    hb = F.linear(xb, w1.bfloat16(), b1.bfloat16())
     d_act = (grad_y.reshape(-1, C) @ w2.detach().bfloat16())
     d_h = torch.ops.aten.gelu_backward(d_act, hb)
     exact = d_h.double().T @ xb.double()

@@ -176,8 +176,10 @@ class _FeedForward(torch.autograd.Function):
         if need_x or need_w1 or need_b1:
             torch.mm(dy, w2, out=buffer)  # d loss / d GELU output, over GELU's output
             torch.ops.aten.gelu_backward.grad_input(buffer, h, grad_input=buffer)  # d loss / d h
-            if need_w1:  # (F, C)
-                grad_w1 = transposed(transposed(x2, x2.dtype) @ buffer, ctx.dtypes[1]) if contiguous_first else buffer.T @ x2
+            if need_w1 and contiguous_first:  # (F, C), from its (C, F) transpose
+                grad_w1 = transposed(transposed(x2, x2.dtype) @ buffer, ctx.dtypes[1])
+            elif need_w1:
+                grad_w1 = buffer.T @ x2  # (F, C)
             if need_b1:
                 grad_b1 = buffer.sum(0)
             if need_x:
