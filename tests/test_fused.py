@@ -10,6 +10,7 @@ from andromeda import Andromeda
 from andromeda.model import transformer as transformer_module
 from andromeda.model.fused import Workspace
 from andromeda.model.fused import lean_feed_forward as feed_forward
+from helpers import Counted
 
 
 def plain_feed_forward(x, w1, b1, w2, b2):
@@ -55,28 +56,41 @@ def test_feed_forward_under_bf16_autocast_matches_autocast_linear_layers():
         torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
 
 
-def test_transposed_writes_in_blocks_what_one_transposed_pass_writes():
-    """`transposed`: over several blocks of rows and a short last one, bit-equal to src.T converted
-    (and, with a scale, to src.T * scale), contiguous in the new dtype."""
+@pytest.mark.parametrize("blocks", [True, False])
+def test_transposed_writes_in_blocks_what_one_transposed_pass_writes(blocks, monkeypatch):
+    """`transposed`: over several blocks of rows and a short last one (or in one pass, under
+    BLOCKS_MIN entries), bit-equal to src.T converted (and, with a scale, to src.T * scale),
+    contiguous in the new dtype."""
     from andromeda.model import fused
 
     src = torch.randn(2 * fused.TRANSPOSE_BLOCK + 22, 37).bfloat16()
+    monkeypatch.setattr(fused, "BLOCKS_MIN", 1 if blocks else src.numel() + 1)
+    calls, copy_ = [], torch.Tensor.copy_
+
+    def counted_copy(self, *args, **kwargs):
+        calls.append(self.shape)
+        return copy_(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", counted_copy)
     out = fused.transposed(src, torch.float32)
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_)
+    assert len(calls) == (3 if blocks else 1)
     assert out.dtype == torch.float32 and out.is_contiguous() and torch.equal(out, src.T.float())
     scale = torch.tensor(0.37)
     assert torch.equal(fused.transposed(src.float(), torch.bfloat16, scale), (src.float().T * scale).bfloat16())
 
 
-def test_w1_gradient_under_bf16_on_the_cpu_is_the_transposed_product_written_back(monkeypatch):
-    """Under CPU bf16 autocast W1's gradient is formed as (C, F) = x.T @ dh and written back (F, C)
-    in float32 (`transposed`, counted, as the transposed operands are): the float64 product of the
-    same bf16 operands to one bf16 rounding, over a width of several blocks; the other gradients as
-    the plain autocast ops'."""
+@pytest.mark.parametrize("large", [True, False])
+def test_w1_gradient_under_bf16_on_the_cpu_is_the_transposed_product_written_back(large, monkeypatch):
+    """Under CPU bf16 autocast a W1 of BLOCKS_MIN weights or more has its gradient formed as (C, F) =
+    x.T @ dh and written back (F, C) in float32 (`transposed`, counted, as the transposed operands
+    are; a smaller one keeps dh.T @ x): the float64 product of the same bf16 operands to one bf16
+    rounding, over a width of several blocks; the other gradients as the plain autocast ops'."""
     from andromeda.model import fused
-    from helpers import Counted
 
     counted = Counted(fused.transposed)
     monkeypatch.setattr(fused, "transposed", counted)
+    monkeypatch.setattr(fused, "BLOCKS_MIN", 1 if large else 1 << 20)
     torch.manual_seed(0)
     C, Fw = 2 * fused.TRANSPOSE_BLOCK + 22, 96
     x = torch.randn(3, 11, C, requires_grad=True)
@@ -87,7 +101,7 @@ def test_w1_gradient_under_bf16_on_the_cpu_is_the_transposed_product_written_bac
         lean = feed_forward(x, w1, b1, w2, b2, Workspace())
         plain = plain_feed_forward(x, w1, b1, w2, b2)
     grads = torch.autograd.grad(lean, (x, w1, b1, w2, b2), grad_y)
-    assert counted.calls == 3  # W2's dy and W1's x made contiguous, W1's product written back
+    assert counted.calls == (3 if large else 1)  # W2's dy (and W1's x) made contiguous, W1's product written back
     gw1 = grads[1]
     assert gw1.dtype == torch.float32 and gw1.shape == (Fw, C) and gw1.is_contiguous()
     # the reference from the same bf16 operands: x and d loss / d h as the backward forms them

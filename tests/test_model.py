@@ -352,6 +352,7 @@ def test_a_weight_gradient_summed_transposed_comes_back_in_the_weights_layout(dt
     from andromeda.model import fused, loss
 
     vocab, width = 300, 2 * fused.TRANSPOSE_BLOCK + 22
+    monkeypatch.setattr(fused, "BLOCKS_MIN", 1)  # the write-back in blocks, as at a real model's size
     if block_rows is not None:  # several blocks of 7 rows and a short last one, not one block
         monkeypatch.setattr(loss, "ADD_BLOCK_BYTES", block_rows * vocab * 4)
     generator = torch.Generator().manual_seed(0)

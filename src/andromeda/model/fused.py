@@ -60,15 +60,20 @@ CONTIGUOUS_FIRST_MIN = 1 << 21
 # in the caches, where one pass reads across all rows for each output row. One thread, Intel Xeon
 # with AMX: a bf16 (2560, 10240) product into float32 47 against 150 ms; the weight gradients'
 # bf16 transposes of (4096, 2560) and (4096, 3584) operands 7.2 and 9.5 ms against 11.3 and 15.8
-# for .T.contiguous().
+# for .T.contiguous(). Under BLOCKS_MIN entries the blocks' own overhead loses ((2048, 192), the
+# demo's: 0.31 against 0.24 ms), and one pass is taken; the same size decides W1's gradient form.
 TRANSPOSE_BLOCK = 64
+BLOCKS_MIN = 1 << 20
 
 
 def transposed(src: Tensor, dtype: torch.dtype, scale: Tensor | None = None) -> Tensor:
     """src.T (times `scale` where given) as a new contiguous tensor of `dtype`, written in blocks
-    of TRANSPOSE_BLOCK of src's rows."""
+    of TRANSPOSE_BLOCK of src's rows (in one pass under BLOCKS_MIN entries)."""
     rows = src.shape[0]
     out = src.new_empty((src.shape[1], rows), dtype=dtype)
+    if src.numel() < BLOCKS_MIN:
+        out.copy_(src.T) if scale is None else torch.mul(src.T, scale, out=out)
+        return out
     for r0 in range(0, rows, TRANSPOSE_BLOCK):
         block, target = src[r0:r0 + TRANSPOSE_BLOCK].T, out[:, r0:r0 + TRANSPOSE_BLOCK]
         target.copy_(block) if scale is None else torch.mul(block, scale, out=target)
@@ -164,9 +169,9 @@ class _FeedForward(torch.autograd.Function):
         # dy.T @ x form) runs at ~550-650 GFLOP/s on AMX where the same product of contiguous
         # operands runs at 750-1,050, so W2's narrow dy (N, C) is transposed first (a small copy):
         # 1.2x at dim 512, 1.6x at the 2.5 B default's width (4 x 1024 rows, one thread;
-        # benchmarks/bench_weight_gradients.py). W1's gradient is formed as its transpose from the
-        # narrow x (N, C) made contiguous, (C, F) = x.T @ d h, and written back (F, C) in float32
-        # in blocks (`transposed`), which also does the conversion autograd would.
+        # benchmarks/bench_weight_gradients.py). W1's gradient, from BLOCKS_MIN weights on, is formed
+        # as its transpose from the narrow x (N, C) made contiguous, (C, F) = x.T @ d h, and written
+        # back (F, C) in float32 in blocks (`transposed`), which also does autograd's conversion.
         contiguous_first = h.dtype == torch.bfloat16 and h.device.type == "cpu"
         if need_w2:
             torch._C._nn.gelu(h, out=buffer)  # GELU's output again
@@ -176,7 +181,7 @@ class _FeedForward(torch.autograd.Function):
         if need_x or need_w1 or need_b1:
             torch.mm(dy, w2, out=buffer)  # d loss / d GELU output, over GELU's output
             torch.ops.aten.gelu_backward.grad_input(buffer, h, grad_input=buffer)  # d loss / d h
-            if need_w1 and contiguous_first:  # (F, C), from its (C, F) transpose
+            if need_w1 and contiguous_first and w1.numel() >= BLOCKS_MIN:  # (F, C), from its (C, F) transpose
                 grad_w1 = transposed(transposed(x2, x2.dtype) @ buffer, ctx.dtypes[1])
             elif need_w1:
                 grad_w1 = buffer.T @ x2  # (F, C)
