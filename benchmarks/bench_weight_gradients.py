@@ -5,9 +5,9 @@ product takes the transposed first operand as it is, and on an Intel Xeon with A
 runs at ~550-650 GFLOP/s where a product of contiguous operands runs at 750-1,050: the
 feed-forward's lean backward (`model.fused`) therefore makes W2's narrow operand dy.T contiguous
 first, as `fused.projection` does for the attention's projections from CONTIGUOUS_FIRST_MIN weights
-on; W1's is formed as the (in, out) product x.T @ dy of the narrow x made contiguous, written back
-transposed into float32 in blocks of rows (`fused.transposed`; read back in one pass it was 1.1x
-at dim 512 and 0.9-1.1x at the 2.5 B's width); and the loss's logits
+on; W1's, from `fused.BLOCKS_MIN` weights on, is formed as the (in, out) product x.T @ dy of the
+narrow x made contiguous, written back transposed into float32 in blocks of rows (`fused.transposed`;
+read back in one pass it was 1.1x at dim 512 and 0.9-1.1x at the 2.5 B's width); and the loss's logits
 weight gradient (`model.loss`) is summed as (C, V) from contiguous operands, each chunk's bf16
 product added through a float32 buffer of a few rows, and written back transposed in blocks of
 rows. This times each product both ways at a model's shapes, a chunk's product and sum with the
