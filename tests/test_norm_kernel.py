@@ -105,11 +105,15 @@ def test_bad_inputs_are_refused_with_the_expected_form():
         layer_norm_bf16(x, weight[:16], EPS)
 
 
-def test_a_model_given_the_kernel_computes_what_it_does_with_torchs_norms():
+def test_a_model_given_the_kernel_computes_what_it_does_with_torchs_norms(monkeypatch):
     """`use_norm_kernel` gives every norm the kernel; an autocast step calls it in each block's two
-    norms and the final one, and its loss and gradients are those of PyTorch's norms (to bf16
-    rounding); outside autocast, with bf16 weights and under torch.compile the norms keep
+    norms and the final one (inputs of NORM_TO_BF16_MIN entries and more; lowered for this small
+    model), and its loss and gradients are those of PyTorch's norms (to bf16 rounding); outside
+    autocast, with bf16 weights, under torch.compile and for smaller inputs the norms keep
     nn.LayerNorm's own forward."""
+    from andromeda.model import transformer
+
+    monkeypatch.setattr(transformer, "NORM_TO_BF16_MIN", 2 * 96 * 64)  # the step's (2, 96, 64)
     config = Config.from_preset("tiny", max_seq_len=128)
     torch.manual_seed(0)
     model = build_transformer(config)
@@ -126,6 +130,9 @@ def test_a_model_given_the_kernel_computes_what_it_does_with_torchs_norms():
     assert_same_step(autocast_step(model, tokens), plain)
     assert kernel.calls == 2 * config.depth + 1
 
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(tokens[:, :-2])  # (2, 95, 64): under the threshold
+    assert kernel.calls == 2 * config.depth + 1
     with torch.no_grad():
         model(tokens)  # float32, no autocast
         assert kernel.calls == 2 * config.depth + 1
@@ -153,6 +160,9 @@ def test_a_bf16_training_run_takes_the_kernel_and_trains_as_without(tmp_path, co
         return train(tiny_train_config(tmp_path, corpus, out=str(tmp_path / name), bf16=True, eval_every=100,
                                        activation_checkpointing=True, max_steps=4))
 
+    from andromeda.model import transformer
+
+    monkeypatch.setattr(transformer, "NORM_TO_BF16_MIN", 1)  # the run's (4, 32, 64) norms take it
     with monkeypatch.context() as patch:
         patch.setattr(kernel_module, "norm_kernel", lambda: None)
         plain = run("plain")

@@ -40,11 +40,17 @@ class NormToBF16(Protocol):
     def __call__(self, x: Tensor, weight: Tensor, eps: float) -> Tensor: ...
 
 
+# Entries of a norm's input from which `LayerNorm.to_bf16` is used: under it the kernel's call
+# costs more than the passes it saves (the `demo` preset's (2048, 192) norms: its training steps
+# 3-6% slower with them, two threads).
+NORM_TO_BF16_MIN = 1 << 20
+
+
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm without bias, whose owner may give it `to_bf16` (a `NormToBF16`): used for
-    float32 input and weight under bf16 CPU autocast, where every consumer of the norm takes bf16;
-    it then returns bf16 where nn.LayerNorm returns float32. Not while torch.compile traces
-    (Inductor fuses the norm and the conversions itself)."""
+    float32 input and weight of NORM_TO_BF16_MIN entries or more under bf16 CPU autocast, where
+    every consumer of the norm takes bf16; it then returns bf16 where nn.LayerNorm returns float32.
+    Not while torch.compile traces (Inductor fuses the norm and the conversions itself)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__(dim, eps=eps, bias=False)
@@ -52,7 +58,7 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         if (self.to_bf16 is not None and x.dtype == torch.float32 and self.weight.dtype == torch.float32
-                and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                and x.numel() >= NORM_TO_BF16_MIN and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
                 and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not torch.compiler.is_compiling()):
             return self.to_bf16(x, self.weight, self.eps)
         return super().forward(x)
