@@ -39,6 +39,7 @@ from andromeda.parallel.parallelize import TRAIN_COMPILE_SCOPE, apply_compile
 from andromeda.train.attention_kernel import use_attention_kernel
 from andromeda.train.loss_kernel import use_loss_kernel
 from andromeda.train.norm_kernel import use_norm_kernel
+from andromeda.train.transpose_kernel import use_transpose_kernel
 
 log = logging.getLogger("bench_train")
 
@@ -110,6 +111,7 @@ ABLATIONS: dict[str, tuple[str, Callable[[nn.Module], None]]] = {
                                                            _without(m, Transformer, "attention_prologue"))),
     "attention-prologue": ("the attention prologue", lambda m: _without(m, Transformer, "attention_prologue")),
     "norm-kernel": ("the LayerNorm kernel", lambda m: _without(m, LayerNorm, "to_bf16")),
+    "transpose-kernel": ("the transpose kernel", lambda m: _without(m, Transformer, "transpose")),
 }
 
 
@@ -134,6 +136,8 @@ def contestants_for(
                     module.attention_prologue = None
     if device.type == "cpu" and not args.no_norm_kernel:
         use_norm_kernel(ours)
+    if device.type == "cpu" and not args.no_transpose_kernel:
+        use_transpose_kernel(ours)
     result = [TrainStep("andromeda", ours, tokens, device, dtype, args)]
     if peer is not None:
         peer_loss = common.x_transformers_loss_model(peer)
@@ -203,7 +207,8 @@ STEP_CATEGORIES = (
      ("causal_attention", "attention_prologue", "scaled_dot_product", "flash_attention")),
     ("loss softmax", ("softmax_cross_entropy", "log_softmax", "nll_loss")),
     ("optimizer", ("adam",)),
-    ("conversions and copies", ("aten::copy_", "aten::to", "aten::_to_copy", "aten::contiguous", "aten::clone")),
+    ("conversions and copies", ("aten::copy_", "aten::to", "aten::_to_copy", "aten::contiguous", "aten::clone",
+                                "andromeda::transpose")),
     ("norms", ("layer_norm",)),
     ("GELU", ("gelu",)),
     ("adds, multiplies, fills", ("aten::add", "aten::mul", "aten::fill_", "aten::zero_", "aten::sum")),
@@ -282,6 +287,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(the kernel's effect on a step in one sitting; a copy of the model each)")
     parser.add_argument("--no-norm-kernel", action="store_true",
                         help="keep PyTorch's LayerNorm and autocast's conversions around it")
+    parser.add_argument("--no-transpose-kernel", action="store_true",
+                        help="the weight gradients' transposed copies by PyTorch's ops, not `train.transpose_kernel`")
     parser.add_argument("--no-attention-prologue", action="store_true",
                         help="QK-norm and rotary xPos in PyTorch's ops (as before `attention_kernel.attention_prologue`), "
                              "not its C kernel")
@@ -326,10 +333,12 @@ def main(argv: list[str] | None = None) -> int:
         prologue = "its prologue (QK-norm, rotary xPos)" if prologue_fits(config.dim_head, config.rotary_dim) else None
         kernels = [name for name, off in (("loss", args.no_loss_kernel), (attention, args.no_attention_kernel),
                                           (prologue, args.no_attention_kernel or args.no_attention_prologue),
-                                          ("LayerNorm to bf16", args.no_norm_kernel))
+                                          ("LayerNorm to bf16", args.no_norm_kernel),
+                                          ("transposes", args.no_transpose_kernel))
                    if name and not off]
         print(f"- Andromeda's CPU kernels for bf16 steps: {', '.join(kernels) or 'none'} (as `andromeda train` "
-              f"gives them; --no-loss-kernel, --no-attention-kernel, --no-attention-prologue, --no-norm-kernel)")
+              f"gives them; --no-loss-kernel, --no-attention-kernel, --no-attention-prologue, --no-norm-kernel, "
+              f"--no-transpose-kernel)")
     print(f"- model: dim {config.dim}, depth {config.depth}, {config.heads} heads of {config.dim_head}, "
           f"{config.attn_kv_heads} kv heads, {config.num_alibi_heads} ALiBi heads, vocab "
           f"{config.num_tokens}, xPos {config.rotary_xpos}, QK-norm {config.use_qk_norm}; "

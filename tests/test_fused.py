@@ -78,6 +78,8 @@ def test_transposed_writes_in_blocks_what_one_transposed_pass_writes(blocks, mon
     assert out.dtype == torch.float32 and out.is_contiguous() and torch.equal(out, src.T.float())
     scale = torch.tensor(0.37)
     assert torch.equal(fused.transposed(src.float(), torch.bfloat16, scale), (src.float().T * scale).bfloat16())
+    # a bf16 source scaled into float32: multiplied in float32 (torch.mul would round the product to bf16)
+    assert torch.equal(fused.transposed(src, torch.float32, scale), src.float().T * scale)
 
 
 @pytest.mark.parametrize("large", [True, False])
@@ -140,8 +142,8 @@ def test_layers_of_one_forward_share_a_workspace_that_dies_with_the_graph(monkey
     made = []
 
     class Recorded(Workspace):
-        def __init__(self) -> None:
-            super().__init__()
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
             made.append(weakref.ref(self))
 
     monkeypatch.setattr(transformer_module, "Workspace", Recorded)

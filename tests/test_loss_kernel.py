@@ -106,9 +106,10 @@ def fused_loss(hidden, weight, targets, kernel, *, compiled=False):
 
 
 def test_fused_linear_cross_entropy_agrees_with_and_without_the_kernel():
-    """Under bf16 autocast the kernel's path (bf16 logits in place) and PyTorch's (a float32 copy)
-    give the same loss and gradients to bf16 rounding, over several chunks; compiled (the op in
-    the graph) the kernel's path gives what it gives eagerly."""
+    """Under bf16 autocast the kernel's path (bf16 logits in place, the weight's gradient one
+    product over all rows) and PyTorch's (a float32 copy, a product per chunk) give the same loss
+    and gradients to bf16 rounding, over several chunks; compiled (the op in the graph) the kernel's
+    path gives what it gives eagerly."""
     generator = torch.Generator().manual_seed(3)
     hidden = torch.randn(200, 64, generator=generator)
     weight = torch.randn(1000, 64, generator=generator) * 0.2
@@ -119,8 +120,8 @@ def test_fused_linear_cross_entropy_agrees_with_and_without_the_kernel():
     fused = fused_loss(hidden, weight, targets, counted)
     assert counted.calls == 4  # 200 rows in chunks of 64
     torch.testing.assert_close(fused[0], plain[0], rtol=1e-4, atol=1e-4)
-    for a, b in zip(fused[1:], plain[1:]):
-        assert (a - b).norm() / b.norm() < 2e-3
+    for a, b in zip(fused[1:], plain[1:]):  # two bf16 roundings apart at most (each ~2.8e-3 from exact)
+        assert (a - b).norm() / b.norm() < 4e-3
     compiled = fused_loss(hidden, weight, targets, loss_kernel(), compiled=True)
     for a, b in zip(compiled, fused):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

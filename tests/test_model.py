@@ -342,6 +342,65 @@ def test_qk_norm_equals_f_normalize_and_keeps_the_dtype_under_autocast(dtype, de
     assert torch.equal(out, F.normalize(x.bfloat16(), dim=-1))
 
 
+def test_a_weight_gradient_of_one_product_is_never_summed_in_float32():
+    """One product (one group of rows) stays in its bf16 buffer, with no float32 (C, V) sum made:
+    the scaling pass writes it back in float32, the product's float32 value times the scale."""
+    from andromeda.model import loss
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(300, 70, generator=generator)
+    grad = torch.randn(40, 300, generator=generator).bfloat16()
+    rows = torch.randn(40, 70, generator=generator).bfloat16()
+    summed = loss._WeightGradient(weight, torch.float32, torch.bfloat16, transposed=True)
+    summed.add(grad, rows, first=True)
+    summed.release()
+    assert summed.sum is None and summed.block is None and summed.product is not None
+    scale = torch.tensor(0.37)
+    out = summed.scaled(scale, torch.float32)
+    assert torch.equal(out, (rows.T.contiguous() @ grad).float().T * scale)
+
+
+def test_the_kernel_path_takes_one_weight_gradient_product_per_group_of_chunks(monkeypatch):
+    """With the CPU softmax kernel the loss gathers LOSS_GROUP_BYTES of gradient rows for each
+    weight-gradient product (here groups of 2 chunks and a short last one): the hidden gradient is
+    the per-chunk path's bit for bit, the weight gradient the float64 one to bf16 rounding."""
+    from andromeda.model import loss
+    from andromeda.train.loss_kernel import loss_kernel, unavailable_reason
+
+    if unavailable_reason() is not None:
+        pytest.skip(f"loss kernel: {unavailable_reason()}")
+    generator = torch.Generator().manual_seed(4)
+    hidden = torch.randn(200, 64, generator=generator)
+    weight = torch.randn(300, 64, generator=generator) * 0.2
+    targets = torch.randint(0, 300, (200,), generator=generator)
+    targets[::9] = -100
+    sizes, add = [], loss._WeightGradient.add
+
+    def counted_add(self, grad, h, *, first):
+        sizes.append((grad.shape[0], h.shape[0], first))
+        return add(self, grad, h, first=first)
+
+    monkeypatch.setattr(loss._WeightGradient, "add", counted_add)
+    results = {}
+    for name, group_bytes in (("chunks", 0), ("groups", 64 * 300 * 2)):
+        monkeypatch.setattr(loss, "LOSS_GROUP_BYTES", group_bytes)
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            value = linear_cross_entropy(h, w, targets, "mean", 32, loss_kernel())
+        value.backward()
+        results[name] = (value.detach(), h.grad, w.grad)
+    assert sizes[7:] == [(64, 64, True), (64, 64, False), (64, 64, False), (8, 8, False)]
+    assert sizes[:7] == [(32, 32, True)] + [(32, 32, False)] * 5 + [(8, 8, False)]
+    assert torch.equal(results["groups"][0], results["chunks"][0])
+    assert torch.equal(results["groups"][1], results["chunks"][1])
+    hb, wb, ok = hidden.bfloat16().double(), weight.bfloat16().double(), targets != -100
+    probabilities = torch.softmax(hb @ wb.T, dim=-1)
+    probabilities[ok.nonzero()[:, 0], targets[ok]] -= 1
+    exact = (probabilities * ok[:, None] / ok.sum()).T @ hb
+    for name in results:
+        assert (results[name][2].double() - exact).norm() / exact.norm() < 4e-3, name
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block_rows", [None, 7])
 def test_a_weight_gradient_summed_transposed_comes_back_in_the_weights_layout(dtype, block_rows, monkeypatch):

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..config import Config
 from .cache import CacheStep, DecodeSDPA
-from .fused import projection
+from .fused import Transposer, projection
 from .positions import alibi_bias, apply_rotary, xpos_fold, xpos_scale
 
 # Query rows per block on the explicit-bias paths: bounds the (B, H, rows, S) scores to a few
@@ -109,6 +109,8 @@ class AttentionInputs:
     causal_attention: CausalAttention | None = None
     # The model owner's fused QK-norm and rotary xPos for it, or None (PyTorch's ops).
     attention_prologue: AttentionPrologue | None = None
+    # The model owner's kernel for the projections' transposed gradients, or None (`fused.transposed`).
+    transpose: Transposer | None = None
 
     @property
     def plain_causal(self) -> bool:
@@ -154,7 +156,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, inputs: AttentionInputs) -> Tensor:
         B, T, _ = x.shape
         H, K, D = self.heads, self.kv_heads, self.dim_head
-        qkv = projection(x, self.to_qkv).view(B, T, H + 2 * K, D)
+        qkv = projection(x, self.to_qkv, inputs.transpose).view(B, T, H + 2 * K, D)
         if self._fused_prologue(qkv, inputs):  # the same heads, in bf16 for the fused attention
             q, k, v = inputs.attention_prologue(qkv, self.q_scale, self.k_scale, inputs.rotary, NORM_EPS)
         else:
@@ -174,7 +176,7 @@ class Attention(nn.Module):
             if step is not None:
                 k, v = step.write(self.layer, k, v)  # (B, K, S, D)
             out = attend(q, k, v, inputs, scale=self.logit_scale, flash=self.flash)  # (B, H, T, D)
-        return projection(out.transpose(1, 2).reshape(B, T, H * D), self.to_out)
+        return projection(out.transpose(1, 2).reshape(B, T, H * D), self.to_out, inputs.transpose)
 
     def _fused_prologue(self, qkv: Tensor, inputs: AttentionInputs) -> bool:
         """Whether `inputs.attention_prologue` computes this layer's heads: where the fused causal

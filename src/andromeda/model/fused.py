@@ -13,10 +13,20 @@ forward pass shares, so a training step doesn't allocate (and, on CPU, page-faul
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+class Transposer(Protocol):
+    """A kernel for `transposed` (the training loop's `train.transpose_kernel`): src (R, C) float32
+    or bf16 on the CPU, its rows contiguous -> src.T (times the 0-dim float32 `scale` where given)
+    as a new contiguous (C, R) tensor of `dtype` (float32 or bf16), the numbers `transposed`
+    computes with PyTorch's ops."""
+
+    def __call__(self, src: Tensor, dtype: torch.dtype, scale: Tensor | None) -> Tensor: ...
 
 
 class Workspace:
@@ -24,11 +34,12 @@ class Workspace:
     device, dtype), grown on demand. The Transformer makes one per forward; the autograd graph
     holds it until backward is done, then it is freed with the graph. Each user finishes with a
     buffer before returning (inside one forward or one backward; layers run one at a time), as
-    the next user overwrites it.
+    the next user overwrites it. `transpose`: the model owner's `Transposer`, or None.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, transpose: Transposer | None = None) -> None:
         self._buffers: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
+        self.transpose = transpose
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         """A contiguous tensor of `shape`, uninitialised."""
@@ -66,29 +77,49 @@ TRANSPOSE_BLOCK = 64
 BLOCKS_MIN = 1 << 20
 
 
-def transposed(src: Tensor, dtype: torch.dtype, scale: Tensor | None = None) -> Tensor:
-    """src.T (times `scale` where given) as a new contiguous tensor of `dtype`, written in blocks
-    of TRANSPOSE_BLOCK of src's rows (in one pass under BLOCKS_MIN entries)."""
+TRANSPOSER_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def transposed(src: Tensor, dtype: torch.dtype, scale: Tensor | None = None,
+               kernel: Transposer | None = None) -> Tensor:
+    """src.T (times `scale` where given, in `dtype`'s precision at least) as a new contiguous
+    tensor of `dtype`: by `kernel` where given and the tensors are its (float32 or bf16 on the CPU,
+    not while torch.compile traces), else written in blocks of TRANSPOSE_BLOCK of src's rows (in
+    one pass under BLOCKS_MIN entries)."""
+    if (kernel is not None and src.device.type == "cpu" and src.dim() == 2 and src.dtype in TRANSPOSER_DTYPES
+            and dtype in TRANSPOSER_DTYPES and not torch.compiler.is_compiling()):
+        return kernel(src, dtype, scale)
     rows = src.shape[0]
     out = src.new_empty((src.shape[1], rows), dtype=dtype)
     if src.numel() < BLOCKS_MIN:
-        out.copy_(src.T) if scale is None else torch.mul(src.T, scale, out=out)
+        _copy_scaled(out, src.T, scale)
         return out
     for r0 in range(0, rows, TRANSPOSE_BLOCK):
-        block, target = src[r0:r0 + TRANSPOSE_BLOCK].T, out[:, r0:r0 + TRANSPOSE_BLOCK]
-        target.copy_(block) if scale is None else torch.mul(block, scale, out=target)
+        _copy_scaled(out[:, r0:r0 + TRANSPOSE_BLOCK], src[r0:r0 + TRANSPOSE_BLOCK].T, scale)
     return out
 
 
-def projection(x: Tensor, module: nn.Module) -> Tensor:
+def _copy_scaled(target: Tensor, src: Tensor, scale: Tensor | None) -> None:
+    """target = src * scale (or src). A src narrower than target (bf16 into float32) is widened
+    first: torch.mul would multiply in src's dtype, then widen the rounded product."""
+    if scale is None:
+        target.copy_(src)
+    elif torch.promote_types(src.dtype, target.dtype) == src.dtype:
+        torch.mul(src, scale, out=target)
+    else:
+        target.copy_(src).mul_(scale)
+
+
+def projection(x: Tensor, module: nn.Module, transpose: Transposer | None = None) -> Tensor:
     """module(x) for a bias-free projection; under bf16 CPU autocast, training a plain nn.Linear of
     at least CONTIGUOUS_FIRST_MIN weights, the same product with its weight gradient formed from a
-    contiguous dy.T (`_Projection`). Anything else, and while torch.compile traces, calls the module."""
+    contiguous dy.T (`_Projection`, by `transpose` where given). Anything else, and while
+    torch.compile traces, calls the module."""
     if (is_plain_linear(module) and module.bias is None and module.weight.numel() >= CONTIGUOUS_FIRST_MIN
             and module.weight.requires_grad and torch.is_grad_enabled() and x.device.type == "cpu"
             and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
             and not torch.compiler.is_compiling()):
-        return _Projection.apply(x, module.weight)
+        return _Projection.apply(x, module.weight, transpose)
     return module(x)
 
 
@@ -97,12 +128,13 @@ class _Projection(torch.autograd.Function):
     with the weight's gradient from dy.T made contiguous (`transposed`) @ x."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, transpose: Transposer | None) -> Tensor:
         with torch.autocast("cpu", enabled=False):
             xc, wc = x.to(torch.bfloat16), weight.to(torch.bfloat16)
             y = F.linear(xc, wc)
         ctx.save_for_backward(xc, wc)
         ctx.dtypes = (x.dtype, weight.dtype)
+        ctx.transpose = transpose
         return y
 
     @staticmethod
@@ -114,8 +146,8 @@ class _Projection(torch.autograd.Function):
             grad_x = (dy @ wc).to(ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
             dy2 = dy.reshape(-1, dy.shape[-1])
-            grad_w = (transposed(dy2, dy2.dtype) @ xc.reshape(-1, xc.shape[-1])).to(ctx.dtypes[1])
-        return grad_x, grad_w
+            grad_w = (transposed(dy2, dy2.dtype, kernel=ctx.transpose) @ xc.reshape(-1, xc.shape[-1])).to(ctx.dtypes[1])
+        return grad_x, grad_w, None
 
 
 def feed_forward(x: Tensor, proj_in: nn.Module, proj_out: nn.Module, workspace: Workspace) -> Tensor:
@@ -173,16 +205,17 @@ class _FeedForward(torch.autograd.Function):
         # as its transpose from the narrow x (N, C) made contiguous, (C, F) = x.T @ d h, and written
         # back (F, C) in float32 in blocks (`transposed`), which also does autograd's conversion.
         contiguous_first = h.dtype == torch.bfloat16 and h.device.type == "cpu"
+        transpose = ctx.workspace.transpose
         if need_w2:
             torch._C._nn.gelu(h, out=buffer)  # GELU's output again
-            grad_w2 = (transposed(dy, dy.dtype) if contiguous_first else dy.T) @ buffer  # (C, F)
+            grad_w2 = (transposed(dy, dy.dtype, kernel=transpose) if contiguous_first else dy.T) @ buffer  # (C, F)
         if need_b2:
             grad_b2 = dy.sum(0)
         if need_x or need_w1 or need_b1:
             torch.mm(dy, w2, out=buffer)  # d loss / d GELU output, over GELU's output
             torch.ops.aten.gelu_backward.grad_input(buffer, h, grad_input=buffer)  # d loss / d h
             if need_w1 and contiguous_first and w1.numel() >= BLOCKS_MIN:  # (F, C), from its (C, F) transpose
-                grad_w1 = transposed(transposed(x2, x2.dtype) @ buffer, ctx.dtypes[1])
+                grad_w1 = transposed(transposed(x2, x2.dtype, kernel=transpose) @ buffer, ctx.dtypes[1], kernel=transpose)
             elif need_w1:
                 grad_w1 = buffer.T @ x2  # (F, C)
             if need_b1:

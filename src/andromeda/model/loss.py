@@ -11,11 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fused import is_plain_linear, transposed
+from .fused import Transposer, is_plain_linear, transposed
 
 IGNORE_INDEX = -100
 LOSS_CHUNK = 1024  # rows of logits alive at once in the loss
 ADD_BLOCK_BYTES = 1 << 20  # float32 bytes of a weight gradient's rows converted and summed at a time
+# bf16 bytes of logits' gradient rows gathered for one weight-gradient product, where the CPU
+# kernel forms them in place (`_LinearCrossEntropy`): at the default vocabulary, 5 chunks of 1,024
+# rows. One product over the whole group, in place of a product per chunk each added into a float32
+# (C, V) sum, drops that sum's read-modify-write passes, and for a group of every row the sum itself.
+LOSS_GROUP_BYTES = 1 << 29
 
 
 class SoftmaxCrossEntropy(Protocol):
@@ -30,7 +35,7 @@ class SoftmaxCrossEntropy(Protocol):
 
 def projected_cross_entropy(
     hidden: Tensor, projection: nn.Module, targets: Tensor, reduction: str = "mean", chunk: int = LOSS_CHUNK,
-    softmax: SoftmaxCrossEntropy | None = None,
+    softmax: SoftmaxCrossEntropy | None = None, transpose: Transposer | None = None,
 ) -> Tensor:
     """cross_entropy(projection(hidden), targets) for hidden (N, C), targets (N,), -100 ignored.
 
@@ -41,7 +46,7 @@ def projected_cross_entropy(
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if is_plain_linear(projection):
-        return linear_cross_entropy(hidden, projection.weight, targets, reduction, chunk, softmax)
+        return linear_cross_entropy(hidden, projection.weight, targets, reduction, chunk, softmax, transpose)
     total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
     for start in range(0, hidden.shape[0], chunk):
         logits = projection(hidden[start : start + chunk]).float()  # (n, V)
@@ -54,7 +59,7 @@ def projected_cross_entropy(
 
 def linear_cross_entropy(
     hidden: Tensor, weight: Tensor, targets: Tensor, reduction: str = "mean", chunk: int = LOSS_CHUNK,
-    softmax: SoftmaxCrossEntropy | None = None,
+    softmax: SoftmaxCrossEntropy | None = None, transpose: Transposer | None = None,
 ) -> Tensor:
     """cross_entropy(hidden @ weight.T, targets) without holding all (N, V) logits at once.
 
@@ -65,7 +70,8 @@ def linear_cross_entropy(
     Its backward hands those gradients over, so it runs once per graph (no retain_graph reuse).
     `softmax`: a fused kernel for the elementwise part (`SoftmaxCrossEntropy`), used where the
     logits are bf16 on the CPU (bf16 hidden states, or bf16 autocast); else PyTorch's ops on a
-    float32 copy of each chunk's logits.
+    float32 copy of each chunk's logits. `transpose`: a kernel for the weight gradient's transposed
+    copies (`fused.Transposer`).
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -74,13 +80,13 @@ def linear_cross_entropy(
         # needs_input_grad True for any parameter regardless of grad mode: detach, so it skips
         # the two gradient products and the (V, C) fp32 gradient buffer.
         hidden, weight = hidden.detach(), weight.detach()
-    return _LinearCrossEntropy.apply(hidden, weight, targets, reduction, chunk, softmax)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, reduction, chunk, softmax, transpose)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, reduction: str, chunk: int,
-                softmax: SoftmaxCrossEntropy | None) -> Tensor:
+                softmax: SoftmaxCrossEntropy | None, transpose: Transposer | None) -> Tensor:
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         want_grad = want_hidden or want_weight
         valid = targets != IGNORE_INDEX
@@ -94,18 +100,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
             softmax = None  # the kernel's case: bf16 logits in CPU memory
         total = torch.zeros((), dtype=acc, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = _WeightGradient(weight, acc, compute, transposed=device == "cpu" and compute != acc) \
-            if want_weight else None
-        # One (chunk, V) buffer holds each chunk's logits, then its softmax, then its gradient:
-        # every step is in place, so no (n, V) tensor is allocated (and page-faulted) per chunk.
-        buffer = hidden.new_empty((min(chunk, hidden.shape[0]), weight.shape[0]),
-                                  dtype=compute if softmax is not None else acc)
+        grad_weight = _WeightGradient(weight, acc, compute, transposed=device == "cpu" and compute != acc,
+                                      kernel=transpose) if want_weight else None
+        # One buffer holds each chunk's logits, then its softmax, then its gradient: every step is
+        # in place, so no (n, V) tensor is allocated (and page-faulted) per chunk. Where the kernel
+        # leaves bf16 gradients in place on the CPU, the buffer holds a group of chunks
+        # (LOSS_GROUP_BYTES) and the weight's gradient takes one product per group.
+        n_rows, V = hidden.shape[0], weight.shape[0]
+        group = chunk
+        if want_weight and softmax is not None and grad_weight.transposed:
+            group = max(chunk, LOSS_GROUP_BYTES // (V * compute.itemsize) // chunk * chunk)
+        buffer = hidden.new_empty((min(group, n_rows), V), dtype=compute if softmax is not None else acc)
         with torch.autocast(device, enabled=False):
             hidden_c, w = hidden.to(compute), weight.to(compute)
-            for start in range(0, hidden.shape[0], chunk):
+            for start in range(0, n_rows, chunk):
                 rows = slice(start, start + chunk)
                 h, t, ok = hidden_c[rows], targets[rows], valid[rows]
-                logits = buffer[: len(t)]  # (n, V)
+                offset = start % group
+                logits = buffer[offset: offset + len(t)]  # (n, V)
                 _matmul_into(logits, h, w.T)
                 # d (total / divisor) / d logits = (softmax - onehot) * ok / divisor
                 row_weight = ok.to(acc) / divisor if want_grad else None  # (n,)
@@ -117,10 +129,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad = logits.to(compute) if want_grad else None
                 if want_hidden:
                     _matmul_into(grad_hidden[rows], grad, w)  # (n, C)
-                if want_weight:
+                if want_weight and group == chunk:
                     grad_weight.add(grad, h, first=start == 0)
+                elif want_weight and (offset + len(t) == group or start + chunk >= n_rows):
+                    first = start - offset  # the group's first row
+                    grad_weight.add(buffer[: offset + len(t)], hidden_c[first: start + len(t)], first=first == 0)
         if grad_weight is not None:
-            grad_weight.product = grad_weight.block = None  # freed now, not held until the backward
+            grad_weight.release()  # freed now, not held until the backward
         # Plain attributes, not save_for_backward: backward scales them (in place, or into the
         # weight's layout) and hands them over, so autograd adopts them as .grad.
         ctx.grads = (grad_hidden, grad_weight)
@@ -138,7 +153,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.grads = None
         gh = grad_hidden.mul_(grad_out) if grad_hidden is not None else None
         gw = grad_weight.scaled(grad_out, ctx.weight_dtype) if grad_weight is not None else None
-        return gh, gw, None, None, None, None
+        return gh, gw, None, None, None, None, None
 
 
 class _WeightGradient:
@@ -147,48 +162,66 @@ class _WeightGradient:
     contiguous operands runs 1.5x as fast as grad.T @ h there (oneDNN, one thread, 1024 x 50432 x
     512; in float32 both take the same time), and the backward's scaling pass writes it back in
     the weight's layout (one (V, C) copy more while it runs). Otherwise the products take the
-    transposed operand as it is and the sum is scaled in place."""
+    transposed operand as it is and the sum is scaled in place. A product in the compute dtype is
+    kept as it is until a second one comes: a gradient of one product (one group of rows) never
+    makes the float32 sum, and the scaling pass converts it."""
 
-    def __init__(self, weight: Tensor, acc: torch.dtype, compute: torch.dtype, *, transposed: bool) -> None:
+    def __init__(self, weight: Tensor, acc: torch.dtype, compute: torch.dtype, *, transposed: bool,
+                 kernel: Transposer | None = None) -> None:
         V, C = weight.shape
-        self.transposed = transposed
-        self.sum = weight.new_empty((C, V) if transposed else (V, C), dtype=acc)
+        self.transposed, self.kernel = transposed, kernel
+        self.shape, self.acc = ((C, V) if transposed else (V, C)), acc
+        self.sum: Tensor | None = None  # made by the second product (`_summed`)
         # A product in the compute dtype is summed into `sum` from a buffer of its own (one, not
         # one a chunk); in `acc` itself it goes straight into `sum`.
         self.direct = compute == acc
-        self.product = None if self.direct else torch.empty_like(self.sum, dtype=compute)
+        self.product = None if self.direct else weight.new_empty(self.shape, dtype=compute)
+        self.pending = False  # `product` holds the only product so far
         # On the CPU the product goes into `sum` through a float32 buffer of a few rows (~1 MiB,
         # in L2): add_ of a bf16 tensor into a float32 one first converts all of it into a new
         # float32 tensor, 2x slower (C = 2560: 0.2 s against 0.1 s a chunk, one thread).
-        rows = max(1, ADD_BLOCK_BYTES // (self.sum.shape[1] * self.sum.element_size()))
+        rows = max(1, ADD_BLOCK_BYTES // (self.shape[1] * acc.itemsize))
         self.block = None if self.direct or weight.device.type != "cpu" else \
-            self.sum.new_empty((min(rows, self.sum.shape[0]), self.sum.shape[1]))
+            weight.new_empty((min(rows, self.shape[0]), self.shape[1]), dtype=acc)
 
     def add(self, grad: Tensor, h: Tensor, *, first: bool) -> None:
         """sum += grad.T @ h for one chunk's gradient of logits (n, V) and its rows h (n, C)."""
-        a, b = (transposed(h, h.dtype), grad) if self.transposed else (grad.T, h)
+        a, b = (transposed(h, h.dtype, kernel=self.kernel), grad) if self.transposed else (grad.T, h)
         if self.direct:
-            torch.mm(a, b, out=self.sum) if first else self.sum.addmm_(a, b)
-        else:
-            torch.mm(a, b, out=self.product)
             if first:
-                self.sum.copy_(self.product)
-            elif self.block is None or torch.compiler.is_compiling():  # Inductor fuses the conversion
-                self.sum.add_(self.product)
+                self.sum = torch.mm(a, b)
             else:
-                rows = self.block.shape[0]
-                for r0 in range(0, self.sum.shape[0], rows):
-                    block = self.block[: min(rows, self.sum.shape[0] - r0)]
-                    block.copy_(self.product[r0:r0 + rows])
-                    self.sum[r0:r0 + rows].add_(block)
+                self.sum.addmm_(a, b)
+            return
+        if not first and self.pending:  # a second product: the first goes into the float32 sum now
+            self.sum = self.product.to(self.acc)
+            self.pending = False
+        torch.mm(a, b, out=self.product)
+        if first:
+            self.pending = True
+        elif self.block is None or torch.compiler.is_compiling():  # Inductor fuses the conversion
+            self.sum.add_(self.product)
+        else:
+            rows = self.block.shape[0]
+            for r0 in range(0, self.sum.shape[0], rows):
+                block = self.block[: min(rows, self.sum.shape[0] - r0)]
+                block.copy_(self.product[r0:r0 + rows])
+                self.sum[r0:r0 + rows].add_(block)
+
+    def release(self) -> None:
+        """Free the buffers the products no longer need (all but a pending product)."""
+        self.block = None
+        if not self.pending:
+            self.product = None
 
     def scaled(self, scale: Tensor, dtype: torch.dtype) -> Tensor:
         """sum * scale in the weight's layout and `dtype`."""
+        total = self.product if self.pending else self.sum
         if not self.transposed:
-            return self.sum.mul_(scale).to(dtype)
+            return (total.to(self.acc) if self.pending else total).mul_(scale).to(dtype)
         # In blocks of rows (`fused.transposed`): one pass over the whole transposed sum is 3x
         # slower at C = 2560 (0.64 s against 0.2 s, V = 50432, one thread).
-        return transposed(self.sum, dtype, scale)
+        return transposed(total, dtype, scale, self.kernel)
 
 
 def _softmax_cross_entropy(logits: Tensor, targets: Tensor, ok: Tensor, row_weight: Tensor | None) -> Tensor:

@@ -23,7 +23,7 @@ from ..config import Config
 from .attention import (Attention, AttentionInputs, AttentionPrologue, CausalAttention, XposBlocks, query_head_order,
                         xpos_block_rows)
 from .cache import CacheStep, KVCache
-from .fused import Workspace, feed_forward
+from .fused import Transposer, Workspace, feed_forward
 from .loss import SoftmaxCrossEntropy, projected_cross_entropy
 from .positions import alibi_slopes, xpos_blocks, xpos_max_factor, xpos_reach, xpos_tables
 
@@ -114,6 +114,9 @@ class Transformer(nn.Module):
         self.causal_attention: CausalAttention | None = None
         # Its QK-norm and rotary xPos in one pass (`attention.AttentionPrologue`), given with it.
         self.attention_prologue: AttentionPrologue | None = None
+        # Transposed copies for the weight gradients of bf16 training on the CPU (`fused.Transposer`),
+        # where its owner gives one (the training loop, `train.transpose_kernel`); None: PyTorch's ops.
+        self.transpose: Transposer | None = None
         slopes = alibi_slopes(config.num_alibi_heads, config.heads)
         order = query_head_order(config.heads, config.attn_kv_heads)
         # Plain attributes, not buffers: a meta-device build must not leave them uninitialised,
@@ -215,13 +218,13 @@ class Transformer(nn.Module):
         x = self.token_emb(tokens)  # (B, T, C)
         if self.pos_emb is not None:
             x = x + self.pos_emb(inputs.q_pos) * self.config.dim**-0.5
-        workspace = Workspace()  # the blocks' shared scratch, freed with this forward's graph
+        workspace = Workspace(self.transpose)  # the blocks' shared scratch, freed with this forward's graph
         for block in self.blocks:
             x = block(x, inputs, workspace)
         x = self.final_norm(x)
         if targets is not None:
             return projected_cross_entropy(x.flatten(0, 1), self.to_logits, targets.flatten(), reduction,
-                                           softmax=self.softmax_cross_entropy)
+                                           softmax=self.softmax_cross_entropy, transpose=self.transpose)
         if return_hidden:
             return x
         if logits_to_keep is not None:
@@ -260,7 +263,8 @@ class Transformer(nn.Module):
                                  max_factor=xpos_max_factor(dtype))
         window = step.window if step is not None else None
         return AttentionInputs(q_pos, k_pos, rotary, self._slopes_tensor(device), k_valid, step, blocks, window,
-                               causal_attention=self.causal_attention, attention_prologue=self.attention_prologue)
+                               causal_attention=self.causal_attention, attention_prologue=self.attention_prologue,
+                               transpose=self.transpose)
 
     def _slopes_tensor(self, device: torch.device) -> Tensor | None:
         if self._slopes is None:

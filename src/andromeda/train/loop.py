@@ -71,6 +71,7 @@ from .lock import run_lock
 from .attention_kernel import use_attention_kernel
 from .loss_kernel import use_loss_kernel
 from .norm_kernel import use_norm_kernel
+from .transpose_kernel import use_transpose_kernel
 from .lora import is_qlora, lora_model, resumed_base
 from .metrics import LOSS_PLOT_FILE, METRICS_FILE, MetricsLog, Trackers, plot_losses
 from .optim import build_optimizer, decay_progress, lr_at
@@ -166,10 +167,11 @@ class Trainer:
             model_cfg = model_config(config, self.tokenizer, base)
         self.model_cfg = model_cfg
         self.net, self.train_module, self.autocast = self._build_model(resume_from, model_cfg)
-        if env.device.type == "cpu" and self.autocast:  # bf16 on the CPU: the loss's softmax, attention and norms by kernels
-            use_loss_kernel(self.net)
+        if env.device.type == "cpu" and self.autocast:  # bf16 on the CPU: the loss's softmax, attention, norms
+            use_loss_kernel(self.net)                       # and the weight gradients' transposes by kernels
             use_attention_kernel(self.net)
             use_norm_kernel(self.net)
+            use_transpose_kernel(self.net)
         self.params = [p for p in self.net.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.net, config)
         self.fresh = state is None

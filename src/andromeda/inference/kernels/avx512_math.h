@@ -1,8 +1,9 @@
-// Vector math shared by the kernels (included by attention_int8.c and decode_sdpa.c; the builds'
+// Vector math shared by the kernels (included by every kernel source but vnni.c and bf16_rows.c; the builds'
 // cache keys hash every header of this folder with the source, `native.kernel_headers`).
 #ifndef ANDROMEDA_AVX512_MATH_H
 #define ANDROMEDA_AVX512_MATH_H
 #include <immintrin.h>
+#include <stdint.h>
 
 // e^x (Cephes' expf polynomial, about 1 ulp); 2^n applied with scalef, so large x give inf. Below
 // -86 (and for NaN) the result is 0, not a denormal under 2^-124: a denormal result costs a
@@ -23,6 +24,35 @@ static inline __m512 exp512(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
   p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   return _mm512_maskz_scalef_ps(normal, p, n);
+}
+
+// The first `count` of 16 lanes (none for count <= 0).
+static inline __mmask16 first_lanes(int64_t count) {
+  return count >= 16 ? (__mmask16)0xFFFF : count <= 0 ? (__mmask16)0 : (__mmask16)((1u << count) - 1);
+}
+
+// 16 values from p + i on as floats (bf16 or float32), the lanes past `mask` 0.
+static inline __m512 load16(const void *p, int64_t i, __mmask16 mask, int bf16) {
+  if (!bf16) return _mm512_maskz_loadu_ps(mask, (const float *)p + i);
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, (const uint16_t *)p + i));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+// float32 -> bf16 as PyTorch converts: to nearest even, NaN as 0x7FC0, denormals kept.
+static inline __m256i to_bf16(__m512 x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(rounded);
+}
+
+// 16 floats stored to p + i as float32 or bf16 (`to_bf16`), the lanes in `mask`.
+static inline void store16(void *p, int64_t i, __m512 x, __mmask16 mask, int bf16) {
+  if (bf16)
+    _mm256_mask_storeu_epi16((uint16_t *)p + i, mask, to_bf16(x));
+  else
+    _mm512_mask_storeu_ps((float *)p + i, mask, x);
 }
 
 // Transposes 16 vectors of 16 floats: lane j of r[i] becomes lane i of r[j].

@@ -61,31 +61,6 @@ typedef struct {
   void *out;            // (B, K, G, D), contiguous
 } SdpaArgs;
 
-// 16 values from p + i on as floats (bf16 or float32), the lanes past `mask` 0.
-static inline __m512 load16(const void *p, int64_t i, __mmask16 mask, int bf16) {
-  if (!bf16) return _mm512_maskz_loadu_ps(mask, (const float *)p + i);
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, (const uint16_t *)p + i));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
-// 16 floats stored to p + i as float32 or bf16 (to nearest even, NaN kept), the lanes in `mask`.
-static inline void store16(void *p, int64_t i, __m512 x, __mmask16 mask, int bf16) {
-  if (!bf16) {
-    _mm512_mask_storeu_ps((float *)p + i, mask, x);
-    return;
-  }
-  const __m512i bits = _mm512_castps_si512(x);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0));
-  _mm256_mask_storeu_epi16((uint16_t *)p + i, mask, _mm512_cvtepi32_epi16(rounded));
-}
-
-static inline __mmask16 first(int64_t count) {
-  return count >= 16 ? (__mmask16)0xFFFF : count <= 0 ? (__mmask16)0 : (__mmask16)((1u << count) - 1);
-}
-
 static _Thread_local void *task_room;   // a thread's scratch inside the parallel regions
 static _Thread_local size_t task_room_bytes;
 
@@ -103,7 +78,7 @@ static int64_t count_readable(const SdpaArgs *a, int64_t b, int64_t h, int64_t l
   for (int64_t j = 0; j < S; j += 16) {
     __mmask16 live = 0;
     for (int64_t g = 0; g < G; ++g) {
-      const __mmask16 row = _mm512_mask_cmp_ps_mask(first(S - j), load16(mask + g * a->m_g * width, j, first(S - j), bf16),
+      const __mmask16 row = _mm512_mask_cmp_ps_mask(first_lanes(S - j), load16(mask + g * a->m_g * width, j, first_lanes(S - j), bf16),
                                                     lowest, _CMP_GT_OQ);
       live |= row;
       if (row) rows_reading |= 1u << g;
@@ -130,9 +105,9 @@ static int64_t readable(const SdpaArgs *a, int64_t b, int64_t h, float *masks, i
     float *row = masks + g * S;
     __m512 best = _mm512_set1_ps(-INFINITY);
     for (int64_t j = 0; j < S; j += 16) {
-      const __m512 m = load16(mask + g * a->m_g * width, j, first(S - j), bf16);
-      _mm512_mask_storeu_ps(row + j, first(S - j), m);
-      best = _mm512_mask_max_ps(best, first(S - j), best, m);
+      const __m512 m = load16(mask + g * a->m_g * width, j, first_lanes(S - j), bf16);
+      _mm512_mask_storeu_ps(row + j, first_lanes(S - j), m);
+      best = _mm512_mask_max_ps(best, first_lanes(S - j), best, m);
     }
     if (_mm512_reduce_max_ps(best) <= lowest) any_row_empty = 1;
   }
@@ -142,7 +117,7 @@ static int64_t readable(const SdpaArgs *a, int64_t b, int64_t h, float *masks, i
     for (int64_t j = 0; j < S; j += 16) {
       __mmask16 live = 0;
       for (int64_t g = 0; g < G; ++g)
-        live |= _mm512_mask_cmp_ps_mask(first(S - j), _mm512_loadu_ps(masks + g * S + j),
+        live |= _mm512_mask_cmp_ps_mask(first_lanes(S - j), _mm512_loadu_ps(masks + g * S + j),
                                             _mm512_set1_ps(lowest), _CMP_GT_OQ);
       for (int i = 0; i < 16; ++i)
         if (live >> i & 1) columns[n++] = (int32_t)(j + i);
@@ -166,7 +141,7 @@ static inline __attribute__((always_inline)) void weighted_values(const SdpaArgs
     __m512 acc[4][HEADS];
 #pragma GCC unroll 4
     for (int i = 0; i < chunks; ++i) {
-      lanes[i] = first(D - d - 16 * i);
+      lanes[i] = first_lanes(D - d - 16 * i);
 #pragma GCC unroll 16
       for (int g = 0; g < heads; ++g) acc[i][g] = _mm512_setzero_ps();
     }
@@ -209,7 +184,7 @@ static void attend(const SdpaArgs *a, int64_t b, int64_t h, const float *masks, 
     float rows[HEADS][MAX_DIM];
     for (int64_t g = 0; g < G; ++g)
       for (int64_t d = 0; d < D; d += 16)
-        _mm512_storeu_ps(rows[g] + d, _mm512_mul_ps(load16(q, g * a->q_g + d, first(D - d), bf16),
+        _mm512_storeu_ps(rows[g] + d, _mm512_mul_ps(load16(q, g * a->q_g + d, first_lanes(D - d), bf16),
                                                      _mm512_set1_ps(a->scale)));
     for (int64_t d = 0; d < D; ++d) {
       float lane[HEADS] = {0};
@@ -219,7 +194,7 @@ static void attend(const SdpaArgs *a, int64_t b, int64_t h, const float *masks, 
   }
   const __m512i mask_index = _mm512_mullo_epi32(_mm512_set1_epi32((int)S), _mm512_setr_epi32(
       0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-  const __mmask16 heads = first(G);
+  const __mmask16 heads = first_lanes(G);
 
   // Scores of the readable columns, KEYS at a time (the keys as floats in `keys` first).
   __m512 top = _mm512_set1_ps(-INFINITY);
@@ -227,7 +202,7 @@ static void attend(const SdpaArgs *a, int64_t b, int64_t h, const float *masks, 
     const int count = n - c < KEYS ? (int)(n - c) : KEYS;
     for (int i = 0; i < count; ++i)
       for (int64_t d = 0; d < D; d += 16)
-        _mm512_mask_storeu_ps(keys + i * D + d, first(D - d), load16(k, columns[c + i] * a->k_s + d, first(D - d), bf16));
+        _mm512_mask_storeu_ps(keys + i * D + d, first_lanes(D - d), load16(k, columns[c + i] * a->k_s + d, first_lanes(D - d), bf16));
     __m512 acc[KEYS];
     for (int i = 0; i < KEYS; ++i) acc[i] = _mm512_setzero_ps();
     if (count == KEYS) {
@@ -338,7 +313,7 @@ static void attend_amx(const SdpaArgs *a, int64_t b, int64_t h, int64_t c0, int6
     // Scores, 16 columns a block.
     for (int64_t jb = 0; jb < padded; jb += 16) {
       const int64_t j = j0 + jb;
-      const __mmask16 cols = first(n - jb);
+      const __mmask16 cols = first_lanes(n - jb);
       __m512 rows[HEADS];
       __mmask16 live = every ? cols : 0;
       for (int64_t g = 0; g < G; ++g) {
@@ -396,7 +371,7 @@ static void attend_amx(const SdpaArgs *a, int64_t b, int64_t h, int64_t c0, int6
           _mm256_storeu_si256((__m256i *)(s->p + g * CHUNK + jb), _mm256_setzero_si256());
           continue;
         }
-        const __mmask16 cols = first(n - jb);
+        const __mmask16 cols = first_lanes(n - jb);
         const __m512 e = _mm512_maskz_mov_ps(
             cols, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(cols, s->scores + g * CHUNK + jb), _mm512_set1_ps(base))));
         const __m256i weight = (__m256i)_mm512_cvtneps_pbh(e);
@@ -463,7 +438,7 @@ static int every_head_reads(const SdpaArgs *a, int64_t b, int64_t h) {
   uint32_t reading = 0;
   for (int64_t j = 0; j < a->S && reading != all; j += 16)
     for (int64_t g = 0; g < a->G; ++g)
-      if (_mm512_mask_cmp_ps_mask(first(a->S - j), load16(mask + g * a->m_g, j, first(a->S - j), 1),
+      if (_mm512_mask_cmp_ps_mask(first_lanes(a->S - j), load16(mask + g * a->m_g, j, first_lanes(a->S - j), 1),
                                   _mm512_set1_ps(-3.38953139e38f), _CMP_GT_OQ))
         reading |= 1u << g;
   return reading == all;

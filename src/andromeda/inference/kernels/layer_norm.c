@@ -17,22 +17,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "avx512_math.h"
 #include "scratch.h"
-
-static inline __mmask16 tail(int64_t left) { return left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1); }
-
-static inline __m512 load_bf16(const uint16_t *p, __mmask16 m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-
-// float32 -> bf16, rounded to nearest even; NaN stays NaN (as 0x7FC0).
-static inline __m256i to_bf16(__m512 x) {
-  const __m512i bits = _mm512_castps_si512(x);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  return _mm512_cvtepi32_epi16(rounded);
-}
 
 int andromeda_layer_norm_forward(const float *x, const float *w, int64_t rows, int64_t C, float eps, uint16_t *y,
                                  float *mean, float *rstd) {
@@ -40,19 +26,19 @@ int andromeda_layer_norm_forward(const float *x, const float *w, int64_t rows, i
   for (int64_t r = 0; r < rows; ++r) {
     const float *xr = x + r * C;
     __m512 sum = _mm512_setzero_ps();
-    for (int64_t c = 0; c < C; c += 16) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(tail(C - c), xr + c));
+    for (int64_t c = 0; c < C; c += 16) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(first_lanes(C - c), xr + c));
     const float mu = _mm512_reduce_add_ps(sum) / (float)C;
     const __m512 m = _mm512_set1_ps(mu);
     __m512 squares = _mm512_setzero_ps();
     for (int64_t c = 0; c < C; c += 16) {
-      const __mmask16 k = tail(C - c);
+      const __mmask16 k = first_lanes(C - c);
       const __m512 d = _mm512_maskz_sub_ps(k, _mm512_maskz_loadu_ps(k, xr + c), m);
       squares = _mm512_fmadd_ps(d, d, squares);
     }
     const float inv = 1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)C + eps);
     const __m512 s = _mm512_set1_ps(inv);
     for (int64_t c = 0; c < C; c += 16) {
-      const __mmask16 k = tail(C - c);
+      const __mmask16 k = first_lanes(C - c);
       const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, xr + c), m), s),
                                      _mm512_maskz_loadu_ps(k, w + c));
       _mm256_mask_storeu_epi16(y + r * C + c, k, to_bf16(v));
@@ -77,9 +63,9 @@ int andromeda_layer_norm_backward(const uint16_t *dy, const float *x, const floa
       const __m512 m = _mm512_set1_ps(mean[r]), s = _mm512_set1_ps(rstd[r]);
       __m512 sum_g = _mm512_setzero_ps(), sum_gx = _mm512_setzero_ps();
       for (int64_t c = 0; c < C; c += 16) {
-        const __mmask16 k = tail(C - c);
+        const __mmask16 k = first_lanes(C - c);
         const __m512 xhat = _mm512_maskz_mul_ps(k, _mm512_sub_ps(_mm512_maskz_loadu_ps(k, xr + c), m), s);
-        const __m512 d = load_bf16(dyr + c, k);
+        const __m512 d = load16(dyr + c, 0, k, 1);
         const __m512 g = _mm512_mul_ps(d, _mm512_maskz_loadu_ps(k, w + c));
         sum_g = _mm512_add_ps(sum_g, g);
         sum_gx = _mm512_fmadd_ps(g, xhat, sum_gx);
@@ -88,9 +74,9 @@ int andromeda_layer_norm_backward(const uint16_t *dy, const float *x, const floa
       const __m512 mean_g = _mm512_set1_ps(_mm512_reduce_add_ps(sum_g) / (float)C);
       const __m512 mean_gx = _mm512_set1_ps(_mm512_reduce_add_ps(sum_gx) / (float)C);
       for (int64_t c = 0; c < C; c += 16) {
-        const __mmask16 k = tail(C - c);
+        const __mmask16 k = first_lanes(C - c);
         const __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, xr + c), m), s);
-        const __m512 g = _mm512_mul_ps(load_bf16(dyr + c, k), _mm512_maskz_loadu_ps(k, w + c));
+        const __m512 g = _mm512_mul_ps(load16(dyr + c, 0, k, 1), _mm512_maskz_loadu_ps(k, w + c));
         const __m512 v = _mm512_mul_ps(s, _mm512_sub_ps(_mm512_sub_ps(g, mean_g), _mm512_mul_ps(xhat, mean_gx)));
         _mm512_mask_storeu_ps(dx + r * C + c, k, v);
       }
