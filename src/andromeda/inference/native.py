@@ -201,6 +201,47 @@ def missing_support(cpu_features: Sequence[str], source: Path, build: Callable[[
 AMX_BF16_FLAGS = ("amx_tile", "amx_bf16")  # AMX's bf16 tile products (Sapphire Rapids on)
 
 
+class KernelLibrary:
+    """A kernel's C file, built into a library of its own on first use (`build_library`, or
+    `build`), as the training loop's kernels are: why it cannot run here, the kernel where it can,
+    and its functions with their argument types."""
+
+    def __init__(self, what: str, source: Path, flags: tuple[str, ...], cpu_features: Sequence[str],
+                 remedy: str, build: Callable[[], Path] | None = None) -> None:
+        self.what, self.source, self.remedy = what, source, remedy
+        self.cpu_features = tuple(cpu_features)
+        self.build = build or (lambda: build_library(source, flags))
+        self._reason: tuple[str | None] | None = None
+        self._functions: dict[str, ctypes._CFuncPtr] = {}
+
+    def unavailable_reason(self) -> str | None:
+        """Why the kernel cannot run here (a CPU feature missing, no C compiler, a failed build), or
+        None; the build is tried once."""
+        if self._reason is None:
+            self._reason = (missing_support(self.cpu_features, self.source, self.build),)
+        return self._reason[0]
+
+    def offer(self, kernel: Callable, otherwise: str) -> Callable | None:
+        """`kernel` where the library runs here, else None, logging why and what runs `otherwise`."""
+        reason = self.unavailable_reason()
+        if reason is not None:
+            log.info("%s not used: %s; %s", self.what, reason, otherwise)
+            return None
+        return kernel
+
+    def function(self, name: str, argtypes: list, restype: object = ctypes.c_int) -> ctypes._CFuncPtr:
+        """The library's function `name`, typed. Raises RuntimeError where it cannot run here (a
+        model pickled where it ran, loaded where it cannot), saying what to set (`remedy`)."""
+        if name not in self._functions:
+            reason = self.unavailable_reason()
+            if reason is not None:
+                raise RuntimeError(f"{self.what} cannot run here: {reason}; {self.remedy}")
+            function = getattr(ctypes.CDLL(str(self.build())), name)
+            function.argtypes, function.restype = argtypes, restype
+            self._functions[name] = function
+        return self._functions[name]
+
+
 def cpu_has(features: Sequence[str]) -> bool:
     """Whether the CPU lists every one of `features` (/proc/cpuinfo; False where unknown)."""
     return set(features) <= (cpu_flags() or frozenset())

@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..inference.native import AMX_BF16_FLAGS, build_library, cpu_has, missing_support
+from ..inference.native import AMX_BF16_FLAGS, KernelLibrary, build_library, cpu_has
 from ..model import Transformer
 from ..model.attention import CausalAttention
 
@@ -65,6 +65,8 @@ FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512
 AMX_FLAGS = ("-mamx-tile", "-mamx-bf16")  # tried first: a compiler without them builds the AVX-512 BF16 path alone
 AMX_HEAD_MULTIPLE = 32  # AMX products take heads of a multiple of 32 (a tile row: 32 bf16); others keep vdpbf16ps
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
+LIBRARY = KernelLibrary("the attention kernel", SOURCE, FLAGS, CPU_FLAGS,
+                        "set the model's causal_attention to None to use PyTorch's SDPA", build=lambda: _library_path())
 TILE = 64  # the kernel's tile of queries and of keys; sequences are padded to a multiple in its buffers
 MAX_HEAD = 256
 
@@ -352,14 +354,9 @@ def _prologue_backward(ctx, dq: Tensor, dk: Tensor, dv: Tensor) -> tuple:
 _prologue_op.register_autograd(_prologue_backward, setup_context=_prologue_save)
 
 
-@cache
 def attention_kernel() -> CausalAttention | None:
     """The kernel as a `CausalAttention`, or None where it cannot run (the reason is logged)."""
-    reason = unavailable_reason()
-    if reason is not None:
-        log.info("attention kernel not used: %s; attention runs in PyTorch's SDPA", reason)
-        return None
-    return causal_attention
+    return LIBRARY.offer(causal_attention, "attention runs in PyTorch's SDPA")
 
 
 def use_attention_kernel(model: nn.Module) -> bool:
@@ -378,10 +375,9 @@ def use_attention_kernel(model: nn.Module) -> bool:
     return given
 
 
-@cache
 def unavailable_reason() -> str | None:
     """Why the kernel cannot run here (no AVX-512 BF16, no C compiler, a failed build), or None."""
-    return missing_support(CPU_FLAGS, SOURCE, _library_path)
+    return LIBRARY.unavailable_reason()
 
 
 @cache
@@ -401,29 +397,15 @@ def amx_tiles() -> bool:
     multiple of 32): built with them and granted them by Linux; else AVX-512 BF16's vdpbf16ps."""
     if not cpu_has(AMX_BF16_FLAGS) or unavailable_reason() is not None:
         return False
-    return bool(ctypes.CDLL(str(_library_path())).andromeda_flash_amx())
+    return bool(LIBRARY.function("andromeda_flash_amx", [])())
 
 
-@cache
 def _kernels() -> tuple[ctypes._CFuncPtr, ctypes._CFuncPtr]:
-    reason = unavailable_reason()
-    if reason is not None:  # a model pickled where the kernel ran, loaded where it cannot
-        raise RuntimeError(f"the attention kernel cannot run here: {reason}; set the model's "
-                           f"causal_attention to None to use PyTorch's SDPA")
-    library = ctypes.CDLL(str(_library_path()))
-    functions = library.andromeda_flash_forward, library.andromeda_flash_backward
-    for function in functions:
-        function.argtypes = [ctypes.POINTER(_Args)]
-        function.restype = ctypes.c_int
-    return functions
+    return tuple(LIBRARY.function(name, [ctypes.POINTER(_Args)])
+                 for name in ("andromeda_flash_forward", "andromeda_flash_backward"))
 
 
-@cache
 def _prologue_kernels() -> tuple[ctypes._CFuncPtr, ctypes._CFuncPtr]:
-    _kernels()  # raises where the library cannot run here
-    library = ctypes.CDLL(str(_library_path()))
-    forward, backward = library.andromeda_prologue_forward, library.andromeda_prologue_backward
-    for function in (forward, backward):
-        function.argtypes = [ctypes.POINTER(_PrologueArgs)]
-    forward.restype, backward.restype = None, ctypes.c_int
-    return forward, backward
+    arguments = [ctypes.POINTER(_PrologueArgs)]
+    return (LIBRARY.function("andromeda_prologue_forward", arguments, None),
+            LIBRARY.function("andromeda_prologue_backward", arguments))

@@ -18,23 +18,21 @@ decoding kernels, `inference.native.build_library`), else None and the loss keep
 from __future__ import annotations
 
 import ctypes
-import logging
-from functools import cache
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from ..inference.native import build_library, missing_support
-from ..model import Transformer
+from ..inference.native import KernelLibrary
 from ..model.loss import SoftmaxCrossEntropy
-
-log = logging.getLogger(__name__)
+from .kernels import give_transformers
 
 SOURCE = Path(__file__).parents[1] / "inference" / "kernels" / "cross_entropy.c"
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp", "-shared", "-fPIC",
          "-std=gnu11", "-lm")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
+LIBRARY = KernelLibrary("the loss kernel", SOURCE, FLAGS, CPU_FLAGS,
+                        "set the model's softmax_cross_entropy to None to use PyTorch's ops")
 
 
 def softmax_cross_entropy(logits: Tensor, targets: Tensor, row_weight: Tensor | None) -> Tensor:
@@ -73,42 +71,22 @@ def _losses_shape(logits: Tensor, targets: Tensor, row_weight: Tensor | None) ->
     return logits.new_empty(logits.shape[0], dtype=torch.float32)
 
 
-@cache
 def loss_kernel() -> SoftmaxCrossEntropy | None:
     """The kernel as a `SoftmaxCrossEntropy`, or None where it cannot run (the reason is logged)."""
-    reason = unavailable_reason()
-    if reason is not None:
-        log.info("loss kernel not used: %s; the loss's softmax runs in PyTorch's ops", reason)
-        return None
-    return softmax_cross_entropy
+    return LIBRARY.offer(softmax_cross_entropy, "the loss's softmax runs in PyTorch's ops")
 
 
 def use_loss_kernel(model: nn.Module) -> bool:
     """Give every `Transformer` in `model` the loss kernel where it can run; returns whether it did.
     Only bf16 logits on the CPU take it (`model.loss.linear_cross_entropy`)."""
-    kernel = loss_kernel()
-    if kernel is None:
-        return False
-    for module in model.modules():
-        if isinstance(module, Transformer):
-            module.softmax_cross_entropy = kernel
-    return True
+    return give_transformers(model, "softmax_cross_entropy", loss_kernel())
 
 
-@cache
 def unavailable_reason() -> str | None:
     """Why the kernel cannot run here (no AVX-512, no C compiler, a failed build), or None."""
-    return missing_support(CPU_FLAGS, SOURCE, lambda: build_library(SOURCE, FLAGS))
+    return LIBRARY.unavailable_reason()
 
 
-@cache
 def _kernel() -> ctypes._CFuncPtr:
-    reason = unavailable_reason()
-    if reason is not None:  # a model pickled where the kernel ran, loaded where it cannot
-        raise RuntimeError(f"the loss kernel cannot run here: {reason}; set the model's "
-                           f"softmax_cross_entropy to None to use PyTorch's ops")
-    function = ctypes.CDLL(str(build_library(SOURCE, FLAGS))).andromeda_softmax_cross_entropy
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    function.argtypes = [pointer, size, size, size, pointer, pointer, pointer]
-    function.restype = ctypes.c_int
-    return function
+    return LIBRARY.function("andromeda_softmax_cross_entropy", [pointer, size, size, size, pointer, pointer, pointer])

@@ -20,22 +20,20 @@ itself). It is the custom op `andromeda::layer_norm_bf16` with its backward regi
 from __future__ import annotations
 
 import ctypes
-import logging
-from functools import cache
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from ..inference.native import build_library, missing_support
+from ..inference.native import KernelLibrary
 from ..model.transformer import LayerNorm, NormToBF16
-
-log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parents[1] / "inference" / "kernels" / "layer_norm.c"
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp", "-shared", "-fPIC",
          "-std=gnu11", "-lm")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
+LIBRARY = KernelLibrary("the LayerNorm kernel", SOURCE, FLAGS, CPU_FLAGS,
+                        "set the model's norms' to_bf16 to None to use PyTorch's ops")
 
 
 def layer_norm_bf16(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -111,14 +109,9 @@ def _backward(ctx, grad: Tensor, grad_mean: Tensor | None, grad_rstd: Tensor | N
 _norm_op.register_autograd(_backward, setup_context=_save)
 
 
-@cache
 def norm_kernel() -> NormToBF16 | None:
     """The kernel as a `NormToBF16`, or None where it cannot run (the reason is logged)."""
-    reason = unavailable_reason()
-    if reason is not None:
-        log.info("LayerNorm kernel not used: %s; norms run in PyTorch's ops", reason)
-        return None
-    return layer_norm_bf16
+    return LIBRARY.offer(layer_norm_bf16, "norms run in PyTorch's ops")
 
 
 def use_norm_kernel(model: nn.Module) -> bool:
@@ -133,22 +126,14 @@ def use_norm_kernel(model: nn.Module) -> bool:
     return True
 
 
-@cache
 def unavailable_reason() -> str | None:
     """Why the kernel cannot run here (no AVX-512, no C compiler, a failed build), or None."""
-    return missing_support(CPU_FLAGS, SOURCE, lambda: build_library(SOURCE, FLAGS))
+    return LIBRARY.unavailable_reason()
 
 
-@cache
 def _kernels() -> tuple[ctypes._CFuncPtr, ctypes._CFuncPtr]:
-    reason = unavailable_reason()
-    if reason is not None:  # a model pickled where the kernel ran, loaded where it cannot
-        raise RuntimeError(f"the LayerNorm kernel cannot run here: {reason}; set the model's norms' "
-                           f"to_bf16 to None to use PyTorch's ops")
-    library = ctypes.CDLL(str(build_library(SOURCE, FLAGS)))
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    forward, backward = library.andromeda_layer_norm_forward, library.andromeda_layer_norm_backward
-    forward.argtypes = [pointer, pointer, size, size, ctypes.c_float, pointer, pointer, pointer]
-    backward.argtypes = [pointer, pointer, pointer, pointer, pointer, size, size, pointer, pointer]
-    forward.restype = backward.restype = ctypes.c_int
-    return forward, backward
+    return (LIBRARY.function("andromeda_layer_norm_forward",
+                             [pointer, pointer, size, size, ctypes.c_float, pointer, pointer, pointer]),
+            LIBRARY.function("andromeda_layer_norm_backward",
+                             [pointer, pointer, pointer, pointer, pointer, size, size, pointer, pointer]))

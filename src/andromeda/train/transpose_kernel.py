@@ -18,24 +18,22 @@ The numbers are those of `model.fused.transposed`'s PyTorch ops, bit for bit.
 from __future__ import annotations
 
 import ctypes
-import logging
-from functools import cache
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from ..inference.native import build_library, missing_support
-from ..model import Transformer
+from ..inference.native import KernelLibrary
 from ..model.fused import TRANSPOSER_DTYPES, Transposer
-
-log = logging.getLogger(__name__)
+from .kernels import give_transformers
 
 SOURCE = Path(__file__).parents[1] / "inference" / "kernels" / "transpose.c"
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp", "-shared", "-fPIC",
          "-std=gnu11")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
 PROFILER_NAME = "andromeda::transpose"  # its calls in a torch.profiler trace
+LIBRARY = KernelLibrary("the transpose kernel", SOURCE, FLAGS, CPU_FLAGS,
+                        "set the model's transpose to None to use PyTorch's ops")
 
 
 def transposed_by_kernel(src: Tensor, dtype: torch.dtype, scale: Tensor | None = None) -> Tensor:
@@ -58,41 +56,21 @@ def transposed_by_kernel(src: Tensor, dtype: torch.dtype, scale: Tensor | None =
     return out
 
 
-@cache
 def transpose_kernel() -> Transposer | None:
     """The kernel as a `model.fused.Transposer`, or None where it cannot run (the reason is logged)."""
-    reason = unavailable_reason()
-    if reason is not None:
-        log.info("transpose kernel not used: %s; the weight gradients' transposes run in PyTorch's ops", reason)
-        return None
-    return transposed_by_kernel
+    return LIBRARY.offer(transposed_by_kernel, "the weight gradients' transposes run in PyTorch's ops")
 
 
 def use_transpose_kernel(model: nn.Module) -> bool:
     """Give every `Transformer` in `model` the kernel where it can run; returns whether it did."""
-    kernel = transpose_kernel()
-    if kernel is None:
-        return False
-    for module in model.modules():
-        if isinstance(module, Transformer):
-            module.transpose = kernel
-    return True
+    return give_transformers(model, "transpose", transpose_kernel())
 
 
-@cache
 def unavailable_reason() -> str | None:
     """Why the kernel cannot run here (no AVX-512, no C compiler, a failed build), or None."""
-    return missing_support(CPU_FLAGS, SOURCE, lambda: build_library(SOURCE, FLAGS))
+    return LIBRARY.unavailable_reason()
 
 
-@cache
 def _kernel() -> ctypes._CFuncPtr:
-    reason = unavailable_reason()
-    if reason is not None:  # a model pickled where the kernel ran, loaded where it cannot
-        raise RuntimeError(f"the transpose kernel cannot run here: {reason}; set the model's transpose "
-                           f"to None to use PyTorch's ops")
-    function = ctypes.CDLL(str(build_library(SOURCE, FLAGS))).andromeda_transpose
     pointer, size, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    function.argtypes = [pointer, flag, size, size, size, pointer, flag, size, pointer]
-    function.restype = ctypes.c_int
-    return function
+    return LIBRARY.function("andromeda_transpose", [pointer, flag, size, size, size, pointer, flag, size, pointer])
