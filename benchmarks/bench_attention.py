@@ -76,19 +76,24 @@ def main() -> None:
     print("| round | path | forward ms | GFLOP/s | backward ms | GFLOP/s |")
     print("|---|---|---|---|---|---|")
     for round_ in range(1, args.rounds + 1):
-        paths = [("kernel, AMX tiles" if amx else "kernel", kernel)]
+        label = "kernel, AMX tiles" if amx else "kernel"
+        grouped = kernel_module.tasks_per_kv_head(B, K)
+        paths = [(label + ("" if grouped else " (a task per query head at this size)"), kernel, {})]
+        if grouped:  # the backward's other task split: per-query-head float32 partials, summed at the end
+            paths.append((label + ", a task per query head (float32 partials)", kernel, {"tasks_per_kv_head": lambda B, K: False}))
         if amx:  # the AVX-512 BF16 products the kernel takes on CPUs without AMX tiles, forward and backward
-            paths.append(("kernel, vdpbf16ps (no AMX)", None))
-        paths += [("SDPA + 2 ALiBi channels (the model without the kernel)", sdpa_alibi), ("SDPA, no ALiBi", sdpa_plain)]
-        for name, function in paths:
-            if function is None:
-                tiles, kernel_module.amx_tiles = kernel_module.amx_tiles, lambda: False
-                try:
-                    forward, backward = common.time_forward_backward(kernel, grad, args.repeats)
-                finally:
-                    kernel_module.amx_tiles = tiles
-            else:
+            paths.append(("kernel, vdpbf16ps (no AMX)", kernel, {"amx_tiles": lambda: False}))
+        paths += [("SDPA + 2 ALiBi channels (the model without the kernel)", sdpa_alibi, {}),
+                  ("SDPA, no ALiBi", sdpa_plain, {})]
+        for name, function, replaced in paths:
+            saved = {attribute: getattr(kernel_module, attribute) for attribute in replaced}
+            for attribute, value in replaced.items():
+                setattr(kernel_module, attribute, value)
+            try:
                 forward, backward = common.time_forward_backward(function, grad, args.repeats)
+            finally:
+                for attribute, value in saved.items():
+                    setattr(kernel_module, attribute, value)
             print(f"| {round_} | {name} | {forward * 1e3:.1f} | {work / forward / 1e9:.0f} | {backward * 1e3:.1f} | "
                   f"{2.5 * work / backward / 1e9:.0f} |")
     prologue(args)

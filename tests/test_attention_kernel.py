@@ -115,6 +115,29 @@ def test_amx_products_give_the_vdpbf16ps_results(B, H, K, T, D, alibi, batch_pos
         assert relative_error(a, want) < 1.1 * relative_error(b, want) + 2e-4, name
 
 
+@pytest.mark.parametrize("B, H, K, T, D", [(1, 4, 2, 100, 64), (2, 8, 2, 257, 128), (1, 6, 1, 70, 48), (1, 2, 2, 5, 16)])
+@pytest.mark.parametrize("vector", [False, True])
+def test_a_task_per_kv_head_gives_the_per_query_head_results(B, H, K, T, D, vector, monkeypatch):
+    """The backward's two ways to sum a key/value head's group, on both product paths: in place by a
+    task per kv head (`tasks_per_kv_head`), or each query head's float32 partials summed at the end:
+    the output and dQ bit-equal, dK and dV but for float32 summation order (a bf16 step apart in a
+    few entries), both as close to float32 attention."""
+    if vector:
+        monkeypatch.setattr(kernel_module, "amx_tiles", lambda: False)
+    q, k, v, positions, slopes = inputs(B, H, K, T, D, seed=5 * T + D)
+    grad = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(3)).bfloat16()
+    results = {}
+    for per_kv_head in (True, False):
+        monkeypatch.setattr(kernel_module, "tasks_per_kv_head", lambda B, K, per_kv_head=per_kv_head: per_kv_head)
+        results[per_kv_head] = gradients(causal_attention, q, k, v, grad, positions, slopes, D**-0.5)
+    exact = gradients(reference_attention, q.float(), k.float(), v.float(), grad.float(), positions, slopes, D**-0.5)
+    grouped, partials = results[True], results[False]
+    assert torch.equal(grouped[0], partials[0]) and torch.equal(grouped[1], partials[1])
+    for name, a, b, want in zip(("dk", "dv"), grouped[2:], partials[2:], exact[2:]):
+        assert relative_error(a, b.float()) < 2e-3, name
+        assert relative_error(a, want) < 1.1 * relative_error(b, want) + 2e-4, name
+
+
 def test_strided_inputs_and_gradients_as_the_model_gives_them():
     """q, k, v as views of one fused projection (B, T, H + 2K, D) and a transposed output gradient:
     the same results as contiguous copies."""

@@ -189,6 +189,16 @@ def _attention_shape(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, slopes:
     return q.new_empty(B, T, H, D).transpose(1, 2), q.new_empty(B, H, T, dtype=torch.float32)
 
 
+def tasks_per_kv_head(B: int, K: int) -> bool:
+    """Whether the backward's tasks are key/value heads, each summing its group's dK and dV in place,
+    where B x K tasks share out evenly over the threads (a multiple of them, or at least 4 each): no
+    float32 partials per query head (2 B H T D floats, 100 MB at the 2.5 B's shapes and 4 x 1,024
+    tokens) and no pass summing them; the backward 1.33-1.37x faster there at one thread (1.1-1.24x at
+    dim 512; `benchmarks/bench_attention.py`). Else a task per query head."""
+    tasks, threads = B * K, torch.get_num_threads()
+    return tasks % threads == 0 or tasks >= 4 * threads
+
+
 @torch.library.custom_op("andromeda::causal_attention_backward", mutates_args=(), device_types="cpu")
 def _attention_backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                            positions: Tensor, slopes: Tensor | None, scale: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -202,12 +212,12 @@ def _attention_backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     dq = q.new_empty(B, T, H, D).transpose(1, 2)
     dk, dv = k.new_empty(B, T, K, D).transpose(1, 2), v.new_empty(B, T, K, D).transpose(1, 2)
     packed = q.new_empty(3 * B * K * _padded(T) * D)
-    partials = q.new_empty(2 * B * H * _padded(T) * D, dtype=torch.float32)
+    partials = None if tasks_per_kv_head(B, K) else q.new_empty(2 * B * H * _padded(T) * D, dtype=torch.float32)
     args.out, args.out_stride, args.lse, args.packed = out.data_ptr(), _strides(out), lse.data_ptr(), packed.data_ptr()
     args.dout, args.dout_stride = grad.data_ptr(), _strides(grad)
     args.dq, args.dk, args.dv = dq.data_ptr(), dk.data_ptr(), dv.data_ptr()
     args.dq_stride, args.dk_stride, args.dv_stride = _strides(dq), _strides(dk), _strides(dv)
-    args.partials = partials.data_ptr()
+    args.partials = None if partials is None else partials.data_ptr()
     _run(_kernels()[1], args)
     return dq, dk, dv
 

@@ -24,8 +24,10 @@
 // the softmax's per-query maxima and sums run down vectors of 16 queries.
 // Backward: per (b, h), dQ in float32 over all key tiles; per key tile dK and dV accumulate over the
 // query tiles from the diagonal down: P = exp(S - lse), dV += P^T dO, dP = dO V^T,
-// dS = scale P (dP - delta) with delta_i = dO_i . O_i, dQ += dS K, dK += dS^T Q. dK and dV of each
-// query head go to float32 partials, summed over each key/value head's group at the end.
+// dS = scale P (dP - delta) with delta_i = dO_i . O_i, dQ += dS K, dK += dS^T Q. Without `partials`
+// a task is a key/value head, whose group's query heads add their dK and dV into one float32 sum in
+// the thread's scratch (the caller passes none where B x K tasks keep its threads busy); with them,
+// a task is a query head, its dK and dV go to its own partials, summed over each group at the end.
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -61,7 +63,7 @@ typedef struct {
   int64_t dout_stride[3];
   uint16_t *dq, *dk, *dv;
   int64_t dq_stride[3], dk_stride[3], dv_stride[3];
-  float *partials;  // 2 x B x H x padded T x D float32: each query head's dK and dV
+  float *partials;  // 2 x B x H x padded T x D float32: each query head's dK and dV; or NULL (a task per kv head)
   int64_t amx;  // 1: the products by AMX tiles (`andromeda_flash_amx()` granted them, D % 32 == 0)
 } FlashArgs;
 
@@ -548,6 +550,7 @@ typedef struct {
   uint16_t *qd, *dod;  // AMX: the same packed over d, (D / 2, Tp, 2)
   float *dq, *delta, *lse, *s, *dp;  // AMX: dq transposed (D x Tp); delta and lse padded with zeros
   uint16_t *p, *pv, *ds, *dsv;  // P and dS as rows (TILE x TILE) and as interleaved row pairs (AMX: P^T, dS^T)
+  float *dk, *dv;  // without partials: the task's key/value head's dK and dV, (Tp, D) each
 } BackwardScratch;
 
 // P = exp(S - lse) for `rows` valid rows (the rest 0; all NaN where the forward's row was), into
@@ -615,25 +618,27 @@ typedef struct {
   const uint16_t *packed[3];  // its key/value head's packings (`packed_at`)
   float slope;
   const float *pos;
-  float *dk, *dv;  // its float32 partials, (Tp, D) each
+  float *dk, *dv;  // where its dK and dV add up, (Tp, D) float32 each
 } HeadView;
 
 // The head's view, with its queries and output gradient packed over t, its row statistics, and its
-// gradient sums zeroed.
+// dK, dV sums: its own partials, zeroed, or (without partials) the task's, which the caller zeroed.
 static HeadView backward_prologue(const FlashArgs *a, int64_t b, int64_t h, BackwardScratch *w, uint16_t *zeros) {
   const int64_t T = a->T, D = a->D, Tp = padded(T), kv = h / (a->H / a->K);
   HeadView v = {a->q + b * a->q_stride[0] + h * a->q_stride[1], a->dout + b * a->dout_stride[0] + h * a->dout_stride[1],
                 {packed_at(a, 0, b, kv), packed_at(a, 1, b, kv), packed_at(a, 2, b, kv)},
-                a->slopes ? a->slopes[h] : 0.0f, a->positions + b * a->positions_stride,
-                a->partials + (b * a->H + h) * Tp * D, a->partials + ((a->B + b) * a->H + h) * Tp * D};
+                a->slopes ? a->slopes[h] : 0.0f, a->positions + b * a->positions_stride, w->dk, w->dv};
+  if (a->partials) {
+    v.dk = a->partials + (b * a->H + h) * Tp * D, v.dv = a->partials + ((a->B + b) * a->H + h) * Tp * D;
+    memset(v.dk, 0, (size_t)(Tp * D) * sizeof(float));
+    memset(v.dv, 0, (size_t)(Tp * D) * sizeof(float));
+  }
   pack_over_t(v.q, a->q_stride[2], T, Tp, D, w->qt, zeros);
   pack_over_t(v.dout, a->dout_stride[2], T, Tp, D, w->dot, zeros);
   row_statistics(a, b, h, w);
   memset(w->lse + T, 0, (size_t)(Tp - T) * sizeof(float));  // padding rows (AMX reads whole tiles)
   memset(w->delta + T, 0, (size_t)(Tp - T) * sizeof(float));
   memset(w->dq, 0, (size_t)(Tp * D) * sizeof(float));
-  memset(v.dk, 0, (size_t)(Tp * D) * sizeof(float));
-  memset(v.dv, 0, (size_t)(Tp * D) * sizeof(float));
   return v;
 }
 
@@ -737,22 +742,42 @@ static void backward_head_amx(const FlashArgs *a, int64_t b, int64_t h, Backward
 static _Thread_local void *backward_buffer;
 static _Thread_local size_t backward_capacity;
 
+// One query head's backward, by AMX tiles where granted.
+static void backward_one(const FlashArgs *a, int64_t b, int64_t h, BackwardScratch *w, uint16_t *zeros) {
+#if HAVE_AMX
+  if (a->amx) {
+    backward_head_amx(a, b, h, w, zeros);
+    return;
+  }
+#endif
+  backward_head(a, b, h, w, zeros);
+}
+
+// dK or dV of key/value head kv of batch row b from float32 rows (Tp, D) (`rows(t)`), in bf16.
+static void store_kv_gradient(const FlashArgs *a, int which, int64_t b, int64_t kv, int64_t t, const float *row) {
+  uint16_t *target = which == 0 ? a->dk + b * a->dk_stride[0] + kv * a->dk_stride[1] + t * a->dk_stride[2]
+                                : a->dv + b * a->dv_stride[0] + kv * a->dv_stride[1] + t * a->dv_stride[2];
+  for (int64_t d = 0; d < a->D; d += 16) _mm256_storeu_si256((__m256i *)(target + d), round_bf16(_mm512_loadu_ps(row + d)));
+}
+
 int andromeda_flash_backward(const FlashArgs *caller) {
   const FlashArgs args = checked(caller), *a = &args;
   const int64_t T = a->T, D = a->D, Tp = padded(T), G = a->H / a->K;
+  const int grouped = a->partials == NULL;  // a task per key/value head, its group's dK, dV summed in place
   int failed = 0;
 #pragma omp parallel reduction(| : failed)
   {
     uint16_t zeros[256] = {0};
     pack_keys_values(a, 1, zeros);
-    // floats: dq (Tp D), delta, lse (Tp each), s, dp (TILE^2 each); bf16: qt, dot (and for AMX qd, dod;
-    // Tp D each), 4 x TILE^2
-    const size_t floats = (size_t)(Tp * D + 2 * Tp + 2 * TILE * TILE);
+    // floats: dq (Tp D), delta, lse (Tp each), s, dp (TILE^2 each), grouped: dk, dv (Tp D each); bf16: qt,
+    // dot (and for AMX qd, dod; Tp D each), 4 x TILE^2
+    const size_t floats = (size_t)((grouped ? 3 : 1) * Tp * D + 2 * Tp + 2 * TILE * TILE);
     const size_t halves = (size_t)((a->amx ? 4 : 2) * Tp * D + 4 * TILE * TILE);
     float *base = (float *)thread_buffer(&backward_buffer, &backward_capacity, floats * 4 + halves * 2 + 64);
     BackwardScratch w = {0};
     if (base) {
       w.dq = base, w.delta = base + Tp * D, w.lse = w.delta + Tp, w.s = w.lse + Tp, w.dp = w.s + TILE * TILE;
+      if (grouped) w.dk = w.dp + TILE * TILE, w.dv = w.dk + Tp * D;
       uint16_t *half = (uint16_t *)(base + floats);
       w.qt = half, w.dot = half + Tp * D, w.p = half + 2 * Tp * D;
       w.pv = w.p + TILE * TILE, w.ds = w.pv + TILE * TILE, w.dsv = w.ds + TILE * TILE;
@@ -763,38 +788,48 @@ int andromeda_flash_backward(const FlashArgs *caller) {
 #if HAVE_AMX
     if (a->amx) amx_configure(8);
 #endif
+    if (grouped) {
+      // each key/value head's dK and dV summed over its group's query heads in the thread's scratch
+      // (in L2 at the 2.5 B's shapes), then stored: no per-head partials, no pass summing them
 #pragma omp for schedule(dynamic, 1) collapse(2)
-    for (int64_t b = 0; b < a->B; ++b)
-      for (int64_t h = 0; h < a->H; ++h) {
-        if (!base) continue;
-#if HAVE_AMX
-        if (a->amx) {
-          backward_head_amx(a, b, h, &w, zeros);
-          continue;
+      for (int64_t b = 0; b < a->B; ++b)
+        for (int64_t kv = 0; kv < a->K; ++kv) {
+          if (!base) continue;
+          memset(w.dk, 0, (size_t)(2 * Tp * D) * sizeof(float));
+          for (int64_t g = 0; g < G; ++g) backward_one(a, b, kv * G + g, &w, zeros);
+          for (int64_t t = 0; t < T; ++t) {
+            store_kv_gradient(a, 0, b, kv, t, w.dk + t * D);
+            store_kv_gradient(a, 1, b, kv, t, w.dv + t * D);
+          }
         }
-#endif
-        backward_head(a, b, h, &w, zeros);
-      }
+    } else {
+#pragma omp for schedule(dynamic, 1) collapse(2)
+      for (int64_t b = 0; b < a->B; ++b)
+        for (int64_t h = 0; h < a->H; ++h)
+          if (base) backward_one(a, b, h, &w, zeros);
+    }
 #if HAVE_AMX
     if (a->amx) _tile_release();
 #endif
-    // each key/value head's gradients: the sum of its group's partials, in bf16
+    if (!grouped) {
+      // each key/value head's gradients: the sum of its group's partials, in bf16
 #pragma omp for schedule(static) collapse(3)
-    for (int64_t b = 0; b < a->B; ++b)
-      for (int64_t kv = 0; kv < a->K; ++kv)
-        for (int64_t t = 0; t < T; ++t)
-          for (int which = 0; which < 2; ++which) {
-            uint16_t *target = which == 0 ? a->dk + b * a->dk_stride[0] + kv * a->dk_stride[1] + t * a->dk_stride[2]
-                                          : a->dv + b * a->dv_stride[0] + kv * a->dv_stride[1] + t * a->dv_stride[2];
-            for (int64_t d = 0; d < D; d += 16) {
-              __m512 sum = _mm512_setzero_ps();
-              for (int64_t g = 0; g < G; ++g) {
-                const int64_t h = kv * G + g;
-                sum = _mm512_add_ps(sum, _mm512_loadu_ps(a->partials + (((which * a->B + b) * a->H + h) * Tp + t) * D + d));
+      for (int64_t b = 0; b < a->B; ++b)
+        for (int64_t kv = 0; kv < a->K; ++kv)
+          for (int64_t t = 0; t < T; ++t)
+            for (int which = 0; which < 2; ++which) {
+              float sum[256];
+              for (int64_t d = 0; d < D; d += 16) {
+                __m512 total = _mm512_setzero_ps();
+                for (int64_t g = 0; g < G; ++g) {
+                  const int64_t h = kv * G + g;
+                  total = _mm512_add_ps(total, _mm512_loadu_ps(a->partials + (((which * a->B + b) * a->H + h) * Tp + t) * D + d));
+                }
+                _mm512_storeu_ps(sum + d, total);
               }
-              _mm256_storeu_si256((__m256i *)(target + d), round_bf16(sum));
+              store_kv_gradient(a, which, b, kv, t, sum);
             }
-          }
+    }
   }
   return failed ? 2 : 0;
 }
