@@ -117,6 +117,16 @@ def test_w1_gradient_under_bf16_on_the_cpu_is_the_transposed_product_written_bac
         torch.testing.assert_close(a, b, atol=5e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("shape", [(4096, 768), (100, 37), (1, 5), (333, 2560)])
+def test_column_sums_by_a_product_are_the_column_reduction(shape):
+    """The feed-forward's bias gradients under CPU bf16 (`column_sums`, a ones-row product): the bits
+    of x.sum(0)."""
+    from andromeda.model import fused
+
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(shape[0])) * 4).bfloat16()
+    assert torch.equal(fused.column_sums(x), x.sum(0))
+
+
 def test_no_grad_runs_the_plain_ops_and_leaves_the_workspace_empty():
     inputs, workspace = ff_inputs(), Workspace()
     with torch.no_grad():

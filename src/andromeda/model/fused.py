@@ -110,6 +110,13 @@ def _copy_scaled(target: Tensor, src: Tensor, scale: Tensor | None) -> None:
         target.copy_(src).mul_(scale)
 
 
+def column_sums(x: Tensor) -> Tensor:
+    """x.sum(0) for a bf16 matrix x (N, F) on the CPU, as the product ones (1, N) @ x: oneDNN's
+    matrix-vector product reads x at 1.6x the speed of ATen's column reduction (13.2 against 8.4 ms
+    for (4096, 10240), one thread), both summing in float32 into bf16."""
+    return (x.new_ones((1, x.shape[0])) @ x)[0]
+
+
 def projection(x: Tensor, module: nn.Module, transpose: Transposer | None = None) -> Tensor:
     """module(x) for a bias-free projection; under bf16 CPU autocast, training a plain nn.Linear of
     at least CONTIGUOUS_FIRST_MIN weights, the same product with its weight gradient formed from a
@@ -210,7 +217,7 @@ class _FeedForward(torch.autograd.Function):
             torch._C._nn.gelu(h, out=buffer)  # GELU's output again
             grad_w2 = (transposed(dy, dy.dtype, kernel=transpose) if contiguous_first else dy.T) @ buffer  # (C, F)
         if need_b2:
-            grad_b2 = dy.sum(0)
+            grad_b2 = column_sums(dy) if contiguous_first else dy.sum(0)
         if need_x or need_w1 or need_b1:
             torch.mm(dy, w2, out=buffer)  # d loss / d GELU output, over GELU's output
             torch.ops.aten.gelu_backward.grad_input(buffer, h, grad_input=buffer)  # d loss / d h
@@ -219,7 +226,7 @@ class _FeedForward(torch.autograd.Function):
             elif need_w1:
                 grad_w1 = buffer.T @ x2  # (F, C)
             if need_b1:
-                grad_b1 = buffer.sum(0)
+                grad_b1 = column_sums(buffer) if contiguous_first else buffer.sum(0)
             if need_x:
                 grad_x = (buffer @ w1).view(grad_y.shape[:-1] + (w1.shape[1],))
         grads = (grad_x, grad_w1, grad_b1, grad_w2, grad_b2)
