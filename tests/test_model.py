@@ -360,6 +360,20 @@ def test_a_weight_gradient_of_one_product_is_never_summed_in_float32():
     assert torch.equal(out, (rows.T.contiguous() @ grad).float().T * scale)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_loss_over_no_rows_gives_zero_gradients(autocast):
+    """No rows (every product skipped): the loss 0 and both gradients zeros, in the weight's layout
+    and dtype (the bf16 CPU path sums transposed; it used to hand back an uninitialised buffer)."""
+    hidden = torch.zeros(0, 16, requires_grad=True)
+    weight = torch.randn(40, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        value = linear_cross_entropy(hidden, weight, torch.zeros(0, dtype=torch.long))
+    value.backward()
+    assert value.item() == 0.0
+    assert weight.grad.shape == weight.shape and weight.grad.dtype == weight.dtype
+    assert torch.equal(weight.grad, torch.zeros_like(weight)) and hidden.grad.shape == (0, 16)
+
+
 def test_the_kernel_path_takes_one_weight_gradient_product_per_group_of_chunks(monkeypatch):
     """With the CPU softmax kernel the loss gathers LOSS_GROUP_BYTES of gradient rows for each
     weight-gradient product (here groups of 2 chunks and a short last one): the hidden gradient is

@@ -60,6 +60,8 @@ def test_rows_at_a_stride_and_a_transposed_view_give_the_contiguous_results():
     assert torch.equal(transposed_by_kernel(strided_rows, torch.float32), strided_rows.contiguous().T.float())
     view = base.T  # columns at a stride: made contiguous first
     assert torch.equal(transposed_by_kernel(view, torch.bfloat16), base)
+    broadcast = base[:1].expand(30, 90)  # rows at stride 0 (a gradient broadcast over rows): copied first
+    assert torch.equal(transposed_by_kernel(broadcast, torch.float32), broadcast.T.float())
 
 
 def test_two_threads_write_what_one_writes():

@@ -215,8 +215,10 @@ class _WeightGradient:
             self.product = None
 
     def scaled(self, scale: Tensor, dtype: torch.dtype) -> Tensor:
-        """sum * scale in the weight's layout and `dtype`."""
+        """sum * scale in the weight's layout and `dtype` (zeros where no rows were added)."""
         total = self.product if self.pending else self.sum
+        if total is None:
+            return torch.zeros(self.shape[::-1] if self.transposed else self.shape, dtype=dtype, device=scale.device)
         if not self.transposed:
             return (total.to(self.acc) if self.pending else total).mul_(scale).to(dtype)
         # In blocks of rows (`fused.transposed`): one pass over the whole transposed sum is 3x

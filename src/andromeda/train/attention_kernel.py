@@ -194,7 +194,8 @@ def tasks_per_kv_head(B: int, K: int) -> bool:
     where B x K tasks share out evenly over the threads (a multiple of them, or at least 4 each): no
     float32 partials per query head (2 B H T D floats, 100 MB at the 2.5 B's shapes and 4 x 1,024
     tokens) and no pass summing them; the backward 1.33-1.37x faster there at one thread (1.1-1.24x at
-    dim 512; `benchmarks/bench_attention.py`). Else a task per query head."""
+    dim 512; `benchmarks/bench_attention.py`). Else a task per query head. The two sum dK and dV in
+    another float32 order, so those bits follow the thread count (one thread count, one result)."""
     tasks, threads = B * K, torch.get_num_threads()
     return tasks % threads == 0 or tasks >= 4 * threads
 

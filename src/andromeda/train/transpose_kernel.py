@@ -44,14 +44,14 @@ def transposed_by_kernel(src: Tensor, dtype: torch.dtype, scale: Tensor | None =
                          f"{tuple(src.shape)} {src.dtype} on {src.device} into {dtype}")
     if scale is not None and scale.numel() != 1:
         raise ValueError(f"scale must hold one number, got shape {tuple(scale.shape)}")
-    if src.stride(1) != 1:
-        src = src.contiguous()
     rows, cols = src.shape
+    if src.stride(1) != 1 or (rows > 1 and src.stride(0) < cols):  # columns apart, or rows overlapping (broadcast)
+        src = src.contiguous()
     out = torch.empty((cols, rows), dtype=dtype)
     factor = None if scale is None else scale.detach().to(device="cpu", dtype=torch.float32).reshape(())
     if rows and cols:
         with torch.profiler.record_function(PROFILER_NAME):  # a ctypes call is no op the profiler sees
-            _kernel()(src.data_ptr(), src.dtype == torch.bfloat16, rows, cols, max(src.stride(0), 1), out.data_ptr(),
+            _kernel()(src.data_ptr(), src.dtype == torch.bfloat16, rows, cols, src.stride(0), out.data_ptr(),
                       dtype == torch.bfloat16, rows, None if factor is None else factor.data_ptr())
     return out
 
