@@ -171,7 +171,7 @@ class _WeightGradient:
         V, C = weight.shape
         self.transposed, self.kernel = transposed, kernel
         self.shape, self.acc = ((C, V) if transposed else (V, C)), acc
-        self.sum: Tensor | None = None  # made by the second product (`_summed`)
+        self.sum: Tensor | None = None  # made by `add` when a second product comes (or the first, direct)
         # A product in the compute dtype is summed into `sum` from a buffer of its own (one, not
         # one a chunk); in `acc` itself it goes straight into `sum`.
         self.direct = compute == acc

@@ -25,13 +25,10 @@ from torch import Tensor, nn
 
 from ..inference.native import KernelLibrary
 from ..model.loss import SoftmaxCrossEntropy
-from .kernels import give_transformers
+from .kernels import AVX512_CPU_FLAGS, AVX512_FLAGS, give_transformers
 
 SOURCE = Path(__file__).parents[1] / "inference" / "kernels" / "cross_entropy.c"
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp", "-shared", "-fPIC",
-         "-std=gnu11", "-lm")
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
-LIBRARY = KernelLibrary("the loss kernel", SOURCE, FLAGS, CPU_FLAGS,
+LIBRARY = KernelLibrary("the loss kernel", SOURCE, AVX512_FLAGS, AVX512_CPU_FLAGS,
                         "set the model's softmax_cross_entropy to None to use PyTorch's ops")
 
 

@@ -27,12 +27,10 @@ from torch import Tensor, nn
 
 from ..inference.native import KernelLibrary
 from ..model.transformer import LayerNorm, NormToBF16
+from .kernels import AVX512_CPU_FLAGS, AVX512_FLAGS
 
 SOURCE = Path(__file__).parents[1] / "inference" / "kernels" / "layer_norm.c"
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp", "-shared", "-fPIC",
-         "-std=gnu11", "-lm")
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
-LIBRARY = KernelLibrary("the LayerNorm kernel", SOURCE, FLAGS, CPU_FLAGS,
+LIBRARY = KernelLibrary("the LayerNorm kernel", SOURCE, AVX512_FLAGS, AVX512_CPU_FLAGS,
                         "set the model's norms' to_bf16 to None to use PyTorch's ops")
 
 

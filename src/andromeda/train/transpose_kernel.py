@@ -25,14 +25,11 @@ from torch import Tensor, nn
 
 from ..inference.native import KernelLibrary
 from ..model.fused import TRANSPOSER_DTYPES, Transposer
-from .kernels import give_transformers
+from .kernels import AVX512_CPU_FLAGS, AVX512_FLAGS, give_transformers
 
 SOURCE = Path(__file__).parents[1] / "inference" / "kernels" / "transpose.c"
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp", "-shared", "-fPIC",
-         "-std=gnu11")
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
 PROFILER_NAME = "andromeda::transpose"  # its calls in a torch.profiler trace
-LIBRARY = KernelLibrary("the transpose kernel", SOURCE, FLAGS, CPU_FLAGS,
+LIBRARY = KernelLibrary("the transpose kernel", SOURCE, AVX512_FLAGS, AVX512_CPU_FLAGS,
                         "set the model's transpose to None to use PyTorch's ops")
 
 
