@@ -17,6 +17,7 @@ import argparse
 import copy
 import logging
 import os
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from andromeda.model import Transformer
 from andromeda.model.transformer import LayerNorm
 from andromeda.parallel.parallelize import TRAIN_COMPILE_SCOPE, apply_compile
 from andromeda.train.attention_kernel import use_attention_kernel
+from andromeda.train.heap import keep_freed_memory
 from andromeda.train.loss_kernel import use_loss_kernel
 from andromeda.train.norm_kernel import use_norm_kernel
 from andromeda.train.transpose_kernel import use_transpose_kernel
@@ -78,13 +80,15 @@ class TrainStep:
         # The process's CPU seconds per call: at one thread, the time the step had the core,
         # which the other jobs of a shared machine lengthen far less than the wall time.
         self.cpu_seconds: list[float] = []
+        self.system_seconds: list[float] = []  # of those, the kernel's (page faults, mostly)
 
     def __call__(self) -> Tensor:
-        start = time.process_time()
+        start, system = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_stime
         try:
             return self._step()
         finally:
             self.cpu_seconds.append(time.process_time() - start)
+            self.system_seconds.append(resource.getrusage(resource.RUSAGE_SELF).ru_stime - system)
 
     def _step(self) -> Tensor:
         self.optimizer.zero_grad(set_to_none=True)
@@ -292,6 +296,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-attention-prologue", action="store_true",
                         help="QK-norm and rotary xPos in PyTorch's ops (as before `attention_kernel.attention_prologue`), "
                              "not its C kernel")
+    parser.add_argument("--glibc-heap", action="store_true",
+                        help="leave glibc's malloc policy as it is (freed large buffers go back to the system); by "
+                             "default the CPU steps reuse freed memory, as `andromeda train` sets it")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's peak TFLOP/s for MFU (default: the datasheet's dense bf16 peak for "
                              "known GPUs, else the measured matmul peak)")
@@ -317,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was given but torch.cuda.is_available() is False")
+    heap_kept = device.type == "cpu" and not args.glibc_heap and keep_freed_memory()
     config = bench_config(args)
     size = 2048 if args.quick else 4096
     peaks = {mode: common.matmul_peak_flops(MODES[mode] or torch.float32, device, size=size)
@@ -325,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"- machine: {common.environment()}")
     print(f"- CPU allocations of 2 MiB or more in huge pages: {'yes' if HUGE_PAGES else 'no'} "
           f"(THP_MEM_ALLOC_ENABLE, set as the `andromeda` command sets it)")
+    print(f"- freed memory kept for the next step: {'yes' if heap_kept else 'no'} (glibc's heap, as `andromeda "
+          f"train` sets it on the CPU; --glibc-heap leaves glibc's policy)")
     if device.type == "cpu":
         from andromeda.train.attention_kernel import AMX_HEAD_MULTIPLE, amx_tiles, prologue_fits
 
@@ -389,6 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     for mode, after in peaks_after.items():
         print(f"- matmul peak {mode}: {peaks[mode] / 1e9:,.1f} GFLOP/s before the steps, {after / 1e9:,.1f} after; "
               f"MFU is against the higher, {max(peaks[mode], after) / 1e9:,.1f}")
+    if device.type == "cpu":  # the kernel's share of the CPU time: page faults, mostly
+        print("- system time of the timed steps (median): " + "; ".join(
+            f"{mode} {c.name} {common.median(c.system_seconds[-args.steps:]):.2f} s" for mode, contestants in measured
+            for c in contestants))
     if args.profile:
         for mode, contestants in measured:
             for contestant in contestants:

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from andromeda.train import heap
 from helpers import CORPUS_TEXT
 
 # Devices the tests that take a `device` run on: "cpu" by default; benchmarks/gpu_check.sh runs
@@ -20,6 +21,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def kept_heap(monkeypatch) -> list:
+    """`andromeda train` on the CPU makes its process keep freed memory (`andromeda.train.heap`);
+    a test running the command in this process records the call instead of changing the whole
+    test process's allocator. tests/test_heap.py runs the real one in processes of its own."""
+    calls = []
+    monkeypatch.setattr(heap, "keep_freed_memory", lambda environ=None: calls.append(environ) or False)
+    return calls
 
 
 @pytest.fixture

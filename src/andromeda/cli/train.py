@@ -134,12 +134,16 @@ def run(args: argparse.Namespace) -> int:
     from ..parallel.environment import launched_rank, resolve_device
     from ..pause import pause_hook, tokenizer_pause
     from ..train import PREEMPTED_EXIT_CODE, Preempted, train
+    from ..train.heap import keep_freed_memory
 
     config = train_config_from_args(args)
+    # The process is ours, so its globals are ours to set (a library call would not set them).
     if resolve_device(config.device).type == "cuda":
-        # The process is ours: let fp32 matmuls use TF32 tensor cores (bf16 autocast is the default
-        # on CUDA; this covers what runs in fp32). A library call would not set this global.
+        # fp32 matmuls may use TF32 tensor cores (bf16 autocast is the default on CUDA; this
+        # covers what runs in fp32).
         torch.set_float32_matmul_precision("high")
+    else:  # each step reuses the last one's pages instead of faulting them in again
+        keep_freed_memory()
     try:
         # The test hooks (pause points) are read here, at the application's edge, and passed in.
         result = train(config, pause=pause_hook(), tokenizer_pause=tokenizer_pause())
