@@ -10,36 +10,35 @@ import sys
 import pytest
 
 from andromeda.train import heap
-from helpers import child_env
+from helpers import child_env, tiny_train_config
 
 pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                                 reason="glibc's malloc on Linux")
 
 MIB = 1 << 20
 BUFFER = 64 * MIB
+SMALLER = 56 * MIB
 
-# Allocates, touches and frees a 64 MiB buffer three times and counts the minor page faults of the
-# third (the second may still fault: glibc grows its heap in the first rounds, as a training run's
-# first steps do).
+# Allocates, touches and frees a 64 MiB buffer, then counts the minor page faults of touching a 56 MiB
+# one (smaller, so a kept 64 MiB free chunk holds it whatever glibc's alignment asks).
 PROBE = f"""
 import json, resource, sys
 import torch
 from andromeda.train.heap import keep_freed_memory
 kept = keep_freed_memory() if sys.argv[1] == "keep" else False
-def touched():
-    buffer = torch.empty({BUFFER}, dtype=torch.uint8)
+def touched(size):
+    buffer = torch.empty(size, dtype=torch.uint8)
     buffer.fill_(1)
     return buffer
-for _ in range(2):
-    del_ = touched(); del del_
+del_ = touched({BUFFER}); del del_
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-again = touched()
+again = touched({SMALLER})
 print(json.dumps({{"kept": kept, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}}))
 """
 
 
 def _probe(mode: str, **env: str) -> dict:
-    # 4 KiB pages (no huge-page allocations), so a buffer faulted in again counts 16,384 faults.
+    # 4 KiB pages (no huge-page allocations), so the 56 MiB faulted in anew counts 14,336 faults.
     environment = child_env() | {"THP_MEM_ALLOC_ENABLE": "0"} | env
     for name in (*heap.MALLOC_VARIABLES, "GLIBC_TUNABLES"):  # the suite's own settings, if any
         if name not in env:
@@ -51,7 +50,7 @@ def _probe(mode: str, **env: str) -> dict:
 
 
 def test_a_freed_buffer_is_reused_without_page_faults():
-    pages = BUFFER // 4096
+    pages = SMALLER // 4096
     kept, default = _probe("keep"), _probe("default")
     assert kept["kept"] is True and default["kept"] is False
     assert default["faults"] >= pages * 0.9  # glibc unmapped it: every page faulted in again
@@ -60,7 +59,7 @@ def test_a_freed_buffer_is_reused_without_page_faults():
 
 def test_the_users_malloc_settings_are_left_as_set():
     probe = _probe("keep", MALLOC_MMAP_MAX_="65536")  # glibc's default count, chosen explicitly
-    assert probe["kept"] is False and probe["faults"] >= BUFFER // 4096 * 0.9
+    assert probe["kept"] is False and probe["faults"] >= SMALLER // 4096 * 0.9
 
 
 def test_unavailable_reason_names_the_setting():
@@ -68,3 +67,74 @@ def test_unavailable_reason_names_the_setting():
     assert "MALLOC_TRIM_THRESHOLD_" in heap.unavailable_reason({"MALLOC_TRIM_THRESHOLD_": "0"})
     assert "GLIBC_TUNABLES" in heap.unavailable_reason({"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"})
     assert heap.unavailable_reason({"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX512F"}) is None
+
+
+def test_freed_memory_keeps_a_steady_heap_and_releases_growth():
+    sizes, released = [], []
+    guard = heap.FreedMemory(settle_steps=3, growth=1.25, slack=100, resident=lambda: sizes[-1],
+                             release=lambda: released.append(sizes[-1]))
+
+    def step(size: int) -> None:
+        sizes.append(size)
+        guard.after_step()
+
+    for size in (800, 1000, 900):  # the first steps settle at their maximum, 1,000
+        step(size)
+    for size in (1000, 1300, 1350):  # within 1.25 x 1,000 + 100
+        step(size)
+    assert released == []
+    step(1351)  # past the bound: given back, then settles again
+    assert released == [1351] and guard.releases == 1
+    for size in (700, 760, 720):
+        step(size)
+    step(1049)  # 1.25 x 760 + 100 = 1,050
+    assert released == [1351]
+    step(1051)
+    assert released == [1351, 1051]
+    with pytest.raises(ValueError, match="settle_steps >= 1"):
+        heap.FreedMemory(settle_steps=0)
+
+
+def test_the_training_loop_calls_after_step_after_every_step(tmp_path, corpus):
+    from andromeda.train import train
+
+    steps = []
+    result = train(tiny_train_config(tmp_path, corpus, max_steps=5), after_step=lambda: steps.append(len(steps)))
+    assert result.step == 5 and steps == [0, 1, 2, 3, 4]
+
+
+# 64 MiB buffers freed between small allocations that stay, in 4 KiB pages: a heap that never gives
+# memory back grows by one buffer a round (no free chunk fits glibc's aligned request); with
+# FreedMemory after each round it stays near its steady size.
+FRAGMENTING = f"""
+import json, sys
+import torch
+from andromeda.train import heap
+assert heap.keep_freed_memory()
+guard = heap.FreedMemory() if sys.argv[1] == "guarded" else None
+kept, largest = [], 0
+for _ in range(40):
+    buffer = torch.empty({BUFFER}, dtype=torch.uint8)
+    buffer.fill_(1)
+    del buffer
+    kept.append(torch.empty(10))
+    if guard is not None:
+        guard.after_step()
+    largest = max(largest, heap.resident_bytes())
+print(json.dumps({{"largest": largest, "releases": guard.releases if guard else 0}}))
+"""
+
+
+def test_freed_memory_bounds_a_fragmenting_heap():
+    def run(mode: str) -> dict:
+        environment = child_env() | {"THP_MEM_ALLOC_ENABLE": "0"}
+        for name in (*heap.MALLOC_VARIABLES, "GLIBC_TUNABLES"):
+            environment.pop(name, None)
+        done = subprocess.run([sys.executable, "-c", FRAGMENTING, mode], env=environment, capture_output=True,
+                              text=True, check=False, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout.splitlines()[-1])
+
+    unguarded, guarded = run("unguarded"), run("guarded")
+    assert unguarded["largest"] > 1.5e9  # ~40 x 64 MiB
+    assert guarded["releases"] >= 3 and guarded["largest"] < 0.8e9

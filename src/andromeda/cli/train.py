@@ -134,19 +134,20 @@ def run(args: argparse.Namespace) -> int:
     from ..parallel.environment import launched_rank, resolve_device
     from ..pause import pause_hook, tokenizer_pause
     from ..train import PREEMPTED_EXIT_CODE, Preempted, train
-    from ..train.heap import keep_freed_memory
+    from ..train import heap
 
     config = train_config_from_args(args)
     # The process is ours, so its globals are ours to set (a library call would not set them).
+    after_step = None
     if resolve_device(config.device).type == "cuda":
         # fp32 matmuls may use TF32 tensor cores (bf16 autocast is the default on CUDA; this
         # covers what runs in fp32).
         torch.set_float32_matmul_precision("high")
-    else:  # each step reuses the last one's pages instead of faulting them in again
-        keep_freed_memory()
+    elif heap.keep_freed_memory():  # each step reuses the last one's pages instead of faulting them in
+        after_step = heap.FreedMemory().after_step  # and the heap stays near its steady size
     try:
         # The test hooks (pause points) are read here, at the application's edge, and passed in.
-        result = train(config, pause=pause_hook(), tokenizer_pause=tokenizer_pause())
+        result = train(config, pause=pause_hook(), tokenizer_pause=tokenizer_pause(), after_step=after_step)
     except Preempted as stopped:
         print(f"andromeda train: {stopped}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE

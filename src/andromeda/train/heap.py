@@ -18,6 +18,14 @@ library on its own. Where the environment sets one of glibc's MALLOC_*_ variable
 tunable, the user chose a policy, and it is left as set (any of them also fixes glibc's mmap
 threshold at 128 KiB, which costs more than either policy: half the demo recipe's steps with
 MALLOC_MMAP_MAX_=65536).
+
+A heap that never gives memory back can fragment without bound where the sizes do not repeat: 64 MiB
+buffers freed between small allocations that stay grew a process to 4.2 GB in 60 rounds, buffers of
+random sizes (393 MB live at most) to 2.3 GB. A training step repeats its allocations exactly, so
+its heap settles after the first steps (8.26 GB flat over 12 steps above); evaluations, checkpoint
+saves and other code do not. `FreedMemory` bounds it: called after every step, it takes the
+resident size the first steps settle at and gives the free pages back (`malloc_trim`) whenever the
+process grows past it by a quarter and 256 MiB, then settles again.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import ctypes.util
 import logging
 import os
 import platform
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -63,3 +71,44 @@ def keep_freed_memory(environ: Mapping[str, str] | None = None) -> bool:
         reason = "glibc's mallopt refused the settings"
     log.info("freed memory goes back to the system as glibc decides: %s", reason)
     return False
+
+
+def resident_bytes() -> int:
+    """The process's resident size (Linux's /proc/self/statm), in bytes."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def release_free_pages() -> None:
+    """Give every whole free page of glibc's heap back to the system (malloc_trim(0))."""
+    ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
+class FreedMemory:
+    """Keeps a process that keeps freed memory (`keep_freed_memory`) near its steady size.
+
+    `after_step()` after every training step: the resident size's maximum over the first
+    `settle_steps` steps is the steady size; a later step that ends more than `growth` times it
+    plus `slack` bytes above gives the heap's free pages back, and the next steps settle again (the
+    step after a release faults its buffers in once more, as every step did before)."""
+
+    def __init__(self, *, settle_steps: int = 3, growth: float = 1.25, slack: int = 256 << 20,
+                 resident: Callable[[], int] = resident_bytes, release: Callable[[], None] = release_free_pages):
+        if settle_steps < 1 or growth < 1 or slack < 0:
+            raise ValueError(f"FreedMemory needs settle_steps >= 1, growth >= 1 and slack >= 0; got {settle_steps}, "
+                             f"{growth} and {slack}")
+        self.settle_steps, self.growth, self.slack = settle_steps, growth, slack
+        self.resident, self.release = resident, release
+        self.steps, self.steady, self.releases = 0, 0, 0
+
+    def after_step(self) -> None:
+        size = self.resident()
+        self.steps += 1
+        if self.steps <= self.settle_steps:
+            self.steady = max(self.steady, size)
+        elif size > self.steady * self.growth + self.slack:
+            self.release()
+            self.releases += 1
+            log.info("the heap grew to %.2f GB against %.2f GB steady: free pages given back", size / 1e9,
+                     self.steady / 1e9)
+            self.steps, self.steady = 0, 0

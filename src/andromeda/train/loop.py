@@ -98,7 +98,8 @@ class TrainResult:
     run_dir: Path
 
 
-def train(config: TrainConfig, *, pause: PausePoint | None = None, tokenizer_pause: str | None = None) -> TrainResult:
+def train(config: TrainConfig, *, pause: PausePoint | None = None, tokenizer_pause: str | None = None,
+          after_step: Callable[[], None] | None = None) -> TrainResult:
     """Run (or, with `config.resume`, continue) the training run `config` describes.
 
     Stops at `max_steps` or when `time_budget` seconds of training loop have passed (counting
@@ -110,7 +111,9 @@ def train(config: TrainConfig, *, pause: PausePoint | None = None, tokenizer_pau
 
     Under torchrun every process calls it (`config.parallel` says how they share the work) and all
     of them return the same result. `pause` and `tokenizer_pause` are test hooks (PausePoint, and
-    `data.tokenize_corpus`'s); without them nothing pauses.
+    `data.tokenize_corpus`'s); without them nothing pauses. `after_step()`, where given, runs after
+    every step and what follows it (logging, evaluation, a save): the process owner's hook
+    (`andromeda train` on the CPU bounds its kept heap there: `heap.FreedMemory`).
     """
     if not config.resume:  # the run's files, wherever it is resumed from
         config = config.replace(data=absolute_specs(config.data), eval_data=absolute_specs(config.eval_data),
@@ -122,7 +125,7 @@ def train(config: TrainConfig, *, pause: PausePoint | None = None, tokenizer_pau
         # Rank 0 holds the run folder for the whole run; a second run on it stops here.
         with run_lock(Path(config.out)) if env.is_main else contextlib.nullcontext():
             with preempted_before_training():
-                trainer = Trainer(config, env, pause=pause, tokenizer_pause=tokenizer_pause)
+                trainer = Trainer(config, env, pause=pause, tokenizer_pause=tokenizer_pause, after_step=after_step)
             context = logging_redirect_tqdm() if trainer.show_progress else contextlib.nullcontext()
             with context:
                 return trainer.run()
@@ -136,7 +139,7 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, env: DistEnv, *, pause: PausePoint | None = None,
-                 tokenizer_pause: str | None = None) -> None:
+                 tokenizer_pause: str | None = None, after_step: Callable[[], None] | None = None) -> None:
         check_parallel_setup(config.parallel, config.batch_size, config.grad_accum, env)
         if config.lora_rank is not None and config.parallel == "fsdp" and env.distributed:
             raise ValueError("a LoRA run (--lora-rank) shares its work with --parallel ddp, not fsdp: its trainable "
@@ -144,6 +147,7 @@ class Trainer:
         self.config, self.env = config, env
         self.lora_base: ModelSource | None = None  # a LoRA run's frozen base
         self.pause, self.tokenizer_pause = pause, tokenizer_pause  # test hooks (see `train`)
+        self.after_step = after_step
         self.run_dir = Path(config.out)
         self.metrics = MetricsLog(self.run_dir / METRICS_FILE)
         # --init-from's folder (a checkpoint, run folder or Hugging Face export), opened once. A
@@ -358,6 +362,8 @@ class Trainer:
                         self.evaluate()
                     if progress.step % config.save_every == 0 and not finished:
                         self.save()
+                    if self.after_step is not None:
+                        self.after_step()
                     if self.stop is not None:
                         self._stop_early()
         except BaseException:
