@@ -296,9 +296,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-attention-prologue", action="store_true",
                         help="QK-norm and rotary xPos in PyTorch's ops (as before `attention_kernel.attention_prologue`), "
                              "not its C kernel")
-    parser.add_argument("--glibc-heap", action="store_true",
-                        help="leave glibc's malloc policy as it is (freed large buffers go back to the system); by "
-                             "default the CPU steps reuse freed memory, as `andromeda train` sets it")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="CPU: the process keeps freed memory for the next step, as `andromeda train "
+                             "--keep-freed-memory` (train/heap.py); by default glibc gives large freed buffers back")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's peak TFLOP/s for MFU (default: the datasheet's dense bf16 peak for "
                              "known GPUs, else the measured matmul peak)")
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was given but torch.cuda.is_available() is False")
-    heap_kept = device.type == "cpu" and not args.glibc_heap and keep_freed_memory()
+    heap_kept = device.type == "cpu" and args.keep_freed_memory and keep_freed_memory()
     config = bench_config(args)
     size = 2048 if args.quick else 4096
     peaks = {mode: common.matmul_peak_flops(MODES[mode] or torch.float32, device, size=size)
@@ -333,8 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"- machine: {common.environment()}")
     print(f"- CPU allocations of 2 MiB or more in huge pages: {'yes' if HUGE_PAGES else 'no'} "
           f"(THP_MEM_ALLOC_ENABLE, set as the `andromeda` command sets it)")
-    print(f"- freed memory kept for the next step: {'yes' if heap_kept else 'no'} (glibc's heap, as `andromeda "
-          f"train` sets it on the CPU; --glibc-heap leaves glibc's policy)")
+    print(f"- freed memory kept for the next step: {'yes' if heap_kept else 'no'} (--keep-freed-memory, as "
+          f"`andromeda train --keep-freed-memory` on the CPU, its few steps without FreedMemory's bound)")
     if device.type == "cpu":
         from andromeda.train.attention_kernel import AMX_HEAD_MULTIPLE, amx_tiles, prologue_fits
 

@@ -25,11 +25,12 @@ def one_thread():
 
 @pytest.fixture(autouse=True)
 def kept_heap(monkeypatch) -> list:
-    """`andromeda train` on the CPU makes its process keep freed memory (`andromeda.train.heap`);
-    a test running the command in this process records the call instead of changing the whole
-    test process's allocator. tests/test_heap.py runs the real one in processes of its own."""
+    """`andromeda train --keep-freed-memory` makes its process keep freed memory for good
+    (`andromeda.train.heap`); a test running the command in this process records the call (and
+    answers that it applied) instead of changing the whole test process's allocator.
+    tests/test_heap.py runs the real one in processes of its own."""
     calls = []
-    monkeypatch.setattr(heap, "keep_freed_memory", lambda environ=None: calls.append(environ) or False)
+    monkeypatch.setattr(heap, "keep_freed_memory", lambda environ=None: calls.append(environ) is None)
     return calls
 
 

@@ -27,7 +27,7 @@ def _train_args(tmp_path, corpus, *extra):
 
 def test_train_eval_generate_end_to_end(tmp_path, corpus, capsys, kept_heap):
     assert cli.main(_train_args(tmp_path, corpus)) == 0
-    assert kept_heap == [None]  # on the CPU the command keeps freed memory (os.environ decides)
+    assert kept_heap == []  # freed memory is kept only when asked for (--keep-freed-memory)
     out = capsys.readouterr().out
     assert "trained 30 steps" in out and "held-out loss" in out
     run = tmp_path / "run"
@@ -138,6 +138,29 @@ def test_plan_takes_the_card_and_prices_one_gpu_as_one_process(capsys):
     assert "one process, bf16 autocast over fp32 weights, gradients and AdamW" in out
     assert "usable of 40.0 GiB card" in out and "of 312 TFLOP/s" in out
     assert "bf16 weight copies (autocast)" in out
+
+
+def test_train_keeps_freed_memory_when_asked(tmp_path, corpus, capsys, kept_heap, monkeypatch):
+    from andromeda.train import heap
+
+    guards = []
+
+    class Counted(heap.FreedMemory):  # the command's bound on the kept heap, its calls counted
+        def __init__(self):
+            super().__init__()
+            guards.append(self)
+            self.calls = 0
+
+        def after_step(self):
+            self.calls += 1
+            super().after_step()
+
+    monkeypatch.setattr(heap, "FreedMemory", Counted)
+    assert cli.main(_train_args(tmp_path, corpus, "--keep-freed-memory")) == 0
+    assert "trained 30 steps" in capsys.readouterr().out
+    assert kept_heap == [None] and len(guards) == 1 and guards[0].calls == 30
+    saved = json.loads((tmp_path / "run" / "checkpoints" / "step_000030" / "train_config.json").read_text())
+    assert saved["keep_freed_memory"] is True
 
 
 def test_tokenize_builds_the_cache_that_train_then_reads(tmp_path, corpus, capsys, caplog):

@@ -139,12 +139,15 @@ def run(args: argparse.Namespace) -> int:
     config = train_config_from_args(args)
     # The process is ours, so its globals are ours to set (a library call would not set them).
     after_step = None
-    if resolve_device(config.device).type == "cuda":
+    device = resolve_device(config.device)
+    if device.type == "cuda":
         # fp32 matmuls may use TF32 tensor cores (bf16 autocast is the default on CUDA; this
         # covers what runs in fp32).
         torch.set_float32_matmul_precision("high")
-    elif heap.keep_freed_memory():  # each step reuses the last one's pages instead of faulting them in
-        after_step = heap.FreedMemory().after_step  # and the heap stays near its steady size
+    if config.keep_freed_memory and device.type != "cpu":
+        print(f"andromeda train: --keep-freed-memory is for CPU runs; ignored on {device}", file=sys.stderr)
+    elif config.keep_freed_memory and heap.keep_freed_memory():  # asked for: it changes this process for
+        after_step = heap.FreedMemory().after_step                # good (and the heap stays near its steady size)
     try:
         # The test hooks (pause points) are read here, at the application's edge, and passed in.
         result = train(config, pause=pause_hook(), tokenizer_pause=tokenizer_pause(), after_step=after_step)

@@ -112,6 +112,11 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile of each block, applied from outside the model (on CPU about "
                                   "level with eager, whose bf16 step runs C kernels)")
     activation_checkpointing: bool = option(False, "recompute each block's activations in backward to save memory")
+    keep_freed_memory: bool = option(
+        False, "CPU: this process keeps freed memory for the next step (glibc's malloc), so a step's large "
+               "buffers are not page-faulted in again: 1.05-1.08x faster steps at the 2.5 B's width on one "
+               "thread, for a resident size above the live peak (1.10-1.15x measured; more where allocation "
+               "sizes do not repeat; free pages go back where it grows past its steady size)")
     parallel: str = option("none", "how the processes torchrun starts share the work: ddp (replicas) or fsdp "
                                    "(sharded weights, gradients and optimizer state); ignored by one process",
                             choices=PARALLEL_MODES)

@@ -1,37 +1,37 @@
 """Keep the C heap's freed memory in the process for the next training step (glibc's malloc).
 
-A training step allocates and frees the same large buffers every step: activations, the loss's
-logits, each weight's gradient. glibc hands every allocation of 32 MiB or more (its largest
-dynamic mmap threshold) back to the kernel when it is freed, and returns the top of its heap
-too (`M_TRIM_THRESHOLD`), so each step page-faults all of them in again and the kernel zeroes
-every page first. At the 2.5 B default's width on one thread that is 20,000-30,000 page faults and
-0.5 s of system time in a step of ~8.5 s (two layers; 6% of the step's CPU time, measured with
-`getrusage` on an Intel Xeon, Emerald Rapids).
+A training step allocates and frees large buffers every step: activations, the loss's logits, each
+weight's gradient. glibc hands every freed block of 32 MiB or more (its largest dynamic mmap
+threshold) back to the kernel and trims the top of its heap (`M_TRIM_THRESHOLD`), so each step
+page-faults them all in again and the kernel zeroes every page first. At the 2.5 B default's width
+on one thread that is 20,000-30,000 page faults and 0.5 s of system time in a step of ~8.5 s (two
+layers; 6% of the step's CPU time, measured with `getrusage` on an Intel Xeon, Emerald Rapids).
 
-`keep_freed_memory` tells glibc to serve every allocation from its heap (`M_MMAP_MAX` 0) and never
-to give the heap back (`M_TRIM_THRESHOLD` -1), so a step reuses the pages of the last: no page
-faults and no system time after the first steps. The cost is the resident size: the heap keeps
-its high-water mark, 12-15% more than the live peak in those runs (7.3 -> 8.4 GB at two layers,
-12.4 -> 13.9 GB at six). The process's owner calls it (`andromeda train` on the CPU, the training
-benchmark), as it sets the number of threads: it is a process-wide setting, never made by the
-library on its own. Where the environment sets one of glibc's MALLOC_*_ variables or a glibc.malloc
-tunable, the user chose a policy, and it is left as set (any of them also fixes glibc's mmap
-threshold at 128 KiB, which costs more than either policy: half the demo recipe's steps with
-MALLOC_MMAP_MAX_=65536).
+`keep_freed_memory` tells glibc to serve the main thread's allocations from its heap (`M_MMAP_MAX`
+0) and never to give the heap back (`M_TRIM_THRESHOLD` -1), so a step reuses the pages of the last:
+no page faults and no system time once the heap has settled. It is opt-in (`andromeda train
+--keep-freed-memory` on the CPU; `bench_train.py --keep-freed-memory`), a process-wide setting that
+lasts the process's life, made by the process's owner, never by the library on its own.
 
-A heap that never gives memory back can fragment without bound where the sizes do not repeat: 64 MiB
-buffers freed between small allocations that stay grew a process to 4.2 GB in 60 rounds, buffers of
-random sizes (393 MB live at most) to 2.3 GB. A training step repeats its allocations exactly, so
-its heap settles after the first steps (8.26 GB flat over 12 steps above); evaluations, checkpoint
-saves and other code do not. `FreedMemory` bounds it: called after every step, it takes the
-resident size the first steps settle at and gives the free pages back (`malloc_trim`) whenever the
-process grows past it by a quarter and 256 MiB, then settles again.
+The cost is the resident size. PyTorch allocates with `posix_memalign`, whose aligned requests a
+freed block of the same size often cannot serve again, so the heap keeps more than the live peak:
++10-15% in the training runs measured (7.3 -> 8.4 GB at two layers, 12.4 -> 13.9 GB at six; 8.26
+GB flat over 12 steps), but 1.6x in a probe whose step's sizes did not fit their freed blocks, and
+2.3 GB for 393 MB live with random sizes. `FreedMemory`, called after every step, bounds the drift: it gives back what the
+set-up left free, takes the anonymous resident size the first steps settle at and gives the free
+pages back (`malloc_trim`) whenever the process grows past it by a quarter and 256 MiB, then
+settles again. Growth inside one step is not checked: a run near the machine's memory should
+leave the option off.
+
+Where the environment sets one of glibc's malloc variables (MALLOC_MMAP_MAX_, MALLOC_TRIM_THRESHOLD_,
+MALLOC_MMAP_THRESHOLD_, MALLOC_TOP_PAD_) or a glibc.malloc tunable, the user chose a policy and it is
+left as set; so it is where malloc is not glibc's (a preloaded jemalloc or tcmalloc).
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import logging
 import os
 import platform
@@ -45,11 +45,27 @@ M_MMAP_MAX = -4
 MALLOC_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt.argtypes, libc.mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    libc.malloc_trim.argtypes, libc.malloc_trim.restype = (ctypes.c_size_t,), ctypes.c_int
+    return libc
+
+
+def _glibc_malloc() -> bool:
+    """Whether this process's malloc is glibc's (not a preloaded allocator's)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    address = ctypes.cast(ctypes.CDLL(None).malloc, ctypes.c_void_p).value
+    return address == ctypes.cast(_libc().malloc, ctypes.c_void_p).value
+
+
 def unavailable_reason(environ: Mapping[str, str] | None = None) -> str | None:
     """Why `keep_freed_memory` would leave the allocator alone, or None."""
     environ = os.environ if environ is None else environ
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return "the C library is not glibc"
+    if not _glibc_malloc():
+        return "malloc is not glibc's"
     chosen = [name for name in MALLOC_VARIABLES if name in environ]
     if "glibc.malloc." in environ.get("GLIBC_TUNABLES", ""):
         chosen.append("GLIBC_TUNABLES")
@@ -63,10 +79,8 @@ def keep_freed_memory(environ: Mapping[str, str] | None = None) -> bool:
     A no-op, logged, where `unavailable_reason` gives a reason."""
     reason = unavailable_reason(environ)
     if reason is None:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-        mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-        # Order matters little: both only change where later allocations come from.
-        if mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, -1) == 1:
+        # Trimming off first: alone it changes nothing for blocks glibc maps on their own.
+        if _libc().mallopt(M_TRIM_THRESHOLD, -1) == 1 and _libc().mallopt(M_MMAP_MAX, 0) == 1:
             return True
         reason = "glibc's mallopt refused the settings"
     log.info("freed memory goes back to the system as glibc decides: %s", reason)
@@ -74,23 +88,28 @@ def keep_freed_memory(environ: Mapping[str, str] | None = None) -> bool:
 
 
 def resident_bytes() -> int:
-    """The process's resident size (Linux's /proc/self/statm), in bytes."""
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    """The process's anonymous resident memory (RssAnon in /proc/self/status), in bytes: the heap
+    and the other private memory, not the files mapped in (a token store read at random)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("/proc/self/status has no RssAnon line")
 
 
 def release_free_pages() -> None:
-    """Give every whole free page of glibc's heap back to the system (malloc_trim(0))."""
-    ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    """Give every whole free page of glibc's heaps back to the system (malloc_trim(0))."""
+    _libc().malloc_trim(0)
 
 
 class FreedMemory:
     """Keeps a process that keeps freed memory (`keep_freed_memory`) near its steady size.
 
-    `after_step()` after every training step: the resident size's maximum over the first
-    `settle_steps` steps is the steady size; a later step that ends more than `growth` times it
-    plus `slack` bytes above gives the heap's free pages back, and the next steps settle again (the
-    step after a release faults its buffers in once more, as every step did before)."""
+    `after_step()` after every training step: the first call gives back what the set-up left free;
+    the resident size's (`resident_bytes`) maximum over the first `settle_steps` steps is the
+    steady size; a later step that ends more than `growth` times it plus `slack` bytes above gives
+    the heap's free pages back, and the next steps settle again (the step after a release faults
+    its buffers in once more, as every step did before)."""
 
     def __init__(self, *, settle_steps: int = 3, growth: float = 1.25, slack: int = 256 << 20,
                  resident: Callable[[], int] = resident_bytes, release: Callable[[], None] = release_free_pages):
@@ -99,9 +118,12 @@ class FreedMemory:
                              f"{growth} and {slack}")
         self.settle_steps, self.growth, self.slack = settle_steps, growth, slack
         self.resident, self.release = resident, release
-        self.steps, self.steady, self.releases = 0, 0, 0
+        self.steps, self.steady, self.releases, self.first = 0, 0, 0, True
 
     def after_step(self) -> None:
+        if self.first:  # what building the model and the first evaluation left free: not part of the steady size
+            self.first = False
+            self.release()
         size = self.resident()
         self.steps += 1
         if self.steps <= self.settle_steps:
