@@ -133,8 +133,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..parallel.environment import launched_rank, resolve_device
     from ..pause import pause_hook, tokenizer_pause
-    from ..train import PREEMPTED_EXIT_CODE, Preempted, train
-    from ..train import heap
+    from ..train import PREEMPTED_EXIT_CODE, Preempted, heap, train
 
     config = train_config_from_args(args)
     # The process is ours, so its globals are ours to set (a library call would not set them).
@@ -146,8 +145,9 @@ def run(args: argparse.Namespace) -> int:
         torch.set_float32_matmul_precision("high")
     if config.keep_freed_memory and device.type != "cpu":
         print(f"andromeda train: --keep-freed-memory is for CPU runs; ignored on {device}", file=sys.stderr)
-    elif config.keep_freed_memory and heap.keep_freed_memory():  # asked for: it changes this process for
-        after_step = heap.FreedMemory().after_step                # good (and the heap stays near its steady size)
+    elif config.keep_freed_memory and heap.keep_freed_memory():
+        # Asked for: this process keeps freed memory for good; FreedMemory keeps it near its steady size.
+        after_step = heap.FreedMemory().after_step
     try:
         # The test hooks (pause points) are read here, at the application's edge, and passed in.
         result = train(config, pause=pause_hook(), tokenizer_pause=tokenizer_pause(), after_step=after_step)

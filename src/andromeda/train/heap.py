@@ -17,11 +17,11 @@ The cost is the resident size. PyTorch allocates with `posix_memalign`, whose al
 freed block of the same size often cannot serve again, so the heap keeps more than the live peak:
 +10-15% in the training runs measured (7.3 -> 8.4 GB at two layers, 12.4 -> 13.9 GB at six; 8.26
 GB flat over 12 steps), but 1.6x in a probe whose step's sizes did not fit their freed blocks, and
-2.3 GB for 393 MB live with random sizes. `FreedMemory`, called after every step, bounds the drift: it gives back what the
-set-up left free, takes the anonymous resident size the first steps settle at and gives the free
-pages back (`malloc_trim`) whenever the process grows past it by a quarter and 256 MiB, then
-settles again. Growth inside one step is not checked: a run near the machine's memory should
-leave the option off.
+2.3 GB for 393 MB live with random sizes. `FreedMemory`, called after every step, bounds the
+drift: it gives back what the set-up left free, takes the anonymous resident size the first steps
+settle at and gives the free pages back (`malloc_trim`) whenever the process grows past it by a
+quarter and 256 MiB, then settles again. Growth inside one step is not checked: a run near the
+machine's memory should leave the option off.
 
 Where the environment sets one of glibc's malloc variables (MALLOC_MMAP_MAX_, MALLOC_TRIM_THRESHOLD_,
 MALLOC_MMAP_THRESHOLD_, MALLOC_TOP_PAD_) or a glibc.malloc tunable, the user chose a policy and it is
@@ -89,12 +89,14 @@ def keep_freed_memory(environ: Mapping[str, str] | None = None) -> bool:
 
 def resident_bytes() -> int:
     """The process's anonymous resident memory (RssAnon in /proc/self/status), in bytes: the heap
-    and the other private memory, not the files mapped in (a token store read at random)."""
+    and the other private memory, not the files mapped in (a token store read at random). Kernels
+    before 4.5 have no RssAnon: there, the whole resident size (/proc/self/statm)."""
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith("RssAnon:"):
                 return int(line.split()[1]) * 1024
-    raise OSError("/proc/self/status has no RssAnon line")
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def release_free_pages() -> None:
@@ -121,7 +123,7 @@ class FreedMemory:
         self.steps, self.steady, self.releases, self.first = 0, 0, 0, True
 
     def after_step(self) -> None:
-        if self.first:  # what building the model and the first evaluation left free: not part of the steady size
+        if self.first:  # what building the model and the first evaluation left free: not steady
             self.first = False
             self.release()
         size = self.resident()
