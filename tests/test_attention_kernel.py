@@ -97,6 +97,7 @@ def test_the_amx_path_is_built_and_taken_where_the_cpu_has_tiles():
     (1, 2, 2, 5, 256, True, False),  # fewer queries than a tile row
     (1, 2, 1, 70, 96, True, False),  # heads off 64 columns: C blocks of 32 only
     (1, 2, 1, 33, 160, False, False),
+    (1, 2, 1, 1100, 32, True, False),  # past 1,024 tokens: the backward's dQ over two bands of key tiles
 ])
 def test_amx_products_give_the_vdpbf16ps_results(B, H, K, T, D, alibi, batch_positions, monkeypatch):
     """The AMX path (backward transposed) against the AVX-512 BF16 path on the same inputs: the

@@ -21,10 +21,14 @@
 // Forward (flash attention 2): per (b, h, 64-query tile) an online softmax over the key tiles up to
 // the diagonal; out = O / l in bf16 and the row's log-sum-exp lse = m + log l kept for the backward.
 // With AMX tiles the forward runs transposed (S^T = K Q^T, O^T += V^T P^T: `forward_tile_amx`), so
-// the softmax's per-query maxima and sums run down vectors of 16 queries.
+// the softmax's per-query maxima and sums run down vectors of 16 queries, over blocks of two key
+// tiles (one softmax update, rescale and O product per 128 keys).
 // Backward: per (b, h), dQ in float32 over all key tiles; per key tile dK and dV accumulate over the
 // query tiles from the diagonal down: P = exp(S - lse), dV += P^T dO, dP = dO V^T,
-// dS = scale P (dP - delta) with delta_i = dO_i . O_i, dQ += dS K, dK += dS^T Q. Without `partials`
+// dS = scale P (dP - delta) with delta_i = dO_i . O_i, dQ += dS K, dK += dS^T Q. With AMX tiles the
+// three sums are deep products (`backward_head_amx`): a key tile's P^T and dS^T against all its query
+// tiles, then one dV and one dK product; dS^T kept for a band of key tiles, then one dQ product per
+// query tile. Without `partials`
 // a task is a key/value head, whose group's query heads add their dK and dV into one float32 sum in
 // the thread's scratch (the caller passes none where B x K tasks keep its threads busy); with them,
 // a task is a query head, its dK and dV go to its own partials, summed over each group at the end.
@@ -323,32 +327,44 @@ static inline void finish_scores(float *s, int64_t rows, int64_t i0, int64_t j0,
 }
 
 #if HAVE_AMX
-// S^T (TILE keys from j0 x TILE queries from i0, row stride TILE) scaled, with ALiBi, and -inf where
-// the query is before the key or past T.
-static inline void finish_scores_transposed(float *s, int64_t j0, int64_t i0, int64_t T, float scale, float slope,
-                                            const float *pos) {
-  const __m512 lanes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
-  for (int64_t r = 0; r < TILE; ++r) {
-    const int64_t j = j0 + r;
-    const __m512 pj = _mm512_set1_ps(slope != 0.0f && j < T ? pos[j] : 0.0f);
-    for (int64_t c = 0; c < TILE; c += 16) {
-      const int64_t i = i0 + c;
-      __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + r * TILE + c), _mm512_set1_ps(scale));
-      if (slope != 0.0f) {
-        const __mmask16 in = i >= T ? 0 : i + 16 <= T ? (__mmask16)0xFFFF : (__mmask16)((1u << (T - i)) - 1);
-        const __m512 distance = _mm512_abs_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(in, pos + i), pj));
-        x = _mm512_fnmadd_ps(_mm512_set1_ps(slope), distance, x);
-      }
-      if (i < j || i + 16 > T) {  // queries before the key or past T
-        const __m512 column = _mm512_add_ps(_mm512_set1_ps((float)i), lanes);
-        const __mmask16 out = _mm512_cmp_ps_mask(column, _mm512_set1_ps((float)j), _CMP_LT_OQ) |
-                              _mm512_cmp_ps_mask(column, _mm512_set1_ps((float)(T - 1)), _CMP_GT_OQ);
-        x = _mm512_mask_mov_ps(x, out, minus_inf);
-      }
-      _mm512_storeu_ps(s + r * TILE + c, x);
-    }
+// Scores transposed, S^T (TILE keys from j0 x TILE queries from i0), finished from the products
+// K Q^T: scaled, with ALiBi, and -inf where the query is before the key or past T. `QueryTile`
+// holds what is the same down a tile's key rows; `finished_scores` gives 16 queries of one key row.
+typedef struct {
+  __m512 positions[TILE / 16];  // the queries' positions (ALiBi), 0 past T
+  int64_t i0, T;
+  float scale, slope;
+} QueryTile;
+
+static inline QueryTile query_tile(int64_t i0, int64_t T, float scale, float slope, const float *pos) {
+  QueryTile q = {.i0 = i0, .T = T, .scale = scale, .slope = slope};
+  for (int g = 0; g < TILE / 16; ++g) {
+    const int64_t i = i0 + 16 * g;
+    const __mmask16 in = i >= T ? 0 : i + 16 <= T ? (__mmask16)0xFFFF : (__mmask16)((1u << (T - i)) - 1);
+    q.positions[g] = slope != 0.0f ? _mm512_maskz_loadu_ps(in, pos + i) : _mm512_setzero_ps();
   }
+  return q;
+}
+
+// Key j's position for finished_scores (0 without ALiBi).
+static inline __m512 key_position(const QueryTile *q, int64_t j, const float *pos) {
+  return _mm512_set1_ps(q->slope != 0.0f && j < q->T ? pos[j] : 0.0f);
+}
+
+// Queries 16 g.. of key j's row, from their products `raw`; pj the key's position (key_position).
+static inline __m512 finished_scores(const QueryTile *q, int g, int64_t j, __m512 pj, __m512 raw) {
+  const int64_t i = q->i0 + 16 * g;
+  __m512 x = _mm512_mul_ps(raw, _mm512_set1_ps(q->scale));
+  if (q->slope != 0.0f)
+    x = _mm512_fnmadd_ps(_mm512_set1_ps(q->slope), _mm512_abs_ps(_mm512_sub_ps(q->positions[g], pj)), x);
+  if (i < j || i + 16 > q->T) {  // queries before the key or past T
+    const __m512 column = _mm512_add_ps(_mm512_set1_ps((float)i),
+                                        _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    const __mmask16 out = _mm512_cmp_ps_mask(column, _mm512_set1_ps((float)j), _CMP_LT_OQ) |
+                          _mm512_cmp_ps_mask(column, _mm512_set1_ps((float)(q->T - 1)), _CMP_GT_OQ);
+    x = _mm512_mask_mov_ps(x, out, _mm512_set1_ps(-INFINITY));
+  }
+  return x;
 }
 #endif
 
@@ -430,19 +446,27 @@ static void forward_tile_amx(const FlashArgs *a, int64_t b, int64_t h, int64_t i
   memset(w->o, 0, (size_t)(TILE * D) * sizeof(float));
   __mmask16 nan[TILE / 16] = {0};  // exp512 and the vector max drop NaN: a NaN score makes the query's sum NaN
   const int64_t last = (i0 + rows - 1) / TILE;
-  for (int64_t kb = 0; kb <= last; ++kb) {
-    const int64_t j0 = kb * TILE;
-    amx_gemm(TILE, TILE, D / 2, kr + j0 * D, D, w->q, 2 * TILE, w->s, TILE, 0);
-    finish_scores_transposed(w->s, j0, i0, T, a->scale, slope, pos);
-    // per group of 16 queries g: the new maxima (four independent chains, down the 64 key rows)
+  const QueryTile queries = query_tile(i0, T, a->scale, slope, pos);
+  // the keys by blocks of two tiles (one where one is left): one softmax update, rescale of O and
+  // O product (over 128 keys) a block
+  for (int64_t kb = 0, n; kb <= last; kb += n) {
+    n = kb < last ? 2 : 1;
+    const int64_t j0 = kb * TILE, keys = n * TILE;
+    amx_gemm(keys, TILE, D / 2, kr + j0 * D, D, w->q, 2 * TILE, w->s, TILE, 0);
+    // the scores finished in place and, per group of 16 queries g, the new maxima (four independent
+    // chains, down the key rows)
     __m512 top[TILE / 16], shift[TILE / 16], alpha[TILE / 16], sum[TILE / 16];
     for (int g = 0; g < TILE / 16; ++g) top[g] = _mm512_loadu_ps(w->m + 16 * g);
-    for (int64_t r = 0; r < TILE; ++r)
+    for (int64_t r = 0; r < keys; ++r) {
+      const __m512 pj = key_position(&queries, j0 + r, pos);
       for (int g = 0; g < TILE / 16; ++g) {
-        const __m512 x = _mm512_loadu_ps(w->s + r * TILE + 16 * g);
+        float *s = w->s + r * TILE + 16 * g;
+        const __m512 x = finished_scores(&queries, g, j0 + r, pj, _mm512_loadu_ps(s));
+        _mm512_storeu_ps(s, x);
         nan[g] = _kor_mask16(nan[g], _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q));
         top[g] = _mm512_max_ps(x, top[g]);  // a NaN x keeps top
       }
+    }
     __mmask16 rescale = 0;
     for (int g = 0; g < TILE / 16; ++g) {
       // queries with no key yet (all -inf: past T, or -inf scores) shift by 0: their exps are 0
@@ -452,7 +476,7 @@ static void forward_tile_amx(const FlashArgs *a, int64_t b, int64_t h, int64_t i
       sum[g] = zero;
     }
     // P^T written as the product reads it: rows r and r + 1 interleaved, (r / 2, query, 2)
-    for (int64_t r = 0; r < TILE; r += 2)
+    for (int64_t r = 0; r < keys; r += 2)
       for (int g = 0; g < TILE / 16; ++g) {
         const __m512 e0 = exp512(_mm512_sub_ps(_mm512_loadu_ps(w->s + r * TILE + 16 * g), shift[g]));
         const __m512 e1 = exp512(_mm512_sub_ps(_mm512_loadu_ps(w->s + (r + 1) * TILE + 16 * g), shift[g]));
@@ -470,7 +494,7 @@ static void forward_tile_amx(const FlashArgs *a, int64_t b, int64_t h, int64_t i
           float *o = w->o + d * TILE + 16 * g;
           _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_loadu_ps(o), alpha[g]));
         }
-    amx_gemm(D, TILE, TILE / 2, vt + j0, Tp, w->p, 2 * TILE, w->o, TILE, 1);  // O^T += V^T P^T
+    amx_gemm(D, TILE, keys / 2, vt + j0, Tp, w->p, 2 * TILE, w->o, TILE, 1);  // O^T += V^T P^T
   }
   uint16_t *out = a->out + b * a->out_stride[0] + h * a->out_stride[1] + i0 * a->out_stride[2];
   float *lse = a->lse + (b * a->H + h) * T + i0;
@@ -511,13 +535,14 @@ int andromeda_flash_forward(const FlashArgs *caller) {
   {
     uint16_t zeros[256] = {0};
     pack_keys_values(a, 0, zeros);
-    // floats: s (TILE^2), o (TILE D), m, l (TILE each); bf16: p (TILE^2), q (TILE D)
-    const size_t floats = (size_t)(TILE * TILE + TILE * D + 2 * TILE);
-    float *base = (float *)thread_buffer(&forward_buffer, &forward_capacity, floats * 4 + (TILE * TILE + TILE * D) * 2 + 64);
+    // floats: s (2 TILE^2: the AMX path's blocks of two key tiles), o (TILE D), m, l (TILE each);
+    // bf16: p (2 TILE^2), q (TILE D)
+    const size_t floats = (size_t)(2 * TILE * TILE + TILE * D + 2 * TILE);
+    float *base = (float *)thread_buffer(&forward_buffer, &forward_capacity, floats * 4 + (2 * TILE * TILE + TILE * D) * 2 + 64);
     ForwardScratch w = {0};
-    if (base) w = (ForwardScratch){base, base + TILE * TILE, base + TILE * TILE + TILE * D,
-                                   base + TILE * TILE + TILE * D + TILE, (uint16_t *)(base + floats),
-                                   (uint16_t *)(base + floats) + TILE * TILE};
+    if (base) w = (ForwardScratch){base, base + 2 * TILE * TILE, base + 2 * TILE * TILE + TILE * D,
+                                   base + 2 * TILE * TILE + TILE * D + TILE, (uint16_t *)(base + floats),
+                                   (uint16_t *)(base + floats) + 2 * TILE * TILE};
     else failed = 1;
 #if HAVE_AMX
     if (a->amx) amx_configure(8);
@@ -551,6 +576,11 @@ typedef struct {
   float *dq, *delta, *lse, *s, *dp;  // AMX: dq transposed (D x Tp); delta and lse padded with zeros
   uint16_t *p, *pv, *ds, *dsv;  // P and dS as rows (TILE x TILE) and as interleaved row pairs (AMX: P^T, dS^T)
   float *dk, *dv;  // without partials: the task's key/value head's dK and dV, (Tp, D) each
+  // AMX: P^T and dS^T of one key tile against every query tile, rows of Tp (the dV and dK products'
+  // A), and dS^T as interleaved key pairs for a band of `band` key tiles against every query tile
+  // (the dQ product's B: query tile qb's block at dsq + qb * band * TILE^2, its key tiles stacked)
+  uint16_t *pk, *dsk, *dsq;
+  int64_t band;
 } BackwardScratch;
 
 // P = exp(S - lse) for `rows` valid rows (the rest 0; all NaN where the forward's row was), into
@@ -638,7 +668,7 @@ static HeadView backward_prologue(const FlashArgs *a, int64_t b, int64_t h, Back
   row_statistics(a, b, h, w);
   memset(w->lse + T, 0, (size_t)(Tp - T) * sizeof(float));  // padding rows (AMX reads whole tiles)
   memset(w->delta + T, 0, (size_t)(Tp - T) * sizeof(float));
-  memset(w->dq, 0, (size_t)(Tp * D) * sizeof(float));
+  if (!a->amx) memset(w->dq, 0, (size_t)(Tp * D) * sizeof(float));  // the AMX path's first dQ products store
   return v;
 }
 
@@ -671,60 +701,92 @@ static void backward_head(const FlashArgs *a, int64_t b, int64_t h, BackwardScra
 }
 
 #if HAVE_AMX
-// P^T = exp(S^T - lse) by column (NaN on the entries a NaN row of the forward reads), in w->s in
-// float32 and as bf16 rows in w->p.
-static void probabilities_transposed(BackwardScratch *w, const float *lse) {
+// P^T = exp(S^T - lse) by column from the products K Q^T in w->s, finished in the same pass
+// (`finished_scores`; NaN on the entries a NaN row of the forward reads), in w->s in float32 and as
+// bf16 rows at p (row stride ldp).
+static void probabilities_transposed(BackwardScratch *w, const QueryTile *queries, int64_t j0, const float *pos,
+                                     const float *lse, uint16_t *p, int64_t ldp) {
   const __m512 none = _mm512_set1_ps(-INFINITY), nan = _mm512_set1_ps(NAN);
+  __m512 l[TILE / 16];
+  __mmask16 unset[TILE / 16];  // the queries whose lse is NaN (the forward's row was)
+  for (int g = 0; g < TILE / 16; ++g) {
+    l[g] = _mm512_loadu_ps(lse + 16 * g);
+    unset[g] = _mm512_cmp_ps_mask(l[g], l[g], _CMP_UNORD_Q);
+  }
   for (int64_t r = 0; r < TILE; ++r) {
+    const __m512 pj = key_position(queries, j0 + r, pos);
     float *s = w->s + r * TILE;
-    for (int64_t c = 0; c < TILE; c += 32) {
-      const __m512 x0 = _mm512_loadu_ps(s + c), x1 = _mm512_loadu_ps(s + c + 16);
-      const __m512 l0 = _mm512_loadu_ps(lse + c), l1 = _mm512_loadu_ps(lse + c + 16);
-      __m512 e0 = exp512(_mm512_sub_ps(x0, l0)), e1 = exp512(_mm512_sub_ps(x1, l1));
-      e0 = _mm512_mask_mov_ps(e0, _mm512_cmp_ps_mask(l0, l0, _CMP_UNORD_Q) & _mm512_cmp_ps_mask(x0, none, _CMP_NEQ_UQ), nan);
-      e1 = _mm512_mask_mov_ps(e1, _mm512_cmp_ps_mask(l1, l1, _CMP_UNORD_Q) & _mm512_cmp_ps_mask(x1, none, _CMP_NEQ_UQ), nan);
-      _mm512_storeu_ps(s + c, e0);
-      _mm512_storeu_ps(s + c + 16, e1);
-      _mm512_storeu_si512((void *)(w->p + r * TILE + c), (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+    __m512 e[TILE / 16];
+    for (int g = 0; g < TILE / 16; ++g) {
+      const __m512 x = finished_scores(queries, g, j0 + r, pj, _mm512_loadu_ps(s + 16 * g));
+      e[g] = exp512(_mm512_sub_ps(x, l[g]));
+      if (unset[g]) e[g] = _mm512_mask_mov_ps(e[g], unset[g] & _mm512_cmp_ps_mask(x, none, _CMP_NEQ_UQ), nan);
+      _mm512_storeu_ps(s + 16 * g, e[g]);
+    }
+    for (int g = 0; g < TILE / 16; g += 2)
+      _mm512_storeu_si512((void *)(p + r * ldp + 16 * g), (__m512i)_mm512_cvtne2ps_pbh(e[g + 1], e[g]));
+  }
+}
+
+// dS^T = scale P^T (dP^T - delta) by column, as bf16 rows at ds (row stride ldds) and interleaved row
+// pairs at dsv (TILE / 2 rows of TILE pairs).
+static void score_gradients_transposed(BackwardScratch *w, const float *delta, float scale, uint16_t *ds,
+                                       int64_t ldds, uint16_t *dsv) {
+  static const uint16_t pair_index[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                          8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i pairs = _mm512_loadu_si512((const void *)pair_index);
+  const __m512 sc = _mm512_set1_ps(scale);
+  __m512 d[TILE / 16];
+  for (int g = 0; g < TILE / 16; ++g) d[g] = _mm512_loadu_ps(delta + 16 * g);
+  for (int64_t r = 0; r < TILE; r += 2) {  // rows r and r + 1: each as a row, and interleaved
+    __m512 g0[TILE / 16], g1[TILE / 16];
+    for (int g = 0; g < TILE / 16; ++g) {
+      const float *p = w->s + r * TILE + 16 * g, *dp = w->dp + r * TILE + 16 * g;
+      g0[g] = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(p), sc), _mm512_sub_ps(_mm512_loadu_ps(dp), d[g]));
+      g1[g] = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(p + TILE), sc), _mm512_sub_ps(_mm512_loadu_ps(dp + TILE), d[g]));
+      _mm512_storeu_si512((void *)(dsv + r * TILE + 32 * g),
+                          _mm512_permutexvar_epi16(pairs, (__m512i)_mm512_cvtne2ps_pbh(g1[g], g0[g])));
+    }
+    for (int g = 0; g < TILE / 16; g += 2) {
+      _mm512_storeu_si512((void *)(ds + r * ldds + 16 * g), (__m512i)_mm512_cvtne2ps_pbh(g0[g + 1], g0[g]));
+      _mm512_storeu_si512((void *)(ds + (r + 1) * ldds + 16 * g), (__m512i)_mm512_cvtne2ps_pbh(g1[g + 1], g1[g]));
     }
   }
 }
 
-// dS^T = scale P^T (dP^T - delta) by column, as bf16 rows (w->ds) and interleaved row pairs (w->dsv).
-static void score_gradients_transposed(BackwardScratch *w, const float *delta, float scale) {
-  const __m512 sc = _mm512_set1_ps(scale);
-  for (int64_t r = 0; r < TILE; ++r)
-    for (int64_t c = 0; c < TILE; c += 32) {
-      const float *p = w->s + r * TILE + c, *dp = w->dp + r * TILE + c;
-      const __m512 g0 = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(p), sc),
-                                      _mm512_sub_ps(_mm512_loadu_ps(dp), _mm512_loadu_ps(delta + c)));
-      const __m512 g1 = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(p + 16), sc),
-                                      _mm512_sub_ps(_mm512_loadu_ps(dp + 16), _mm512_loadu_ps(delta + c + 16)));
-      _mm512_storeu_si512((void *)(w->ds + r * TILE + c), (__m512i)_mm512_cvtne2ps_pbh(g1, g0));
-    }
-  for (int64_t r = 0; r < TILE; r += 2) interleave(w->ds + r * TILE, w->ds + (r + 1) * TILE, TILE, w->dsv + r * TILE);
-}
-
 // backward_head by AMX tiles, transposed (the file's header): each product's A a row-major matrix.
+// The three products that add up over tiles run deep: a key tile's P^T and dS^T against all its query
+// tiles are kept, then dV += P^T dO and dK += dS^T Q are one product each over all those queries;
+// dS^T is kept for a band of key tiles, then dQ^T += K^T dS^T is one product per query tile over the
+// band's keys. The float32 sums stay in the tiles' registers over up to Tp keys or queries instead of
+// going to memory every 64, in the same order (the same bits as a product per tile pair).
 static void backward_head_amx(const FlashArgs *a, int64_t b, int64_t h, BackwardScratch *w, uint16_t *zeros) {
-  const int64_t T = a->T, D = a->D, Tp = padded(T), tiles = Tp / TILE;
+  const int64_t T = a->T, D = a->D, Tp = padded(T), tiles = Tp / TILE, band = w->band;
   const HeadView v = backward_prologue(a, b, h, w, zeros);
   const uint16_t *kr = v.packed[0], *vr = v.packed[1], *kt = v.packed[2];
   float *dk = v.dk, *dv = v.dv;
   pack_over_d(v.q, a->q_stride[2], T, Tp, D, w->qd);
   pack_over_d(v.dout, a->dout_stride[2], T, Tp, D, w->dod);
-  for (int64_t kb = 0; kb < tiles; ++kb) {
-    const int64_t j0 = kb * TILE;
-    for (int64_t qb = kb; qb < tiles; ++qb) {
-      const int64_t i0 = qb * TILE;
-      amx_gemm(TILE, TILE, D / 2, kr + j0 * D, D, w->qd + 2 * i0, 2 * Tp, w->s, TILE, 0);
-      finish_scores_transposed(w->s, j0, i0, T, a->scale, v.slope, v.pos);
-      probabilities_transposed(w, w->lse + i0);
-      amx_gemm(TILE, D, TILE / 2, w->p, TILE, w->dot + i0 * D, 2 * D, dv + j0 * D, D, 1);  // dV += P^T dO
-      amx_gemm(TILE, TILE, D / 2, vr + j0 * D, D, w->dod + 2 * i0, 2 * Tp, w->dp, TILE, 0);  // dP^T = V dO^T
-      score_gradients_transposed(w, w->delta + i0, a->scale);
-      amx_gemm(TILE, D, TILE / 2, w->ds, TILE, w->qt + i0 * D, 2 * D, dk + j0 * D, D, 1);  // dK += dS^T Q
-      amx_gemm(D, TILE, TILE / 2, kt + j0, Tp, w->dsv, 2 * TILE, w->dq + i0, Tp, 1);  // dQ^T += K^T dS^T
+  for (int64_t kb0 = 0; kb0 < tiles; kb0 += band) {
+    const int64_t kb1 = kb0 + band < tiles ? kb0 + band : tiles;
+    for (int64_t kb = kb0; kb < kb1; ++kb) {
+      const int64_t j0 = kb * TILE;
+      for (int64_t qb = kb; qb < tiles; ++qb) {
+        const int64_t i0 = qb * TILE;
+        amx_gemm(TILE, TILE, D / 2, kr + j0 * D, D, w->qd + 2 * i0, 2 * Tp, w->s, TILE, 0);  // S^T = K Q^T
+        const QueryTile queries = query_tile(i0, T, a->scale, v.slope, v.pos);
+        probabilities_transposed(w, &queries, j0, v.pos, w->lse + i0, w->pk + i0, Tp);
+        amx_gemm(TILE, TILE, D / 2, vr + j0 * D, D, w->dod + 2 * i0, 2 * Tp, w->dp, TILE, 0);  // dP^T = V dO^T
+        score_gradients_transposed(w, w->delta + i0, a->scale, w->dsk + i0, Tp,
+                                   w->dsq + (qb * band + kb - kb0) * TILE * TILE);
+      }
+      amx_gemm(TILE, D, (Tp - j0) / 2, w->pk + j0, Tp, w->dot + j0 * D, 2 * D, dv + j0 * D, D, 1);  // dV += P^T dO
+      amx_gemm(TILE, D, (Tp - j0) / 2, w->dsk + j0, Tp, w->qt + j0 * D, 2 * D, dk + j0 * D, D, 1);  // dK += dS^T Q
+    }
+    for (int64_t qb = kb0; qb < tiles; ++qb) {  // dQ^T += K^T dS^T over the band's keys up to the query tile
+      const int64_t keys = ((qb < kb1 ? qb + 1 : kb1) - kb0) * TILE;
+      amx_gemm(D, TILE, keys / 2, kt + kb0 * TILE, Tp, w->dsq + qb * band * TILE * TILE, 2 * TILE, w->dq + qb * TILE,
+               Tp, kb0 > 0);
     }
   }
   uint16_t *dq = a->dq + b * a->dq_stride[0] + h * a->dq_stride[1];
@@ -738,6 +800,13 @@ static void backward_head_amx(const FlashArgs *a, int64_t b, int64_t h, Backward
     }
 }
 #endif
+
+// The AMX backward's band of key tiles whose dS^T it keeps for the dQ product (BackwardScratch).
+#define DSQ_BYTES (2 << 20)
+static int64_t amx_band(int64_t Tp) {
+  const int64_t tiles = Tp / TILE, fit = DSQ_BYTES / (tiles * TILE * TILE * 2);
+  return fit < 1 ? 1 : fit > tiles ? tiles : fit;
+}
 
 static _Thread_local void *backward_buffer;
 static _Thread_local size_t backward_capacity;
@@ -772,7 +841,11 @@ int andromeda_flash_backward(const FlashArgs *caller) {
     // floats: dq (Tp D), delta, lse (Tp each), s, dp (TILE^2 each), grouped: dk, dv (Tp D each); bf16: qt,
     // dot (and for AMX qd, dod; Tp D each), 4 x TILE^2
     const size_t floats = (size_t)((grouped ? 3 : 1) * Tp * D + 2 * Tp + 2 * TILE * TILE);
-    const size_t halves = (size_t)((a->amx ? 4 : 2) * Tp * D + 4 * TILE * TILE);
+    // AMX: pk, dsk (TILE Tp each) and dsq (Tp / TILE x band x TILE^2), its band as many key tiles as
+    // keep it within DSQ_BYTES (all of them up to 1,024 tokens)
+    const int64_t band = a->amx ? amx_band(Tp) : 0;
+    const size_t halves = (size_t)((a->amx ? 4 : 2) * Tp * D + 4 * TILE * TILE) +
+                          (size_t)(a->amx ? 2 * TILE * Tp + Tp * band * TILE : 0);
     float *base = (float *)thread_buffer(&backward_buffer, &backward_capacity, floats * 4 + halves * 2 + 64);
     BackwardScratch w = {0};
     if (base) {
@@ -781,7 +854,10 @@ int andromeda_flash_backward(const FlashArgs *caller) {
       uint16_t *half = (uint16_t *)(base + floats);
       w.qt = half, w.dot = half + Tp * D, w.p = half + 2 * Tp * D;
       w.pv = w.p + TILE * TILE, w.ds = w.pv + TILE * TILE, w.dsv = w.ds + TILE * TILE;
-      if (a->amx) w.qd = w.dsv + TILE * TILE, w.dod = w.qd + Tp * D;
+      if (a->amx) {
+        w.qd = w.dsv + TILE * TILE, w.dod = w.qd + Tp * D;
+        w.pk = w.dod + Tp * D, w.dsk = w.pk + TILE * Tp, w.dsq = w.dsk + TILE * Tp, w.band = band;
+      }
     } else {
       failed = 1;
     }
