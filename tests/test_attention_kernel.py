@@ -139,6 +139,33 @@ def test_a_task_per_kv_head_gives_the_per_query_head_results(B, H, K, T, D, vect
         assert relative_error(a, want) < 1.1 * relative_error(b, want) + 2e-4, name
 
 
+@needs_amx
+def test_the_backwards_band_of_key_tiles_leaves_the_bits_as_they_are(monkeypatch):
+    """The AMX backward keeps dS^T for a band of key tiles (`backward_band`) and takes dQ as one
+    product per query tile over it, and P^T and dS^T for segments of 16 query tiles: at 1,100 tokens
+    (18 tiles: two segments) every band, one key tile to all of them, gives the same bits."""
+    q, k, v, positions, slopes = inputs(2, 4, 2, 1100, 32, seed=11)
+    grad = torch.randn(2, 4, 1100, 32, generator=torch.Generator().manual_seed(4)).bfloat16()
+    assert kernel_module.backward_band(1100) == 14  # the automatic band: two of them here
+    results = []
+    for band in (1, 5, 18):
+        monkeypatch.setattr(kernel_module, "backward_band", lambda T, band=band: band)
+        results.append(gradients(causal_attention, q, k, v, grad, positions, slopes, 32**-0.5))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("vector", [False, True])
+def test_an_empty_sequence_gives_empty_outputs_and_gradients(vector, monkeypatch):
+    if vector:
+        monkeypatch.setattr(kernel_module, "amx_tiles", lambda: False)
+    q, k, v, positions, slopes = inputs(1, 4, 2, 0, 32, seed=1)
+    out, dq, dk, dv = gradients(causal_attention, q, k, v, torch.zeros(1, 4, 0, 32).bfloat16(), positions, slopes,
+                                0.2)
+    assert out.shape == dq.shape == (1, 4, 0, 32) and dk.shape == dv.shape == (1, 2, 0, 32)
+
+
 def test_strided_inputs_and_gradients_as_the_model_gives_them():
     """q, k, v as views of one fused projection (B, T, H + 2K, D) and a transposed output gradient:
     the same results as contiguous copies."""

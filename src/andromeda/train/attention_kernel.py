@@ -117,7 +117,7 @@ class _Args(ctypes.Structure):
         ("dout", ctypes.c_void_p), ("dout_stride", ctypes.c_int64 * 3),
         ("dq", ctypes.c_void_p), ("dk", ctypes.c_void_p), ("dv", ctypes.c_void_p),
         ("dq_stride", ctypes.c_int64 * 3), ("dk_stride", ctypes.c_int64 * 3), ("dv_stride", ctypes.c_int64 * 3),
-        ("partials", ctypes.c_void_p), ("amx", ctypes.c_int64),
+        ("partials", ctypes.c_void_p), ("amx", ctypes.c_int64), ("band", ctypes.c_int64),
     ]
 
 
@@ -207,6 +207,17 @@ def tasks_per_kv_head(B: int, K: int) -> bool:
     return tasks % threads == 0 or tasks >= 4 * threads
 
 
+BAND_BYTES = 2 << 20  # the AMX backward's kept score gradients, per thread
+
+
+def backward_band(T: int) -> int:
+    """How many key tiles' score gradients (dS^T against every query tile, 8 KiB a tile pair) the AMX
+    backward keeps to take dQ as one product per query tile over them: as many as fit BAND_BYTES at
+    this length (all of them up to 1,024 tokens), at least one. Any band gives the same bits."""
+    tiles = _padded(T) // TILE
+    return max(1, min(tiles, BAND_BYTES // max(1, tiles * TILE * TILE * 2)))
+
+
 @torch.library.custom_op("andromeda::causal_attention_backward", mutates_args=(), device_types="cpu")
 def _attention_backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                            positions: Tensor, slopes: Tensor | None, scale: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -226,6 +237,7 @@ def _attention_backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     args.dq, args.dk, args.dv = dq.data_ptr(), dk.data_ptr(), dv.data_ptr()
     args.dq_stride, args.dk_stride, args.dv_stride = _strides(dq), _strides(dk), _strides(dv)
     args.partials = None if partials is None else partials.data_ptr()
+    args.band = backward_band(T)
     _run(_kernels()[1], args)
     return dq, dk, dv
 

@@ -49,6 +49,7 @@
 #endif
 
 #define TILE 64
+#define SEGMENT 16  // the AMX backward's query tiles per dV and dK product (BackwardScratch)
 
 typedef struct {
   int64_t B, H, K, T, D;
@@ -69,6 +70,7 @@ typedef struct {
   int64_t dq_stride[3], dk_stride[3], dv_stride[3];
   float *partials;  // 2 x B x H x padded T x D float32: each query head's dK and dV; or NULL (a task per kv head)
   int64_t amx;  // 1: the products by AMX tiles (`andromeda_flash_amx()` granted them, D % 32 == 0)
+  int64_t band;  // the AMX backward: key tiles whose dS^T it keeps for one dQ product (BackwardScratch; < 1 as 1)
 } FlashArgs;
 
 // 1 where this library was built with AMX and Linux granted this process the tiles.
@@ -576,9 +578,10 @@ typedef struct {
   float *dq, *delta, *lse, *s, *dp;  // AMX: dq transposed (D x Tp); delta and lse padded with zeros
   uint16_t *p, *pv, *ds, *dsv;  // P and dS as rows (TILE x TILE) and as interleaved row pairs (AMX: P^T, dS^T)
   float *dk, *dv;  // without partials: the task's key/value head's dK and dV, (Tp, D) each
-  // AMX: P^T and dS^T of one key tile against every query tile, rows of Tp (the dV and dK products'
-  // A), and dS^T as interleaved key pairs for a band of `band` key tiles against every query tile
-  // (the dQ product's B: query tile qb's block at dsq + qb * band * TILE^2, its key tiles stacked)
+  // AMX: P^T and dS^T of one key tile against a segment of up to SEGMENT query tiles, rows of
+  // SEGMENT TILE (the dV and dK products' A), and dS^T as interleaved key pairs for a band of `band`
+  // key tiles against every query tile (the dQ product's B: query tile qb's block at
+  // dsq + qb * band * TILE^2, its key tiles stacked)
   uint16_t *pk, *dsk, *dsq;
   int64_t band;
 } BackwardScratch;
@@ -755,13 +758,14 @@ static void score_gradients_transposed(BackwardScratch *w, const float *delta, f
 }
 
 // backward_head by AMX tiles, transposed (the file's header): each product's A a row-major matrix.
-// The three products that add up over tiles run deep: a key tile's P^T and dS^T against all its query
-// tiles are kept, then dV += P^T dO and dK += dS^T Q are one product each over all those queries;
-// dS^T is kept for a band of key tiles, then dQ^T += K^T dS^T is one product per query tile over the
-// band's keys. The float32 sums stay in the tiles' registers over up to Tp keys or queries instead of
-// going to memory every 64, in the same order (the same bits as a product per tile pair).
+// The three products that add up over tiles run deep: a key tile's P^T and dS^T against a segment of
+// up to SEGMENT query tiles are kept, then dV += P^T dO and dK += dS^T Q are one product each over
+// the segment's queries; dS^T is kept for a band of key tiles, then dQ^T += K^T dS^T is one product
+// per query tile over the band's keys. The float32 sums stay in the tiles' registers across the
+// products' depth instead of going to memory every 64 keys or queries, in the same order (the same
+// bits as a product per tile pair).
 static void backward_head_amx(const FlashArgs *a, int64_t b, int64_t h, BackwardScratch *w, uint16_t *zeros) {
-  const int64_t T = a->T, D = a->D, Tp = padded(T), tiles = Tp / TILE, band = w->band;
+  const int64_t T = a->T, D = a->D, Tp = padded(T), tiles = Tp / TILE, band = w->band, ldp = SEGMENT * TILE;
   const HeadView v = backward_prologue(a, b, h, w, zeros);
   const uint16_t *kr = v.packed[0], *vr = v.packed[1], *kt = v.packed[2];
   float *dk = v.dk, *dv = v.dv;
@@ -771,17 +775,21 @@ static void backward_head_amx(const FlashArgs *a, int64_t b, int64_t h, Backward
     const int64_t kb1 = kb0 + band < tiles ? kb0 + band : tiles;
     for (int64_t kb = kb0; kb < kb1; ++kb) {
       const int64_t j0 = kb * TILE;
-      for (int64_t qb = kb; qb < tiles; ++qb) {
-        const int64_t i0 = qb * TILE;
-        amx_gemm(TILE, TILE, D / 2, kr + j0 * D, D, w->qd + 2 * i0, 2 * Tp, w->s, TILE, 0);  // S^T = K Q^T
-        const QueryTile queries = query_tile(i0, T, a->scale, v.slope, v.pos);
-        probabilities_transposed(w, &queries, j0, v.pos, w->lse + i0, w->pk + i0, Tp);
-        amx_gemm(TILE, TILE, D / 2, vr + j0 * D, D, w->dod + 2 * i0, 2 * Tp, w->dp, TILE, 0);  // dP^T = V dO^T
-        score_gradients_transposed(w, w->delta + i0, a->scale, w->dsk + i0, Tp,
-                                   w->dsq + (qb * band + kb - kb0) * TILE * TILE);
+      for (int64_t qs = kb; qs < tiles; qs += SEGMENT) {  // a segment of query tiles from qs
+        const int64_t qe = qs + SEGMENT < tiles ? qs + SEGMENT : tiles;
+        for (int64_t qb = qs; qb < qe; ++qb) {
+          const int64_t i0 = qb * TILE, column = (qb - qs) * TILE;
+          amx_gemm(TILE, TILE, D / 2, kr + j0 * D, D, w->qd + 2 * i0, 2 * Tp, w->s, TILE, 0);  // S^T = K Q^T
+          const QueryTile queries = query_tile(i0, T, a->scale, v.slope, v.pos);
+          probabilities_transposed(w, &queries, j0, v.pos, w->lse + i0, w->pk + column, ldp);
+          amx_gemm(TILE, TILE, D / 2, vr + j0 * D, D, w->dod + 2 * i0, 2 * Tp, w->dp, TILE, 0);  // dP^T = V dO^T
+          score_gradients_transposed(w, w->delta + i0, a->scale, w->dsk + column, ldp,
+                                     w->dsq + (qb * band + kb - kb0) * TILE * TILE);
+        }
+        const int64_t pairs = (qe - qs) * TILE / 2, t0 = qs * TILE;
+        amx_gemm(TILE, D, pairs, w->pk, ldp, w->dot + t0 * D, 2 * D, dv + j0 * D, D, 1);  // dV += P^T dO
+        amx_gemm(TILE, D, pairs, w->dsk, ldp, w->qt + t0 * D, 2 * D, dk + j0 * D, D, 1);  // dK += dS^T Q
       }
-      amx_gemm(TILE, D, (Tp - j0) / 2, w->pk + j0, Tp, w->dot + j0 * D, 2 * D, dv + j0 * D, D, 1);  // dV += P^T dO
-      amx_gemm(TILE, D, (Tp - j0) / 2, w->dsk + j0, Tp, w->qt + j0 * D, 2 * D, dk + j0 * D, D, 1);  // dK += dS^T Q
     }
     for (int64_t qb = kb0; qb < tiles; ++qb) {  // dQ^T += K^T dS^T over the band's keys up to the query tile
       const int64_t keys = ((qb < kb1 ? qb + 1 : kb1) - kb0) * TILE;
@@ -800,13 +808,6 @@ static void backward_head_amx(const FlashArgs *a, int64_t b, int64_t h, Backward
     }
 }
 #endif
-
-// The AMX backward's band of key tiles whose dS^T it keeps for the dQ product (BackwardScratch).
-#define DSQ_BYTES (2 << 20)
-static int64_t amx_band(int64_t Tp) {
-  const int64_t tiles = Tp / TILE, fit = DSQ_BYTES / (tiles * TILE * TILE * 2);
-  return fit < 1 ? 1 : fit > tiles ? tiles : fit;
-}
 
 static _Thread_local void *backward_buffer;
 static _Thread_local size_t backward_capacity;
@@ -841,11 +842,12 @@ int andromeda_flash_backward(const FlashArgs *caller) {
     // floats: dq (Tp D), delta, lse (Tp each), s, dp (TILE^2 each), grouped: dk, dv (Tp D each); bf16: qt,
     // dot (and for AMX qd, dod; Tp D each), 4 x TILE^2
     const size_t floats = (size_t)((grouped ? 3 : 1) * Tp * D + 2 * Tp + 2 * TILE * TILE);
-    // AMX: pk, dsk (TILE Tp each) and dsq (Tp / TILE x band x TILE^2), its band as many key tiles as
-    // keep it within DSQ_BYTES (all of them up to 1,024 tokens)
-    const int64_t band = a->amx ? amx_band(Tp) : 0;
+    // AMX: pk, dsk (TILE x SEGMENT TILE each) and dsq (Tp / TILE x band x TILE^2; the caller's band
+    // taken within 1 and the key tiles)
+    const int64_t tiles = Tp / TILE;
+    const int64_t band = !a->amx ? 0 : a->band < 1 ? 1 : a->band > tiles && tiles > 0 ? tiles : a->band;
     const size_t halves = (size_t)((a->amx ? 4 : 2) * Tp * D + 4 * TILE * TILE) +
-                          (size_t)(a->amx ? 2 * TILE * Tp + Tp * band * TILE : 0);
+                          (size_t)(a->amx ? 2 * TILE * SEGMENT * TILE + Tp * band * TILE : 0);
     float *base = (float *)thread_buffer(&backward_buffer, &backward_capacity, floats * 4 + halves * 2 + 64);
     BackwardScratch w = {0};
     if (base) {
@@ -856,7 +858,8 @@ int andromeda_flash_backward(const FlashArgs *caller) {
       w.pv = w.p + TILE * TILE, w.ds = w.pv + TILE * TILE, w.dsv = w.ds + TILE * TILE;
       if (a->amx) {
         w.qd = w.dsv + TILE * TILE, w.dod = w.qd + Tp * D;
-        w.pk = w.dod + Tp * D, w.dsk = w.pk + TILE * Tp, w.dsq = w.dsk + TILE * Tp, w.band = band;
+        w.pk = w.dod + Tp * D, w.dsk = w.pk + TILE * SEGMENT * TILE, w.dsq = w.dsk + TILE * SEGMENT * TILE;
+        w.band = band;
       }
     } else {
       failed = 1;
