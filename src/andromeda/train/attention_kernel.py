@@ -21,11 +21,11 @@ products rounded to bf16, as in flash attention's CUDA kernels. `reference_atten
 same function in float32 PyTorch ops, which the tests hold the kernel to.
 
 On AMX tiles the forward's online softmax takes 128 keys an update (one rescale of the output and
-one product over them). The backward keeps a key tile's probabilities and score gradients against
-all its query tiles and takes dV and dK as one product each over them, and dQ as one product per
-query tile over a band of key tiles (all of them up to 1,024 tokens): the float32 sums stay in the
-tiles across the products' depth instead of going through memory every 64 keys or queries, in the
-same order as a product per tile pair (the same bits).
+one product over them). The backward keeps a key tile's probabilities and score gradients against a
+segment of up to 16 query tiles and takes dV and dK as one product each over it, and dQ as one product
+per query tile over a band of key tiles (`backward_band`: all of them up to 1,024 tokens): the float32
+sums stay in the tiles across the products' depth instead of going through memory every 64 keys or
+queries, in the same order as a product per tile pair (the same bits).
 
 `attention_kernel()` gives it where it can run (AVX-512 BF16 and a C compiler; built on first use
 like the other kernels, `inference.native.build_library`), else None; `use_attention_kernel(model)`

@@ -26,10 +26,10 @@
 // Backward: per (b, h), dQ in float32 over all key tiles; per key tile dK and dV accumulate over the
 // query tiles from the diagonal down: P = exp(S - lse), dV += P^T dO, dP = dO V^T,
 // dS = scale P (dP - delta) with delta_i = dO_i . O_i, dQ += dS K, dK += dS^T Q. With AMX tiles the
-// three sums are deep products (`backward_head_amx`): a key tile's P^T and dS^T against all its query
-// tiles, then one dV and one dK product; dS^T kept for a band of key tiles, then one dQ product per
-// query tile. Without `partials`
-// a task is a key/value head, whose group's query heads add their dK and dV into one float32 sum in
+// three sums are deep products (`backward_head_amx`): a key tile's P^T and dS^T against a segment of
+// up to SEGMENT query tiles, then one dV and one dK product over it; dS^T kept for a band of key
+// tiles (the caller's `band`), then one dQ product per query tile. Without `partials` a task is a
+// key/value head, whose group's query heads add their dK and dV into one float32 sum in
 // the thread's scratch (the caller passes none where B x K tasks keep its threads busy); with them,
 // a task is a query head, its dK and dV go to its own partials, summed over each group at the end.
 #include <immintrin.h>
