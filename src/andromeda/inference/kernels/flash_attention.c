@@ -329,6 +329,11 @@ static inline void finish_scores(float *s, int64_t rows, int64_t i0, int64_t j0,
 }
 
 #if HAVE_AMX
+// The 32 bf16 of _mm512_cvtne2ps_pbh(r1, r0) (row r0's 16, then row r1's) reordered as pairs
+// (r0[c], r1[c]): two rows interleaved, as the products read P^T and dS^T.
+static const uint16_t PAIR_INDEX[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                        8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+
 // Scores transposed, S^T (TILE keys from j0 x TILE queries from i0), finished from the products
 // K Q^T: scaled, with ALiBi, and -inf where the query is before the key or past T. `QueryTile`
 // holds what is the same down a tile's key rows; `finished_scores` gives 16 queries of one key row.
@@ -440,9 +445,7 @@ static void forward_tile_amx(const FlashArgs *a, int64_t b, int64_t h, int64_t i
   const float slope = a->slopes ? a->slopes[h] : 0.0f;
   const float *pos = a->positions + b * a->positions_stride;
   const __m512 minus_inf = _mm512_set1_ps(-INFINITY), zero = _mm512_setzero_ps();
-  static const uint16_t pair_index[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                          8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i pairs = _mm512_loadu_si512((const void *)pair_index);
+  const __m512i pairs = _mm512_loadu_si512((const void *)PAIR_INDEX);
   pack_over_d(a->q + b * a->q_stride[0] + h * a->q_stride[1] + i0 * a->q_stride[2], a->q_stride[2], rows, TILE, D, w->q);
   for (int64_t c = 0; c < TILE; c += 16) _mm512_storeu_ps(w->m + c, minus_inf), _mm512_storeu_ps(w->l + c, zero);
   memset(w->o, 0, (size_t)(TILE * D) * sizeof(float));
@@ -735,9 +738,7 @@ static void probabilities_transposed(BackwardScratch *w, const QueryTile *querie
 // pairs at dsv (TILE / 2 rows of TILE pairs).
 static void score_gradients_transposed(BackwardScratch *w, const float *delta, float scale, uint16_t *ds,
                                        int64_t ldds, uint16_t *dsv) {
-  static const uint16_t pair_index[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                          8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i pairs = _mm512_loadu_si512((const void *)pair_index);
+  const __m512i pairs = _mm512_loadu_si512((const void *)PAIR_INDEX);
   const __m512 sc = _mm512_set1_ps(scale);
   __m512 d[TILE / 16];
   for (int g = 0; g < TILE / 16; ++g) d[g] = _mm512_loadu_ps(delta + 16 * g);
