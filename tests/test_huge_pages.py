@@ -136,7 +136,9 @@ import torch
 x = torch.ones(64 << 20, dtype=torch.uint8)  # a fresh 64 MiB activation-sized allocation
 sys.path.insert(0, {tests!r})
 from test_huge_pages import huge_bytes_at
-print(asked, huge_bytes_at(x.data_ptr() + (32 << 20)))
+from andromeda.inference import huge_pages
+control = huge_pages.empty_in_huge_pages(64 << 20, dtype=torch.uint8).fill_(1)  # advised, then written
+print(asked, huge_bytes_at(x.data_ptr() + (32 << 20)), huge_bytes_at(control.data_ptr() + (32 << 20)))
 """
 
 
@@ -149,12 +151,14 @@ def test_the_command_allocates_in_huge_pages_unless_told_not_to(preset):
         env["THP_MEM_ALLOC_ENABLE"] = preset
     child = subprocess.run([sys.executable, "-c", CHILD.format(tests=str(Path(__file__).parent))], env=env,
                            capture_output=True, text=True, timeout=120, check=True)
-    asked, huge = child.stdout.split()
+    asked, huge, control = child.stdout.split()
     if huge_pages.huge_page_size() is None:  # not Linux, or transparent huge pages are off
         assert (asked, huge) == ("False", "0")
         return
     assert asked == str(preset is None)
     if preset is None:
+        if int(huge) == 0 and int(control) == 0:  # a fault takes 4 KiB pages while Linux has no 2 MiB one
+            pytest.skip("Linux had no free 2 MiB page for an advised allocation just now (fragmented memory)")
         assert int(huge) >= 2 * MIB
     elif "[madvise]" in huge_pages.THP_SETTING.read_text():  # under "always" every range may be huge
         assert int(huge) == 0
