@@ -4,6 +4,8 @@ doing it."""
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import subprocess
 import sys
@@ -34,6 +36,21 @@ def huge_bytes_at(address: int) -> int:
     return 0
 
 
+def fresh_advised_huge_bytes(nbytes: int = 64 * MIB) -> int:
+    """A control independent of the code under test: AnonHugePages of a fresh private anonymous
+    mapping advised MADV_HUGEPAGE, then written (0: Linux has no free 2 MiB page just now)."""
+    size = huge_pages.huge_page_size()
+    region = mmap.mmap(-1, nbytes + size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    view = ctypes.c_char.from_buffer(region)
+    start = -(-ctypes.addressof(view) // size) * size
+    huge_pages._madvise()(start, nbytes, huge_pages.MADV_HUGEPAGE)
+    ctypes.memset(start, 1, nbytes)
+    huge = huge_bytes_at(start)
+    del view
+    region.close()
+    return huge
+
+
 def test_large_weights_move_to_huge_pages_unchanged():
     size = huge_pages.huge_page_size()
     module = nn.Linear(1024, 2048)  # an 8 MiB weight, a bias of 8 KiB (no whole page: left alone)
@@ -56,7 +73,7 @@ REUSED = """
 import ctypes, sys
 import torch
 sys.path.insert(0, {tests!r})
-from test_huge_pages import huge_bytes_at
+from test_huge_pages import fresh_advised_huge_bytes, huge_bytes_at
 from andromeda.inference import huge_pages, native
 libc = ctypes.CDLL(None)
 libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: freed blocks stay in the heap, their pages faulted
@@ -65,29 +82,39 @@ weight = torch.randn(4096, 2048, generator=torch.Generator().manual_seed(0)).bfl
 used = [torch.ones(17 << 20, dtype=torch.uint8) for _ in range(3)]  # written in 4 KiB pages
 pin = torch.ones(1000)  # keeps the heap's top above them
 del used
-size = huge_pages.huge_page_size()
-tiles = native.to_row_tiles(weight)  # lands in the freed, faulted blocks
+tiles = native.to_row_tiles(weight)  # torch.empty would hand back the freed, faulted blocks
 assert torch.equal(native.from_row_tiles(tiles, 0, 4096), weight)
-start, length = huge_pages._aligned_span(tiles, size)
-control = huge_pages.empty_in_huge_pages(64 << 20, dtype=torch.uint8)  # fresh: past the heap's top
-control.fill_(1)
-control_start, control_length = huge_pages._aligned_span(control, size)
-print(length, huge_bytes_at(start + length // 2), huge_bytes_at(control_start + control_length // 2))
+size = huge_pages.huge_page_size()
+print(tiles.nbytes, tiles.data_ptr() % size, huge_bytes_at(tiles.data_ptr()), fresh_advised_huge_bytes())
 """
 
 
 def test_row_tiles_are_written_into_huge_pages():
     """A kernel's layout made at load (`native.to_row_tiles`) lands in 2 MiB pages as it is written,
-    with no collapse afterwards, even where the allocator hands back memory it had faulted in 4 KiB
-    pages (a child whose glibc keeps freed blocks in the heap); the bytes are the layout's."""
+    with no collapse afterwards, even where the allocator would hand back memory it had faulted in
+    4 KiB pages (a child whose glibc keeps freed blocks in the heap); the bytes are the layout's."""
     if huge_pages.huge_page_size() is None:
         pytest.skip("transparent huge pages are off or not Linux")
     child = subprocess.run([sys.executable, "-c", REUSED.format(tests=str(Path(__file__).parent))],
                            capture_output=True, text=True, timeout=120, check=True)
-    length, huge, control = (int(field) for field in child.stdout.split())
+    nbytes, misalignment, huge, control = (int(field) for field in child.stdout.split())
     if control == 0:  # the advice is a hint: a fault takes 4 KiB pages while Linux has no free 2 MiB one
         pytest.skip("Linux had no free 2 MiB page for an advised allocation just now (fragmented memory)")
-    assert length >= 14 * MIB and huge >= length - 2 * MIB
+    assert nbytes == 16 * MIB and misalignment == 0 and huge >= nbytes
+
+
+def test_small_layouts_stay_with_the_allocator():
+    """Under a huge page, `empty_in_huge_pages` is torch.empty; from one up, a tensor of the shape
+    and dtype whose storage starts at a huge page's boundary, writable, freed with the tensor."""
+    small = huge_pages.empty_in_huge_pages(1000, dtype=torch.bfloat16)
+    assert small.shape == (1000,) and small.dtype == torch.bfloat16
+    size = huge_pages.huge_page_size()
+    large = huge_pages.empty_in_huge_pages(3, 1 << 20, dtype=torch.float32)
+    assert large.shape == (3, 1 << 20) and large.dtype == torch.float32 and large.is_contiguous()
+    large.fill_(2.5)
+    assert float(large.sum()) == 2.5 * 3 * (1 << 20)
+    if size is not None:
+        assert large.data_ptr() % size == 0
 
 
 def test_nothing_happens_where_huge_pages_are_unavailable(monkeypatch):
@@ -135,10 +162,8 @@ asked = allocate_with_huge_pages(os.environ)
 import torch
 x = torch.ones(64 << 20, dtype=torch.uint8)  # a fresh 64 MiB activation-sized allocation
 sys.path.insert(0, {tests!r})
-from test_huge_pages import huge_bytes_at
-from andromeda.inference import huge_pages
-control = huge_pages.empty_in_huge_pages(64 << 20, dtype=torch.uint8).fill_(1)  # advised, then written
-print(asked, huge_bytes_at(x.data_ptr() + (32 << 20)), huge_bytes_at(control.data_ptr() + (32 << 20)))
+from test_huge_pages import fresh_advised_huge_bytes, huge_bytes_at
+print(asked, huge_bytes_at(x.data_ptr() + (32 << 20)), fresh_advised_huge_bytes())
 """
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
+import mmap
 import sys
 from collections.abc import Iterable
 from functools import cache
@@ -28,7 +30,6 @@ from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
-MADV_DONTNEED = 4  # drop the range's pages: the next touch faults fresh ones
 MADV_HUGEPAGE = 14  # prefer huge pages for this range (new faults, khugepaged)
 MADV_COLLAPSE = 25  # make the range's pages huge now (Linux 6.1)
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -61,19 +62,22 @@ def back_with_huge_pages(module: nn.Module | Iterable[Tensor]) -> int:
 
 
 def empty_in_huge_pages(*shape: int, dtype: torch.dtype) -> Tensor:
-    """torch.empty(shape, dtype=dtype) on the CPU, its range advised MADV_HUGEPAGE before anything
+    """torch.empty(shape, dtype=dtype) on the CPU, in memory advised MADV_HUGEPAGE before anything
     is written to it, where huge pages are available: a weight written into it (a kernel's layout
     made at load) faults in 2 MiB pages straight away, ~3x faster than 4 KiB pages collapsed after.
-    The allocator may hand back memory it already faulted in 4 KiB pages (a freed block reused);
-    those pages are dropped first (MADV_DONTNEED: an empty tensor's bytes are undefined anyway), so
-    the write faults fresh ones either way."""
-    tensor = torch.empty(*shape, dtype=dtype)
+    From a huge page up, the memory is a fresh anonymous mapping that the tensor holds (starting at
+    a huge page's boundary), not the allocator's: a block the allocator hands back may already be
+    faulted in 4 KiB pages, and a fault fills a huge page only where no page table is there yet
+    (dropping the pages, MADV_DONTNEED, frees their tables only from Linux 6.14 on)."""
     size = huge_page_size()
-    span = None if size is None else _aligned_span(tensor, size)
-    if span is not None:
-        madvise = _madvise()
-        madvise(span[0], span[1], MADV_HUGEPAGE)
-        madvise(span[0], span[1], MADV_DONTNEED)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if size is None or nbytes < size:
+        return torch.empty(*shape, dtype=dtype)
+    region = mmap.mmap(-1, nbytes + size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # no page until written
+    whole = torch.frombuffer(region, dtype=torch.uint8)  # holds `region` for the tensor's lifetime
+    offset = -whole.data_ptr() % size
+    tensor = whole[offset:offset + nbytes].view(dtype).view(shape)
+    _madvise()(tensor.data_ptr(), -(-nbytes // size) * size, MADV_HUGEPAGE)
     return tensor
 
 
