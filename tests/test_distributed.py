@@ -170,8 +170,15 @@ def parallel_results(tmp_path_factory):
     folder = tmp_path_factory.mktemp("parallel")
     out = folder / "results.pt"
     save_pretrained(_make_net(), folder / "checkpoint")
+    before = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned workers
-    _spawn(_parallel_worker, _free_port(), str(out), str(folder / "checkpoint"))
+    try:
+        _spawn(_parallel_worker, _free_port(), str(out), str(folder / "checkpoint"))
+    finally:  # the later tests of this worker process see its environment as it was
+        if before is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
     return torch.load(out, weights_only=False)
 
 

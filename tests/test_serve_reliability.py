@@ -521,9 +521,10 @@ def test_an_empty_api_key_is_refused_at_start(checkpoint, monkeypatch, capsys):
 # ----------------------------------------------------------------------------- 11: half-open connections
 
 
-def closed_within(sock: socket.socket, limit: float) -> tuple[bytes, float]:
-    """Everything the server sends until it closes the connection, and how long that took."""
-    started = time.monotonic()
+def closed_within(sock: socket.socket, limit: float, started: float | None = None) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and how long that took since
+    `started` (a time.monotonic() taken before the bytes the server times were sent; now if None)."""
+    started = time.monotonic() if started is None else started
     sock.settimeout(limit)
     received = b""
     while chunk := sock.recv(4096):
@@ -534,8 +535,9 @@ def closed_within(sock: socket.socket, limit: float) -> tuple[bytes, float]:
 def test_a_connection_that_never_sends_a_whole_head_is_closed(server):
     with socket.create_connection(("127.0.0.1", server.port)) as partial, \
             socket.create_connection(("127.0.0.1", server.port)) as silent:
+        sent = time.monotonic()  # before the bytes: the server's deadline cannot start earlier
         partial.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-")
-        received, waited = closed_within(partial, 5 * HEAD_TIMEOUT)
+        received, waited = closed_within(partial, 5 * HEAD_TIMEOUT, sent)
         assert received.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in received
         assert HEAD_TIMEOUT * 0.8 < waited < 5 * HEAD_TIMEOUT
         assert closed_within(silent, 5 * HEAD_TIMEOUT)[0] == b""
