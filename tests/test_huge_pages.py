@@ -105,12 +105,14 @@ def test_row_tiles_are_written_into_huge_pages():
 
 def test_small_layouts_stay_with_the_allocator():
     """Under a huge page, `empty_in_huge_pages` is torch.empty; from one up, a tensor of the shape
-    and dtype whose storage starts at a huge page's boundary, writable, freed with the tensor."""
+    and dtype whose storage is its own bytes (what `back_with_huge_pages` would advise and collapse)
+    starting at a huge page's boundary, writable."""
     small = huge_pages.empty_in_huge_pages(1000, dtype=torch.bfloat16)
     assert small.shape == (1000,) and small.dtype == torch.bfloat16
     size = huge_pages.huge_page_size()
     large = huge_pages.empty_in_huge_pages(3, 1 << 20, dtype=torch.float32)
     assert large.shape == (3, 1 << 20) and large.dtype == torch.float32 and large.is_contiguous()
+    assert large.untyped_storage().nbytes() == large.nbytes
     large.fill_(2.5)
     assert float(large.sum()) == 2.5 * 3 * (1 << 20)
     if size is not None:

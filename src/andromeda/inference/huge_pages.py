@@ -74,9 +74,11 @@ def empty_in_huge_pages(*shape: int, dtype: torch.dtype) -> Tensor:
     if size is None or nbytes < size:
         return torch.empty(*shape, dtype=dtype)
     region = mmap.mmap(-1, nbytes + size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # no page until written
-    whole = torch.frombuffer(region, dtype=torch.uint8)  # holds `region` for the tensor's lifetime
-    offset = -whole.data_ptr() % size
-    tensor = whole[offset:offset + nbytes].view(dtype).view(shape)
+    with memoryview(region) as whole:
+        offset = -torch.frombuffer(whole, dtype=torch.uint8, count=1).data_ptr() % size
+    # The storage is the tensor's own bytes (a view that holds the mapping for the tensor's lifetime),
+    # so `back_with_huge_pages` and a copy see only them, not the slack around them.
+    tensor = torch.frombuffer(memoryview(region)[offset:offset + nbytes], dtype=dtype).view(shape)
     _madvise()(tensor.data_ptr(), -(-nbytes // size) * size, MADV_HUGEPAGE)
     return tensor
 
