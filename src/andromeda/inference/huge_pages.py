@@ -61,7 +61,7 @@ def back_with_huge_pages(module: nn.Module | Iterable[Tensor]) -> int:
     return collapsed
 
 
-def empty_in_huge_pages(*shape: int, dtype: torch.dtype) -> Tensor:
+def empty_in_huge_pages(*shape: int | tuple[int, ...] | torch.Size, dtype: torch.dtype) -> Tensor:
     """torch.empty(shape, dtype=dtype) on the CPU, in memory advised MADV_HUGEPAGE before anything
     is written to it, where huge pages are available: a weight written into it (a kernel's layout
     made at load) faults in 2 MiB pages straight away, ~3x faster than 4 KiB pages collapsed after.
@@ -69,17 +69,20 @@ def empty_in_huge_pages(*shape: int, dtype: torch.dtype) -> Tensor:
     a huge page's boundary), not the allocator's: a block the allocator hands back may already be
     faulted in 4 KiB pages, and a fault fills a huge page only where no page table is there yet
     (dropping the pages, MADV_DONTNEED, frees their tables only from Linux 6.14 on)."""
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):  # as torch.empty((R, C))
+        shape = tuple(shape[0])
     size = huge_page_size()
     nbytes = math.prod(shape) * dtype.itemsize
     if size is None or nbytes < size:
         return torch.empty(*shape, dtype=dtype)
-    region = mmap.mmap(-1, nbytes + size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # no page until written
+    length = -(-nbytes // size) * size  # the huge pages the tensor touches, all inside the mapping
+    region = mmap.mmap(-1, length + size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # no page until written
     with memoryview(region) as whole:
         offset = -torch.frombuffer(whole, dtype=torch.uint8, count=1).data_ptr() % size
     # The storage is the tensor's own bytes (a view that holds the mapping for the tensor's lifetime),
     # so `back_with_huge_pages` and a copy see only them, not the slack around them.
     tensor = torch.frombuffer(memoryview(region)[offset:offset + nbytes], dtype=dtype).view(shape)
-    _madvise()(tensor.data_ptr(), -(-nbytes // size) * size, MADV_HUGEPAGE)
+    _madvise()(tensor.data_ptr(), length, MADV_HUGEPAGE)
     return tensor
 
 
