@@ -5,7 +5,8 @@ process, interleaved A, B, A, B; plus model FLOP utilisation against a measured 
     python benchmarks/bench_train.py              # dim 512, depth 8, 4 x 1024 tokens, fp32 + bf16
     python benchmarks/bench_train.py --quick      # depth 2, 2 x 256 tokens: a smoke test
     python benchmarks/bench_train.py --compile    # also Andromeda compiled each block, and whole
-    python benchmarks/bench_train.py --profile    # also the top ops of one step of each model, and the step by category
+    python benchmarks/bench_train.py --profile    # also the top ops of one step of each model, the step by category
+                                                  # and the ceiling the ops outside the products leave
     python benchmarks/bench_train.py --no-peer --modes bf16 --without norm-kernel   # a CPU kernel's worth
     python benchmarks/bench_train.py --device cuda --config default --seq-len 8192 --batch 1 \
         --no-peer --peak-tflops 989               # GPU MFU of the seed model (H100 bf16 dense)
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import logging
 import os
 import resource
@@ -160,15 +162,29 @@ def contestants_for(
     return result
 
 
+PROBE = "matmul peak probe"  # run_mode's extra entry in the alternation
+
+
 def run_mode(
-    config: Config, mode: str, args: argparse.Namespace, device: torch.device, peak_of: Callable[[], float]
-) -> tuple[list[list[object]], list[TrainStep]]:
-    """Measure one precision mode; returns its table rows and its contestants. `peak_of()`, called
-    after the steps, gives the FLOP/s the MFU is against."""
+    config: Config, mode: str, args: argparse.Namespace, device: torch.device, peak_of: Callable[[], float],
+    probe: Callable[[], float] | None = None,
+) -> tuple[list[list[object]], list[TrainStep], list[str]]:
+    """Measure one precision mode; returns its table rows, its contestants and notes on them.
+    `peak_of()`, called after the steps, gives the FLOP/s the MFU is against. `probe()`, where
+    given, measures the matmul peak again after every step (and warmup step), and the notes give
+    each contestant's MFU against the peak measured beside each of its steps: on a VM whose speed
+    swings within minutes, a peak measured before and after all the steps may not be the one
+    the steps ran at."""
     torch.manual_seed(args.seed)
     tokens = torch.randint(0, config.num_tokens, (args.batch, args.seq_len + 1), device=device)
     contestants = contestants_for(config, mode, tokens, args, device)
-    steps = {c.name: c for c in contestants}
+    probes: list[float] = []
+
+    def with_probe(steps: dict[str, Callable[[], object]]) -> dict[str, Callable[[], object]]:
+        probes.clear()
+        return steps if probe is None else steps | {PROBE: lambda: probes.append(probe())}
+
+    steps = with_probe({c.name: c for c in contestants})
     try:
         for c in contestants:
             if "compile" in c.name:  # compile, then the recompile a guard on the first call's
@@ -180,8 +196,9 @@ def run_mode(
         log.warning("torch.compile failed (%s: %s); measuring without it", type(err).__name__, err)
         print(f"\ntorch.compile failed in {mode}: {type(err).__name__}: {str(err).splitlines()[0]}")
         contestants = [c for c in contestants if "compile" not in c.name]
-        steps = {c.name: c for c in contestants}
+        steps = with_probe({c.name: c for c in contestants})
         wall = common.alternate(steps, args.steps, warmup=0, device=device)
+    wall.pop(PROBE, None)
     peak = peak_of()
     tokens_per_step = args.batch * args.seq_len
     flops_per_token = common.model_flops_per_token(config, args.seq_len)
@@ -200,7 +217,17 @@ def run_mode(
                      f"{100 * mfu:.1f}%", f"{cpu:.2f} s ({eager_cpu / cpu:.2f}x; MFU "
                      f"{100 * flops_per_token * tokens_per_step / cpu / peak:.1f}%)", ratios,
                      f"{c.first_loss:.5f}" if c.first_loss is not None else "-"])
-    return rows, contestants
+    notes = []
+    if probes:
+        beside = common.peaks_beside(probes, args.steps)
+        for c in contestants:
+            flops = flops_per_token * tokens_per_step
+            by_wall = common.median([flops / (seconds * p) for seconds, p in zip(wall[c.name], beside)])
+            by_cpu = max(flops / (seconds * p) for seconds, p in zip(c.cpu_seconds[-args.steps:], beside))
+            notes.append(f"{mode} {c.name}: MFU {100 * by_wall:.1f}% (median step), {100 * by_cpu:.1f}% by CPU "
+                         f"time (best step)")
+        notes.insert(0, f"{mode}: the peak beside each step, {min(beside) / 1e9:,.0f}-{max(beside) / 1e9:,.0f} GFLOP/s")
+    return rows, contestants, notes
 
 
 # Where a step's time goes, by op name (first match, any case; self time, so nothing counts twice). SDPA's own
@@ -258,6 +285,15 @@ def profile_step(contestant: TrainStep, mode: str, device: torch.device, config:
             print(f"\nIn this step the matrix products (6 N FLOPs a token) ran at {products / 1e9:,.0f} GFLOP/s; "
                   f"the step's model FLOPs over its self CPU time, {step / 1e9:,.0f} GFLOP/s, are "
                   f"**{100 * step / products:.1f}%** of that rate.")
+            # What the rest of the step leaves room for: the same ratio were every op outside these
+            # categories free (the optimizer's fp32 AdamW reads and writes 28 bytes a parameter a step,
+            # at the machine's bandwidth already; the products and attention are the model's FLOPs).
+            work = spent["matrix products"] + spent["attention (kernels or SDPA)"]
+            ceilings = [(label, work + extra) for label, extra in (
+                ("the products and attention", 0.0), ("the products, attention and the optimizer", spent["optimizer"]))]
+            print("Were every other op free, that ratio would be " + "; ".join(
+                f"{100 * step * total / us / products:.1f}% with only {label} taking time" for label, us in ceilings)
+                + f" (the other ops take {100 * (total - ceilings[-1][1]) / total:.1f}% of this step).")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -369,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(measured matmul peaks above, for comparison)")
     else:
         print("- MFU against the measured matmul peak of each precision (give --peak-tflops for a datasheet MFU)")
-    rows, measured, peaks_after = [], [], {}
+    rows, measured, peaks_after, notes = [], [], {}, []
 
     def peak_of(mode: str) -> Callable[[], float]:
         if args.peak_tflops is not None:
@@ -385,8 +421,13 @@ def main(argv: list[str] | None = None) -> int:
         return higher_of_two
 
     for mode in args.modes:
-        mode_rows, contestants = run_mode(config, mode, args, device, peak_of(mode))
+        probe = None
+        if args.peak_tflops is None and datasheet is None:  # MFU against a measured peak
+            probe = functools.partial(common.matmul_peak_flops, MODES[mode] or torch.float32, device, size=size,
+                                      repeats=3)
+        mode_rows, contestants, mode_notes = run_mode(config, mode, args, device, peak_of(mode), probe)
         rows += mode_rows
+        notes += mode_notes
         measured.append((mode, contestants))
     print()
     print(common.markdown_table(
@@ -399,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     for mode, after in peaks_after.items():
         print(f"- matmul peak {mode}: {peaks[mode] / 1e9:,.1f} GFLOP/s before the steps, {after / 1e9:,.1f} after; "
               f"MFU is against the higher, {max(peaks[mode], after) / 1e9:,.1f}")
+    if notes:
+        print(f"- against the matmul peak measured beside each step ({size}x{size}, best of 3 after every step; "
+              f"a step's peak the higher of the measurements before and after it):\n  - " + "\n  - ".join(notes))
     if device.type == "cpu":  # the kernel's share of the CPU time: page faults, mostly
         print("- system time of the timed steps (median): " + "; ".join(
             f"{mode} {c.name} {common.median(c.system_seconds[-args.steps:]):.2f} s" for mode, contestants in measured

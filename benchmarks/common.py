@@ -262,6 +262,17 @@ def model_flops_per_token(config: Config, seq_len: int) -> float:
     return flops_per_token(config, seq_len, matmul_parameters(config))[0]
 
 
+def peaks_beside(probes: Sequence[float], steps: int) -> list[float]:
+    """The matmul peak beside each of the last `steps` timed calls of an alternation that measured
+    the peak after every call (warmup calls included; `probes` in order): for call r, the higher of
+    the measurements just before and just after it (only the one after for a first call)."""
+    if steps < 1 or len(probes) < steps:
+        raise ValueError(f"need at least {steps} (>= 1) peak measurements, got {len(probes)}")
+    after = list(probes[-steps:])
+    before = list(probes[-steps - 1:-steps] if len(probes) > steps else after[:1]) + after[:-1]
+    return [max(pair) for pair in zip(before, after)]
+
+
 def matmul_peak_flops(
     dtype: torch.dtype, device: torch.device | str = "cpu", *, size: int = 4096, repeats: int = 5
 ) -> float:
