@@ -171,8 +171,9 @@ def run_mode(
 ) -> tuple[list[list[object]], list[TrainStep], list[str]]:
     """Measure one precision mode; returns its table rows, its contestants and notes on them.
     `peak_of()`, called after the steps, gives the FLOP/s the MFU is against. `probe()`, where
-    given, measures the matmul peak again after every step (and warmup step), and the notes give
-    each contestant's MFU against the peak measured beside each of its steps: on a VM whose speed
+    given, measures the matmul peak again after every round of the alternation (and after the warmup calls;
+    after every step where one model is measured), and the notes give each contestant's MFU
+    against the peak measured beside each of its steps (`common.peaks_beside`): on a VM whose speed
     swings within minutes, a peak measured before and after all the steps may not be the one
     the steps ran at."""
     torch.manual_seed(args.seed)
@@ -441,8 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"- matmul peak {mode}: {peaks[mode] / 1e9:,.1f} GFLOP/s before the steps, {after / 1e9:,.1f} after; "
               f"MFU is against the higher, {max(peaks[mode], after) / 1e9:,.1f}")
     if notes:
-        print(f"- against the matmul peak measured beside each step ({size}x{size}, best of 3 after every step; "
-              f"a step's peak the higher of the measurements before and after it):\n  - " + "\n  - ".join(notes))
+        print(f"- against the matmul peak measured beside each step ({size}x{size}, best of 3 after every round of the "
+              f"alternation; a step's peak the higher of the measurements before and after it):\n  - " + "\n  - ".join(notes))
     if device.type == "cpu":  # the kernel's share of the CPU time: page faults, mostly
         print("- system time of the timed steps (median): " + "; ".join(
             f"{mode} {c.name} {common.median(c.system_seconds[-args.steps:]):.2f} s" for mode, contestants in measured

@@ -263,9 +263,9 @@ def model_flops_per_token(config: Config, seq_len: int) -> float:
 
 
 def peaks_beside(probes: Sequence[float], steps: int) -> list[float]:
-    """The matmul peak beside each of the last `steps` timed calls of an alternation that measured
-    the peak after every call (warmup calls included; `probes` in order): for call r, the higher of
-    the measurements just before and just after it (only the one after for a first call)."""
+    """The matmul peak beside each of the last `steps` timed rounds of an alternation that measured
+    the peak after every round (and after the warmup calls; `probes` in order): for round r, the higher
+    of the measurements just before and just after it (only the one after for a first round)."""
     if steps < 1 or len(probes) < steps:
         raise ValueError(f"need at least {steps} (>= 1) peak measurements, got {len(probes)}")
     after = list(probes[-steps:])
