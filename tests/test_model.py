@@ -374,10 +374,10 @@ def test_a_loss_over_no_rows_gives_zero_gradients(autocast):
     assert torch.equal(weight.grad, torch.zeros_like(weight)) and hidden.grad.shape == (0, 16)
 
 
-def test_the_kernel_path_takes_one_weight_gradient_product_per_group_of_chunks(monkeypatch):
-    """With the CPU softmax kernel the loss gathers LOSS_GROUP_BYTES of gradient rows for each
-    weight-gradient product (here groups of 2 chunks and a short last one): the hidden gradient is
-    the per-chunk path's bit for bit, the weight gradient the float64 one to bf16 rounding."""
+def test_the_kernel_path_takes_each_product_once_per_group_of_chunks(monkeypatch):
+    """With the CPU softmax kernel the loss takes LOSS_GROUP_BYTES of logits rows a pass (here groups
+    of 2 chunks and a short last one), each product once per group: the loss and the hidden gradient
+    are the per-chunk path's bit for bit, the weight gradient the float64 one to bf16 rounding."""
     from andromeda.model import loss
     from andromeda.train.loss_kernel import loss_kernel, unavailable_reason
 
@@ -395,8 +395,16 @@ def test_the_kernel_path_takes_one_weight_gradient_product_per_group_of_chunks(m
         return add(self, grad, h, first=first)
 
     monkeypatch.setattr(loss._WeightGradient, "add", counted_add)
+    products, matmul_into = {}, loss._matmul_into
+
+    def counted_matmul_into(out, a, b):  # the logits' and the hidden gradient's products: their rows
+        products[name].append(out.shape[0])
+        return matmul_into(out, a, b)
+
+    monkeypatch.setattr(loss, "_matmul_into", counted_matmul_into)
     results = {}
     for name, group_bytes in (("chunks", 0), ("groups", 64 * 300 * 2)):
+        products[name] = []
         monkeypatch.setattr(loss, "LOSS_GROUP_BYTES", group_bytes)
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -405,6 +413,7 @@ def test_the_kernel_path_takes_one_weight_gradient_product_per_group_of_chunks(m
         results[name] = (value.detach(), h.grad, w.grad)
     assert sizes[7:] == [(64, 64, True), (64, 64, False), (64, 64, False), (8, 8, False)]
     assert sizes[:7] == [(32, 32, True)] + [(32, 32, False)] * 5 + [(8, 8, False)]
+    assert products == {"chunks": [32] * 12 + [8] * 2, "groups": [64] * 6 + [8] * 2}
     assert torch.equal(results["groups"][0], results["chunks"][0])
     assert torch.equal(results["groups"][1], results["chunks"][1])
     hb, wb, ok = hidden.bfloat16().double(), weight.bfloat16().double(), targets != -100

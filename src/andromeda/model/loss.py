@@ -16,10 +16,11 @@ from .fused import Transposer, is_plain_linear, transposed
 IGNORE_INDEX = -100
 LOSS_CHUNK = 1024  # rows of logits alive at once in the loss
 ADD_BLOCK_BYTES = 1 << 20  # float32 bytes of a weight gradient's rows converted and summed at a time
-# bf16 bytes of logits' gradient rows gathered for one weight-gradient product, where the CPU
-# kernel forms them in place (`_LinearCrossEntropy`): at the default vocabulary, 5 chunks of 1,024
-# rows. One product over the whole group, in place of a product per chunk each added into a float32
-# (C, V) sum, drops that sum's read-modify-write passes, and for a group of every row the sum itself.
+# bf16 bytes of logits rows a pass of the loss holds, where the CPU kernel forms their gradient in
+# place (`_LinearCrossEntropy`): at the default vocabulary, 5 chunks of 1,024 rows, each product (the
+# logits, the hidden and the weight gradients) taken once over the group. For the weight gradient, one
+# product in place of a product per chunk each added into a float32 (C, V) sum drops that sum's
+# read-modify-write passes, and for a group of every row the sum itself.
 LOSS_GROUP_BYTES = 1 << 29
 
 
@@ -105,7 +106,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # One buffer holds each chunk's logits, then its softmax, then its gradient: every step is
         # in place, so no (n, V) tensor is allocated (and page-faulted) per chunk. Where the kernel
         # leaves bf16 gradients in place on the CPU, the buffer holds a group of chunks
-        # (LOSS_GROUP_BYTES) and the weight's gradient takes one product per group.
+        # (LOSS_GROUP_BYTES) and each of the three products runs once per group: oneDNN runs the
+        # logits' and the hidden gradient's products ~10% faster over 4,096 rows than over 1,024.
         n_rows, V = hidden.shape[0], weight.shape[0]
         group = chunk
         if want_weight and softmax is not None and grad_weight.transposed:
@@ -113,27 +115,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
         buffer = hidden.new_empty((min(group, n_rows), V), dtype=compute if softmax is not None else acc)
         with torch.autocast(device, enabled=False):
             hidden_c, w = hidden.to(compute), weight.to(compute)
-            for start in range(0, n_rows, chunk):
-                rows = slice(start, start + chunk)
+            for start in range(0, n_rows, group):
+                rows = slice(start, start + group)
                 h, t, ok = hidden_c[rows], targets[rows], valid[rows]
-                offset = start % group
-                logits = buffer[offset: offset + len(t)]  # (n, V)
+                logits = buffer[: len(t)]  # (n, V)
                 _matmul_into(logits, h, w.T)
                 # d (total / divisor) / d logits = (softmax - onehot) * ok / divisor
                 row_weight = ok.to(acc) / divisor if want_grad else None  # (n,)
                 if softmax is not None:
-                    total += softmax(logits, t, row_weight).sum()  # logits now hold the gradient
+                    losses = softmax(logits, t, row_weight)  # logits now hold the gradient
+                    for first in range(0, len(t), chunk):  # summed a chunk at a time: the bits of one chunk a pass
+                        total += losses[first: first + chunk].sum()
                     grad = logits
                 else:
                     total += _softmax_cross_entropy(logits, t, ok, row_weight)
                     grad = logits.to(compute) if want_grad else None
                 if want_hidden:
                     _matmul_into(grad_hidden[rows], grad, w)  # (n, C)
-                if want_weight and group == chunk:
+                if want_weight:
                     grad_weight.add(grad, h, first=start == 0)
-                elif want_weight and (offset + len(t) == group or start + chunk >= n_rows):
-                    first = start - offset  # the group's first row
-                    grad_weight.add(buffer[: offset + len(t)], hidden_c[first: start + len(t)], first=first == 0)
         if grad_weight is not None:
             grad_weight.release()  # freed now, not held until the backward
         # Plain attributes, not save_for_backward: backward scales them (in place, or into the
