@@ -376,17 +376,18 @@ def test_a_loss_over_no_rows_gives_zero_gradients(autocast):
 
 def test_the_kernel_path_takes_each_product_once_per_group_of_chunks(monkeypatch):
     """With the CPU softmax kernel the loss takes LOSS_GROUP_BYTES of logits rows a pass (here groups
-    of 2 chunks and a short last one), each product once per group: the loss and the hidden gradient
-    are the per-chunk path's bit for bit, the weight gradient the float64 one to bf16 rounding."""
+    of 2 chunks, and a short last one of a chunk and a part), each product once per group: the loss
+    (summed a chunk at a time however many rows a pass takes) and the hidden gradient are the
+    per-chunk path's bit for bit, the weight gradient the float64 one to bf16 rounding."""
     from andromeda.model import loss
     from andromeda.train.loss_kernel import loss_kernel, unavailable_reason
 
     if unavailable_reason() is not None:
         pytest.skip(f"loss kernel: {unavailable_reason()}")
     generator = torch.Generator().manual_seed(4)
-    hidden = torch.randn(200, 64, generator=generator)
+    hidden = torch.randn(232, 64, generator=generator)  # 3 groups of 64 rows and one of 40
     weight = torch.randn(300, 64, generator=generator) * 0.2
-    targets = torch.randint(0, 300, (200,), generator=generator)
+    targets = torch.randint(0, 300, (232,), generator=generator)
     targets[::9] = -100
     sizes, add = [], loss._WeightGradient.add
 
@@ -402,20 +403,31 @@ def test_the_kernel_path_takes_each_product_once_per_group_of_chunks(monkeypatch
         return matmul_into(out, a, b)
 
     monkeypatch.setattr(loss, "_matmul_into", counted_matmul_into)
+    kernel = loss_kernel()
+
+    def order_sensitive(logits, targets, row_weight):
+        # The kernel's per-row losses, +-2**24 on alternate rows (the same rows of the same total
+        # either way): float32 sums of these give the same bits only when summed in the same order.
+        losses = kernel(logits, targets, row_weight)
+        return losses + torch.tensor([2.0**24, -2.0**24]).repeat(len(losses) // 2 + 1)[: len(losses)]
+
     results = {}
     for name, group_bytes in (("chunks", 0), ("groups", 64 * 300 * 2)):
         products[name] = []
         monkeypatch.setattr(loss, "LOSS_GROUP_BYTES", group_bytes)
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            value = linear_cross_entropy(h, w, targets, "mean", 32, loss_kernel())
+            value = linear_cross_entropy(h, w, targets, "mean", 32, kernel)
+            summed = linear_cross_entropy(hidden.clone().requires_grad_(), weight.clone().requires_grad_(), targets,
+                                          "sum", 32, order_sensitive).detach()  # a pass with gradients: grouped
         value.backward()
-        results[name] = (value.detach(), h.grad, w.grad)
-    assert sizes[7:] == [(64, 64, True), (64, 64, False), (64, 64, False), (8, 8, False)]
-    assert sizes[:7] == [(32, 32, True)] + [(32, 32, False)] * 5 + [(8, 8, False)]
-    assert products == {"chunks": [32] * 12 + [8] * 2, "groups": [64] * 6 + [8] * 2}
-    assert torch.equal(results["groups"][0], results["chunks"][0])
-    assert torch.equal(results["groups"][1], results["chunks"][1])
+        results[name] = (value.detach(), h.grad, w.grad, summed)
+    by_chunk = [(32, 32, True)] + [(32, 32, False)] * 6 + [(8, 8, False)]  # weight-gradient products
+    by_group = [(64, 64, True), (64, 64, False), (64, 64, False), (40, 40, False)]
+    assert sizes == by_chunk * 2 + by_group * 2  # two losses a mode
+    assert products == {"chunks": ([32] * 14 + [8] * 2) * 2, "groups": ([64] * 6 + [40] * 2) * 2}
+    for index in (0, 1, 3):
+        assert torch.equal(results["groups"][index], results["chunks"][index]), index
     hb, wb, ok = hidden.bfloat16().double(), weight.bfloat16().double(), targets != -100
     probabilities = torch.softmax(hb @ wb.T, dim=-1)
     probabilities[ok.nonzero()[:, 0], targets[ok]] -= 1
